@@ -1,0 +1,1 @@
+"""Bundled CLIP: model, tokenizer, preprocessing, checkpoint loading."""
