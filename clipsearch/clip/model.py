@@ -1,0 +1,459 @@
+"""The CLIP model: a ViT or modified-ResNet image tower, a causal text Transformer, a shared
+embedding space.
+
+Module and parameter names follow OpenAI's CLIP exactly (``visual.conv1.weight``,
+``transformer.resblocks.0.attn.in_proj_weight``, ``text_projection``, ...), so OpenAI and
+OpenCLIP state dicts load with ``strict=True`` and no renaming table. Everything about a model
+is inferred from the shapes in its state dict (`config_from_state_dict`), the way OpenAI's
+``build_model`` does it, so any checkpoint of this family loads without a hand-kept list.
+
+A model can be built with only one tower: the search path embeds queries with the text tower
+alone and never pays for the image tower's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipsearch.errors import CheckpointError
+
+Towers = Literal["both", "text", "image"]
+TOWERS = ("both", "text", "image")
+
+# Scalars OpenAI's TorchScript archives keep next to the weights; they are not parameters.
+_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Every CLIP uses 64-dimensional attention heads; the head count is not stored in a checkpoint.
+_HEAD_WIDTH = 64
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything needed to build a `CLIP` with the right shapes.
+
+    ``vision_layers`` is an int for a ViT and four ints (blocks per stage) for a ModifiedResNet,
+    whose ``vision_patch_size`` is None. ``quick_gelu`` is True for OpenAI's weights and for the
+    OpenCLIP models trained with it, False for those trained with exact GELU: the checkpoint's
+    shapes cannot tell, so it is carried here.
+    """
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int | tuple[int, int, int, int]
+    vision_width: int
+    vision_patch_size: int | None
+    vision_heads: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_heads: int
+    text_layers: int
+    quick_gelu: bool = True
+
+    def __post_init__(self) -> None:
+        # JSON has no tuples: a ResNet config read back from config.json arrives with a list.
+        if isinstance(self.vision_layers, list):
+            self.vision_layers = tuple(self.vision_layers)
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.vision_layers, tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        return cls(**data)
+
+
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> ModelConfig:
+    """Read a model's shape off its weights, as OpenAI's ``build_model`` does.
+
+    A ViT is recognised by ``visual.proj`` (a ResNet projects inside its attention pool).
+    """
+    sd = state_dict
+    try:
+        if "visual.proj" in sd:
+            vision_width = sd["visual.conv1.weight"].shape[0]
+            vision_layers: int | tuple[int, ...] = _count_blocks(sd, "visual.transformer.resblocks.")
+            vision_patch_size = sd["visual.conv1.weight"].shape[-1]
+            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            image_resolution = vision_patch_size * grid
+            vision_heads = vision_width // _HEAD_WIDTH
+        else:
+            vision_layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
+            vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
+            vision_patch_size = None
+            grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+            image_resolution = grid * 32  # the ResNet downsamples by 32
+            vision_heads = vision_width * 32 // _HEAD_WIDTH  # attention pool runs on width * 32 channels
+        text_width = sd["ln_final.weight"].shape[0]
+        return ModelConfig(
+            embed_dim=sd["text_projection"].shape[1],
+            image_resolution=image_resolution,
+            vision_layers=vision_layers,
+            vision_width=vision_width,
+            vision_patch_size=vision_patch_size,
+            vision_heads=vision_heads,
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            text_width=text_width,
+            text_heads=text_width // _HEAD_WIDTH,
+            text_layers=_count_blocks(sd, "transformer.resblocks."),
+            quick_gelu=quick_gelu,
+        )
+    except KeyError as missing:
+        raise CheckpointError(
+            f"The weights lack {missing}, so they are not a CLIP state dict with OpenAI's key names; "
+            "use an OpenAI, OpenCLIP or Hugging Face CLIP checkpoint."
+        ) from None
+
+
+def _count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({key[len(prefix):].split(".")[0] for key in sd if key.startswith(prefix)})
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the model's dtype: fp16 statistics overflow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on batch-first tensors.
+
+    Its parameters carry ``nn.MultiheadAttention``'s names (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj``), which is what CLIP checkpoints hold; the computation goes straight to
+    ``scaled_dot_product_attention`` so the causal text mask never has to be materialised.
+    """
+
+    def __init__(self, width: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.causal = causal
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        # nn.MultiheadAttention's initialisation, which OpenAI's image tower kept.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, act_layer: type[nn.Module], causal: bool = False):
+        super().__init__()
+        self.attn = SelfAttention(width, heads, causal)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", act_layer()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, act_layer: type[nn.Module], causal: bool = False):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, act_layer, causal) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resblocks(x)
+
+
+# --- image towers ----------------------------------------------------------------------------
+
+
+class VisionTransformer(nn.Module):
+    """Patches plus a class token through a Transformer; the class token becomes the embedding."""
+
+    def __init__(self, resolution: int, patch_size: int, width: int, layers: int, heads: int,
+                 output_dim: int, act_layer: type[nn.Module]):
+        super().__init__()
+        self.input_resolution = resolution
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, act_layer)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [N, grid * grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class Bottleneck(nn.Module):
+    """A ResNet bottleneck that downsamples with an average pool instead of a strided conv
+    (anti-aliased), on both the main path and the shortcut."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * self.expansion)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu3(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Pools a feature map by letting its mean attend to every position (plus itself)."""
+
+    def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # [N, H * W, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        batch, length, width = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, self.heads, width // self.heads).transpose(1, 2)
+
+        # Only the mean token's output is kept, so only its query is computed.
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.c_proj(out.reshape(batch, width))
+
+    def initialize_parameters(self) -> None:
+        std = self.c_proj.in_features ** -0.5
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
+            nn.init.normal_(proj.weight, std=std)
+
+
+class ModifiedResNet(nn.Module):
+    """OpenAI's ResNet: a three-conv stem with an average pool, anti-aliased bottlenecks, and
+    attention pooling in place of the global average pool."""
+
+    def __init__(self, layers: tuple[int, int, int, int], output_dim: int, heads: int, resolution: int, width: int):
+        super().__init__()
+        self.input_resolution = resolution
+        self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+
+        inplanes = width
+        stages = []
+        for index, blocks in enumerate(layers):
+            planes = width * 2 ** index
+            stage = [Bottleneck(inplanes, planes, stride=1 if index == 0 else 2)]
+            stage += [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(1, blocks)]
+            stages.append(nn.Sequential(*stage))
+            inplanes = planes * Bottleneck.expansion
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+        self.attnpool = AttentionPool2d(resolution // 32, width * 32, heads, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        x = self.avgpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+    def initialize_parameters(self) -> None:
+        self.attnpool.initialize_parameters()
+        # Each residual branch starts as the identity.
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                nn.init.zeros_(block.bn3.weight)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class CLIP(nn.Module):
+    """Image and text encoders into one space, plus the learned temperature ``logit_scale``.
+
+    ``towers="text"`` builds no image tower (``visual`` is None) and ``towers="image"`` no text
+    tower; the parameters that remain keep the names they have in the full model.
+    """
+
+    def __init__(self, config: ModelConfig, towers: Towers = "both"):
+        super().__init__()
+        if towers not in TOWERS:
+            raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
+        self.config = config
+        self.towers = towers
+        self.context_length = config.context_length
+        act_layer = QuickGELU if config.quick_gelu else nn.GELU
+
+        self.visual: nn.Module | None = None
+        if towers != "text":
+            if config.is_resnet:
+                self.visual = ModifiedResNet(config.vision_layers, config.embed_dim, config.vision_heads,
+                                             config.image_resolution, config.vision_width)
+            else:
+                self.visual = VisionTransformer(config.image_resolution, config.vision_patch_size, config.vision_width,
+                                                config.vision_layers, config.vision_heads, config.embed_dim, act_layer)
+
+        if towers != "image":
+            width = config.text_width
+            self.token_embedding = nn.Embedding(config.vocab_size, width)
+            self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
+            self.transformer = Transformer(width, config.text_layers, config.text_heads, act_layer, causal=True)
+            self.ln_final = LayerNorm(width)
+            self.text_projection = nn.Parameter(torch.empty(width, config.embed_dim))
+
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        """OpenAI's initialisation, for training from scratch."""
+        if isinstance(self.visual, ModifiedResNet):
+            self.visual.initialize_parameters()
+        if self.towers == "image":
+            return
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        weight = self.visual.conv1.weight if self.visual is not None else self.token_embedding.weight
+        return weight.dtype
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings, ``[N, embed_dim]``."""
+        if self.visual is None:
+            raise ValueError("this model was built with towers='text' and cannot encode images")
+        return self.visual(image.to(self.dtype))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text embeddings, ``[N, embed_dim]``, from token ids ``[N, context_length]``."""
+        if self.towers == "image":
+            raise ValueError("this model was built with towers='image' and cannot encode text")
+        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)
+        x = self.ln_final(self.transformer(x))
+        # The end-of-text token has the largest id, so argmax finds where each text ends.
+        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+        return x @ self.text_projection
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled cosine similarities: ``(logits_per_image [N_img, N_txt], logits_per_text)``."""
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """Keep the temperature in [1, max_scale], as the paper does after every optimiser step."""
+        self.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> dict[str, torch.Tensor]:
+    """The entries of a full CLIP state dict that a model with only ``towers`` has."""
+    if towers not in TOWERS:
+        raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
+
+    def wanted(key: str) -> bool:
+        if key in _OPENAI_METADATA_KEYS:
+            return False
+        if towers == "text":
+            return not key.startswith("visual.")
+        if towers == "image":
+            return key.startswith("visual.") or key == "logit_scale"
+        return True
+
+    return {key: value for key, value in state_dict.items() if wanted(key)}
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor], towers: Towers = "both",
+                quick_gelu: bool | None = None) -> CLIP:
+    """A float32 model in eval mode holding ``state_dict``'s weights.
+
+    ``quick_gelu=None`` means OpenAI's QuickGELU; OpenCLIP models trained with exact GELU must
+    say ``quick_gelu=False``, since the weights cannot tell.
+    """
+    config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
+    # Built without memory or random initialisation: the checkpoint fills every tensor.
+    with torch.device("meta"):
+        model = CLIP(config, towers)
+    model.to_empty(device="cpu")
+    try:
+        model.load_state_dict(tower_state_dict(state_dict, towers))
+    except RuntimeError as err:
+        raise CheckpointError(
+            "The weights do not fit a CLIP of the shape they imply; "
+            "use an unmodified OpenAI, OpenCLIP or Hugging Face CLIP checkpoint."
+        ) from err
+    return model.eval()
