@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch.scenes import COLOURS, POSITIONS, SHAPES, SIZES, SceneGenerator, read_manifest, write_scenes
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return SceneGenerator(seed=7).take(300)
+
+
+def test_same_seed_and_index_give_the_same_scene_in_any_order():
+    forward = SceneGenerator(seed=3).take(5)
+    backward = [SceneGenerator(seed=3)[i] for i in reversed(range(5))][::-1]
+    for a, b in zip(forward, backward):
+        assert a.captions == b.captions
+        assert a.objects == b.objects
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_different_seeds_give_different_scenes():
+    a, b = SceneGenerator(seed=1).take(20), SceneGenerator(seed=2).take(20)
+    assert [s.caption for s in a] != [s.caption for s in b]
+
+
+def test_images_have_the_requested_resolution_and_are_rgb():
+    for resolution in (64, 96):
+        image = SceneGenerator(seed=0, resolution=resolution)[0].image
+        assert image.mode == "RGB" and image.size == (resolution, resolution)
+
+
+def test_ground_truth_uses_the_known_vocabulary(scenes):
+    for scene in scenes:
+        assert 1 <= len(scene.objects) <= 3
+        for obj in scene.objects:
+            assert obj.shape in SHAPES and obj.colour in COLOURS and obj.size in SIZES and obj.position in POSITIONS
+
+
+def test_every_kind_of_scene_and_attribute_occurs(scenes):
+    counts = {len(s.objects) for s in scenes}
+    assert counts == {1, 2, 3}
+    assert {o.shape for s in scenes for o in s.objects} == set(SHAPES)
+    assert {o.colour for s in scenes for o in s.objects} == set(COLOURS)
+    assert {s.background.split()[0] for s in scenes} >= {"striped", "checked", "dotted", "grey", "beige"}
+
+
+def test_caption_names_every_object_with_its_colour_and_shape(scenes):
+    for scene in scenes:
+        for obj in scene.objects:
+            assert f"{obj.colour} {obj.shape}" in scene.caption or f"{obj.colour} {obj.shape}" in _singular(scene.caption)
+        assert scene.caption.endswith(f"on a {scene.background} background")
+
+
+def test_counts_and_relations_in_captions_match_the_layout(scenes):
+    for scene in scenes:
+        objs = scene.objects
+        if scene.caption.startswith(("two ", "three ")):
+            expected = {"two": 2, "three": 3}[scene.caption.split()[0]]
+            assert len(objs) == expected and len({(o.shape, o.colour) for o in objs}) == 1
+        if " to the left of " in scene.caption:
+            left, right = objs
+            assert left.box[2] <= right.box[0] + 2 and left.position == "left" and right.position == "right"
+        if " above " in scene.caption:
+            top, bottom = objs
+            assert top.box[3] <= bottom.box[1] + 2 and top.position == "top"
+
+
+def test_position_words_match_where_the_object_is_drawn(scenes):
+    for scene in scenes:
+        if len(scene.objects) != 1:
+            continue
+        (obj,) = scene.objects
+        cx, cy = (obj.box[0] + obj.box[2]) / 2 / 64, (obj.box[1] + obj.box[3]) / 2 / 64
+        where = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6,
+                 "centre": 0.4 < cx < 0.6 and 0.4 < cy < 0.6}
+        assert where[obj.position]
+
+
+def test_object_pixels_have_the_named_colour(scenes):
+    for scene in scenes[:60]:
+        pixels = np.asarray(scene.image).astype(float)
+        for obj in scene.objects:
+            left, top, right, bottom = obj.box
+            cx, cy = (left + right) // 2, (top + bottom) // 2  # inside every shape, even a star
+            rgb = pixels[cy, cx]
+            nearest = min(COLOURS, key=lambda name: np.linalg.norm(np.array(COLOURS[name]) - rgb))
+            assert nearest == obj.colour, (scene.caption, obj)
+
+
+def test_paraphrases_are_distinct_and_mention_only_present_objects(scenes):
+    for scene in scenes:
+        assert len(set(scene.captions)) == len(scene.captions)
+        for text in scene.paraphrases:
+            for colour in COLOURS:
+                if f" {colour} " in f" {text} ":
+                    assert scene.contains(colour=colour), (text, scene.caption)
+
+
+def test_write_scenes_makes_a_manifest_that_matches_the_generator(tmp_path):
+    manifest = write_scenes(tmp_path / "scenes", count=12, seed=5)
+    records = read_manifest(manifest)
+    expected = SceneGenerator(seed=5).take(12)
+    assert len(records) == 12
+    for record, scene in zip(records, expected):
+        assert record["caption"] == scene.caption
+        assert [o["shape"] for o in record["objects"]] == [o.shape for o in scene.objects]
+        with Image.open(record["path"]) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(scene.image))
+
+
+def _singular(caption: str) -> str:
+    for shape in SHAPES:
+        caption = caption.replace(f"{shape}es", shape).replace(f"{shape}s", shape)
+    return caption
