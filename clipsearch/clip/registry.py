@@ -1,0 +1,142 @@
+"""The models clipsearch can fetch by name, and the BPE vocabulary they share.
+
+OpenAI's URLs carry the file's SHA-256 in their path, so those downloads are pinned. The
+OpenCLIP weights live on the Hugging Face hub, whose files can change and whose hashes we could
+not check when this table was written: they are unpinned (`sha256=None`), and `download.fetch`
+records size and hash at the first download and holds every later use to that record.
+
+This module is plain data and must stay importable without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipsearch.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file on the internet and what it must hash to."""
+
+    url: str
+    filename: str  # name in the cache directory; unique across the registry
+    sha256: str | None  # None: unpinned, trusted on first download
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    asset: Asset | None = None  # None for a model shipped inside the package
+    bundled: Path | None = None
+    quick_gelu: bool | None = None  # None: the checkpoint says which activation it uses
+    aliases: tuple[str, ...] = field(default=())
+
+
+VOCAB = Asset(
+    url="https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz",
+    filename="bpe_simple_vocab_16e6.txt.gz",
+    sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+    size=1_356_917,
+)
+
+_OPENAI_ROOT = "https://openaipublic.azureedge.net/clip/models"
+_HF_ROOT = "https://huggingface.co"
+
+
+def _openai(name: str, digest: str, filename: str, aliases: tuple[str, ...]) -> ModelEntry:
+    # open_clip users spell these "ViT-B-32" with the pretrained tag "openai".
+    tagged = tuple(f"{alias}{sep}openai" for alias in (name, *aliases) for sep in ("/", ":"))
+    return ModelEntry(
+        name=name,
+        description=f"OpenAI CLIP {name} (TorchScript archive)",
+        asset=Asset(f"{_OPENAI_ROOT}/{digest}/{filename}", filename, digest),
+        quick_gelu=True,
+        aliases=aliases + tagged,
+    )
+
+
+def _openclip(arch: str, tag: str, hub_repo: str, description: str, quick_gelu: bool) -> ModelEntry:
+    filename = "open_clip_pytorch_model.bin"
+    return ModelEntry(
+        name=f"{arch}/{tag}",
+        description=description,
+        asset=Asset(
+            url=f"{_HF_ROOT}/{hub_repo}/resolve/main/{filename}",
+            filename=f"{arch}-{tag}.bin",
+            sha256=None,
+        ),
+        quick_gelu=quick_gelu,
+        aliases=(f"{arch}:{tag}", hub_repo),
+    )
+
+
+MODELS: tuple[ModelEntry, ...] = (
+    _openai("RN50", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt", ()),
+    _openai("RN101", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt", ()),
+    _openai("RN50x4", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "RN50x4.pt", ()),
+    _openai("RN50x16", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "RN50x16.pt", ()),
+    _openai("RN50x64", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "RN50x64.pt", ()),
+    _openai(
+        "ViT-B/32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt",
+        ("ViT-B-32",),
+    ),
+    _openai(
+        "ViT-B/16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt",
+        ("ViT-B-16",),
+    ),
+    _openai(
+        "ViT-L/14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt",
+        ("ViT-L-14",),
+    ),
+    _openai(
+        "ViT-L/14@336px", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+        "ViT-L-14-336px.pt", ("ViT-L-14-336", "ViT-L-14@336px", "ViT-L/14-336"),
+    ),
+    _openclip(
+        "ViT-B-32", "laion2b_s34b_b79k", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        "OpenCLIP ViT-B/32 trained on LAION-2B (34B samples seen)", quick_gelu=False,
+    ),
+    _openclip(
+        "ViT-B-32", "datacomp_xl_s13b_b90k", "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
+        "OpenCLIP ViT-B/32 trained on DataComp-1B (13B samples seen)", quick_gelu=False,
+    ),
+    _openclip(
+        "ViT-B-32", "laion400m_e32", "timm/vit_base_patch32_clip_224.laion400m_e32",
+        "OpenCLIP ViT-B/32 trained on LAION-400M, 32 epochs (QuickGELU)", quick_gelu=True,
+    ),
+    _openclip(
+        "ViT-B-32-256", "datacomp_s34b_b86k", "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K",
+        "OpenCLIP ViT-B/32 at 256x256 trained on DataComp-1B (34B samples seen)", quick_gelu=False,
+    ),
+    ModelEntry(
+        name="demo",
+        description="Small CLIP trained on clipsearch's synthetic scenes; ships with the package",
+        bundled=Path(__file__).parent / "weights" / "demo",
+    ),
+)
+
+_BY_KEY = {key.lower(): entry for entry in MODELS for key in (entry.name, *entry.aliases)}
+
+
+def available_models() -> list[str]:
+    """Canonical names accepted by `clip.load`, in the order of the table above."""
+    return [entry.name for entry in MODELS]
+
+
+def find(name: str) -> ModelEntry | None:
+    """The entry a user means by `name` (any alias, any letter case), or None."""
+    return _BY_KEY.get(name.strip().lower())
+
+
+def get(name: str) -> ModelEntry:
+    entry = find(name)
+    if entry is None:
+        raise CheckpointError(
+            f"Unknown model {name!r}: use one of {', '.join(available_models())}, "
+            "or the path of a checkpoint file or directory."
+        )
+    return entry

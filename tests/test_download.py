@@ -1,0 +1,221 @@
+"""download.fetch against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from clipsearch.clip import download, registry
+from clipsearch.errors import DownloadError
+from clipsearch.paths import model_cache_dir
+
+PAYLOAD = bytes(range(256)) * 12_000  # ~3 MiB: several read chunks
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class _Server:
+    """Serves PAYLOAD at any path; `truncate_at` makes it hang up mid-body."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.truncate_at: int | None = None
+        self.body = PAYLOAD
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.hits += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body[: server.truncate_at])
+                self.close_connection = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/files/model.bin"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/model.bin"
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_fetch_downloads_verifies_and_reuses_cache(server, tmp_path):
+    dest = tmp_path / "cache" / "model.bin"
+    assert download.fetch(server.url, DIGEST, dest, size=len(PAYLOAD)) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert json.loads((tmp_path / "cache" / "model.bin.sha256").read_text())["sha256"] == DIGEST
+    assert download.fetch(server.url, DIGEST, dest) == dest
+    assert server.hits == 1
+    assert _leftovers(dest.parent) == ["model.bin", "model.bin.sha256"]
+
+
+def test_cached_file_is_not_rehashed_while_unchanged(server, tmp_path, monkeypatch):
+    dest = download.fetch(server.url, DIGEST, tmp_path / "model.bin")
+    monkeypatch.setattr(download, "_hash_file", lambda path: pytest.fail("hashed again"))
+    assert download.fetch(server.url, DIGEST, dest) == dest
+
+
+def test_checksum_mismatch_is_refused_and_leaves_nothing(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    with pytest.raises(DownloadError, match="SHA-256") as err:
+        download.fetch(server.url, "0" * 64, dest)
+    assert server.url in str(err.value)
+    assert _leftovers(tmp_path) == []
+
+
+def test_wrong_size_is_refused(server, tmp_path):
+    with pytest.raises(DownloadError, match="bytes instead of"):
+        download.fetch(server.url, None, tmp_path / "model.bin", size=len(PAYLOAD) + 1)
+    assert _leftovers(tmp_path) == []
+
+
+def test_interrupted_download_leaves_no_file(server, tmp_path):
+    server.truncate_at = len(PAYLOAD) // 3
+    dest = tmp_path / "model.bin"
+    with pytest.raises(DownloadError) as err:
+        download.fetch(server.url, DIGEST, dest)
+    assert "\n" not in str(err.value) and str(dest) in str(err.value)
+    assert _leftovers(tmp_path) == []
+    # The next attempt succeeds and is the only thing in the cache.
+    server.truncate_at = None
+    download.fetch(server.url, DIGEST, dest)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_interrupt_by_user_leaves_no_part_file(server, tmp_path, monkeypatch):
+    def interrupted(self, n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download.http.client.HTTPResponse, "read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download.fetch(server.url, DIGEST, tmp_path / "model.bin")
+    assert _leftovers(tmp_path) == []
+
+
+def test_offline_error_is_one_line_naming_url_and_destination(tmp_path):
+    url = _closed_port_url()
+    dest = tmp_path / "models" / "model.bin"
+    with pytest.raises(DownloadError) as err:
+        download.fetch(url, DIGEST, dest)
+    message = str(err.value)
+    assert "\n" not in message
+    assert url in message and str(dest) in message
+    assert "refused" in message.lower()
+    assert _leftovers(dest.parent) == []
+
+
+def test_http_error_status_is_reported(tmp_path):
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            download.fetch(f"http://127.0.0.1:{httpd.server_port}/x", DIGEST, tmp_path / "x")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_goes_to_stderr_only(server, tmp_path, monkeypatch, capsys):
+    fake_err = _Terminal()
+    monkeypatch.setattr("sys.stderr", fake_err)
+    download.fetch(server.url, DIGEST, tmp_path / "model.bin")
+    assert "model.bin" in fake_err.getvalue() and "100%" in fake_err.getvalue()
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_bar_off_when_asked_or_not_a_terminal(server, tmp_path, monkeypatch):
+    fake_err = _Terminal()
+    monkeypatch.setattr("sys.stderr", fake_err)
+    download.fetch(server.url, DIGEST, tmp_path / "a.bin", progress=False)
+    assert fake_err.getvalue() == ""
+    quiet_err = io.StringIO()  # isatty() is False
+    monkeypatch.setattr("sys.stderr", quiet_err)
+    download.fetch(server.url, DIGEST, tmp_path / "b.bin")
+    assert quiet_err.getvalue() == ""
+
+
+def test_corrupted_cache_file_is_detected(server, tmp_path):
+    dest = download.fetch(server.url, DIGEST, tmp_path / "model.bin")
+    dest.write_bytes(b"x" + PAYLOAD[1:])
+    with pytest.raises(DownloadError, match="corrupt") as err:
+        download.fetch(server.url, DIGEST, dest)
+    assert str(dest) in str(err.value) and "delete it" in str(err.value)
+    assert server.hits == 1
+
+
+def test_unpinned_file_is_held_to_its_first_download(server, tmp_path):
+    dest = download.fetch(server.url, None, tmp_path / "model.bin")
+    assert json.loads((tmp_path / "model.bin.sha256").read_text())["size"] == len(PAYLOAD)
+    assert download.fetch(server.url, None, dest) == dest
+    dest.write_bytes(PAYLOAD[:-1] + b"x")
+    with pytest.raises(DownloadError, match="corrupt"):
+        download.fetch(server.url, None, dest)
+
+
+def test_file_placed_by_hand_is_accepted_when_it_matches(tmp_path):
+    dest = tmp_path / "model.bin"
+    dest.write_bytes(PAYLOAD)
+    assert download.fetch(_closed_port_url(), DIGEST, dest) == dest
+
+
+def test_vocab_and_model_paths_use_the_cache(monkeypatch, tmp_path, server):
+    monkeypatch.setattr(registry, "VOCAB", registry.Asset(server.url, "vocab.txt.gz", DIGEST, len(PAYLOAD)))
+    assert download.vocab_path() == model_cache_dir() / "vocab.txt.gz"
+    assert (model_cache_dir() / "vocab.txt.gz").read_bytes() == PAYLOAD
+
+    entry = replace(registry.get("ViT-B/32"), asset=registry.Asset(server.url, "ViT-B-32.pt", DIGEST))
+    monkeypatch.setitem(registry._BY_KEY, "vit-b/32", entry)
+    assert download.model_path("ViT-B/32") == model_cache_dir() / "ViT-B-32.pt"
+    assert download.model_path("vit-b/32", download_root=tmp_path / "root") == tmp_path / "root" / "ViT-B-32.pt"
+    assert server.hits == 3
+
+
+def test_bundled_model_path(monkeypatch, tmp_path):
+    monkeypatch.setitem(registry._BY_KEY, "demo", replace(registry.get("demo"), bundled=tmp_path))
+    assert download.model_path("demo") == tmp_path
+    monkeypatch.setitem(registry._BY_KEY, "demo", replace(registry.get("demo"), bundled=tmp_path / "gone"))
+    with pytest.raises(DownloadError, match="reinstall"):
+        download.model_path("demo")
