@@ -1,0 +1,403 @@
+"""Reading CLIP weights from the formats they are published in, as state dicts with OpenAI's names.
+
+Formats, told apart by content rather than by file name:
+
+- OpenAI's TorchScript archives (``ViT-B-32.pt``). ``torch.jit.load`` would compile and run the
+  TorchScript code inside the archive, and ``torch.load(weights_only=True)`` refuses such
+  archives for that reason (the path it used to take was CVE-2025-32434). We read only the
+  tensors: ``data.pkl`` goes through an unpickler that knows four names (module stand-ins,
+  tensor rebuild, storage types, OrderedDict) and refuses everything else.
+- OpenCLIP files: ``.safetensors``, or ``.bin``/``.pt``/``.pth`` read with
+  ``torch.load(weights_only=True)``; a bare state dict or one wrapped in ``state_dict``, with or
+  without DistributedDataParallel's ``module.`` prefix. OpenCLIP hub directories
+  (``open_clip_config.json`` beside the weights) also give the activation and mean/std.
+- Hugging Face ``CLIPModel`` directories (``config.json`` + ``model.safetensors`` or
+  ``pytorch_model.bin``), renamed key by key; their ``merges.txt`` becomes our vocabulary file.
+- Our own directories: ``config.json`` (`ModelConfig.to_dict()` plus ``image_mean`` and
+  ``image_std``), ``model.safetensors`` and ``vocab.txt.gz``, written by `write_model_dir`.
+
+Every floating tensor comes back as float32; `clip.load` picks the device precision.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import pickle
+import shutil
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from clipsearch.clip.model import CLIP
+from clipsearch.clip.tokenizer import Tokenizer
+from clipsearch.errors import CheckpointError
+from clipsearch.paths import model_cache_dir
+
+Mean = tuple[float, float, float]
+
+# Scalars OpenAI's archives store beside the weights; the model derives them from shapes.
+_NON_PARAMETERS = ("input_resolution", "context_length", "vocab_size")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about itself beyond its weights; None where it says nothing."""
+
+    format: str  # "openai", "openclip", "huggingface" or "clipsearch"
+    quick_gelu: bool | None = None
+    vocab_path: Path | None = None  # the model's own BPE vocabulary, if not CLIP's
+    image_mean: Mean | None = None
+    image_std: Mean | None = None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """The float32 state dict (OpenAI key names) of the checkpoint file or directory at `path`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        state_dict, info = _read_directory(path)
+    elif path.is_file():
+        state_dict, info = _read_file(path)
+    else:
+        raise CheckpointError(f"There is no checkpoint file or directory at {path}.")
+    return _clean(state_dict), info
+
+
+def write_model_dir(directory: str | Path, model: CLIP, vocab_path: str | Path, *, mean: Sequence[float],
+                    std: Sequence[float]) -> Path:
+    """Save `model` in clipsearch's own format, which keeps its vocabulary and normalisation with it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {**model.config.to_dict(), "image_mean": list(mean), "image_std": list(std)}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(weights, directory / "model.safetensors")
+    shutil.copyfile(vocab_path, directory / "vocab.txt.gz")
+    return directory
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path), CheckpointInfo("openclip")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return _read_torchscript(path, archive), CheckpointInfo("openai", quick_gelu=True)
+    return _unwrap(_torch_load(path), path), CheckpointInfo("openclip")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if str(err).startswith("Weights only load failed"):
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors, which clipsearch never unpickles; "
+                "convert it to a plain state dict or a safetensors file."
+            ) from None
+        raise _unreadable(path, err) from None
+    except Exception as err:  # a file that is not a checkpoint breaks the reader in many ways
+        raise _unreadable(path, err) from None
+
+
+def _unwrap(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside an OpenCLIP file: training checkpoints wrap it in ``state_dict``."""
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping) or not checkpoint:
+        raise CheckpointError(f"{path} does not contain a state dict.")
+    tensors = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    if all(key.startswith("module.") for key in tensors):  # saved from DistributedDataParallel
+        tensors = {key.removeprefix("module."): value for key, value in tensors.items()}
+    return tensors
+
+
+# --- OpenAI TorchScript archives -------------------------------------------------------------
+
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _ScriptObject(dict):
+    """Stands in for a TorchScript module while unpickling: keeps its attributes, runs nothing."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.update(state)
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
+    return storage.as_strided(size, stride, offset)
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript ``data.pkl`` into nested `_ScriptObject`s holding tensors."""
+
+    def __init__(self, archive: zipfile.ZipFile, root: str):
+        super().__init__(archive.open(f"{root}/data.pkl"))
+        self.archive = archive
+        self.root = root
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__"):
+            return _ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights archive")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unexpected record {kind!r} in a weights archive")
+        data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+        if len(data) != numel * dtype.itemsize:
+            raise pickle.UnpicklingError(f"storage {key} has {len(data)} bytes, not {numel} elements")
+        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
+def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
+    roots = {name.split("/")[0] for name in archive.namelist() if name.count("/") == 1 and name.endswith("/data.pkl")}
+    if len(roots) != 1:
+        raise CheckpointError(f"{path} is a TorchScript archive without a single data.pkl.")
+    try:
+        module = _ArchiveUnpickler(archive, roots.pop()).load()
+    except Exception as err:  # malformed or hostile archives break the unpickler in many ways
+        raise _unreadable(path, err) from None
+    if not isinstance(module, _ScriptObject):
+        raise CheckpointError(f"{path} is a TorchScript archive that holds no module.")
+    return dict(_module_tensors(module))
+
+
+def _module_tensors(module: _ScriptObject, prefix: str = ""):
+    """(name, tensor) pairs of a module and its submodules, named as ``state_dict`` names them."""
+    for name, value in module.items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + name, value
+        elif isinstance(value, _ScriptObject):
+            yield from _module_tensors(value, f"{prefix}{name}.")
+
+
+# --- directories -----------------------------------------------------------------------------
+
+
+def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    if (path / "open_clip_config.json").is_file():
+        return _read_openclip_dir(path)
+    if (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        if "model_type" in config:
+            return _read_huggingface_dir(path, config)
+        return _read_own_dir(path, config)
+    raise CheckpointError(
+        f"{path} is a directory without config.json or open_clip_config.json, so it is not a model directory."
+    )
+
+
+def _read_own_dir(path: Path, config: dict) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    for name in ("model.safetensors", "vocab.txt.gz"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"The model directory {path} lacks {name}.")
+    info = CheckpointInfo(
+        "clipsearch",
+        quick_gelu=config.get("quick_gelu"),
+        vocab_path=path / "vocab.txt.gz",
+        image_mean=_triple(config.get("image_mean")),
+        image_std=_triple(config.get("image_std")),
+    )
+    return _load_safetensors(path / "model.safetensors"), info
+
+
+def _read_openclip_dir(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    config = _read_json(path / "open_clip_config.json")
+    model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+    info = CheckpointInfo(
+        "openclip",
+        quick_gelu=bool(model_cfg.get("quick_gelu", False)),  # OpenCLIP's default is exact GELU
+        image_mean=_triple(preprocess_cfg.get("mean")),
+        image_std=_triple(preprocess_cfg.get("std")),
+    )
+    weights = _first_file(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+    state_dict, _ = _read_file(weights)
+    return state_dict, info
+
+
+def _read_huggingface_dir(path: Path, config: dict) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    if config.get("model_type") != "clip":
+        raise CheckpointError(
+            f"{path} holds a Hugging Face {config.get('model_type')!r} model; only CLIPModel checkpoints load."
+        )
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+    if not acts <= {"quick_gelu", "gelu"} or len(acts) != 1:
+        raise CheckpointError(f"{path} uses activations {sorted(acts)}; clipsearch supports quick_gelu or gelu in both towers.")
+    for name, tower in (("text", text), ("vision", vision)):
+        if tower.get("layer_norm_eps", 1e-5) != 1e-5:
+            raise CheckpointError(f"{path} has a {name} LayerNorm epsilon other than CLIP's 1e-5.")
+    weights = _first_file(path, ("model.safetensors", "pytorch_model.bin"))
+    hf_state_dict = _load_safetensors(weights) if weights.suffix == ".safetensors" else _unwrap(_torch_load(weights), weights)
+    state_dict = _from_huggingface(hf_state_dict, path)
+    _check_eos_pooling(text, state_dict["token_embedding.weight"].shape[0], path)
+    preprocessor = path / "preprocessor_config.json"
+    preprocess_cfg = _read_json(preprocessor) if preprocessor.is_file() else {}
+    info = CheckpointInfo(
+        "huggingface",
+        quick_gelu=acts == {"quick_gelu"},
+        vocab_path=_huggingface_vocab(path),
+        image_mean=_triple(preprocess_cfg.get("image_mean")),
+        image_std=_triple(preprocess_cfg.get("image_std")),
+    )
+    return state_dict, info
+
+
+# Hugging Face name fragment -> OpenAI name fragment; every one is applied to every key.
+_HF_RENAMES = (
+    ("text_model.embeddings.token_embedding.", "token_embedding."),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("text_model.encoder.layers.", "transformer.resblocks."),
+    ("text_model.final_layer_norm.", "ln_final."),
+    ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
+    ("vision_model.embeddings.patch_embedding.", "visual.conv1."),
+    ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
+    ("vision_model.pre_layrnorm.", "visual.ln_pre."),  # sic: Hugging Face's spelling
+    ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
+    ("vision_model.post_layernorm.", "visual.ln_post."),
+    (".self_attn.out_proj.", ".attn.out_proj."),
+    (".layer_norm1.", ".ln_1."),
+    (".layer_norm2.", ".ln_2."),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+)
+# Linear layers store [out, in]; OpenAI's projections are matrices applied as x @ proj.
+_HF_PROJECTIONS = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
+
+
+def _from_huggingface(hf: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    state_dict: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in hf.items():
+        if key.endswith("position_ids"):  # older transformers saved this index buffer
+            continue
+        if key in _HF_PROJECTIONS:
+            state_dict[_HF_PROJECTIONS[key]] = value.t()
+            continue
+        for old, new in _HF_RENAMES:
+            key = key.replace(old, new)
+        block, is_qkv, leaf = key.partition(".self_attn.")
+        if is_qkv:  # q_proj.weight, k_proj.bias, ...: fused into one in_proj as nn.MultiheadAttention has it
+            projection, kind = leaf.split(".")
+            qkv.setdefault(f"{block}.attn.in_proj_{kind}", {})[projection] = value
+        else:
+            state_dict[key] = value
+    for key, parts in qkv.items():
+        state_dict[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    unknown = sorted(key for key in state_dict if key.startswith(("text_model.", "vision_model.")))
+    if unknown:
+        raise CheckpointError(f"{path} has weights clipsearch cannot place, such as {unknown[0]}.")
+    return state_dict
+
+
+def _check_eos_pooling(text_config: Mapping[str, Any], vocab_size: int, path: Path) -> None:
+    """Our text tower pools at the largest token id, as OpenAI's does. Hugging Face pools at the
+    first ``eos_token_id`` (or, for the legacy value 2, at the largest id too); both agree when
+    the end-of-text token is the last id of the vocabulary, as in CLIP's own vocabulary."""
+    eos = text_config.get("eos_token_id", 2)
+    if eos not in (2, vocab_size - 1):
+        raise CheckpointError(
+            f"{path} ends texts with token {eos}, not the last of its {vocab_size} token ids; "
+            "clipsearch's text pooling needs the end-of-text token to be the largest id."
+        )
+
+
+def _huggingface_vocab(path: Path) -> Path | None:
+    """Our vocabulary file (OpenAI's format) for a Hugging Face tokenizer, written once into the
+    cache and keyed by the merges' hash; None when the directory has no tokenizer files.
+
+    The token ids of CLIP's BPE follow from the merge list alone (bytes, bytes + ``</w>``, one
+    token per merge, then the two special tokens), so ``merges.txt`` is all our tokenizer needs;
+    ``vocab.json`` must agree with the ids it derives, or the model would see other tokens.
+    """
+    if not (path / "merges.txt").is_file():
+        return None
+    text = (path / "merges.txt").read_bytes()
+    if not text.startswith(b"#version"):
+        text = b"#version: 0.2\n" + text  # the tokenizer skips the first line
+    target = model_cache_dir() / "vocab" / f"merges-{hashlib.sha256(text).hexdigest()[:16]}.txt.gz"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".part")
+        part.write_bytes(gzip.compress(text, mtime=0))
+        part.replace(target)
+    if (path / "vocab.json").is_file() and Tokenizer(target).encoder != _read_json(path / "vocab.json"):
+        raise CheckpointError(
+            f"The vocab.json in {path} does not number tokens as its merges.txt implies "
+            "(added tokens?); clipsearch cannot tokenize for this model."
+        )
+    return target
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _clean(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop what is not a learned parameter and bring every float tensor to float32."""
+    return {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in state_dict.items()
+        if key not in _NON_PARAMETERS and not key.endswith("attn_mask")
+    }
+
+
+def _first_file(directory: Path, names: Sequence[str]) -> Path:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"The model directory {directory} has none of {', '.join(names)}.")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object.")
+    return data
+
+
+def _triple(values: Sequence[float] | None) -> Mean | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return CheckpointError(f"{path} is not a checkpoint clipsearch can read ({reason}).")
