@@ -1,0 +1,148 @@
+"""The directory scan: which files under the given roots are candidate images.
+
+Paths stay bytes from start to finish (``os.scandir`` on a bytes path returns bytes names), so
+a file name that is not valid UTF-8 round-trips into the catalog unchanged and no name is
+encoded or decoded per file. Each file costs one ``stat`` (the one ``DirEntry`` caches); that
+and the lack of any per-file work beyond it is what keeps a no-change re-run over a big library
+in the low seconds.
+
+Only names with a known image extension are candidates. A photo folder is full of sidecars
+(``.xmp``, ``.json``, ``.mov``) that would each cost a decode attempt and clutter the failure
+list; the extension only decides what is *tried* — the decoder looks at the content, so a PNG
+named ``.jpg`` indexes and a text file named ``.jpg`` is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({
+    b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".gif", b".bmp", b".dib",
+    b".tif", b".tiff", b".heic", b".heif", b".avif",
+})
+
+# Folders that hold caches, thumbnails or other programs' data, never a person's photos.
+# Hidden folders (a leading dot) are skipped too; these are the common ones without a dot.
+JUNK_DIRS = frozenset({
+    b"node_modules", b"@eaDir", b"__MACOSX", b"$RECYCLE.BIN", b"System Volume Information",
+    b"__pycache__", b"lost+found",
+})
+
+
+class FoundFile(NamedTuple):
+    path: bytes  # absolute, normalised, not resolved through symlinks
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Walk:
+    """One scan of some roots. Iterate it for the files; afterwards ``unreadable`` lists the
+    folders that could not be listed, whose catalog rows must not be taken for deleted."""
+
+    roots: list[bytes]
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    unreadable: list[bytes] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[FoundFile]:
+        patterns = [os.fsencode(p) for p in self.exclude]
+        visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder listed: no loops
+        for root in self.roots:
+            try:
+                st = os.stat(root)
+            except OSError as err:
+                log.warning("cannot read %s: %s", os.fsdecode(root), err.strerror)
+                self.unreadable.append(root)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                yield from self._walk_tree(root, st, patterns, visited)
+            elif _is_candidate(os.path.basename(root)) and not _excluded(root, patterns):
+                yield FoundFile(root, st.st_size, st.st_mtime_ns)
+
+    def _walk_tree(self, root: bytes, root_stat: os.stat_result, patterns: list[bytes],
+                   visited: set[tuple[int, int]]) -> Iterator[FoundFile]:
+        # An explicit stack, not recursion: deep trees do not hit the recursion limit.
+        stack = [(root, (root_stat.st_dev, root_stat.st_ino))]
+        while stack:
+            folder, key = stack.pop()
+            if key in visited:
+                continue
+            visited.add(key)
+            try:
+                with os.scandir(folder) as entries:
+                    subfolders = []
+                    for entry in entries:
+                        name = entry.name
+                        if name.startswith(b".") or _excluded(entry.path, patterns, name):
+                            continue
+                        if entry.is_dir(follow_symlinks=self.follow_symlinks):
+                            if name not in JUNK_DIRS:
+                                subfolders.append(entry)
+                        elif _is_candidate(name):
+                            found = _found(entry)
+                            if found is not None:
+                                yield found
+            except OSError as err:
+                log.warning("cannot list %s: %s", os.fsdecode(folder), err.strerror)
+                self.unreadable.append(folder)
+                continue
+            for entry in reversed(subfolders):  # reversed: folders come out in listing order
+                try:
+                    st = entry.stat(follow_symlinks=self.follow_symlinks)
+                except OSError as err:
+                    log.warning("cannot read %s: %s", os.fsdecode(entry.path), err.strerror)
+                    self.unreadable.append(entry.path)
+                    continue
+                stack.append((entry.path, (st.st_dev, st.st_ino)))
+
+
+def _found(entry: os.DirEntry) -> FoundFile | None:
+    """A symlink to a file is indexed under the link's own path, whatever ``follow_symlinks``
+    says (that flag is about descending into folders). A broken link is still reported, with
+    the link's own stat, so the decoder records it as failed instead of it vanishing silently."""
+    try:
+        st = entry.stat()
+    except OSError:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:  # deleted between the listing and the stat
+            return None
+    if stat.S_ISDIR(st.st_mode):  # a link to a folder while not following links
+        return None
+    return FoundFile(entry.path, st.st_size, st.st_mtime_ns)
+
+
+def _is_candidate(name: bytes) -> bool:
+    dot = name.rfind(b".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def _excluded(path: bytes, patterns: list[bytes], name: bytes | None = None) -> bool:
+    """A pattern excludes a file or folder when it matches its name (``*.png``, ``raw``) or its
+    full path (``*/exports/*``)."""
+    if not patterns:
+        return False
+    name = os.path.basename(path) if name is None else name
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def normalise_roots(paths: Iterable[str | os.PathLike]) -> list[bytes]:
+    """Absolute, normalised bytes paths, as the catalog stores them (not resolved through
+    symlinks: a library reached through a link keeps the paths the user knows)."""
+    return [os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(p)))) for p in paths]
+
+
+def under(roots: Iterable[bytes]) -> Callable[[bytes], bool]:
+    """A test for "is this catalog path one of ``roots`` or inside one" (``/a/b`` is not inside
+    ``/a/bc``), fast enough to run over every row of a large catalog."""
+    exact = frozenset(roots)
+    prefixes = tuple(root if root.endswith(b"/") else root + b"/" for root in exact)
+    return lambda path: path in exact or path.startswith(prefixes)

@@ -1,0 +1,118 @@
+import os
+
+from clipsearch.walk import Walk, normalise_roots, under
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def found_paths(root, **kwargs):
+    return sorted(f.path for f in Walk(normalise_roots([root]), **kwargs))
+
+
+def b(path):
+    return os.fsencode(path)
+
+
+def test_finds_images_by_extension_in_nested_folders(tmp_path):
+    keep = [touch(tmp_path / "a.jpg"), touch(tmp_path / "sub" / "B.JPEG"), touch(tmp_path / "sub" / "deep" / "c.webp"),
+            touch(tmp_path / "d.png"), touch(tmp_path / "e.tiff")]
+    touch(tmp_path / "notes.txt")
+    touch(tmp_path / "sub" / "clip.mov")
+    touch(tmp_path / "noext")
+    assert found_paths(tmp_path) == sorted(b(p) for p in keep)
+
+
+def test_skips_hidden_and_junk_folders(tmp_path):
+    keep = touch(tmp_path / "photos" / "a.jpg")
+    for junk in [".git/x.jpg", ".hidden.jpg", "node_modules/x.png", "@eaDir/x.jpg", ".thumbnails/x.png",
+                 "__MACOSX/x.jpg", "photos/.cache/x.jpg"]:
+        touch(tmp_path / junk)
+    assert found_paths(tmp_path) == [b(keep)]
+
+
+def test_a_hidden_root_named_explicitly_is_walked(tmp_path):
+    image = touch(tmp_path / ".photos" / "a.jpg")
+    assert found_paths(tmp_path / ".photos") == [b(image)]
+
+
+def test_size_and_mtime_come_from_the_files_stat(tmp_path):
+    image = touch(tmp_path / "a.jpg", b"12345")
+    os.utime(image, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    (found,) = Walk(normalise_roots([tmp_path]))
+    assert (found.size, found.mtime_ns) == (5, 1_600_000_000_123_456_789)
+
+
+def test_exclude_matches_names_and_full_paths(tmp_path):
+    keep = touch(tmp_path / "keep" / "a.jpg")
+    touch(tmp_path / "keep" / "b.png")
+    touch(tmp_path / "exports" / "c.jpg")
+    touch(tmp_path / "raw" / "d.jpg")
+    assert found_paths(tmp_path, exclude=("*.png", "*/exports", "raw")) == [b(keep)]
+
+
+def test_a_single_file_root(tmp_path):
+    image = touch(tmp_path / "a.jpg")
+    assert found_paths(image) == [b(image)]
+
+
+def test_non_utf8_and_odd_names_come_back_byte_for_byte(tmp_path):
+    names = [b"caf\xe9.jpg", b"with space.jpg", b"new\nline.jpg", b"quote's \".jpg"]
+    for name in names:
+        with open(os.path.join(b(tmp_path), name), "wb") as f:
+            f.write(b"x")
+    assert sorted(os.path.basename(p) for p in found_paths(tmp_path)) == sorted(names)
+
+
+def test_symlinked_folders_are_followed_only_when_asked(tmp_path):
+    outside = touch(tmp_path / "outside" / "x.jpg")
+    library = tmp_path / "library"
+    touch(library / "a.jpg")
+    (library / "link").symlink_to(outside.parent, target_is_directory=True)
+    assert found_paths(library) == [b(library / "a.jpg")]
+    assert found_paths(library, follow_symlinks=True) == [b(library / "a.jpg"), b(library / "link" / "x.jpg")]
+
+
+def test_symlink_loops_end(tmp_path):
+    touch(tmp_path / "a" / "x.jpg")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    assert found_paths(tmp_path, follow_symlinks=True) == [b(tmp_path / "a" / "x.jpg")]
+    assert found_paths(tmp_path) == [b(tmp_path / "a" / "x.jpg")]
+
+
+def test_file_symlinks_are_listed_and_broken_ones_reported(tmp_path):
+    target = touch(tmp_path / "real.jpg", b"abc")
+    (tmp_path / "alias.jpg").symlink_to(target)
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    found = {os.path.basename(f.path): f.size for f in Walk(normalise_roots([tmp_path]))}
+    assert found[b"real.jpg"] == found[b"alias.jpg"] == 3
+    assert b"broken.jpg" in found
+
+
+def test_an_unreadable_folder_is_recorded_not_fatal(tmp_path, monkeypatch):
+    # Simulated, so it also holds when tests run as root (where chmod 0 does not lock anyone out).
+    keep = touch(tmp_path / "ok" / "a.jpg")
+    locked = tmp_path / "locked"
+    touch(locked / "b.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if path == b(locked):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    walk = Walk(normalise_roots([tmp_path]))
+    assert sorted(f.path for f in walk) == [b(keep)]
+    assert walk.unreadable == [b(locked)]
+
+
+def test_under_tells_inside_from_lookalike_siblings():
+    inside = under([b"/photos/2020", b"/single.jpg"])
+    assert inside(b"/photos/2020") and inside(b"/photos/2020/a.jpg") and inside(b"/single.jpg")
+    assert not inside(b"/photos/2020-old/a.jpg") and not inside(b"/photos/a.jpg")
+    assert under([b"/"])(b"/anything")
+    assert not under([])(b"/anything")
