@@ -1,0 +1,269 @@
+"""CLIP's byte-level BPE tokenizer, giving the token ids OpenAI's CLIP was trained with.
+
+Text is cleaned, split into words with CLIP's pattern, each word's UTF-8 bytes are spelled
+with printable stand-in characters, and the word's symbols are merged pairwise in the
+order the merges were learned. The last symbol of a word carries the end-of-word marker
+`</w>`, so "dog" at the end of a word and inside "dogma" are different tokens.
+
+Two pieces of OpenAI's tokenizer are re-created with the standard library, because CLIP
+must run on torch, numpy and Pillow alone:
+
+- The split pattern uses the `regex` module's \\p{L} and \\p{N}. Stdlib `re` has no such
+  classes, so they are built from Python's own Unicode database (`_split_pattern`). For
+  every code point assigned in that database the split is the same; characters assigned
+  only in newer Unicode versions are punctuation-like here and letters or numbers there.
+- OpenAI cleans text with ftfy. `clean_text` repeats the ftfy fixes that change the tokens
+  of ordinary queries (curly quotes, NFC, full-width forms, Latin ligatures, invisible
+  control characters) and skips its mojibake repair; tests/test_tokenizer.py lists the
+  inputs where the two differ.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import re
+import sys
+import unicodedata
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import ClipsearchError
+
+SOT = "<|startoftext|>"
+EOT = "<|endoftext|>"
+END_OF_WORD = "</w>"
+# CLIP's vocabulary is 49,408 tokens: 512 byte symbols (with and without </w>), 48,894
+# merges and the two special tokens. Its merges file holds more merges than were used.
+MAX_MERGES = 49_408 - 512 - 2
+DEFAULT_CONTEXT_LENGTH = 77
+# Words seen by one tokenizer are memoised; past this many the memo starts afresh, so
+# tokenizing a large caption set cannot grow memory without bound.
+_CACHE_LIMIT = 100_000
+
+
+class TextTooLongError(ClipsearchError, ValueError):
+    """A text has more tokens than the model's context length."""
+
+
+@lru_cache(maxsize=None)
+def byte_symbols() -> dict[int, str]:
+    """Map every byte to a printable character, because merges are stored as text.
+
+    Printable Latin-1 bytes stand for themselves; the others (space, controls, ...) are
+    moved to code points from 256 on. The insertion order fixes the first 256 token ids.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
+# --- text cleaning ---------------------------------------------------------------------
+
+_LIGATURES = {
+    cp: unicodedata.normalize("NFKC", chr(cp))
+    for cp in [0x132, 0x133, 0x149, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB07)]
+}
+# Full-width ASCII and half-width katakana/hangul become their usual forms; so does the
+# ideographic space, which otherwise would not separate words for str.split on its own.
+_WIDTHS = {0x3000: " "} | {
+    cp: unicodedata.normalize("NFKC", chr(cp))
+    for cp in range(0xFF01, 0xFFF0)
+    if unicodedata.normalize("NFKC", chr(cp)) != chr(cp)
+}
+_QUOTES = dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'") | dict.fromkeys(range(0x201C, 0x2020), '"')
+# Invisible characters (C0 controls other than tab/newline/form feed/CR, DEL, deprecated
+# Arabic format controls, the BOM, interlinear annotations) are deleted, not spaced.
+_INVISIBLE = dict.fromkeys(
+    [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)]
+)
+_FIRST_PASS = _LIGATURES | _WIDTHS  # may produce U+02BC (from U+0149), which _QUOTES straightens
+_SECOND_PASS = _QUOTES | _INVISIBLE
+
+
+def clean_text(text: str) -> str:
+    """Normalise text the way CLIP's training captions were before tokenizing.
+
+    HTML entities are decoded twice (captions scraped from the web were often escaped
+    twice), typographic variants are folded to the forms CLIP saw most, whitespace runs
+    collapse to one space and everything is lower-cased.
+    """
+    text = html.unescape(html.unescape(text))
+    text = text.translate(_FIRST_PASS).translate(_SECOND_PASS)
+    text = unicodedata.normalize("NFC", text)
+    return " ".join(text.split()).lower()
+
+
+# --- splitting into words --------------------------------------------------------------
+
+
+def _ranges(codepoints: list[int]) -> str:
+    """Body of a regex character class holding `codepoints` (ascending), as ranges."""
+    runs: list[list[int]] = []
+    for cp in codepoints:
+        if runs and cp == runs[-1][1] + 1:
+            runs[-1][1] = cp
+        else:
+            runs.append([cp, cp])
+    return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in runs)
+
+
+@lru_cache(maxsize=None)
+def _split_pattern() -> re.Pattern[str]:
+    """CLIP's word pattern: special tokens, English contractions, a run of letters, one
+    number character, or a run of anything else; spaces separate and are dropped.
+
+    Stdlib `re` gives letters as [^\\W\\d_] (word characters minus decimal digits and "_"),
+    but that also holds the numeric categories Nl and No (Ⅻ, ½, ①), which \\p{N} claims;
+    they are listed explicitly from Python's Unicode database. OpenAI's pattern matches
+    case-insensitively, so U+0345 (a combining mark, the only code point that is no letter
+    but whose case fold, ι, is) is a letter to its "anything else" class and no letter to
+    its letter class: it matches nothing and is dropped like a space.
+    """
+    other_numbers = _ranges(
+        [cp for cp in range(sys.maxunicode + 1) if (c := chr(cp)).isnumeric() and not c.isdecimal() and not c.isalpha()]
+    )
+    iota_mark = "\u0345"
+    letters = rf"[^\W\d_{other_numbers}]+"
+    number = rf"[\d{other_numbers}]"
+    other = rf"(?:[^\s\w{iota_mark}]|_)+"
+    specials = f"{re.escape(SOT)}|{re.escape(EOT)}"
+    return re.compile(rf"{specials}|(?i:'s|'t|'re|'ve|'m|'ll|'d)|{letters}|{number}|{other}")
+
+
+def split_words(cleaned: str) -> list[str]:
+    """Split text already passed through `clean_text` into CLIP's pre-tokens."""
+    return _split_pattern().findall(cleaned)
+
+
+def word_symbols(word: str) -> list[str]:
+    """A word's starting BPE symbols: one per UTF-8 byte, the last marked as word end."""
+    table = byte_symbols()
+    symbols = [table[b] for b in word.encode("utf-8")]
+    symbols[-1] += END_OF_WORD
+    return symbols
+
+
+def read_merges(path: str | Path) -> list[tuple[str, str]]:
+    """Read a `bpe_simple_vocab_16e6.txt.gz`-style file: a header line, then one merge
+    ("left right") per line, most frequent first."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    return merges[:MAX_MERGES]  # type: ignore[return-value]
+
+
+# --- the tokenizer ---------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Token ids from text and back, for one merges file (CLIP's or one we trained)."""
+
+    def __init__(self, bpe_path: str | Path):
+        self.bpe_path = Path(bpe_path)
+        merges = read_merges(self.bpe_path)
+        bytes_ = list(byte_symbols().values())
+        vocab = [*bytes_, *(b + END_OF_WORD for b in bytes_), *("".join(m) for m in merges), SOT, EOT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = dict(enumerate(vocab))
+        self.ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self.sot_id = self.encoder[SOT]
+        self.eot_id = self.encoder[EOT]
+        self.vocab_size = len(vocab)
+        self._symbol_bytes = {s: b for b, s in byte_symbols().items()}
+        self._cache: dict[str, list[int]] = {}
+
+    def _merge(self, symbols: list[str]) -> list[str]:
+        """Apply merges to one word, always the earliest-learned pair present next, every
+        occurrence of it left to right, until no adjacent pair is a known merge."""
+        while len(symbols) > 1:
+            best = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def _word_ids(self, word: str) -> list[int]:
+        ids = self._cache.get(word)
+        if ids is None:
+            if word in (SOT, EOT):
+                ids = [self.encoder[word]]
+            else:
+                ids = [self.encoder[s] for s in self._merge(word_symbols(word))]
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[word] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without start and end tokens.
+
+        A literal "<|startoftext|>" or "<|endoftext|>" in the text becomes that special
+        token, as in OpenAI's tokenizer, so ids match theirs for every input.
+        """
+        return [i for word in split_words(clean_text(text)) for i in self._word_ids(word)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids: each word end becomes a space, so "a dog's" decodes as
+        "a dog 's " (cleaned, lower-cased), which encodes back to the same ids."""
+        symbols = "".join(self.decoder[int(i)] for i in ids)
+        # Special tokens and </w> are spelled with printable ASCII, which maps to itself.
+        raw = bytes(self._symbol_bytes[c] for c in symbols)
+        return raw.decode("utf-8", "replace").replace(END_OF_WORD, " ")
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        truncate: bool = False,
+    ) -> torch.LongTensor:
+        """Rows of `[SOT, ids..., EOT, 0...]`, one per text, as CLIP's text tower expects.
+
+        A text that does not fit raises `TextTooLongError`, because silently dropping the
+        end of a query changes what is searched for; with `truncate=True` it is cut and
+        its last kept token replaced by EOT, as OpenAI's `tokenize` does.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot_id, *self.encode(text), self.eot_id]
+            if len(ids) > context_length:
+                if not truncate:
+                    shown = text if len(text) <= 60 else text[:57] + "..."
+                    raise TextTooLongError(
+                        f"The text {shown!r} has {len(ids) - 2} tokens but at most {context_length - 2} fit "
+                        f"in the context length of {context_length}; shorten it or pass truncate=True."
+                    )
+                ids = ids[:context_length]
+                ids[-1] = self.eot_id
+            rows[row, : len(ids)] = torch.tensor(ids)
+        return rows  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=1)
+def _default_tokenizer() -> Tokenizer:
+    # Imported here so that importing the tokenizer never pulls in the download code.
+    from .download import vocab_path
+
+    return Tokenizer(vocab_path())
+
+
+def tokenize(
+    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+) -> torch.LongTensor:
+    """Tokenize with CLIP's own vocabulary (fetched and cached on first use)."""
+    return _default_tokenizer()(texts, context_length=context_length, truncate=truncate)
