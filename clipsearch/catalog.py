@@ -1,0 +1,635 @@
+"""The SQLite catalog: one row per image file, its float16 vector, and index-wide settings.
+
+The catalog is the index's source of truth: the FAISS file is derived from it and can always be
+rebuilt, so everything here favours never losing or corrupting a row over raw speed.
+
+- Paths are stored as bytes (`os.fsencode`), so names that are not valid UTF-8 round-trip.
+- Every write is one `BEGIN IMMEDIATE` transaction, fsynced (synchronous=FULL: one fsync per
+  indexer batch is cheap, and a power cut then loses at most the batch in flight). WAL mode lets
+  queries read while an indexer writes.
+- A file SQLite cannot read is reported with its path and never recreated or emptied.
+- The schema is owned by the Alembic revisions in `migrations/` (installed as
+  `clipsearch.migrations`); opening an older catalog upgrades it, a newer one is refused.
+  Alembic is only imported when the stored revision is not `HEAD_REVISION`, which keeps opening
+  an up-to-date catalog (every `clipsearch query`) cheap.
+
+A `Catalog` holds one SQLite connection: use it from one thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import quote
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Connection,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    bindparam,
+    cast,
+    create_engine,
+    delete,
+    exc,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+from clipsearch import __version__
+from clipsearch.errors import IndexStateError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING = "indexed", "failed", "missing"
+
+CATALOG_FILE = "catalog.db"
+LOCK_FILE = "index.lock"
+
+# The newest revision in migrations/versions (a test keeps the two in step). Comparing the
+# stored revision with it avoids loading Alembic's script directory on every open.
+HEAD_REVISION = "0002"
+
+_BUSY_TIMEOUT_MS = 10_000
+_LOCK_POLL_S = 0.1
+_CHUNK = 10_000  # ids or fingerprints per IN (...) query, well under SQLite's variable limit
+
+
+def encode_path(path: str | os.PathLike[str] | bytes) -> bytes:
+    """The catalog key of a file: its absolute path as bytes, symlinks left unresolved."""
+    return os.fsencode(os.path.abspath(os.fspath(path)))
+
+
+def decode_path(path: bytes) -> Path:
+    return Path(os.fsdecode(path))
+
+
+class Base(DeclarativeBase):
+    # Named constraints let Alembic's batch mode rebuild SQLite tables without guessing.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "pk": "pk_%(table_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        }
+    )
+
+
+class Image(Base):
+    """One file seen by the indexer; its vector, if indexed, lives in `Vector`.
+
+    Vectors are kept out of this table so that the indexer's diff scans ~100 bytes a row
+    instead of ~1 KiB: at 100k files that is the difference between 10 MB and 110 MB read.
+    """
+
+    __tablename__ = "images"
+    __table_args__ = (
+        CheckConstraint(
+            f"status IN ('{STATUS_INDEXED}', '{STATUS_FAILED}', '{STATUS_MISSING}')", name="status"
+        ),
+        # Ids are never reused, so an id from a FAISS file that is a moment out of date can only
+        # miss, never name another file.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    fingerprint: Mapped[bytes | None] = mapped_column(LargeBinary, index=True)
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    indexed_at: Mapped[float | None] = mapped_column(Float)  # unix time of the last encode attempt
+
+
+class Vector(Base):
+    """The embedding of an indexed image: exactly the rows with status "indexed" have one."""
+
+    __tablename__ = "vectors"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float16 [dim]
+
+
+class Meta(Base):
+    """Index-wide settings: model, dim, generation, created_at, clipsearch_version."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class FileState(NamedTuple):
+    """What the indexer's diff needs to know about one catalog row.
+
+    A NamedTuple rather than a frozen dataclass: `file_states` builds one per file, and at 100k
+    files that is half the cost of the call.
+    """
+
+    id: int
+    size: int
+    mtime_ns: int
+    status: str
+    fingerprint: bytes | None
+
+
+@dataclass
+class IndexedFile:
+    """A successfully encoded (or vector-reused) file to upsert."""
+
+    path: bytes
+    size: int
+    mtime_ns: int
+    fingerprint: bytes
+    width: int
+    height: int
+    vector: np.ndarray  # float32 [dim], L2-normalised
+
+
+@dataclass
+class FailedFile:
+    path: bytes
+    size: int
+    mtime_ns: int
+    fingerprint: bytes | None
+    error: str
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """What a search hit is joined with."""
+
+    id: int
+    path: bytes
+    size: int
+    mtime_ns: int
+    width: int | None
+    height: int | None
+
+
+class Catalog:
+    """An open `catalog.db`; see `Catalog.open`."""
+
+    def __init__(self, home: Path, connection: Connection, readonly: bool) -> None:
+        self.home = home
+        self.path = home / CATALOG_FILE
+        self.readonly = readonly
+        self._conn = connection
+
+    @classmethod
+    def open(
+        cls, home: str | os.PathLike[str], *, create: bool = False, readonly: bool = False
+    ) -> Catalog:
+        """Open (and upgrade, or with `create` make) the catalog in `home`.
+
+        Raises IndexStateError when there is no index and `create` is false, when the file is not
+        a readable SQLite catalog, when its schema is newer than this clipsearch, or when it needs
+        an upgrade but `readonly` is set.
+        """
+        home = Path(home)
+        db = home / CATALOG_FILE
+        if not db.exists():
+            if not create or readonly:
+                raise _no_index(home)
+            try:
+                home.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise IndexStateError(
+                    f"Cannot create the index folder {home} ({e.strerror}); choose another --home."
+                ) from e
+        engine = create_engine(
+            "sqlite://",
+            creator=lambda: _connect(db, readonly=readonly, create=create),
+            poolclass=NullPool,
+            isolation_level="AUTOCOMMIT",  # transactions are ours: see Catalog._transaction
+        )
+        with _sqlite_errors(db):
+            catalog = cls(home, engine.connect(), readonly)
+        try:
+            catalog._check_schema(create)
+        except BaseException:
+            catalog.close()
+            raise
+        return catalog
+
+    def close(self) -> None:
+        self._conn.close()
+        self._conn.engine.dispose()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- settings -------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        with self._transaction(write=False) as conn:
+            return _get_meta(conn, key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction(write=True) as conn:
+            _set_meta(conn, key, value)
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every write to the images; the FAISS file records the one it was built from."""
+        return int(self.get_meta("generation") or 0)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def file_states(self) -> dict[bytes, FileState]:
+        """Every row, keyed by path, in one query: the indexer's diff runs against this."""
+        query = select(Image.path, Image.id, Image.size, Image.mtime_ns, Image.status, Image.fingerprint)
+        with self._transaction(write=False) as conn:
+            return {
+                path: FileState(id_, size, mtime_ns, status, fingerprint)
+                for path, id_, size, mtime_ns, status, fingerprint in conn.execute(query)
+            }
+
+    def vectors_by_fingerprint(self, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
+        """Vectors of indexed rows with these fingerprints, so moved or copied files skip encoding."""
+        found: dict[bytes, np.ndarray] = {}
+        with self._transaction(write=False) as conn:
+            for chunk in _chunks(list(set(fingerprints))):
+                query = (
+                    select(Image.fingerprint, Vector.vector).join(Vector).where(Image.fingerprint.in_(chunk))
+                )
+                for fingerprint, blob in conn.execute(query):
+                    found[fingerprint] = np.frombuffer(blob, dtype="<f2").astype(np.float32)
+        return found
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], vectors float32 [n, dim]) of the indexed rows, ordered by id."""
+        with self._transaction(write=False) as conn:
+            n = conn.scalar(select(func.count()).where(Image.status == STATUS_INDEXED))
+            ids = np.empty(n, dtype=np.int64)
+            vectors = None
+            start = 0
+            # Chunks go straight into the result: peak memory stays near its float32 size.
+            query = select(Vector.image_id, Vector.vector).order_by(Vector.image_id)
+            for rows in conn.execute(query).partitions(_CHUNK):
+                row_ids, blobs = zip(*rows)
+                chunk = np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(rows), -1)
+                if vectors is None:
+                    vectors = np.empty((n, chunk.shape[1]), dtype=np.float32)
+                ids[start : start + len(rows)] = row_ids
+                vectors[start : start + len(rows)] = chunk
+                start += len(rows)
+            if vectors is None:
+                vectors = np.empty((0, int(_get_meta(conn, "dim") or 0)), dtype=np.float32)
+        return ids, vectors
+
+    def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
+        """Indexed rows by id; ids of rows that are gone or no longer indexed are left out."""
+        found: dict[int, ImageRow] = {}
+        with self._transaction(write=False) as conn:
+            for chunk in _chunks([int(i) for i in ids]):
+                query = select(
+                    Image.id, Image.path, Image.size, Image.mtime_ns, Image.width, Image.height
+                ).where(Image.id.in_(chunk), Image.status == STATUS_INDEXED)
+                for row in conn.execute(query):
+                    found[row.id] = ImageRow(*row)
+        return found
+
+    def counts(self) -> dict[str, int]:
+        """Rows by status, every status present (zero when none)."""
+        query = select(Image.status, func.count()).group_by(Image.status)
+        with self._transaction(write=False) as conn:
+            found = dict(conn.execute(query).all())
+        return {status: found.get(status, 0) for status in (STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING)}
+
+    def failures(self) -> list[tuple[bytes, str]]:
+        query = select(Image.path, Image.error).where(Image.status == STATUS_FAILED).order_by(Image.path)
+        with self._transaction(write=False) as conn:
+            return [(path, error or "") for path, error in conn.execute(query)]
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own full check (`PRAGMA integrity_check`); empty when the file is sound."""
+        with self._transaction(write=False) as conn:
+            lines = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check")]
+        return [] if lines == ["ok"] else lines
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def commit_batch(
+        self,
+        indexed: Sequence[IndexedFile] = (),
+        failed: Sequence[FailedFile] = (),
+        missing: Sequence[bytes] = (),
+    ) -> None:
+        """Record one indexer batch in one transaction: a crash keeps all of it or none of it."""
+        if not (indexed or failed or missing):
+            return
+        now = time.time()
+
+        def stat(f: IndexedFile | FailedFile) -> dict:
+            return dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, fingerprint=f.fingerprint,
+                        indexed_at=now)
+
+        rows = [
+            stat(f) | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None) for f in indexed
+        ] + [stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) for f in failed]
+        # The vectors table is keyed by image id, which the upsert above decides: look it up by path.
+        id_of = select(Image.id).where(Image.path == bindparam("image_path")).scalar_subquery()
+        with self._transaction(write=True) as conn:
+            if rows:
+                upsert = sqlite_insert(Image)
+                changed = {name: upsert.excluded[name] for name in rows[0] if name != "path"}
+                conn.execute(upsert.on_conflict_do_update(index_elements=[Image.path], set_=changed), rows)
+            if missing:
+                conn.execute(
+                    update(Image).where(Image.path == bindparam("image_path")).values(status=STATUS_MISSING),
+                    [{"image_path": path} for path in missing],
+                )
+            if indexed:
+                upsert = sqlite_insert(Vector).values(image_id=id_of, vector=bindparam("blob"))
+                conn.execute(
+                    upsert.on_conflict_do_update(
+                        index_elements=[Vector.image_id], set_={"vector": upsert.excluded.vector}
+                    ),
+                    [{"image_path": f.path, "blob": _vector_blob(f.vector)} for f in indexed],
+                )
+            if failed or missing:
+                conn.execute(
+                    delete(Vector).where(Vector.image_id == id_of),
+                    [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
+                )
+            _bump_generation(conn)
+
+    def remove(self, prefixes: Sequence[bytes]) -> int:
+        """Delete the rows at or below these paths; returns how many went.
+
+        Removing b"/a/b" removes b"/a/b" and b"/a/b/..." but not b"/a/bc": the range
+        [prefix + b"/", prefix + b"0") holds exactly the paths below the folder, since "0" follows
+        "/" in byte order, and it is served by the unique index on path.
+        """
+        removed = 0
+        with self._transaction(write=True) as conn:
+            for prefix in prefixes:
+                folder = prefix.rstrip(b"/")
+                below = (Image.path >= folder + b"/") & (Image.path < folder + b"0")
+                removed += conn.execute(delete(Image).where((Image.path == folder) | below)).rowcount
+            if removed:
+                _bump_generation(conn)
+        return removed
+
+    @contextmanager
+    def writer_lock(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold home/index.lock so that only one process indexes this home at a time.
+
+        Waits up to `wait` seconds for another holder. flock is released by the kernel when the
+        holder dies, so a killed indexer never leaves a stale lock behind.
+        """
+        self._require_writable()
+        try:
+            fd = os.open(self.home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise IndexStateError(
+                f"Cannot write to {self.home} ({e.strerror}); fix its permissions or choose another --home."
+            ) from e
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise IndexStateError(
+                            f"Another clipsearch process is indexing {self.home}; "
+                            "wait for it to finish, then run this again."
+                        ) from None
+                    time.sleep(_LOCK_POLL_S)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise IndexStateError(f"The index in {self.home} was opened read-only; it cannot be changed.")
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        """One SQLite transaction, with errors turned into IndexStateError.
+
+        Writes start with BEGIN IMMEDIATE: the write lock is taken (waiting up to busy_timeout)
+        before anything is read, so a write never fails half-way on a lock upgrade. Reads use a
+        deferred BEGIN, which in WAL mode never waits for a writer and sees one snapshot.
+        """
+        if write:
+            self._require_writable()
+        conn = self._conn
+        with _sqlite_errors(self.path):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+                conn.exec_driver_sql("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back by itself (disk full, I/O error).
+                if conn.connection.dbapi_connection.in_transaction:
+                    conn.exec_driver_sql("ROLLBACK")
+                raise
+
+    def _check_schema(self, create: bool) -> None:
+        with self._transaction(write=False) as conn:
+            tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+            revision = None
+            if "alembic_version" in tables:
+                revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        if revision == HEAD_REVISION:
+            return
+        if revision is None and tables:
+            raise IndexStateError(
+                f"{self.path} is an SQLite file but not a clipsearch catalog; choose another --home."
+            )
+        if revision is None and not create:
+            raise _no_index(self.home)
+        self._upgrade(revision)
+
+    def _upgrade(self, revision: str | None) -> None:
+        """Bring the schema to head with Alembic, in one transaction (SQLite has transactional DDL)."""
+        from alembic import command
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+
+        config = alembic_config()
+        if revision is not None:
+            try:
+                ScriptDirectory.from_config(config).get_revision(revision)
+            except CommandError:
+                raise IndexStateError(
+                    f"The index in {self.home} was written by a newer clipsearch (schema {revision}); "
+                    "upgrade clipsearch to use it."
+                ) from None
+        if self.readonly:
+            raise IndexStateError(
+                f"The index in {self.home} needs a schema upgrade, which needs write access; "
+                "open it once without read-only mode."
+            )
+        with self._transaction(write=True) as conn:
+            # Inside our transaction Alembic neither begins nor commits: the upgrade is atomic.
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            if revision is None:
+                for key, value in {
+                    "created_at": str(time.time()),
+                    "clipsearch_version": __version__,
+                    "generation": "0",
+                }.items():
+                    _set_meta(conn, key, value)
+
+
+def alembic_config() -> Config:
+    """Alembic settings for the installed migrations, without an alembic.ini.
+
+    Pass an open SQLAlchemy connection in `config.attributes["connection"]` before running a
+    command; migrations/env.py uses it.
+    """
+    from alembic.config import Config
+
+    import clipsearch.migrations
+
+    config = Config()
+    location = str(Path(clipsearch.migrations.__file__).parent)
+    config.set_main_option("script_location", location.replace("%", "%%"))  # ConfigParser syntax
+    return config
+
+
+def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
+    """A DB-API connection with the pragmas every catalog connection needs.
+
+    The URI's mode keeps SQLite from creating a file we did not mean to create. A read-only
+    connection to a WAL database needs the -wal and -shm files, which cannot be made in a
+    read-only folder: when the folder is not writable and no -wal file exists, nobody can be
+    writing, and `immutable=1` reads the fully checkpointed file directly.
+    """
+    mode = "ro" if readonly else "rwc" if create else "rw"
+    uri = f"file:{quote(os.fsencode(db))}?mode={mode}"
+    wal = db.with_name(db.name + "-wal")
+    if readonly and not os.access(db.parent, os.W_OK) and not wal.exists():
+        uri += "&immutable=1"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# SQLite's primary result codes for errors a person can act on; Python < 3.11 exposes only the
+# message, so the messages map to the same codes.
+_SQLITE_BUSY, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 8, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+_CODES_BY_MESSAGE = {
+    "database is locked": _SQLITE_BUSY,
+    "readonly database": _SQLITE_READONLY,
+    "disk i/o error": _SQLITE_IOERR,
+    "malformed": _SQLITE_CORRUPT,
+    "database or disk is full": _SQLITE_FULL,
+    "unable to open database file": _SQLITE_CANTOPEN,
+    "file is not a database": _SQLITE_NOTADB,
+}
+
+
+def _error_code(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF
+    message = str(error).lower()
+    return next((code for text, code in _CODES_BY_MESSAGE.items() if text in message), None)
+
+
+@contextmanager
+def _sqlite_errors(db: Path) -> Iterator[None]:
+    """Turn SQLite failures a person can act on into IndexStateError naming the file."""
+    try:
+        yield
+    except (exc.DBAPIError, sqlite3.Error) as e:
+        error = e.orig if isinstance(e, exc.DBAPIError) else e
+        code = _error_code(error) if isinstance(error, sqlite3.Error) else None
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            message = (
+                f"{db} is damaged ({error}); it was left untouched: restore it from a backup, "
+                "or move it away and index again."
+            )
+        elif code == _SQLITE_FULL:
+            message = (
+                f"The disk holding {db} is full; free some space and run the command again "
+                "(everything committed before is kept)."
+            )
+        elif code == _SQLITE_READONLY:
+            message = f"{db} cannot be written ({error}); fix its folder's permissions or use another --home."
+        elif code == _SQLITE_CANTOPEN:
+            message = f"{db} cannot be opened ({error}); check that {db.parent} and the file are readable."
+        elif code == _SQLITE_BUSY:
+            message = f"{db} stayed locked by another process; wait for it to finish, then run this again."
+        elif code == _SQLITE_IOERR:
+            message = f"Reading or writing {db} failed ({error}); check the disk, then run the command again."
+        else:
+            raise
+        raise IndexStateError(message) from e
+
+
+def _no_index(home: Path) -> IndexStateError:
+    return IndexStateError(f"There is no index in {home}; create one with `clipsearch index PATH`.")
+
+
+def _get_meta(conn: Connection, key: str) -> str | None:
+    return conn.scalar(select(Meta.value).where(Meta.key == key))
+
+
+def _set_meta(conn: Connection, key: str, value: str) -> None:
+    upsert = sqlite_insert(Meta).values(key=key, value=value)
+    changed = dict(value=upsert.excluded.value)
+    conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=changed))
+
+
+def _bump_generation(conn: Connection) -> None:
+    upsert = sqlite_insert(Meta).values(key="generation", value="1")
+    next_value = cast(cast(Meta.value, Integer) + 1, Text)
+    conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=dict(value=next_value)))
+
+
+def _vector_blob(vector: np.ndarray) -> bytes:
+    vector = np.asarray(vector)
+    if vector.ndim != 1:
+        raise ValueError(f"expected one vector of shape [dim], got shape {vector.shape}")
+    return vector.astype("<f2").tobytes()
+
+
+def _chunks(items: list) -> Iterator[list]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]

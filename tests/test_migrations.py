@@ -1,0 +1,107 @@
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine
+
+from clipsearch.catalog import HEAD_REVISION, STATUS_INDEXED, Base, Catalog, IndexedFile, alembic_config
+from clipsearch.errors import IndexStateError
+
+BASE_REVISION = "0001"
+
+
+def migrate(db: Path, revision: str, direction=command.upgrade) -> None:
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        direction(config, revision)
+    engine.dispose()
+
+
+def stored_revision(db: Path) -> str:
+    return sqlite3.connect(db).execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+
+def test_head_constant_matches_the_migration_scripts():
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_heads() == [HEAD_REVISION]
+    assert script.get_base() == BASE_REVISION
+
+
+def test_migrations_build_exactly_the_models_schema(tmp_path):
+    with Catalog.open(tmp_path, create=True) as c, c._transaction(write=False) as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def make_base_catalog(home: Path) -> Path:
+    """A catalog as the first released schema wrote it: two indexed files, one failed."""
+    home.mkdir()
+    db = home / "catalog.db"
+    migrate(db, BASE_REVISION)
+    vector = np.arange(8, dtype=np.float16).tobytes()
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO images (id, path, size, mtime_ns, fingerprint, width, height, status, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (1, b"/p/a.jpg", 10, 11, b"fa", 4, 3, "indexed", None),
+                (2, b"/p/\xff.jpg", 20, 21, b"fb", 5, 6, "indexed", None),
+                (3, b"/p/bad.jpg", 30, 31, None, None, None, "failed", "truncated"),
+            ],
+        )
+        conn.executemany("INSERT INTO vectors (image_id, vector) VALUES (?, ?)", [(1, vector), (2, vector)])
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [("generation", "7"), ("model", "ViT-B/32")])
+    return db
+
+
+def test_opening_a_base_schema_catalog_upgrades_it_and_keeps_its_data(tmp_path):
+    db = make_base_catalog(tmp_path / "home")
+    with Catalog.open(tmp_path / "home") as c:
+        assert stored_revision(db) == HEAD_REVISION
+        assert c.generation == 7 and c.get_meta("model") == "ViT-B/32"
+        assert c.counts() == {"indexed": 2, "failed": 1, "missing": 0}
+        assert c.failures() == [(b"/p/bad.jpg", "truncated")]
+        ids, vectors = c.all_vectors()
+        assert ids.tolist() == [1, 2]
+        np.testing.assert_array_equal(vectors, np.tile(np.arange(8, dtype=np.float32), (2, 1)))
+        # The new column is there, unknown (NULL) for old rows, filled for new ones.
+        c.commit_batch([IndexedFile(b"/p/new.jpg", 1, 2, b"fn", 1, 1, np.ones(8, np.float32))])
+        assert c.file_states()[b"/p/new.jpg"].status == STATUS_INDEXED
+    times = dict(sqlite3.connect(db).execute("SELECT path, indexed_at FROM images").fetchall())
+    assert times[b"/p/a.jpg"] is None and times[b"/p/new.jpg"] > 0
+
+
+def test_downgrade_to_base_then_reopen_upgrades_again(tmp_path):
+    home = tmp_path / "home"
+    with Catalog.open(home, create=True) as c:
+        c.commit_batch([IndexedFile(b"/p/a.jpg", 1, 2, b"f", 1, 1, np.ones(8, np.float32))])
+    migrate(home / "catalog.db", BASE_REVISION, command.downgrade)
+    assert stored_revision(home / "catalog.db") == BASE_REVISION
+    with Catalog.open(home) as c:
+        assert list(c.file_states()) == [b"/p/a.jpg"]
+    assert stored_revision(home / "catalog.db") == HEAD_REVISION
+
+
+def test_newer_schema_is_refused_and_left_alone(tmp_path):
+    home = tmp_path / "home"
+    Catalog.open(home, create=True).close()
+    with sqlite3.connect(home / "catalog.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'f00d'")
+    before = (home / "catalog.db").read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(IndexStateError, match="newer clipsearch .*f00d.*upgrade clipsearch"):
+            Catalog.open(home, readonly=readonly)
+    assert (home / "catalog.db").read_bytes() == before
+
+
+def test_read_only_open_of_an_old_schema_asks_for_write_access(tmp_path):
+    db = make_base_catalog(tmp_path / "home")
+    with pytest.raises(IndexStateError, match="needs a schema upgrade, which needs write access"):
+        Catalog.open(tmp_path / "home", readonly=True)
+    assert stored_revision(db) == BASE_REVISION
