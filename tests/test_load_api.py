@@ -1,0 +1,279 @@
+"""`clip.load` and friends: the API of OpenAI's `clip` package, on small local checkpoints."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipsearch import clip
+from clipsearch.clip import registry
+from clipsearch.clip.checkpoints import write_model_dir
+from clipsearch.clip.model import CLIP, ModelConfig, build_model
+from clipsearch.errors import CheckpointError, DownloadError
+from clipsearch.paths import model_cache_dir
+
+CLIP_VOCAB = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+# Small towers, but CLIP's full vocabulary, so clip.tokenize's ids fit the model.
+CONFIG = ModelConfig(
+    embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16, vision_heads=1,
+    context_length=77, vocab_size=49_408, text_width=64, text_heads=1, text_layers=1,
+)
+
+
+@pytest.fixture(autouse=True)
+def cached_clip_vocab():
+    """CLIP's vocabulary where `download.vocab_path` keeps it, so nothing is fetched."""
+    model_cache_dir().mkdir(parents=True)
+    shutil.copyfile(CLIP_VOCAB, model_cache_dir() / registry.VOCAB.filename)
+
+
+@pytest.fixture(scope="module")
+def model() -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(CONFIG).eval()
+
+
+@pytest.fixture
+def openclip_file(tmp_path, model) -> Path:
+    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    return tmp_path / "open_clip_pytorch_model.bin"
+
+
+@pytest.fixture
+def cat_jpg(tmp_path) -> Path:
+    torch.manual_seed(3)
+    pixels = (torch.rand(48, 64, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "cat.jpg")
+    return tmp_path / "cat.jpg"
+
+
+def test_the_snippet_from_the_readme_of_openai_clip(openclip_file, cat_jpg, model):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # --- as in OpenAI's README, with a local checkpoint in place of "ViT-B/32" ---
+    model_, preprocess = clip.load(str(openclip_file), device=device)
+    image = preprocess(Image.open(cat_jpg)).unsqueeze(0).to(device)
+    text = clip.tokenize(["a photo of a cat", "a photo of a dog"]).to(device)
+    with torch.no_grad():
+        image_features = model_.encode_image(image)
+        text_features = model_.encode_text(text)
+        logits_per_image, logits_per_text = model_(image, text)
+    # ---
+    assert image.shape == (1, 3, 32, 32) and text.shape == (2, 77)
+    assert image_features.shape == (1, 32) and text_features.shape == (2, 32)
+    assert logits_per_image.shape == (1, 2) and logits_per_text.shape == (2, 1)
+    assert torch.equal(logits_per_text, logits_per_image.t())
+    expected = model_.logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    torch.testing.assert_close(logits_per_image, expected, rtol=0, atol=1e-4)
+    # The loaded model is the saved one.
+    with torch.no_grad():
+        assert torch.allclose(text_features.float().cpu(), model.encode_text(text.cpu()), atol=1e-5 if device == "cpu" else 1e-2)
+
+
+def test_cpu_model_is_float32_in_eval_mode_with_clip_tokenizer(openclip_file):
+    model, preprocess = clip.load(openclip_file, device="cpu")
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert model.tokenizer.bpe_path == model_cache_dir() / registry.VOCAB.filename
+    assert torch.equal(model.tokenizer(["a diagram"]), clip.tokenize(["a diagram"]))
+    assert preprocess.resolution == CONFIG.image_resolution
+
+
+def test_default_device_is_cpu_here(openclip_file, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    model, _ = clip.load(openclip_file)
+    assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_is_float16(openclip_file):
+    model, _ = clip.load(openclip_file, device="cuda")
+    assert model.visual.conv1.weight.dtype == torch.float16
+
+
+def test_text_tower_alone(openclip_file, model):
+    text_model, _ = clip.load(openclip_file, device="cpu", towers="text")
+    assert text_model.visual is None
+    tokens = clip.tokenize(["a red square", "two blue circles"])
+    with torch.no_grad():
+        assert torch.equal(text_model.encode_text(tokens), model.encode_text(tokens))
+
+
+def test_image_tower_alone_has_no_tokenizer(openclip_file):
+    image_model, preprocess = clip.load(openclip_file, device="cpu", towers="image")
+    assert image_model.tokenizer is None and image_model.visual is not None
+
+
+def test_own_directory_brings_its_vocabulary_and_normalisation(tmp_path):
+    """A model trained with its own small vocabulary tokenizes with it, not with CLIP's."""
+    merges = ["h e", "l l", "he ll", "o</w>", "hell o</w>"]
+    vocab = tmp_path / "small.txt.gz"
+    vocab.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(merges) + "\n").encode()))
+    config = replace(CONFIG, vocab_size=512 + len(merges) + 2)
+    torch.manual_seed(0)
+    directory = write_model_dir(tmp_path / "mine", CLIP(config), vocab, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+
+    model, preprocess = clip.load(directory, device="cpu")
+    assert model.tokenizer.bpe_path == directory / "vocab.txt.gz"
+    assert model.tokenizer.encode("hello") == [512 + 4]
+    gray = preprocess(Image.new("RGB", (40, 40), (51, 51, 51)))  # 51/255 = 0.2
+    expected = torch.tensor([(0.2 - 0.5) / 0.25, (0.2 - 0.5) / 0.5, (0.2 - 0.5) / 1.0])
+    torch.testing.assert_close(gray[:, 16, 16], expected, rtol=0, atol=1e-6)
+
+
+def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
+    torch.manual_seed(0)
+    directory = write_model_dir(tmp_path / "mine", CLIP(replace(CONFIG, vocab_size=1000)), CLIP_VOCAB,
+                                mean=(0, 0, 0), std=(1, 1, 1))
+    with pytest.raises(CheckpointError, match="49408 tokens"):
+        clip.load(directory, device="cpu")
+
+
+def test_jit_is_refused(openclip_file):
+    with pytest.raises(CheckpointError, match="jit=True"):
+        clip.load(openclip_file, jit=True)
+
+
+def test_unknown_name(tmp_path):
+    with pytest.raises(CheckpointError, match="neither a known model name nor an existing") as err:
+        clip.load("ViT-Z/99")
+    assert "ViT-B/32" in str(err.value)
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+def test_available_models():
+    names = clip.available_models()
+    openai = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    assert names[:9] == openai  # OpenAI's own list, in their order
+    assert {"ViT-B-32/laion2b_s34b_b79k", "ViT-B-32/datacomp_xl_s13b_b90k", "demo"} <= set(names)
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    "alias, name",
+    [
+        ("ViT-B/32", "ViT-B/32"),
+        ("vit-b/32", "ViT-B/32"),
+        ("ViT-B-32", "ViT-B/32"),
+        (" ViT-B-32:openai ", "ViT-B/32"),
+        ("ViT-L-14-336", "ViT-L/14@336px"),
+        ("rn50", "RN50"),
+        ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "ViT-B-32/laion2b_s34b_b79k"),
+        ("ViT-B-32:datacomp_xl_s13b_b90k", "ViT-B-32/datacomp_xl_s13b_b90k"),
+    ],
+)
+def test_aliases(alias, name):
+    assert registry.get(alias).name == name
+
+
+def test_registry_entries_are_consistent():
+    keys = [key.lower() for entry in registry.MODELS for key in (entry.name, *entry.aliases)]
+    assert len(keys) == len(set(keys)), "an alias names two models"
+    files = [entry.asset.filename for entry in registry.MODELS if entry.asset]
+    assert len(files) == len(set(files)), "two models would share a cache file"
+    for entry in registry.MODELS:
+        if entry.asset and entry.asset.url.startswith("https://openaipublic"):
+            assert entry.asset.url.split("/")[-2] == entry.asset.sha256 and entry.quick_gelu is True
+    assert registry.get("ViT-B-32/laion2b_s34b_b79k").quick_gelu is False
+    assert registry.get("ViT-B-32/laion400m_e32").quick_gelu is True
+
+
+def test_importing_the_registry_does_not_import_torch():
+    code = "import sys, clipsearch.clip.download, clipsearch.clip; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- loading by name -------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _point(monkeypatch, name: str, url: str, sha256: str | None) -> registry.ModelEntry:
+    """Make the registry fetch model `name` (under any of its names) from `url`."""
+    entry = registry.get(name)
+    moved = replace(entry, asset=replace(entry.asset, url=url, sha256=sha256))
+    for key in (entry.name, *entry.aliases):
+        monkeypatch.setitem(registry._BY_KEY, key.lower(), moved)
+    return moved
+
+
+def test_offline_load_by_name_says_what_to_fetch_and_where(monkeypatch):
+    url = f"http://127.0.0.1:{_closed_port()}/ViT-B-32.pt"
+    _point(monkeypatch, "ViT-B/32", url, registry.get("ViT-B/32").asset.sha256)
+    with pytest.raises(DownloadError) as err:
+        clip.load("ViT-B/32", device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and url in message and str(model_cache_dir() / "ViT-B-32.pt") in message
+
+
+def test_corrupt_cached_checkpoint_is_refused(monkeypatch):
+    (model_cache_dir() / "ViT-B-32.pt").write_bytes(b"not the real weights")
+    with pytest.raises(DownloadError, match="corrupt"):
+        clip.load("ViT-B/32", device="cpu")
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    yield root, f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_load_by_name_downloads_verifies_and_uses_registry_settings(monkeypatch, file_server, model):
+    root, base = file_server
+    torch.save(model.state_dict(), root / "weights.bin")
+    digest = hashlib.sha256((root / "weights.bin").read_bytes()).hexdigest()
+
+    _point(monkeypatch, "ViT-B-32/laion2b_s34b_b79k", f"{base}/weights.bin", None)
+    loaded, _ = clip.load("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", device="cpu", download_root=model_cache_dir())
+    assert loaded.config.quick_gelu is False  # the registry knows this OpenCLIP model uses GELU
+    assert (model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin").is_file()
+    assert clip.load(str(model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin"), device="cpu",
+                     quick_gelu=False)[0].config.quick_gelu is False
+
+    _point(monkeypatch, "RN50", f"{base}/weights.bin", "0" * 64)
+    with pytest.raises(DownloadError, match="SHA-256"):
+        clip.load("RN50", device="cpu")
+    assert not (model_cache_dir() / "RN50.pt").exists()
+
+    _point(monkeypatch, "RN50", f"{base}/weights.bin", digest)
+    loaded, _ = clip.load("RN50", device="cpu")
+    assert loaded.config.quick_gelu is True
+    with torch.no_grad():
+        tokens = clip.tokenize("a photo")
+        assert torch.equal(loaded.encode_text(tokens), build_model(model.state_dict()).encode_text(tokens))
+
+
+@pytest.mark.skipif(not registry.get("demo").bundled.is_dir(), reason="demo weights not shipped yet")
+def test_bundled_demo_model_loads():
+    model, preprocess = clip.load("demo", device="cpu")
+    assert model.tokenizer.bpe_path == registry.get("demo").bundled / "vocab.txt.gz"
+    assert preprocess.resolution == model.config.image_resolution
