@@ -106,14 +106,12 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if str(err).startswith("Weights only load failed"):
+    except Exception as err:  # a file that is not a checkpoint breaks the reader in many ways
+        if isinstance(err, pickle.UnpicklingError) and str(err).startswith("Weights only load failed"):
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors, which clipsearch never unpickles; "
                 "convert it to a plain state dict or a safetensors file."
             ) from None
-        raise _unreadable(path, err) from None
-    except Exception as err:  # a file that is not a checkpoint breaks the reader in many ways
         raise _unreadable(path, err) from None
 
 

@@ -45,14 +45,13 @@ def fetch(url: str, sha256: str | None, dest: Path, *, size: int | None = None, 
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("Downloading %s to %s", url, dest)
-    part = _download(url, dest, progress)
+    part, digest = _download(url, dest, progress)
     try:
         actual_size = part.stat().st_size
         if size is not None and actual_size != size:
             raise DownloadError(
                 f"Downloaded {url} has {actual_size} bytes instead of {size} and was discarded; try again."
             )
-        digest = _hash_file(part)
         if sha256 is not None and digest != sha256:
             raise DownloadError(
                 f"Downloaded {url} has SHA-256 {digest} instead of {sha256} and was discarded; "
@@ -85,10 +84,12 @@ def model_path(name: str, download_root: Path | str | None = None) -> Path:
     return fetch(asset.url, asset.sha256, root / asset.filename, size=asset.size)
 
 
-def _download(url: str, dest: Path, progress: bool) -> Path:
-    """Stream `url` into a fresh `.part` file beside `dest`; the caller verifies and renames it."""
+def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
+    """Stream `url` into a fresh `.part` file beside `dest`, hashing on the way; the caller
+    verifies the hash and renames the file."""
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     part = Path(name)
+    hasher = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
@@ -101,6 +102,7 @@ def _download(url: str, dest: Path, progress: bool) -> Path:
                 received = 0
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
+                    hasher.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
         if expected is not None and received != expected:
@@ -116,7 +118,7 @@ def _download(url: str, dest: Path, progress: bool) -> Path:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return part
+    return part, hasher.hexdigest()
 
 
 def _reason(exc: BaseException) -> str:
