@@ -1,0 +1,218 @@
+"""Decoding and preprocessing in worker processes that run ahead of the model.
+
+Opening a 12-megapixel JPEG costs more than encoding it with a small CLIP, so decoding runs in
+separate processes (the GIL would serialise threads) while the main process encodes the
+previous batch. Workers are started with ``forkserver``/``spawn``, never ``fork``: forking a
+process that has already started torch's thread pools can deadlock.
+
+A file that fails to decode is a result, not an exception: the run records the reason and goes
+on. Even a decoder that crashes its whole process (a native-library bug on a malicious file)
+only costs that one file: the pool is restarted and the files that were in flight are retried
+one at a time, so the culprit is found and the innocent ones go through.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import types
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Hashable, Iterable, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from clipsearch.clip.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decoded:
+    """One file's outcome: the model's input tensor (as numpy, which crosses a process boundary
+    as one buffer copy) and the image size as the user sees it, or the reason it failed."""
+
+    pixels: np.ndarray | None
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
+    """Open, orient, resize and normalise one file; every failure becomes a reason string."""
+    from clipsearch.clip.preprocess import open_image
+    from clipsearch.errors import ClipsearchError
+
+    try:
+        with open(os.fsdecode(path), "rb") as f:  # a str name reads better in open_image's errors
+            image = open_image(f, target=preprocess.resolution)
+            f.seek(0)
+            width, height = upright_size(f)  # reduced JPEG decoding shrank `image`
+        return Decoded(preprocess(image).numpy(), width, height)
+    except ClipsearchError as err:
+        return Decoded(None, error=_printable(str(err)))
+    except OSError as err:
+        return Decoded(None, error=err.strerror or _printable(str(err)))
+    except Exception as err:  # a decoder bug on one odd file must not stop the run
+        return Decoded(None, error=_printable(f"{type(err).__name__}: {err}"))
+
+
+def _printable(message: str) -> str:
+    """A message safe to store and print: a non-UTF-8 file name inside it is escaped."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def upright_size(source: bytes | BinaryIO) -> tuple[int, int]:
+    """Width and height as the photo is shown (EXIF rotation applied), from the header alone."""
+    from PIL import Image
+
+    with Image.open(os.fsdecode(source) if isinstance(source, bytes) else source) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # malformed EXIF: the pixels are fine, shown as stored
+            orientation = 1
+    return (height, width) if orientation in _TRANSPOSED else (width, height)
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+
+_worker_preprocess: Preprocess | None = None
+
+
+def _init_worker(preprocess: Preprocess) -> None:
+    global _worker_preprocess
+    # Ctrl-C goes to the whole process group; the main process decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already; more threads only contend
+    _worker_preprocess = preprocess
+
+
+def _decode_in_worker(path: bytes) -> Decoded:
+    return decode_file(_worker_preprocess, path)
+
+
+@contextmanager
+def _parent_main_hidden() -> Iterator[None]:
+    """Workers run only this module's functions, so they never need the parent's ``__main__``.
+    Left visible, multiprocessing re-imports it in each worker, which re-runs a user's script
+    that lacks an ``if __name__ == "__main__":`` guard (and it would start indexing again)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that has imported this module (and torch) once.
+        ctx.set_forkserver_preload([__name__, "clipsearch.clip.preprocess"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class DecodePool:
+    """Decodes files in ``workers`` processes, or in this process when ``workers`` is 0 (tests,
+    tiny runs, where starting processes costs more than it saves).
+
+    ``window`` bounds the files in flight, which bounds memory and how far decoding runs ahead.
+    """
+
+    def __init__(self, preprocess: Preprocess, workers: int, window: int | None = None):
+        self.preprocess = preprocess
+        self.workers = workers
+        self.window = window or max(1, 4 * workers)
+        self._executor: ProcessPoolExecutor | None = None
+
+    def imap(self, items: Iterable[tuple[Hashable, bytes]]) -> Iterator[tuple[Hashable, Decoded]]:
+        """Yields ``(key, Decoded)`` for each ``(key, path)``, in completion order."""
+        if self.workers == 0:
+            for key, path in items:
+                yield key, decode_file(self.preprocess, path)
+            return
+        yield from self._imap_workers(iter(items))
+
+    def _imap_workers(self, items: Iterator[tuple[Hashable, bytes]]) -> Iterator[tuple[Hashable, Decoded]]:
+        pending: dict[Future, tuple[Hashable, bytes]] = {}
+        suspects: deque[tuple[Hashable, bytes]] = deque()  # in flight when a worker died
+        isolating = False  # a suspect is running alone: if the pool breaks now, it is the culprit
+        while True:
+            while not isolating and len(pending) < self.window:
+                if suspects:
+                    if pending:  # let the rest finish, then run the suspect alone
+                        break
+                    item, isolating = suspects.popleft(), True
+                else:
+                    item = next(items, None)
+                    if item is None:
+                        break
+                pending[self._submit(item[1])] = item
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            crashed = []
+            for future in done:
+                item = pending.pop(future)
+                try:
+                    yield item[0], future.result()
+                except BrokenProcessPool:
+                    crashed.append(item)
+            if not crashed:
+                isolating = False
+                continue
+            if isolating:
+                log.warning("decoding %s crashed a worker process", os.fsdecode(crashed[0][1]))
+                yield crashed[0][0], Decoded(None, error="decoding this file crashed the decoder process")
+            else:
+                suspects.extend(crashed)
+                suspects.extend(pending.values())
+            pending.clear()
+            isolating = False
+            self._restart()
+
+    def _submit(self, path: bytes) -> Future:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=_context(), initializer=_init_worker, initargs=(self.preprocess,)
+            )
+        with _parent_main_hidden():  # workers are started by submit()
+            return self._executor.submit(_decode_in_worker, path)
+
+    def _restart(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def close(self) -> None:
+        self._restart()
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def auto_workers(files: int) -> int:
+    """Worker processes for a run of ``files`` decodes.
+
+    In-process below a few dozen files (a worker's start-up, importing torch, costs about as
+    much as decoding them); otherwise one per core, but always leaving the model a core.
+    """
+    if files < 32:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores - 1, files // 16))

@@ -1,0 +1,249 @@
+"""One `add` run: walk, diff against the catalog, decode, encode, commit per batch, report.
+
+The run is shaped by what a re-run over an unchanged library must cost: one bulk read of the
+catalog's file states, one directory walk, one dictionary lookup per file — no per-file query,
+no model load, no torch import unless some file actually needs encoding.
+
+Every batch is its own transaction, so a crash or Ctrl-C loses at most the batch in flight, and
+the next run picks up where this one stopped (committed files are unchanged by then).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from clipsearch.catalog import STATUS_FAILED, STATUS_MISSING, FailedFile, FileState, IndexedFile
+from clipsearch.decode import DecodePool, auto_workers, upright_size
+from clipsearch.errors import ClipsearchError
+from clipsearch.fingerprint import fingerprint
+from clipsearch.walk import FoundFile, Walk, normalise_roots, under
+
+if TYPE_CHECKING:
+    from clipsearch.catalog import Catalog
+    from clipsearch.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (files done, files to do); first call once the walk is over
+
+DEFAULT_BATCH_SIZE = 32
+# Files fingerprinted (and looked up for reuse) together: one catalog query per chunk, while
+# decoding of the previous chunk is still in flight.
+_CHUNK = 256
+_FINGERPRINT_THREADS = 4  # file reads and hashing release the GIL; helps most on slow disks
+
+
+@dataclass
+class AddReport:
+    """What one run did. ``moved`` counts files whose vector was reused from an identical file
+    already indexed (moved, renamed or copied); ``removed`` counts files gone from disk."""
+
+    new: int = 0
+    changed: int = 0
+    moved: int = 0
+    removed: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    unreadable: int = 0  # folders that could not be listed (their files were left as they were)
+    elapsed: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        encoded = self.new + self.changed
+        return encoded / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class Plan:
+    """The diff between the walk and the catalog."""
+
+    todo: list[tuple[FoundFile, bool]] = field(default_factory=list)  # (file, is new)
+    missing: list[bytes] = field(default_factory=list)
+    unchanged: int = 0
+    unreadable: int = 0
+
+
+def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool = False) -> Plan:
+    """Compare the walk with the catalog: which files need work, which are gone.
+
+    Only catalog rows under the roots walked now can be gone; rows under a folder that could
+    not be listed are kept, since an unreadable folder is not a deleted one.
+    """
+    plan = Plan()
+    in_roots = under(walk.roots)
+    unseen = {path: state for path, state in states.items() if in_roots(path)}
+    queued: set[bytes] = set()
+    for found in walk:
+        state = unseen.pop(found.path, None)
+        if state is None:
+            if found.path in states or found.path in queued:
+                continue  # overlapping roots yielded it twice
+            queued.add(found.path)
+            plan.todo.append((found, True))
+        elif state.status == STATUS_MISSING:
+            plan.todo.append((found, True))
+        elif (state.size, state.mtime_ns) != (found.size, found.mtime_ns):
+            plan.todo.append((found, False))
+        elif state.status == STATUS_FAILED and retry_failed:
+            plan.todo.append((found, False))
+        else:
+            plan.unchanged += 1
+    plan.unreadable = len(walk.unreadable)
+    in_unreadable = under(walk.unreadable)
+    plan.missing = [
+        path for path, state in unseen.items() if state.status != STATUS_MISSING and not in_unreadable(path)
+    ]
+    return plan
+
+
+def run_add(
+    catalog: Catalog,
+    get_encoder: Callable[[], Encoder],
+    roots: Iterable[str | os.PathLike],
+    *,
+    exclude: Sequence[str] = (),
+    follow_symlinks: bool = False,
+    retry_failed: bool = False,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> AddReport:
+    """Bring the catalog up to date with the files under ``roots``.
+
+    ``get_encoder`` is called only if some file needs encoding. ``should_stop`` is polled between
+    files; once it returns True the batch not yet encoded is dropped, everything finished is
+    committed, and the report comes back with ``interrupted`` set.
+    """
+    started = time.perf_counter()
+    root_paths = list(dict.fromkeys(normalise_roots(roots)))
+    for root in root_paths:
+        if not os.path.lexists(root):
+            raise ClipsearchError(
+                f"{os.fsdecode(root)} does not exist; check the path "
+                "(to forget files indexed there, use `clipsearch remove`)."
+            )
+    plan = plan_changes(catalog.file_states(), Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
+    report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
+    if progress:
+        progress(0, len(plan.todo))
+    if plan.todo:
+        _Run(catalog, get_encoder(), plan.todo, report, progress, should_stop).run(
+            batch_size or DEFAULT_BATCH_SIZE, auto_workers(len(plan.todo)) if workers is None else workers
+        )
+    # Gone files are marked last: until then their vectors can be reused by the files they moved to.
+    if plan.missing and not report.interrupted:
+        catalog.commit_batch(missing=plan.missing)
+        report.removed = len(plan.missing)
+    report.elapsed = time.perf_counter() - started
+    return report
+
+
+class _Run:
+    """The encode part of a run: fingerprint and reuse, decode in workers, encode, commit."""
+
+    def __init__(self, catalog: Catalog, encoder: Encoder, todo: list[tuple[FoundFile, bool]],
+                 report: AddReport, progress: Progress | None, should_stop: Callable[[], bool]):
+        self.catalog = catalog
+        self.encoder = encoder
+        self.todo = todo
+        self.report = report
+        self.progress = progress
+        self.should_stop = should_stop
+        self.done = 0
+        self.failed: list[FailedFile] = []
+        self.reused: list[IndexedFile] = []
+
+    def run(self, batch_size: int, workers: int) -> None:
+        decoded: list[tuple[FoundFile, bool, bytes, np.ndarray, int, int]] = []
+        with DecodePool(self.encoder.preprocess, workers, window=max(2 * batch_size, 4 * workers)) as pool:
+            for (found, is_new, digest), result in pool.imap(self._to_decode()):
+                if self.should_stop():
+                    self.report.interrupted = True
+                    break
+                if result.error is not None:
+                    self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, digest, result.error))
+                else:
+                    decoded.append((found, is_new, digest, result.pixels, result.width, result.height))
+                if len(decoded) >= batch_size:
+                    self._commit(decoded)
+                    decoded = []
+            else:
+                self._commit(decoded)
+                return
+        self._commit([])  # interrupted: keep what is finished, drop what is not encoded yet
+
+    def _to_decode(self) -> Iterator[tuple[tuple[FoundFile, bool, bytes], bytes]]:
+        """Files that must be decoded, keyed by what the commit needs. New files identical to an
+        indexed one take its vector here and never reach a decoder."""
+        with ThreadPoolExecutor(_FINGERPRINT_THREADS) as threads:
+            for chunk in _batched(self.todo, _CHUNK):
+                if self.should_stop():
+                    return
+                digests = list(threads.map(_try_fingerprint, (found.path for found, _ in chunk)))
+                known = self.catalog.vectors_by_fingerprint(
+                    [d for (_, is_new), d in zip(chunk, digests) if is_new and isinstance(d, bytes)]
+                )
+                for (found, is_new), digest in zip(chunk, digests):
+                    if isinstance(digest, str):
+                        self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, digest))
+                    elif digest in known and self._reuse(found, digest, known[digest]):
+                        continue
+                    else:
+                        yield (found, is_new, digest), found.path
+                if self.failed or self.reused:
+                    self._commit([])
+
+    def _reuse(self, found: FoundFile, digest: bytes, vector: np.ndarray) -> bool:
+        try:
+            width, height = upright_size(found.path)
+        except Exception:  # unreadable header: let the decoder record why
+            return False
+        self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector))
+        return True
+
+    def _commit(self, decoded: list[tuple[FoundFile, bool, bytes, np.ndarray, int, int]]) -> None:
+        """One transaction: a batch of freshly encoded files plus the reused and failed ones
+        collected since the last commit."""
+        indexed = list(self.reused)
+        if decoded:
+            vectors = self.encoder.encode_images(np.stack([d[3] for d in decoded]))
+            indexed += [
+                IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector)
+                for (found, _, digest, _, width, height), vector in zip(decoded, vectors)
+            ]
+        if not indexed and not self.failed:
+            return
+        self.catalog.commit_batch(indexed=indexed, failed=self.failed)
+        new = sum(1 for d in decoded if d[1])
+        self.report.new += new
+        self.report.changed += len(decoded) - new
+        self.report.moved += len(self.reused)
+        self.report.failed += len(self.failed)
+        self.done += len(decoded) + len(self.reused) + len(self.failed)
+        self.reused, self.failed = [], []
+        if self.progress:
+            self.progress(self.done, len(self.todo))
+
+
+def _try_fingerprint(path: bytes) -> bytes | str:
+    """The fingerprint, or why the file could not be read (it is then recorded as failed)."""
+    try:
+        return fingerprint(path)
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

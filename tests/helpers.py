@@ -1,0 +1,117 @@
+"""Shared test helpers: generated images and a tiny random CLIP saved in our model format.
+
+The tiny model has random weights, so tests check plumbing and exact values (an image found by
+itself scores 1, counts of encodes), not meaning; the demo model's tests check meaning.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CONFIG = dict(
+    embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8, vision_heads=1,
+    context_length=16, vocab_size=514, text_width=64, text_heads=1, text_layers=1,
+)
+
+
+def write_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised CLIP small enough to load in milliseconds, in clipsearch's own
+    model-directory format. Its vocabulary has no merges (every word is spelled in bytes): 512
+    byte tokens plus start and end = 514."""
+    import torch
+
+    from clipsearch.clip.checkpoints import write_model_dir
+    from clipsearch.clip.model import CLIP, ModelConfig
+
+    torch.manual_seed(seed)
+    model = CLIP(ModelConfig(**TINY_CONFIG))
+    vocab = directory.parent / f"{directory.name}-vocab.txt.gz"
+    with gzip.open(vocab, "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return write_model_dir(directory, model, vocab, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Path of the tiny model, written once per test session."""
+    return str(write_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory) -> str:
+    """A second tiny model (other weights, other path): for model-mismatch tests."""
+    return str(write_tiny_model(tmp_path_factory.mktemp("models") / "other", seed=1))
+
+
+def make_image(path: Path | bytes | str, seed: int, size: tuple[int, int] = (48, 40), fmt: str | None = None) -> Path | bytes:
+    """A distinct image per seed: blocks of random colour, so a random model still tells them
+    apart. ``path`` may be bytes (non-UTF-8 names)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(blocks).resize(size, Image.NEAREST)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        image.save(f, format=fmt or _format(path))
+    return path
+
+
+def _format(path: Path | bytes | str) -> str:
+    ext = os.path.splitext(os.fsdecode(path))[1].lower()
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}.get(ext, "PNG")
+
+
+def make_library(root: Path, count: int, start_seed: int = 0, ext: str = ".png") -> list[Path]:
+    """``count`` distinct images in two subfolders."""
+    return [
+        make_image(root / f"part{i % 2}" / f"img{i:04d}{ext}", start_seed + i)
+        for i in range(count)
+    ]
+
+
+def bump_mtime(path: Path, seconds: int = 10) -> None:
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model):
+    """The tiny model loaded once for the session (fp32: exact values in assertions)."""
+    from clipsearch.encoder import Encoder
+
+    return Encoder(tiny_model, device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def encoded(monkeypatch) -> list[int]:
+    """Counts images sent through the image tower (in this process), one entry per batch."""
+    from clipsearch.encoder import Encoder
+
+    batches: list[int] = []
+    real = Encoder.encode_images
+
+    def counting(self, pixels):
+        batches.append(len(pixels))
+        return real(self, pixels)
+
+    monkeypatch.setattr(Encoder, "encode_images", counting)
+    return batches
+
+
+class CrashingPreprocess:
+    """Wraps a real preprocess and kills its process on 13×13 images: a stand-in for a native
+    decoder crashing on one malicious file (picklable, so it runs in decode workers)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.resolution = inner.resolution
+
+    def __call__(self, image):
+        if image.size == (13, 13):
+            os._exit(3)
+        return self.inner(image)

@@ -1,0 +1,204 @@
+"""The incremental indexer, driven through `run_add` on a catalog (no FAISS, no CLI)."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from helpers import CrashingPreprocess, bump_mtime, encoded, make_image, make_library, tiny_encoder, tiny_model  # noqa: F401
+
+from clipsearch.catalog import Catalog
+from clipsearch.decode import DecodePool
+from clipsearch.errors import ClipsearchError
+from clipsearch.indexer import run_add
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    with Catalog.open(tmp_path / "home", create=True) as catalog:
+        yield catalog
+
+
+@pytest.fixture
+def add(catalog, tiny_encoder):
+    """run_add with the session's encoder; records whether the encoder was asked for."""
+    loads = []
+
+    def add(*roots, **options):
+        def get_encoder():
+            loads.append(1)
+            return tiny_encoder
+        options.setdefault("workers", 0)
+        return run_add(catalog, get_encoder, roots, **options)
+
+    add.loads = loads
+    return add
+
+
+def counts(report):
+    return {k: getattr(report, k) for k in ("new", "changed", "moved", "removed", "failed", "unchanged")}
+
+
+def vector_of(catalog, path):
+    state = catalog.file_states()[os.fsencode(path)]
+    ids, vectors = catalog.all_vectors()
+    return vectors[list(ids).index(state.id)]
+
+
+def test_first_run_indexes_everything_and_records_a_bad_file(tmp_path, catalog, add, encoded):
+    make_library(tmp_path / "lib", 6)
+    (tmp_path / "lib" / "bad.jpg").write_text("this is not a JPEG")
+    report = add(tmp_path / "lib")
+    assert counts(report) == dict(new=6, changed=0, moved=0, removed=0, failed=1, unchanged=0)
+    assert sum(encoded) == 6
+    assert catalog.counts() == {"indexed": 6, "failed": 1, "missing": 0}
+    ((path, reason),) = catalog.failures()
+    assert path == os.fsencode(tmp_path / "lib" / "bad.jpg") and reason
+
+
+def test_an_unchanged_rerun_loads_no_model_and_encodes_nothing(tmp_path, catalog, add, encoded):
+    make_library(tmp_path / "lib", 5)
+    (tmp_path / "lib" / "bad.jpg").write_text("nope")
+    add(tmp_path / "lib")
+    generation = catalog.generation
+    add.loads.clear(); encoded.clear()
+    report = add(tmp_path / "lib")
+    assert counts(report) == dict(new=0, changed=0, moved=0, removed=0, failed=0, unchanged=6)
+    assert add.loads == [] and encoded == []
+    assert catalog.generation == generation  # nothing written, so FAISS stays valid
+
+
+def test_changed_files_are_re_encoded(tmp_path, catalog, add, encoded):
+    images = make_library(tmp_path / "lib", 4)
+    add(tmp_path / "lib")
+    before = vector_of(catalog, images[0])
+    make_image(images[0], seed=1000)
+    bump_mtime(images[0])
+    encoded.clear()
+    report = add(tmp_path / "lib")
+    assert counts(report) == dict(new=0, changed=1, moved=0, removed=0, failed=0, unchanged=3)
+    assert sum(encoded) == 1
+    assert not np.allclose(vector_of(catalog, images[0]), before)
+
+
+def test_moved_and_copied_files_reuse_their_vector_without_encoding(tmp_path, catalog, add, encoded):
+    images = make_library(tmp_path / "lib", 4)
+    add(tmp_path / "lib")
+    vector = vector_of(catalog, images[0])
+    moved = tmp_path / "lib" / "elsewhere" / "renamed.png"
+    moved.parent.mkdir()
+    os.rename(images[0], moved)
+    shutil.copy(images[1], tmp_path / "lib" / "copy.png")
+    encoded.clear()
+    report = add(tmp_path / "lib")
+    assert counts(report) == dict(new=0, changed=0, moved=2, removed=1, failed=0, unchanged=3)
+    assert encoded == []
+    np.testing.assert_array_equal(vector_of(catalog, moved), vector)
+    assert catalog.file_states()[os.fsencode(images[0])].status == "missing"
+    row = catalog.rows([catalog.file_states()[os.fsencode(moved)].id])
+    assert (row[next(iter(row))].width, row[next(iter(row))].height) == (48, 40)
+
+
+def test_deleted_files_are_marked_missing_only_under_the_roots_walked(tmp_path, catalog, add):
+    a = make_library(tmp_path / "a", 2)
+    b = make_library(tmp_path / "b", 2, start_seed=10)
+    add(tmp_path / "a", tmp_path / "b")
+    os.unlink(a[0])
+    os.unlink(b[0])
+    report = add(tmp_path / "a")
+    assert report.removed == 1
+    states = catalog.file_states()
+    assert states[os.fsencode(a[0])].status == "missing"
+    assert states[os.fsencode(b[0])].status == "indexed"  # b was not walked this time
+
+
+def test_a_file_that_comes_back_is_indexed_again(tmp_path, catalog, add):
+    (image,) = make_library(tmp_path / "lib", 1)
+    add(tmp_path / "lib")
+    data = image.read_bytes()
+    image.unlink()
+    add(tmp_path / "lib")
+    image.write_bytes(data)
+    report = add(tmp_path / "lib")
+    assert (report.new, report.moved) == (1, 0)  # a missing row's vector is gone: encoded anew
+    assert catalog.counts()["indexed"] == 1
+
+
+def test_failed_files_are_retried_only_when_changed_or_asked(tmp_path, catalog, add):
+    bad = tmp_path / "lib" / "bad.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG broken")
+    add(tmp_path / "lib")
+    assert add(tmp_path / "lib").unchanged == 1
+    assert add(tmp_path / "lib", retry_failed=True).failed == 1
+    make_image(bad, seed=3)
+    bump_mtime(bad)
+    report = add(tmp_path / "lib")
+    assert (report.changed, report.failed) == (1, 0)
+    assert catalog.counts() == {"indexed": 1, "failed": 0, "missing": 0}
+
+
+def test_an_unreadable_folder_is_not_taken_for_deleted(tmp_path, catalog, add, monkeypatch):
+    make_library(tmp_path / "lib", 4)
+    add(tmp_path / "lib")
+    locked = os.fsencode(tmp_path / "lib" / "part0")
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: (_ for _ in ()).throw(PermissionError(13, "denied")) if p == locked else real(p))
+    report = add(tmp_path / "lib")
+    assert (report.removed, report.unreadable, report.unchanged) == (0, 1, 2)
+    assert catalog.counts()["missing"] == 0
+
+
+def test_non_utf8_and_odd_names_are_stored_byte_for_byte(tmp_path, catalog, add):
+    folder = os.fsencode(tmp_path / "lib")
+    names = [b"caf\xe9.png", b"two words.png", b"new\nline.png"]
+    for seed, name in enumerate(names):
+        make_image(os.path.join(folder, name), seed)
+    assert add(tmp_path / "lib").new == 3
+    assert sorted(catalog.file_states()) == sorted(os.path.join(folder, n) for n in names)
+
+
+def test_a_missing_root_is_a_clear_error(tmp_path, add):
+    with pytest.raises(ClipsearchError, match="does not exist"):
+        add(tmp_path / "nowhere")
+
+
+def test_stopping_commits_finished_batches_and_the_next_run_resumes(tmp_path, catalog, add, encoded):
+    make_library(tmp_path / "lib", 10)
+    report = add(tmp_path / "lib", batch_size=3, should_stop=lambda: len(encoded) >= 2)
+    assert report.interrupted and report.new == 6
+    assert catalog.counts()["indexed"] == 6
+    encoded.clear()
+    report = add(tmp_path / "lib", batch_size=3)
+    assert (report.new, report.unchanged, sum(encoded)) == (4, 6, 4)
+
+
+def test_progress_reports_every_file(tmp_path, add):
+    make_library(tmp_path / "lib", 7)
+    calls = []
+    add(tmp_path / "lib", batch_size=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 7) and calls[-1] == (7, 7)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_worker_processes_give_the_same_vectors_as_in_process(tmp_path, catalog, add, tiny_encoder):
+    images = make_library(tmp_path / "lib", 6)
+    (tmp_path / "lib" / "bad.jpg").write_text("nope")
+    report = add(tmp_path / "lib", workers=2)
+    assert (report.new, report.failed) == (6, 1)
+    expected = tiny_encoder.encode_images(np.stack([
+        tiny_encoder.preprocess(str(p)).numpy() for p in images
+    ]))
+    for image, vector in zip(images, expected):
+        np.testing.assert_allclose(vector_of(catalog, image), vector, atol=2e-3)  # stored as float16
+
+
+def test_a_file_that_crashes_a_worker_fails_alone(tmp_path, tiny_encoder):
+    images = [make_image(tmp_path / f"ok{i}.png", i) for i in range(5)]
+    crasher = make_image(tmp_path / "crash.png", 99, size=(13, 13))
+    items = [(i, os.fsencode(p)) for i, p in enumerate(images + [crasher])]
+    with DecodePool(CrashingPreprocess(tiny_encoder.preprocess), workers=2, window=4) as pool:
+        results = dict(pool.imap(items))
+    assert sorted(results) == list(range(6))
+    assert "crashed" in results[5].error
+    assert all(results[i].error is None and results[i].pixels.shape == (3, 32, 32) for i in range(5))
