@@ -1,0 +1,143 @@
+"""Images as CLIP sees them: upright RGB, short side resized with bicubic, centre-cropped,
+normalised with the statistics of CLIP's training images.
+
+The resize and crop reproduce torchvision's `Resize(R)` + `CenterCrop(R)` on PIL images
+(the preprocessing of OpenAI's and OpenCLIP's releases) pixel for pixel, with Pillow and
+torch alone. Two things differ on purpose: the EXIF orientation is applied (the reference
+ignores it and embeds photos lying on their side), and every mode is converted to RGB
+before resizing, not after, so palette images are not resized with nearest-neighbour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageOps
+
+from ..errors import ImageError
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Transparent pixels are shown on white, as browsers and viewers on a light page show
+# them; dropping alpha instead would expose whatever colour they store, often black.
+ALPHA_BACKGROUND = (255, 255, 255)
+# A 1 x 10,000 strip resized to a 224 short side would be 224 x 2,240,000 pixels. Past
+# this aspect ratio only the part that survives the crop is resized.
+MAX_EXACT_ASPECT = 20
+
+# What Pillow and its plugins raise for unreadable, truncated or malformed files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+def open_image(source: str | os.PathLike[str] | BinaryIO, target: int | None = None) -> Image.Image:
+    """Decode an image file to upright RGB pixels, or raise `ImageError` saying why not.
+
+    With `target` (the model's resolution), JPEGs are decoded at 1/2, 1/4 or 1/8 scale
+    when the short side stays at least twice the target: the DCT does the downscaling,
+    which makes a 12-megapixel photo several times cheaper and barely changes the
+    embedding (benchmarks/draft_decode.py). Animated and multi-page files give their
+    first frame.
+    """
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
+    try:
+        with Image.open(source) as image:
+            if target:
+                image.draft("RGB", (2 * target, 2 * target))
+            image.load()
+            return to_rgb(_upright(image))
+    except FileNotFoundError:
+        raise ImageError(f"{name} does not exist; check the path.") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name} is refused as a possible decompression bomb ({e}); exclude it.") from e
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"{name} cannot be decoded as an image ({e}); check the file or exclude it.") from e
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF orientation says; unreadable EXIF leaves the image as is,
+    since the pixels themselves are fine."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        return ImageOps.exif_transpose(image) if orientation != 1 else image
+    except Exception as e:  # noqa: BLE001 - malformed EXIF raises anything from struct.error to KeyError
+        log.debug("ignoring unreadable EXIF in %s: %s", getattr(image, "filename", "image"), e)
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Alpha is composited onto `ALPHA_BACKGROUND`; 16- and 32-bit integer greys are scaled
+    from 0..65535 (Pillow's own conversion would clip everything above 255 to white);
+    float images are stretched from their minimum to their maximum, having no white point.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I"):
+        grey = np.asarray(image).astype(np.float64).clip(0, 65535) * (255 / 65535)
+        return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = values.min(), values.max()
+        grey = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """torchvision's `CenterCrop(R)(Resize(R, BICUBIC)(image))`, with its exact rounding:
+    the long side becomes int(R * long / short), the crop offset round((size - R) / 2)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(resolution * long / short)
+    new_width, new_height = (resolution, new_long) if width <= height else (new_long, resolution)
+    top = int(round((new_height - resolution) / 2.0))
+    left = int(round((new_width - resolution) / 2.0))
+    if long > MAX_EXACT_ASPECT * short:
+        # The same geometry, sampled from the source region the crop keeps. Not
+        # bit-identical to resizing everything first, but bounded in memory.
+        sx, sy = width / new_width, height / new_height
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
+    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    return resized.crop((left, top, left + resolution, top + resolution))
+
+
+class Preprocess:
+    """PIL image (or image file) → normalised float32 `Tensor[3, R, R]` for CLIP.
+
+    Holds only numbers, so it pickles into decode worker processes.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+    ):
+        self.resolution = resolution
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, image: Image.Image | str | os.PathLike[str]) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            image = open_image(image, target=self.resolution)
+        pixels = np.array(resize_and_crop(to_rgb(image), self.resolution), dtype=np.float32)
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return tensor.sub(mean).div(std)
+
+    def __repr__(self) -> str:
+        return f"Preprocess(resolution={self.resolution}, mean={self.mean}, std={self.std})"
