@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import nn
 from clipsearch.errors import CheckpointError
 
 Towers = Literal["both", "text", "image"]
-TOWERS = ("both", "text", "image")
+TOWERS: tuple[str, ...] = get_args(Towers)
 
 # Scalars OpenAI's TorchScript archives keep next to the weights; they are not parameters.
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -118,6 +118,11 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: b
 
 def _count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({key[len(prefix):].split(".")[0] for key in sd if key.startswith(prefix)})
+
+
+def _check_towers(towers: str) -> None:
+    if towers not in TOWERS:
+        raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -342,8 +347,7 @@ class CLIP(nn.Module):
 
     def __init__(self, config: ModelConfig, towers: Towers = "both"):
         super().__init__()
-        if towers not in TOWERS:
-            raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
+        _check_towers(towers)
         self.config = config
         self.towers = towers
         self.context_length = config.context_length
@@ -398,14 +402,17 @@ class CLIP(nn.Module):
         return self.visual(image.to(self.dtype))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Unnormalised text embeddings, ``[N, embed_dim]``, from token ids ``[N, context_length]``."""
+        """Unnormalised text embeddings, ``[N, embed_dim]``, from token ids ``[N, L <= context_length]``."""
         if self.towers == "image":
             raise ValueError("this model was built with towers='image' and cannot encode text")
-        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)
-        x = self.ln_final(self.transformer(x))
         # The end-of-text token has the largest id, so argmax finds where each text ends.
-        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
-        return x @ self.text_projection
+        ends = text.argmax(dim=-1)
+        # Attention is causal: the padding after the last end-of-text token cannot change the
+        # result, so it is cut off. A short query then costs a few tokens instead of 77.
+        text = text[:, : int(ends.max()) + 1]
+        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[: text.shape[1]].to(self.dtype)
+        x = self.ln_final(self.transformer(x))
+        return x[torch.arange(x.shape[0], device=x.device), ends] @ self.text_projection
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled cosine similarities: ``(logits_per_image [N_img, N_txt], logits_per_text)``."""
@@ -422,8 +429,7 @@ class CLIP(nn.Module):
 
 def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> dict[str, torch.Tensor]:
     """The entries of a full CLIP state dict that a model with only ``towers`` has."""
-    if towers not in TOWERS:
-        raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
+    _check_towers(towers)
 
     def wanted(key: str) -> bool:
         if key in _OPENAI_METADATA_KEYS:
