@@ -149,6 +149,19 @@ def word_symbols(word: str) -> list[str]:
     return symbols
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Join every occurrence of `pair` in `symbols`, left to right ("aaa" → "aa", "a")."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == pair[0] and symbols[i + 1] == pair[1]:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 def read_merges(path: str | Path) -> list[tuple[str, str]]:
     """Read a `bpe_simple_vocab_16e6.txt.gz`-style file: a header line, then one merge
     ("left right") per line, most frequent first."""
@@ -179,21 +192,13 @@ class Tokenizer:
         self._cache: dict[str, list[int]] = {}
 
     def _merge(self, symbols: list[str]) -> list[str]:
-        """Apply merges to one word, always the earliest-learned pair present next, every
-        occurrence of it left to right, until no adjacent pair is a known merge."""
+        """Apply merges to one word, always the earliest-learned pair present next,
+        until no adjacent pair is a known merge."""
         while len(symbols) > 1:
             best = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         return symbols
 
     def _word_ids(self, word: str) -> list[int]:
