@@ -39,7 +39,8 @@ def tiny_model(config: ModelConfig = TINY_VIT) -> CLIP:
 
 
 def tokens(config: ModelConfig = TINY_VIT) -> torch.Tensor:
-    ids = torch.randint(1, config.vocab_size - 1, (2, config.context_length), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, config.vocab_size - 1, (2, config.context_length), generator=generator)
     ids[:, -1] = config.vocab_size - 1
     return ids
 
@@ -76,7 +77,8 @@ def test_openai_archive_loads_as_fp32_without_its_scalars(tmp_path, config):
     reference = CLIP(config).eval()
     reference.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in expected.items()})
     with torch.no_grad():
-        assert torch.equal(build_model(state_dict).encode_text(tokens(config)), reference.encode_text(tokens(config)))
+        text = tokens(config)
+        assert torch.equal(build_model(state_dict).encode_text(text), reference.encode_text(text))
 
 
 def test_openai_archive_matches_torch_jit_load(tmp_path):
@@ -178,7 +180,8 @@ def test_own_directory_round_trip(tmp_path):
     assert info.image_mean == (0.1, 0.2, 0.3) and info.image_std == (0.4, 0.5, 0.6)
     assert_same_weights(state_dict, model.state_dict())
     config = json.loads((directory / "config.json").read_text())
-    assert ModelConfig.from_dict({k: v for k, v in config.items() if k not in ("image_mean", "image_std")}) == model.config
+    del config["image_mean"], config["image_std"]
+    assert ModelConfig.from_dict(config) == model.config
 
 
 def test_own_directory_missing_vocab(tmp_path):

@@ -77,11 +77,13 @@ def test_the_snippet_from_the_readme_of_openai_clip(openclip_file, cat_jpg, mode
     assert image_features.shape == (1, 32) and text_features.shape == (2, 32)
     assert logits_per_image.shape == (1, 2) and logits_per_text.shape == (2, 1)
     assert torch.equal(logits_per_text, logits_per_image.t())
-    expected = model_.logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    cosines = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    expected = model_.logit_scale.exp() * cosines
     torch.testing.assert_close(logits_per_image, expected, rtol=0, atol=1e-4)
     # The loaded model is the saved one.
     with torch.no_grad():
-        assert torch.allclose(text_features.float().cpu(), model.encode_text(text.cpu()), atol=1e-5 if device == "cpu" else 1e-2)
+        reference = model.encode_text(text.cpu())
+    assert torch.allclose(text_features.float().cpu(), reference, atol=1e-5 if device == "cpu" else 1e-2)
 
 
 def test_cpu_model_is_float32_in_eval_mode_with_clip_tokenizer(openclip_file):
@@ -161,7 +163,9 @@ def test_unknown_name(tmp_path):
 
 def test_available_models():
     names = clip.available_models()
-    openai = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    openai = [
+        "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px",
+    ]
     assert names[:9] == openai  # OpenAI's own list, in their order
     assert {"ViT-B-32/laion2b_s34b_b79k", "ViT-B-32/datacomp_xl_s13b_b90k", "demo"} <= set(names)
     assert len(names) == len(set(names))

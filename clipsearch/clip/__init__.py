@@ -94,7 +94,7 @@ def load(
     # An explicit argument wins over the registry, which wins over what the checkpoint says.
     hints = [hint for hint in (quick_gelu, entry and entry.quick_gelu, info.quick_gelu) if hint is not None]
     if not hints:
-        log.info("%s does not record its activation; using QuickGELU (pass quick_gelu=False for GELU models)", path)
+        log.info("%s does not record its activation; using QuickGELU (pass quick_gelu=False for GELU)", path)
     model = build_model(state_dict, towers=towers, quick_gelu=hints[0] if hints else None)
     device = torch.device(device if device is not None else _default_device())
     model = model.to(device)
@@ -109,7 +109,8 @@ def load(
                 f"The vocabulary of {path} has {model.tokenizer.vocab_size} tokens but the model embeds only "
                 f"{model.config.vocab_size}; the checkpoint and its vocabulary do not belong together."
             )
-    preprocess = Preprocess(model.config.image_resolution, info.image_mean or CLIP_MEAN, info.image_std or CLIP_STD)
+    mean, std = info.image_mean or CLIP_MEAN, info.image_std or CLIP_STD
+    preprocess = Preprocess(model.config.image_resolution, mean, std)
     return model, preprocess
 
 

@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import re
 import shutil
 import zipfile
 from collections import OrderedDict
@@ -184,7 +185,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
 
 def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
-    roots = {name.split("/")[0] for name in archive.namelist() if name.count("/") == 1 and name.endswith("/data.pkl")}
+    roots = {name.split("/")[0] for name in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", name)}
     if len(roots) != 1:
         raise CheckpointError(f"{path} is a TorchScript archive without a single data.pkl.")
     try:
@@ -257,12 +258,19 @@ def _read_huggingface_dir(path: Path, config: dict) -> tuple[dict[str, torch.Ten
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
     if not acts <= {"quick_gelu", "gelu"} or len(acts) != 1:
-        raise CheckpointError(f"{path} uses activations {sorted(acts)}; clipsearch supports quick_gelu or gelu in both towers.")
+        raise CheckpointError(
+            f"{path} uses activations {sorted(acts)}; clipsearch supports quick_gelu or gelu in both towers."
+        )
     for name, tower in (("text", text), ("vision", vision)):
         if tower.get("layer_norm_eps", 1e-5) != 1e-5:
             raise CheckpointError(f"{path} has a {name} LayerNorm epsilon other than CLIP's 1e-5.")
+        # The head count is not in the weights; the model infers it assuming CLIP's 64-wide heads.
+        if tower.get("hidden_size", 512) != 64 * tower.get("num_attention_heads", 8):
+            raise CheckpointError(
+                f"{path} has {name} attention heads that are not 64 wide, which clipsearch cannot build."
+            )
     weights = _first_file(path, ("model.safetensors", "pytorch_model.bin"))
-    hf_state_dict = _load_safetensors(weights) if weights.suffix == ".safetensors" else _unwrap(_torch_load(weights), weights)
+    hf_state_dict, _ = _read_file(weights)
     state_dict = _from_huggingface(hf_state_dict, path)
     _check_eos_pooling(text, state_dict["token_embedding.weight"].shape[0], path)
     preprocessor = path / "preprocessor_config.json"
