@@ -1,0 +1,227 @@
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch import vectors as vectors_module
+from clipsearch.catalog import Catalog, IndexedFile
+from clipsearch.errors import IndexStateError
+from clipsearch.vectors import VECTORS_FILE, VectorIndex, choose_index_type
+
+DIM = 32
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_unit(n: int, seed: int = 0) -> np.ndarray:
+    return unit_rows(np.random.default_rng(seed).standard_normal((n, DIM)))
+
+
+def clustered_unit(n: int, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """Like real embeddings, which come in topics: what approximate indexes rely on."""
+    rng = np.random.default_rng(seed)
+    centres = unit_rows(rng.standard_normal((clusters, DIM)))
+    return unit_rows(centres[rng.integers(0, clusters, n)] + 0.15 * rng.standard_normal((n, DIM)))
+
+
+def brute_force(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int):
+    scores = queries @ vectors.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+def recall_at_10(index: VectorIndex, ids, vectors, queries) -> float:
+    _, truth = brute_force(ids, vectors, queries, 10)
+    _, found = index.search(queries, 10)
+    return float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, truth)]) / 10)
+
+
+def test_flat_search_is_exact_against_numpy():
+    vectors = random_unit(3000)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 3  # catalog ids, not positions
+    queries = random_unit(25, seed=1)
+    index = VectorIndex.build(ids, vectors)
+    assert (index.index_type, index.recall_at_10, index.ntotal) == ("Flat", None, 3000)
+    scores, found = index.search(queries, 10)
+    expected_scores, expected_ids = brute_force(ids, vectors, queries, 10)
+    np.testing.assert_array_equal(found, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_search_pads_missing_hits():
+    index = VectorIndex.build(np.array([5, 9]), random_unit(2))
+    scores, ids = index.search(random_unit(1, seed=3)[0], 4)  # one query as a 1-D vector
+    assert ids.shape == (1, 4) and sorted(ids[0, :2].tolist()) == [5, 9]
+    assert ids[0, 2:].tolist() == [-1, -1] and np.all(np.isneginf(scores[0, 2:]))
+    empty = VectorIndex.build(np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
+    scores, ids = empty.search(random_unit(2), 3)
+    assert ids.tolist() == [[-1] * 3] * 2 and np.all(np.isneginf(scores))
+
+
+def test_auto_choice_follows_size_and_memory_budget():
+    flat_limit = vectors_module.FLAT_LIMIT
+    assert choose_index_type(flat_limit, 512) == "Flat"
+    assert choose_index_type(100_000, 512, memory_budget=1 << 30) == "IVF256,Flat"
+    assert choose_index_type(1_000_000, 512, memory_budget=4 << 30) == "IVF1024,Flat"
+    assert choose_index_type(1_000_000, 512, memory_budget=1 << 30) == "IVF1024,SQ8"
+    # 10M vectors in 1 GiB: PQ with the most bytes per vector that fits (and divides 512).
+    assert choose_index_type(10_000_000, 512, memory_budget=1 << 30) == "IVF4096,PQ32"
+
+
+@pytest.mark.parametrize("index_type", ["auto", "HNSW16"])
+def test_approximate_index_reaches_target_recall(monkeypatch, index_type):
+    monkeypatch.setattr(vectors_module, "FLAT_LIMIT", 1000)
+    vectors = clustered_unit(4000)
+    ids = np.arange(4000, dtype=np.int64) + 100
+    index = VectorIndex.build(ids, vectors, index_type)
+    assert index.index_type == ("IVF64,Flat" if index_type == "auto" else "HNSW16")
+    assert index.recall_at_10 >= vectors_module.TARGET_RECALL
+    # Measured again on queries the build never saw.
+    fresh = unit_rows(vectors[:200] + 0.05 * np.random.default_rng(9).standard_normal((200, DIM)))
+    assert recall_at_10(index, ids, vectors, fresh) >= 0.9
+
+
+def test_untrainable_or_unknown_types_are_clear_errors():
+    with pytest.raises(IndexStateError, match="cannot be trained on 10 vectors"):
+        VectorIndex.build(np.arange(10), random_unit(10), "IVF64,Flat")
+    with pytest.raises(IndexStateError, match="not an index type"):
+        VectorIndex.build(np.arange(10), random_unit(10), "Bogus")
+
+
+# --- on disk, derived from a catalog -------------------------------------------------------------
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    with Catalog.open(tmp_path / "home", create=True) as c:
+        yield c
+
+
+def add_files(catalog: Catalog, vectors: np.ndarray, start: int = 0) -> None:
+    catalog.commit_batch(
+        [IndexedFile(f"/p/{i}.jpg".encode(), 1, 1, b"f%d" % i, 1, 1, v) for i, v in enumerate(vectors, start)]
+    )
+
+
+def assert_answers_like_the_catalog(index: VectorIndex, catalog: Catalog) -> None:
+    ids, vectors = catalog.all_vectors()
+    queries = random_unit(10, seed=5)
+    np.testing.assert_array_equal(index.search(queries, 5)[1], brute_force(ids, vectors, queries, 5)[1])
+
+
+def test_ids_are_catalog_ids(catalog):
+    vectors = random_unit(300)
+    add_files(catalog, vectors)
+    index = VectorIndex.load(catalog.home, catalog)
+    _, top = index.search(vectors[[0, 17, 299]], 1)
+    rows = catalog.rows(top[:, 0].tolist())
+    assert [rows[i].path for i in top[:, 0]] == [b"/p/0.jpg", b"/p/17.jpg", b"/p/299.jpg"]
+
+
+def test_save_load_round_trip_without_rebuild(catalog, caplog):
+    add_files(catalog, clustered_unit(2000))
+    built = VectorIndex.rebuild(catalog.home, catalog, index_type="IVF16,Flat")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded = VectorIndex.load(catalog.home, catalog)
+    assert caplog.records == []
+    assert (loaded.index_type, loaded.recall_at_10, loaded.ntotal) == ("IVF16,Flat", built.recall_at_10, 2000)
+    queries = random_unit(10, seed=4)
+    for a, b in zip(loaded.search(queries, 10), built.search(queries, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_empty_catalog_loads_quietly(catalog, caplog):
+    with caplog.at_level(logging.WARNING):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert index.ntotal == 0 and caplog.records == []
+
+
+def test_stale_stamp_is_rebuilt_and_resaved(catalog, caplog):
+    first = random_unit(500)
+    add_files(catalog, first)
+    VectorIndex.load(catalog.home, catalog)  # builds and saves generation 1
+    newer = random_unit(100, seed=2)
+    add_files(catalog, newer, start=500)  # generation 2: the file is now stale
+    with caplog.at_level(logging.WARNING):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert "generation 1" in caplog.text and "generation 2" in caplog.text
+    assert index.ntotal == 600
+    assert_answers_like_the_catalog(index, catalog)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        VectorIndex.load(catalog.home, catalog)
+    assert caplog.records == []  # the rebuilt index was saved with the new stamp
+
+
+def test_removed_rows_never_come_back_from_a_stale_file(catalog):
+    vectors = random_unit(200)
+    add_files(catalog, vectors)
+    VectorIndex.load(catalog.home, catalog)
+    catalog.remove([b"/p/0.jpg"])
+    index = VectorIndex.load(catalog.home, catalog)
+    _, top = index.search(vectors[:1], 1)
+    assert catalog.rows(top[0].tolist()) != {} and top[0, 0] != 1  # row 1 was /p/0.jpg
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "payload only", "payload corrupted"])
+def test_damaged_file_is_rebuilt_with_a_warning(catalog, caplog, damage):
+    add_files(catalog, random_unit(1000))
+    VectorIndex.load(catalog.home, catalog)
+    path = catalog.home / VECTORS_FILE
+    data = path.read_bytes()
+    trailer = data[-200:]
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "garbage": np.random.default_rng(0).bytes(len(data)),
+            "empty": b"",
+            "payload only": data[: len(data) - 120],
+            "payload corrupted": b"\xff" * (len(data) - len(trailer)) + trailer,  # stamp intact
+        }[damage]
+    )
+    with caplog.at_level(logging.WARNING):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert "Rebuilding the vector index" in caplog.text and "damaged" in caplog.text
+    assert_answers_like_the_catalog(index, catalog)
+    assert VectorIndex._read(path, catalog.generation, 1000).ntotal == 1000  # saved again, valid
+
+
+def test_rebuild_remembers_the_chosen_index_type(catalog):
+    add_files(catalog, clustered_unit(1500))
+    VectorIndex.rebuild(catalog.home, catalog, index_type="IVF8,Flat")
+    add_files(catalog, clustered_unit(10, seed=3), start=1500)
+    index = VectorIndex.load(catalog.home, catalog)
+    assert index.index_type == "IVF8,Flat" and index.ntotal == 1510
+
+
+def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(catalog, monkeypatch, caplog):
+    add_files(catalog, random_unit(100))
+    index = VectorIndex.load(catalog.home, catalog)
+    before = (catalog.home / VECTORS_FILE).read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vectors_module.os, "fsync", disk_full)
+    with pytest.raises(IndexStateError, match="Could not save the vector index .*No space left"):
+        index.save(catalog.home, catalog.generation + 1)
+    assert (catalog.home / VECTORS_FILE).read_bytes() == before
+    assert sorted(p.name for p in catalog.home.iterdir() if "faiss" in p.name) == [VECTORS_FILE]
+    # A load that has to rebuild still answers, and says why it could not save.
+    add_files(catalog, random_unit(5, seed=8), start=100)
+    with caplog.at_level(logging.WARNING):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert index.ntotal == 105 and "No space left" in caplog.text
+
+
+def test_read_only_catalog_rebuilds_in_memory_only(catalog):
+    add_files(catalog, random_unit(50))
+    with Catalog.open(catalog.home, readonly=True) as ro:
+        index = VectorIndex.load(ro.home, ro)
+        assert index.ntotal == 50
+        assert_answers_like_the_catalog(index, ro)
+    assert not (catalog.home / VECTORS_FILE).exists()
