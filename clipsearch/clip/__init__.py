@@ -96,10 +96,6 @@ def load(
     if not hints:
         log.info("%s does not record its activation; using QuickGELU (pass quick_gelu=False for GELU)", path)
     model = build_model(state_dict, towers=towers, quick_gelu=hints[0] if hints else None)
-    device = torch.device(device if device is not None else _default_device())
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.half()
 
     model.tokenizer = None
     if towers != "image":
@@ -109,6 +105,11 @@ def load(
                 f"The vocabulary of {path} has {model.tokenizer.vocab_size} tokens but the model embeds only "
                 f"{model.config.vocab_size}; the checkpoint and its vocabulary do not belong together."
             )
+
+    device = torch.device(device if device is not None else _default_device())
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.half()
     mean, std = info.image_mean or CLIP_MEAN, info.image_std or CLIP_STD
     preprocess = Preprocess(model.config.image_resolution, mean, std)
     return model, preprocess
