@@ -1,0 +1,107 @@
+"""What every benchmark script shares: where generated data lives, interleaved timing, the table.
+
+The machines these run on are shared and noisy (15-20% run to run), so a ratio is only ever
+taken between two things timed in the same process, alternating, on the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+BENCH_DIR = Path(os.environ.get("BENCH_DIR", "/tmp/clipsearch-bench"))
+
+
+def bench_dir(*parts: str) -> Path:
+    path = BENCH_DIR.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def photo_folder(count: int, width: int, height: int, seed: int = 0) -> Path:
+    """A folder of ``count`` generated photos, made once and reused (files are seeded)."""
+    from make_photos import make_folder
+
+    folder = bench_dir(f"photos-{width}x{height}-{count}-s{seed}")
+    make_folder(folder, count, width, height, seed)
+    return folder
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, the candidates taking turns so that machine noise
+    lands on all of them alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def machine() -> str:
+    """One line naming the machine, so figures are never quoted without it."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+
+    from clipsearch.clip import cpu
+
+    bf16 = "native bf16" if cpu.has_native_bf16() else "no native bf16"
+    return (f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}; "
+            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def fmt(value: float | str | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 1:
+        text = f"{value:.2f}"
+    else:
+        text = f"{value:.4g}"
+    return f"{text} {unit}".rstrip()
+
+
+def print_table(title: str, rows: Sequence[tuple[str, str, str, str]], notes: Sequence[str] = ()) -> None:
+    """metric | ours | peer | ratio, as a Markdown table that pastes into the README."""
+    header = ("metric", "ours", "peer", "ratio")
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    print(f"\n## {title}\n\n{machine()}\n")
+    for i, row in enumerate(table):
+        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for note in notes:
+        print(f"\n{note}")
+
+
+def ratio(ours: float | None, peer: float | None, higher_is_better: bool = True) -> str:
+    """How many times better ours is than the peer (>1 means ours wins)."""
+    if not ours or not peer:
+        return "-"
+    return f"{(ours / peer if higher_is_better else peer / ours):.2f}x"
