@@ -1,0 +1,130 @@
+"""Query vectors and top-k with filters.
+
+A query is a weighted sum of texts and example images, folded into one unit vector, so "a dog"
++ "on a beach" − "people" costs one FAISS search like any other query. Results come back
+from FAISS by catalog id and are joined with the catalog's rows; filters that FAISS cannot
+apply (a folder, a score floor, files deleted since indexing) run on the few rows returned,
+over-fetching until enough survive.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence, Union
+
+import numpy as np
+
+from clipsearch.catalog import decode_path
+from clipsearch.errors import ClipsearchError, ImageError
+from clipsearch.walk import normalise_roots, under
+
+if TYPE_CHECKING:
+    from clipsearch.catalog import Catalog
+    from clipsearch.encoder import Encoder
+    from clipsearch.vectors import VectorIndex
+
+Term = Union[str, Path]  # a str is text; a Path is an example image
+Query = Union[Term, Sequence[tuple[float, Term]]]
+
+
+@dataclass(frozen=True)
+class Hit:
+    path: Path
+    score: float  # cosine similarity, in [-1, 1]
+    width: int | None
+    height: int | None
+    mtime: float  # seconds since the epoch, as os.stat gives it
+    size: int
+
+
+def parse_term(term: str) -> tuple[float, Term]:
+    """A command-line term: ``[WEIGHT:]TEXT_OR_IMAGE``. The name of an existing file is an
+    example image; anything else is text (so "note: dogs" stays text, weight 1)."""
+    if os.path.isfile(term):
+        return 1.0, Path(term)
+    weight, sep, rest = term.partition(":")
+    if sep and rest:
+        try:
+            return float(weight), (Path(rest) if os.path.isfile(rest) else rest)
+        except ValueError:
+            pass
+    return 1.0, term
+
+
+def as_terms(query: Query) -> list[tuple[float, Term]]:
+    if isinstance(query, (str, Path)):
+        return [(1.0, query)]
+    return [(float(weight), term) for weight, term in query]
+
+
+def needed_towers(terms: Sequence[tuple[float, Term]]) -> str:
+    """Text queries load only the text tower: the image tower of a big model is most of it."""
+    kinds = {isinstance(term, Path) for _, term in terms}
+    return "both" if kinds == {True, False} else ("image" if True in kinds else "text")
+
+
+def query_vector(encoder: Encoder, terms: Sequence[tuple[float, Term]]) -> np.ndarray:
+    """One unit vector for a weighted combination of texts and images."""
+    from clipsearch.decode import decode_file
+
+    if not terms:
+        raise ClipsearchError("The query is empty; give some text or an image path.")
+    texts = [(weight, term) for weight, term in terms if isinstance(term, str)]
+    images = [(weight, term) for weight, term in terms if isinstance(term, Path)]
+    total = np.zeros(encoder.dim, dtype=np.float64)
+    if texts:
+        total += np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts])
+    if images:
+        pixels = []
+        for _, path in images:
+            decoded = decode_file(encoder.preprocess, os.fsencode(path))
+            if decoded.error is not None:
+                raise ImageError(f"Cannot use {path} as a query image: {decoded.error}")
+            pixels.append(decoded.pixels)
+        total += np.array([w for w, _ in images]) @ encoder.encode_images(np.stack(pixels))
+    norm = np.linalg.norm(total)
+    if norm < 1e-6:
+        raise ClipsearchError("The query's terms cancel out; change a weight or remove a --subtract.")
+    return (total / norm).astype(np.float32)
+
+
+def top_k(vectors: VectorIndex, catalog: Catalog, query: np.ndarray, k: int = 10,
+          under_dir: str | os.PathLike | None = None, min_score: float | None = None) -> list[Hit]:
+    """The ``k`` best hits that pass the filters, best first."""
+    inside = under(normalise_roots([under_dir])) if under_dir is not None else None
+    exists: dict[bytes, bool] = {}
+    fetch = max(2 * k, 16)
+    while True:
+        fetch = min(fetch, vectors.ntotal)
+        if fetch == 0:
+            return []
+        scores, ids = vectors.search(query.reshape(1, -1), fetch)
+        candidates = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        rows = catalog.rows([i for _, i in candidates])
+        hits = []
+        for score, row_id in candidates:
+            if min_score is not None and score < min_score:
+                return hits  # scores come sorted: nothing further can pass
+            row = rows.get(row_id)
+            if row is None or (inside is not None and not inside(row.path)):
+                continue
+            if row.path not in exists:
+                exists[row.path] = os.path.exists(row.path)
+            if exists[row.path]:
+                hits.append(Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size))
+                if len(hits) == k:
+                    return hits
+        if fetch == vectors.ntotal:
+            return hits
+        fetch *= 4
+
+
+def zero_shot(encoder: Encoder, image: Path, labels: Sequence[str], template: str = "a photo of a {}") -> np.ndarray:
+    """Label probabilities for one image, as CLIP classifies: a softmax over the scaled
+    similarities between the image and one prompt per label."""
+    image_vector = query_vector(encoder, [(1.0, image)])
+    logits = encoder.logit_scale * encoder.encode_texts([template.format(label) for label in labels]) @ image_vector
+    exp = np.exp(logits - logits.max())
+    return exp / exp.sum()

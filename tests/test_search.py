@@ -1,0 +1,162 @@
+"""Queries through the library API (`Index`): example images, text, weighted combinations,
+filters, and the FAISS file as derived data."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_image, make_library, other_tiny_model, tiny_model  # noqa: F401
+
+from clipsearch import Hit, Index
+from clipsearch.errors import IndexStateError
+from clipsearch.search import parse_term
+from clipsearch.vectors import VECTORS_FILE
+
+
+@pytest.fixture
+def library(tmp_path):
+    return make_library(tmp_path / "lib", 12)
+
+
+@pytest.fixture
+def index(tmp_path, tiny_model, library):
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu", precision="fp32") as index:
+        index.add([tmp_path / "lib"], workers=0)
+        yield index
+
+
+def brute_force(index, vector):
+    ids, vectors = index.catalog.all_vectors()
+    scores = vectors @ vector
+    order = np.argsort(-scores)
+    rows = index.catalog.rows(ids)
+    return [(rows[ids[i]].path, float(scores[i])) for i in order]
+
+
+def test_an_image_finds_itself_first(index, library):
+    hits = index.search(library[3], k=3)
+    assert hits[0].path == library[3]
+    assert hits[0].score == pytest.approx(1.0, abs=2e-3)  # vectors are stored as float16
+    assert (hits[0].width, hits[0].height, hits[0].size) == (48, 40, library[3].stat().st_size)
+    assert hits[0].mtime == pytest.approx(library[3].stat().st_mtime)
+    assert isinstance(hits[0], Hit) and hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_text_results_match_brute_force_over_the_catalog(index):
+    hits = index.search("a red circle", k=5)
+    vector = index.encoder("text").encode_texts(["a red circle"])[0]
+    expected = brute_force(index, vector)[:5]
+    assert [os.fsencode(h.path) for h in hits] == [p for p, _ in expected]
+    np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
+
+
+def test_a_text_query_loads_only_the_text_tower(index, tmp_path):
+    with Index.open(tmp_path / "home", readonly=True) as reader:
+        reader.search("anything", k=1)
+        assert reader._encoder.towers == "text" and reader._encoder.model.visual is None
+
+
+def test_weighted_terms_fold_into_one_normalised_vector(index, library):
+    terms = [(1.0, "a dog"), (0.5, library[0]), (-0.3, "people")]
+    hits = index.search(terms, k=12)
+    encoder = index.encoder("both")
+    texts = encoder.encode_texts(["a dog", "people"])
+    image = encoder.encode_images(encoder.preprocess(str(library[0])).numpy()[None])[0]
+    combined = texts[0] + 0.5 * image - 0.3 * texts[1]
+    combined /= np.linalg.norm(combined)
+    expected = brute_force(index, combined)
+    assert [os.fsencode(h.path) for h in hits] == [p for p, _ in expected]
+    np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-4)
+
+
+def test_under_keeps_only_results_inside_the_folder(index, tmp_path):
+    hits = index.search("x", k=10, under=tmp_path / "lib" / "part1")
+    assert len(hits) == 6 and all(h.path.parent == tmp_path / "lib" / "part1" for h in hits)
+    assert index.search("x", k=10, under=tmp_path / "lib" / "part") == []  # a prefix, not a folder
+
+
+def test_min_score_cuts_the_tail(index, library):
+    everything = index.search(library[0], k=12)
+    floor = everything[4].score
+    hits = index.search(library[0], k=12, min_score=floor)
+    assert [h.path for h in hits] == [h.path for h in everything if h.score >= floor]
+
+
+def test_files_deleted_since_indexing_are_not_returned(index, library):
+    library[3].unlink()
+    hits = index.search("x", k=12)
+    assert library[3] not in [h.path for h in hits] and len(hits) == 11
+
+
+def test_an_empty_index_returns_nothing(tmp_path, tiny_model):
+    with Index.open(tmp_path / "empty", model=tiny_model) as index:
+        assert index.search("anything") == []
+        assert index.status().counts == {"indexed": 0, "failed": 0, "missing": 0}
+
+
+def test_a_deleted_or_garbage_faiss_file_is_rebuilt(index, tmp_path, library, caplog):
+    expected = [h.path for h in index.search(library[1], k=5)]
+    home = tmp_path / "home"
+    for damage in (lambda f: f.unlink(), lambda f: f.write_bytes(b"garbage" * 100)):
+        damage(home / VECTORS_FILE)
+        with Index.open(home) as fresh:
+            assert [h.path for h in fresh.search(library[1], k=5)] == expected
+        assert "Rebuilding the vector index" in caplog.text
+        caplog.clear()
+
+
+def test_a_stale_faiss_file_is_noticed_by_an_open_index(index, tmp_path):
+    # Another process indexes more files: this long-lived Index must not serve stale ids.
+    assert len(index.search("x", k=50)) == 12
+    extra = make_image(tmp_path / "lib" / "extra.png", seed=500)
+    with Index.open(tmp_path / "home") as writer:
+        writer.add([tmp_path / "lib"], workers=0)
+    assert extra in [h.path for h in index.search(extra, k=50)] and len(index.search("x", k=50)) == 13
+
+
+def test_another_model_is_refused_with_how_to_switch(index, tmp_path, other_tiny_model):
+    with pytest.raises(IndexStateError, match="was built with model .*--home"):
+        Index.open(tmp_path / "home", model=other_tiny_model)
+
+
+def test_remove_forgets_files_under_a_path(index, tmp_path):
+    assert index.remove([tmp_path / "lib" / "part0"]) == 6
+    assert all(h.path.parent.name == "part1" for h in index.search("x", k=20))
+    assert index.status().counts["indexed"] == 6 and index.status().consistent
+
+
+def test_rebuild_with_another_index_type_keeps_results(index, library):
+    before = [h.path for h in index.search(library[2], k=4)]
+    status = index.rebuild("Flat")
+    assert status.index_type == "Flat" and status.vectors_in_index == 12
+    assert [h.path for h in index.search(library[2], k=4)] == before
+
+
+def test_status_reports_model_counts_and_sizes(index, tiny_model, tmp_path):
+    (tmp_path / "lib" / "bad.jpg").write_text("no")
+    index.add([tmp_path / "lib"], workers=0)
+    status = index.status()
+    assert status.model == tiny_model and status.dim == 32
+    assert status.counts == {"indexed": 12, "failed": 1, "missing": 0}
+    assert status.consistent and status.catalog_bytes > 0 and status.vectors_bytes > 0
+    ((path, reason),) = index.failures()
+    assert path == tmp_path / "lib" / "bad.jpg" and "cannot" in reason
+
+
+def test_non_utf8_names_come_back_as_the_same_path(tmp_path, tiny_model):
+    name = os.path.join(os.fsencode(tmp_path / "odd"), b"caf\xe9 \n.png")
+    make_image(name, seed=7)
+    with Index.open(tmp_path / "home", model=tiny_model) as index:
+        index.add([tmp_path / "odd"], workers=0)
+        (hit,) = index.search(Path(os.fsdecode(name)), k=1)
+    assert os.fsencode(hit.path) == name
+
+
+def test_parse_term(tmp_path):
+    image = make_image(tmp_path / "ref.png", seed=1)
+    assert parse_term("a dog") == (1.0, "a dog")
+    assert parse_term("0.5:a dog") == (0.5, "a dog")
+    assert parse_term("note: dogs") == (1.0, "note: dogs")
+    assert parse_term(str(image)) == (1.0, image)
+    assert parse_term(f"2:{image}") == (2.0, image)
