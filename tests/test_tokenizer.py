@@ -5,6 +5,7 @@ parity test compares against exactly what OpenCLIP users get; the inputs where o
 ftfy-free cleanup gives other tokens are pinned down in `test_differences_from_ftfy`.
 """
 
+import pickle
 import random
 import sys
 import unicodedata
@@ -139,6 +140,11 @@ def test_single_string_and_padding(ours):
     rows = ours("a photo of a cat", context_length=10)
     assert rows.dtype == torch.long
     assert rows.tolist() == [[49406, 320, 1125, 539, 320, 2368, 49407, 0, 0, 0]]
+
+
+def test_pickles_for_data_loader_workers(ours):
+    clone = pickle.loads(pickle.dumps(ours))
+    assert clone.encode("a dog’s toy") == ours.encode("a dog’s toy")
 
 
 def test_cleaning_fixes_typography_like_ftfy():

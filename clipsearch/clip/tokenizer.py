@@ -65,12 +65,12 @@ def byte_symbols() -> dict[int, str]:
 
 # --- text cleaning ---------------------------------------------------------------------
 
+# Latin ligatures and digraphs (ﬁ, ĳ, ǆ) are split into their letters, as ftfy does.
 _LIGATURES = {
     cp: unicodedata.normalize("NFKC", chr(cp))
     for cp in [0x132, 0x133, 0x149, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB07)]
 }
-# Full-width ASCII and half-width katakana/hangul become their usual forms; so does the
-# ideographic space, which otherwise would not separate words for str.split on its own.
+# Full-width ASCII and half-width katakana/hangul become their usual forms.
 _WIDTHS = {0x3000: " "} | {
     cp: unicodedata.normalize("NFKC", chr(cp))
     for cp in range(0xFF01, 0xFFF0)
