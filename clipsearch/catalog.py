@@ -13,7 +13,7 @@ rebuilt, so everything here favours never losing or corrupting a row over raw sp
   Alembic is only imported when the stored revision is not `HEAD_REVISION`, which keeps opening
   an up-to-date catalog (every `clipsearch query`) cheap.
 
-A `Catalog` holds one SQLite connection: use it from one thread.
+A `Catalog` holds one SQLite connection: use it from one thread at a time.
 """
 
 from __future__ import annotations
@@ -536,7 +536,9 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
     wal = db.with_name(db.name + "-wal")
     if readonly and not os.access(db.parent, os.W_OK) and not wal.exists():
         uri += "&immutable=1"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    # check_same_thread off: a Catalog may be handed to another thread, as long as two
+    # threads never use it at the same time.
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         if not readonly:

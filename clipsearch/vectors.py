@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -117,17 +117,25 @@ class VectorIndex:
     ) -> VectorIndex:
         """Build from the catalog's vectors; a given `index_type` is remembered for later rebuilds.
 
-        A save that fails (read-only home, full disk) only logs a warning: the index in memory
-        is correct, and the next open rebuilds again.
+        A remembered type that no longer fits the collection (too few vectors to train) falls
+        back to "auto" with a warning, so that a shrunk collection never stops queries. A save
+        that fails (read-only home, full disk) only logs a warning: the index in memory is
+        correct, and the next open rebuilds again.
         """
-        if index_type is not None:
-            catalog.set_meta("index_type", index_type)
         # Read before the vectors: if a write lands in between, the stamp is older than the
         # catalog and the next load rebuilds, never the reverse.
         generation = catalog.generation
         ids, vectors = catalog.all_vectors()
         started = time.perf_counter()
-        built = cls.build(ids, vectors, index_type or catalog.get_meta("index_type") or "auto")
+        try:
+            built = cls.build(ids, vectors, index_type or catalog.get_meta("index_type") or "auto")
+        except IndexStateError as e:
+            if index_type is not None:
+                raise
+            log.warning("%s Using auto instead.", e)
+            built = cls.build(ids, vectors, "auto")
+        if index_type is not None:
+            catalog.set_meta("index_type", index_type)
         recall = "exact" if built.recall_at_10 is None else f"{built.recall_at_10:.3f}"
         log.info(
             "Built a %s index of %d vectors in %.1f s (recall@10: %s)",
@@ -153,11 +161,11 @@ class VectorIndex:
                 "recall_at_10": self.recall_at_10,
             }
         ).encode()
-        # A unique temporary name: a query process may rebuild while an indexer saves.
-        fd, tmp = tempfile.mkstemp(prefix=VECTORS_FILE + ".", suffix=".tmp", dir=home)
+        # A name of our own (a query process may rebuild while an indexer saves) that says which
+        # process wrote it, so that the leftovers of a killed one can be recognised.
+        tmp = home / f"{VECTORS_FILE}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
-            os.close(fd)
-            faiss.write_index(self.index, tmp)
+            faiss.write_index(self.index, str(tmp))
             with open(tmp, "ab") as f:
                 f.write(stamp + _TRAILER.pack(len(stamp), _MAGIC))
                 f.flush()
@@ -165,11 +173,12 @@ class VectorIndex:
             os.replace(tmp, home / VECTORS_FILE)
             _fsync_dir(home)
         except (OSError, RuntimeError) as e:  # FAISS reports its write errors as RuntimeError
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise IndexStateError(
                 f"Could not save the vector index in {home} ({_brief(e)}); "
                 "free some space or fix the folder's permissions."
             ) from e
+        _remove_orphans(home)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [nq, k], ids int64 [nq, k]) for queries [nq, dim], best first.
@@ -262,15 +271,18 @@ def _train(index: faiss.Index, vectors: np.ndarray, index_type: str) -> None:
 def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     """Raise nprobe (IVF) or efSearch (HNSW) until recall@10 reaches TARGET_RECALL; return it.
 
-    The queries are a sample of the indexed vectors, the truth is exact search over all of them.
+    The queries are a sample of the indexed vectors and the truth is exact search over all of
+    them. Each query's own id is dropped from both result lists: finding a query's own copy is
+    easier than finding its neighbours and would flatter the index.
     """
-    k = min(10, len(ids))
-    if k == 0:
+    k = min(10, len(ids) - 1)
+    if k < 1:
         return 1.0
     rng = np.random.default_rng(0)
-    queries = vectors[rng.choice(len(vectors), min(RECALL_QUERIES, len(vectors)), replace=False)]
-    _, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = ids[rows]
+    picked = rng.choice(len(ids), min(RECALL_QUERIES, len(ids)), replace=False)
+    queries, own = vectors[picked], ids[picked]
+    _, rows = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = _others(ids[rows], own, k)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         name, values = "nprobe", [2**i for i in range(int(np.log2(ivf.nlist)) + 1)]
@@ -282,13 +294,35 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     for value in values:
         if name is not None:
             params.set_index_parameter(index, name, value)
-        _, found = index.search(queries, k)
+        found = _others(index.search(queries, k + 1)[1], own, k)
         recall = float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, truth)]) / k)
         if recall >= TARGET_RECALL:
             break
     if recall < TARGET_RECALL:
         log.warning("The vector index reaches only %.2f recall@10; consider a larger memory budget", recall)
     return recall
+
+
+def _others(results: np.ndarray, own: np.ndarray, k: int) -> list[np.ndarray]:
+    return [row[row != own_id][:k] for row, own_id in zip(results, own)]
+
+
+def _remove_orphans(home: Path) -> None:
+    """Delete temporary files left by saves whose process died (killed, or a power cut)."""
+    for tmp in home.glob(f"{VECTORS_FILE}.*-*.tmp"):
+        pid = tmp.name[len(VECTORS_FILE) + 1 :].partition("-")[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

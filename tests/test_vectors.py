@@ -1,4 +1,6 @@
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -190,12 +192,20 @@ def test_damaged_file_is_rebuilt_with_a_warning(catalog, caplog, damage):
     assert VectorIndex._read(path, catalog.generation, 1000).ntotal == 1000  # saved again, valid
 
 
-def test_rebuild_remembers_the_chosen_index_type(catalog):
+def test_rebuild_remembers_the_chosen_index_type(catalog, caplog):
     add_files(catalog, clustered_unit(1500))
+    with pytest.raises(IndexStateError, match="not an index type"):
+        VectorIndex.rebuild(catalog.home, catalog, index_type="Bogus")
     VectorIndex.rebuild(catalog.home, catalog, index_type="IVF8,Flat")
     add_files(catalog, clustered_unit(10, seed=3), start=1500)
     index = VectorIndex.load(catalog.home, catalog)
     assert index.index_type == "IVF8,Flat" and index.ntotal == 1510
+    # Shrunk below what IVF8 can train on: queries go on with auto, and say so.
+    catalog.remove([b"/p"])
+    add_files(catalog, random_unit(5))
+    with caplog.at_level(logging.WARNING):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert index.index_type == "Flat" and index.ntotal == 5 and "Using auto instead" in caplog.text
 
 
 def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(catalog, monkeypatch, caplog):
@@ -225,3 +235,16 @@ def test_read_only_catalog_rebuilds_in_memory_only(catalog):
         assert index.ntotal == 50
         assert_answers_like_the_catalog(index, ro)
     assert not (catalog.home / VECTORS_FILE).exists()
+
+
+def test_save_clears_temporaries_of_killed_saves_only(catalog):
+    add_files(catalog, random_unit(20))
+    index = VectorIndex.load(catalog.home, catalog)
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid now names no process, like a killed indexer's
+    dead = catalog.home / f"{VECTORS_FILE}.{finished.pid}-0badc0de.tmp"
+    live = catalog.home / f"{VECTORS_FILE}.{os.getpid()}-feedf00d.tmp"  # a save in progress
+    dead.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    index.save(catalog.home, catalog.generation)
+    assert not dead.exists() and live.exists()
