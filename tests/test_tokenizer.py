@@ -142,6 +142,12 @@ def test_single_string_and_padding(ours):
     assert rows.tolist() == [[49406, 320, 1125, 539, 320, 2368, 49407, 0, 0, 0]]
 
 
+def test_surrogates_are_paired_or_replaced(ours, ref):
+    for text in ["a dog\udcff", "\ud83d\udc36 puppy", "\udc80\udc80"]:
+        assert ours.encode(text) == ref.encode(text)
+    assert ours.encode("\ud83d\udc36") == ours.encode("🐶")
+
+
 def test_pickles_for_data_loader_workers(ours):
     clone = pickle.loads(pickle.dumps(ours))
     assert clone.encode("a dog’s toy") == ours.encode("a dog’s toy")

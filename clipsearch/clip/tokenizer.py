@@ -91,8 +91,10 @@ def clean_text(text: str) -> str:
 
     HTML entities are decoded twice (captions scraped from the web were often escaped
     twice), typographic variants are folded to the forms CLIP saw most, whitespace runs
-    collapse to one space and everything is lower-cased.
+    collapse to one space and everything is lower-cased. Surrogates (command-line
+    arguments carry undecodable bytes as lone ones) are paired up or replaced by U+FFFD.
     """
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     text = html.unescape(html.unescape(text))
     text = text.translate(_FIRST_PASS).translate(_SECOND_PASS)
     text = unicodedata.normalize("NFC", text)
