@@ -1,0 +1,420 @@
+"""The `clipsearch` command: the only module that prints or exits.
+
+Start-up time is part of the product (a query is a new process each time), so nothing heavy is
+imported here at module level: torch, FAISS and SQLAlchemy come in with the command that needs
+them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
+
+import typer
+
+from clipsearch import __version__
+
+if TYPE_CHECKING:
+    from clipsearch.index import Index, Status
+    from clipsearch.indexer import AddReport
+
+app = typer.Typer(
+    name="clipsearch",
+    help="Find your photos by describing them: index folders once, then search them with text or an example image.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+models_app = typer.Typer(help="List the models clipsearch knows, or download one ahead of time.", no_args_is_help=False)
+app.add_typer(models_app, name="models")
+
+EXIT_INTERRUPTED = 130
+
+
+class _Settings:
+    """The global options, shared by every command of one invocation."""
+
+    home: Optional[Path] = None
+    device: str = "auto"
+    verbose: bool = False
+    quiet: bool = False
+
+
+settings = _Settings()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    home: Optional[Path] = typer.Option(
+        None, "--home", help="Index folder [default: $CLIPSEARCH_HOME, or ~/.local/share/clipsearch].",
+        show_default=False,
+    ),
+    device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:1, mps."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say more; show a traceback on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but results and errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    settings.home, settings.device, settings.verbose, settings.quiet = home, device, verbose, quiet
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowercaseLevel("%(levelname)s: %(message)s"))
+    root = logging.getLogger("clipsearch")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
+    root.propagate = False
+
+
+class _LowercaseLevel(logging.Formatter):
+    """``warning: ...``, like other command-line tools, rather than logging's ``WARNING:``."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1)
+
+
+def _handle_errors(command: Callable) -> Callable:
+    """User errors become one line on stderr and exit 1; Ctrl-C exits 130; anything else is a
+    bug, summarised on one line unless --verbose asks for the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from clipsearch.errors import ClipsearchError
+
+        try:
+            return command(*args, **kwargs)
+        except ClipsearchError as err:
+            if settings.verbose:
+                raise
+            _error(str(err))
+        except KeyboardInterrupt:
+            typer.echo("Interrupted.", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors (exit 2) and deliberate exits
+        except Exception as err:
+            if settings.verbose:
+                raise
+            _error(f"{type(err).__name__}: {err} (this is a bug; run again with --verbose for the traceback)")
+
+    return wrapper
+
+
+def _error(message: str) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _open(model: Optional[str] = None, readonly: bool = False, precision: str = "auto") -> Index:
+    from clipsearch.index import Index
+
+    return Index.open(settings.home, model, device=settings.device, precision=precision, readonly=readonly)
+
+
+# --- index -----------------------------------------------------------------------------------
+
+
+@app.command("index")
+@_handle_errors
+def index_command(
+    paths: List[Path] = typer.Argument(..., help="Folders (or single images) to index.", show_default=False),
+    exclude: List[str] = typer.Option(
+        [], "--exclude", "-x", metavar="GLOB",
+        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. '*.png' or '*/exports/*'.",
+    ),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Descend into symlinked folders."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again files that failed before, even unchanged."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch [default: 32]."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=0, help="Decoding processes; 0 decodes in the main process [default: by CPU count]."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Model name (see `clipsearch models`) or checkpoint path; fixed when the index is created [default: ViT-B/32].",
+    ),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 of fp32."),
+) -> None:
+    """Index the images under PATH...: new and changed files are encoded, moved files keep
+    their vectors, deleted ones are dropped. Run it again any time; it only does what changed."""
+    stop = threading.Event()
+    with _open(model, precision=precision) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
+        report = index.add(
+            paths, exclude=exclude, follow_symlinks=follow_symlinks, retry_failed=retry_failed,
+            batch_size=batch_size, workers=workers, progress=progress, should_stop=stop.is_set,
+        )
+    if not settings.quiet:
+        typer.echo(_summary(report))
+    if report.interrupted:
+        typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _summary(report: AddReport) -> str:
+    line = (
+        f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
+        f"failed {report.failed}, unchanged {report.unchanged} in {report.elapsed:.1f} s "
+        f"({report.images_per_s:.1f} images/s)"
+    )
+    if report.failed:
+        line += "; see the failures with `clipsearch status --failed`"
+    if report.unreadable:
+        line += f"; {report.unreadable} folder(s) could not be read"
+    return line
+
+
+class _progress_bar:
+    """A tqdm bar on stderr, created once the walk knows how many files need work; none with
+    --quiet, when stderr is not a terminal, or when there is nothing to do."""
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        self.bar = None
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if settings.quiet or not total or not sys.stderr.isatty():
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _stop_on_ctrl_c:
+    """The first Ctrl-C asks the run to stop after committing what is finished; a second one
+    interrupts at once (the open transaction rolls back, nothing committed is lost)."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        typer.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+# --- query -----------------------------------------------------------------------------------
+
+
+@app.command("query")
+@_handle_errors
+def query_command(
+    text: str = typer.Argument(..., help="What to look for, or the path of an image to find similar ones.", show_default=False),
+    top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
+    under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Only results at least this similar (cosine, -1 to 1)."),
+    add: List[str] = typer.Option(
+        [], "--add", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Also look for this (repeatable), e.g. --add 'at night' or --add 0.5:ref.jpg."
+    ),
+    subtract: List[str] = typer.Option(
+        [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {path, score, width, height, mtime}."),
+    paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
+    null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+) -> None:
+    """Search the index with text, an example image, or a weighted mix of both."""
+    from clipsearch.search import parse_term
+
+    main = (1.0, Path(text)) if os.path.isfile(text) else (1.0, text)
+    terms = [main] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
+    with _open(readonly=True) as index:
+        hits = index.search(terms, k=top, under=under, min_score=min_score)
+    out = sys.stdout.buffer
+    if as_json:
+        rows = [{"path": str(h.path), "score": round(h.score, 6), "width": h.width, "height": h.height,
+                 "mtime": h.mtime} for h in hits]
+        out.write((json.dumps(rows, indent=2) + "\n").encode())
+    elif paths_only:
+        end = b"\0" if null else b"\n"
+        out.writelines(os.fsencode(h.path) + end for h in hits)
+    elif hits:
+        # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
+        out.writelines(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n" for h in hits)
+    elif not settings.quiet:
+        typer.echo("No matches.", err=True)
+    out.flush()
+
+
+# --- classify --------------------------------------------------------------------------------
+
+
+@app.command("classify")
+@_handle_errors
+def classify_command(
+    images: List[Path] = typer.Argument(..., help="Images to classify.", show_default=False),
+    labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, e.g. 'dog,cat,diagram'.", show_default=False),
+    template: str = typer.Option("a photo of a {}", "--template", help="Prompt each label is put into."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Model name or checkpoint path [default: the index's model, else ViT-B/32]."
+    ),
+) -> None:
+    """Zero-shot classification: how likely each label is for each image (no index needed)."""
+    from clipsearch.encoder import Encoder
+    from clipsearch.search import zero_shot
+
+    names = [label.strip() for label in labels.split(",") if label.strip()]
+    if len(names) < 2:
+        raise typer.BadParameter("give at least two labels, separated by commas", param_hint="--labels")
+    encoder = Encoder(model or _index_model(), settings.device, towers="both")
+    width = max(len(name) for name in names)
+    for image in images:
+        probabilities = zero_shot(encoder, image, names, template)
+        sys.stdout.buffer.write(os.fsencode(image) + b"\n")
+        for name, p in zip(names, probabilities):
+            typer.echo(f"  {name:<{width}}  {p:.4f}")
+
+
+def _index_model() -> str:
+    """The model of the index in --home when there is one, so classify agrees with query."""
+    from clipsearch.errors import IndexStateError
+    from clipsearch.index import DEFAULT_MODEL
+
+    try:
+        with _open(readonly=True) as index:
+            return index.model
+    except IndexStateError:
+        return DEFAULT_MODEL
+
+
+# --- status, remove, rebuild -----------------------------------------------------------------
+
+
+@app.command("status")
+@_handle_errors
+def status_command(
+    failed: bool = typer.Option(False, "--failed", help="List the files that could not be indexed, with the reason."),
+) -> None:
+    """Where the index is, its model, how many images it holds, and whether it is consistent."""
+    with _open(readonly=True) as index:
+        if failed:
+            for path, reason in index.failures():
+                sys.stdout.buffer.write(os.fsencode(path) + f": {reason}\n".encode())
+            return
+        typer.echo(_describe(index.status()))
+
+
+def _describe(status: Status) -> str:
+    counts = status.counts
+    images = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("indexed", "failed", "missing"))
+    if counts.get("failed"):
+        images += " (see `clipsearch status --failed`)"
+    vectors = f"{status.vectors_in_index} in a {status.index_type} index"
+    if status.recall_at_10 is not None:
+        vectors += f" (recall@10 {status.recall_at_10:.3f})"
+    vectors += ", consistent with the catalog" if status.consistent else ", NOT consistent with the catalog (run `clipsearch rebuild`)"
+    dim = f" ({status.dim}-d vectors)" if status.dim else ""
+    return "\n".join([
+        f"Index:    {status.home}",
+        f"Model:    {status.model}{dim}",
+        f"Images:   {images}",
+        f"Vectors:  {vectors}",
+        f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
+    ])
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+@app.command("remove")
+@_handle_errors
+def remove_command(
+    paths: List[Path] = typer.Argument(..., help="Files or folders to forget (nothing is deleted from disk).", show_default=False),
+) -> None:
+    """Drop files, or everything under folders, from the index."""
+    with _open() as index:
+        removed = index.remove(paths)
+    if not settings.quiet:
+        typer.echo(f"Removed {removed} file(s) from the index.")
+
+
+@app.command("rebuild")
+@_handle_errors
+def rebuild_command(
+    index_type: str = typer.Option(
+        "auto", "--index-type",
+        help="FAISS index: auto (exact while small, approximate when large), Flat, HNSW32, 'IVF4096,PQ64', ...",
+    ),
+) -> None:
+    """Rebuild the vector index from the catalog (no image is re-encoded)."""
+    with _open() as index:
+        status = index.rebuild(index_type)
+    if not settings.quiet:
+        typer.echo(_describe(status))
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+@models_app.callback(invoke_without_command=True)
+@_handle_errors
+def models_command(ctx: typer.Context) -> None:
+    """List the models clipsearch knows and whether each is already on this machine."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from clipsearch.clip import registry
+    from clipsearch.paths import model_cache_dir
+
+    width = max(len(entry.name) for entry in registry.MODELS)
+    for entry in registry.MODELS:
+        if entry.bundled is not None:
+            where = "bundled"
+        elif (model_cache_dir() / entry.asset.filename).exists():
+            where = "cached"
+        else:
+            where = "-"
+        typer.echo(f"{entry.name:<{width}}  {where:<7}  {entry.description}")
+
+
+@models_app.command("download")
+@_handle_errors
+def download_command(name: str = typer.Argument(..., help="A model name from `clipsearch models`.", show_default=False)) -> None:
+    """Download a model's weights into the cache now (e.g. before going offline)."""
+    from clipsearch.clip import download, registry
+
+    path = download.model_path(name)
+    if registry.get(name).bundled is None:
+        download.vocab_path()  # downloaded checkpoints use CLIP's own vocabulary
+    if not settings.quiet:
+        typer.echo(f"{name}: {path}")
+
+
+def _register_train() -> None:
+    try:
+        from clipsearch.cli_train import train
+    except ImportError:  # the training command is optional in a trimmed install
+        return
+    app.command("train")(_handle_errors(train))
+
+
+_register_train()
+
+
+def main() -> None:
+    """Entry point of the `clipsearch` script."""
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C outside a command (while parsing options)
+        sys.exit(EXIT_INTERRUPTED)

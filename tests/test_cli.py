@@ -1,0 +1,220 @@
+"""The `clipsearch` command end to end: typer's CliRunner for most, a real process where
+signals and exit codes of the script itself matter."""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import make_image, make_library, other_tiny_model, tiny_model  # noqa: F401
+from typer.testing import CliRunner
+
+from clipsearch import __version__
+from clipsearch.cli import app
+
+SUMMARY = re.compile(
+    r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+) in [\d.]+ s \([\d.]+ images/s\)"
+)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    runner = CliRunner()
+    home = str(tmp_path / "home")
+
+    def run(*args, code=0):
+        result = runner.invoke(app, ["--home", home, *map(str, args)])
+        assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+        return result
+
+    return run
+
+
+@pytest.fixture
+def library(tmp_path, cli, tiny_model):
+    images = make_library(tmp_path / "lib", 8)
+    (tmp_path / "lib" / "bad.jpg").write_text("not an image at all")
+    cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0")
+    return images
+
+
+def summary(result):
+    return tuple(int(n) for n in SUMMARY.search(result.stdout).groups())
+
+
+def test_index_prints_a_summary_and_reruns_do_nothing(tmp_path, cli, tiny_model):
+    make_library(tmp_path / "lib", 5)
+    (tmp_path / "lib" / "bad.jpg").write_text("nope")
+    first = cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0")
+    assert summary(first) == (5, 0, 0, 0, 1, 0)
+    assert "status --failed" in first.stdout
+    assert summary(cli("index", tmp_path / "lib")) == (0, 0, 0, 0, 0, 6)
+
+
+def test_query_prints_scores_and_paths_best_first(cli, library):
+    lines = cli("query", library[2], "-k", "3").stdout.splitlines()
+    assert len(lines) == 3
+    scores = [float(line.split("  ", 1)[0]) for line in lines]
+    assert lines[0].split("  ", 1)[1] == str(library[2]) and scores[0] == pytest.approx(1, abs=2e-3)
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_query_json(cli, library):
+    rows = json.loads(cli("query", "a red circle", "--json", "-k", "4").stdout)
+    assert len(rows) == 4 and set(rows[0]) == {"path", "score", "width", "height", "mtime"}
+    assert {r["path"] for r in rows} <= {str(p) for p in library}
+    assert (rows[0]["width"], rows[0]["height"]) == (48, 40)
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+
+
+def test_query_paths_only_and_null(cli, library):
+    paths = cli("query", library[0], "--paths-only", "-k", "8").stdout.splitlines()
+    assert paths[0] == str(library[0]) and sorted(paths) == sorted(map(str, library))
+    raw = cli("query", library[0], "--paths-only", "--null", "-k", "2").stdout_bytes
+    assert raw.endswith(b"\0") and raw.split(b"\0")[0] == os.fsencode(library[0])
+
+
+def test_query_under_and_min_score(cli, library, tmp_path):
+    paths = cli("query", "x", "--paths-only", "--under", tmp_path / "lib" / "part1").stdout.splitlines()
+    assert len(paths) == 4 and all("/part1/" in p for p in paths)
+    rows = json.loads(cli("query", library[0], "--json", "--min-score", "0.999").stdout)
+    assert [r["path"] for r in rows] == [str(library[0])]
+
+
+def test_combined_query_matches_the_library(cli, library, tmp_path):
+    from clipsearch import Index
+
+    terms = ["a dog", "--add", f"0.5:{library[1]}", "--subtract", "people", "--add", "at night"]
+    paths = cli("query", *terms, "--paths-only").stdout.splitlines()
+    with Index.open(tmp_path / "home", readonly=True) as index:
+        expected = index.search([(1, "a dog"), (0.5, library[1]), (-1, "people"), (1, "at night")])
+    assert paths == [str(h.path) for h in expected]
+
+
+def test_odd_file_names_survive_every_output_format(tmp_path, cli, tiny_model):
+    folder = os.fsencode(tmp_path / "odd")
+    name = os.path.join(folder, b"caf\xe9 one\ntwo.png")
+    make_image(name, seed=5)
+    make_image(os.path.join(folder, b"plain.png"), seed=6)
+    cli("index", tmp_path / "odd", "--model", tiny_model)
+    raw = cli("query", os.fsdecode(name), "--paths-only", "-0", "-k", "1").stdout_bytes
+    assert raw == name + b"\0"
+    (row,) = json.loads(cli("query", os.fsdecode(name), "--json", "-k", "1").stdout)
+    assert os.fsencode(row["path"]) == name
+
+
+def test_status_and_failed(cli, library, tmp_path, tiny_model):
+    out = cli("status").stdout
+    assert f"Model:    {tiny_model} (32-d vectors)" in out
+    assert "8 indexed, 1 failed, 0 missing" in out and "consistent with the catalog" in out
+    failed = cli("status", "--failed").stdout
+    assert failed.startswith(f"{tmp_path / 'lib' / 'bad.jpg'}: ") and "cannot be decoded" in failed
+
+
+def test_deleting_files_and_rerunning(cli, library, tmp_path):
+    library[0].unlink()
+    assert summary(cli("index", tmp_path / "lib"))[3] == 1
+    assert "7 indexed, 1 failed, 1 missing" in cli("status").stdout
+    assert str(library[0]) not in cli("query", "x", "--paths-only", "-k", "20").stdout
+
+
+def test_remove_and_rebuild(cli, library, tmp_path):
+    assert cli("remove", tmp_path / "lib" / "part0").stdout.strip() == "Removed 4 file(s) from the index."
+    out = cli("rebuild", "--index-type", "Flat").stdout
+    assert "4 in a Flat index, consistent" in out
+    assert len(cli("query", "x", "--paths-only").stdout.splitlines()) == 4
+
+
+def test_a_deleted_faiss_file_is_rebuilt_with_a_warning(cli, library, tmp_path):
+    (tmp_path / "home" / "vectors.faiss").unlink()
+    result = cli("query", library[3], "--paths-only", "-k", "1")
+    assert result.stdout.strip() == str(library[3])
+    assert "warning: Rebuilding the vector index" in result.stderr
+
+
+def test_errors_are_one_line_with_exit_1(cli, library, tmp_path, other_tiny_model):
+    mismatch = cli("index", tmp_path / "lib", "--model", other_tiny_model, code=1)
+    assert mismatch.stderr.startswith("Error: The index in") and mismatch.stderr.count("\n") == 1
+    assert "Traceback" not in mismatch.output
+    missing = cli("index", tmp_path / "nowhere", code=1)
+    assert "does not exist" in missing.stderr
+
+
+def test_no_index_yet(tmp_path):
+    result = CliRunner().invoke(app, ["--home", str(tmp_path / "none"), "query", "x"])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+
+
+def test_empty_index_says_no_matches(cli, tiny_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cli("index", tmp_path / "empty", "--model", tiny_model)
+    result = cli("query", "anything")
+    assert result.stdout == "" and "No matches" in result.stderr
+    assert json.loads(cli("query", "anything", "--json").stdout) == []
+
+
+def test_usage_errors_exit_2(cli, library):
+    assert "Missing argument" in cli("query", code=2).stderr
+    assert "--labels" in cli("classify", library[0], "--labels", "dog", code=2).stderr
+    cli("query", "x", "--top", "0", code=2)
+
+
+def test_classify_prints_a_probability_per_label(cli, library):
+    lines = cli("classify", library[0], library[1], "--labels", "dog, cat,diagram").stdout.splitlines()
+    assert lines[0] == str(library[0]) and lines[4] == str(library[1])
+    probabilities = [float(line.split()[-1]) for line in lines[1:4]]
+    assert [line.split()[0] for line in lines[1:4]] == ["dog", "cat", "diagram"]
+    assert sum(probabilities) == pytest.approx(1, abs=1e-3)
+
+
+def test_version_models_and_help():
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).stdout.strip() == f"clipsearch {__version__}"
+    models = runner.invoke(app, ["models"]).stdout
+    assert re.search(r"^demo\s+bundled", models, re.M) and re.search(r"^ViT-B/32\s+-", models, re.M)
+    help_text = runner.invoke(app, ["--help"]).stdout
+    for command in ("index", "query", "classify", "status", "remove", "rebuild", "models"):
+        assert command in help_text
+
+
+def test_cli_import_is_light():
+    code = "import sys, clipsearch.cli; print(sorted({'torch', 'faiss', 'sqlalchemy', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_ctrl_c_commits_what_is_done_and_exits_130(tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 150)
+    home = tmp_path / "home"
+    command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "--home", str(home),
+               "index", str(tmp_path / "lib"), "--model", tiny_model, "--workers", "0", "--batch-size", "2", "--precision", "fp32"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _indexed(home) == 0 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "run the same command again" in stderr
+    done = _indexed(home)
+    assert 0 < done < 150 and summary_counts(stdout)[0] == done
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and summary_counts(rerun.stdout)[:1] == (150 - done,)
+
+
+def summary_counts(text):
+    return tuple(int(n) for n in SUMMARY.search(text).groups())
+
+
+def _indexed(home):
+    try:
+        with sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM images WHERE status = 'indexed'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
