@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Hashable, Iterable, Iterator
+from typing import TYPE_CHECKING, Hashable, Iterable, Iterator
 
 import numpy as np
 
@@ -51,10 +51,8 @@ def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
     from clipsearch.errors import ClipsearchError
 
     try:
-        with open(os.fsdecode(path), "rb") as f:  # a str name reads better in open_image's errors
-            image = open_image(f, target=preprocess.resolution)
-            f.seek(0)
-            width, height = upright_size(f)  # reduced JPEG decoding shrank `image`
+        image = open_image(os.fsdecode(path), target=preprocess.resolution)
+        width, height = upright_size(path)  # reduced JPEG decoding shrank `image`
         return Decoded(preprocess(image).numpy(), width, height)
     except ClipsearchError as err:
         return Decoded(None, error=_printable(str(err)))
@@ -69,11 +67,11 @@ def _printable(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def upright_size(source: bytes | BinaryIO) -> tuple[int, int]:
+def upright_size(path: bytes) -> tuple[int, int]:
     """Width and height as the photo is shown (EXIF rotation applied), from the header alone."""
     from PIL import Image
 
-    with Image.open(os.fsdecode(source) if isinstance(source, bytes) else source) as image:
+    with Image.open(os.fsdecode(path)) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
