@@ -6,9 +6,12 @@ taken between two things timed in the same process, alternating, on the same inp
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +32,45 @@ def photo_folder(count: int, width: int, height: int, seed: int = 0) -> Path:
     folder = bench_dir(f"photos-{width}x{height}-{count}-s{seed}")
     make_folder(folder, count, width, height, seed)
     return folder
+
+
+def random_model(arch: str) -> Path:
+    """An OpenCLIP model directory holding random weights of ``arch`` (speed does not depend on
+    weight values), which ``clipsearch --model PATH`` loads through its OpenCLIP path."""
+    folder = BENCH_DIR / "models" / f"{arch}-random"
+    if not (folder / "open_clip_model.safetensors").exists():
+        import open_clip
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        model = open_clip.create_model(arch, pretrained=None)
+        config = open_clip.get_model_config(arch)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def ours_env() -> dict[str, str]:
+    """The environment our CLI runs in: a model cache under BENCH_DIR that already holds CLIP's
+    BPE vocabulary (open_clip ships the same file), so nothing is downloaded."""
+    import open_clip
+
+    from clipsearch.clip import registry
+
+    cache = bench_dir("cache")
+    vocab = cache / "clipsearch" / "models" / registry.VOCAB.filename
+    if not vocab.exists():
+        vocab.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz", vocab)
+    env = {k: v for k, v in os.environ.items() if k != "CLIPSEARCH_HOME"}
+    return {**env, "XDG_CACHE_HOME": str(cache)}
+
+
+def clipsearch_command() -> list[str]:
+    """Our CLI as installed beside this interpreter."""
+    return [str(Path(sys.executable).parent / "clipsearch")]
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

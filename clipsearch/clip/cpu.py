@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
@@ -65,16 +66,22 @@ def has_native_bf16() -> bool:
 
 
 def has_int8_kernels() -> bool:
-    """fbgemm's int8 GEMMs: x86 only; ARM's qnnpack path was never measured here."""
-    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines))
+    """fbgemm's int8 GEMMs: x86 only (ARM's qnnpack path was never measured), and only while
+    PyTorch still has the quantized tensors they take."""
+    engines = set(getattr(torch.backends, "quantized", None) and torch.backends.quantized.supported_engines or ())
+    return bool({"fbgemm", "x86"} & engines) and hasattr(torch, "quantize_per_channel")
 
 
-def candidate_precision(device: torch.device | str) -> str:
-    """What "auto" tries first on ``device``, before checking it against fp32."""
+def candidate_precision(device: torch.device | str, image_tower: bool = True) -> str:
+    """What "auto" tries first on ``device``, before checking it against fp32.
+
+    A text-only model (the query path) stays fp32 on CPU: one query costs milliseconds in fp32,
+    and a conversion would add to the cold start without a sample of images to check it on.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return "fp16"
-    if device.type != "cpu":
+    if device.type != "cpu" or not image_tower:
         return "fp32"
     if has_native_bf16():
         return "bf16"
@@ -96,12 +103,12 @@ def prepare_for_inference(model: nn.Module, precision: str = "auto", device: tor
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     device = torch.device(device)
     model = model.to(device).eval()
-    chosen = candidate_precision(device) if precision == "auto" else precision
+    visual = getattr(model, "visual", None)
+    chosen = candidate_precision(device, visual is not None) if precision == "auto" else precision
     if chosen == "bf16" and device.type == "cpu" and not has_native_bf16():
         logger.warning("this CPU has no bf16 instructions: bf16 will run several times slower than fp32")
 
     reference = None
-    visual = getattr(model, "visual", None)
     if precision == "auto" and chosen != "fp32" and visual is not None:
         if sample is None:
             sample = calibration_images(visual.input_resolution)
@@ -147,7 +154,7 @@ def _convert(model: nn.Module, precision: str) -> _Replaced:
         model.to(_DTYPES[precision])
         return []
     if getattr(model, "visual", None) is None:
-        return []  # a text-only model: int8 is for the image tower, queries stay fp32
+        return []  # int8 is for the image tower; text stays fp32
     return _quantize_linears(model.visual)
 
 
@@ -165,8 +172,13 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-        qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()
+        with warnings.catch_warnings():
+            # PyTorch announces the removal of quantized tensors; `has_int8_kernels` turns int8
+            # off in the release where that happens.
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
+                                                 torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
