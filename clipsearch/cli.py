@@ -37,6 +37,7 @@ models_app = typer.Typer(help="List the models clipsearch knows, or download one
 app.add_typer(models_app, name="models")
 
 EXIT_INTERRUPTED = 130
+EXIT_SOME_FAILED = 3  # the run finished, but some files could not be indexed
 
 
 class _Settings:
@@ -146,7 +147,11 @@ def index_command(
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 of fp32."),
 ) -> None:
     """Index the images under PATH...: new and changed files are encoded, moved files keep
-    their vectors, deleted ones are dropped. Run it again any time; it only does what changed."""
+    their vectors, deleted ones are dropped. Run it again any time; it only does what changed.
+
+    Exit status: 0 done; 3 done, but some files could not be read (see `status --failed`);
+    130 stopped by Ctrl-C (what was finished is kept); 1 error.
+    """
     stop = threading.Event()
     with _open(model, precision=precision) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
         report = index.add(
@@ -158,6 +163,8 @@ def index_command(
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
+    if report.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _summary(report: AddReport) -> str:

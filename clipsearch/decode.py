@@ -13,20 +13,24 @@ one at a time, so the culprit is found and the innocent ones go through.
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
 import signal
 import sys
 import types
+import warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Hashable, Iterable, Iterator
 
 import numpy as np
+
+from clipsearch.fingerprint import fingerprint_of
 
 if TYPE_CHECKING:
     from clipsearch.clip.preprocess import Preprocess
@@ -37,23 +41,38 @@ log = logging.getLogger(__name__)
 @dataclass
 class Decoded:
     """One file's outcome: the model's input tensor (as numpy, which crosses a process boundary
-    as one buffer copy) and the image size as the user sees it, or the reason it failed."""
+    as one buffer copy), the image size as the user sees it and the fingerprint of the bytes
+    decoded, or the reason it failed."""
 
     pixels: np.ndarray | None
     width: int = 0
     height: int = 0
+    fingerprint: bytes | None = None
     error: str | None = None
 
 
 def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
-    """Open, orient, resize and normalise one file; every failure becomes a reason string."""
+    """Read, fingerprint, open, orient, resize and normalise one file; every failure becomes a
+    reason string. Decoder warnings (corrupt EXIF, ...) go to the debug log with the file's name,
+    not to the terminal."""
     from clipsearch.clip.preprocess import open_image
     from clipsearch.errors import ClipsearchError
 
+    name = os.fsdecode(path)
     try:
-        image = open_image(os.fsdecode(path), target=preprocess.resolution)
-        width, height = upright_size(path)  # reduced JPEG decoding shrank `image`
-        return Decoded(preprocess(image).numpy(), width, height)
+        with open(path, "rb") as f:
+            data = f.read()
+        source = io.BytesIO(data)
+        source.name = name  # what open_image's error messages call it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = open_image(source, target=preprocess.resolution)
+            source.seek(0)
+            width, height = upright_size(source)  # reduced JPEG decoding shrank `image`
+            pixels = preprocess(image).numpy()
+        for warning in caught:
+            log.debug("%s: %s", _printable(name), warning.message)
+        return Decoded(pixels, width, height, fingerprint_of(data))
     except ClipsearchError as err:
         return Decoded(None, error=_printable(str(err)))
     except OSError as err:
@@ -67,11 +86,11 @@ def _printable(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def upright_size(path: bytes) -> tuple[int, int]:
+def upright_size(source: str | BinaryIO) -> tuple[int, int]:
     """Width and height as the photo is shown (EXIF rotation applied), from the header alone."""
     from PIL import Image
 
-    with Image.open(os.fsdecode(path)) as image:
+    with Image.open(source) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)

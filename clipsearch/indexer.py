@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from clipsearch.catalog import STATUS_FAILED, STATUS_MISSING, FailedFile, FileState, IndexedFile
-from clipsearch.decode import DecodePool, auto_workers, upright_size
+from clipsearch.decode import Decoded, DecodePool, auto_workers, upright_size
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
@@ -149,7 +149,7 @@ def run_add(
 
 
 class _Run:
-    """The encode part of a run: fingerprint and reuse, decode in workers, encode, commit."""
+    """The encode part of a run: reuse by fingerprint, decode in workers, encode, commit."""
 
     def __init__(self, catalog: Catalog, encoder: Encoder, todo: list[tuple[FoundFile, bool]],
                  report: AddReport, progress: Progress | None, should_stop: Callable[[], bool]):
@@ -164,16 +164,16 @@ class _Run:
         self.reused: list[IndexedFile] = []
 
     def run(self, batch_size: int, workers: int) -> None:
-        decoded: list[tuple[FoundFile, bool, bytes, np.ndarray, int, int]] = []
+        decoded: list[tuple[FoundFile, bool, Decoded]] = []
         with DecodePool(self.encoder.preprocess, workers, window=max(2 * batch_size, 4 * workers)) as pool:
-            for (found, is_new, digest), result in pool.imap(self._to_decode()):
+            for (found, is_new), result in pool.imap(self._to_decode()):
                 if self.should_stop():
                     self.report.interrupted = True
                     break
                 if result.error is not None:
-                    self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, digest, result.error))
+                    self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, result.error))
                 else:
-                    decoded.append((found, is_new, digest, result.pixels, result.width, result.height))
+                    decoded.append((found, is_new, result))
                 if len(decoded) >= batch_size:
                     self._commit(decoded)
                     decoded = []
@@ -182,49 +182,48 @@ class _Run:
                 return
         self._commit([])  # interrupted: keep what is finished, drop what is not encoded yet
 
-    def _to_decode(self) -> Iterator[tuple[tuple[FoundFile, bool, bytes], bytes]]:
-        """Files that must be decoded, keyed by what the commit needs. New files identical to an
-        indexed one take its vector here and never reach a decoder."""
+    def _to_decode(self) -> Iterator[tuple[tuple[FoundFile, bool], bytes]]:
+        """Files that must be decoded. A new file identical to an indexed one (its fingerprint
+        says so) takes that vector here and never reaches a decoder."""
         with ThreadPoolExecutor(_FINGERPRINT_THREADS) as threads:
             for chunk in _batched(self.todo, _CHUNK):
                 if self.should_stop():
                     return
-                digests = list(threads.map(_try_fingerprint, (found.path for found, _ in chunk)))
-                known = self.catalog.vectors_by_fingerprint(
-                    [d for (_, is_new), d in zip(chunk, digests) if is_new and isinstance(d, bytes)]
-                )
-                for (found, is_new), digest in zip(chunk, digests):
+                new = [found.path for found, is_new in chunk if is_new]
+                digests = dict(zip(new, threads.map(_try_fingerprint, new)))
+                known = self.catalog.vectors_by_fingerprint(d for d in digests.values() if isinstance(d, bytes))
+                for found, is_new in chunk:
+                    digest = digests.get(found.path)
                     if isinstance(digest, str):
                         self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, digest))
-                    elif digest in known and self._reuse(found, digest, known[digest]):
-                        continue
-                    else:
-                        yield (found, is_new, digest), found.path
+                    elif digest not in known or not self._reuse(found, digest, known[digest]):
+                        yield (found, is_new), found.path
                 if self.failed or self.reused:
                     self._commit([])
 
     def _reuse(self, found: FoundFile, digest: bytes, vector: np.ndarray) -> bool:
         try:
-            width, height = upright_size(found.path)
+            width, height = upright_size(os.fsdecode(found.path))
         except Exception:  # unreadable header: let the decoder record why
             return False
         self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector))
         return True
 
-    def _commit(self, decoded: list[tuple[FoundFile, bool, bytes, np.ndarray, int, int]]) -> None:
+    def _commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:
         """One transaction: a batch of freshly encoded files plus the reused and failed ones
         collected since the last commit."""
         indexed = list(self.reused)
         if decoded:
-            vectors = self.encoder.encode_images(np.stack([d[3] for d in decoded]))
+            vectors = self.encoder.encode_images(np.stack([result.pixels for _, _, result in decoded]))
             indexed += [
-                IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector)
-                for (found, _, digest, _, width, height), vector in zip(decoded, vectors)
+                IndexedFile(found.path, found.size, found.mtime_ns, result.fingerprint, result.width,
+                            result.height, vector)
+                for (found, _, result), vector in zip(decoded, vectors)
             ]
         if not indexed and not self.failed:
             return
         self.catalog.commit_batch(indexed=indexed, failed=self.failed)
-        new = sum(1 for d in decoded if d[1])
+        new = sum(1 for _, is_new, _ in decoded if is_new)
         self.report.new += new
         self.report.changed += len(decoded) - new
         self.report.moved += len(self.reused)

@@ -39,7 +39,7 @@ def cli(tmp_path):
 def library(tmp_path, cli, tiny_model):
     images = make_library(tmp_path / "lib", 8)
     (tmp_path / "lib" / "bad.jpg").write_text("not an image at all")
-    cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0")
+    cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", code=3)
     return images
 
 
@@ -50,7 +50,7 @@ def summary(result):
 def test_index_prints_a_summary_and_reruns_do_nothing(tmp_path, cli, tiny_model):
     make_library(tmp_path / "lib", 5)
     (tmp_path / "lib" / "bad.jpg").write_text("nope")
-    first = cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0")
+    first = cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", code=3)
     assert summary(first) == (5, 0, 0, 0, 1, 0)
     assert "status --failed" in first.stdout
     assert summary(cli("index", tmp_path / "lib")) == (0, 0, 0, 0, 0, 6)
