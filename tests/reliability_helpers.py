@@ -16,6 +16,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -228,6 +229,28 @@ def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+class TimedLines:
+    """Reads a stream in a thread, recording when each line arrived, so a test can tell when a
+    process said something apart from when it exited."""
+
+    def __init__(self, stream):
+        self.lines: list[tuple[float, bytes]] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append((time.monotonic(), line))
+
+    def text(self, timeout: float = 30) -> str:
+        self._thread.join(timeout)
+        return b"".join(line for _, line in self.lines).decode("utf-8", "replace")
+
+    def first(self, fragment: bytes) -> float | None:
+        """When the first line holding ``fragment`` arrived."""
+        return next((t for t, line in self.lines if fragment in line), None)
 
 
 def assert_no_traceback(*outputs: bytes | str) -> None:
