@@ -79,8 +79,7 @@ def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool 
     not be listed are kept, since an unreadable folder is not a deleted one.
     """
     plan = Plan()
-    in_roots = under(walk.roots)
-    unseen = {path: state for path, state in states.items() if in_roots(path)}
+    unseen = dict(states)  # what is left once the walk has popped what it saw
     queued: set[bytes] = set()
     for found in walk:
         state = unseen.pop(found.path, None)
@@ -91,16 +90,17 @@ def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool 
             plan.todo.append((found, True))
         elif state.status == STATUS_MISSING:
             plan.todo.append((found, True))
-        elif (state.size, state.mtime_ns) != (found.size, found.mtime_ns):
+        elif state.size != found.size or state.mtime_ns != found.mtime_ns:
             plan.todo.append((found, False))
         elif state.status == STATUS_FAILED and retry_failed:
             plan.todo.append((found, False))
         else:
             plan.unchanged += 1
     plan.unreadable = len(walk.unreadable)
-    in_unreadable = under(walk.unreadable)
+    in_roots, in_unreadable = under(walk.roots), under(walk.unreadable)
     plan.missing = [
-        path for path, state in unseen.items() if state.status != STATUS_MISSING and not in_unreadable(path)
+        path for path, state in unseen.items()
+        if state.status != STATUS_MISSING and in_roots(path) and not in_unreadable(path)
     ]
     return plan
 

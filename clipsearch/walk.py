@@ -69,34 +69,46 @@ class Walk:
 
     def _walk_tree(self, root: bytes, root_stat: os.stat_result, patterns: list[bytes],
                    visited: set[tuple[int, int]]) -> Iterator[FoundFile]:
-        # An explicit stack, not recursion: deep trees do not hit the recursion limit.
+        # An explicit stack, not recursion: deep trees do not hit the recursion limit. The
+        # per-entry tests are inline: this loop runs once per file of the whole library.
+        follow = self.follow_symlinks
         stack = [(root, (root_stat.st_dev, root_stat.st_ino))]
         while stack:
             folder, key = stack.pop()
             if key in visited:
                 continue
             visited.add(key)
+            subfolders = []
             try:
                 with os.scandir(folder) as entries:
-                    subfolders = []
                     for entry in entries:
                         name = entry.name
-                        if name.startswith(b".") or _excluded(entry.path, patterns, name):
+                        if name[:1] == b"." or (patterns and _excluded(entry.path, patterns, name)):
                             continue
-                        if entry.is_dir(follow_symlinks=self.follow_symlinks):
+                        if entry.is_dir(follow_symlinks=follow):
                             if name not in JUNK_DIRS:
                                 subfolders.append(entry)
-                        elif _is_candidate(name):
-                            found = _found(entry)
+                            continue
+                        dot = name.rfind(b".")
+                        if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
+                            continue
+                        if entry.is_symlink():
+                            found = _found_link(entry)
                             if found is not None:
                                 yield found
+                            continue
+                        try:
+                            st = entry.stat()
+                        except OSError:  # deleted since the listing
+                            continue
+                        yield FoundFile(entry.path, st.st_size, st.st_mtime_ns)
             except OSError as err:
                 log.warning("cannot list %s: %s", os.fsdecode(folder), err.strerror)
                 self.unreadable.append(folder)
                 continue
             for entry in reversed(subfolders):  # reversed: folders come out in listing order
                 try:
-                    st = entry.stat(follow_symlinks=self.follow_symlinks)
+                    st = entry.stat(follow_symlinks=follow)
                 except OSError as err:
                     log.warning("cannot read %s: %s", os.fsdecode(entry.path), err.strerror)
                     self.unreadable.append(entry.path)
@@ -104,7 +116,7 @@ class Walk:
                 stack.append((entry.path, (st.st_dev, st.st_ino)))
 
 
-def _found(entry: os.DirEntry) -> FoundFile | None:
+def _found_link(entry: os.DirEntry) -> FoundFile | None:
     """A symlink to a file is indexed under the link's own path, whatever ``follow_symlinks``
     says (that flag is about descending into folders). A broken link is still reported, with
     the link's own stat, so the decoder records it as failed instead of it vanishing silently."""
