@@ -304,10 +304,18 @@ def _query_readonly_home(home: Path, results, as_uid: int | None) -> None:
             results.put(("ok", sorted(c.file_states()), c.all_vectors()[1].shape))
     except Exception as e:  # reported to the parent, which asserts on it
         results.put(("error", repr(e), None))
+    try:
+        Catalog.open(home).close()
+        results.put("a writable open succeeded")
+    except IndexStateError as e:
+        results.put(str(e))
 
 
 def test_catalog_in_a_read_only_folder_still_answers_queries(tmp_path):
-    """chmod 555 stops writes only for non-root users: as root the check runs as `nobody`."""
+    """chmod 555 stops writes only for non-root users: as root the check runs as `nobody`.
+
+    A WAL database normally needs its -shm file even to read; here none can be created.
+    """
     as_uid = 65534 if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp()) if as_uid is not None else tmp_path  # pytest's tmp is root-only
     home = root / "home"
@@ -324,6 +332,7 @@ def test_catalog_in_a_read_only_folder_still_answers_queries(tmp_path):
         outcome = results.get(timeout=60)
         reader.join(30)
         assert outcome == ("ok", [b"/p/a.jpg", b"/p/b.jpg"], (2, DIM))
+        assert "cannot be written" in results.get(timeout=60)  # what `clipsearch index` would say
         assert sorted(os.listdir(home)) == ["catalog.db"]
     finally:
         home.chmod(0o755)
