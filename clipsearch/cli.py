@@ -117,10 +117,15 @@ def _error(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _open(model: Optional[str] = None, readonly: bool = False, precision: str = "auto") -> Index:
+def _open(model: Optional[str] = None, precision: str = "auto", reading: bool = False) -> Index:
+    """The index in --home. For ``reading`` it must exist already, and a read-only home is fine
+    (a writable one still gets a repaired FAISS file saved)."""
     from clipsearch.index import Index
+    from clipsearch.paths import default_home
 
-    return Index.open(settings.home, model, device=settings.device, precision=precision, readonly=readonly)
+    home = settings.home or default_home()
+    return Index.open(home, model, device=settings.device, precision=precision, create=not reading,
+                      readonly=reading and not os.access(home, os.W_OK))
 
 
 # --- index -----------------------------------------------------------------------------------
@@ -246,7 +251,7 @@ def query_command(
 
     main = (1.0, Path(text)) if os.path.isfile(text) else (1.0, text)
     terms = [main] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
-    with _open(readonly=True) as index:
+    with _open(reading=True) as index:
         hits = index.search(terms, k=top, under=under, min_score=min_score)
     out = sys.stdout.buffer
     if as_json:
@@ -299,7 +304,7 @@ def _index_model() -> str:
     from clipsearch.index import DEFAULT_MODEL
 
     try:
-        with _open(readonly=True) as index:
+        with _open(reading=True) as index:
             return index.model
     except IndexStateError:
         return DEFAULT_MODEL
@@ -314,7 +319,7 @@ def status_command(
     failed: bool = typer.Option(False, "--failed", help="List the files that could not be indexed, with the reason."),
 ) -> None:
     """Where the index is, its model, how many images it holds, and whether it is consistent."""
-    with _open(readonly=True) as index:
+    with _open(reading=True) as index:
         if failed:
             for path, reason in index.failures():
                 sys.stdout.buffer.write(os.fsencode(path) + f": {reason}\n".encode())

@@ -231,5 +231,9 @@ def auto_workers(files: int) -> int:
     """
     if files < 32:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores - 1, files // 16))
+    return max(1, min(usable_cores() - 1, files // 16))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -67,15 +67,16 @@ class Index:
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, model: str | None = None, *,
-             device: str = "auto", precision: str = "auto", readonly: bool = False) -> Index:
-        """Open the index in ``home`` (created unless ``readonly``).
+             device: str = "auto", precision: str = "auto", create: bool = True,
+             readonly: bool = False) -> Index:
+        """Open the index in ``home``, creating it if ``create`` (and not ``readonly``).
 
         ``model`` defaults to the one the index was built with; naming another one is an error,
         since vectors from two models cannot be compared.
         """
         home = Path(home).expanduser() if home is not None else default_home()
         wanted = model_id(model) if model is not None else None
-        catalog = Catalog.open(home, create=not readonly, readonly=readonly)
+        catalog = Catalog.open(home, create=create and not readonly, readonly=readonly)
         try:
             recorded = catalog.get_meta("model")
             if recorded is not None and wanted is not None and wanted != recorded:
