@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs are re-flowed, not printed line by line
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 models_app = typer.Typer(help="List the models clipsearch knows, or download one ahead of time.", no_args_is_help=False)
@@ -61,7 +62,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _global_options(
     home: Optional[Path] = typer.Option(
-        None, "--home", help="Index folder [default: $CLIPSEARCH_HOME, or ~/.local/share/clipsearch].",
+        None, "--home", help="Index folder (default: $CLIPSEARCH_HOME, else ~/.local/share/clipsearch).",
         show_default=False,
     ),
     device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:1, mps."),
@@ -141,18 +142,20 @@ def index_command(
     ),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Descend into symlinked folders."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again files that failed before, even unchanged."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch [default: 32]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 32)."),
     workers: Optional[int] = typer.Option(
-        None, "--workers", min=0, help="Decoding processes; 0 decodes in the main process [default: by CPU count]."
+        None, "--workers", min=0, help="Decoding processes; 0 decodes in the main process (default: by CPU count)."
     ),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
-        help="Model name (see `clipsearch models`) or checkpoint path; fixed when the index is created [default: ViT-B/32].",
+        help="Model name (see `clipsearch models`) or checkpoint path; fixed when the index is created (default: ViT-B/32).",
     ),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 of fp32."),
 ) -> None:
-    """Index the images under PATH...: new and changed files are encoded, moved files keep
-    their vectors, deleted ones are dropped. Run it again any time; it only does what changed.
+    """Index the images under PATH... (a re-run does only what changed).
+
+    New and changed files are encoded, moved or copied files reuse their vectors, deleted ones
+    drop out of results, unreadable ones are listed by `clipsearch status --failed`.
 
     Exit status: 0 done; 3 done, but some files could not be read (see `status --failed`);
     130 stopped by Ctrl-C (what was finished is kept); 1 error.
@@ -279,7 +282,7 @@ def classify_command(
     labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, e.g. 'dog,cat,diagram'.", show_default=False),
     template: str = typer.Option("a photo of a {}", "--template", help="Prompt each label is put into."),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Model name or checkpoint path [default: the index's model, else ViT-B/32]."
+        None, "--model", "-m", help="Model name or checkpoint path (default: the index's model, else ViT-B/32)."
     ),
 ) -> None:
     """Zero-shot classification: how likely each label is for each image (no index needed)."""
