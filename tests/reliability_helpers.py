@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import sqlite3
 import struct
@@ -19,11 +20,13 @@ import sys
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import pytest
 from PIL import Image
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -165,6 +168,49 @@ def write_corpus(root: Path) -> list[Case]:
         os.chmod(path, 0)
         cases.append(Case("file without read permission", path, False, "Permission denied"))
     return cases
+
+
+# --- a full disk, a read-only folder -------------------------------------------------------
+
+
+@contextmanager
+def mounted(target: Path, *mount_args: str) -> Iterator[Path]:
+    """``mount *mount_args target`` for the duration (root only; the test is skipped where
+    mounting is not allowed), unmounted afterwards whatever happens."""
+    if not IS_ROOT or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) to create a real filesystem for this case")
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", *mount_args, str(target)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount is not permitted here: {done.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+def remount(target: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(target)], check=True, capture_output=True)
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Make ``folder`` read-only for this process: chmod for a normal user; for root, whom
+    permissions do not stop, a read-only bind mount of the folder onto itself (writes then fail
+    with EROFS, exactly as on a read-only disk)."""
+    if not IS_ROOT:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.iterdir()]}
+        for p in modes:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    with mounted(folder, "--bind", str(folder)):
+        remount(folder, "ro,bind")
+        yield
 
 
 # --- looking at an index from outside -------------------------------------------------------
