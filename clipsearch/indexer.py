@@ -137,12 +137,15 @@ def run_add(
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
     if progress:
         progress(0, len(plan.todo))
-    if plan.todo:
+    if plan.todo and not should_stop():
         _Run(catalog, get_encoder(), plan.todo, report, progress, should_stop).run(
             batch_size or DEFAULT_BATCH_SIZE, auto_workers(len(plan.todo)) if workers is None else workers
         )
-    # Gone files are marked last: until then their vectors can be reused by the files they moved to.
-    if plan.missing and not report.interrupted:
+    if should_stop():
+        report.interrupted = True
+    elif plan.missing:
+        # Gone files are marked last: until now their vectors could be reused by the files they
+        # moved to. A stopped run leaves them for the next one.
         catalog.commit_batch(missing=plan.missing)
         report.removed = len(plan.missing)
     report.elapsed = time.perf_counter() - started
@@ -170,7 +173,6 @@ class _Run:
         with pool, _model_threads(self.encoder, workers):
             for (found, is_new), result in pool.imap(self._to_decode()):
                 if self.should_stop():
-                    self.report.interrupted = True
                     break
                 if result.error is not None:
                     self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, result.error))

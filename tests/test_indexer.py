@@ -202,3 +202,13 @@ def test_a_file_that_crashes_a_worker_fails_alone(tmp_path, tiny_encoder):
     assert sorted(results) == list(range(6))
     assert "crashed" in results[5].error
     assert all(results[i].error is None and results[i].pixels.shape == (3, 32, 32) for i in range(5))
+
+
+def test_a_stop_before_any_encoding_still_reports_interrupted(tmp_path, catalog, add):
+    make_library(tmp_path / "lib", 3)
+    add(tmp_path / "lib")
+    os.unlink(tmp_path / "lib" / "part0" / "img0000.png")
+    make_image(tmp_path / "lib" / "new.png", seed=50)
+    report = add(tmp_path / "lib", should_stop=lambda: True)
+    assert report.interrupted and (report.new, report.removed) == (0, 0)
+    assert catalog.counts() == {"indexed": 3, "failed": 0, "missing": 0}  # nothing marked gone

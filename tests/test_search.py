@@ -106,6 +106,17 @@ def test_a_deleted_or_garbage_faiss_file_is_rebuilt(index, tmp_path, library, ca
         caplog.clear()
 
 
+def test_an_older_faiss_file_put_back_is_rebuilt_not_trusted(index, tmp_path, caplog):
+    home = tmp_path / "home"
+    old = (home / VECTORS_FILE).read_bytes()
+    index.remove([tmp_path / "lib" / "part0"])
+    (home / VECTORS_FILE).write_bytes(old)  # e.g. restored from a backup: ids of removed rows
+    with Index.open(home, readonly=True) as fresh:
+        hits = fresh.search("x", k=20)
+    assert len(hits) == 6 and all(h.path.parent.name == "part1" for h in hits)
+    assert "Rebuilding the vector index" in caplog.text
+
+
 def test_a_stale_faiss_file_is_noticed_by_an_open_index(index, tmp_path):
     # Another process indexes more files: this long-lived Index must not serve stale ids.
     assert len(index.search("x", k=50)) == 12
