@@ -73,6 +73,29 @@ def clipsearch_command() -> list[str]:
     return [str(Path(sys.executable).parent / "clipsearch")]
 
 
+def clustered_vectors(count: int, dim: int = 512, seed: int = 0, chunk: int = 0, clusters: int = 4096):
+    """``count`` L2-normalised float32 vectors shaped like CLIP image embeddings, chunk ``chunk``
+    of a seeded stream.
+
+    Uniform random vectors would be the worst case for an approximate index and nothing like a
+    photo library: CLIP embeddings share a common direction (two unrelated photos sit near
+    cosine 0.5) and gather in clusters (similar scenes near 0.8). So: one shared direction,
+    ``clusters`` centres, and per-vector noise, weighted to give those two cosines.
+    """
+    import numpy as np
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    shared_rng = np.random.default_rng([seed, 0])
+    common_direction = unit(shared_rng.standard_normal(dim, dtype=np.float32))
+    centres = unit(shared_rng.standard_normal((clusters, dim), dtype=np.float32))
+    rng = np.random.default_rng([seed, 1, chunk])
+    noise = unit(rng.standard_normal((count, dim), dtype=np.float32))
+    picked = centres[rng.integers(0, clusters, count)]
+    return unit(common_direction + 0.8 * picked + 0.6 * noise).astype(np.float32)
+
+
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each candidate, the candidates taking turns so that machine noise
     lands on all of them alike."""

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from common import BENCH_DIR
 
@@ -138,24 +139,62 @@ def time_command(command: list[str], cwd: Path | None = None, env: dict[str, str
                     result.stdout)
 
 
-def rclip(folder: Path, query: str = "a photo of a dog", fresh: bool = True) -> TimedRun:
-    """One ``rclip QUERY`` inside ``folder``; ``fresh`` drops its database first (a full index)."""
+def rclip(folder: Path, query: str = "a photo of a dog", fresh: bool = True, datadir: Path = RCLIP_DATADIR,
+          extra: Sequence[str] = ()) -> TimedRun:
+    """One ``rclip QUERY`` inside ``folder``; ``fresh`` drops its database first (a full index).
+    A ``datadir`` other than the default gets links to the model files."""
     setup()
-    env = {**os.environ, "RCLIP_DATADIR": str(RCLIP_DATADIR), "HF_HUB_OFFLINE": "1"}
+    for name in (RCLIP_MODEL_SUBDIR, RCLIP_VOCAB.parts[0]):
+        if not (datadir / name).exists():
+            (datadir / name).symlink_to(RCLIP_DATADIR / name)
+    env = {**os.environ, "RCLIP_DATADIR": str(datadir), "HF_HUB_OFFLINE": "1"}
     if fresh:
-        for db in RCLIP_DATADIR.glob("db.sqlite3*"):
+        for db in datadir.glob("db.sqlite3*"):
             db.unlink()
-    return time_command([str(PEER_PYTHON), str(HERE), "rclip-offline", query], cwd=folder, env=env)
+    return time_command([str(PEER_PYTHON), str(HERE), "rclip-offline", *extra, query], cwd=folder, env=env)
+
+
+def fill_rclip_db(datadir: Path, root: Path, count: int, folders: int) -> None:
+    """rclip's database with ``count`` generated vectors for ``root/FFFF/NNNNNNNN.jpg``, the
+    layout of the query benchmark's stand-in files."""
+    datadir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(PEER_PYTHON), str(HERE), "fill-db", str(datadir), str(root), str(count), str(folders)],
+                   check=True)
+
+
+def _fill_db(datadir: Path, root: Path, count: int, folders: int) -> None:
+    """Runs inside the peer venv: rclip's own DB class makes the schema, rows go in in bulk."""
+    from rclip import db
+
+    from common import clustered_vectors
+
+    database = db.DB(datadir / "db.sqlite3")
+    chunk_size = 100_000
+    for chunk, start in enumerate(range(0, count, chunk_size)):
+        vectors = clustered_vectors(min(chunk_size, count - start), chunk=chunk)
+        for i, vector in enumerate(vectors, start):
+            path = root / f"{i % folders:04d}" / f"{i:08d}.jpg"
+            database.upsert_image(db.NewImage(filepath=str(path), modified_at=0.0, size=0, vector=vector.tobytes(),
+                                              hash=None), commit=False)
+        database.commit()
+    database.close()
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["rclip-offline"]:  # everything after it is rclip's, options included
+        run_rclip_offline(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("setup")
     export_parser = commands.add_parser("export")
     export_parser.add_argument("datadir", type=Path)
-    offline = commands.add_parser("rclip-offline")
-    offline.add_argument("argv", nargs=argparse.REMAINDER)
+    commands.add_parser("rclip-offline", help="rclip's own arguments follow")
+    fill = commands.add_parser("fill-db")
+    fill.add_argument("datadir", type=Path)
+    fill.add_argument("root", type=Path)
+    fill.add_argument("count", type=int)
+    fill.add_argument("folders", type=int)
     timed = commands.add_parser("rclip")
     timed.add_argument("folder", type=Path)
     timed.add_argument("query")
@@ -165,8 +204,8 @@ def main() -> None:
         setup()
     elif args.command == "export":
         export(args.datadir)
-    elif args.command == "rclip-offline":
-        run_rclip_offline(args.argv)
+    elif args.command == "fill-db":
+        _fill_db(args.datadir, args.root, args.count, args.folders)
     else:
         run = rclip(args.folder, args.query, fresh=not args.keep_db)
         print(run.output)
