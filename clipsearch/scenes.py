@@ -183,6 +183,7 @@ def _single(rng: random.Random, tone: str) -> tuple[list[_Spec], str, list[str]]
         _with_article(f"{size} {colour} {shape}"),
         f"{_with_article(f'{colour} {shape}')} {where}",
         _with_article(shape),
+        f"a photo of {_with_article(shape)}",
         f"a {shape} {where}",
         f"a photo of {_with_article(f'{colour} {shape}')}",
         f"something {colour}",

@@ -1,0 +1,210 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from clipsearch import clip
+from clipsearch.cli import app
+from clipsearch.clip.model import CLIP, ModelConfig
+from clipsearch.scenes import SceneGenerator, write_scenes
+from clipsearch.train import (
+    METRICS_FILE,
+    STATE_FILE,
+    TrainingError,
+    TrainOptions,
+    _optimizer,
+    _train_step,
+    read_pairs,
+    recall_at_k,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a busy shared machine two threads wait on each other many times over,
+    and results are only bit-identical for a fixed thread count anyway."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(output, **overrides):
+    settings = dict(output=output, config="tiny", epochs=2, batch_size=32, samples_per_epoch=32 * 4, val_size=64,
+                    lr=2e-3, warmup_steps=5, seed=0)
+    return TrainOptions(**{**settings, **overrides})
+
+
+def weights(directory):
+    return load_file(directory / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few hundred steps of the tiny preset on synthetic scenes, with every step's loss."""
+    output = tmp_path_factory.mktemp("run") / "model"
+    torch.set_num_threads(1)
+    losses = []
+    results = train(tiny(output, epochs=2, samples_per_epoch=32 * 100), on_step=lambda info: losses.append(info.loss))
+    return output, results, losses
+
+
+def test_training_reduces_the_loss_and_beats_chance_recall(trained):
+    output, results, losses = trained
+    assert len(losses) == 200
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert first > math.log(32) - 0.3  # starts near chance: log(batch size)
+    assert last < first - 0.5
+    chance = 5 / 64
+    final = results[-1].recall
+    assert final["text_to_image@5"] > 3 * chance and final["image_to_text@5"] > 3 * chance
+    assert results[-1].train_loss < results[0].train_loss
+
+
+def test_metrics_file_has_one_line_per_epoch(trained):
+    output, results, _ = trained
+    lines = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert lines[-1]["text_to_image@5"] == results[-1].recall["text_to_image@5"]
+    assert lines[-1]["step"] == 200
+
+
+def test_output_loads_with_clip_load_and_reproduces_the_held_out_recall(trained):
+    output, results, _ = trained
+    model, preprocess = clip.load(output, device="cpu")
+    assert preprocess.resolution == 32
+    scenes = SceneGenerator(seed=0, resolution=32).take(64, start=-64)  # the held-out split
+    with torch.no_grad():
+        images = torch.stack([preprocess(s.image) for s in scenes])
+        texts = model.tokenizer([s.caption for s in scenes], context_length=model.context_length)
+        recall = recall_at_k(model.encode_image(images), model.encode_text(texts))
+    assert recall == pytest.approx(results[-1].recall, abs=1e-6)
+
+
+def test_learned_vocabulary_round_trips_captions(trained):
+    output, _, _ = trained
+    model, _ = clip.load(output, device="cpu")
+    tokenizer = model.tokenizer
+    assert tokenizer.vocab_size == model.config.vocab_size
+    for caption in SceneGenerator(seed=11)[3].captions:
+        ids = tokenizer.encode(caption)
+        assert len(ids) == len(caption.replace(",", " ,").replace(":", " :").split())  # one token per word
+        assert tokenizer.decode(ids).split() == caption.replace(",", " ,").replace(":", " :").split()
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train(tiny(a))
+    train(tiny(b))
+    train(tiny(c, seed=1))
+    wa, wb, wc = weights(a), weights(b), weights(c)
+    assert all(torch.equal(wa[key], wb[key]) for key in wa)
+    assert not torch.equal(wa["visual.conv1.weight"], wc["visual.conv1.weight"])
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(tiny(straight))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(result):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny(interrupted), on_epoch=stop_after_first_epoch)
+    assert json.loads((interrupted / METRICS_FILE).read_text())["epoch"] == 1
+    results = train(tiny(interrupted, resume=True))
+    assert [r.epoch for r in results] == [2]
+    ws, wi = weights(straight), weights(interrupted)
+    assert all(torch.equal(ws[key], wi[key]) for key in ws)
+    assert torch.load(interrupted / STATE_FILE, weights_only=True)["epoch"] == 2
+
+
+def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
+    with pytest.raises(TrainingError, match="--resume"):
+        train(tiny(tmp_path / "none", resume=True))
+    train(tiny(tmp_path / "run", epochs=1))
+    with pytest.raises(TrainingError, match="--resume"):
+        train(tiny(tmp_path / "run", epochs=1))
+    with pytest.raises(TrainingError, match="not both"):
+        train(tiny(tmp_path / "x", init=str(tmp_path / "run")))
+
+
+def test_read_pairs_from_csv_jsonl_and_folder(tmp_path):
+    manifest = write_scenes(tmp_path / "scenes", count=6, seed=2)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    csv_file = tmp_path / "scenes" / "pairs.csv"
+    csv_file.write_text("path,caption\n" + "".join(f'{r["path"]},"{r["caption"]}"\n' for r in records))
+    for record in records:
+        (tmp_path / "scenes" / record["path"]).with_suffix(".txt").write_text(record["caption"] + "\n")
+    expected = [(tmp_path / "scenes" / r["path"], r["caption"]) for r in records]
+    assert read_pairs(manifest) == expected
+    assert read_pairs(csv_file) == expected
+    assert sorted(read_pairs(tmp_path / "scenes")) == sorted(expected)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,caption\n")
+    with pytest.raises(TrainingError, match="No image"):
+        read_pairs(empty)
+
+
+def test_fine_tune_on_files_with_a_locked_image_tower(trained, tmp_path):
+    base, _, _ = trained
+    write_scenes(tmp_path / "data", count=40, seed=3, resolution=32)
+    output = tmp_path / "tuned"
+    results = train(TrainOptions(output=output, data=tmp_path / "data" / "manifest.jsonl", init=str(base),
+                                 epochs=1, batch_size=16, val_size=8, lr=1e-3, warmup_steps=1, lock_image=True))
+    assert results[0].step == 2  # 32 training pairs after 8 are held out
+    before, after = weights(base), weights(output)
+    visual = [key for key in before if key.startswith("visual.")]
+    text = [key for key in before if key.startswith("transformer.")]
+    assert all(torch.equal(before[key], after[key]) for key in visual)
+    assert any(not torch.equal(before[key], after[key]) for key in text)
+    assert (output / "vocab.txt.gz").read_bytes() == (base / "vocab.txt.gz").read_bytes()
+
+
+def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
+    config = ModelConfig(embed_dim=32, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+                         vision_heads=1, context_length=8, vocab_size=20, text_width=64, text_heads=1, text_layers=1)
+    model = CLIP(config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = _optimizer(model, TrainOptions(output="unused")).param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
+            "visual.positional_embedding", "ln_final.weight", "visual.transformer.resblocks.0.attn.in_proj_bias"} <= undecayed
+    assert {names[id(p)] for p in decay["params"]} >= {"text_projection", "visual.proj", "visual.conv1.weight"}
+
+
+def test_logit_scale_is_clamped_after_each_step():
+    config = ModelConfig(embed_dim=32, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+                         vision_heads=1, context_length=8, vocab_size=20, text_width=64, text_heads=1, text_layers=1)
+    model = CLIP(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(500))
+    options = TrainOptions(output="unused")
+    optimizer = _optimizer(model, options)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    texts = torch.randint(1, 19, (4, 8))
+    texts[:, -1] = 19
+    _train_step(model, torch.randn(4, 3, 16, 16), texts, optimizer, scaler, None, options)
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_cli_trains_and_prints_the_recall_table(tmp_path):
+    output = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["train", str(output), "--config", "tiny", "--epochs", "1", "--batch-size", "16",
+                                      "--samples-per-epoch", "32", "--val-size", "16", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()  # the progress bar is on stderr
+    header = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
+    assert lines[header].split() == ["epoch", "step", "loss", "i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "time"]
+    assert lines[header + 1].split()[:2] == ["1", "2"]
+    assert (output / "model.safetensors").is_file()
+    again = CliRunner().invoke(app, ["train", str(output), "--config", "tiny"])
+    assert again.exit_code == 1 and "--resume" in again.output
