@@ -11,7 +11,6 @@ the next run picks up where this one stopped (committed files are unchanged by t
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +29,6 @@ from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
     from clipsearch.encoder import Encoder
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (files done, files to do); first call once the walk is over
 
