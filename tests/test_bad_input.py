@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
-from helpers import bump_mtime, encoded, make_image, make_library, tiny_encoder, tiny_model  # noqa: F401
+from helpers import bump_mtime, make_image, make_library, tiny_encoder, tiny_model  # noqa: F401
 from reliability_helpers import (
     IS_ROOT,
     ROOT_SKIP_REASON,
