@@ -96,6 +96,11 @@ def clustered_vectors(count: int, dim: int = 512, seed: int = 0, chunk: int = 0,
     return unit(common_direction + 0.8 * picked + 0.6 * noise).astype(np.float32)
 
 
+def held_out_queries(count: int, dim: int = 512):
+    """Query vectors from the same distribution as `clustered_vectors` but none of its chunks."""
+    return clustered_vectors(count, dim, chunk=2**31)
+
+
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each candidate, the candidates taking turns so that machine noise
     lands on all of them alike."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import peers
-from common import (bench_dir, clipsearch_command, clustered_vectors, fmt, median, ours_env,
+from common import (bench_dir, clipsearch_command, clustered_vectors, fmt, held_out_queries, median, ours_env,
                     percentile, print_table, random_model, ratio)
 
 ARCH = "ViT-B-32"
@@ -95,7 +95,7 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
     from clipsearch.vectors import VectorIndex
 
     home = filled_home(count, model)
-    queries = clustered_vectors(100, seed=1)  # held out: another seed, same distribution
+    queries = held_out_queries(100)
     with Index.open(home, readonly=True) as index:
         index.search(QUERY, k=10)  # loads the text tower and the FAISS file
         vectors = VectorIndex.load(home, index.catalog, save=False)
