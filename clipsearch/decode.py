@@ -13,7 +13,6 @@ one at a time, so the culprit is found and the innocent ones go through.
 
 from __future__ import annotations
 
-import io
 import logging
 import multiprocessing
 import os
@@ -26,11 +25,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Hashable, Iterable, Iterator
+from typing import TYPE_CHECKING, Hashable, Iterable, Iterator
 
 import numpy as np
 
-from clipsearch.fingerprint import fingerprint_of
+from clipsearch.fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from clipsearch.clip.preprocess import Preprocess
@@ -41,8 +40,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Decoded:
     """One file's outcome: the model's input tensor (as numpy, which crosses a process boundary
-    as one buffer copy), the image size as the user sees it and the fingerprint of the bytes
-    decoded, or the reason it failed."""
+    as one buffer copy), the image size as the user sees it and the file's fingerprint, or the
+    reason it failed."""
 
     pixels: np.ndarray | None
     width: int = 0
@@ -52,27 +51,31 @@ class Decoded:
 
 
 def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
-    """Read, fingerprint, open, orient, resize and normalise one file; every failure becomes a
-    reason string. Decoder warnings (corrupt EXIF, ...) go to the debug log with the file's name,
-    not to the terminal."""
+    """Fingerprint, open, orient, resize and normalise one file; every failure becomes a reason
+    string. Decoder warnings (corrupt EXIF, ...) go to the debug log with the file's name, not
+    to the terminal.
+
+    The file's identity (inode, size, mtime) is compared before and after: a file rewritten or
+    replaced meanwhile could pair one content's fingerprint with another's pixels, so it is
+    recorded as failed instead, and retried by the next run (its stat no longer matches).
+    """
     from clipsearch.clip.preprocess import open_image
     from clipsearch.errors import ClipsearchError
 
     name = os.fsdecode(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        source = io.BytesIO(data)
-        source.name = name  # what open_image's error messages call it
+        before = _identity(os.stat(path))
+        digest = fingerprint(path)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            image = open_image(source, target=preprocess.resolution)
-            source.seek(0)
-            width, height = upright_size(source)  # reduced JPEG decoding shrank `image`
+            image = open_image(name, target=preprocess.resolution)
+            width, height = upright_size(name)  # reduced JPEG decoding shrank `image`
             pixels = preprocess(image).numpy()
         for warning in caught:
             log.debug("%s: %s", _printable(name), warning.message)
-        return Decoded(pixels, width, height, fingerprint_of(data))
+        if _identity(os.stat(path)) != before:
+            return Decoded(None, error="the file changed while it was being read; the next run will retry it")
+        return Decoded(pixels, width, height, digest)
     except ClipsearchError as err:
         return Decoded(None, error=_printable(str(err)))
     except OSError as err:
@@ -81,16 +84,20 @@ def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
         return Decoded(None, error=_printable(f"{type(err).__name__}: {err}"))
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _printable(message: str) -> str:
     """A message safe to store and print: a non-UTF-8 file name inside it is escaped."""
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def upright_size(source: str | BinaryIO) -> tuple[int, int]:
+def upright_size(path: str) -> tuple[int, int]:
     """Width and height as the photo is shown (EXIF rotation applied), from the header alone."""
     from PIL import Image
 
-    with Image.open(source) as image:
+    with Image.open(path) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)

@@ -19,25 +19,9 @@ def fingerprint(path: bytes | str | os.PathLike) -> bytes:
     """A 16-byte digest of the file's size, first MiB and last KiB. Raises OSError."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(HEAD_BYTES)
-        tail = b""
+        digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+        digest.update(f.read(HEAD_BYTES))
         if size > HEAD_BYTES:
             f.seek(max(size - TAIL_BYTES, HEAD_BYTES))
-            tail = f.read(TAIL_BYTES)
-    return _digest(size, head, tail)
-
-
-def fingerprint_of(data: bytes) -> bytes:
-    """The fingerprint of a file whose whole content is ``data``: the decoder hashes the very
-    bytes it decodes, so a file rewritten meanwhile can never pair one content's fingerprint
-    with another's vector."""
-    size = len(data)
-    tail = data[max(size - TAIL_BYTES, HEAD_BYTES):] if size > HEAD_BYTES else b""
-    return _digest(size, data[:HEAD_BYTES], tail)
-
-
-def _digest(size: int, head: bytes, tail: bytes) -> bytes:
-    digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
-    digest.update(head)
-    digest.update(tail)
+            digest.update(f.read(TAIL_BYTES))
     return digest.digest()

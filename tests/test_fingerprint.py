@@ -33,10 +33,3 @@ def test_small_files_are_hashed_whole(tmp_path):
     assert fingerprint(write(tmp_path / "a", b"abc")) != fingerprint(write(tmp_path / "b", b"abd"))
     assert fingerprint(write(tmp_path / "empty", b"")) != fingerprint(write(tmp_path / "a", b"abc"))
 
-
-def test_fingerprint_of_bytes_equals_that_of_the_file(tmp_path):
-    from clipsearch.fingerprint import TAIL_BYTES, fingerprint_of
-
-    for size in (0, 5, HEAD_BYTES, HEAD_BYTES + 1, HEAD_BYTES + TAIL_BYTES // 2, 3 * HEAD_BYTES + 7):
-        data = bytes(i * 7 % 251 for i in range(size))
-        assert fingerprint_of(data) == fingerprint(write(tmp_path / f"f{size}", data)), size

@@ -212,3 +212,23 @@ def test_a_stop_before_any_encoding_still_reports_interrupted(tmp_path, catalog,
     report = add(tmp_path / "lib", should_stop=lambda: True)
     assert report.interrupted and (report.new, report.removed) == (0, 0)
     assert catalog.counts() == {"indexed": 3, "failed": 0, "missing": 0}  # nothing marked gone
+
+
+def test_a_file_rewritten_while_it_is_read_is_retried_next_run(tmp_path, catalog, add, monkeypatch):
+    import clipsearch.decode
+
+    (image,) = make_library(tmp_path / "lib", 1)
+    real = clipsearch.decode.fingerprint
+
+    def fingerprint_then_rewrite(path):
+        digest = real(path)
+        make_image(path, seed=77)  # rewritten after its fingerprint, before its pixels are read
+        bump_mtime(path)
+        return digest
+
+    monkeypatch.setattr(clipsearch.decode, "fingerprint", fingerprint_then_rewrite)
+    assert add(tmp_path / "lib").failed == 1
+    assert "changed while it was being read" in catalog.failures()[0][1]
+    monkeypatch.undo()
+    report = add(tmp_path / "lib")
+    assert (report.changed, report.failed) == (1, 0)
