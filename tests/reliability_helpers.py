@@ -10,6 +10,7 @@ and "the first frame was indexed" can be checked by comparing vectors for equali
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import signal
@@ -239,17 +240,35 @@ def indexed_count(home: Path) -> int:
         return 0
 
 
+# Run as `python -c`: the CLI, optionally with each image batch made to take at least
+# ENCODE_DELAY_S seconds, as a real model on a CPU does. The tiny test model encodes a batch in a
+# millisecond, so without this a run ends before a signal sent "in the middle" lands.
+_CLI_MAIN = """
+import os, time
+delay = float(os.environ.get("RELIABILITY_ENCODE_DELAY_S") or 0)
+if delay:
+    from clipsearch.encoder import Encoder
+    real = Encoder.encode_images
+    def encode_images(self, pixels):
+        time.sleep(delay)
+        return real(self, pixels)
+    Encoder.encode_images = encode_images
+from clipsearch.cli import main
+main()
+"""
+
+
 def cli_command(*args: str | os.PathLike) -> list[str]:
     """The `clipsearch` command line, run with this test session's Python."""
-    return [sys.executable, "-c", "from clipsearch.cli import main; main()", *map(os.fsdecode, args)]
+    return [sys.executable, "-c", _CLI_MAIN, *map(os.fsdecode, args)]
 
 
-def start_cli(*args: str | os.PathLike, env: dict | None = None) -> subprocess.Popen:
+def start_cli(*args: str | os.PathLike, encode_delay_s: float = 0.0, env: dict | None = None) -> subprocess.Popen:
     """Start `clipsearch ...` in its own session (so a signal can go to its whole group, as
     Ctrl-C in a terminal does), with output captured as bytes."""
+    env = {**os.environ, **(env or {}), "RELIABILITY_ENCODE_DELAY_S": str(encode_delay_s)}
     return subprocess.Popen(
-        cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})}, start_new_session=True,
+        cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
     )
 
 
@@ -299,6 +318,18 @@ class TimedLines:
         return next((t for t, line in self.lines if fragment in line), None)
 
 
+@pytest.fixture
+def clipsearch_logging():
+    """Logging as the library leaves it: an in-process CLI run (CliRunner) points the
+    "clipsearch" logger at its own, by then closed, stderr and stops propagation, which hides
+    records from caplog. Restored afterwards."""
+    logger = logging.getLogger("clipsearch")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    logger.handlers, logger.propagate = [], True
+    yield logger
+    logger.handlers, logger.propagate, logger.level = saved
+
+
 def assert_no_traceback(*outputs: bytes | str) -> None:
     for output in outputs:
         text = output.decode("utf-8", "replace") if isinstance(output, bytes) else output
@@ -322,13 +353,19 @@ def photo_library(root: Path, count: int, size: tuple[int, int] = (320, 240), st
 
 
 def catalog_vectors(home: Path) -> dict[bytes, np.ndarray]:
-    """path -> stored vector (float32 from the float16 blob) of every indexed row."""
+    """path -> stored vector (float32 from the float16 blob) of every indexed row; empty while
+    the catalog's tables do not exist yet (a process killed while creating them)."""
     with sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True) as conn:
-        rows = conn.execute(
-            "SELECT images.path, vectors.vector FROM images JOIN vectors ON vectors.image_id = images.id "
-            "WHERE images.status = 'indexed'"
-        )
-        return {path: np.frombuffer(blob, dtype="<f2").astype(np.float32) for path, blob in rows}
+        try:
+            rows = conn.execute(
+                "SELECT images.path, vectors.vector FROM images JOIN vectors ON vectors.image_id = images.id "
+                "WHERE images.status = 'indexed'"
+            ).fetchall()
+        except sqlite3.OperationalError as error:
+            if "no such table" not in str(error):
+                raise
+            return {}
+    return {path: np.frombuffer(blob, dtype="<f2").astype(np.float32) for path, blob in rows}
 
 
 def expected_vectors(encoder, paths: Sequence[bytes | str | os.PathLike]) -> dict[bytes, np.ndarray]:

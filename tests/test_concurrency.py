@@ -30,9 +30,9 @@ from clipsearch.index import Index
 LOCKED = "Another clipsearch process is indexing"
 
 
-def start_index(home, lib, model, *extra):
+def start_index(home, lib, model, encode_delay_s: float = 0.0):
     return start_cli("--home", home, "index", lib, "--model", model, "--precision", "fp32",
-                     "--workers", "0", "--batch-size", "4", *extra)
+                     "--workers", "0", "--batch-size", "4", encode_delay_s=encode_delay_s)
 
 
 @pytest.mark.slow
@@ -40,7 +40,7 @@ def test_queries_during_an_index_run_succeed_and_see_committed_images(tmp_path, 
     home, lib = tmp_path / "home", tmp_path / "lib"
     library = photo_library(lib, 96)
     expected = expected_vectors(tiny_encoder, library)
-    process = start_index(home, lib, tiny_model)
+    process = start_index(home, lib, tiny_model, encode_delay_s=0.1)  # a real model's pace: 24 batches, 2.4 s+
     queried_while_running = 0
     cli_query = None
     try:
