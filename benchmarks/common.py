@@ -138,8 +138,9 @@ def machine() -> str:
     from clipsearch.clip import cpu
 
     bf16 = "native bf16" if cpu.has_native_bf16() else "no native bf16"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}; "
-            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
+            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; load average {load}")
 
 
 def fmt(value: float | str | None, unit: str = "") -> str:
