@@ -332,27 +332,6 @@ def test_a_file_deleted_between_the_walk_and_its_fingerprint(cli, tmp_path, monk
     assert catalog_rows(cli.home)[victim] == ("failed", "No such file or directory")
 
 
-def test_a_file_rewritten_while_it_is_indexed_is_re_encoded_next_run(cli, tmp_path, monkeypatch, tiny_encoder):
-    """The catalog keeps the size and mtime seen by the walk, so a file rewritten after it is
-    indexed next time, whatever this run stored for it."""
-    images = make_library(tmp_path / "lib", 3)
-    target = os.fsencode(images[0])
-
-    def rewrite(path):
-        if path == target:
-            make_image(path, seed=500)
-            bump_mtime(path)
-
-    _hook_decode(monkeypatch, rewrite)
-    assert summary_counts(cli("index", tmp_path / "lib").stdout)["new"] == 3
-    monkeypatch.undo()
-    again = cli("index", tmp_path / "lib")
-    assert (summary_counts(again.stdout)["changed"], summary_counts(again.stdout)["unchanged"]) == (1, 2)
-    np.testing.assert_allclose(
-        catalog_vectors(cli.home)[target], expected_vectors(tiny_encoder, [target])[target], atol=2e-3
-    )
-
-
 def test_a_file_caught_half_written_fails_then_indexes_once_complete(cli, tmp_path, monkeypatch):
     images = make_library(tmp_path / "lib", 3, ext=".jpg")
     target = os.fsencode(images[0])
@@ -376,24 +355,48 @@ def test_a_file_caught_half_written_fails_then_indexes_once_complete(cli, tmp_pa
     assert catalog_rows(cli.home)[target] == ("indexed", None)
 
 
-def test_a_rewrite_during_indexing_never_gives_another_file_its_vector(cli, tmp_path, monkeypatch, tiny_encoder):
+def _hook_after_fingerprint(monkeypatch, after):
+    """Call ``after(path)`` inside the decoder, between its fingerprint of the file and its
+    reading of the pixels: the moment a rewrite could pair one content's fingerprint with
+    another's vector."""
+    real = clipsearch.decode.fingerprint
+
+    def hooked(path):
+        digest = real(path)
+        after(path)
+        return digest
+
+    monkeypatch.setattr(clipsearch.decode, "fingerprint", hooked)
+
+
+@pytest.mark.parametrize("moment", ["before its decode", "between its fingerprint and its pixels"])
+def test_a_rewrite_during_indexing_never_gives_any_file_a_wrong_vector(cli, tmp_path, monkeypatch, tiny_encoder, moment):
+    """Whenever the rewrite lands, the run after it stores the new content's vector for the file,
+    and a copy of the old content (restored from a backup) gets the old content's vector, not
+    one read from the rewritten file."""
     images = make_library(tmp_path / "lib", 3)
     target = os.fsencode(images[0])
     original = images[0].read_bytes()
 
     def rewrite(path):
-        if path == target:
+        if path == target and images[0].read_bytes() == original:
             make_image(path, seed=500)
             bump_mtime(path)
 
-    _hook_decode(monkeypatch, rewrite)
-    cli("index", tmp_path / "lib")
+    (_hook_decode if moment == "before its decode" else _hook_after_fingerprint)(monkeypatch, rewrite)
+    first = cli("index", tmp_path / "lib")
+    if moment != "before its decode":  # caught in the act: failed now, retried next run
+        assert summary_counts(first.stdout)["failed"] == 1
+        assert "changed while it was being read" in catalog_rows(cli.home)[target][1]
     monkeypatch.undo()
     backup = tmp_path / "lib" / "backup-of-the-original.png"
-    backup.write_bytes(original)  # e.g. the old version restored from a backup
-    cli("index", tmp_path / "lib")
-    stored = catalog_vectors(cli.home)[os.fsencode(backup)]
-    np.testing.assert_allclose(stored, expected_vectors(tiny_encoder, [backup])[os.fsencode(backup)], atol=2e-3)
+    backup.write_bytes(original)
+    again = cli("index", tmp_path / "lib")
+    assert summary_counts(again.stdout)["changed"] == 1
+    stored = catalog_vectors(cli.home)
+    truth = expected_vectors(tiny_encoder, [target, backup])
+    for path in (target, os.fsencode(backup)):
+        np.testing.assert_allclose(stored[path], truth[path], atol=2e-3, err_msg=os.fsdecode(path))
 
 
 # --- permissions, links, names ---------------------------------------------------------------
