@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import multiprocessing
 import os
 from typing import Callable
 
@@ -25,6 +26,7 @@ from reliability_helpers import (
 from typer.testing import CliRunner
 
 import clipsearch.catalog
+from clipsearch.catalog import Catalog, IndexedFile
 from clipsearch.cli import app
 from clipsearch.clip import download, registry
 from clipsearch.errors import DownloadError
@@ -265,6 +267,30 @@ def test_read_only_home_with_a_stale_faiss_file_still_answers(cli, indexed):
         assert result.exit_code == 0
         assert result.stdout_bytes == os.fsencode(indexed[1]) + b"\n"
         assert "Rebuilding the vector index" in result.stderr
+
+
+def _commit_then_die(home, indexed_file) -> None:
+    """In a forked child: commit one row and vanish without closing, as a killed indexer does,
+    leaving catalog.db-wal (holding the commit) and catalog.db-shm behind."""
+    catalog = Catalog.open(home)
+    catalog.commit_batch([indexed_file])
+    os._exit(0)
+
+
+def test_a_crashed_writer_then_a_read_only_disk_still_answers(cli, indexed, tmp_path, tiny_encoder):
+    """An indexer dies, then the disk comes back read-only (a drive remounted after errors):
+    the commit that lives only in the write-ahead log is still found by queries."""
+    late = make_library(tmp_path / "late", 1, start_seed=70)[0]
+    vector = expected_vectors(tiny_encoder, [late])[os.fsencode(late)]
+    st = late.stat()
+    row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
+    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(cli.home, row))
+    child.start()
+    child.join(60)
+    assert {"catalog.db-wal", "catalog.db-shm"} <= set(os.listdir(cli.home))
+    with read_only(cli.home):
+        assert top_path(cli, late) == os.fsencode(late)
+        assert "7 indexed" in cli("status").stdout
 
 
 # --- model weights ----------------------------------------------------------------------------
