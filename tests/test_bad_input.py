@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from helpers import bump_mtime, make_image, make_library, tiny_encoder, tiny_model  # noqa: F401
 from reliability_helpers import (
+    CORRUPT_EXIF,
     IS_ROOT,
     ROOT_SKIP_REASON,
     assert_no_traceback,
@@ -31,6 +32,7 @@ from reliability_helpers import (
     encoded_bytes,
     expected_vectors,
     run_cli,
+    with_app1,
     write_corpus,
 )
 from typer.testing import CliRunner
@@ -475,8 +477,6 @@ def test_exit_status_says_that_files_failed(cli, tmp_path):
 
 
 def test_decoder_warnings_do_not_reach_the_terminal(cli, tmp_path):
-    from reliability_helpers import CORRUPT_EXIF, with_app1
-
     (tmp_path / "lib").mkdir()
     jpeg = encoded_bytes(blocks(0, (128, 96)), "JPEG")
     (tmp_path / "lib" / "corrupt-exif.jpg").write_bytes(with_app1(jpeg, CORRUPT_EXIF))
