@@ -343,11 +343,6 @@ def test_weights_corrupted_after_verification_are_refused(tmp_path):
     assert str(dest) in str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: download._check_cached trusts its sidecar record while size and mtime are unchanged, so "
-    "bytes corrupted with the mtime kept (cp -p / rsync -t of a bad copy, a tool that restores "
-    "times) are loaded silently. Suggested: also record st_ctime_ns (and st_ino), which no user "
-    "tool can set back, and re-hash when they differ"))
 def test_weights_corrupted_with_their_mtime_kept_are_refused(tmp_path):
     dest, sha = _cache_verified_file(tmp_path, np.random.default_rng(0).bytes(100_000))
     stat = dest.stat()

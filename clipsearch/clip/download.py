@@ -3,8 +3,9 @@
 A download streams into a temporary `.part` file next to its destination and is renamed into
 place only after its hash matches, so an interrupted or corrupted transfer never leaves a file
 that a later run would trust. Hashing a multi-gigabyte file takes seconds, so each verified file
-gets a sidecar `<file>.sha256` (JSON: digest, size, mtime) and is hashed again only when its size
-or mtime changes. For unpinned assets (no published hash) the same sidecar is the record made at
+gets a sidecar `<file>.sha256` (JSON: digest and the file's identity) and is hashed again when
+its size, mtime, ctime or inode changes. ctime is in the identity because a write that puts the
+old mtime back (`touch -d`, `cp -p`, rsync) still moves ctime, which no user call can set. For unpinned assets (no published hash) the same sidecar is the record made at
 the first download that later uses are held to.
 """
 
@@ -136,12 +137,7 @@ def _reason(exc: BaseException) -> str:
 def _check_cached(path: Path, sha256: str | None) -> None:
     """Accept a cached file only if it hashes to `sha256` (or to its own first-download record)."""
     marker = _read_marker(path)
-    stat = path.stat()
-    unchanged = (
-        marker is not None
-        and marker.get("size") == stat.st_size
-        and marker.get("mtime_ns") == stat.st_mtime_ns
-    )
+    unchanged = marker is not None and all(marker[k] == v for k, v in _identity(path).items())
     digest = marker["sha256"] if unchanged else _hash_file(path)
     expected = sha256 or (marker or {}).get("sha256")
     if expected is not None and digest != expected:
@@ -170,10 +166,19 @@ def _read_marker(path: Path) -> dict | None:
         record = json.loads(_marker_path(path).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and {"sha256", "size", "mtime_ns"} <= record.keys() else None
+    keys = {"sha256", *_IDENTITY_FIELDS}
+    return record if isinstance(record, dict) and keys <= record.keys() else None
+
+
+_IDENTITY_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino")
+
+
+def _identity(path: Path) -> dict[str, int]:
+    """What changes whenever the file's bytes may have: a match means the recorded hash holds."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
 
 def _write_marker(path: Path, digest: str) -> None:
-    stat = path.stat()
-    record = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = {"sha256": digest, **_identity(path)}
     _marker_path(path).write_text(json.dumps(record) + "\n")
