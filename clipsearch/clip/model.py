@@ -208,14 +208,13 @@ class VisionTransformer(nn.Module):
                  output_dim: int, act_layer: type[nn.Module]):
         super().__init__()
         self.input_resolution = resolution
-        scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((resolution // patch_size) ** 2 + 1, width))
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty((resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, act_layer)
         self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [N, grid * grid, width]
@@ -223,6 +222,11 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
+
+    def initialize_parameters(self) -> None:
+        std = self.proj.shape[0] ** -0.5
+        for parameter in (self.class_embedding, self.positional_embedding, self.proj):
+            nn.init.normal_(parameter, std=std)
 
 
 class Bottleneck(nn.Module):
@@ -265,7 +269,7 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int):
         super().__init__()
         self.heads = heads
-        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.positional_embedding = nn.Parameter(torch.empty(spatial_dim ** 2 + 1, embed_dim))
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -285,6 +289,7 @@ class AttentionPool2d(nn.Module):
 
     def initialize_parameters(self) -> None:
         std = self.c_proj.in_features ** -0.5
+        nn.init.normal_(self.positional_embedding, std=std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
             nn.init.normal_(proj.weight, std=std)
 
@@ -364,18 +369,23 @@ class CLIP(nn.Module):
 
         if towers != "image":
             width = config.text_width
-            self.token_embedding = nn.Embedding(config.vocab_size, width)
+            # Allocated, not drawn (nn.Embedding's own init would draw values only to be replaced).
+            self.token_embedding = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, width), freeze=False)
             self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
             self.transformer = Transformer(width, config.text_layers, config.text_heads, act_layer, causal=True)
             self.ln_final = LayerNorm(width)
             self.text_projection = nn.Parameter(torch.empty(width, config.embed_dim))
 
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
-        self.initialize_parameters()
+        self.logit_scale = nn.Parameter(torch.full([], math.log(1 / 0.07)))
+        # A model built on the meta device is about to be filled from a checkpoint; drawing
+        # values there would also import torch._dynamo (PyTorch's meta kernel for normal_
+        # needs it), a second or more of start-up for nothing.
+        if not self.logit_scale.is_meta:
+            self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
         """OpenAI's initialisation, for training from scratch."""
-        if isinstance(self.visual, ModifiedResNet):
+        if self.visual is not None:
             self.visual.initialize_parameters()
         if self.towers == "image":
             return
@@ -451,12 +461,16 @@ def build_model(state_dict: Mapping[str, torch.Tensor], towers: Towers = "both",
     say ``quick_gelu=False``, since the weights cannot tell.
     """
     config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
-    # Built without memory or random initialisation: the checkpoint fills every tensor.
+    # Built without memory or random initialisation, then handed the checkpoint's tensors
+    # (``assign``): materialising the meta tensors first (``to_empty``) would import ~500
+    # PyTorch modules, 0.4 s of start-up, only to overwrite them.
     with torch.device("meta"):
         model = CLIP(config, towers)
-    model.to_empty(device="cpu")
+    # Copies the model owns: a checkpoint's tensors may be read-only maps of the file.
+    weights = {key: value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
+               for key, value in tower_state_dict(state_dict, towers).items()}
     try:
-        model.load_state_dict(tower_state_dict(state_dict, towers))
+        model.load_state_dict(weights, assign=True)
     except RuntimeError as err:
         raise CheckpointError(
             "The weights do not fit a CLIP of the shape they imply; "
