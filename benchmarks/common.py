@@ -6,6 +6,7 @@ taken between two things timed in the same process, alternating, on the same inp
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -48,7 +49,8 @@ def random_model(arch: str) -> Path:
         config = open_clip.get_model_config(arch)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+        weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(weights, str(folder / "open_clip_model.safetensors"))
     return folder
 
 
@@ -73,32 +75,49 @@ def clipsearch_command() -> list[str]:
     return [str(Path(sys.executable).parent / "clipsearch")]
 
 
-def clustered_vectors(count: int, dim: int = 512, seed: int = 0, chunk: int = 0, clusters: int = 4096):
-    """``count`` L2-normalised float32 vectors shaped like CLIP image embeddings, chunk ``chunk``
-    of a seeded stream.
+def clustered_vectors(count: int, clusters: int, dim: int = 512, chunk: int = 0, seed: int = 0):
+    """``count`` L2-normalised float32 vectors shaped like CLIP image embeddings: chunk ``chunk``
+    of a seeded stream drawn around ``clusters`` centres.
 
     Uniform random vectors would be the worst case for an approximate index and nothing like a
     photo library: CLIP embeddings share a common direction (two unrelated photos sit near
-    cosine 0.5) and gather in clusters (similar scenes near 0.8). So: one shared direction,
-    ``clusters`` centres, and per-vector noise, weighted to give those two cosines.
+    cosine 0.5) and gather in groups (a burst, a trip, a pet: near 0.8). So: one shared
+    direction, the centres, and per-vector noise, weighted to give those two cosines. Callers
+    use about 100 vectors per centre; far fewer centres would flatter an inverted-file index,
+    whose lists would each hold whole groups.
     """
     import numpy as np
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    shared_rng = np.random.default_rng([seed, 0])
-    common_direction = unit(shared_rng.standard_normal(dim, dtype=np.float32))
-    centres = unit(shared_rng.standard_normal((clusters, dim), dtype=np.float32))
+    common_direction, centres = _centres(clusters, dim, seed)
     rng = np.random.default_rng([seed, 1, chunk])
-    noise = unit(rng.standard_normal((count, dim), dtype=np.float32))
+    noise = _unit(rng.standard_normal((count, dim), dtype=np.float32))
     picked = centres[rng.integers(0, clusters, count)]
-    return unit(common_direction + 0.8 * picked + 0.6 * noise).astype(np.float32)
+    return _unit(common_direction + 0.8 * picked + 0.6 * noise)
 
 
-def held_out_queries(count: int, dim: int = 512):
+@functools.cache
+def _centres(clusters: int, dim: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 0])
+    common_direction = _unit(rng.standard_normal(dim, dtype=np.float32))
+    return common_direction, _unit(rng.standard_normal((clusters, dim), dtype=np.float32))
+
+
+def _unit(x):
+    import numpy as np
+
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def clusters_for(total: int) -> int:
+    """About 100 vectors per group, whatever the collection size."""
+    return max(1, total // 100)
+
+
+def held_out_queries(count: int, clusters: int, dim: int = 512):
     """Query vectors from the same distribution as `clustered_vectors` but none of its chunks."""
-    return clustered_vectors(count, dim, chunk=2**31)
+    return clustered_vectors(count, clusters, dim, chunk=2**31)
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

@@ -100,7 +100,8 @@ def main() -> None:
         if name != "peer fp32":
             rows.append((f"min cosine to our fp32, {name}", f"{cosines[name]:.5f}", "-", "-"))
     notes = [f"{args.arch}, batch {args.batch}, {args.threads} threads, {args.repeats} interleaved repeats "
-             f"(median and best); peer = open_clip fp32 eager; {len(batch)} generated photos at {batch.shape[-1]} px; target: auto >= 1.6x peer, "
+             f"(median and best); peer = open_clip fp32 eager; {len(batch)} generated photos at "
+             f"{batch.shape[-1]} px; target: auto >= 1.6x peer, "
              f"cosine >= {cpu.MIN_COSINE}."]
     if not cpu.has_native_bf16():
         notes.append("bf16 not timed: this CPU has no bf16 instructions (emulated bf16 runs ~10x slower than fp32).")

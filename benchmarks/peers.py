@@ -114,7 +114,7 @@ def run_rclip_offline(argv: list[str]) -> None:
             raise SystemExit(f"{path} is missing: run `python benchmarks/peers.py setup`")
         return str(path)
 
-    model_download.download_onnx_model = lambda filename, tqdm_class=None: local(datadir / RCLIP_MODEL_SUBDIR / filename)
+    model_download.download_onnx_model = lambda name, tqdm_class=None: local(datadir / RCLIP_MODEL_SUBDIR / name)
     model_download.download_tokenizer_vocab = lambda tqdm_class=None: local(datadir / RCLIP_VOCAB)
     sys.argv = ["rclip", *argv]
     rclip_main.main()
@@ -166,12 +166,12 @@ def _fill_db(datadir: Path, root: Path, count: int, folders: int) -> None:
     """Runs inside the peer venv: rclip's own DB class makes the schema, rows go in in bulk."""
     from rclip import db
 
-    from common import clustered_vectors
+    from common import clusters_for, clustered_vectors
 
     database = db.DB(datadir / "db.sqlite3")
     chunk_size = 100_000
     for chunk, start in enumerate(range(0, count, chunk_size)):
-        vectors = clustered_vectors(min(chunk_size, count - start), chunk=chunk)
+        vectors = clustered_vectors(min(chunk_size, count - start), clusters_for(count), chunk=chunk)
         for i, vector in enumerate(vectors, start):
             path = root / f"{i % folders:04d}" / f"{i:08d}.jpg"
             database.upsert_image(db.NewImage(filepath=str(path), modified_at=0.0, size=0, vector=vector.tobytes(),

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import peers
-from common import (bench_dir, clipsearch_command, clustered_vectors, fmt, held_out_queries, median, ours_env,
-                    percentile, print_table, random_model, ratio)
+from common import (bench_dir, clipsearch_command, clusters_for, clustered_vectors, fmt, held_out_queries, median,
+                    ours_env, percentile, print_table, random_model, ratio)
 
 ARCH = "ViT-B-32"
 CHUNK = 100_000
@@ -66,7 +66,7 @@ def filled_home(count: int, model: Path) -> Path:
     with Index.open(home, model=str(model)) as index:
         index.catalog.set_meta("dim", "512")
         for chunk, start in enumerate(range(0, count, CHUNK)):
-            vectors = clustered_vectors(min(CHUNK, count - start), chunk=chunk)
+            vectors = clustered_vectors(min(CHUNK, count - start), clusters_for(count), chunk=chunk)
             index.catalog.commit_batch([
                 IndexedFile(path=bytes(file_path(root, start + i)), size=0, mtime_ns=0,
                             fingerprint=(start + i).to_bytes(16, "little"), width=640, height=480, vector=vector)
@@ -95,7 +95,7 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
     from clipsearch.vectors import VectorIndex
 
     home = filled_home(count, model)
-    queries = held_out_queries(100)
+    queries = held_out_queries(100, clusters_for(count))
     with Index.open(home, readonly=True) as index:
         index.search(QUERY, k=10)  # loads the text tower and the FAISS file
         vectors = VectorIndex.load(home, index.catalog, save=False)

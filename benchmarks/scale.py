@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from common import bench_dir, clustered_vectors, fmt, held_out_queries, median, percentile, print_table
+from common import (bench_dir, clusters_for, clustered_vectors, fmt, held_out_queries, median, percentile,
+                    print_table)
 
 CHUNK = 100_000
 K = 10
@@ -32,7 +33,10 @@ def rss_bytes() -> int:
     return 0
 
 
-def merge_top(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+Top = tuple[np.ndarray, np.ndarray]  # (scores, ids), [queries, K]
+
+
+def merge_top(best: Top, scores: np.ndarray, ids: np.ndarray) -> Top:
     """Keep the K highest of the running best and a new chunk's candidates, per query."""
     all_scores = np.concatenate([best[0], scores], axis=1)
     all_ids = np.concatenate([best[1], ids], axis=1)
@@ -57,13 +61,15 @@ def main() -> None:
     index_type = choose_index_type(n, dim)
     index = faiss.index_factory(dim, "IDMap2," + index_type, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
-    queries = held_out_queries(args.queries, dim)
+    clusters = clusters_for(n)
+    queries = held_out_queries(args.queries, clusters, dim)
     best = (np.full((len(queries), K), -np.inf, np.float32), np.full((len(queries), K), -1, np.int64))
     rss_before = rss_bytes()
 
     # Train on the first chunks (a bounded sample, as the engine does), then add everything.
     wanted = TRAIN_POINTS_PER_LIST * ivf.nlist
-    train = np.concatenate([clustered_vectors(CHUNK, dim, chunk=c) for c in range(-(-min(wanted, n) // CHUNK))])
+    chunks_to_train = -(-min(wanted, n) // CHUNK)
+    train = np.concatenate([clustered_vectors(CHUNK, clusters, dim, chunk=c) for c in range(chunks_to_train)])
     started = time.perf_counter()
     index.train(train[:wanted])
     train_s = time.perf_counter() - started
@@ -71,7 +77,7 @@ def main() -> None:
     add_s = generate_s = 0.0
     for chunk, start in enumerate(range(0, n, CHUNK)):
         t0 = time.perf_counter()
-        vectors = clustered_vectors(min(CHUNK, n - start), dim, chunk=chunk)
+        vectors = clustered_vectors(min(CHUNK, n - start), clusters, dim, chunk=chunk)
         ids = np.arange(start, start + len(vectors), dtype=np.int64)
         scores, rows = faiss.knn(queries, vectors, K, metric=faiss.METRIC_INNER_PRODUCT)
         best = merge_top(best, scores, ids[rows])
