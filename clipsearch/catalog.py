@@ -19,6 +19,7 @@ A `Catalog` holds one SQLite connection: use it from one thread at a time.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import time
@@ -26,39 +27,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import (
-    BigInteger,
-    CheckConstraint,
-    Connection,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Text,
-    bindparam,
-    cast,
-    create_engine,
-    delete,
-    exc,
-    func,
-    select,
-    update,
-)
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.pool import NullPool
 
 from clipsearch import __version__
 from clipsearch.errors import IndexStateError
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from sqlalchemy import Connection
 
 STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING = "indexed", "failed", "missing"
 
@@ -71,7 +50,7 @@ HEAD_REVISION = "0002"
 
 _BUSY_TIMEOUT_MS = 10_000
 _LOCK_POLL_S = 0.1
-_CHUNK = 10_000  # ids or fingerprints per IN (...) query, well under SQLite's variable limit
+_CHUNK = 10_000  # vectors per fetch when reading them all
 
 
 def encode_path(path: str | os.PathLike[str] | bytes) -> bytes:
@@ -83,64 +62,14 @@ def decode_path(path: bytes) -> Path:
     return Path(os.fsdecode(path))
 
 
-class Base(DeclarativeBase):
-    # Named constraints let Alembic's batch mode rebuild SQLite tables without guessing.
-    metadata = MetaData(
-        naming_convention={
-            "ix": "ix_%(table_name)s_%(column_0_name)s",
-            "uq": "uq_%(table_name)s_%(column_0_name)s",
-            "ck": "ck_%(table_name)s_%(constraint_name)s",
-            "pk": "pk_%(table_name)s",
-            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-        }
-    )
+def __getattr__(name: str) -> Any:
+    """The typed models (`clipsearch.schema`) under the names they had here, for
+    migrations/env.py, imported only when asked for."""
+    if name in ("Base", "Image", "Vector", "Meta"):
+        from clipsearch import schema
 
-
-class Image(Base):
-    """One file seen by the indexer; its vector, if indexed, lives in `Vector`.
-
-    Vectors are kept out of this table so that the indexer's diff scans ~100 bytes a row
-    instead of ~1 KiB: at 100k files that is the difference between 10 MB and 110 MB read.
-    """
-
-    __tablename__ = "images"
-    __table_args__ = (
-        CheckConstraint(
-            f"status IN ('{STATUS_INDEXED}', '{STATUS_FAILED}', '{STATUS_MISSING}')", name="status"
-        ),
-        # Ids are never reused, so an id from a FAISS file that is a moment out of date can only
-        # miss, never name another file.
-        {"sqlite_autoincrement": True},
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    fingerprint: Mapped[bytes | None] = mapped_column(LargeBinary, index=True)
-    width: Mapped[int | None]
-    height: Mapped[int | None]
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    error: Mapped[str | None] = mapped_column(Text)
-    indexed_at: Mapped[float | None] = mapped_column(Float)  # unix time of the last encode attempt
-
-
-class Vector(Base):
-    """The embedding of an indexed image: exactly the rows with status "indexed" have one."""
-
-    __tablename__ = "vectors"
-
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float16 [dim]
-
-
-class Meta(Base):
-    """Index-wide settings: model, dim, generation, created_at, clipsearch_version."""
-
-    __tablename__ = "meta"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FileState(NamedTuple):
@@ -192,13 +121,19 @@ class ImageRow:
 
 
 class Catalog:
-    """An open `catalog.db`; see `Catalog.open`."""
+    """An open `catalog.db`; see `Catalog.open`.
 
-    def __init__(self, home: Path, connection: Connection, readonly: bool) -> None:
+    Reads are plain SQL on the sqlite3 connection. Writes go through SQLAlchemy and the typed
+    models in `clipsearch.schema`, on the same connection, imported by the first write: a query
+    or a re-run with nothing to write never pays for importing them.
+    """
+
+    def __init__(self, home: Path, db: sqlite3.Connection, readonly: bool) -> None:
         self.home = home
         self.path = home / CATALOG_FILE
         self.readonly = readonly
-        self._conn = connection
+        self._db = db
+        self._sqlalchemy: Connection | None = None
 
     @classmethod
     def open(
@@ -221,14 +156,8 @@ class Catalog:
                 raise IndexStateError(
                     f"Cannot create the index folder {home} ({e.strerror}); choose another --home."
                 ) from e
-        engine = create_engine(
-            "sqlite://",
-            creator=lambda: _connect(db, readonly=readonly, create=create),
-            poolclass=NullPool,
-            isolation_level="AUTOCOMMIT",  # transactions are ours: see Catalog._transaction
-        )
         with _sqlite_errors(db):
-            catalog = cls(home, engine.connect(), readonly)
+            catalog = cls(home, _connect(db, readonly=readonly, create=create), readonly)
         try:
             catalog._check_schema(create)
         except BaseException:
@@ -237,8 +166,10 @@ class Catalog:
         return catalog
 
     def close(self) -> None:
-        self._conn.close()
-        self._conn.engine.dispose()
+        if self._sqlalchemy is not None:
+            self._sqlalchemy.close()
+            self._sqlalchemy.engine.dispose()  # closes the sqlite3 connection it was lent
+        self._db.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -249,8 +180,8 @@ class Catalog:
     # --- settings -------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        with self._transaction(write=False) as conn:
-            return _get_meta(conn, key)
+        with self._read() as db:
+            return _get_meta(db, key)
 
     def set_meta(self, key: str, value: str) -> None:
         with self._transaction(write=True) as conn:
@@ -265,35 +196,37 @@ class Catalog:
 
     def file_states(self) -> dict[bytes, FileState]:
         """Every row, keyed by path, in one query: the indexer's diff runs against this."""
-        query = select(Image.path, Image.id, Image.size, Image.mtime_ns, Image.status, Image.fingerprint)
-        with self._transaction(write=False) as conn:
-            return {
-                path: FileState(id_, size, mtime_ns, status, fingerprint)
-                for path, id_, size, mtime_ns, status, fingerprint in conn.execute(query)
-            }
+        query = "SELECT path, id, size, mtime_ns, status, fingerprint FROM images"
+        with self._read() as db:
+            rows = db.execute(query).fetchall()
+        return {row[0]: FileState._make(row[1:]) for row in rows}
 
     def vectors_by_fingerprint(self, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
         """Vectors of indexed rows with these fingerprints, so moved or copied files skip encoding."""
+        # One indexed lookup each: SQLite has no array parameter for blobs, and these are the
+        # few files about to be decoded anyway.
+        query = (
+            "SELECT vectors.vector FROM images JOIN vectors ON vectors.image_id = images.id "
+            "WHERE images.fingerprint = ? LIMIT 1"
+        )
         found: dict[bytes, np.ndarray] = {}
-        with self._transaction(write=False) as conn:
-            for chunk in _chunks(list(set(fingerprints))):
-                query = (
-                    select(Image.fingerprint, Vector.vector).join(Vector).where(Image.fingerprint.in_(chunk))
-                )
-                for fingerprint, blob in conn.execute(query):
-                    found[fingerprint] = np.frombuffer(blob, dtype="<f2").astype(np.float32)
+        with self._read() as db:
+            for fingerprint in set(fingerprints):
+                row = db.execute(query, (fingerprint,)).fetchone()
+                if row is not None:
+                    found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32)
         return found
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], vectors float32 [n, dim]) of the indexed rows, ordered by id."""
-        with self._transaction(write=False) as conn:
-            n = conn.scalar(select(func.count()).where(Image.status == STATUS_INDEXED))
+        with self._read() as db:
+            n = db.execute("SELECT count(*) FROM images WHERE status = ?", (STATUS_INDEXED,)).fetchone()[0]
             ids = np.empty(n, dtype=np.int64)
             vectors = None
             start = 0
             # Chunks go straight into the result: peak memory stays near its float32 size.
-            query = select(Vector.image_id, Vector.vector).order_by(Vector.image_id)
-            for rows in conn.execute(query).partitions(_CHUNK):
+            cursor = db.execute("SELECT image_id, vector FROM vectors ORDER BY image_id")
+            while rows := cursor.fetchmany(_CHUNK):
                 row_ids, blobs = zip(*rows)
                 chunk = np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(rows), -1)
                 if vectors is None:
@@ -302,37 +235,35 @@ class Catalog:
                 vectors[start : start + len(rows)] = chunk
                 start += len(rows)
             if vectors is None:
-                vectors = np.empty((0, int(_get_meta(conn, "dim") or 0)), dtype=np.float32)
+                vectors = np.empty((0, int(_get_meta(db, "dim") or 0)), dtype=np.float32)
         return ids, vectors
 
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         """Indexed rows by id; ids of rows that are gone or no longer indexed are left out."""
-        found: dict[int, ImageRow] = {}
-        with self._transaction(write=False) as conn:
-            for chunk in _chunks([int(i) for i in ids]):
-                query = select(
-                    Image.id, Image.path, Image.size, Image.mtime_ns, Image.width, Image.height
-                ).where(Image.id.in_(chunk), Image.status == STATUS_INDEXED)
-                for row in conn.execute(query):
-                    found[row.id] = ImageRow(*row)
-        return found
+        # The ids travel as one JSON array parameter: no SQL is built from their number.
+        query = (
+            "SELECT id, path, size, mtime_ns, width, height FROM images "
+            "WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
+        )
+        with self._read() as db:
+            rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
+        return {row[0]: ImageRow(*row) for row in rows}
 
     def counts(self) -> dict[str, int]:
         """Rows by status, every status present (zero when none)."""
-        query = select(Image.status, func.count()).group_by(Image.status)
-        with self._transaction(write=False) as conn:
-            found = dict(conn.execute(query).all())
+        with self._read() as db:
+            found = dict(db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
         return {status: found.get(status, 0) for status in (STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING)}
 
     def failures(self) -> list[tuple[bytes, str]]:
-        query = select(Image.path, Image.error).where(Image.status == STATUS_FAILED).order_by(Image.path)
-        with self._transaction(write=False) as conn:
-            return [(path, error or "") for path, error in conn.execute(query)]
+        query = "SELECT path, error FROM images WHERE status = ? ORDER BY path"
+        with self._read() as db:
+            return [(path, error or "") for path, error in db.execute(query, (STATUS_FAILED,))]
 
     def integrity_problems(self) -> list[str]:
         """SQLite's own full check (`PRAGMA integrity_check`); empty when the file is sound."""
-        with self._transaction(write=False) as conn:
-            lines = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check")]
+        with self._read() as db:
+            lines = [row[0] for row in db.execute("PRAGMA integrity_check")]
         return [] if lines == ["ok"] else lines
 
     # --- writes ---------------------------------------------------------------------------
@@ -346,6 +277,11 @@ class Catalog:
         """Record one indexer batch in one transaction: a crash keeps all of it or none of it."""
         if not (indexed or failed or missing):
             return
+        from sqlalchemy import bindparam, delete, select, update
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        from clipsearch.schema import Image, Vector
+
         now = time.time()
 
         def stat(f: IndexedFile | FailedFile) -> dict:
@@ -389,6 +325,10 @@ class Catalog:
         [prefix + b"/", prefix + b"0") holds exactly the paths below the folder, since "0" follows
         "/" in byte order, and it is served by the unique index on path.
         """
+        from sqlalchemy import delete
+
+        from clipsearch.schema import Image
+
         removed = 0
         with self._transaction(write=True) as conn:
             for prefix in prefixes:
@@ -436,34 +376,66 @@ class Catalog:
         if self.readonly:
             raise IndexStateError(f"The index in {self.home} was opened read-only; it cannot be changed.")
 
+    @property
+    def _conn(self) -> Connection:
+        """SQLAlchemy on the catalog's own sqlite3 connection (never a second one: a second
+        connection would not see this one's transaction), made on first use."""
+        if self._sqlalchemy is None:
+            from sqlalchemy import create_engine
+            from sqlalchemy.pool import StaticPool
+
+            engine = create_engine(
+                "sqlite://",
+                creator=lambda: self._db,
+                poolclass=StaticPool,
+                isolation_level="AUTOCOMMIT",  # transactions are ours: see Catalog._begin
+            )
+            with _sqlite_errors(self.path):
+                self._sqlalchemy = engine.connect()
+        return self._sqlalchemy
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction on the sqlite3 connection: one snapshot, never waiting for a writer."""
+        with self._begin(self._db.execute, write=False):
+            yield self._db
+
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        """A transaction for SQLAlchemy statements, begun through SQLAlchemy so that it (and
+        Alembic) knows one is open and neither begins nor commits one of its own."""
+        if write:
+            self._require_writable()
+        conn = self._conn
+        with self._begin(conn.exec_driver_sql, write):
+            yield conn
+
+    @contextmanager
+    def _begin(self, execute: Callable[[str], object], write: bool) -> Iterator[None]:
         """One SQLite transaction, with errors turned into IndexStateError.
 
         Writes start with BEGIN IMMEDIATE: the write lock is taken (waiting up to busy_timeout)
         before anything is read, so a write never fails half-way on a lock upgrade. Reads use a
         deferred BEGIN, which in WAL mode never waits for a writer and sees one snapshot.
         """
-        if write:
-            self._require_writable()
-        conn = self._conn
         with _sqlite_errors(self.path):
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                yield conn
-                conn.exec_driver_sql("COMMIT")
+                yield
+                execute("COMMIT")
             except BaseException:
                 # SQLite may already have rolled back by itself (disk full, I/O error).
-                if conn.connection.dbapi_connection.in_transaction:
-                    conn.exec_driver_sql("ROLLBACK")
+                if self._db.in_transaction:
+                    execute("ROLLBACK")
                 raise
 
     def _check_schema(self, create: bool) -> None:
-        with self._transaction(write=False) as conn:
-            tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars())
+        with self._read() as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             revision = None
             if "alembic_version" in tables:
-                revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+                found = db.execute("SELECT version_num FROM alembic_version").fetchone()
+                revision = found[0] if found else None
         if revision == HEAD_REVISION:
             return
         if revision is None and tables:
@@ -576,12 +548,17 @@ def _error_code(error: sqlite3.Error) -> int | None:
 
 @contextmanager
 def _sqlite_errors(db: Path) -> Iterator[None]:
-    """Turn SQLite failures a person can act on into IndexStateError naming the file."""
+    """Turn SQLite failures a person can act on into IndexStateError naming the file.
+
+    SQLAlchemy wraps the sqlite3 error of a statement it ran in ``orig``.
+    """
     try:
         yield
-    except (exc.DBAPIError, sqlite3.Error) as e:
-        error = e.orig if isinstance(e, exc.DBAPIError) else e
-        code = _error_code(error) if isinstance(error, sqlite3.Error) else None
+    except Exception as e:
+        error = getattr(e, "orig", e)
+        if not isinstance(error, sqlite3.Error):
+            raise
+        code = _error_code(error)
         if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
             message = (
                 f"{db} is damaged ({error}); it was left untouched: restore it from a backup, "
@@ -609,17 +586,27 @@ def _no_index(home: Path) -> IndexStateError:
     return IndexStateError(f"There is no index in {home}; create one with `clipsearch index PATH`.")
 
 
-def _get_meta(conn: Connection, key: str) -> str | None:
-    return conn.scalar(select(Meta.value).where(Meta.key == key))
+def _get_meta(db: sqlite3.Connection, key: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
 
 
 def _set_meta(conn: Connection, key: str, value: str) -> None:
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    from clipsearch.schema import Meta
+
     upsert = sqlite_insert(Meta).values(key=key, value=value)
     changed = dict(value=upsert.excluded.value)
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=changed))
 
 
 def _bump_generation(conn: Connection) -> None:
+    from sqlalchemy import Integer, Text, cast
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    from clipsearch.schema import Meta
+
     upsert = sqlite_insert(Meta).values(key="generation", value="1")
     next_value = cast(cast(Meta.value, Integer) + 1, Text)
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=dict(value=next_value)))
@@ -630,8 +617,3 @@ def _vector_blob(vector: np.ndarray) -> bytes:
     if vector.ndim != 1:
         raise ValueError(f"expected one vector of shape [dim], got shape {vector.shape}")
     return vector.astype("<f2").tobytes()
-
-
-def _chunks(items: list) -> Iterator[list]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import torch
+from helpers import make_library, tiny_model  # noqa: F401
 
+from clipsearch import Index
 from clipsearch.clip.model import CLIP, ModelConfig
 
 SMALL = ModelConfig(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
@@ -39,3 +41,25 @@ def test_model_from_scratch_is_initialised():
     assert abs(model.token_embedding.weight.std().item() - 0.02) < 0.002
     assert abs(model.positional_embedding.std().item() - 0.01) < 0.002
     assert model.logit_scale.item() == torch.tensor(1 / 0.07).log().item()
+
+
+def modules_after(code: str) -> set[str]:
+    """The heavy modules a fresh interpreter has imported after running ``code``."""
+    code += "\nimport sys; print(' '.join(sorted({'torch', 'sqlalchemy', 'alembic'} & set(sys.modules))))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_a_rerun_with_nothing_to_do_imports_neither_sqlalchemy_nor_torch(tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 4)
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu") as index:
+        assert index.add([tmp_path / "lib"], workers=0).new == 4
+    rerun = (
+        "from clipsearch import Index\n"
+        f"with Index.open({str(tmp_path / 'home')!r}) as index:\n"
+        f"    assert index.add([{str(tmp_path / 'lib')!r}]).unchanged == 4\n"
+        "    assert index.status().counts['indexed'] == 4\n"
+    )
+    assert modules_after(rerun) == set()
+
