@@ -156,6 +156,11 @@ class Catalog:
                 raise IndexStateError(
                     f"Cannot create the index folder {home} ({e.strerror}); choose another --home."
                 ) from e
+        elif not readonly and not os.access(home, os.W_OK):  # also false on a read-only filesystem
+            raise IndexStateError(
+                f"The index folder {home} cannot be written; queries still work, but to change the "
+                "index fix its permissions or use another --home."
+            )
         with _sqlite_errors(db):
             catalog = cls(home, _connect(db, readonly=readonly, create=create), readonly)
         try:

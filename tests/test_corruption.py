@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from helpers import encoded, make_library, tiny_encoder, tiny_model  # noqa: F401
 from reliability_helpers import (
-    IS_ROOT,
     assert_no_traceback,
     catalog_vectors,
     expected_vectors,
@@ -247,13 +246,6 @@ def test_read_only_home_refuses_index_and_still_answers_queries(cli, indexed, tm
     assert len(catalog_vectors(cli.home)) == 6
 
 
-@pytest.mark.xfail(strict=IS_ROOT, reason=(  # seen on a read-only filesystem (root's bind mount);
-    # a normal user's chmod may fail differently in SQLite, so there an XPASS is allowed
-    "BUG: catalog.Catalog.open (writable) on a home in a read-only folder or filesystem fails in "
-    "SQLite with CANTOPEN, and _sqlite_errors says 'cannot be opened ...; check that HOME and the "
-    "file are readable' - they are readable; the folder is not writable. Suggested: before a "
-    "writable open, check os.access(home, os.W_OK) (False on EROFS too) and say the home cannot be "
-    "written, that queries still work, and to use another --home or fix permissions"))
 def test_read_only_home_error_says_it_cannot_be_written(cli, indexed, tmp_path):
     make_library(tmp_path / "more", 2, start_seed=30)
     with read_only(cli.home):
