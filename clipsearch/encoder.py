@@ -2,6 +2,9 @@
 
 Everything downstream (catalog, FAISS, search) sees only L2-normalised float32 numpy arrays,
 whatever the device and precision the model ran in.
+
+Text queries take a lighter road (`TextEncoder`): the text tower in NumPy, from a file the
+first query exported, so that a `clipsearch query` process never imports torch.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def resolve_device(device: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def open_encoder(model_ref: str, device: str = "auto", precision: str = "auto",
+                 towers: str = "both") -> Encoder | TextEncoder:
+    """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
+    full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
+    machine stays on the CPU too: one query takes milliseconds there, starting CUDA a second."""
+    if towers == "text" and device in ("auto", "cpu") and precision in ("auto", "fp32"):
+        return TextEncoder(model_ref)
+    return Encoder(model_ref, device, precision, towers)
 
 
 class Encoder:
@@ -81,6 +94,32 @@ class Encoder:
             return _normalised(self.model.encode_text(tokens.to(self.device)))
 
 
+class TextEncoder:
+    """Text to unit vectors without torch: CLIP's text tower in NumPy (`clip.numpy_text`).
+
+    Its weights come from the model cache, where the first text query of a model exported them;
+    when they are missing or stale, the model is loaded with torch once more and exported again.
+    """
+
+    towers = "text"
+
+    def __init__(self, model_ref: str):
+        from clipsearch.clip import numpy_text
+
+        self.model_id = model_id(model_ref)
+        self.tower = numpy_text.load_cached(model_ref) or numpy_text.export(model_ref)
+        self.dim: int = self.tower.embed_dim
+        self.logit_scale = self.tower.logit_scale
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts → ``float32 [N, dim]`` unit vectors, as `Encoder.encode_texts` gives them."""
+        tokens = self.tower.tokenizer.ids(list(texts), context_length=self.tower.context_length, truncate=True)
+        return _unit(self.tower.encode_text(tokens))
+
+
 def _normalised(features: torch.Tensor) -> np.ndarray:
-    vectors = features.float().cpu().numpy()
+    return _unit(features.float().cpu().numpy())
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)

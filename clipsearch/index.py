@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from clipsearch.catalog import CATALOG_FILE, Catalog, decode_path
-from clipsearch.encoder import model_id
+from clipsearch.encoder import model_id, open_encoder
 from clipsearch.errors import IndexStateError
 from clipsearch.indexer import AddReport, Progress, run_add
 from clipsearch.paths import default_home
@@ -28,7 +28,7 @@ from clipsearch.search import Hit, Query, as_terms, needed_towers, query_vector,
 from clipsearch.walk import normalise_roots
 
 if TYPE_CHECKING:
-    from clipsearch.encoder import Encoder
+    from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
 DEFAULT_MODEL = "ViT-B/32"
@@ -62,7 +62,7 @@ class Index:
         self.device = device
         self.precision = precision
         self.readonly = readonly
-        self._encoder: Encoder | None = None
+        self._encoder: Encoder | TextEncoder | None = None
         self._vectors: tuple[int, VectorIndex] | None = None  # (catalog generation, index)
 
     @classmethod
@@ -167,14 +167,12 @@ class Index:
         """Files that could not be indexed, with the reason."""
         return [(decode_path(path), error) for path, error in self.catalog.failures()]
 
-    def encoder(self, towers: str = "both") -> Encoder:
+    def encoder(self, towers: str = "both") -> Encoder | TextEncoder:
         """The model, loaded once with at least ``towers``; checked against the index's dimension."""
-        from clipsearch.encoder import Encoder
-
         if self._encoder is None or self._encoder.towers not in ("both", towers):
             if self._encoder is not None:
                 towers = "both"  # text and images are both wanted by now
-            encoder = Encoder(self.model, self.device, self.precision, towers)
+            encoder = open_encoder(self.model, self.device, self.precision, towers)
             dim = self.catalog.get_meta("dim")
             if dim is None and not self.readonly:
                 self.catalog.set_meta("dim", str(encoder.dim))

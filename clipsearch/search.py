@@ -22,7 +22,7 @@ from clipsearch.walk import normalise_roots, under
 
 if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
-    from clipsearch.encoder import Encoder
+    from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
 Term = Union[str, Path]  # a str is text; a Path is an example image
@@ -65,7 +65,7 @@ def needed_towers(terms: Sequence[tuple[float, Term]]) -> str:
     return "both" if kinds == {True, False} else ("image" if True in kinds else "text")
 
 
-def query_vector(encoder: Encoder, terms: Sequence[tuple[float, Term]]) -> np.ndarray:
+def query_vector(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Term]]) -> np.ndarray:
     """One unit vector for a weighted combination of texts and images."""
     from clipsearch.decode import decode_file
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 from helpers import make_library, tiny_model  # noqa: F401
 
@@ -63,3 +68,111 @@ def test_a_rerun_with_nothing_to_do_imports_neither_sqlalchemy_nor_torch(tmp_pat
     )
     assert modules_after(rerun) == set()
 
+
+# --- the text tower in NumPy ------------------------------------------------------------------
+
+VIT_B32_TEXT = ModelConfig(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                           vision_patch_size=32, vision_heads=12, context_length=77, vocab_size=49408,
+                           text_width=512, text_heads=8, text_layers=12)
+
+
+def token_rows(config: ModelConfig, lengths: list[int], seed: int = 1) -> torch.Tensor:
+    """[SOT, random ids..., EOT, 0...] rows, as the tokenizer makes them (EOT is the largest id)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.zeros(len(lengths), config.context_length, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        rows[row, 0] = config.vocab_size - 2
+        rows[row, 1 : length + 1] = torch.randint(1, config.vocab_size - 2, (length,), generator=generator)
+        rows[row, length + 1] = config.vocab_size - 1
+    return rows
+
+
+def assert_text_parity(model: CLIP, tokens: torch.Tensor) -> None:
+    from clipsearch.clip.numpy_text import TextTower
+
+    with torch.no_grad():
+        expected = model.encode_text(tokens).numpy()
+    got = TextTower.from_model(model, "unused-vocab").encode_text(tokens.numpy())
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() <= 1e-5, np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_numpy_text_tower_matches_torch(quick_gelu):
+    config = ModelConfig(**{**SMALL.to_dict(), "quick_gelu": quick_gelu, "text_width": 128, "text_heads": 2})
+    torch.manual_seed(0)
+    model = CLIP(config, towers="text").eval()
+    with torch.no_grad():  # large weights: peaked attention and big activations test more than init does
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.1)
+    assert_text_parity(model, token_rows(config, [3, 7, 14, 0]))
+
+
+def test_numpy_text_tower_matches_torch_at_vit_b32_size():
+    torch.manual_seed(0)
+    model = CLIP(VIT_B32_TEXT, towers="text").eval()
+    assert_text_parity(model, token_rows(VIT_B32_TEXT, [1, 8, 30, 75]))
+
+
+def test_tokenizer_ids_are_the_tensor_rows_as_numpy(tiny_model):
+    from clipsearch.clip.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(os.path.join(tiny_model, "vocab.txt.gz"))
+    texts = ["a dog", "x" * 40]
+    ids = tokenizer.ids(texts, context_length=16, truncate=True)
+    assert ids.dtype == np.int64 and ids.shape == (2, 16)
+    np.testing.assert_array_equal(ids, tokenizer(texts, context_length=16, truncate=True).numpy())
+
+
+def test_the_cached_tower_is_used_until_the_checkpoint_changes(tiny_model, tmp_path):
+    from clipsearch.clip import numpy_text
+    from clipsearch.encoder import Encoder, TextEncoder
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    texts = ["a red circle", "two blue squares on grass"]
+    expected = Encoder(str(model_dir), device="cpu", precision="fp32", towers="text").encode_texts(texts)
+
+    assert numpy_text.load_cached(str(model_dir)) is None
+    first = TextEncoder(str(model_dir))  # loads with torch, exports
+    np.testing.assert_allclose(first.encode_texts(texts), expected, atol=1e-6)
+    cached = numpy_text.load_cached(str(model_dir))
+    assert isinstance(cached.weights["token_embedding.weight"], np.memmap)
+    np.testing.assert_array_equal(TextEncoder(str(model_dir)).encode_texts(texts), first.encode_texts(texts))
+
+    weights = model_dir / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert numpy_text.load_cached(str(model_dir)) is None  # stale: the next TextEncoder re-exports
+    TextEncoder(str(model_dir))
+    assert numpy_text.load_cached(str(model_dir)) is not None
+
+    cache = numpy_text.cache_file(str(model_dir))
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    assert numpy_text.load_cached(str(model_dir)) is None  # damaged: ignored, never trusted
+
+
+def test_a_registry_model_not_downloaded_has_no_cached_tower():
+    from clipsearch.clip import numpy_text
+
+    assert numpy_text.load_cached("ViT-B/32") is None
+
+
+def test_a_text_query_after_the_first_imports_no_torch(tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 6)
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu") as index:
+        index.add([tmp_path / "lib"], workers=0)
+    with Index.open(tmp_path / "home", readonly=True) as reader:
+        first = reader.search("a red circle", k=3)  # loads the model with torch, exports the tower
+    query = (
+        "import json, sys\n"
+        "from clipsearch import Index\n"
+        f"with Index.open({str(tmp_path / 'home')!r}, readonly=True) as index:\n"
+        "    hits = [(str(h.path), h.score) for h in index.search('a red circle', k=3)]\n"
+        "print(json.dumps({'hits': hits, 'torch': 'torch' in sys.modules}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, check=True)
+    later = json.loads(result.stdout)
+    assert later["torch"] is False
+    assert [path for path, _ in later["hits"]] == [str(hit.path) for hit in first]
+    np.testing.assert_allclose([score for _, score in later["hits"]], [hit.score for hit in first], atol=1e-6)

@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import gzip
 import html
+import itertools
 import re
 import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ..errors import ClipsearchError
+
+if TYPE_CHECKING:
+    import torch
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -166,11 +171,12 @@ def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
 
 def read_merges(path: str | Path) -> list[tuple[str, str]]:
     """Read a `bpe_simple_vocab_16e6.txt.gz`-style file: a header line, then one merge
-    ("left right") per line, most frequent first."""
+    ("left right") per line, most frequent first. Reading stops at the last merge used: CLIP's
+    file holds five times more, and a query's start-up would decompress them all."""
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:]
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    return merges[:MAX_MERGES]  # type: ignore[return-value]
+        next(f, None)  # the header
+        merges = (tuple(line.split()) for line in f if line.strip())
+        return list(itertools.islice(merges, MAX_MERGES))  # type: ignore[arg-type]
 
 
 # --- the tokenizer ---------------------------------------------------------------------
@@ -243,9 +249,20 @@ class Tokenizer:
         end of a query changes what is searched for; with `truncate=True` it is cut and
         its last kept token replaced by EOT, as OpenAI's `tokenize` does.
         """
+        import torch
+
+        return torch.from_numpy(self.ids(texts, context_length, truncate))  # type: ignore[return-value]
+
+    def ids(
+        self,
+        texts: str | Sequence[str],
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        truncate: bool = False,
+    ) -> np.ndarray:
+        """What `__call__` returns, as an int64 NumPy array: the query path runs without torch."""
         if isinstance(texts, str):
             texts = [texts]
-        rows = torch.zeros(len(texts), context_length, dtype=torch.long)
+        rows = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             ids = [self.sot_id, *self.encode(text), self.eot_id]
             if len(ids) > context_length:
@@ -257,8 +274,8 @@ class Tokenizer:
                     )
                 ids = ids[:context_length]
                 ids[-1] = self.eot_id
-            rows[row, : len(ids)] = torch.tensor(ids)
-        return rows  # type: ignore[return-value]
+            rows[row, : len(ids)] = ids
+        return rows
 
 
 @lru_cache(maxsize=1)
