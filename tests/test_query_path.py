@@ -176,3 +176,29 @@ def test_a_text_query_after_the_first_imports_no_torch(tmp_path, tiny_model):
     assert later["torch"] is False
     assert [path for path, _ in later["hits"]] == [str(hit.path) for hit in first]
     np.testing.assert_allclose([score for _, score in later["hits"]], [hit.score for hit in first], atol=1e-6)
+
+
+def test_a_search_runs_faiss_on_one_thread_and_restores_the_count(tmp_path, tiny_model, monkeypatch):
+    import faiss
+
+    from clipsearch.vectors import VectorIndex
+
+    make_library(tmp_path / "lib", 4)
+    threads_seen = []
+    real_search = VectorIndex.search
+
+    def search(self, *args):
+        threads_seen.append(faiss.omp_get_max_threads())
+        return real_search(self, *args)
+
+    monkeypatch.setattr(VectorIndex, "search", search)
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu") as index:
+        index.add([tmp_path / "lib"], workers=0)
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(3)
+        try:
+            assert len(index.search("a red circle", k=2)) == 2
+            assert threads_seen and set(threads_seen) == {1}
+            assert faiss.omp_get_max_threads() == 3
+        finally:
+            faiss.omp_set_num_threads(before)
