@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 
 # The issue's bar for "does not hurt embeddings": cosine to the fp32 result, worst image of a batch.
@@ -70,7 +69,8 @@ def has_native_bf16() -> bool:
 def has_int8_kernels() -> bool:
     """fbgemm's int8 GEMMs: x86 only (ARM's qnnpack path was never measured), and only while
     PyTorch still has the quantized tensors they take."""
-    engines = set(getattr(torch.backends, "quantized", None) and torch.backends.quantized.supported_engines or ())
+    quantized = getattr(torch.backends, "quantized", None)
+    engines = set(quantized.supported_engines) if quantized is not None else set()
     return bool({"fbgemm", "x86"} & engines) and hasattr(torch, "quantize_per_channel")
 
 
