@@ -27,6 +27,14 @@ def train(
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = typer.Option(128, "--batch-size", "-b", min=2),
     samples_per_epoch: int = typer.Option(20_000, "--samples-per-epoch", min=1, help="Synthetic scenes per epoch."),
+    hard_negatives: int = typer.Option(
+        3, "--hard-negatives", min=0, max=3,
+        help="Synthetic scenes: changed copies of each scene (another shape, colour, ...) put in its batch.",
+    ),
+    single_object_epochs: int = typer.Option(
+        0, "--single-object-epochs", min=0,
+        help="Synthetic scenes: first epochs with one object per scene, where shapes are learned fastest.",
+    ),
     val_size: int = typer.Option(1_000, "--val-size", min=2, help="Held-out pairs evaluated after each epoch."),
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate."),
     weight_decay: float = typer.Option(0.1, "--weight-decay"),
@@ -55,7 +63,8 @@ def train(
         raise typer.BadParameter("use auto, fp32, fp16 or bf16", param_hint="--precision")
     options = TrainOptions(
         output=output, data=data, config=config, init=init, epochs=epochs, batch_size=batch_size,
-        samples_per_epoch=samples_per_epoch, val_size=val_size, lr=lr, weight_decay=weight_decay,
+        samples_per_epoch=samples_per_epoch, hard_negatives=hard_negatives,
+        single_object_epochs=single_object_epochs, val_size=val_size, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, grad_clip=grad_clip, bpe_merges=bpe_merges, seed=seed, workers=workers,
         device=None if settings.device == "auto" else settings.device, precision=precision,  # type: ignore[arg-type]
         lock_image=lock_image, lock_text=lock_text, resume=resume,

@@ -71,7 +71,8 @@ def test_position_words_match_where_the_object_is_drawn(scenes):
         if len(scene.objects) != 1:
             continue
         (obj,) = scene.objects
-        cx, cy = (obj.box[0] + obj.box[2]) / 2 / 64, (obj.box[1] + obj.box[3]) / 2 / 64
+        side = scene.image.width
+        cx, cy = (obj.box[0] + obj.box[2]) / 2 / side, (obj.box[1] + obj.box[3]) / 2 / side
         where = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6,
                  "centre": 0.4 < cx < 0.6 and 0.4 < cy < 0.6}
         assert where[obj.position]
@@ -113,3 +114,63 @@ def _singular(caption: str) -> str:
     for shape in SHAPES:
         caption = caption.replace(f"{shape}es", shape).replace(f"{shape}s", shape)
     return caption
+
+
+def _changes(a, b) -> str:
+    """Which single respect a hard negative changed, or "" if none or several."""
+    if [o.position for o in a.objects] != [o.position for o in b.objects]:
+        if len(a.objects) == 1 and (a.objects[0].shape, a.objects[0].colour, a.objects[0].size) == (
+                b.objects[0].shape, b.objects[0].colour, b.objects[0].size):
+            return "position"
+        return ""
+    kinds = {kind for x, y in zip(a.objects, b.objects) for kind in ("shape", "colour", "size")
+             if getattr(x, kind) != getattr(y, kind)}
+    if len(kinds) == 1:
+        return kinds.pop()
+    swapped = [(o.shape, o.colour, o.size) for o in reversed(b.objects)]
+    return "places" if len(a.objects) == 2 and swapped == [(o.shape, o.colour, o.size) for o in a.objects] else ""
+
+
+def test_hard_negative_changes_one_respect_on_the_same_background():
+    generator = SceneGenerator(seed=4)
+    seen = set()
+    for index in range(300):
+        scene, negative = generator[index], generator.hard_negative(index)
+        change = _changes(scene, negative)
+        assert change, (scene.caption, negative.caption)
+        seen.add(change)
+        assert negative.caption != scene.caption and negative.background == scene.background
+        # Outside both scenes' objects the pixels are the same: the texture is shared.
+        outside = np.ones(scene.image.size, dtype=bool)
+        for obj in (*scene.objects, *negative.objects):
+            left, top, right, bottom = obj.box
+            outside[max(0, top - 1):bottom + 2, max(0, left - 1):right + 2] = False
+        assert np.array_equal(np.asarray(scene.image)[outside], np.asarray(negative.image)[outside])
+        assert negative.objects == generator.hard_negative(index).objects  # deterministic
+    assert seen == {"shape", "colour", "size", "position", "places"}
+
+
+def test_a_scene_has_three_distinct_hard_negatives_whose_captions_come_without_drawing():
+    generator = SceneGenerator(seed=6)
+    for index in range(100):
+        captions = [generator.captions(index), *(generator.captions(index, k) for k in range(3))]
+        assert len({c[0] for c in captions}) == 4
+        assert captions[0] == generator[index].captions
+        assert captions[2] == generator.hard_negative(index, 1).captions
+
+
+def test_objects_sit_in_the_cells_of_a_three_by_three_grid(scenes):
+    side = scenes[0].image.width
+    cell = side / 3
+    for scene in scenes:
+        for obj in scene.objects:
+            left, top, right, bottom = obj.box
+            column, row = int((left + right) / 2 // cell), int((top + bottom) / 2 // cell)
+            assert column * cell - 2 <= left and right <= (column + 1) * cell + 2, (scene.caption, obj)
+            assert row * cell - 2 <= top and bottom <= (row + 1) * cell + 2, (scene.caption, obj)
+
+
+def test_single_objects_generator_gives_one_object_scenes():
+    generator = SceneGenerator(seed=3, single_objects=True)
+    assert all(len(generator[i].objects) == 1 for i in range(50))
+    assert all(len(generator.hard_negative(i, 2).objects) == 1 for i in range(50))

@@ -9,12 +9,14 @@ from typer.testing import CliRunner
 from clipsearch import clip
 from clipsearch.cli import app
 from clipsearch.clip.model import CLIP, ModelConfig
+from clipsearch.clip.preprocess import Preprocess
 from clipsearch.scenes import SceneGenerator, write_scenes
 from clipsearch.train import (
     METRICS_FILE,
     STATE_FILE,
     TrainingError,
     TrainOptions,
+    _datasets,
     _optimizer,
     _train_step,
     read_pairs,
@@ -35,7 +37,7 @@ def one_thread():
 
 def tiny(output, **overrides):
     settings = dict(output=output, config="tiny", epochs=2, batch_size=32, samples_per_epoch=32 * 4, val_size=64,
-                    lr=2e-3, warmup_steps=5, seed=0)
+                    lr=1e-3, warmup_steps=20, single_object_epochs=1, seed=0)
     return TrainOptions(**{**settings, **overrides})
 
 
@@ -58,10 +60,10 @@ def test_training_reduces_the_loss_and_beats_chance_recall(trained):
     assert len(losses) == 200
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert first > math.log(32) - 0.3  # starts near chance: log(batch size)
-    assert last < first - 0.5
+    assert last < first - 0.8
     chance = 5 / 64
     final = results[-1].recall
-    assert final["text_to_image@5"] > 3 * chance and final["image_to_text@5"] > 3 * chance
+    assert final["text_to_image@5"] > 5 * chance and final["image_to_text@5"] > 5 * chance
     assert results[-1].train_loss < results[0].train_loss
 
 
@@ -76,8 +78,8 @@ def test_metrics_file_has_one_line_per_epoch(trained):
 def test_output_loads_with_clip_load_and_reproduces_the_held_out_recall(trained):
     output, results, _ = trained
     model, preprocess = clip.load(output, device="cpu")
-    assert preprocess.resolution == 32
-    scenes = SceneGenerator(seed=0, resolution=32).take(64, start=-64)  # the held-out split
+    assert preprocess.resolution == 48
+    scenes = SceneGenerator(seed=0, resolution=48).take(64, start=-64)  # the held-out split
     with torch.no_grad():
         images = torch.stack([preprocess(s.image) for s in scenes])
         texts = model.tokenizer([s.caption for s in scenes], context_length=model.context_length)
@@ -155,7 +157,7 @@ def test_read_pairs_from_csv_jsonl_and_folder(tmp_path):
 
 def test_fine_tune_on_files_with_a_locked_image_tower(trained, tmp_path):
     base, _, _ = trained
-    write_scenes(tmp_path / "data", count=40, seed=3, resolution=32)
+    write_scenes(tmp_path / "data", count=40, seed=3)
     output = tmp_path / "tuned"
     results = train(TrainOptions(output=output, data=tmp_path / "data" / "manifest.jsonl", init=str(base),
                                  epochs=1, batch_size=16, val_size=8, lr=1e-3, warmup_steps=1, lock_image=True))
@@ -166,6 +168,14 @@ def test_fine_tune_on_files_with_a_locked_image_tower(trained, tmp_path):
     assert all(torch.equal(before[key], after[key]) for key in visual)
     assert any(not torch.equal(before[key], after[key]) for key in text)
     assert (output / "vocab.txt.gz").read_bytes() == (base / "vocab.txt.gz").read_bytes()
+
+
+def test_curriculum_shows_one_object_scenes_first():
+    options = TrainOptions(output="unused", single_object_epochs=2, samples_per_epoch=64)
+    train_set, val = _datasets(options, Preprocess(48), tokenizer=None, context_length=32)
+    assert [train_set(epoch).generator.single_objects for epoch in range(4)] == [True, True, False, False]
+    assert not val.generator.single_objects
+    assert train_set(1).start == 64  # every epoch reads scenes no other epoch reads
 
 
 def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
