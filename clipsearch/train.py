@@ -70,7 +70,7 @@ _BPE_SCENES = 1_000  # synthetic scenes whose captions the vocabulary is learned
 # had not learned shapes at all by then.
 _TOKEN_EMBEDDING_STD = 0.5
 _MAX_NEGATIVES = 3  # distinct hard negatives a scene is guaranteed to have
-_SCENE_CAPTION_PROB = 0.5  # otherwise a paraphrase: queries are often shorter than captions
+_SCENE_CAPTION_PROB = 0.3  # otherwise a paraphrase: queries are often shorter than captions
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -166,9 +166,11 @@ def train(options: TrainOptions, on_step: Callable[[StepInfo], None] | None = No
         loader = _loader(train_set(epoch), options, shuffle=options.data is not None,
                          seed=options.seed * 1_000_003 + epoch)
         losses = []
-        for images, texts in loader:
+        for images, texts, *truth in loader:
             step += 1
-            loss = _train_step(model, images.to(device), texts.to(device), optimizer, scaler, autocast_dtype, options)
+            positives = _positives(*truth).to(device) if truth else None
+            loss = _train_step(model, images.to(device), texts.to(device), positives, optimizer, scaler,
+                               autocast_dtype, options)
             schedule.step()
             losses.append(loss)
             if on_step is not None:
@@ -194,7 +196,7 @@ def evaluate(model: CLIP, loader: DataLoader, device: torch.device,
     model.eval()
     image_features, text_features = [], []
     with _autocast(device, autocast_dtype):
-        for images, texts in loader:
+        for images, texts, *_ in loader:
             image_features.append(model.encode_image(images.to(device)).float())
             text_features.append(model.encode_text(texts.to(device)).float())
     return recall_at_k(torch.cat(image_features), torch.cat(text_features))
@@ -335,14 +337,45 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _train_step(model: CLIP, images: torch.Tensor, texts: torch.Tensor, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, autocast_dtype: torch.dtype | None, options: TrainOptions) -> float:
+def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                        positives: torch.Tensor) -> torch.Tensor:
+    """`clip_loss` for batches where a caption can be true of several images (and an image have
+    several true captions): ``positives[i, j]`` says caption j describes image i. Each image
+    (caption) maximises the probability it gives to all its true matches together.
+
+    A query-like caption ("a red circle") is true of about two other images in a batch of 64
+    scenes; with `clip_loss` they are negatives, and the model learns to rank them below the one
+    it was paired with: exactly what search by that query must not do. With the identity as
+    ``positives`` this equals `clip_loss`.
+    """
+    image_features = torch.nn.functional.normalize(image_features, dim=-1)
+    text_features = torch.nn.functional.normalize(text_features, dim=-1)
+    logits = logit_scale.exp() * image_features @ text_features.t()
+
+    def loss(rows: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+        return (rows.logsumexp(dim=1) - rows.masked_fill(~matches, float("-inf")).logsumexp(dim=1)).mean()
+
+    return (loss(logits, positives) + loss(logits.t(), positives.t())) / 2
+
+
+def _positives(captions: list[str], described: list[str]) -> torch.Tensor:
+    """``[i, j]``: caption j is among image i's captions (which ``described`` joins with newlines)."""
+    truths = [set(text.split("\n")) for text in described]
+    return torch.tensor([[caption in truth for caption in captions] for truth in truths])
+
+
+def _train_step(model: CLIP, images: torch.Tensor, texts: torch.Tensor, positives: torch.Tensor | None,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, autocast_dtype: torch.dtype | None,
+                options: TrainOptions) -> float:
     with _autocast(images.device, autocast_dtype):
         with torch.no_grad() if options.lock_image else nullcontext():
             image_features = model.encode_image(images)
         with torch.no_grad() if options.lock_text else nullcontext():
             text_features = model.encode_text(texts)
-        loss = clip_loss(image_features.float(), text_features.float(), model.logit_scale)
+        if positives is None:
+            loss = clip_loss(image_features.float(), text_features.float(), model.logit_scale)
+        else:
+            loss = multi_positive_loss(image_features.float(), text_features.float(), model.logit_scale, positives)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -407,8 +440,9 @@ class SceneDataset(Dataset):
     ``g * k + g - 1``, with ``g = negatives + 1``, are scene ``k`` and its negatives), so a
     batch holds groups that differ in one respect only. Each item's caption is the detailed one
     or a paraphrase (chosen by the item's index, so the stream is deterministic), never a
-    paraphrase that also describes another member of its group: that would make a true pair a
-    negative. ``negatives=None`` gives plain scenes with their detailed captions, for evaluation.
+    paraphrase that also describes another member of its group: the group is there to teach
+    what tells its members apart. ``negatives=None`` gives plain scenes with their detailed
+    captions, for evaluation.
     """
 
     def __init__(self, generator: SceneGenerator, start: int, count: int, preprocess: Preprocess,
@@ -424,21 +458,24 @@ class SceneDataset(Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple:
+        """``(image, tokens)`` for evaluation; for training also the caption and all captions
+        true of the image (joined by newlines), from which the loss finds every true pair."""
         index += self.start
         if self.negatives is None:
             scene = self.generator[index]
-            caption = scene.caption
-        else:
-            base, member = divmod(index, self.negatives + 1)
-            scene = self.generator[base] if member == 0 else self.generator.hard_negative(base, member - 1)
-            caption = scene.caption
-            rng = random.Random(f"caption:{self.generator.seed}:{index}")
-            if rng.random() >= _SCENE_CAPTION_PROB:
-                others = {c for m in range(self.negatives + 1) if m != member for c in self._captions(base, m)}
-                caption = rng.choice([c for c in scene.paraphrases if c not in others] or [caption])
-        text = self.tokenizer(caption, context_length=self.context_length, truncate=True)[0]
-        return self.preprocess(scene.image), text
+            return self.preprocess(scene.image), self._tokens(scene.caption)
+        base, member = divmod(index, self.negatives + 1)
+        scene = self.generator[base] if member == 0 else self.generator.hard_negative(base, member - 1)
+        caption = scene.caption
+        rng = random.Random(f"caption:{self.generator.seed}:{index}")
+        if rng.random() >= _SCENE_CAPTION_PROB:
+            others = {c for m in range(self.negatives + 1) if m != member for c in self._captions(base, m)}
+            caption = rng.choice([c for c in scene.paraphrases if c not in others] or [caption])
+        return self.preprocess(scene.image), self._tokens(caption), caption, "\n".join(scene.captions)
+
+    def _tokens(self, caption: str) -> torch.Tensor:
+        return self.tokenizer(caption, context_length=self.context_length, truncate=True)[0]
 
     def _captions(self, base: int, member: int) -> tuple[str, ...]:
         return self.generator.captions(base, None if member == 0 else member - 1)
