@@ -57,7 +57,9 @@ def test_int8_quantizes_the_image_tower_only_and_keeps_embeddings(images: torch.
     model = prepared.model
     assert prepared.precision == "int8"
     assert not any(type(m) is torch.nn.Linear for m in model.visual.modules())
-    assert sum(isinstance(m, cpu.Int8Linear) for m in model.visual.modules()) == 2 * 3  # out_proj, c_fc, c_proj
+    # per block: q/k/v, out_proj, c_fc, c_proj
+    assert sum(isinstance(m, cpu.Int8Linear) for m in model.visual.modules()) == 2 * 4
+    assert sum(isinstance(m, cpu.Int8SelfAttention) for m in model.visual.modules()) == 2
     cosine = F.cosine_similarity(embeddings(model, images), embeddings(reference, images))
     assert cosine.min().item() >= cpu.MIN_COSINE
     tokens = torch.randint(1, TINY.vocab_size - 1, (3, TINY.context_length))
@@ -77,7 +79,7 @@ def test_auto_falls_back_to_fp32_when_the_candidate_drifts(
     expected = embeddings(tiny(), images)
     prepared = cpu.prepare_for_inference(tiny(), "auto", sample=images)
     assert prepared.precision == "fp32"
-    assert not any(isinstance(m, cpu.Int8Linear) for m in prepared.model.modules())
+    assert not any(isinstance(m, (cpu.Int8Linear, cpu.Int8SelfAttention)) for m in prepared.model.modules())
     assert torch.equal(embeddings(prepared.model, images), expected)
 
 

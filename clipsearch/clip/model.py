@@ -163,8 +163,12 @@ class SelfAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return self.attend(F.linear(x, self.in_proj_weight, self.in_proj_bias))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The rest of `forward` after the fused q/k/v projection, apart so that a quantised
+        projection (`clip.cpu`) can feed it."""
+        batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
