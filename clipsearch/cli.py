@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, TextIO
 
 import typer
 
@@ -71,12 +71,25 @@ def _global_options(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     settings.home, settings.device, settings.verbose, settings.quiet = home, device, verbose, quiet
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_LowercaseLevel("%(levelname)s: %(message)s"))
     root = logging.getLogger("clipsearch")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
     root.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes: a caller that swaps stderr
+    around a command (tests, an embedding app) must not leave the logger holding a closed file."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
 
 
 class _LowercaseLevel(logging.Formatter):
@@ -226,7 +239,10 @@ class _stop_on_ctrl_c:
         typer.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        # Once stopping, the command is only reporting and exiting 130: a second Ctrl-C that
+        # lands now (the batch finished first) has nothing left to cut short, and raised during
+        # interpreter shutdown it would kill the process by signal instead of exiting 130.
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop.is_set() else self.previous)
 
 
 # --- query -----------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 signals and exit codes of the script itself matter."""
 
 import json
+import logging
 import os
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from helpers import make_image, make_library, other_tiny_model, tiny_model  # no
 from typer.testing import CliRunner
 
 from clipsearch import __version__
-from clipsearch.cli import app
+from clipsearch.cli import _stop_on_ctrl_c, app
 
 SUMMARY = re.compile(
     r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+) in [\d.]+ s \([\d.]+ images/s\)"
@@ -137,6 +139,13 @@ def test_a_deleted_faiss_file_is_rebuilt_with_a_warning(cli, library, tmp_path):
     assert "warning: Rebuilding the vector index" in result.stderr
 
 
+def test_library_logs_after_a_command_reach_the_current_stderr(cli, library, capsys):
+    """CliRunner closes the stderr it lent the command; the CLI's log handler must not keep it."""
+    assert "Logging error" not in cli("status").stderr
+    logging.getLogger("clipsearch.test").warning("after the command")
+    assert capsys.readouterr().err == "warning: after the command\n"
+
+
 def test_errors_are_one_line_with_exit_1(cli, library, tmp_path, other_tiny_model):
     mismatch = cli("index", tmp_path / "lib", "--model", other_tiny_model, code=1)
     assert mismatch.stderr.startswith("Error: The index in") and mismatch.stderr.count("\n") == 1
@@ -206,6 +215,26 @@ def test_ctrl_c_commits_what_is_done_and_exits_130(tmp_path, tiny_model):
     assert 0 < done < 150 and summary_counts(stdout)[0] == done
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and summary_counts(rerun.stdout)[:1] == (150 - done,)
+
+
+def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
+    """The run can finish its batch before a second Ctrl-C lands; from then on the command only
+    reports and exits 130, and a SIGINT raised in interpreter shutdown would end it by signal."""
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with _stop_on_ctrl_c(stop):
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: asks the run to stop
+            deadline = time.monotonic() + 5
+            while not stop.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert stop.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    with _stop_on_ctrl_c(threading.Event()):
+        pass
+    assert signal.getsignal(signal.SIGINT) is before  # a run nobody stopped restores the handler
 
 
 def summary_counts(text):
