@@ -124,6 +124,38 @@ def test_tokenizer_ids_are_the_tensor_rows_as_numpy(tiny_model):
     np.testing.assert_array_equal(ids, tokenizer(texts, context_length=16, truncate=True).numpy())
 
 
+def test_a_repeated_text_is_looked_up_not_encoded_again(tiny_model, monkeypatch):
+    from clipsearch.encoder import TextEncoder
+
+    encoder = TextEncoder(tiny_model)
+    calls = []
+    encode = encoder.tower.encode_text
+    monkeypatch.setattr(encoder.tower, "encode_text", lambda ids: calls.append(len(ids)) or encode(ids))
+    first = encoder.encode_texts(["a dog", "a cat"])
+    again = encoder.encode_texts(["a cat", "a bird", "a dog", "a bird"])
+    assert calls == [2, 1]  # only "a bird" was new, encoded once though asked for twice
+    np.testing.assert_array_equal(again[[2, 0]], first)
+    np.testing.assert_array_equal(again[1], again[3])
+    np.testing.assert_array_equal(again[1:2], TextEncoder(tiny_model).encode_texts(["a bird"]))
+
+
+def test_the_text_memory_forgets_the_least_recently_used():
+    from clipsearch.encoder import TextMemory
+
+    memory, encoded = TextMemory(), []
+    memory.size = 2
+
+    def encode(texts):
+        encoded.extend(texts)
+        return np.array([[float(len(text))] for text in texts])
+
+    memory.encode(["a", "bb"], encode)
+    memory.encode(["a"], encode)  # "a" is now the most recent
+    memory.encode(["ccc"], encode)  # forgets "bb"
+    assert memory.encode(["a", "bb", "ccc"], encode).tolist() == [[1.0], [2.0], [3.0]]
+    assert encoded == ["a", "bb", "ccc", "bb"]
+
+
 def test_the_cached_tower_is_used_until_the_checkpoint_changes(tiny_model, tmp_path):
     from clipsearch.clip import numpy_text
     from clipsearch.encoder import Encoder, TextEncoder
