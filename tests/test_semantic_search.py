@@ -58,11 +58,11 @@ def test_colour_shape_queries_return_images_holding_that_object(indexed):
             firsts.append(found[0])
     assert len(precisions) >= 25
     # Chance is the share of scenes holding the pair (a few percent). These floors guard the
-    # shipped model's measured quality (precision@5 0.72 on this seed); the targets are
-    # measured and reported by benchmarks/demo_quality.py, not asserted here.
+    # shipped model's measured quality (precision@5 0.849, first right 0.927 on this seed); the
+    # issue's targets are measured and reported by benchmarks/demo_quality.py, not asserted here.
     print(f"precision@5 {sum(precisions) / len(precisions):.3f}, first right {sum(firsts) / len(firsts):.3f}")
-    assert sum(precisions) / len(precisions) >= 0.65
-    assert sum(firsts) / len(firsts) >= 0.7
+    assert sum(precisions) / len(precisions) >= 0.8
+    assert sum(firsts) / len(firsts) >= 0.85
 
 
 def test_a_full_caption_finds_its_own_scene(indexed):
