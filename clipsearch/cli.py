@@ -157,7 +157,7 @@ def index_command(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again files that failed before, even unchanged."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 32)."),
     workers: Optional[int] = typer.Option(
-        None, "--workers", min=0, help="Decoding processes; 0 decodes in the main process (default: by CPU count)."
+        None, "--workers", min=0, help="Decoding processes; 0 decodes in the main process (default: chosen after the first batch, from what decoding and encoding an image cost)."
     ),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",

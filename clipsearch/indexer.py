@@ -11,6 +11,7 @@ the next run picks up where this one stopped (committed files are unchanged by t
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from clipsearch.catalog import STATUS_FAILED, STATUS_MISSING, FailedFile, FileState, IndexedFile
-from clipsearch.decode import Decoded, DecodePool, auto_workers, upright_size, usable_cores
+from clipsearch.decode import Decoded, DecodePool, best_workers, upright_size, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
@@ -29,6 +30,8 @@ from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
     from clipsearch.encoder import Encoder
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (files done, files to do); first call once the walk is over
 
@@ -136,7 +139,7 @@ def run_add(
         progress(0, len(plan.todo))
     if plan.todo and not should_stop():
         _Run(catalog, get_encoder(), plan.todo, report, progress, should_stop).run(
-            batch_size or DEFAULT_BATCH_SIZE, auto_workers(len(plan.todo)) if workers is None else workers
+            batch_size or DEFAULT_BATCH_SIZE, workers
         )
     if should_stop():
         report.interrupted = True
@@ -163,12 +166,28 @@ class _Run:
         self.done = 0
         self.failed: list[FailedFile] = []
         self.reused: list[IndexedFile] = []
+        self.encoded = 0
+        self.decode_s = self.encode_s = 0.0  # summed over the encoded images
 
-    def run(self, batch_size: int, workers: int) -> None:
+    def run(self, batch_size: int, workers: int | None) -> None:
+        """Decode in ``workers`` processes; None decides after the first batch, decoded in this
+        process, shows what decoding and encoding an image cost (`decode.best_workers`)."""
+        items = self._to_decode()
+        if workers is None:
+            if not self._encode(itertools.islice(items, batch_size), batch_size, 0):
+                return
+            decode_s, encode_s = self.decode_s / max(self.encoded, 1), self.encode_s / max(self.encoded, 1)
+            workers = best_workers(decode_s, encode_s, self.encoder.device.type == "cpu", len(self.todo) - self.done)
+            log.info("An image takes %.0f ms to decode and %.0f ms to encode: decoding %s", decode_s * 1e3,
+                     encode_s * 1e3, f"in {workers} worker process(es)" if workers else "in this process")
+        self._encode(items, batch_size, workers)
+
+    def _encode(self, items: Iterator[tuple[tuple[FoundFile, bool], bytes]], batch_size: int, workers: int) -> bool:
+        """Decode, encode and commit ``items`` batch by batch; False if told to stop."""
         decoded: list[tuple[FoundFile, bool, Decoded]] = []
         pool = DecodePool(self.encoder.preprocess, workers, window=max(2 * batch_size, 4 * workers))
         with pool, _model_threads(self.encoder, workers):
-            for (found, is_new), result in pool.imap(self._to_decode()):
+            for (found, is_new), result in pool.imap(items):
                 if self.should_stop():
                     break
                 if result.error is not None:
@@ -180,8 +199,9 @@ class _Run:
                     decoded = []
             else:
                 self._commit(decoded)
-                return
+                return True
         self._commit([])  # interrupted: keep what is finished, drop what is not encoded yet
+        return False
 
     def _to_decode(self) -> Iterator[tuple[tuple[FoundFile, bool], bytes]]:
         """Files that must be decoded. A new file identical to an indexed one (its fingerprint
@@ -215,7 +235,11 @@ class _Run:
         collected since the last commit."""
         indexed = list(self.reused)
         if decoded:
+            started = time.perf_counter()
             vectors = self.encoder.encode_images(np.stack([result.pixels for _, _, result in decoded]))
+            self.encode_s += time.perf_counter() - started
+            self.decode_s += sum(result.seconds for _, _, result in decoded)
+            self.encoded += len(decoded)
             indexed += [
                 IndexedFile(found.path, found.size, found.mtime_ns, result.fingerprint, result.width,
                             result.height, vector)

@@ -193,6 +193,43 @@ def test_worker_processes_give_the_same_vectors_as_in_process(tmp_path, catalog,
         np.testing.assert_allclose(vector_of(catalog, image), vector, atol=2e-3)  # stored as float16
 
 
+def test_by_default_the_first_batch_decides_the_decode_workers(tmp_path, catalog, add, tiny_encoder, monkeypatch):
+    from clipsearch import decode, indexer
+
+    images = make_library(tmp_path / "lib", 7)
+    (tmp_path / "lib" / "bad.jpg").write_text("nope")
+    probes, pools = [], []
+    monkeypatch.setattr(indexer, "best_workers", lambda *probe: probes.append(probe) or 2)
+    monkeypatch.setattr(indexer, "DecodePool", lambda *a, **kw: pools.append(a[1]) or decode.DecodePool(*a, **kw))
+    report = add(tmp_path / "lib", workers=None, batch_size=3)
+    assert (report.new, report.failed) == (7, 1)
+    assert pools == [0, 2]  # the first batch in this process, the rest in two workers
+    ((decode_s, encode_s, on_cpu, left),) = probes
+    assert decode_s > 0 and encode_s > 0 and on_cpu is True  # seconds per image, measured
+    assert left == 8 - 3  # eight files to do, the first batch of three done
+    expected = tiny_encoder.encode_images(np.stack([tiny_encoder.preprocess(str(p)).numpy() for p in images]))
+    for image, vector in zip(images, expected):
+        np.testing.assert_allclose(vector_of(catalog, image), vector, atol=2e-3)  # stored as float16
+
+
+@pytest.mark.parametrize("cores, decode_s, encode_s, on_cpu, images, workers", [
+    (2, 0.007, 0.045, True, 10_000, 0),  # 640x480 JPEGs, ViT-B/32: the model wants both cores
+    (2, 0.120, 0.045, True, 1000, 1),  # big PNGs: decoding is the slow side
+    (2, 0.053, 0.045, True, 1000, 1),  # 12 MP JPEGs: max(53, 90) ms with a worker against 98
+    (2, 0.053, 0.045, True, 68, 0),  # ... which does not pay for starting it on a short run
+    (2, 0.040, 0.045, True, 1000, 0),  # 90 ms with a worker against 85 in-process
+    (8, 0.120, 0.045, True, 1000, 2),  # two workers (60 ms an image) keep pace with six cores (60 ms)
+    (2, 0.010, 0.002, False, 1000, 1),  # a GPU encodes: decoding beside it pays
+    (1, 0.500, 0.010, True, 1000, 0),  # one core: nothing to run beside the model
+])
+def test_best_workers_balances_decoding_against_the_model(monkeypatch, cores, decode_s, encode_s, on_cpu, images,
+                                                          workers):
+    from clipsearch import decode
+
+    monkeypatch.setattr(decode, "usable_cores", lambda: cores)
+    assert decode.best_workers(decode_s, encode_s, on_cpu, images) == workers
+
+
 def test_a_file_that_crashes_a_worker_fails_alone(tmp_path, tiny_encoder):
     images = [make_image(tmp_path / f"ok{i}.png", i) for i in range(5)]
     crasher = make_image(tmp_path / "crash.png", 99, size=(13, 13))
