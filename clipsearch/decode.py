@@ -74,7 +74,7 @@ def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
             warnings.simplefilter("always")
             image = open_image(name, target=preprocess.resolution)
             width, height = upright_size(name)  # reduced JPEG decoding shrank `image`
-            pixels = preprocess(image).numpy()
+            pixels = preprocess.array(image)
         for warning in caught:
             log.debug("%s: %s", _printable(name), warning.message)
         if _identity(os.stat(path)) != before:
@@ -120,9 +120,6 @@ def _init_worker(preprocess: Preprocess) -> None:
     global _worker_preprocess
     # Ctrl-C goes to the whole process group; the main process decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
-
-    torch.set_num_threads(1)  # one process per core already; more threads only contend
     _worker_preprocess = preprocess
 
 
@@ -234,30 +231,40 @@ class DecodePool:
         self.close()
 
 
-# From creating a pool to its first result: a new process that imports torch and Pillow (1.6 s
-# measured on an idle 2-core machine), while the model waits.
-WORKER_START_S = 1.6
+# From creating a pool to its first result: a new process that imports Pillow and NumPy, not
+# torch (0.24 s measured on a 2-core machine; with torch it was 1.6 s).
+WORKER_START_S = 0.3
+# What each further thread adds to the model's speed: int8 ViT-B-32-256 ran 74 ms an image on one
+# thread and 40 ms on two (1.85x).
+THREAD_GAIN = 0.85
 
 
-def best_workers(decode_s: float, encode_s: float, model_uses_cpu: bool, images: int) -> int:
+def best_workers(decode_s: float, encode_s: float, model_uses_cpu: bool, images: int, batch: int) -> int:
     """How many decode processes index ``images`` more images fastest, given what one image
     costs to decode and to encode (measured on the run's first batch, decoded in-process with
     the model on every core).
 
     In-process, an image costs decode + encode. With W workers decoding beside the model, the
-    slower side sets the pace: decode / W, or the encode stretched over the cores the workers
-    leave the model (a model on a GPU leaves them all); and the workers must start first. A
-    640x480 JPEG decodes in ~7 ms while ViT-B/32 wants both cores for ~45 ms: in-process
-    (17.8 images/s against 11.1 with a worker). Reduced decoding brings a 12-megapixel JPEG
-    down to ~53 ms, which a worker beside a one-thread model only beats on long runs.
+    slower side sets the pace: decode / W, or the encode slowed to the cores the workers leave
+    the model (`THREAD_GAIN`; a model on a GPU is not slowed); and the model waits once for the
+    workers to start and fill a first ``batch``. A 640x480 JPEG decodes in ~7 ms while
+    ViT-B/32 wants both cores for ~45 ms: in-process (17.8 images/s against 11.1 with a
+    worker). A 12-megapixel JPEG, even with reduced decoding, takes ~52 ms: a worker beside a
+    one-thread model (~75 ms an image) wins on all but short runs.
     """
     cores = usable_cores()
     best, best_s = 0, images * (decode_s + encode_s)
     for workers in range(1, cores):  # the main process keeps a core: it encodes, or feeds the GPU
-        per_image = max(decode_s / workers, encode_s * (cores / (cores - workers) if model_uses_cpu else 1.0))
-        if WORKER_START_S + images * per_image < best_s:
-            best, best_s = workers, WORKER_START_S + images * per_image
+        slowdown = _speed(cores) / _speed(cores - workers) if model_uses_cpu else 1.0
+        per_image = max(decode_s / workers, encode_s * slowdown)
+        total_s = WORKER_START_S + batch * decode_s / workers + images * per_image
+        if total_s < best_s:
+            best, best_s = workers, total_s
     return best
+
+
+def _speed(threads: int) -> float:
+    return 1 + THREAD_GAIN * (threads - 1)
 
 
 def usable_cores() -> int:

@@ -177,7 +177,8 @@ class _Run:
             if not self._encode(itertools.islice(items, batch_size), batch_size, 0):
                 return
             decode_s, encode_s = self.decode_s / max(self.encoded, 1), self.encode_s / max(self.encoded, 1)
-            workers = best_workers(decode_s, encode_s, self.encoder.device.type == "cpu", len(self.todo) - self.done)
+            workers = best_workers(decode_s, encode_s, self.encoder.device.type == "cpu", len(self.todo) - self.done,
+                                   batch_size)
             log.info("An image takes %.0f ms to decode and %.0f ms to encode: decoding %s", decode_s * 1e3,
                      encode_s * 1e3, f"in {workers} worker process(es)" if workers else "in this process")
         self._encode(items, batch_size, workers)

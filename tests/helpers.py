@@ -111,7 +111,7 @@ class CrashingPreprocess:
         self.inner = inner
         self.resolution = inner.resolution
 
-    def __call__(self, image):
+    def array(self, image):
         if image.size == (13, 13):
             os._exit(3)
-        return self.inner(image)
+        return self.inner.array(image)

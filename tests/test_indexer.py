@@ -204,7 +204,8 @@ def test_by_default_the_first_batch_decides_the_decode_workers(tmp_path, catalog
     report = add(tmp_path / "lib", workers=None, batch_size=3)
     assert (report.new, report.failed) == (7, 1)
     assert pools == [0, 2]  # the first batch in this process, the rest in two workers
-    ((decode_s, encode_s, on_cpu, left),) = probes
+    ((decode_s, encode_s, on_cpu, left, batch),) = probes
+    assert batch == 3
     assert decode_s > 0 and encode_s > 0 and on_cpu is True  # seconds per image, measured
     assert left == 8 - 3  # eight files to do, the first batch of three done
     expected = tiny_encoder.encode_images(np.stack([tiny_encoder.preprocess(str(p)).numpy() for p in images]))
@@ -214,10 +215,9 @@ def test_by_default_the_first_batch_decides_the_decode_workers(tmp_path, catalog
 
 @pytest.mark.parametrize("cores, decode_s, encode_s, on_cpu, images, workers", [
     (2, 0.007, 0.045, True, 10_000, 0),  # 640x480 JPEGs, ViT-B/32: the model wants both cores
-    (2, 0.120, 0.045, True, 1000, 1),  # big PNGs: decoding is the slow side
-    (2, 0.053, 0.045, True, 1000, 1),  # 12 MP JPEGs: max(53, 90) ms with a worker against 98
-    (2, 0.053, 0.045, True, 68, 0),  # ... which does not pay for starting it on a short run
-    (2, 0.040, 0.045, True, 1000, 0),  # 90 ms with a worker against 85 in-process
+    (2, 0.052, 0.045, True, 168, 1),  # 12 MP JPEGs: max(52, 83) ms an image with a worker against 97
+    (2, 0.052, 0.045, True, 20, 0),  # ... which does not pay for starting and filling it on a short run
+    (2, 0.030, 0.045, True, 1000, 0),  # 83 ms with a worker against 75 in-process
     (8, 0.120, 0.045, True, 1000, 2),  # two workers (60 ms an image) keep pace with six cores (60 ms)
     (2, 0.010, 0.002, False, 1000, 1),  # a GPU encodes: decoding beside it pays
     (1, 0.500, 0.010, True, 1000, 0),  # one core: nothing to run beside the model
@@ -227,7 +227,7 @@ def test_best_workers_balances_decoding_against_the_model(monkeypatch, cores, de
     from clipsearch import decode
 
     monkeypatch.setattr(decode, "usable_cores", lambda: cores)
-    assert decode.best_workers(decode_s, encode_s, on_cpu, images) == workers
+    assert decode.best_workers(decode_s, encode_s, on_cpu, images, batch=32) == workers
 
 
 def test_a_file_that_crashes_a_worker_fails_alone(tmp_path, tiny_encoder):
