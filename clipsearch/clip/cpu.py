@@ -8,7 +8,8 @@ fp32 is always right. Whether anything beats it depends on the processor:
 - int8 dynamic quantization of the image tower's projections (weights int8 once, activations
   quantised per batch) makes those GEMMs ~1.7x faster on an AVX2 CPU without bf16
   or VNNI. The attention's fused q/k/v projection counts: with it left in fp32 the ViT-B/32
-  tower gained 1.48x over open_clip, with it quantised too 1.6x. Trained CLIPs carry
+  tower ran 1.44x open_clip's fp32, with it quantised too (and oneDNN's packing) 1.61-1.68x
+  (benchmarks/README.md). Trained CLIPs carry
   activation outlier channels that per-tensor int8 can flatten, so "auto" keeps int8 only
   after comparing its embeddings with fp32 on a sample batch.
 - fp16 on CUDA, where tensor cores make it the fast path and CLIP was trained in it.
