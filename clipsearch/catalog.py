@@ -46,7 +46,7 @@ LOCK_FILE = "index.lock"
 
 # The newest revision in migrations/versions (a test keeps the two in step). Comparing the
 # stored revision with it avoids loading Alembic's script directory on every open.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 _BUSY_TIMEOUT_MS = 10_000
 _LOCK_POLL_S = 0.1
@@ -243,6 +243,33 @@ class Catalog:
                 vectors = np.empty((0, int(_get_meta(db, "dim") or 0)), dtype=np.float32)
         return ids, vectors
 
+    def indexed_ids(self) -> np.ndarray:
+        """The ids of the indexed rows, int64, ordered."""
+        with self._read() as db:
+            rows = db.execute("SELECT id FROM images WHERE status = ? ORDER BY id", (STATUS_INDEXED,)).fetchall()
+        return np.array([row[0] for row in rows], dtype=np.int64)
+
+    def changes_since(self, generation: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """What a FAISS file of catalog ``generation`` must take in to match the catalog as it is:
+        (ids whose vector was set or dropped since, int64; the indexed ids among them; their
+        vectors, float32), or None where the record of changes does not reach back that far.
+        Rows deleted outright (`remove`) are not in it: they are the FAISS ids `indexed_ids` lacks.
+        """
+        with self._read() as db:
+            since = _get_meta(db, "changes_logged_since")
+            if since is None or generation < int(since) or generation > int(_get_meta(db, "generation") or 0):
+                return None
+            changed = db.execute("SELECT id FROM images WHERE vector_generation > ?", (generation,)).fetchall()
+            rows = db.execute(
+                "SELECT v.image_id, v.vector FROM vectors AS v JOIN images AS i ON i.id = v.image_id "
+                "WHERE i.vector_generation > ? AND i.status = ? ORDER BY v.image_id",
+                (generation, STATUS_INDEXED),
+            ).fetchall()
+            dim = int(_get_meta(db, "dim") or 0)
+        ids = np.array([row[0] for row in rows], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f2").reshape(len(rows), -1 if rows else dim)
+        return np.array([row[0] for row in changed], dtype=np.int64), ids, vectors.astype(np.float32)
+
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         """Indexed rows by id; ids of rows that are gone or no longer indexed are left out."""
         # The ids travel as one JSON array parameter: no SQL is built from their number.
@@ -288,24 +315,26 @@ class Catalog:
         from clipsearch.schema import Image, Vector
 
         now = time.time()
-
-        def stat(f: IndexedFile | FailedFile) -> dict:
-            return dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, fingerprint=f.fingerprint,
-                        indexed_at=now)
-
-        rows = [
-            stat(f) | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None) for f in indexed
-        ] + [stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) for f in failed]
-        # The vectors table is keyed by image id, which the upsert above decides: look it up by path.
+        # The vectors table is keyed by image id, which the upsert below decides: look it up by path.
         id_of = select(Image.id).where(Image.path == bindparam("image_path")).scalar_subquery()
         with self._transaction(write=True) as conn:
+            generation = _bump_generation(conn)
+
+            def stat(f: IndexedFile | FailedFile) -> dict:
+                return dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, fingerprint=f.fingerprint,
+                            indexed_at=now, vector_generation=generation)
+
+            rows = [
+                stat(f) | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None) for f in indexed
+            ] + [stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) for f in failed]
             if rows:
                 upsert = sqlite_insert(Image)
                 changed = {name: upsert.excluded[name] for name in rows[0] if name != "path"}
                 conn.execute(upsert.on_conflict_do_update(index_elements=[Image.path], set_=changed), rows)
             if missing:
                 conn.execute(
-                    update(Image).where(Image.path == bindparam("image_path")).values(status=STATUS_MISSING),
+                    update(Image).where(Image.path == bindparam("image_path"))
+                    .values(status=STATUS_MISSING, vector_generation=generation),
                     [{"image_path": path} for path in missing],
                 )
             if indexed:
@@ -321,7 +350,6 @@ class Catalog:
                     delete(Vector).where(Vector.image_id == id_of),
                     [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
                 )
-            _bump_generation(conn)
 
     def remove(self, prefixes: Sequence[bytes]) -> int:
         """Delete the rows at or below these paths; returns how many went.
@@ -606,8 +634,9 @@ def _set_meta(conn: Connection, key: str, value: str) -> None:
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=changed))
 
 
-def _bump_generation(conn: Connection) -> None:
-    from sqlalchemy import Integer, Text, cast
+def _bump_generation(conn: Connection) -> int:
+    """Count one more write; returns the new generation."""
+    from sqlalchemy import Integer, Text, cast, select
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     from clipsearch.schema import Meta
@@ -615,6 +644,7 @@ def _bump_generation(conn: Connection) -> None:
     upsert = sqlite_insert(Meta).values(key="generation", value="1")
     next_value = cast(cast(Meta.value, Integer) + 1, Text)
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=dict(value=next_value)))
+    return int(conn.execute(select(Meta.value).where(Meta.key == "generation")).scalar_one())
 
 
 def _vector_blob(vector: np.ndarray) -> bytes:

@@ -186,10 +186,14 @@ class Index:
         return self._encoder
 
     def _rebuild_vectors(self, index_type: str | None = None) -> None:
-        """After a write, under the writer lock: the FAISS file follows the catalog."""
+        """After a write, under the writer lock: the FAISS file follows the catalog, updated by
+        the rows that changed, or built anew in ``index_type``."""
         from clipsearch.vectors import VectorIndex
 
-        index = VectorIndex.rebuild(self.home, self.catalog, index_type=index_type)
+        if index_type is None:
+            index = VectorIndex.refresh(self.home, self.catalog)
+        else:
+            index = VectorIndex.rebuild(self.home, self.catalog, index_type=index_type)
         self._vectors = (self.catalog.generation, index)
 
     def _vectors_now(self) -> VectorIndex:

@@ -54,6 +54,9 @@ class Image(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     indexed_at: Mapped[float | None] = mapped_column(Float)  # unix time of the last encode attempt
+    # The catalog generation that last set or dropped this row's vector (NULL: before revision
+    # 0003): what the FAISS file must take in to catch up with the catalog.
+    vector_generation: Mapped[int | None] = mapped_column(Integer, index=True)
 
 
 class Vector(Base):

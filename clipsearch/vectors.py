@@ -7,15 +7,18 @@ Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are 
 (which catalog generation it was built from, how many vectors, the index type and its measured
 recall), then the stamp's length and a magic tag. One file means one atomic rename on save, and
 FAISS reads the index from the start of the file, so it can memory-map it instead of copying it.
-A file that is missing, truncated, garbage or stamped with another generation is rebuilt from
-the catalog with a warning: a stale index would return the wrong files.
+A file that is missing, truncated or garbage is rebuilt from the catalog with a warning. One
+stamped with an older generation is brought up to date (`VectorIndex.refresh`): the catalog
+records the generation in which each row's vector last changed, so the file takes in exactly
+those rows and drops the ids the catalog no longer holds; a stale index would return the wrong
+files, an updated one returns what a rebuild would.
 
 "auto" picks exact search up to `FLAT_LIMIT` vectors. Above, an inverted file (`IVF<nlist>`)
 whose codes fit a memory budget: full vectors, else 8-bit scalar quantised, else product
 quantised. Its `nprobe` is raised until recall@10 against exact search, measured at build
 time on a sample of the vectors as queries, reaches `TARGET_RECALL`. IVF rather than HNSW
 because it builds in seconds instead of minutes (about 2 s vs 120 s for 100k x 512 on two
-cores) and rebuilds follow every indexing run.
+cores), and an HNSW graph cannot drop vectors, so every change would mean a rebuild.
 """
 
 from __future__ import annotations
@@ -60,10 +63,20 @@ class StaleIndex(Exception):
 class VectorIndex:
     """A searchable FAISS index and what is known about how it was built."""
 
-    def __init__(self, index: faiss.Index, index_type: str, recall_at_10: float | None) -> None:
+    def __init__(self, index: faiss.Index, index_type: str, recall_at_10: float | None,
+                 built_count: int | None = None, changed_since_build: int = 0) -> None:
         self.index = index
         self.index_type = index_type
-        self.recall_at_10 = recall_at_10
+        self.recall_at_10 = recall_at_10  # measured at the last full build
+        # How many vectors that build held, and how many were added or dropped by updates since:
+        # when the second outgrows the first, trained lists no longer fit the collection.
+        self.built_count = index.ntotal if built_count is None else built_count
+        self.changed_since_build = changed_since_build
+
+    @classmethod
+    def _stamped(cls, index: faiss.Index, stamp: dict) -> VectorIndex:
+        return cls(index, stamp["index_type"], stamp["recall_at_10"], stamp.get("built_count", stamp["count"]),
+                   stamp.get("changed_since_build", 0))
 
     @property
     def ntotal(self) -> int:
@@ -100,16 +113,79 @@ class VectorIndex:
 
     @classmethod
     def load(cls, home: Path, catalog: Catalog, *, save: bool = True) -> VectorIndex:
-        """The index in `home` if it matches the catalog, else one rebuilt from it (saved if `save`)."""
+        """The index in `home` if it matches the catalog; one brought up to date (`refresh`) if it
+        is older; one rebuilt from the catalog if it is missing or damaged. Saved if `save`."""
         generation = catalog.generation
         count = catalog.counts()[STATUS_INDEXED]
         path = Path(home) / VECTORS_FILE
         try:
-            return cls._read(path, generation, count)
+            index, stamp = _read(path)
         except StaleIndex as reason:
             if count or path.exists():
                 log.warning("Rebuilding the vector index from the catalog: %s", reason)
-        return cls.rebuild(home, catalog, save=save)
+            return cls.rebuild(home, catalog, save=save)
+        if (stamp["generation"], stamp["count"]) == (generation, count):
+            return cls._stamped(index, stamp)
+        return cls.refresh(home, catalog, save=save)
+
+    @classmethod
+    def refresh(cls, home: Path, catalog: Catalog, *, save: bool = True) -> VectorIndex:
+        """Bring the saved index up to the catalog by the rows changed since it was written:
+        adding 10 photos to a million costs reading and writing the file, not k-means and a pass
+        over every vector. Rebuilt instead when the file cannot be updated (missing, damaged,
+        older than the catalog's record of changes, an HNSW graph), when "auto" would now pick
+        another index type, or when the vectors changed since its last full build outnumber half
+        of those it was trained with (its lists would no longer fit the collection).
+        """
+        # As in rebuild: the generation is read before the changes, so a write in between leaves
+        # the stamp older than the catalog, and the next load catches up again.
+        generation = catalog.generation
+        path = Path(home) / VECTORS_FILE
+        try:
+            index, stamp = _read(path, mmap=False)
+        except StaleIndex:
+            return cls.rebuild(home, catalog, save=save)
+        current = cls._stamped(index, stamp)
+        if (stamp["generation"], stamp["count"]) == (generation, catalog.counts()[STATUS_INDEXED]):
+            return current
+        started = time.perf_counter()
+        changes = catalog.changes_since(stamp["generation"])
+        reason = "it is older than the catalog's record of changes" if changes is None else None
+        if changes is not None:
+            changed, ids, vectors = changes
+            # Rows deleted outright left no record: they are the ids the catalog no longer has.
+            gone = np.setdiff1d(faiss.vector_to_array(index.id_map), catalog.indexed_ids(), assume_unique=True)
+            outdated = np.union1d(changed, gone)
+            reason = current._why_not_update(len(outdated) + len(ids), catalog)
+        if reason is not None:
+            log.info("Rebuilding the vector index: %s", reason)
+            return cls.rebuild(home, catalog, save=save)
+        removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        if index.ntotal != catalog.counts()[STATUS_INDEXED]:  # a write landed meanwhile: start over
+            return cls.rebuild(home, catalog, save=save)
+        current.changed_since_build += len(ids) + removed
+        log.info("Updated the vector index: %d vectors in, %d out, in %.1f s", len(ids), removed,
+                 time.perf_counter() - started)
+        if save:
+            current._save_if_writable(home, catalog, generation)
+        return current
+
+    def _why_not_update(self, changes: int, catalog: Catalog) -> str | None:
+        """Why this index must be rebuilt rather than take ``changes`` vectors in and out; None
+        if it need not."""
+        if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+            return "an HNSW graph cannot drop vectors"
+        count = catalog.counts()[STATUS_INDEXED]
+        if catalog.get_meta("index_type") in (None, "", "auto") and count:
+            wanted = choose_index_type(count, self.index.d)
+            if wanted != self.index_type:
+                return f"{count} vectors call for {wanted}, not {self.index_type}"
+        trained = self.index_type != "Flat"
+        if trained and self.changed_since_build + changes > self.built_count / 2:
+            return "more vectors changed since its last full build than half of those it was trained on"
+        return None
 
     @classmethod
     def rebuild(
@@ -118,12 +194,10 @@ class VectorIndex:
         """Build from the catalog's vectors; a given `index_type` is remembered for later rebuilds.
 
         A remembered type that no longer fits the collection (too few vectors to train) falls
-        back to "auto" with a warning, so that a shrunk collection never stops queries. A save
-        that fails (read-only home, full disk) only logs a warning: the index in memory is
-        correct, and the next open rebuilds again.
+        back to "auto" with a warning, so that a shrunk collection never stops queries.
         """
         # Read before the vectors: if a write lands in between, the stamp is older than the
-        # catalog and the next load rebuilds, never the reverse.
+        # catalog and the next load catches up, never the reverse.
         generation = catalog.generation
         ids, vectors = catalog.all_vectors()
         started = time.perf_counter()
@@ -141,12 +215,18 @@ class VectorIndex:
             "Built a %s index of %d vectors in %.1f s (recall@10: %s)",
             built.index_type, built.ntotal, time.perf_counter() - started, recall,
         )
-        if save and not catalog.readonly:
+        if save:
+            built._save_if_writable(home, catalog, generation)
+        return built
+
+    def _save_if_writable(self, home: Path, catalog: Catalog, generation: int) -> None:
+        """A save that fails (read-only home, full disk) only warns: the index in memory is
+        correct, and the next open builds or updates it again."""
+        if not catalog.readonly:
             try:
-                built.save(home, generation)
+                self.save(home, generation)
             except IndexStateError as e:
                 log.warning("%s", e)
-        return built
 
     def save(self, home: Path, generation: int) -> None:
         """Write `vectors.faiss` atomically: a temporary file, fsync, rename, fsync the folder."""
@@ -159,6 +239,8 @@ class VectorIndex:
                 "dim": self.index.d,
                 "index_type": self.index_type,
                 "recall_at_10": self.recall_at_10,
+                "built_count": self.built_count,
+                "changed_since_build": self.changed_since_build,
             }
         ).encode()
         # A name of our own (a query process may rebuild while an indexer saves) that says which
@@ -192,28 +274,24 @@ class VectorIndex:
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    @classmethod
-    def _read(cls, path: Path, generation: int, count: int) -> VectorIndex:
-        try:
-            with open(path, "rb") as f:
-                stamp = _read_stamp(f)
-                if (stamp["generation"], stamp["count"]) != (generation, count):
-                    raise StaleIndex(
-                        f"{path} holds {stamp['count']} vectors of catalog generation {stamp['generation']}, "
-                        f"the catalog has {count} at generation {generation}"
-                    )
-                # FAISS reads the file already open, never one renamed into its place meanwhile.
-                # Flat codes are memory-mapped, not copied: a cold query reads only what it needs.
-                index = faiss.read_index(f"/dev/fd/{f.fileno()}", _MMAP_READ_ONLY)
-        except FileNotFoundError:
-            raise StaleIndex(f"{path} is missing") from None
-        except (OSError, ValueError, KeyError) as e:
-            raise StaleIndex(f"{path} is damaged ({e})") from None
-        except RuntimeError as e:  # FAISS's own checks
-            raise StaleIndex(f"{path} is damaged ({_brief(e)})") from None
-        if index.ntotal != count or (count and index.d != stamp["dim"]):
-            raise StaleIndex(f"{path} does not hold what its stamp says")
-        return cls(index, stamp["index_type"], stamp["recall_at_10"])
+def _read(path: Path, *, mmap: bool = True) -> tuple[faiss.Index, dict]:
+    """The index in ``path`` and its stamp; StaleIndex if it is missing or damaged. Memory-mapped
+    read-only (Flat codes are not copied: a cold query reads only the pages it needs) unless
+    it is to be updated."""
+    try:
+        with open(path, "rb") as f:
+            stamp = _read_stamp(f)
+            # FAISS reads the file already open, never one renamed into its place meanwhile.
+            index = faiss.read_index(f"/dev/fd/{f.fileno()}", _MMAP_READ_ONLY if mmap else 0)
+    except FileNotFoundError:
+        raise StaleIndex(f"{path} is missing") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise StaleIndex(f"{path} is damaged ({e})") from None
+    except RuntimeError as e:  # FAISS's own checks
+        raise StaleIndex(f"{path} is damaged ({_brief(e)})") from None
+    if index.ntotal != stamp["count"] or (stamp["count"] and index.d != stamp["dim"]):
+        raise StaleIndex(f"{path} does not hold what its stamp says")
+    return index, stamp
 
 
 def _read_stamp(f: BinaryIO) -> dict:

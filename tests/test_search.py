@@ -1,12 +1,13 @@
 """Queries through the library API (`Index`): example images, text, weighted combinations,
 filters, and the FAISS file as derived data."""
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_image, make_library, other_tiny_model, tiny_model  # noqa: F401
+from helpers import bump_mtime, make_image, make_library, other_tiny_model, tiny_model  # noqa: F401
 
 from clipsearch import Hit, Index
 from clipsearch.errors import IndexStateError
@@ -107,15 +108,29 @@ def test_a_deleted_or_garbage_faiss_file_is_rebuilt(index, tmp_path, library, ca
         caplog.clear()
 
 
-def test_an_older_faiss_file_put_back_is_rebuilt_not_trusted(index, tmp_path, caplog):
+def test_an_older_faiss_file_put_back_is_brought_up_to_date_not_trusted(index, tmp_path, caplog):
     home = tmp_path / "home"
     old = (home / VECTORS_FILE).read_bytes()
     index.remove([tmp_path / "lib" / "part0"])
     (home / VECTORS_FILE).write_bytes(old)  # e.g. restored from a backup: ids of removed rows
-    with Index.open(home, readonly=True) as fresh:
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"), Index.open(home, readonly=True) as fresh:
         hits = fresh.search("x", k=20)
     assert len(hits) == 6 and all(h.path.parent.name == "part1" for h in hits)
-    assert "Rebuilding the vector index" in caplog.text
+    assert "Updated the vector index: 0 vectors in, 6 out" in caplog.text
+
+
+def test_adding_and_changing_files_updates_the_faiss_file_instead_of_rebuilding_it(index, library, tmp_path, caplog):
+    extra = make_image(tmp_path / "lib" / "extra.png", seed=600)
+    make_image(library[4], seed=601)  # same file, new picture
+    bump_mtime(library[4])
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
+        report = index.add([tmp_path / "lib"], workers=0)
+    assert (report.new, report.changed) == (1, 1)
+    assert "Updated the vector index: 2 vectors in, 1 out" in caplog.text and "Built" not in caplog.text
+    for image in (extra, library[4]):
+        best = index.search(image, k=1)[0]
+        assert best.path == image and best.score > 0.999
+    assert index.status().consistent
 
 
 def test_a_stale_faiss_file_is_noticed_by_an_open_index(index, tmp_path):

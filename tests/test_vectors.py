@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clipsearch import vectors as vectors_module
-from clipsearch.catalog import Catalog, IndexedFile
+from clipsearch.catalog import Catalog, FailedFile, IndexedFile
 from clipsearch.errors import IndexStateError
 from clipsearch.vectors import VECTORS_FILE, VectorIndex, choose_index_type
 
@@ -142,21 +142,59 @@ def test_empty_catalog_loads_quietly(catalog, caplog):
     assert index.ntotal == 0 and caplog.records == []
 
 
-def test_stale_stamp_is_rebuilt_and_resaved(catalog, caplog):
-    first = random_unit(500)
-    add_files(catalog, first)
+def test_a_stale_file_is_updated_by_the_rows_that_changed_and_resaved(catalog, caplog):
+    add_files(catalog, random_unit(500))
     VectorIndex.load(catalog.home, catalog)  # builds and saves generation 1
-    newer = random_unit(100, seed=2)
-    add_files(catalog, newer, start=500)  # generation 2: the file is now stale
-    with caplog.at_level(logging.WARNING):
+    add_files(catalog, random_unit(100, seed=2), start=500)  # generation 2: the file is now stale
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
         index = VectorIndex.load(catalog.home, catalog)
-    assert "generation 1" in caplog.text and "generation 2" in caplog.text
+    assert "Updated the vector index: 100 vectors in, 0 out" in caplog.text and "Built" not in caplog.text
     assert index.ntotal == 600
     assert_answers_like_the_catalog(index, catalog)
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
         VectorIndex.load(catalog.home, catalog)
-    assert caplog.records == []  # the rebuilt index was saved with the new stamp
+    assert caplog.records == []  # the updated index was saved with the new stamp
+
+
+def test_changed_failed_and_removed_rows_reach_the_file_by_update(catalog, caplog):
+    vectors = clustered_unit(2000)
+    add_files(catalog, vectors)
+    built = VectorIndex.load(catalog.home, catalog)
+    assert built.index_type.startswith("IVF") or built.index_type == "Flat"
+    replaced = random_unit(3, seed=9)
+    add_files(catalog, replaced, start=10)  # /p/10..12.jpg changed: same rows, new vectors
+    catalog.commit_batch(failed=[FailedFile(b"/p/20.jpg", 1, 1, None, "now unreadable")])
+    catalog.commit_batch(missing=[b"/p/21.jpg"])
+    catalog.remove([b"/p/22.jpg"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert "Updated the vector index: 3 vectors in, 6 out" in caplog.text
+    assert index.ntotal == 1997
+    assert_answers_like_the_catalog(index, catalog)
+    scores, top = index.search(replaced, 1)
+    ids_by_path = {path: state.id for path, state in catalog.file_states().items()}
+    assert top[:, 0].tolist() == [ids_by_path[b"/p/%d.jpg" % i] for i in (10, 11, 12)]
+    assert np.all(scores[:, 0] > 0.99)  # the new vectors, not the old ones
+
+
+def test_an_update_gives_way_to_a_rebuild_when_it_should(catalog, caplog, monkeypatch):
+    add_files(catalog, clustered_unit(1500))
+    VectorIndex.rebuild(catalog.home, catalog, index_type="IVF8,Flat")
+    add_files(catalog, clustered_unit(700, seed=4), start=1500)  # more than half of the 1500 trained on
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert "more vectors changed since its last full build" in caplog.text and index.built_count == 2200
+    monkeypatch.setattr(vectors_module, "FLAT_LIMIT", 2202)
+    assert VectorIndex.rebuild(catalog.home, catalog, index_type="auto").index_type == "Flat"
+    add_files(catalog, random_unit(5, seed=6), start=2200)  # past FLAT_LIMIT: auto wants IVF now
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert "2205 vectors call for IVF" in caplog.text and index.index_type.startswith("IVF")
+    assert index.ntotal == 2205 and index.built_count == 2205
 
 
 def test_removed_rows_never_come_back_from_a_stale_file(catalog):
@@ -189,7 +227,8 @@ def test_damaged_file_is_rebuilt_with_a_warning(catalog, caplog, damage):
         index = VectorIndex.load(catalog.home, catalog)
     assert "Rebuilding the vector index" in caplog.text and "damaged" in caplog.text
     assert_answers_like_the_catalog(index, catalog)
-    assert VectorIndex._read(path, catalog.generation, 1000).ntotal == 1000  # saved again, valid
+    saved, stamp = vectors_module._read(path)  # saved again, valid
+    assert saved.ntotal == stamp["count"] == 1000 and stamp["generation"] == catalog.generation
 
 
 def test_rebuild_remembers_the_chosen_index_type(catalog, caplog):
