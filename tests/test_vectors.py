@@ -195,6 +195,12 @@ def test_an_update_gives_way_to_a_rebuild_when_it_should(catalog, caplog, monkey
         index = VectorIndex.load(catalog.home, catalog)
     assert "2205 vectors call for IVF" in caplog.text and index.index_type.startswith("IVF")
     assert index.ntotal == 2205 and index.built_count == 2205
+    VectorIndex.rebuild(catalog.home, catalog, index_type="HNSW32")
+    add_files(catalog, random_unit(1, seed=7), start=2205)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
+        index = VectorIndex.load(catalog.home, catalog)
+    assert "an HNSW graph cannot drop vectors" in caplog.text and index.ntotal == 2206
 
 
 def test_removed_rows_never_come_back_from_a_stale_file(catalog):
