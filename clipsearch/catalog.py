@@ -547,13 +547,29 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
     try:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL (a no-op once it is). Two processes opening a new catalog at the
+    same moment both try the switch, and SQLite answers the loser "database is locked" at once:
+    its busy handler does not run for a lock upgrade that could deadlock. So the switch is
+    retried for as long as the busy timeout allows."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if _error_code(e) != _SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(_LOCK_POLL_S)
 
 
 # SQLite's primary result codes for errors a person can act on; Python < 3.11 exposes only the

@@ -139,6 +139,32 @@ def test_two_indexers_started_together_on_one_home(tmp_path, tiny_model, tiny_en
         np.testing.assert_allclose(stored[path], expected[path], atol=2e-3)
 
 
+def test_switching_a_new_catalog_to_wal_waits_out_a_racing_opener(monkeypatch):
+    """The race above, made certain: SQLite refuses the WAL switch at once ("database is
+    locked", no busy wait) to the second of two processes creating a catalog together."""
+    import sqlite3
+
+    from clipsearch import catalog as catalog_module
+
+    class Racing:
+        def __init__(self, refusals):
+            self.refusals, self.statements = refusals, []
+
+        def execute(self, sql):
+            self.statements.append(sql)
+            if self.refusals:
+                self.refusals -= 1
+                raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(catalog_module, "_LOCK_POLL_S", 0.001)
+    conn = Racing(refusals=3)
+    catalog_module._use_wal(conn)
+    assert conn.statements == ["PRAGMA journal_mode = WAL"] * 4
+    monkeypatch.setattr(catalog_module, "_BUSY_TIMEOUT_MS", 0)  # a lock that outlasts the timeout
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        catalog_module._use_wal(Racing(refusals=1))
+
+
 @pytest.mark.slow
 def test_two_queries_at_once(tmp_path, cli, tiny_model):
     """Two query processes (and a status) at the same moment, on an index whose FAISS file has
