@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch.clip import cpu
-from clipsearch.clip.model import CLIP, ModelConfig
+from clipsearch.clip.model import CLIP, ModelConfig, SelfAttention
 
 TINY = ModelConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                    vision_heads=1, context_length=16, vocab_size=100, text_width=32, text_heads=1, text_layers=1)
@@ -60,6 +60,7 @@ def test_int8_quantizes_the_image_tower_only_and_keeps_embeddings(images: torch.
     # per block: q/k/v, out_proj, c_fc, c_proj
     assert sum(isinstance(m, cpu.Int8Linear) for m in model.visual.modules()) == 2 * 4
     assert sum(isinstance(m, cpu.Int8SelfAttention) for m in model.visual.modules()) == 2
+    assert not any(isinstance(m, SelfAttention) for m in model.visual.modules())  # its fp32 weights are gone
     cosine = F.cosine_similarity(embeddings(model, images), embeddings(reference, images))
     assert cosine.min().item() >= cpu.MIN_COSINE
     tokens = torch.randint(1, TINY.vocab_size - 1, (3, TINY.context_length))

@@ -163,15 +163,18 @@ class SelfAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attend(F.linear(x, self.in_proj_weight, self.in_proj_bias))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return self.out_proj(attend(qkv, self.heads, self.causal))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The rest of `forward` after the fused q/k/v projection, apart so that a quantised
-        projection (`clip.cpu`) can feed it."""
-        batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+def attend(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """Multi-head attention from the fused q/k/v projection ``[N, L, 3W]`` to the heads' outputs
+    side by side ``[N, L, W]``, before the output projection. A function of its own so that
+    quantised projections (`clip.cpu`) can surround it."""
+    batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(batch, length, width)
 
 
 class ResidualAttentionBlock(nn.Module):
