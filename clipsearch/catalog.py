@@ -72,6 +72,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class Changes(NamedTuple):
+    """How the catalog's vectors moved on since some generation (`Catalog.changes_since`)."""
+
+    generation: int  # the catalog's, now
+    outdated: np.ndarray  # int64 ids whose vector was set or dropped since
+    ids: np.ndarray  # int64: those of them indexed now...
+    vectors: np.ndarray  # ...and their vectors, float32 [len(ids), dim]
+    # int64, every indexed id now, ordered: rows deleted outright left no record, and are the
+    # ids a FAISS file holds that this lacks.
+    indexed: np.ndarray
+
+
 class FileState(NamedTuple):
     """What the indexer's diff needs to know about one catalog row.
 
@@ -233,7 +245,7 @@ class Catalog:
             cursor = db.execute("SELECT image_id, vector FROM vectors ORDER BY image_id")
             while rows := cursor.fetchmany(_CHUNK):
                 row_ids, blobs = zip(*rows)
-                chunk = np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(rows), -1)
+                chunk = _vectors_of(blobs)
                 if vectors is None:
                     vectors = np.empty((n, chunk.shape[1]), dtype=np.float32)
                 ids[start : start + len(rows)] = row_ids
@@ -243,32 +255,31 @@ class Catalog:
                 vectors = np.empty((0, int(_get_meta(db, "dim") or 0)), dtype=np.float32)
         return ids, vectors
 
-    def indexed_ids(self) -> np.ndarray:
-        """The ids of the indexed rows, int64, ordered."""
+    def changes_since(self, generation: int) -> Changes | None:
+        """What a FAISS file of catalog ``generation`` must take in to match the catalog as it is,
+        read in one snapshot; None where the record of changes does not reach back that far (or
+        ``generation`` is ahead of the catalog)."""
         with self._read() as db:
-            rows = db.execute("SELECT id FROM images WHERE status = ? ORDER BY id", (STATUS_INDEXED,)).fetchall()
-        return np.array([row[0] for row in rows], dtype=np.int64)
-
-    def changes_since(self, generation: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """What a FAISS file of catalog ``generation`` must take in to match the catalog as it is:
-        (ids whose vector was set or dropped since, int64; the indexed ids among them; their
-        vectors, float32), or None where the record of changes does not reach back that far.
-        Rows deleted outright (`remove`) are not in it: they are the FAISS ids `indexed_ids` lacks.
-        """
-        with self._read() as db:
+            now = int(_get_meta(db, "generation") or 0)
             since = _get_meta(db, "changes_logged_since")
-            if since is None or generation < int(since) or generation > int(_get_meta(db, "generation") or 0):
+            if since is None or not int(since) <= generation <= now:
                 return None
-            changed = db.execute("SELECT id FROM images WHERE vector_generation > ?", (generation,)).fetchall()
+            # Exactly the indexed rows have a vector: the others' ids come back with None.
             rows = db.execute(
-                "SELECT v.image_id, v.vector FROM vectors AS v JOIN images AS i ON i.id = v.image_id "
-                "WHERE i.vector_generation > ? AND i.status = ? ORDER BY v.image_id",
-                (generation, STATUS_INDEXED),
+                "SELECT i.id, v.vector FROM images AS i LEFT JOIN vectors AS v ON v.image_id = i.id "
+                "WHERE i.vector_generation > ? ORDER BY i.id",
+                (generation,),
             ).fetchall()
+            indexed = db.execute("SELECT id FROM images WHERE status = ? ORDER BY id", (STATUS_INDEXED,)).fetchall()
             dim = int(_get_meta(db, "dim") or 0)
-        ids = np.array([row[0] for row in rows], dtype=np.int64)
-        vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f2").reshape(len(rows), -1 if rows else dim)
-        return np.array([row[0] for row in changed], dtype=np.int64), ids, vectors.astype(np.float32)
+        kept = [row for row in rows if row[1] is not None]
+        return Changes(
+            generation=now,
+            outdated=np.array([row[0] for row in rows], dtype=np.int64),
+            ids=np.array([row[0] for row in kept], dtype=np.int64),
+            vectors=_vectors_of([row[1] for row in kept], dim).astype(np.float32),
+            indexed=np.array([row[0] for row in indexed], dtype=np.int64),
+        )
 
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         """Indexed rows by id; ids of rows that are gone or no longer indexed are left out."""
@@ -661,6 +672,12 @@ def _bump_generation(conn: Connection) -> int:
     next_value = cast(cast(Meta.value, Integer) + 1, Text)
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=dict(value=next_value)))
     return int(conn.execute(select(Meta.value).where(Meta.key == "generation")).scalar_one())
+
+
+def _vectors_of(blobs: Sequence[bytes], dim: int = -1) -> np.ndarray:
+    """Stored vectors, as `_vector_blob` wrote them, as one float16 array [len(blobs), dim]
+    (``dim`` is needed only when there are none)."""
+    return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), dim if not blobs else -1)
 
 
 def _vector_blob(vector: np.ndarray) -> bytes:

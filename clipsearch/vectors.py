@@ -137,47 +137,42 @@ class VectorIndex:
         another index type, or when the vectors changed since its last full build outnumber half
         of those it was trained with (its lists would no longer fit the collection).
         """
-        # As in rebuild: the generation is read before the changes, so a write in between leaves
-        # the stamp older than the catalog, and the next load catches up again.
-        generation = catalog.generation
         path = Path(home) / VECTORS_FILE
         try:
             index, stamp = _read(path, mmap=False)
         except StaleIndex:
             return cls.rebuild(home, catalog, save=save)
         current = cls._stamped(index, stamp)
-        if (stamp["generation"], stamp["count"]) == (generation, catalog.counts()[STATUS_INDEXED]):
-            return current
         started = time.perf_counter()
         changes = catalog.changes_since(stamp["generation"])
-        reason = "it is older than the catalog's record of changes" if changes is None else None
-        if changes is not None:
-            changed, ids, vectors = changes
-            # Rows deleted outright left no record: they are the ids the catalog no longer has.
-            gone = np.setdiff1d(faiss.vector_to_array(index.id_map), catalog.indexed_ids(), assume_unique=True)
-            outdated = np.union1d(changed, gone)
-            reason = current._why_not_update(len(outdated) + len(ids), catalog)
+        if changes is None:
+            reason: str | None = "it is older than the catalog's record of changes"
+        else:
+            if (changes.generation, len(changes.indexed)) == (stamp["generation"], stamp["count"]):
+                return current
+            gone = np.setdiff1d(faiss.vector_to_array(index.id_map), changes.indexed, assume_unique=True)
+            outdated = np.union1d(changes.outdated, gone)
+            reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.indexed), catalog)
         if reason is not None:
             log.info("Rebuilding the vector index: %s", reason)
             return cls.rebuild(home, catalog, save=save)
         removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
-        if len(ids):
-            index.add_with_ids(vectors, ids)
-        if index.ntotal != catalog.counts()[STATUS_INDEXED]:  # a write landed meanwhile: start over
+        if len(changes.ids):
+            index.add_with_ids(changes.vectors, changes.ids)
+        if index.ntotal != len(changes.indexed):  # the file held what its stamp did not say
             return cls.rebuild(home, catalog, save=save)
-        current.changed_since_build += len(ids) + removed
-        log.info("Updated the vector index: %d vectors in, %d out, in %.1f s", len(ids), removed,
+        current.changed_since_build += len(changes.ids) + removed
+        log.info("Updated the vector index: %d vectors in, %d out, in %.1f s", len(changes.ids), removed,
                  time.perf_counter() - started)
         if save:
-            current._save_if_writable(home, catalog, generation)
+            current._save_if_writable(home, catalog, changes.generation)
         return current
 
-    def _why_not_update(self, changes: int, catalog: Catalog) -> str | None:
-        """Why this index must be rebuilt rather than take ``changes`` vectors in and out; None
-        if it need not."""
+    def _why_not_update(self, changes: int, count: int, catalog: Catalog) -> str | None:
+        """Why this index must be rebuilt rather than take ``changes`` vectors in and out to hold
+        ``count``; None if it need not."""
         if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
             return "an HNSW graph cannot drop vectors"
-        count = catalog.counts()[STATUS_INDEXED]
         if catalog.get_meta("index_type") in (None, "", "auto") and count:
             wanted = choose_index_type(count, self.index.d)
             if wanted != self.index_type:
