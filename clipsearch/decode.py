@@ -3,8 +3,9 @@
 Opening a 12-megapixel JPEG costs more than encoding it with a small CLIP, so decoding runs in
 separate processes (the GIL would serialise threads) while the main process encodes the
 previous batch. Small images are the other way round: decoding them in the main process leaves
-the model every core (`best_workers` decides from the run's first batch). Workers are started with ``forkserver``/``spawn``, never ``fork``: forking a
-process that has already started torch's thread pools can deadlock.
+the model every core (`best_workers` decides from the run's first batch). Workers are started
+with ``forkserver``/``spawn``, never ``fork``: forking a process that has already started
+torch's thread pools can deadlock.
 
 A file that fails to decode is a result, not an exception: the run records the reason and goes
 on. Even a decoder that crashes its whole process (a native-library bug on a malicious file)

@@ -166,8 +166,7 @@ class _Run:
         self.done = 0
         self.failed: list[FailedFile] = []
         self.reused: list[IndexedFile] = []
-        self.encoded = 0
-        self.decode_s = self.encode_s = 0.0  # summed over the encoded images
+        self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
     def run(self, batch_size: int, workers: int | None) -> None:
         """Decode in ``workers`` processes; None decides after the first batch, decoded in this
@@ -176,7 +175,8 @@ class _Run:
         if workers is None:
             if not self._encode(itertools.islice(items, batch_size), batch_size, 0):
                 return
-            decode_s, encode_s = self.decode_s / max(self.encoded, 1), self.encode_s / max(self.encoded, 1)
+            encoded = max(self.report.new + self.report.changed, 1)
+            decode_s, encode_s = self.decode_s / encoded, self.encode_s / encoded
             workers = best_workers(decode_s, encode_s, self.encoder.device.type == "cpu", len(self.todo) - self.done,
                                    batch_size)
             log.info("An image takes %.0f ms to decode and %.0f ms to encode: decoding %s", decode_s * 1e3,
@@ -240,7 +240,6 @@ class _Run:
             vectors = self.encoder.encode_images(np.stack([result.pixels for _, _, result in decoded]))
             self.encode_s += time.perf_counter() - started
             self.decode_s += sum(result.seconds for _, _, result in decoded)
-            self.encoded += len(decoded)
             indexed += [
                 IndexedFile(found.path, found.size, found.mtime_ns, result.fingerprint, result.width,
                             result.height, vector)

@@ -6,12 +6,12 @@ fp32 is always right. Whether anything beats it depends on the processor:
   instructions (AVX512-BF16, AMX). Where they are missing, PyTorch emulates bf16 and runs
   ~10x *slower* than fp32, so it is only picked when the flags are there.
 - int8 dynamic quantization of the image tower's projections (weights int8 once, activations
-  quantised per batch) makes those GEMMs ~1.7x faster on an AVX2 CPU without bf16
-  or VNNI. The attention's fused q/k/v projection counts: with it left in fp32 the ViT-B/32
-  tower ran 1.44x open_clip's fp32, with it quantised too (and oneDNN's packing) 1.61-1.68x
-  (benchmarks/README.md). Trained CLIPs carry
-  activation outlier channels that per-tensor int8 can flatten, so "auto" keeps int8 only
-  after comparing its embeddings with fp32 on a sample batch.
+  quantised per batch) makes those GEMMs ~1.7x faster on an AVX2 CPU without bf16 or VNNI.
+  The attention's fused q/k/v projection counts: with it left in fp32 the ViT-B/32 tower ran
+  1.44x open_clip's fp32, with it quantised too (and oneDNN's packing) 1.61-1.68x
+  (benchmarks/README.md). Trained CLIPs carry activation outlier channels that per-tensor int8
+  can flatten, so "auto" keeps int8 only after comparing its embeddings with fp32 on a sample
+  batch.
 - fp16 on CUDA, where tensor cores make it the fast path and CLIP was trained in it.
 
 "auto" never trades accuracy for speed: every choice it makes stays within cosine
