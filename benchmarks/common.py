@@ -120,16 +120,21 @@ def held_out_queries(count: int, clusters: int, dim: int = 512):
     return clustered_vectors(count, clusters, dim, chunk=2**31)
 
 
+def seconds(call: Callable[[], object]) -> float:
+    """Wall seconds one call takes."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each candidate, the candidates taking turns so that machine noise
     lands on all of them alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    timings: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+            timings[name].append(seconds(run))
+    return timings
 
 
 def median(values: Sequence[float]) -> float:

@@ -32,7 +32,7 @@ import numpy as np
 
 import peers
 from common import (bench_dir, clipsearch_command, clusters_for, clustered_vectors, fmt, held_out_queries, median,
-                    ours_env, percentile, print_table, random_model, ratio)
+                    ours_env, percentile, print_table, random_model, ratio, seconds)
 
 ARCH = "ViT-B-32"
 CHUNK = 100_000
@@ -104,21 +104,15 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
         index.search(QUERY, k=10)  # loads the text tower and the FAISS file
         vectors = VectorIndex.load(home, index.catalog, save=False)
         texts = [f"{QUERY} {i}" for i in range(repeats)]  # distinct texts: no cache can help
-        full = [_seconds(lambda text=text: index.search(text, k=10)) for text in texts]
-        again = [_seconds(lambda: index.search(QUERY, k=10)) for _ in range(repeats)]  # remembered text
+        full = [seconds(lambda text=text: index.search(text, k=10)) for text in texts]
+        again = [seconds(lambda: index.search(QUERY, k=10)) for _ in range(repeats)]  # remembered text
         # The first pass over the held-out queries reads their inverted lists from the memory-
         # mapped file; a long-running process has them in memory, which the second pass times.
-        first = [_seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
-        topk = [_seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
+        first = [seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
+        topk = [seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
         return {"search_ms": median(full) * 1e3, "search_p99_ms": percentile(full, 99) * 1e3,
                 "again_ms": median(again) * 1e3, "topk_ms": median(topk) * 1e3, "topk_first_ms": median(first) * 1e3, "index_type": vectors.index_type,
                 "recall": recall_at_10(index.catalog, vectors, queries)}
-
-
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def rclip_datadir(count: int) -> tuple[Path, Path]:

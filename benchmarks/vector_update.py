@@ -14,18 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
-from common import clustered_vectors, fmt, ours_env, print_table, random_model
+from common import clustered_vectors, fmt, ours_env, print_table, random_model, seconds
 from query_latency import ARCH, filled_home
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -47,10 +40,10 @@ def main() -> None:
             VectorIndex.load(home, catalog)  # the file matches the catalog before the change
             catalog.commit_batch([IndexedFile(b"/vector-update/%d.jpg" % i, 1, 1, b"vu%d" % i, 1, 1, vector)
                                   for i, vector in enumerate(extra)])
-            added = timed(lambda: VectorIndex.refresh(home, catalog))
+            added = seconds(lambda: VectorIndex.refresh(home, catalog))
             catalog.remove([b"/vector-update"])
-            removed = timed(lambda: VectorIndex.refresh(home, catalog))
-            rebuilt = timed(lambda: VectorIndex.rebuild(home, catalog))
+            removed = seconds(lambda: VectorIndex.refresh(home, catalog))
+            rebuilt = seconds(lambda: VectorIndex.rebuild(home, catalog))
             index_type = VectorIndex.load(home, catalog).index_type
         rows += [
             (f"update s, {count:,} ({index_type}), {args.changes} vectors added", fmt(added), "-", "-"),
