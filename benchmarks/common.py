@@ -14,8 +14,8 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 BENCH_DIR = Path(os.environ.get("BENCH_DIR", "/tmp/clipsearch-bench"))
 
@@ -163,8 +163,10 @@ def machine() -> str:
 
     bf16 = "native bf16" if cpu.has_native_bf16() else "no native bf16"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}; "
-            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; load average {load}")
+    return (
+        f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}; "
+        f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; load average {load}"
+    )
 
 
 def fmt(value: float | str | None, unit: str = "") -> str:

@@ -51,8 +51,10 @@ def main() -> None:
 
         pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
         top10 = (embed([f"a {colour} {shape}" for colour, shape in pairs]) @ images.t()).topk(10, dim=1).indices
-        precisions = [sum(scenes[j].contains(colour, shape) for j in top10[i].tolist()) / 10
-                      for i, (colour, shape) in enumerate(pairs)]
+        precisions = [
+            sum(scenes[j].contains(colour, shape) for j in top10[i].tolist()) / 10
+            for i, (colour, shape) in enumerate(pairs)
+        ]
         precision = sum(precisions) / len(precisions)
         worst = min(zip(precisions, pairs))
         # A pair held by fewer than 10 scenes cannot reach 1.0: the ceiling a perfect model gets.

@@ -17,15 +17,23 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from common import fmt, interleaved, median, photo_folder, print_table
 
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import Preprocess, open_image
 
 VIT_B_32 = ModelConfig(
-    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-    vision_heads=12, context_length=77, vocab_size=49408, text_width=512, text_heads=8, text_layers=12,
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    vision_heads=12,
+    context_length=77,
+    vocab_size=49408,
+    text_width=512,
+    text_heads=8,
+    text_layers=12,
 )
 
 
@@ -61,10 +69,20 @@ def main() -> None:
     print_table(
         f"Draft JPEG decoding, {len(paths)} photos 4032x3024 q90, ViT-B/32 input {resolution}, 1 core",
         [
-            ("decode + preprocess, ms/image", fmt(draft_ms, "ms"), fmt(full_ms, "ms"), f"{full_ms / draft_ms:.2f}x faster"),
+            (
+                "decode + preprocess, ms/image",
+                fmt(draft_ms, "ms"),
+                fmt(full_ms, "ms"),
+                f"{full_ms / draft_ms:.2f}x faster",
+            ),
             ("embedding cosine to full decode, min", f"{cosines.min().item():.6f}", "1", "-"),
             ("embedding cosine to full decode, mean", f"{cosines.mean().item():.6f}", "1", "-"),
-            ("input tensor |diff|, mean / max", f"{pixel_diff.mean().item():.4f} / {pixel_diff.max().item():.3f}", "0", "-"),
+            (
+                "input tensor |diff|, mean / max",
+                f"{pixel_diff.mean().item():.4f} / {pixel_diff.max().item():.3f}",
+                "0",
+                "-",
+            ),
         ],
         notes=[
             f"ours = draft decode (decoded at {decoded[0]}x{decoded[1]}), peer = full decode; "

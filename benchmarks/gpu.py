@@ -29,7 +29,9 @@ class Utilisation:
     def __enter__(self) -> Utilisation:
         self.process = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -85,15 +87,26 @@ def main() -> None:
             samples = gpu.samples or [0.0]
             rows += [
                 (f"images/s, {arch}, {args.count} x {args.size}, end to end", fmt(report.images_per_s), "-", "-"),
-                (f"GPU utilisation %, {arch}, mean / peak", f"{sum(samples) / len(samples):.0f} / {max(samples):.0f}",
-                 "-", "-"),
-                (f"images/s, {arch}, model alone (fp16, batch {args.batch})", fmt(model_only(arch, args.batch)),
-                 "-", "-"),
+                (
+                    f"GPU utilisation %, {arch}, mean / peak",
+                    f"{sum(samples) / len(samples):.0f} / {max(samples):.0f}",
+                    "-",
+                    "-",
+                ),
+                (
+                    f"images/s, {arch}, model alone (fp16, batch {args.batch})",
+                    fmt(model_only(arch, args.batch)),
+                    "-",
+                    "-",
+                ),
             ]
         finally:
             shutil.rmtree(home)
-    print_table("GPU path (target 6)", rows, [
-        f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores for decoding; random weights."])
+    print_table(
+        "GPU path (target 6)",
+        rows,
+        [f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores for decoding; random weights."],
+    )
 
 
 if __name__ == "__main__":

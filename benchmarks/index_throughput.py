@@ -20,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 import peers
-from common import (BENCH_DIR, clipsearch_command, fmt, median, ours_env, photo_folder, print_table,
-                    random_model, ratio)
+from common import BENCH_DIR, clipsearch_command, fmt, median, ours_env, photo_folder, print_table, random_model, ratio
 
 ARCH = "ViT-B-32-256"  # rclip 3.x's architecture
 
@@ -34,8 +33,10 @@ def warm_page_cache(folder: Path) -> None:
 def ours(folder: Path, model: Path, extra: list[str]) -> peers.TimedRun:
     home = Path(tempfile.mkdtemp(prefix="home-", dir=BENCH_DIR))
     try:
-        return peers.time_command([*clipsearch_command(), "--home", str(home), "index", str(folder),
-                                   "--model", str(model), *extra], env=ours_env())
+        return peers.time_command(
+            [*clipsearch_command(), "--home", str(home), "index", str(folder), "--model", str(model), *extra],
+            env=ours_env(),
+        )
     finally:
         shutil.rmtree(home)
 
@@ -73,13 +74,30 @@ def main() -> None:
         peer_speed = count / median(walls["rclip"])
         for name in variants:
             speed = count / median(walls[name])
-            rows.append((f"images/s, {label}, {name} vs rclip (target {target}x)", fmt(speed), fmt(peer_speed),
-                         ratio(speed, peer_speed)))
-            rows.append((f"peak RSS MiB, {label}, {name}", fmt(rss[name]), fmt(rss["rclip"]),
-                         ratio(rss[name], rss["rclip"], higher_is_better=False)))
-    print_table("End-to-end indexing (target 2)", rows, [
-        f"{ARCH} at random weights on both sides; wall time of a whole new process, median of "
-        f"{args.repeats} alternating run(s); files in the page cache. rclip's run includes its one query."])
+            rows.append(
+                (
+                    f"images/s, {label}, {name} vs rclip (target {target}x)",
+                    fmt(speed),
+                    fmt(peer_speed),
+                    ratio(speed, peer_speed),
+                )
+            )
+            rows.append(
+                (
+                    f"peak RSS MiB, {label}, {name}",
+                    fmt(rss[name]),
+                    fmt(rss["rclip"]),
+                    ratio(rss[name], rss["rclip"], higher_is_better=False),
+                )
+            )
+    print_table(
+        "End-to-end indexing (target 2)",
+        rows,
+        [
+            f"{ARCH} at random weights on both sides; wall time of a whole new process, median of "
+            f"{args.repeats} alternating run(s); files in the page cache. rclip's run includes its one query."
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,7 @@ def write_photo(args: tuple[Path, int, int, int, int]) -> int:
     return path.stat().st_size
 
 
-def make_folder(folder: Path, count: int, width: int, height: int, seed: int = 0,
-                workers: int | None = None) -> int:
+def make_folder(folder: Path, count: int, width: int, height: int, seed: int = 0, workers: int | None = None) -> int:
     """Create (or complete) ``folder`` with ``count`` photos; returns the total bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(folder, seed, i, width, height) for i in range(count)]

@@ -19,7 +19,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-
 from common import fmt, interleaved, median, photo_folder, print_table, ratio
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -65,8 +64,11 @@ def main() -> None:
         reference = fp32.encode_image(batch)
 
     auto = cpu.prepare_for_inference(ours(), "auto")
-    candidates = {"peer fp32": peer.encode_image, "ours fp32": fp32.encode_image,
-                  f"ours auto ({auto.precision})": auto.model.encode_image}
+    candidates = {
+        "peer fp32": peer.encode_image,
+        "ours fp32": fp32.encode_image,
+        f"ours auto ({auto.precision})": auto.model.encode_image,
+    }
     if auto.precision != "int8" and cpu.has_int8_kernels():
         candidates["ours int8"] = cpu.prepare_for_inference(ours(), "int8").model.encode_image
     if auto.precision != "bf16" and cpu.has_native_bf16():
@@ -81,8 +83,9 @@ def main() -> None:
         candidates["ours fp32 compiled"] = compiled.encode_image
 
     with torch.inference_mode():
-        cosines = {name: F.cosine_similarity(run(batch).float(), reference).min().item()
-                   for name, run in candidates.items()}
+        cosines = {
+            name: F.cosine_similarity(run(batch).float(), reference).min().item() for name, run in candidates.items()
+        }
         for run in candidates.values():  # warm-up: first calls pay for allocation and packing
             run(batch)
         seconds = interleaved({name: (lambda run=run: run(batch)) for name, run in candidates.items()}, args.repeats)
@@ -92,17 +95,31 @@ def main() -> None:
     rows = []
     for name in candidates:
         if name != "peer fp32":
-            rows.append((f"images/s, {name} (median)", fmt(speed[name]), fmt(speed["peer fp32"]),
-                         ratio(speed[name], speed["peer fp32"])))
-            rows.append((f"images/s, {name} (best)", fmt(best[name]), fmt(best["peer fp32"]),
-                         ratio(best[name], best["peer fp32"])))
+            rows.append(
+                (
+                    f"images/s, {name} (median)",
+                    fmt(speed[name]),
+                    fmt(speed["peer fp32"]),
+                    ratio(speed[name], speed["peer fp32"]),
+                )
+            )
+            rows.append(
+                (
+                    f"images/s, {name} (best)",
+                    fmt(best[name]),
+                    fmt(best["peer fp32"]),
+                    ratio(best[name], best["peer fp32"]),
+                )
+            )
     for name in candidates:
         if name != "peer fp32":
             rows.append((f"min cosine to our fp32, {name}", f"{cosines[name]:.5f}", "-", "-"))
-    notes = [f"{args.arch}, batch {args.batch}, {args.threads} threads, {args.repeats} interleaved repeats "
-             f"(median and best); peer = open_clip fp32 eager; {len(batch)} generated photos at "
-             f"{batch.shape[-1]} px; target: auto >= 1.6x peer, "
-             f"cosine >= {cpu.MIN_COSINE}."]
+    notes = [
+        f"{args.arch}, batch {args.batch}, {args.threads} threads, {args.repeats} interleaved repeats "
+        f"(median and best); peer = open_clip fp32 eager; {len(batch)} generated photos at "
+        f"{batch.shape[-1]} px; target: auto >= 1.6x peer, "
+        f"cosine >= {cpu.MIN_COSINE}."
+    ]
     if not cpu.has_native_bf16():
         notes.append("bf16 not timed: this CPU has no bf16 instructions (emulated bf16 runs ~10x slower than fp32).")
     if compile_seconds is not None:

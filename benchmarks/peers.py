@@ -22,17 +22,23 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from common import BENCH_DIR
 
 PEER_VENV = BENCH_DIR / "peer-venv"
 PEER_PYTHON = PEER_VENV / "bin" / "python"
 RCLIP_DATADIR = BENCH_DIR / "rclip-data"
-PEER_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0", "rclip==3.3.0",
-                 "onnx", "onnxruntime==1.32.0"]
+PEER_PACKAGES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "open_clip_torch==3.3.0",
+    "rclip==3.3.0",
+    "onnx",
+    "onnxruntime==1.32.0",
+]
 
 # Where rclip 3.3 looks for its files (rclip/model_download.py: MODEL_SUBDIR, TOKENIZER_VOCAB).
 RCLIP_MODEL_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"
@@ -86,9 +92,16 @@ def export(datadir: Path) -> None:
     tokens[:, 0], tokens[:, 1], tokens[:, 2] = 49406, 320, 49407  # <start> "a" <end>
     for name, wrapper, example in (("visual.onnx", Visual(), images), ("textual.onnx", Textual(), tokens)):
         path = model_dir / name
-        torch.onnx.export(wrapper, (example[:1],), str(path), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                          opset_version=18, dynamo=False)
+        torch.onnx.export(
+            wrapper,
+            (example[:1],),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=18,
+            dynamo=False,
+        )
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         with torch.no_grad():
             expected = wrapper(example).numpy()
@@ -135,12 +148,18 @@ def time_command(command: list[str], cwd: Path | None = None, env: dict[str, str
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     hours, minutes, seconds = wall.groups()
-    return TimedRun(int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds), int(rss.group(1)) / 1024,
-                    result.stdout)
+    return TimedRun(
+        int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds), int(rss.group(1)) / 1024, result.stdout
+    )
 
 
-def rclip(folder: Path, query: str = "a photo of a dog", fresh: bool = True, datadir: Path = RCLIP_DATADIR,
-          extra: Sequence[str] = ()) -> TimedRun:
+def rclip(
+    folder: Path,
+    query: str = "a photo of a dog",
+    fresh: bool = True,
+    datadir: Path = RCLIP_DATADIR,
+    extra: Sequence[str] = (),
+) -> TimedRun:
     """One ``rclip QUERY`` inside ``folder``; ``fresh`` drops its database first (a full index).
     A ``datadir`` other than the default gets links to the model files."""
     setup()
@@ -158,15 +177,15 @@ def fill_rclip_db(datadir: Path, root: Path, count: int, folders: int) -> None:
     """rclip's database with ``count`` generated vectors for ``root/FFFF/NNNNNNNN.jpg``, the
     layout of the query benchmark's stand-in files."""
     datadir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(PEER_PYTHON), str(HERE), "fill-db", str(datadir), str(root), str(count), str(folders)],
-                   check=True)
+    subprocess.run(
+        [str(PEER_PYTHON), str(HERE), "fill-db", str(datadir), str(root), str(count), str(folders)], check=True
+    )
 
 
 def _fill_db(datadir: Path, root: Path, count: int, folders: int) -> None:
     """Runs inside the peer venv: rclip's own DB class makes the schema, rows go in in bulk."""
+    from common import clustered_vectors, clusters_for
     from rclip import db
-
-    from common import clusters_for, clustered_vectors
 
     database = db.DB(datadir / "db.sqlite3")
     chunk_size = 100_000
@@ -174,8 +193,10 @@ def _fill_db(datadir: Path, root: Path, count: int, folders: int) -> None:
         vectors = clustered_vectors(min(chunk_size, count - start), clusters_for(count), chunk=chunk)
         for i, vector in enumerate(vectors, start):
             path = root / f"{i % folders:04d}" / f"{i:08d}.jpg"
-            database.upsert_image(db.NewImage(filepath=str(path), modified_at=0.0, size=0, vector=vector.tobytes(),
-                                              hash=None), commit=False)
+            database.upsert_image(
+                db.NewImage(filepath=str(path), modified_at=0.0, size=0, vector=vector.tobytes(), hash=None),
+                commit=False,
+            )
         database.commit()
     database.close()
 

@@ -29,10 +29,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import peers
-from common import (bench_dir, clipsearch_command, clusters_for, clustered_vectors, fmt, held_out_queries, median,
-                    ours_env, percentile, print_table, random_model, ratio, seconds)
+from common import (
+    bench_dir,
+    clipsearch_command,
+    clustered_vectors,
+    clusters_for,
+    fmt,
+    held_out_queries,
+    median,
+    ours_env,
+    percentile,
+    print_table,
+    random_model,
+    ratio,
+    seconds,
+)
 
 ARCH = "ViT-B-32"
 CHUNK = 100_000
@@ -71,13 +83,25 @@ def filled_home(count: int, model: Path) -> Path:
         index.catalog.set_meta("dim", "512")
         for chunk, start in enumerate(range(0, count, CHUNK)):
             vectors = clustered_vectors(min(CHUNK, count - start), clusters_for(count), chunk=chunk)
-            index.catalog.commit_batch([
-                IndexedFile(path=bytes(file_path(root, start + i)), size=0, mtime_ns=0,
-                            fingerprint=(start + i).to_bytes(16, "little"), width=640, height=480, vector=vector)
-                for i, vector in enumerate(vectors)])
+            index.catalog.commit_batch(
+                [
+                    IndexedFile(
+                        path=bytes(file_path(root, start + i)),
+                        size=0,
+                        mtime_ns=0,
+                        fingerprint=(start + i).to_bytes(16, "little"),
+                        width=640,
+                        height=480,
+                        vector=vector,
+                    )
+                    for i, vector in enumerate(vectors)
+                ]
+            )
         status = index.rebuild()
-    print(f"filled {count:,} vectors in {time.perf_counter() - started:.0f} s: {status.index_type}, "
-          f"build-time recall@10 {status.recall_at_10}")
+    print(
+        f"filled {count:,} vectors in {time.perf_counter() - started:.0f} s: {status.index_type}, "
+        f"build-time recall@10 {status.recall_at_10}"
+    )
     (home / ".complete").touch()
     return home
 
@@ -110,9 +134,15 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
         # mapped file; a long-running process has them in memory, which the second pass times.
         first = [seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
         topk = [seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
-        return {"search_ms": median(full) * 1e3, "search_p99_ms": percentile(full, 99) * 1e3,
-                "again_ms": median(again) * 1e3, "topk_ms": median(topk) * 1e3, "topk_first_ms": median(first) * 1e3, "index_type": vectors.index_type,
-                "recall": recall_at_10(index.catalog, vectors, queries)}
+        return {
+            "search_ms": median(full) * 1e3,
+            "search_p99_ms": percentile(full, 99) * 1e3,
+            "again_ms": median(again) * 1e3,
+            "topk_ms": median(topk) * 1e3,
+            "topk_first_ms": median(first) * 1e3,
+            "index_type": vectors.index_type,
+            "recall": recall_at_10(index.catalog, vectors, queries),
+        }
 
 
 def rclip_datadir(count: int) -> tuple[Path, Path]:
@@ -138,8 +168,9 @@ def main() -> None:
     rows = []
 
     home = filled_home(args.cold_size, model)
-    cold = {"ours": lambda: peers.time_command(
-        [*clipsearch_command(), "--home", str(home), "query", QUERY], env=ours_env())}
+    cold = {
+        "ours": lambda: peers.time_command([*clipsearch_command(), "--home", str(home), "query", QUERY], env=ours_env())
+    }
     if args.peer:
         peers.setup()
         datadir, root = rclip_datadir(args.cold_size)
@@ -150,8 +181,14 @@ def main() -> None:
         for name, run in cold.items():
             walls[name].append(run().wall_s)
     peer_cold = median(walls["rclip"]) if "rclip" in walls else None
-    rows.append((f"cold query p50 s, {args.cold_size:,} images (target <= 1.0)", fmt(median(walls["ours"])),
-                 fmt(peer_cold), ratio(median(walls["ours"]), peer_cold, higher_is_better=False)))
+    rows.append(
+        (
+            f"cold query p50 s, {args.cold_size:,} images (target <= 1.0)",
+            fmt(median(walls["ours"])),
+            fmt(peer_cold),
+            ratio(median(walls["ours"]), peer_cold, higher_is_better=False),
+        )
+    )
 
     for count in (int(size) for size in args.sizes.split(",")):
         result = warm(count, model, args.warm_repeats)
@@ -162,13 +199,22 @@ def main() -> None:
             (f"  of which top-k + join p50 ms, {count:,}", fmt(result["topk_ms"]), "-", "-"),
             (f"  top-k + join p50 ms, {count:,}, lists not yet in memory", fmt(result["topk_first_ms"]), "-", "-"),
             (f"warm search() p50 ms, {count:,}, a query asked before", fmt(result["again_ms"]), "-", "-"),
-            (f"recall@10 vs exact, {count:,} ({result['index_type']}; target >= 0.95)",
-             f"{result['recall']:.3f}", "-", "-"),
+            (
+                f"recall@10 vs exact, {count:,} ({result['index_type']}; target >= 0.95)",
+                f"{result['recall']:.3f}",
+                "-",
+                "-",
+            ),
         ]
-    print_table("Query latency (target 4)", rows, [
-        f"cold: median of {args.cold_repeats} new processes, alternating with the peer when present; "
-        f"warm: {args.warm_repeats} distinct queries in one process after a first one; {ARCH} random weights; "
-        "generated clustered vectors; warm page cache."])
+    print_table(
+        "Query latency (target 4)",
+        rows,
+        [
+            f"cold: median of {args.cold_repeats} new processes, alternating with the peer when present; "
+            f"warm: {args.warm_repeats} distinct queries in one process after a first one; {ARCH} random weights; "
+            "generated clustered vectors; warm page cache."
+        ],
+    )
 
 
 if __name__ == "__main__":

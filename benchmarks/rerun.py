@@ -20,10 +20,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-
 import peers
-from common import (bench_dir, clipsearch_command, fmt, median, ours_env, photo_folder, print_table,
-                    random_model, ratio)
+from common import bench_dir, clipsearch_command, fmt, median, ours_env, photo_folder, print_table, random_model, ratio
 
 FOLDERS = 100
 TARGET_S = 3.0
@@ -56,9 +54,19 @@ def tiny_model() -> Path:
 
     folder = bench_dir("models") / "tiny-random"
     if not (folder / "model.safetensors").exists():
-        config = ModelConfig(embed_dim=512, image_resolution=32, vision_layers=1, vision_width=64,
-                             vision_patch_size=16, vision_heads=1, context_length=77, vocab_size=49408,
-                             text_width=64, text_heads=1, text_layers=1)
+        config = ModelConfig(
+            embed_dim=512,
+            image_resolution=32,
+            vision_layers=1,
+            vision_width=64,
+            vision_patch_size=16,
+            vision_heads=1,
+            context_length=77,
+            vocab_size=49408,
+            text_width=64,
+            text_heads=1,
+            text_layers=1,
+        )
         vocab = Path(ours_env()["XDG_CACHE_HOME"]) / "clipsearch" / "models"
         write_model_dir(folder, CLIP(config), next(vocab.glob("*.txt.gz")), mean=CLIP_MEAN, std=CLIP_STD)
     return folder
@@ -68,8 +76,9 @@ def indexed_home(name: str, folder: Path, model: Path) -> Path:
     """An index of ``folder`` built once and kept between runs of this script."""
     home = bench_dir(name)
     if not (home / ".complete").exists():
-        run = peers.time_command([*clipsearch_command(), "--home", str(home), "index", str(folder),
-                                  "--model", str(model)], env=ours_env())
+        run = peers.time_command(
+            [*clipsearch_command(), "--home", str(home), "index", str(folder), "--model", str(model)], env=ours_env()
+        )
         print(f"first index of {folder}: {run.wall_s:.1f} s ({run.output.strip()})")
         (home / ".complete").touch()
     return home
@@ -93,9 +102,15 @@ def main() -> None:
     home = indexed_home(f"rerun-home-{args.files}", root, tiny_model())
     runs = [rerun(home, root) for _ in range(args.repeats)]
     walls = [run.wall_s for run in runs]
-    rows = [(f"re-run wall s, {args.files:,} unchanged files (target <= {TARGET_S})", fmt(median(walls)), "-",
-             "met" if median(walls) <= TARGET_S else f"{median(walls) / TARGET_S:.2f}x over"),
-            (f"re-run peak RSS MiB, {args.files:,} files", fmt(max(run.max_rss_mib for run in runs)), "-", "-")]
+    rows = [
+        (
+            f"re-run wall s, {args.files:,} unchanged files (target <= {TARGET_S})",
+            fmt(median(walls)),
+            "-",
+            "met" if median(walls) <= TARGET_S else f"{median(walls) / TARGET_S:.2f}x over",
+        ),
+        (f"re-run peak RSS MiB, {args.files:,} files", fmt(max(run.max_rss_mib for run in runs)), "-", "-"),
+    ]
 
     if args.peer:
         peers.setup()
@@ -105,13 +120,23 @@ def main() -> None:
         ours_walls, peer_walls = [], []
         for _ in range(args.repeats):
             peer_walls.append(peers.rclip(photos, fresh=False).wall_s)
-            query = peers.time_command([*clipsearch_command(), "--home", str(peer_home), "query", "a photo of a dog"],
-                                       env=ours_env())
+            query = peers.time_command(
+                [*clipsearch_command(), "--home", str(peer_home), "query", "a photo of a dog"], env=ours_env()
+            )
             ours_walls.append(rerun(peer_home, photos).wall_s + query.wall_s)
-        rows.append(("re-run + one query wall s, 500 unchanged photos", fmt(median(ours_walls)),
-                     fmt(median(peer_walls)), ratio(median(ours_walls), median(peer_walls), higher_is_better=False)))
-    print_table("Incremental re-run (target 3)", rows, [
-        f"median of {args.repeats} runs, each a new process timed by /usr/bin/time; warm page cache."])
+        rows.append(
+            (
+                "re-run + one query wall s, 500 unchanged photos",
+                fmt(median(ours_walls)),
+                fmt(median(peer_walls)),
+                ratio(median(ours_walls), median(peer_walls), higher_is_better=False),
+            )
+        )
+    print_table(
+        "Incremental re-run (target 3)",
+        rows,
+        [f"median of {args.repeats} runs, each a new process timed by /usr/bin/time; warm page cache."],
+    )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ import argparse
 import time
 
 import numpy as np
-
-from common import (bench_dir, clusters_for, clustered_vectors, fmt, held_out_queries, median, percentile,
-                    print_table)
+from common import bench_dir, clustered_vectors, clusters_for, fmt, held_out_queries, median, percentile, print_table
 
 CHUNK = 100_000
 K = 10
@@ -119,9 +117,14 @@ def main() -> None:
         ("query p50 ms (one query at a time)", fmt(median(single) * 1e3), "-", "-"),
         ("query p99 ms", fmt(percentile(single, 99) * 1e3), "-", "-"),
     ]
-    print_table("Scale and memory (target 5)", rows, [
-        f"generating the vectors took another {generate_s:.0f} s (with the exact search for recall); "
-        f"FAISS {faiss.__version__}: {threads} threads to build, 1 per query (as the engine searches)."])
+    print_table(
+        "Scale and memory (target 5)",
+        rows,
+        [
+            f"generating the vectors took another {generate_s:.0f} s (with the exact search for recall); "
+            f"FAISS {faiss.__version__}: {threads} threads to build, 1 per query (as the engine searches)."
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-
-import numpy as np
+from functools import partial
 
 from common import clustered_vectors, fmt, ours_env, print_table, random_model, seconds
 from query_latency import ARCH, filled_home
@@ -38,20 +37,27 @@ def main() -> None:
         extra = clustered_vectors(args.changes, 8, seed=99)
         with Catalog.open(home) as catalog:
             VectorIndex.load(home, catalog)  # the file matches the catalog before the change
-            catalog.commit_batch([IndexedFile(b"/vector-update/%d.jpg" % i, 1, 1, b"vu%d" % i, 1, 1, vector)
-                                  for i, vector in enumerate(extra)])
-            added = seconds(lambda: VectorIndex.refresh(home, catalog))
+            catalog.commit_batch(
+                [
+                    IndexedFile(b"/vector-update/%d.jpg" % i, 1, 1, b"vu%d" % i, 1, 1, vector)
+                    for i, vector in enumerate(extra)
+                ]
+            )
+            added = seconds(partial(VectorIndex.refresh, home, catalog))
             catalog.remove([b"/vector-update"])
-            removed = seconds(lambda: VectorIndex.refresh(home, catalog))
-            rebuilt = seconds(lambda: VectorIndex.rebuild(home, catalog))
+            removed = seconds(partial(VectorIndex.refresh, home, catalog))
+            rebuilt = seconds(partial(VectorIndex.rebuild, home, catalog))
             index_type = VectorIndex.load(home, catalog).index_type
         rows += [
             (f"update s, {count:,} ({index_type}), {args.changes} vectors added", fmt(added), "-", "-"),
             (f"update s, {count:,}, the {args.changes} removed again", fmt(removed), "-", "-"),
             (f"full rebuild s, {count:,}", fmt(rebuilt), "-", "-"),
         ]
-    print_table("FAISS file after a small index run", rows, [
-        "each figure includes reading the catalog's changes and saving the file; warm page cache."])
+    print_table(
+        "FAISS file after a small index run",
+        rows,
+        ["each figure includes reading the catalog's changes and saving the file; warm page cache."],
+    )
 
 
 if __name__ == "__main__":

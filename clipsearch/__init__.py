@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Index", "Hit", "__version__"]
+__all__ = ["Hit", "Index", "__version__"]
 
 if TYPE_CHECKING:
     from clipsearch.index import Index

@@ -23,11 +23,11 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
@@ -148,9 +148,7 @@ class Catalog:
         self._sqlalchemy: Connection | None = None
 
     @classmethod
-    def open(
-        cls, home: str | os.PathLike[str], *, create: bool = False, readonly: bool = False
-    ) -> Catalog:
+    def open(cls, home: str | os.PathLike[str], *, create: bool = False, readonly: bool = False) -> Catalog:
         """Open (and upgrade, or with `create` make) the catalog in `home`.
 
         Raises IndexStateError when there is no index and `create` is false, when the file is not
@@ -332,8 +330,14 @@ class Catalog:
             generation = _bump_generation(conn)
 
             def stat(f: IndexedFile | FailedFile) -> dict:
-                return dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, fingerprint=f.fingerprint,
-                            indexed_at=now, vector_generation=generation)
+                return dict(
+                    path=f.path,
+                    size=f.size,
+                    mtime_ns=f.mtime_ns,
+                    fingerprint=f.fingerprint,
+                    indexed_at=now,
+                    vector_generation=generation,
+                )
 
             rows = [
                 stat(f) | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None) for f in indexed
@@ -344,7 +348,8 @@ class Catalog:
                 conn.execute(upsert.on_conflict_do_update(index_elements=[Image.path], set_=changed), rows)
             if missing:
                 conn.execute(
-                    update(Image).where(Image.path == bindparam("image_path"))
+                    update(Image)
+                    .where(Image.path == bindparam("image_path"))
                     .values(status=STATUS_MISSING, vector_generation=generation),
                     [{"image_path": path} for path in missing],
                 )
@@ -483,9 +488,7 @@ class Catalog:
         if revision == HEAD_REVISION:
             return
         if revision is None and tables:
-            raise IndexStateError(
-                f"{self.path} is an SQLite file but not a clipsearch catalog; choose another --home."
-            )
+            raise IndexStateError(f"{self.path} is an SQLite file but not a clipsearch catalog; choose another --home.")
         if revision is None and not create:
             raise _no_index(self.home)
         self._upgrade(revision)

@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 
@@ -44,7 +45,7 @@ EXIT_SOME_FAILED = 3  # the run finished, but some files could not be indexed
 class _Settings:
     """The global options, shared by every command of one invocation."""
 
-    home: Optional[Path] = None
+    home: Path | None = None
     device: str = "auto"
     verbose: bool = False
     quiet: bool = False
@@ -61,14 +62,18 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global_options(
-    home: Optional[Path] = typer.Option(
-        None, "--home", help="Index folder (default: $CLIPSEARCH_HOME, else ~/.local/share/clipsearch).",
+    home: Path | None = typer.Option(
+        None,
+        "--home",
+        help="Index folder (default: $CLIPSEARCH_HOME, else ~/.local/share/clipsearch).",
         show_default=False,
     ),
     device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:1, mps."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say more; show a traceback on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but results and errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
 ) -> None:
     settings.home, settings.device, settings.verbose, settings.quiet = home, device, verbose, quiet
     handler = _StderrHandler()
@@ -131,15 +136,21 @@ def _error(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _open(model: Optional[str] = None, precision: str = "auto", reading: bool = False) -> Index:
+def _open(model: str | None = None, precision: str = "auto", reading: bool = False) -> Index:
     """The index in --home. For ``reading`` it must exist already, and a read-only home is fine
     (a writable one still gets a repaired FAISS file saved)."""
     from clipsearch.index import Index
     from clipsearch.paths import default_home
 
     home = settings.home or default_home()
-    return Index.open(home, model, device=settings.device, precision=precision, create=not reading,
-                      readonly=reading and not os.access(home, os.W_OK))
+    return Index.open(
+        home,
+        model,
+        device=settings.device,
+        precision=precision,
+        create=not reading,
+        readonly=reading and not os.access(home, os.W_OK),
+    )
 
 
 # --- index -----------------------------------------------------------------------------------
@@ -148,22 +159,39 @@ def _open(model: Optional[str] = None, precision: str = "auto", reading: bool = 
 @app.command("index")
 @_handle_errors
 def index_command(
-    paths: List[Path] = typer.Argument(..., help="Folders (or single images) to index.", show_default=False),
-    exclude: List[str] = typer.Option(
-        [], "--exclude", "-x", metavar="GLOB",
+    paths: list[Path] = typer.Argument(..., help="Folders (or single images) to index.", show_default=False),
+    exclude: list[str] = typer.Option(
+        [],
+        "--exclude",
+        "-x",
+        metavar="GLOB",
         help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. '*.png' or '*/exports/*'.",
     ),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Descend into symlinked folders."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again files that failed before, even unchanged."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 32)."),
-    workers: Optional[int] = typer.Option(
-        None, "--workers", min=0, help="Decoding processes; 0 decodes in the main process (default: chosen after the first batch, from what decoding and encoding an image cost)."
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Try again files that failed before, even unchanged."
     ),
-    model: Optional[str] = typer.Option(
-        None, "--model", "-m",
-        help="Model name (see `clipsearch models`) or checkpoint path; fixed when the index is created (default: ViT-B/32).",
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 32)."),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=0,
+        help="Decoding processes; 0 decodes in the main process (default: chosen after the first batch, "
+        "from what decoding and encoding an image cost).",
     ),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 of fp32."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model name (see `clipsearch models`) or checkpoint path; fixed when the index is created "
+        "(default: ViT-B/32).",
+    ),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 "
+        "of fp32.",
+    ),
 ) -> None:
     """Index the images under PATH... (a re-run does only what changed).
 
@@ -176,8 +204,14 @@ def index_command(
     stop = threading.Event()
     with _open(model, precision=precision) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
         report = index.add(
-            paths, exclude=exclude, follow_symlinks=follow_symlinks, retry_failed=retry_failed,
-            batch_size=batch_size, workers=workers, progress=progress, should_stop=stop.is_set,
+            paths,
+            exclude=exclude,
+            follow_symlinks=follow_symlinks,
+            retry_failed=retry_failed,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            should_stop=stop.is_set,
         )
     if not settings.quiet:
         typer.echo(_summary(report))
@@ -251,14 +285,21 @@ class _stop_on_ctrl_c:
 @app.command("query")
 @_handle_errors
 def query_command(
-    text: str = typer.Argument(..., help="What to look for, or the path of an image to find similar ones.", show_default=False),
-    top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
-    under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Only results at least this similar (cosine, -1 to 1)."),
-    add: List[str] = typer.Option(
-        [], "--add", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Also look for this (repeatable), e.g. --add 'at night' or --add 0.5:ref.jpg."
+    text: str = typer.Argument(
+        ..., help="What to look for, or the path of an image to find similar ones.", show_default=False
     ),
-    subtract: List[str] = typer.Option(
+    top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
+    under: Path | None = typer.Option(None, "--under", help="Only results inside this folder."),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Only results at least this similar (cosine, -1 to 1)."
+    ),
+    add: list[str] = typer.Option(
+        [],
+        "--add",
+        metavar="[WEIGHT:]TEXT_OR_IMAGE",
+        help="Also look for this (repeatable), e.g. --add 'at night' or --add 0.5:ref.jpg.",
+    ),
+    subtract: list[str] = typer.Option(
         [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {path, score, width, height, mtime}."),
@@ -274,8 +315,10 @@ def query_command(
         hits = index.search(terms, k=top, under=under, min_score=min_score)
     out = sys.stdout.buffer
     if as_json:
-        rows = [{"path": str(h.path), "score": round(h.score, 6), "width": h.width, "height": h.height,
-                 "mtime": h.mtime} for h in hits]
+        rows = [
+            {"path": str(h.path), "score": round(h.score, 6), "width": h.width, "height": h.height, "mtime": h.mtime}
+            for h in hits
+        ]
         out.write((json.dumps(rows, indent=2) + "\n").encode())
     elif paths_only:
         end = b"\0" if null else b"\n"
@@ -294,10 +337,12 @@ def query_command(
 @app.command("classify")
 @_handle_errors
 def classify_command(
-    images: List[Path] = typer.Argument(..., help="Images to classify.", show_default=False),
-    labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, e.g. 'dog,cat,diagram'.", show_default=False),
+    images: list[Path] = typer.Argument(..., help="Images to classify.", show_default=False),
+    labels: str = typer.Option(
+        ..., "--labels", "-l", help="Comma-separated labels, e.g. 'dog,cat,diagram'.", show_default=False
+    ),
     template: str = typer.Option("a photo of a {}", "--template", help="Prompt each label is put into."),
-    model: Optional[str] = typer.Option(
+    model: str | None = typer.Option(
         None, "--model", "-m", help="Model name or checkpoint path (default: the index's model, else ViT-B/32)."
     ),
 ) -> None:
@@ -354,15 +399,21 @@ def _describe(status: Status) -> str:
     vectors = f"{status.vectors_in_index} in a {status.index_type} index"
     if status.recall_at_10 is not None:
         vectors += f" (recall@10 {status.recall_at_10:.3f})"
-    vectors += ", consistent with the catalog" if status.consistent else ", NOT consistent with the catalog (run `clipsearch rebuild`)"
+    vectors += (
+        ", consistent with the catalog"
+        if status.consistent
+        else ", NOT consistent with the catalog (run `clipsearch rebuild`)"
+    )
     dim = f" ({status.dim}-d vectors)" if status.dim else ""
-    return "\n".join([
-        f"Index:    {status.home}",
-        f"Model:    {status.model}{dim}",
-        f"Images:   {images}",
-        f"Vectors:  {vectors}",
-        f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
-    ])
+    return "\n".join(
+        [
+            f"Index:    {status.home}",
+            f"Model:    {status.model}{dim}",
+            f"Images:   {images}",
+            f"Vectors:  {vectors}",
+            f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
+        ]
+    )
 
 
 def _mb(size: int) -> str:
@@ -372,7 +423,9 @@ def _mb(size: int) -> str:
 @app.command("remove")
 @_handle_errors
 def remove_command(
-    paths: List[Path] = typer.Argument(..., help="Files or folders to forget (nothing is deleted from disk).", show_default=False),
+    paths: list[Path] = typer.Argument(
+        ..., help="Files or folders to forget (nothing is deleted from disk).", show_default=False
+    ),
 ) -> None:
     """Drop files, or everything under folders, from the index."""
     with _open() as index:
@@ -385,7 +438,8 @@ def remove_command(
 @_handle_errors
 def rebuild_command(
     index_type: str = typer.Option(
-        "auto", "--index-type",
+        "auto",
+        "--index-type",
         help="FAISS index: auto (exact while small, approximate when large), Flat, HNSW32, 'IVF4096,PQ64', ...",
     ),
 ) -> None:
@@ -421,7 +475,9 @@ def models_command(ctx: typer.Context) -> None:
 
 @models_app.command("download")
 @_handle_errors
-def download_command(name: str = typer.Argument(..., help="A model name from `clipsearch models`.", show_default=False)) -> None:
+def download_command(
+    name: str = typer.Argument(..., help="A model name from `clipsearch models`.", show_default=False),
+) -> None:
     """Download a model's weights into the cache now (e.g. before going offline)."""
     from clipsearch.clip import download, registry
 

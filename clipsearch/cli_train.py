@@ -8,31 +8,42 @@ fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def train(
-    output: Path = typer.Argument(..., help="Directory for the checkpoint (loads with --model DIR).", show_default=False),
-    data: Optional[Path] = typer.Option(
-        None, "--data", "-d",
+    output: Path = typer.Argument(
+        ..., help="Directory for the checkpoint (loads with --model DIR).", show_default=False
+    ),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        "-d",
         help="CSV or JSONL of path,caption, or a folder of images with same-named .txt captions "
-             "(default: synthetic scenes, generated on the fly).", show_default=False,
+        "(default: synthetic scenes, generated on the fly).",
+        show_default=False,
     ),
-    config: Optional[str] = typer.Option(
-        None, "--config", help="Train from scratch: an architecture preset (demo, tiny) or a config.json (default: demo)."
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        help="Train from scratch: an architecture preset (demo, tiny) or a config.json (default: demo).",
     ),
-    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune this model (a name or a checkpoint path)."),
+    init: str | None = typer.Option(None, "--init", help="Fine-tune this model (a name or a checkpoint path)."),
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = typer.Option(128, "--batch-size", "-b", min=2),
     samples_per_epoch: int = typer.Option(20_000, "--samples-per-epoch", min=1, help="Synthetic scenes per epoch."),
     hard_negatives: int = typer.Option(
-        3, "--hard-negatives", min=0, max=3,
+        3,
+        "--hard-negatives",
+        min=0,
+        max=3,
         help="Synthetic scenes: changed copies of each scene (another shape, colour, ...) put in its batch.",
     ),
     single_object_epochs: int = typer.Option(
-        0, "--single-object-epochs", min=0,
+        0,
+        "--single-object-epochs",
+        min=0,
         help="Synthetic scenes: first epochs with one object per scene, where shapes are learned fastest.",
     ),
     val_size: int = typer.Option(1_000, "--val-size", min=2, help="Held-out pairs evaluated after each epoch."),
@@ -43,9 +54,12 @@ def train(
     bpe_merges: int = typer.Option(400, "--bpe-merges", min=1, help="Size of the vocabulary learned for a new model."),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loading worker processes."),
-    threads: Optional[int] = typer.Option(
-        None, "--threads", min=1,
-        help="CPU threads for the model (default: as many as PyTorch picks). On a busy machine 1 can be many times faster.",
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="CPU threads for the model (default: as many as PyTorch picks). On a busy machine 1 can be many "
+        "times faster.",
     ),
     precision: str = typer.Option("auto", "--precision", help="auto (mixed on CUDA, fp32 on CPU), fp32, fp16, bf16."),
     lock_image: bool = typer.Option(False, "--lock-image", help="Freeze the image tower (LiT)."),
@@ -57,29 +71,52 @@ def train(
     from tqdm import tqdm
 
     from clipsearch.cli import settings
-    from clipsearch.train import EpochResult, StepInfo, TrainOptions, train as run
+    from clipsearch.train import EpochResult, StepInfo, TrainOptions
+    from clipsearch.train import train as run
 
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise typer.BadParameter("use auto, fp32, fp16 or bf16", param_hint="--precision")
     options = TrainOptions(
-        output=output, data=data, config=config, init=init, epochs=epochs, batch_size=batch_size,
-        samples_per_epoch=samples_per_epoch, hard_negatives=hard_negatives,
-        single_object_epochs=single_object_epochs, val_size=val_size, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup_steps, grad_clip=grad_clip, bpe_merges=bpe_merges, seed=seed, workers=workers,
-        device=None if settings.device == "auto" else settings.device, precision=precision,  # type: ignore[arg-type]
-        lock_image=lock_image, lock_text=lock_text, resume=resume,
+        output=output,
+        data=data,
+        config=config,
+        init=init,
+        epochs=epochs,
+        batch_size=batch_size,
+        samples_per_epoch=samples_per_epoch,
+        hard_negatives=hard_negatives,
+        single_object_epochs=single_object_epochs,
+        val_size=val_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
+        bpe_merges=bpe_merges,
+        seed=seed,
+        workers=workers,
+        device=None if settings.device == "auto" else settings.device,
+        precision=precision,  # type: ignore[arg-type]
+        lock_image=lock_image,
+        lock_text=lock_text,
+        resume=resume,
     )
     if threads is not None:
         torch.set_num_threads(threads)
-    bar: Optional[tqdm] = None
+    bar: tqdm | None = None
 
     def on_step(info: StepInfo) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=info.total_steps, initial=info.step - 1, unit="step", disable=settings.quiet,
-                       dynamic_ncols=True)
-        bar.set_postfix(epoch=info.epoch, loss=f"{info.loss:.3f}", lr=f"{info.lr:.2e}", scale=f"{info.logit_scale:.1f}",
-                        refresh=False)
+            bar = tqdm(
+                total=info.total_steps, initial=info.step - 1, unit="step", disable=settings.quiet, dynamic_ncols=True
+            )
+        bar.set_postfix(
+            epoch=info.epoch,
+            loss=f"{info.loss:.3f}",
+            lr=f"{info.lr:.2e}",
+            scale=f"{info.logit_scale:.1f}",
+            refresh=False,
+        )
         bar.update(1)
 
     header_shown = False
@@ -91,7 +128,9 @@ def train(
             tqdm.write("epoch  step    loss  " + "  ".join(_short(c) for c in columns) + "   time")
             header_shown = True
         recalls = "  ".join(f"{result.recall[c]:>{len(_short(c))}.3f}" for c in columns)
-        tqdm.write(f"{result.epoch:>5}  {result.step:>4}  {result.train_loss:>6.3f}  {recalls}  {result.seconds:>5.0f}s")
+        tqdm.write(
+            f"{result.epoch:>5}  {result.step:>4}  {result.train_loss:>6.3f}  {recalls}  {result.seconds:>5.0f}s"
+        )
 
     try:
         run(options, on_step=on_step, on_epoch=on_epoch)
@@ -103,6 +142,6 @@ def train(
 
 
 def _short(column: str) -> str:
-    """"image_to_text@5" -> "i2t@5"."""
+    """ "image_to_text@5" -> "i2t@5"."""
     direction, k = column.split("@")
     return {"image_to_text": "i2t", "text_to_image": "t2i"}[direction] + f"@{k}"

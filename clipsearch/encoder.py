@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,8 +48,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def open_encoder(model_ref: str, device: str = "auto", precision: str = "auto",
-                 towers: str = "both") -> Encoder | TextEncoder:
+def open_encoder(
+    model_ref: str, device: str = "auto", precision: str = "auto", towers: str = "both"
+) -> Encoder | TextEncoder:
     """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
     full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
     machine stays on the CPU too: one query takes milliseconds there, starting CUDA a second."""

@@ -15,9 +15,10 @@ never loads a model at all. Never prints: progress is a callback.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from clipsearch.catalog import CATALOG_FILE, Catalog, decode_path
 from clipsearch.encoder import model_id, open_encoder
@@ -66,9 +67,16 @@ class Index:
         self._vectors: tuple[int, VectorIndex] | None = None  # (catalog generation, index)
 
     @classmethod
-    def open(cls, home: str | os.PathLike | None = None, model: str | None = None, *,
-             device: str = "auto", precision: str = "auto", create: bool = True,
-             readonly: bool = False) -> Index:
+    def open(
+        cls,
+        home: str | os.PathLike | None = None,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        create: bool = True,
+        readonly: bool = False,
+    ) -> Index:
         """Open the index in ``home``, creating it if ``create`` (and not ``readonly``).
 
         ``model`` defaults to the one the index was built with; naming another one is an error,
@@ -100,10 +108,18 @@ class Index:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, paths: Iterable[str | os.PathLike], *, exclude: Sequence[str] = (),
-            follow_symlinks: bool = False, retry_failed: bool = False, batch_size: int | None = None,
-            workers: int | None = None, progress: Progress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> AddReport:
+    def add(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        exclude: Sequence[str] = (),
+        follow_symlinks: bool = False,
+        retry_failed: bool = False,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> AddReport:
         """Index new and changed images under ``paths``; forget those gone from there.
 
         ``progress(done, total)`` is called as files are finished; ``should_stop()`` is polled
@@ -112,16 +128,24 @@ class Index:
         with self.catalog.writer_lock():
             generation = self.catalog.generation
             report = run_add(
-                self.catalog, lambda: self.encoder("image"), paths, exclude=exclude,
-                follow_symlinks=follow_symlinks, retry_failed=retry_failed, batch_size=batch_size,
-                workers=workers, progress=progress, should_stop=should_stop or (lambda: False),
+                self.catalog,
+                lambda: self.encoder("image"),
+                paths,
+                exclude=exclude,
+                follow_symlinks=follow_symlinks,
+                retry_failed=retry_failed,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+                should_stop=should_stop or (lambda: False),
             )
             if self.catalog.generation != generation:
                 self._rebuild_vectors()
         return report
 
-    def search(self, query: Query, k: int = 10, under: str | os.PathLike | None = None,
-               min_score: float | None = None) -> list[Hit]:
+    def search(
+        self, query: Query, k: int = 10, under: str | os.PathLike | None = None, min_score: float | None = None
+    ) -> list[Hit]:
         """Best matches first. A ``str`` is text, a ``Path`` an example image; a list of
         ``(weight, str | Path)`` pairs is their weighted combination (negative weights subtract)."""
         terms = as_terms(query)

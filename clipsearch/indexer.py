@@ -14,10 +14,11 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -91,16 +92,19 @@ def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool 
             plan.todo.append((found, True))
         elif state.status == STATUS_MISSING:
             plan.todo.append((found, True))
-        elif state.size != found.size or state.mtime_ns != found.mtime_ns:
-            plan.todo.append((found, False))
-        elif state.status == STATUS_FAILED and retry_failed:
+        elif (
+            state.size != found.size
+            or state.mtime_ns != found.mtime_ns
+            or (state.status == STATUS_FAILED and retry_failed)
+        ):
             plan.todo.append((found, False))
         else:
             plan.unchanged += 1
     plan.unreadable = len(walk.unreadable)
     in_roots, in_unreadable = under(walk.roots), under(walk.unreadable)
     plan.missing = [
-        path for path, state in unseen.items()
+        path
+        for path, state in unseen.items()
         if state.status != STATUS_MISSING and in_roots(path) and not in_unreadable(path)
     ]
     return plan
@@ -155,8 +159,15 @@ def run_add(
 class _Run:
     """The encode part of a run: reuse by fingerprint, decode in workers, encode, commit."""
 
-    def __init__(self, catalog: Catalog, encoder: Encoder, todo: list[tuple[FoundFile, bool]],
-                 report: AddReport, progress: Progress | None, should_stop: Callable[[], bool]):
+    def __init__(
+        self,
+        catalog: Catalog,
+        encoder: Encoder,
+        todo: list[tuple[FoundFile, bool]],
+        report: AddReport,
+        progress: Progress | None,
+        should_stop: Callable[[], bool],
+    ):
         self.catalog = catalog
         self.encoder = encoder
         self.todo = todo
@@ -177,10 +188,15 @@ class _Run:
                 return
             encoded = max(self.report.new + self.report.changed, 1)
             decode_s, encode_s = self.decode_s / encoded, self.encode_s / encoded
-            workers = best_workers(decode_s, encode_s, self.encoder.device.type == "cpu", len(self.todo) - self.done,
-                                   batch_size)
-            log.info("An image takes %.0f ms to decode and %.0f ms to encode: decoding %s", decode_s * 1e3,
-                     encode_s * 1e3, f"in {workers} worker process(es)" if workers else "in this process")
+            workers = best_workers(
+                decode_s, encode_s, self.encoder.device.type == "cpu", len(self.todo) - self.done, batch_size
+            )
+            log.info(
+                "An image takes %.0f ms to decode and %.0f ms to encode: decoding %s",
+                decode_s * 1e3,
+                encode_s * 1e3,
+                f"in {workers} worker process(es)" if workers else "in this process",
+            )
         self._encode(items, batch_size, workers)
 
     def _encode(self, items: Iterator[tuple[tuple[FoundFile, bool], bytes]], batch_size: int, workers: int) -> bool:
@@ -241,8 +257,9 @@ class _Run:
             self.encode_s += time.perf_counter() - started
             self.decode_s += sum(result.seconds for _, _, result in decoded)
             indexed += [
-                IndexedFile(found.path, found.size, found.mtime_ns, result.fingerprint, result.width,
-                            result.height, vector)
+                IndexedFile(
+                    found.path, found.size, found.mtime_ns, result.fingerprint, result.width, result.height, vector
+                )
                 for (found, _, result), vector in zip(decoded, vectors)
             ]
         if not indexed and not self.failed:

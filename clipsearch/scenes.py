@@ -64,10 +64,20 @@ COUNT_WORDS = {2: "two", 3: "three"}
 # Sizes and centres are fractions of the image side, so any resolution draws the same scene.
 _CELLS = (1 / 6, 1 / 2, 5 / 6)
 _SIDE = {"small": 0.25, "large": 0.33}
-_CENTRE = {"left": (_CELLS[0], _CELLS[1]), "right": (_CELLS[2], _CELLS[1]), "top": (_CELLS[1], _CELLS[0]),
-           "bottom": (_CELLS[1], _CELLS[2]), "centre": (_CELLS[1], _CELLS[1])}
-_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-          "centre": "in the centre"}
+_CENTRE = {
+    "left": (_CELLS[0], _CELLS[1]),
+    "right": (_CELLS[2], _CELLS[1]),
+    "top": (_CELLS[1], _CELLS[0]),
+    "bottom": (_CELLS[1], _CELLS[2]),
+    "centre": (_CELLS[1], _CELLS[1]),
+}
+_WHERE = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the centre",
+}
 _JITTER = 0.02
 _SUPERSAMPLE = 4  # drawn this many times larger, then downsampled: anti-aliased edges
 _MIN_CONTRAST = 110  # Euclidean RGB distance between an object's colour and its background
@@ -96,13 +106,16 @@ class Scene:
 
     def contains(self, colour: str | None = None, shape: str | None = None) -> bool:
         """Whether some object has this colour and this shape (either may be left open)."""
-        return any((colour is None or o.colour == colour) and (shape is None or o.shape == shape)
-                   for o in self.objects)
+        return any((colour is None or o.colour == colour) and (shape is None or o.shape == shape) for o in self.objects)
 
     def to_json(self) -> dict:
         """The ground truth without the pixels, as written to a manifest."""
-        return {"caption": self.caption, "paraphrases": list(self.paraphrases), "background": self.background,
-                "objects": [asdict(o) for o in self.objects]}
+        return {
+            "caption": self.caption,
+            "paraphrases": list(self.paraphrases),
+            "background": self.background,
+            "objects": [asdict(o) for o in self.objects],
+        }
 
 
 class SceneGenerator:
@@ -217,7 +230,11 @@ class _Layout:
 def _sample_layout(rng: random.Random, single_objects: bool) -> _Layout:
     tone = rng.choice(list(BACKGROUND_TONES))
     pattern = rng.choice(PATTERNS)
-    kind = "single" if single_objects else rng.choices(("single", "pair", "group", "row"), weights=(0.35, 0.35, 0.2, 0.1))[0]
+    kind = (
+        "single"
+        if single_objects
+        else rng.choices(("single", "pair", "group", "row"), weights=(0.35, 0.35, 0.2, 0.1))[0]
+    )
     items = {"single": _single, "pair": _pair, "group": _group, "row": _row}[kind](rng, tone)
     return _Layout(kind, tuple(items), tone, pattern)
 
@@ -235,8 +252,10 @@ def _pair(rng: random.Random, tone: str) -> list[_Item]:
     horizontal = rng.random() < 0.5
     across = rng.choice(_CELLS)  # the row (or column) the two share
     ends = (_CELLS[0], _CELLS[2])
-    return [_Item(shape, colour, size, position, _place(rng, along, across) if horizontal else _place(rng, across, along))
-            for (shape, colour, size), position, along in zip((first, second), _ends(horizontal), ends)]
+    return [
+        _Item(shape, colour, size, position, _place(rng, along, across) if horizontal else _place(rng, across, along))
+        for (shape, colour, size), position, along in zip((first, second), _ends(horizontal), ends)
+    ]
 
 
 def _group(rng: random.Random, tone: str) -> list[_Item]:
@@ -246,14 +265,18 @@ def _group(rng: random.Random, tone: str) -> list[_Item]:
     across = rng.choice(_CELLS)
     along = (_CELLS[0], _CELLS[2]) if count == 2 else _CELLS
     names = _ends(horizontal) if count == 2 else (_ends(horizontal)[0], "centre", _ends(horizontal)[1])
-    return [_Item(shape, colour, size, name, _place(rng, x, across) if horizontal else _place(rng, across, x))
-            for x, name in zip(along, names)]
+    return [
+        _Item(shape, colour, size, name, _place(rng, x, across) if horizontal else _place(rng, across, x))
+        for x, name in zip(along, names)
+    ]
 
 
 def _row(rng: random.Random, tone: str) -> list[_Item]:
     y = rng.choice(_CELLS)
-    return [_Item(shape, _colour(rng, tone), "small", position, _place(rng, x, y))
-            for shape, position, x in zip(rng.sample(SHAPES, 3), ("left", "centre", "right"), _CELLS)]
+    return [
+        _Item(shape, _colour(rng, tone), "small", position, _place(rng, x, y))
+        for shape, position, x in zip(rng.sample(SHAPES, 3), ("left", "centre", "right"), _CELLS)
+    ]
 
 
 def _ends(horizontal: bool) -> tuple[str, str]:
@@ -293,13 +316,16 @@ def _mutate(layout: _Layout, rng: random.Random) -> _Layout:
         position = rng.choice([p for p in POSITIONS if p != items[0].position])
         items = [_Item(items[0].shape, items[0].colour, items[0].size, position, _place(rng, *_CENTRE[position]))]
     elif change == "swap colours":
-        i, j = rng.choice([(i, j) for i in range(len(items)) for j in range(i + 1, len(items))
-                           if items[i].colour != items[j].colour])
+        i, j = rng.choice(
+            [(i, j) for i in range(len(items)) for j in range(i + 1, len(items)) if items[i].colour != items[j].colour]
+        )
         items[i], items[j] = _replace(items[i], colour=items[j].colour), _replace(items[j], colour=items[i].colour)
     else:  # swap places: the relation between the two objects flips
         first, second = items
-        items = [_Item(second.shape, second.colour, second.size, first.position, first.centre),
-                 _Item(first.shape, first.colour, first.size, second.position, second.centre)]
+        items = [
+            _Item(second.shape, second.colour, second.size, first.position, first.centre),
+            _Item(first.shape, first.colour, first.size, second.position, second.centre),
+        ]
     return _Layout(layout.kind, tuple(items), layout.tone, layout.pattern)
 
 
@@ -312,8 +338,12 @@ def _replace(item: _Item, **changes: str) -> _Item:
 
 def _describe(layout: _Layout) -> tuple[str, tuple[str, ...]]:
     """The detailed caption and looser paraphrases, the shortest, query-like ones first."""
-    description, paraphrases = {"single": _describe_single, "pair": _describe_pair, "group": _describe_group,
-                                "row": _describe_row}[layout.kind](layout.items)
+    description, paraphrases = {
+        "single": _describe_single,
+        "pair": _describe_pair,
+        "group": _describe_group,
+        "row": _describe_row,
+    }[layout.kind](layout.items)
     on_background = f"on a {layout.background} background"
     caption = f"{description} {on_background}"
     paraphrases = [*paraphrases, f"{paraphrases[0]} {on_background}"]
@@ -388,9 +418,12 @@ def _render(layout: _Layout, rng: random.Random, resolution: int) -> Scene:
     draw = ImageDraw.Draw(image)
     objects = []
     for item in layout.items:
-        box = _draw_shape(draw, item.shape, _jittered(rng, COLOURS[item.colour]), *item.centre, _SIDE[item.size], canvas)
-        objects.append(SceneObject(item.shape, item.colour, item.size, item.position,
-                                   tuple(round(v / _SUPERSAMPLE) for v in box)))
+        box = _draw_shape(
+            draw, item.shape, _jittered(rng, COLOURS[item.colour]), *item.centre, _SIDE[item.size], canvas
+        )
+        objects.append(
+            SceneObject(item.shape, item.colour, item.size, item.position, tuple(round(v / _SUPERSAMPLE) for v in box))
+        )
     image = image.resize((resolution, resolution), Image.Resampling.BOX)
     caption, paraphrases = _describe(layout)
     return Scene(image, caption, paraphrases, tuple(objects), layout.background)
@@ -441,8 +474,9 @@ def _background(rng: random.Random, side: int, tone: str, pattern: str) -> Image
     return image
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int], cx: float, cy: float,
-                side: float, canvas: int) -> tuple[float, float, float, float]:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int], cx: float, cy: float, side: float, canvas: int
+) -> tuple[float, float, float, float]:
     """Draw one shape centred at (cx, cy) (fractions of the canvas); returns its bounding box."""
     r = side * canvas / 2
     x, y = cx * canvas, cy * canvas

@@ -36,9 +36,7 @@ class Image(Base):
 
     __tablename__ = "images"
     __table_args__ = (
-        CheckConstraint(
-            f"status IN ('{STATUS_INDEXED}', '{STATUS_FAILED}', '{STATUS_MISSING}')", name="status"
-        ),
+        CheckConstraint(f"status IN ('{STATUS_INDEXED}', '{STATUS_FAILED}', '{STATUS_MISSING}')", name="status"),
         # Ids are never reused, so an id from a FAISS file that is a moment out of date can only
         # miss, never name another file.
         {"sqlite_autoincrement": True},

@@ -10,10 +10,11 @@ over-fetching until enough survive.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
-Term = Union[str, Path]  # a str is text; a Path is an example image
-Query = Union[Term, Sequence[tuple[float, Term]]]
+Term = str | Path  # a str is text; a Path is an example image
+Query = Term | Sequence[tuple[float, Term]]
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,14 @@ def query_vector(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Te
     return (total / norm).astype(np.float32)
 
 
-def top_k(vectors: VectorIndex, catalog: Catalog, query: np.ndarray, k: int = 10,
-          under_dir: str | os.PathLike | None = None, min_score: float | None = None) -> list[Hit]:
+def top_k(
+    vectors: VectorIndex,
+    catalog: Catalog,
+    query: np.ndarray,
+    k: int = 10,
+    under_dir: str | os.PathLike | None = None,
+    min_score: float | None = None,
+) -> list[Hit]:
     """The ``k`` best hits that pass the filters, best first."""
     inside = under(normalise_roots([under_dir])) if under_dir is not None else None
     exists: dict[bytes, bool] = {}

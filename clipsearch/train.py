@@ -26,10 +26,11 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -50,11 +51,27 @@ logger = logging.getLogger(__name__)
 # 64-dimensional heads.
 PRESETS: dict[str, dict] = {
     # The bundled `demo` model: small enough to train on two CPU cores in half an hour.
-    "demo": dict(embed_dim=128, image_resolution=48, vision_layers=4, vision_width=128, vision_patch_size=16,
-                 context_length=32, text_width=64, text_layers=2),
+    "demo": dict(
+        embed_dim=128,
+        image_resolution=48,
+        vision_layers=4,
+        vision_width=128,
+        vision_patch_size=16,
+        context_length=32,
+        text_width=64,
+        text_layers=2,
+    ),
     # For tests: learns something within a few hundred steps of a few seconds each.
-    "tiny": dict(embed_dim=64, image_resolution=48, vision_layers=2, vision_width=64, vision_patch_size=16,
-                 context_length=32, text_width=64, text_layers=1),
+    "tiny": dict(
+        embed_dim=64,
+        image_resolution=48,
+        vision_layers=2,
+        vision_width=64,
+        vision_patch_size=16,
+        context_length=32,
+        text_width=64,
+        text_layers=1,
+    ),
 }
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -129,8 +146,11 @@ class EpochResult:
     seconds: float
 
 
-def train(options: TrainOptions, on_step: Callable[[StepInfo], None] | None = None,
-          on_epoch: Callable[[EpochResult], None] | None = None) -> list[EpochResult]:
+def train(
+    options: TrainOptions,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> list[EpochResult]:
     """Run (or continue) a training run; after every epoch ``options.output`` is a loadable
     model directory. Returns the results of the epochs run by this call."""
     _check_options(options)
@@ -163,19 +183,24 @@ def train(options: TrainOptions, on_step: Callable[[StepInfo], None] | None = No
         started = time.perf_counter()
         model.train()
         _keep_locked_towers_in_eval(model, options)
-        loader = _loader(train_set(epoch), options, shuffle=options.data is not None,
-                         seed=options.seed * 1_000_003 + epoch)
+        loader = _loader(
+            train_set(epoch), options, shuffle=options.data is not None, seed=options.seed * 1_000_003 + epoch
+        )
         losses = []
         for images, texts, *truth in loader:
             step += 1
             positives = _positives(*truth).to(device) if truth else None
-            loss = _train_step(model, images.to(device), texts.to(device), positives, optimizer, scaler,
-                               autocast_dtype, options)
+            loss = _train_step(
+                model, images.to(device), texts.to(device), positives, optimizer, scaler, autocast_dtype, options
+            )
             schedule.step()
             losses.append(loss)
             if on_step is not None:
-                on_step(StepInfo(epoch + 1, step, total_steps, loss, schedule.get_last_lr()[0],
-                                 model.logit_scale.exp().item()))
+                on_step(
+                    StepInfo(
+                        epoch + 1, step, total_steps, loss, schedule.get_last_lr()[0], model.logit_scale.exp().item()
+                    )
+                )
         recall = evaluate(model, _loader(val_set, options, shuffle=False, seed=0), device, autocast_dtype)
         result = EpochResult(epoch + 1, step, sum(losses) / len(losses), recall, time.perf_counter() - started)
         _save(options, model, tokenizer, mean, std, optimizer, schedule, scaler, result)
@@ -190,8 +215,9 @@ def train(options: TrainOptions, on_step: Callable[[StepInfo], None] | None = No
 
 
 @torch.no_grad()
-def evaluate(model: CLIP, loader: DataLoader, device: torch.device,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+def evaluate(
+    model: CLIP, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> dict[str, float]:
     """Recall@k in both directions over the pairs of ``loader``, pair i being the only match."""
     model.eval()
     image_features, text_features = [], []
@@ -202,8 +228,9 @@ def evaluate(model: CLIP, loader: DataLoader, device: torch.device,
     return recall_at_k(torch.cat(image_features), torch.cat(text_features))
 
 
-def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor,
-                ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+def recall_at_k(
+    image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = RECALL_KS
+) -> dict[str, float]:
     """The fraction of images whose own text ranks in the top k (and of texts, their image)."""
     image_features = torch.nn.functional.normalize(image_features, dim=-1)
     text_features = torch.nn.functional.normalize(text_features, dim=-1)
@@ -230,14 +257,18 @@ def _check_options(options: TrainOptions) -> None:
     if options.data is None and not 0 <= options.hard_negatives <= _MAX_NEGATIVES:
         raise TrainingError(f"--hard-negatives must be between 0 and {_MAX_NEGATIVES}.")
     if options.data is None and options.batch_size % (options.hard_negatives + 1):
-        raise TrainingError(f"The batch size must be a multiple of {options.hard_negatives + 1} (hard negatives + 1), "
-                            "so that every scene meets its negatives in the same batch.")
+        raise TrainingError(
+            f"The batch size must be a multiple of {options.hard_negatives + 1} (hard negatives + 1), "
+            "so that every scene meets its negatives in the same batch."
+        )
     has_state = (options.output / STATE_FILE).is_file()
     if options.resume and not has_state:
         raise TrainingError(f"{options.output} holds no training run to resume; drop --resume to start one.")
     if not options.resume and has_state:
-        raise TrainingError(f"{options.output} already holds a training run; pass --resume to continue it "
-                            "or choose another output directory.")
+        raise TrainingError(
+            f"{options.output} already holds a training run; pass --resume to continue it "
+            "or choose another output directory."
+        )
 
 
 def _build(options: TrainOptions) -> tuple[CLIP, Preprocess, Tokenizer, tuple, tuple]:
@@ -275,7 +306,9 @@ def _config_dict(name_or_path: str) -> dict:
     for tower in ("vision", "text"):
         width = config.get(f"{tower}_width", 0)
         if width % _HEAD_WIDTH:
-            raise TrainingError(f"{tower}_width is {width}; use a multiple of {_HEAD_WIDTH}, the width of CLIP's heads.")
+            raise TrainingError(
+                f"{tower}_width is {width}; use a multiple of {_HEAD_WIDTH}, the width of CLIP's heads."
+            )
         config[f"{tower}_heads"] = width // _HEAD_WIDTH
     return config
 
@@ -337,8 +370,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                        positives: torch.Tensor) -> torch.Tensor:
+def multi_positive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
     """`clip_loss` for batches where a caption can be true of several images (and an image have
     several true captions): ``positives[i, j]`` says caption j describes image i. Each image
     (caption) maximises the probability it gives to all its true matches together.
@@ -364,9 +398,16 @@ def _positives(captions: list[str], described: list[str]) -> torch.Tensor:
     return torch.tensor([[caption in truth for caption in captions] for truth in truths])
 
 
-def _train_step(model: CLIP, images: torch.Tensor, texts: torch.Tensor, positives: torch.Tensor | None,
-                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, autocast_dtype: torch.dtype | None,
-                options: TrainOptions) -> float:
+def _train_step(
+    model: CLIP,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    positives: torch.Tensor | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast_dtype: torch.dtype | None,
+    options: TrainOptions,
+) -> float:
     with _autocast(images.device, autocast_dtype):
         with torch.no_grad() if options.lock_image else nullcontext():
             image_features = model.encode_image(images)
@@ -395,9 +436,11 @@ def read_pairs(path: str | Path) -> list[tuple[Path, str]]:
     Relative paths are relative to the file that lists them."""
     path = Path(path)
     if path.is_dir():
-        pairs = [(image, image.with_suffix(".txt").read_text(encoding="utf-8").strip())
-                 for image in sorted(path.rglob("*"))
-                 if image.suffix.lower() in _IMAGE_SUFFIXES and image.with_suffix(".txt").is_file()]
+        pairs = [
+            (image, image.with_suffix(".txt").read_text(encoding="utf-8").strip())
+            for image in sorted(path.rglob("*"))
+            if image.suffix.lower() in _IMAGE_SUFFIXES and image.with_suffix(".txt").is_file()
+        ]
     elif path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -408,8 +451,10 @@ def read_pairs(path: str | Path) -> list[tuple[Path, str]]:
     else:
         raise TrainingError(f"{path} is not a CSV, JSONL or folder; give image–caption pairs in one of those.")
     if not pairs:
-        raise TrainingError(f"No image–caption pairs found in {path}; a CSV or JSONL needs 'path' and 'caption' "
-                            "fields, a folder needs images with same-named .txt files.")
+        raise TrainingError(
+            f"No image–caption pairs found in {path}; a CSV or JSONL needs 'path' and 'caption' "
+            "fields, a folder needs images with same-named .txt files."
+        )
     return pairs
 
 
@@ -417,8 +462,9 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".t
 
 
 class PairDataset(Dataset):
-    def __init__(self, pairs: list[tuple[Path, str]], preprocess: Preprocess, tokenizer: Tokenizer,
-                 context_length: int):
+    def __init__(
+        self, pairs: list[tuple[Path, str]], preprocess: Preprocess, tokenizer: Tokenizer, context_length: int
+    ):
         self.pairs = pairs
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -445,8 +491,16 @@ class SceneDataset(Dataset):
     captions, for evaluation.
     """
 
-    def __init__(self, generator: SceneGenerator, start: int, count: int, preprocess: Preprocess,
-                 tokenizer: Tokenizer, context_length: int, negatives: int | None):
+    def __init__(
+        self,
+        generator: SceneGenerator,
+        start: int,
+        count: int,
+        preprocess: Preprocess,
+        tokenizer: Tokenizer,
+        context_length: int,
+        negatives: int | None,
+    ):
         self.generator = generator
         self.start = start
         self.count = count
@@ -481,8 +535,9 @@ class SceneDataset(Dataset):
         return self.generator.captions(base, None if member == 0 else member - 1)
 
 
-def _datasets(options: TrainOptions, preprocess: Preprocess, tokenizer: Tokenizer,
-              context_length: int) -> tuple[Callable[[int], Dataset], Dataset]:
+def _datasets(
+    options: TrainOptions, preprocess: Preprocess, tokenizer: Tokenizer, context_length: int
+) -> tuple[Callable[[int], Dataset], Dataset]:
     """A function from epoch to that epoch's training set, and the held-out set."""
     if options.data is None:
         # Training reads scenes 0, 1, 2, ... of the seed (and their hard negatives); the
@@ -513,17 +568,32 @@ def _datasets(options: TrainOptions, preprocess: Preprocess, tokenizer: Tokenize
 
 def _loader(dataset: Dataset, options: TrainOptions, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=options.batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=options.workers, drop_last=shuffle and len(dataset) >= options.batch_size,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=options.workers,
+        drop_last=shuffle and len(dataset) >= options.batch_size,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
 
 
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def _save(options: TrainOptions, model: CLIP, tokenizer: Tokenizer, mean: tuple, std: tuple,
-          optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
-          scaler: torch.amp.GradScaler, result: EpochResult) -> None:
+def _save(
+    options: TrainOptions,
+    model: CLIP,
+    tokenizer: Tokenizer,
+    mean: tuple,
+    std: tuple,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    result: EpochResult,
+) -> None:
     """Write the model directory, then the resume state, then the metrics line, each
     replacing the previous epoch's only once complete, so a crash leaves a usable checkpoint."""
     out = options.output
@@ -534,12 +604,23 @@ def _save(options: TrainOptions, model: CLIP, tokenizer: Tokenizer, mean: tuple,
         model_dir = write_model_dir(Path(staging) / "model", model, vocab, mean=mean, std=std)
         for name in ("config.json", "model.safetensors", "vocab.txt.gz"):
             os.replace(model_dir / name, out / name)
-        state = {"epoch": result.epoch, "step": result.step, "optimizer": optimizer.state_dict(),
-                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict()}
+        state = {
+            "epoch": result.epoch,
+            "step": result.step,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+        }
         torch.save(state, Path(staging) / STATE_FILE)
         os.replace(Path(staging) / STATE_FILE, out / STATE_FILE)
-    record = {"epoch": result.epoch, "step": result.step, "train_loss": result.train_loss,
-              "logit_scale": model.logit_scale.exp().item(), "seconds": result.seconds, **result.recall}
+    record = {
+        "epoch": result.epoch,
+        "step": result.step,
+        "train_loss": result.train_loss,
+        "logit_scale": model.logit_scale.exp().item(),
+        "seconds": result.seconds,
+        **result.recall,
+    }
     with (out / METRICS_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     (out / "train_options.json").write_text(json.dumps(_jsonable(asdict(options)), indent=2) + "\n")

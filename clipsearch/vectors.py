@@ -63,8 +63,14 @@ class StaleIndex(Exception):
 class VectorIndex:
     """A searchable FAISS index and what is known about how it was built."""
 
-    def __init__(self, index: faiss.Index, index_type: str, recall_at_10: float | None,
-                 built_count: int | None = None, changed_since_build: int = 0) -> None:
+    def __init__(
+        self,
+        index: faiss.Index,
+        index_type: str,
+        recall_at_10: float | None,
+        built_count: int | None = None,
+        changed_since_build: int = 0,
+    ) -> None:
         self.index = index
         self.index_type = index_type
         self.recall_at_10 = recall_at_10  # measured at the last full build
@@ -75,8 +81,13 @@ class VectorIndex:
 
     @classmethod
     def _stamped(cls, index: faiss.Index, stamp: dict) -> VectorIndex:
-        return cls(index, stamp["index_type"], stamp["recall_at_10"], stamp.get("built_count", stamp["count"]),
-                   stamp.get("changed_since_build", 0))
+        return cls(
+            index,
+            stamp["index_type"],
+            stamp["recall_at_10"],
+            stamp.get("built_count", stamp["count"]),
+            stamp.get("changed_since_build", 0),
+        )
 
     @property
     def ntotal(self) -> int:
@@ -162,8 +173,12 @@ class VectorIndex:
         if index.ntotal != len(changes.indexed):  # the file held what its stamp did not say
             return cls.rebuild(home, catalog, save=save)
         current.changed_since_build += len(changes.ids) + removed
-        log.info("Updated the vector index: %d vectors in, %d out, in %.1f s", len(changes.ids), removed,
-                 time.perf_counter() - started)
+        log.info(
+            "Updated the vector index: %d vectors in, %d out, in %.1f s",
+            len(changes.ids),
+            removed,
+            time.perf_counter() - started,
+        )
         if save:
             current._save_if_writable(home, catalog, changes.generation)
         return current
@@ -183,9 +198,7 @@ class VectorIndex:
         return None
 
     @classmethod
-    def rebuild(
-        cls, home: Path, catalog: Catalog, *, index_type: str | None = None, save: bool = True
-    ) -> VectorIndex:
+    def rebuild(cls, home: Path, catalog: Catalog, *, index_type: str | None = None, save: bool = True) -> VectorIndex:
         """Build from the catalog's vectors; a given `index_type` is remembered for later rebuilds.
 
         A remembered type that no longer fits the collection (too few vectors to train) falls
@@ -208,7 +221,10 @@ class VectorIndex:
         recall = "exact" if built.recall_at_10 is None else f"{built.recall_at_10:.3f}"
         log.info(
             "Built a %s index of %d vectors in %.1f s (recall@10: %s)",
-            built.index_type, built.ntotal, time.perf_counter() - started, recall,
+            built.index_type,
+            built.ntotal,
+            time.perf_counter() - started,
+            recall,
         )
         if save:
             built._save_if_writable(home, catalog, generation)
@@ -268,6 +284,7 @@ class VectorIndex:
         scores, ids = self.index.search(queries, k)
         scores[ids < 0] = -np.inf
         return scores, ids
+
 
 def _read(path: Path, *, mmap: bool = True) -> tuple[faiss.Index, dict]:
     """The index in ``path`` and its stamp; StaleIndex if it is missing or damaged. Memory-mapped
@@ -336,8 +353,7 @@ def _train(index: faiss.Index, vectors: np.ndarray, index_type: str) -> None:
         index.train(sample)
     except RuntimeError as e:
         raise IndexStateError(
-            f"{index_type} cannot be trained on {len(vectors)} vectors ({_brief(e)}); "
-            "use Flat or a smaller index type."
+            f"{index_type} cannot be trained on {len(vectors)} vectors ({_brief(e)}); use Flat or a smaller index type."
         ) from None
 
 

@@ -18,22 +18,44 @@ import fnmatch
 import logging
 import os
 import stat
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({
-    b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".gif", b".bmp", b".dib",
-    b".tif", b".tiff", b".heic", b".heif", b".avif",
-})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        b".jpg",
+        b".jpeg",
+        b".jpe",
+        b".jfif",
+        b".png",
+        b".webp",
+        b".gif",
+        b".bmp",
+        b".dib",
+        b".tif",
+        b".tiff",
+        b".heic",
+        b".heif",
+        b".avif",
+    }
+)
 
 # Folders that hold caches, thumbnails or other programs' data, never a person's photos.
 # Hidden folders (a leading dot) are skipped too; these are the common ones without a dot.
-JUNK_DIRS = frozenset({
-    b"node_modules", b"@eaDir", b"__MACOSX", b"$RECYCLE.BIN", b"System Volume Information",
-    b"__pycache__", b"lost+found",
-})
+JUNK_DIRS = frozenset(
+    {
+        b"node_modules",
+        b"@eaDir",
+        b"__MACOSX",
+        b"$RECYCLE.BIN",
+        b"System Volume Information",
+        b"__pycache__",
+        b"lost+found",
+    }
+)
 
 
 class FoundFile(NamedTuple):
@@ -67,8 +89,9 @@ class Walk:
             elif _is_candidate(os.path.basename(root)) and not _excluded(root, patterns):
                 yield FoundFile(root, st.st_size, st.st_mtime_ns)
 
-    def _walk_tree(self, root: bytes, root_stat: os.stat_result, patterns: list[bytes],
-                   visited: set[tuple[int, int]]) -> Iterator[FoundFile]:
+    def _walk_tree(
+        self, root: bytes, root_stat: os.stat_result, patterns: list[bytes], visited: set[tuple[int, int]]
+    ) -> Iterator[FoundFile]:
         # An explicit stack, not recursion: deep trees do not hit the recursion limit. The
         # per-entry tests are inline: this loop runs once per file of the whole library.
         follow = self.follow_symlinks

@@ -1,4 +1,7 @@
+"""Fixtures every test module can use without importing them."""
+
 import pytest
+from helpers import write_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +13,39 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(root / "data"))
     monkeypatch.setenv("NO_COLOR", "1")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Path of the tiny model, written once per test session."""
+    return str(write_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory) -> str:
+    """A second tiny model (other weights, other path): for model-mismatch tests."""
+    return str(write_tiny_model(tmp_path_factory.mktemp("models") / "other", seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model):
+    """The tiny model loaded once for the session (fp32: exact values in assertions)."""
+    from clipsearch.encoder import Encoder
+
+    return Encoder(tiny_model, device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def encoded(monkeypatch) -> list[int]:
+    """Counts images sent through the image tower (in this process), one entry per batch."""
+    from clipsearch.encoder import Encoder
+
+    batches: list[int] = []
+    real = Encoder.encode_images
+
+    def counting(self, pixels):
+        batches.append(len(pixels))
+        return real(self, pixels)
+
+    monkeypatch.setattr(Encoder, "encode_images", counting)
+    return batches

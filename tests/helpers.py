@@ -11,12 +11,20 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 TINY_CONFIG = dict(
-    embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8, vision_heads=1,
-    context_length=16, vocab_size=514, text_width=64, text_heads=1, text_layers=1,
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=1,
+    vision_width=64,
+    vision_patch_size=8,
+    vision_heads=1,
+    context_length=16,
+    vocab_size=514,
+    text_width=64,
+    text_heads=1,
+    text_layers=1,
 )
 
 
@@ -37,19 +45,9 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     return write_model_dir(directory, model, vocab, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    """Path of the tiny model, written once per test session."""
-    return str(write_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
-
-
-@pytest.fixture(scope="session")
-def other_tiny_model(tmp_path_factory) -> str:
-    """A second tiny model (other weights, other path): for model-mismatch tests."""
-    return str(write_tiny_model(tmp_path_factory.mktemp("models") / "other", seed=1))
-
-
-def make_image(path: Path | bytes | str, seed: int, size: tuple[int, int] = (48, 40), fmt: str | None = None) -> Path | bytes:
+def make_image(
+    path: Path | bytes | str, seed: int, size: tuple[int, int] = (48, 40), fmt: str | None = None
+) -> Path | bytes:
     """A distinct image per seed: blocks of random colour, so a random model still tells them
     apart. ``path`` may be bytes (non-UTF-8 names)."""
     rng = np.random.default_rng(seed)
@@ -63,44 +61,19 @@ def make_image(path: Path | bytes | str, seed: int, size: tuple[int, int] = (48,
 
 def _format(path: Path | bytes | str) -> str:
     ext = os.path.splitext(os.fsdecode(path))[1].lower()
-    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}.get(ext, "PNG")
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}.get(
+        ext, "PNG"
+    )
 
 
 def make_library(root: Path, count: int, start_seed: int = 0, ext: str = ".png") -> list[Path]:
     """``count`` distinct images in two subfolders."""
-    return [
-        make_image(root / f"part{i % 2}" / f"img{i:04d}{ext}", start_seed + i)
-        for i in range(count)
-    ]
+    return [make_image(root / f"part{i % 2}" / f"img{i:04d}{ext}", start_seed + i) for i in range(count)]
 
 
 def bump_mtime(path: Path, seconds: int = 10) -> None:
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder(tiny_model):
-    """The tiny model loaded once for the session (fp32: exact values in assertions)."""
-    from clipsearch.encoder import Encoder
-
-    return Encoder(tiny_model, device="cpu", precision="fp32")
-
-
-@pytest.fixture
-def encoded(monkeypatch) -> list[int]:
-    """Counts images sent through the image tower (in this process), one entry per batch."""
-    from clipsearch.encoder import Encoder
-
-    batches: list[int] = []
-    real = Encoder.encode_images
-
-    def counting(self, pixels):
-        batches.append(len(pixels))
-        return real(self, pixels)
-
-    monkeypatch.setattr(Encoder, "encode_images", counting)
-    return batches
 
 
 class CrashingPreprocess:

@@ -21,17 +21,19 @@ import sys
 import threading
 import time
 import zlib
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-ROOT_SKIP_REASON = "running as root (euid 0): file permissions do not stop root from reading, so this case cannot happen"
+ROOT_SKIP_REASON = (
+    "running as root (euid 0): file permissions do not stop root from reading, so this case cannot happen"
+)
 
 
 @dataclass(frozen=True)
@@ -62,22 +64,26 @@ def decompression_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
     """A 70-byte PNG whose header declares ``width`` x ``height`` RGB pixels (4.8 GB at the
     default): decoding it would allocate all of that, so it must be refused from the header."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def with_broken_header_crc(png: bytes) -> bytes:
     """The PNG with its IHDR checksum flipped: the header can no longer be trusted."""
     crc = png.index(b"IHDR") + 4 + 13
-    return png[:crc] + bytes([png[crc] ^ 0xFF]) + png[crc + 1:]
+    return png[:crc] + bytes([png[crc] ^ 0xFF]) + png[crc + 1 :]
 
 
 def with_corrupt_pixel_data(png: bytes) -> bytes:
     """The PNG with zeros written over the middle of its compressed pixel data."""
     start = png.index(b"IDAT")
-    length = struct.unpack(">I", png[start - 4:start])[0]
+    length = struct.unpack(">I", png[start - 4 : start])[0]
     middle = start + 4 + length // 2
-    return png[:middle] + bytes(64) + png[middle + 64:]
+    return png[:middle] + bytes(64) + png[middle + 64 :]
 
 
 def with_app1(jpeg: bytes, payload: bytes) -> bytes:
@@ -131,22 +137,25 @@ def write_corpus(root: Path) -> list[Case]:
     good("PNG content named .jpg", b"png-named.jpg", encoded_bytes(blocks(2), "PNG"))
     good("1x50000 strip", b"strip.png", encoded_bytes(Image.new("RGB", (1, 50_000), (200, 30, 30)), "PNG"))
     good("CMYK JPEG", b"cmyk.jpg", encoded_bytes(blocks(3).convert("CMYK"), "JPEG", quality=90))
-    grey16 = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21)
+    grey16 = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21
     good("16-bit greyscale PNG", b"grey16.png", encoded_bytes(Image.fromarray(grey16), "PNG"))
     palette = blocks(4).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     good("palette PNG with transparency", b"palette.png", encoded_bytes(palette, "PNG", transparency=0))
     good("LA (grey + alpha) PNG", b"la.png", encoded_bytes(blocks(5).convert("LA"), "PNG"))
     frames = [blocks(10 + i) for i in range(3)]
     good("first frame of the animated GIF, as PNG", b"frame0.png", encoded_bytes(frames[0], "PNG"))
-    good("animated GIF", b"animated.gif", encoded_bytes(
-        frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0))
+    good(
+        "animated GIF",
+        b"animated.gif",
+        encoded_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+    )
     good("multi-page TIFF", b"pages.tiff", encoded_bytes(frames[0], "TIFF", save_all=True, append_images=frames[1:]))
     upright = blocks(6, (64, 96))  # portrait
     good("upright JPEG (reference for the rotated one)", b"upright.jpg", encoded_bytes(upright, "JPEG", quality=95))
     good("EXIF-rotated JPEG", b"exif-rotated.jpg", exif_rotated_jpeg(upright))
     good("corrupt EXIF block", b"corrupt-exif.jpg", with_app1(jpeg, CORRUPT_EXIF))
     good("name with spaces", b"two words here.png", encoded_bytes(blocks(7), "PNG"))
-    good("name with quotes", b"it's \"quoted\".png", encoded_bytes(blocks(8), "PNG"))
+    good("name with quotes", b'it\'s "quoted".png', encoded_bytes(blocks(8), "PNG"))
     good("name with a newline", b"first\nsecond.png", encoded_bytes(blocks(9), "PNG"))
     good("non-UTF-8 name", b"caf\xe9-\xff.png", encoded_bytes(blocks(20), "PNG"))
 
@@ -154,16 +163,23 @@ def write_corpus(root: Path) -> list[Case]:
     bad("truncated JPEG (first half)", b"truncated.jpg", jpeg[: len(jpeg) // 2], "truncated")
     bad("text file named .jpg", b"notes.jpg", b"shopping list: eggs, milk\n" * 20, "cannot be decoded")
     bad("PNG with a broken header CRC", b"broken-crc.png", with_broken_header_crc(png), "cannot be decoded")
-    bad("PNG with corrupt pixel data", b"corrupt-data.png",
-        with_corrupt_pixel_data(encoded_bytes(noisy, "PNG")), "cannot be decoded")
+    bad(
+        "PNG with corrupt pixel data",
+        b"corrupt-data.png",
+        with_corrupt_pixel_data(encoded_bytes(noisy, "PNG")),
+        "cannot be decoded",
+    )
     bad("decompression bomb (40000x40000 declared)", b"bomb.png", decompression_bomb(), "decompression bomb")
 
     target = os.path.join(r, b"vanished.png")
     os.symlink(target, os.path.join(r, b"broken-link.png"))
     cases.append(Case("broken symlink", os.path.join(r, b"broken-link.png"), False, "No such file"))
     os.symlink(b"loop.jpg", os.path.join(r, b"loop.jpg"))
-    cases.append(Case("symlink loop (a link to itself)", os.path.join(r, b"loop.jpg"), False,
-                      "Too many levels of symbolic links"))
+    cases.append(
+        Case(
+            "symlink loop (a link to itself)", os.path.join(r, b"loop.jpg"), False, "Too many levels of symbolic links"
+        )
+    )
     if not IS_ROOT:
         path = _write(r, b"no-permission.png", encoded_bytes(blocks(21), "PNG"))
         os.chmod(path, 0)
@@ -290,10 +306,8 @@ def wait_until(condition, timeout: float, poll: float = 0.02, process: subproces
 
 def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to the process and its decode workers (its whole process group)."""
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class TimedLines:

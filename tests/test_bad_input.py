@@ -7,6 +7,7 @@ hooking the indexer in-process, where the race would otherwise be luck."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import re
@@ -18,8 +19,8 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import bump_mtime, make_image, make_library
 from PIL import Image
-from helpers import bump_mtime, make_image, make_library, tiny_encoder, tiny_model  # noqa: F401
 from reliability_helpers import (
     CORRUPT_EXIF,
     IS_ROOT,
@@ -124,8 +125,20 @@ def test_corpus_through_a_cli_process_with_decode_workers(tmp_path, tiny_model):
     stderr (which an in-process runner cannot capture) carries no traceback either."""
     cases = write_corpus(tmp_path / "lib")
     home = tmp_path / "home"
-    result = run_cli("--home", home, "index", tmp_path / "lib", "--model", tiny_model, "--precision", "fp32",
-                     "--workers", "2", "--batch-size", "4")
+    result = run_cli(
+        "--home",
+        home,
+        "index",
+        tmp_path / "lib",
+        "--model",
+        tiny_model,
+        "--precision",
+        "fp32",
+        "--workers",
+        "2",
+        "--batch-size",
+        "4",
+    )
     check_corpus_outcome(home, cases, result.stdout.decode(), result.stderr.decode(), result.returncode)
 
 
@@ -161,7 +174,9 @@ def _sizes(home):
     import sqlite3
 
     with sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True) as conn:
-        return [(p, (w, h)) for p, w, h in conn.execute("SELECT path, width, height FROM images WHERE status='indexed'")]
+        return [
+            (p, (w, h)) for p, w, h in conn.execute("SELECT path, width, height FROM images WHERE status='indexed'")
+        ]
 
 
 # Decodes each file named on its command line in a fresh process, after a warm-up decode, under
@@ -204,8 +219,12 @@ def decoded_in_bounded_memory(tmp_path_factory) -> dict[str, tuple]:
     os.symlink("/dev/zero", root / "dev-zero.jpg")
     os.symlink("/dev/urandom", root / "dev-urandom.png")
     names = ["bomb.png", "jpeg-then-2GB.jpg", "2GB-of-zeros.jpg", "dev-zero.jpg", "dev-urandom.png"]
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, warm, *(str(root / n) for n in names)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, warm, *(str(root / n) for n in names)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     results = [json.loads(line) for line in out.stdout.splitlines()]
     return {os.path.basename(path): tuple(rest) for path, *rest in results}
@@ -252,10 +271,8 @@ def test_a_fifo_named_like_an_image_does_not_hang_the_run(tmp_path, tiny_model):
     worker.join(10)
     hung = worker.is_alive()
     while worker.is_alive():  # unblock it, so it does not outlive the test
-        try:
+        with contextlib.suppress(OSError):  # no reader at this instant
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:  # no reader at this instant
-            pass
         worker.join(0.1)
     assert not hung, "the run hung on a FIFO named pipe.jpg"
     assert (outcome["report"].new, outcome["report"].failed) == (2, 1)
@@ -347,7 +364,9 @@ def _hook_after_fingerprint(monkeypatch, after):
 
 
 @pytest.mark.parametrize("moment", ["before its decode", "between its fingerprint and its pixels"])
-def test_a_rewrite_during_indexing_never_gives_any_file_a_wrong_vector(cli, tmp_path, monkeypatch, tiny_encoder, moment):
+def test_a_rewrite_during_indexing_never_gives_any_file_a_wrong_vector(
+    cli, tmp_path, monkeypatch, tiny_encoder, moment
+):
     """Whenever the rewrite lands, the run after it stores the new content's vector for the file,
     and a copy of the old content (restored from a backup) gets the old content's vector, not
     one read from the rewritten file."""
@@ -442,7 +461,7 @@ def test_awkward_names_come_back_byte_for_byte_from_queries(cli, tmp_path):
     """Names with spaces, quotes, newlines and invalid UTF-8 are stored and returned exactly:
     `--paths-only --null` output is the bytes on disk."""
     lib = os.fsencode(tmp_path / "lib")
-    names = [b"two words.png", b"it's \"quoted\".png", b"line\nbreak.png", b"caf\xe9.png", b"tab\there.png"]
+    names = [b"two words.png", b'it\'s "quoted".png', b"line\nbreak.png", b"caf\xe9.png", b"tab\there.png"]
     for seed, name in enumerate(names):
         make_image(os.path.join(lib, name), seed)
     assert summary_counts(cli("index", tmp_path / "lib").stdout)["new"] == len(names)

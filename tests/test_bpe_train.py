@@ -1,4 +1,5 @@
 import gzip
+import itertools
 import random
 from collections import Counter
 
@@ -7,8 +8,8 @@ import pytest
 from clipsearch.clip.bpe_train import train_bpe, write_vocab
 from clipsearch.clip.tokenizer import EOT, SOT, Tokenizer, clean_text, merge_pair, split_words, word_symbols
 
-COLOURS = "red green blue yellow purple orange grey white black pink".split()
-SHAPES = "circle square triangle star hexagon diamond".split()
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "grey", "white", "black", "pink"]
+SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond"]
 SIZES = ["small", "large", "tiny", "big"]
 PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the centre"]
 
@@ -54,7 +55,7 @@ def test_vocabulary_loads_with_the_tokenizer(trained):
 
 def test_every_caption_round_trips(trained, corpus):
     _, tokenizer = trained
-    for caption in corpus + ["東京 🐶 never-seen words!"]:
+    for caption in [*corpus, "東京 🐶 never-seen words!"]:
         words = split_words(clean_text(caption))
         assert tokenizer.decode(tokenizer.encode(caption)) == "".join(w + " " for w in words)
 
@@ -64,7 +65,11 @@ def test_frequent_words_become_single_tokens(trained):
     for word in COLOURS + SHAPES + ["left", "the", "background", "'s", "."]:
         assert tokenizer.encode(word) == [tokenizer.encoder[word + "</w>"]], word
     rows = tokenizer(["a small red circle on the left"], context_length=12)
-    assert rows[0].tolist()[:9] == [tokenizer.sot_id, *(tokenizer.encoder[w + "</w>"] for w in "a small red circle on the left".split()), tokenizer.eot_id]
+    assert rows[0].tolist()[:9] == [
+        tokenizer.sot_id,
+        *(tokenizer.encoder[w + "</w>"] for w in ["a", "small", "red", "circle", "on", "the", "left"]),
+        tokenizer.eot_id,
+    ]
 
 
 def test_deterministic_and_order_independent(corpus, tmp_path):
@@ -83,7 +88,7 @@ def brute_force_bpe(texts: list[str], num_merges: int) -> list[tuple[str, str]]:
     while len(merges) < num_merges:
         counts = Counter()
         for w, s in symbols.items():
-            for pair in zip(s, s[1:]):
+            for pair in itertools.pairwise(s):
                 if pair not in merges:
                     counts[pair] += words[w]
         if not counts:
@@ -95,7 +100,7 @@ def brute_force_bpe(texts: list[str], num_merges: int) -> list[tuple[str, str]]:
 
 
 def test_incremental_counts_equal_brute_force():
-    texts = captions(300, seed=1) + ["aaaa aaa banana bandana", "abc abcabc ab-c <|endoftext|>"]
+    texts = [*captions(300, seed=1), "aaaa aaa banana bandana", "abc abcabc ab-c <|endoftext|>"]
     assert train_bpe(texts, 150) == brute_force_bpe(texts, 150)
 
 
@@ -106,5 +111,6 @@ def test_stops_when_every_word_is_one_symbol():
 
 def test_file_format_matches_clip(tmp_path):
     path = write_vocab([("i", "n"), ("t", "h</w>")], tmp_path / "v.txt.gz")
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     assert lines[0].startswith("#version") and lines[1:] == ["i n", "t h</w>", ""]

@@ -100,14 +100,15 @@ def test_failed_then_missing_then_indexed_again(catalog):
     # A good file that now fails loses its vector.
     catalog.commit_batch(failed=[failed(b"/p/good.jpg", "truncated")])
     assert catalog.failures() == [(b"/p/good.jpg", "truncated")]
-    assert sorted(catalog.all_vectors()[0].tolist()) == sorted(
-        states[p].id for p in (b"/p/bad.jpg", b"/p/gone.jpg")
-    )
+    assert sorted(catalog.all_vectors()[0].tolist()) == sorted(states[p].id for p in (b"/p/bad.jpg", b"/p/gone.jpg"))
 
 
 def test_awkward_paths_round_trip(catalog, tmp_path):
     names = [
-        b"caf\xe9 latin-1.jpg", b"with space.jpg", b"new\nline.jpg", b"quote's \"double\".png",
+        b"caf\xe9 latin-1.jpg",
+        b"with space.jpg",
+        b"new\nline.jpg",
+        b'quote\'s "double".png',
         "日本.jpg".encode(),
     ]
     paths = [os.fsencode(tmp_path) + b"/" + name for name in names]
@@ -205,9 +206,11 @@ def test_writer_lock_excludes_a_second_process(catalog, home):
     holder.start()
     try:
         assert held.wait(30)
-        with pytest.raises(IndexStateError, match="Another clipsearch process is indexing"):
-            with catalog.writer_lock(wait=0.3):
-                pass
+        with (
+            pytest.raises(IndexStateError, match="Another clipsearch process is indexing"),
+            catalog.writer_lock(wait=0.3),
+        ):
+            pass
         release.set()
         holder.join(30)
         with catalog.writer_lock(wait=5):
@@ -242,10 +245,9 @@ def test_corrupt_catalog_is_refused_and_left_untouched(catalog, home, damage):
     }[damage]
     db.write_bytes(damaged)
     listing = sorted(os.listdir(home))
-    with pytest.raises(IndexStateError) as error:
-        with Catalog.open(home) as c:
-            c.file_states()
-            c.all_vectors()
+    with pytest.raises(IndexStateError) as error, Catalog.open(home) as c:
+        c.file_states()
+        c.all_vectors()
     assert str(db) in str(error.value)
     assert "untouched" in str(error.value)
     assert db.read_bytes() == damaged
@@ -267,7 +269,7 @@ def test_disk_full_rolls_back_the_batch_and_keeps_the_catalog(catalog):
     # SQLite's own page limit fails a write exactly as a full disk does (SQLITE_FULL).
     pages = catalog._conn.exec_driver_sql("PRAGMA page_count").scalar()
     catalog._conn.exec_driver_sql(f"PRAGMA max_page_count = {pages + 1}")
-    with pytest.raises(IndexStateError, match="disk holding .* is full"):
+    with pytest.raises(IndexStateError, match=r"disk holding .* is full"):
         catalog.commit_batch([indexed(f"/q/{i}.jpg".encode(), seed=i) for i in range(2000)])
     assert (catalog.file_states(), catalog.generation) == before
     assert catalog.integrity_problems() == []
@@ -288,9 +290,8 @@ def test_readonly_catalog_reads_but_refuses_writes(catalog, home):
         ):
             with pytest.raises(IndexStateError, match="read-only"):
                 write()
-        with pytest.raises(IndexStateError, match="read-only"):
-            with ro.writer_lock():
-                pass
+        with pytest.raises(IndexStateError, match="read-only"), ro.writer_lock():
+            pass
     with pytest.raises(IndexStateError, match="no index"):
         Catalog.open(home.parent / "elsewhere", readonly=True, create=True)
 

@@ -24,12 +24,30 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.
 
 VOCAB = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 TINY_VIT = ModelConfig(
-    embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16, vision_heads=1,
-    context_length=8, vocab_size=50, text_width=64, text_heads=1, text_layers=1,
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=1,
+    vision_width=64,
+    vision_patch_size=16,
+    vision_heads=1,
+    context_length=8,
+    vocab_size=50,
+    text_width=64,
+    text_heads=1,
+    text_layers=1,
 )
 TINY_RESNET = ModelConfig(
-    embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None,
-    vision_heads=4, context_length=8, vocab_size=50, text_width=64, text_heads=1, text_layers=1,
+    embed_dim=32,
+    image_resolution=64,
+    vision_layers=(1, 1, 1, 1),
+    vision_width=8,
+    vision_patch_size=None,
+    vision_heads=4,
+    context_length=8,
+    vocab_size=50,
+    text_width=64,
+    text_heads=1,
+    text_layers=1,
 )
 
 
@@ -187,7 +205,7 @@ def test_own_directory_round_trip(tmp_path):
 def test_own_directory_missing_vocab(tmp_path):
     directory = write_model_dir(tmp_path / "mine", tiny_model(), VOCAB, mean=(0, 0, 0), std=(1, 1, 1))
     (directory / "vocab.txt.gz").unlink()
-    with pytest.raises(CheckpointError, match="lacks vocab.txt.gz"):
+    with pytest.raises(CheckpointError, match=r"lacks vocab.txt.gz"):
         read_checkpoint(directory)
 
 

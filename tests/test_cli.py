@@ -13,14 +13,15 @@ import threading
 import time
 
 import pytest
-from helpers import make_image, make_library, other_tiny_model, tiny_model  # noqa: F401
+from helpers import make_image, make_library
 from typer.testing import CliRunner
 
 from clipsearch import __version__
 from clipsearch.cli import _stop_on_ctrl_c, app
 
 SUMMARY = re.compile(
-    r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+) in [\d.]+ s \([\d.]+ images/s\)"
+    r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
+    r" in [\d.]+ s \([\d.]+ images/s\)"
 )
 
 
@@ -201,8 +202,23 @@ def test_cli_import_is_light():
 def test_ctrl_c_commits_what_is_done_and_exits_130(tmp_path, tiny_model):
     make_library(tmp_path / "lib", 150)
     home = tmp_path / "home"
-    command = [sys.executable, "-c", "from clipsearch.cli import main; main()", "--home", str(home),
-               "index", str(tmp_path / "lib"), "--model", tiny_model, "--workers", "0", "--batch-size", "2", "--precision", "fp32"]
+    command = [
+        sys.executable,
+        "-c",
+        "from clipsearch.cli import main; main()",
+        "--home",
+        str(home),
+        "index",
+        str(tmp_path / "lib"),
+        "--model",
+        tiny_model,
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while _indexed(home) == 0 and process.poll() is None and time.monotonic() < deadline:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_library, tiny_encoder, tiny_model  # noqa: F401
+from helpers import make_library
 from reliability_helpers import (
     assert_no_traceback,
     catalog_vectors,
@@ -31,8 +31,21 @@ LOCKED = "Another clipsearch process is indexing"
 
 
 def start_index(home, lib, model, encode_delay_s: float = 0.0):
-    return start_cli("--home", home, "index", lib, "--model", model, "--precision", "fp32",
-                     "--workers", "0", "--batch-size", "4", encode_delay_s=encode_delay_s)
+    return start_cli(
+        "--home",
+        home,
+        "index",
+        lib,
+        "--model",
+        model,
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        encode_delay_s=encode_delay_s,
+    )
 
 
 @pytest.mark.slow

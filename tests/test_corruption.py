@@ -9,11 +9,11 @@ import errno
 import hashlib
 import multiprocessing
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from helpers import encoded, make_library, tiny_encoder, tiny_model  # noqa: F401
+from helpers import make_library
 from reliability_helpers import (
     assert_no_traceback,
     catalog_vectors,
@@ -71,12 +71,14 @@ def top_path(cli, image) -> bytes:
 
 def _damage_faiss(path, how: str) -> None:
     data = path.read_bytes()
-    path.write_bytes({
-        "truncated": data[: len(data) // 2],
-        "zero bytes": b"",
-        "garbage": np.random.default_rng(0).bytes(len(data)),
-        "garbage body, intact stamp": np.random.default_rng(1).bytes(len(data) - 200) + data[-200:],
-    }[how])
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "zero bytes": b"",
+            "garbage": np.random.default_rng(0).bytes(len(data)),
+            "garbage body, intact stamp": np.random.default_rng(1).bytes(len(data) - 200) + data[-200:],
+        }[how]
+    )
 
 
 @pytest.mark.parametrize("how", ["truncated", "zero bytes", "garbage", "garbage body, intact stamp"])
@@ -120,8 +122,14 @@ def test_a_corrupt_catalog_is_refused_by_every_command_and_left_untouched(cli, i
     }[damage]
     db.write_bytes(damaged)
     listing = sorted(os.listdir(cli.home))
-    for args in (["query", "anything"], ["status"], ["status", "--failed"], ["index", tmp_path / "lib"],
-                 ["rebuild"], ["remove", indexed[0]]):
+    for args in (
+        ["query", "anything"],
+        ["status"],
+        ["status", "--failed"],
+        ["index", tmp_path / "lib"],
+        ["rebuild"],
+        ["remove", indexed[0]],
+    ):
         result = cli(*args)
         assert result.exit_code == 1, (args, result.output)
         assert result.stderr.count("\n") == 1 and str(db) in result.stderr, (args, result.stderr)

@@ -7,8 +7,19 @@ import torch.nn.functional as F
 from clipsearch.clip import cpu
 from clipsearch.clip.model import CLIP, ModelConfig, SelfAttention
 
-TINY = ModelConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                   vision_heads=1, context_length=16, vocab_size=100, text_width=32, text_heads=1, text_layers=1)
+TINY = ModelConfig(
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=64,
+    vision_patch_size=8,
+    vision_heads=1,
+    context_length=16,
+    vocab_size=100,
+    text_width=32,
+    text_heads=1,
+    text_layers=1,
+)
 
 needs_int8 = pytest.mark.skipif(not cpu.has_int8_kernels(), reason="no fbgemm int8 kernels on this CPU")
 
@@ -75,7 +86,8 @@ def test_auto_keeps_int8_when_it_agrees_with_fp32(no_bf16: None) -> None:
 
 @needs_int8
 def test_auto_falls_back_to_fp32_when_the_candidate_drifts(
-        no_bf16: None, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_bf16: None, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(cpu, "MIN_COSINE", 1.5)  # no quantised model can reach it
     expected = embeddings(tiny(), images)
     prepared = cpu.prepare_for_inference(tiny(), "auto", sample=images)

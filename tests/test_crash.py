@@ -19,16 +19,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from helpers import encoded, tiny_encoder, tiny_model  # noqa: F401
 from reliability_helpers import (
+    TimedLines,
     assert_no_traceback,
-    clipsearch_logging,
     catalog_vectors,
     expected_vectors,
     indexed_count,
     kill_group,
     photo_library,
-    TimedLines,
     start_cli,
     wait_until,
 )
@@ -50,8 +48,20 @@ ENCODE_DELAY_S = 0.1  # per batch of BATCH images: a real model's pace, so kills
 
 
 def start_index(home, lib, model, *extra):
-    return start_cli("--home", home, "index", lib, "--model", model, "--precision", "fp32",
-                     "--batch-size", str(BATCH), *extra, encode_delay_s=ENCODE_DELAY_S)
+    return start_cli(
+        "--home",
+        home,
+        "index",
+        lib,
+        "--model",
+        model,
+        "--precision",
+        "fp32",
+        "--batch-size",
+        str(BATCH),
+        *extra,
+        encode_delay_s=ENCODE_DELAY_S,
+    )
 
 
 def committed_rows(home) -> dict[bytes, tuple[float, bytes]]:
@@ -61,9 +71,11 @@ def committed_rows(home) -> dict[bytes, tuple[float, bytes]]:
     with sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True) as conn:
         try:
             return {
-                path: (indexed_at, blob) for path, indexed_at, blob in conn.execute(
+                path: (indexed_at, blob)
+                for path, indexed_at, blob in conn.execute(
                     "SELECT images.path, images.indexed_at, vectors.vector FROM images "
-                    "JOIN vectors ON vectors.image_id = images.id WHERE images.status = 'indexed'")
+                    "JOIN vectors ON vectors.image_id = images.id WHERE images.status = 'indexed'"
+                )
             }
         except sqlite3.OperationalError:  # killed before the schema existed
             return {}
@@ -131,7 +143,9 @@ def kill_when(process, home, rows: int | None, delay: float) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_nothing_committed(tmp_path, library, tiny_model, tiny_encoder, encoded, caplog, clipsearch_logging):
+def test_sigkill_at_random_moments_loses_nothing_committed(
+    tmp_path, library, tiny_model, tiny_encoder, encoded, caplog, clipsearch_logging
+):
     home, lib = tmp_path / "home", tmp_path / "lib"
     expected = expected_vectors(tiny_encoder, library)
     rng = np.random.default_rng(20240601)
@@ -210,8 +224,9 @@ def test_ctrl_c_commits_finished_batches_prints_how_to_resume_and_exits_130(tmp_
     assert sum(encoded) == CTRL_C_LIBRARY_SIZE - len(committed)
 
 
-def test_a_second_ctrl_c_stops_at_once_and_loses_nothing_committed(tmp_path, tiny_model, tiny_encoder, caplog,
-                                                                  clipsearch_logging):
+def test_a_second_ctrl_c_stops_at_once_and_loses_nothing_committed(
+    tmp_path, tiny_model, tiny_encoder, caplog, clipsearch_logging
+):
     home, lib = tmp_path / "home", tmp_path / "lib"
     library = photo_library(lib, CTRL_C_LIBRARY_SIZE)
     process = start_index(home, lib, tiny_model, "--workers", "0")

@@ -32,13 +32,25 @@ VOCAB_SIZE = 60
 def hf_config(hidden_act: str, **overrides) -> CLIPConfig:
     # Our model, like every CLIP, has 64-wide attention heads; widths are multiples of 64.
     text = dict(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-        vocab_size=VOCAB_SIZE, max_position_embeddings=12, hidden_act=hidden_act,
-        bos_token_id=VOCAB_SIZE - 2, eos_token_id=VOCAB_SIZE - 1, pad_token_id=0,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=12,
+        hidden_act=hidden_act,
+        bos_token_id=VOCAB_SIZE - 2,
+        eos_token_id=VOCAB_SIZE - 1,
+        pad_token_id=0,
     )
     vision = dict(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-        image_size=48, patch_size=16, hidden_act=hidden_act,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=48,
+        patch_size=16,
+        hidden_act=hidden_act,
     )
     text.update(overrides.pop("text", {}))
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=48, **overrides)
@@ -61,7 +73,7 @@ def token_ids(count: int, context: int, vocab_size: int) -> torch.Tensor:
     ids[:, 0] = vocab_size - 2
     for row, end in enumerate(torch.linspace(2, context - 1, count).round().long().tolist()):
         ids[row, end] = vocab_size - 1
-        ids[row, end + 1:] = 0
+        ids[row, end + 1 :] = 0
     return ids
 
 
@@ -84,7 +96,10 @@ def assert_parity(reference: CLIPModel, directory: Path, image_size: int, contex
             "text": (our_text - ref_text).abs().max().item(),
             "logits": (
                 logits(our_image, our_text, ours.logit_scale) - logits(ref_image, ref_text, reference.logit_scale)
-            ).abs().max().item(),
+            )
+            .abs()
+            .max()
+            .item(),
         }
     print(f"{directory.name}: max abs diff {diffs}")
     assert max(diffs.values()) <= TOLERANCE
@@ -158,7 +173,7 @@ def test_hugging_face_tokenizer_files_become_our_vocabulary(tmp_path):
     theirs = CLIPTokenizer.from_pretrained(directory)(texts, padding="max_length", max_length=20, truncation=True)
     expected = torch.tensor(theirs["input_ids"])
     for row, ids in enumerate(theirs["input_ids"]):
-        expected[row, ids.index(49407) + 1:] = 0  # Hugging Face pads with EOT; OpenAI and we with 0
+        expected[row, ids.index(49407) + 1 :] = 0  # Hugging Face pads with EOT; OpenAI and we with 0
     assert expected[3, -1] == 49407  # the long caption was cut
     assert torch.equal(ours, expected)
 
@@ -170,7 +185,7 @@ def test_vocab_json_that_disagrees_is_refused(tmp_path):
     vocab = json.loads((directory / "vocab.json").read_text())
     vocab["<|extra|>"] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    with pytest.raises(CheckpointError, match="vocab.json"):
+    with pytest.raises(CheckpointError, match=r"vocab.json"):
         read_checkpoint(directory)
 
 
@@ -199,7 +214,8 @@ def write_clip_tokenizer_files(directory: Path) -> None:
     """vocab.json and merges.txt as Hugging Face publishes them for CLIP, built from OpenAI's
     vocabulary file with open_clip's reference tokenizer (whose special tokens it renames)."""
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")[1:48_895]
+    with gzip.open(bpe, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:48_895]
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     specials = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {specials.get(token, token): i for token, i in SimpleTokenizer().encoder.items()}

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import CrashingPreprocess, bump_mtime, encoded, make_image, make_library, tiny_encoder, tiny_model  # noqa: F401
+from helpers import CrashingPreprocess, bump_mtime, make_image, make_library
 
 from clipsearch.catalog import Catalog
 from clipsearch.decode import DecodePool
@@ -28,6 +28,7 @@ def add(catalog, tiny_encoder):
         def get_encoder():
             loads.append(1)
             return tiny_encoder
+
         options.setdefault("workers", 0)
         return run_add(catalog, get_encoder, roots, **options)
 
@@ -61,7 +62,8 @@ def test_an_unchanged_rerun_loads_no_model_and_encodes_nothing(tmp_path, catalog
     (tmp_path / "lib" / "bad.jpg").write_text("nope")
     add(tmp_path / "lib")
     generation = catalog.generation
-    add.loads.clear(); encoded.clear()
+    add.loads.clear()
+    encoded.clear()
     report = add(tmp_path / "lib")
     assert counts(report) == dict(new=0, changed=0, moved=0, removed=0, failed=0, unchanged=6)
     assert add.loads == [] and encoded == []
@@ -143,7 +145,9 @@ def test_an_unreadable_folder_is_not_taken_for_deleted(tmp_path, catalog, add, m
     add(tmp_path / "lib")
     locked = os.fsencode(tmp_path / "lib" / "part0")
     real = os.scandir
-    monkeypatch.setattr(os, "scandir", lambda p: (_ for _ in ()).throw(PermissionError(13, "denied")) if p == locked else real(p))
+    monkeypatch.setattr(
+        os, "scandir", lambda p: (_ for _ in ()).throw(PermissionError(13, "denied")) if p == locked else real(p)
+    )
     report = add(tmp_path / "lib")
     assert (report.removed, report.unreadable, report.unchanged) == (0, 1, 2)
     assert catalog.counts()["missing"] == 0
@@ -186,9 +190,7 @@ def test_worker_processes_give_the_same_vectors_as_in_process(tmp_path, catalog,
     (tmp_path / "lib" / "bad.jpg").write_text("nope")
     report = add(tmp_path / "lib", workers=2)
     assert (report.new, report.failed) == (6, 1)
-    expected = tiny_encoder.encode_images(np.stack([
-        tiny_encoder.preprocess(str(p)).numpy() for p in images
-    ]))
+    expected = tiny_encoder.encode_images(np.stack([tiny_encoder.preprocess(str(p)).numpy() for p in images]))
     for image, vector in zip(images, expected):
         np.testing.assert_allclose(vector_of(catalog, image), vector, atol=2e-3)  # stored as float16
 
@@ -213,17 +215,21 @@ def test_by_default_the_first_batch_decides_the_decode_workers(tmp_path, catalog
         np.testing.assert_allclose(vector_of(catalog, image), vector, atol=2e-3)  # stored as float16
 
 
-@pytest.mark.parametrize("cores, decode_s, encode_s, on_cpu, images, workers", [
-    (2, 0.007, 0.045, True, 10_000, 0),  # 640x480 JPEGs, ViT-B/32: the model wants both cores
-    (2, 0.052, 0.045, True, 168, 1),  # 12 MP JPEGs: max(52, 83) ms an image with a worker against 97
-    (2, 0.052, 0.045, True, 20, 0),  # ... which does not pay for starting and filling it on a short run
-    (2, 0.030, 0.045, True, 1000, 0),  # 83 ms with a worker against 75 in-process
-    (8, 0.120, 0.045, True, 1000, 2),  # two workers (60 ms an image) keep pace with six cores (60 ms)
-    (2, 0.010, 0.002, False, 1000, 1),  # a GPU encodes: decoding beside it pays
-    (1, 0.500, 0.010, True, 1000, 0),  # one core: nothing to run beside the model
-])
-def test_best_workers_balances_decoding_against_the_model(monkeypatch, cores, decode_s, encode_s, on_cpu, images,
-                                                          workers):
+@pytest.mark.parametrize(
+    "cores, decode_s, encode_s, on_cpu, images, workers",
+    [
+        (2, 0.007, 0.045, True, 10_000, 0),  # 640x480 JPEGs, ViT-B/32: the model wants both cores
+        (2, 0.052, 0.045, True, 168, 1),  # 12 MP JPEGs: max(52, 83) ms an image with a worker against 97
+        (2, 0.052, 0.045, True, 20, 0),  # ... which does not pay for starting and filling it on a short run
+        (2, 0.030, 0.045, True, 1000, 0),  # 83 ms with a worker against 75 in-process
+        (8, 0.120, 0.045, True, 1000, 2),  # two workers (60 ms an image) keep pace with six cores (60 ms)
+        (2, 0.010, 0.002, False, 1000, 1),  # a GPU encodes: decoding beside it pays
+        (1, 0.500, 0.010, True, 1000, 0),  # one core: nothing to run beside the model
+    ],
+)
+def test_best_workers_balances_decoding_against_the_model(
+    monkeypatch, cores, decode_s, encode_s, on_cpu, images, workers
+):
     from clipsearch import decode
 
     monkeypatch.setattr(decode, "usable_cores", lambda: cores)
@@ -233,7 +239,7 @@ def test_best_workers_balances_decoding_against_the_model(monkeypatch, cores, de
 def test_a_file_that_crashes_a_worker_fails_alone(tmp_path, tiny_encoder):
     images = [make_image(tmp_path / f"ok{i}.png", i) for i in range(5)]
     crasher = make_image(tmp_path / "crash.png", 99, size=(13, 13))
-    items = [(i, os.fsencode(p)) for i, p in enumerate(images + [crasher])]
+    items = [(i, os.fsencode(p)) for i, p in enumerate([*images, crasher])]
     with DecodePool(CrashingPreprocess(tiny_encoder.preprocess), workers=2, window=4) as pool:
         results = dict(pool.imap(items))
     assert sorted(results) == list(range(6))
@@ -254,7 +260,7 @@ def test_a_stop_before_any_encoding_still_reports_interrupted(tmp_path, catalog,
 def test_a_file_rewritten_while_it_is_read_is_retried_next_run(tmp_path, catalog, add, monkeypatch):
     import clipsearch.decode
 
-    (image,) = make_library(tmp_path / "lib", 1)
+    (_image,) = make_library(tmp_path / "lib", 1)
     real = clipsearch.decode.fingerprint
 
     def fingerprint_then_rewrite(path):

@@ -30,8 +30,17 @@ from clipsearch.paths import model_cache_dir
 CLIP_VOCAB = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 # Small towers, but CLIP's full vocabulary, so clip.tokenize's ids fit the model.
 CONFIG = ModelConfig(
-    embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16, vision_heads=1,
-    context_length=77, vocab_size=49_408, text_width=64, text_heads=1, text_layers=1,
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=1,
+    vision_width=64,
+    vision_patch_size=16,
+    vision_heads=1,
+    context_length=77,
+    vocab_size=49_408,
+    text_width=64,
+    text_heads=1,
+    text_layers=1,
 )
 
 
@@ -118,7 +127,7 @@ def test_text_tower_alone(openclip_file, model):
 
 
 def test_image_tower_alone_has_no_tokenizer(openclip_file):
-    image_model, preprocess = clip.load(openclip_file, device="cpu", towers="image")
+    image_model, _preprocess = clip.load(openclip_file, device="cpu", towers="image")
     assert image_model.tokenizer is None and image_model.visual is not None
 
 
@@ -141,8 +150,9 @@ def test_own_directory_brings_its_vocabulary_and_normalisation(tmp_path):
 
 def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
     torch.manual_seed(0)
-    directory = write_model_dir(tmp_path / "mine", CLIP(replace(CONFIG, vocab_size=1000)), CLIP_VOCAB,
-                                mean=(0, 0, 0), std=(1, 1, 1))
+    directory = write_model_dir(
+        tmp_path / "mine", CLIP(replace(CONFIG, vocab_size=1000)), CLIP_VOCAB, mean=(0, 0, 0), std=(1, 1, 1)
+    )
     with pytest.raises(CheckpointError, match="49408 tokens"):
         clip.load(directory, device="cpu")
 
@@ -164,7 +174,15 @@ def test_unknown_name(tmp_path):
 def test_available_models():
     names = clip.available_models()
     openai = [
-        "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px",
+        "RN50",
+        "RN101",
+        "RN50x4",
+        "RN50x16",
+        "RN50x64",
+        "ViT-B/32",
+        "ViT-B/16",
+        "ViT-L/14",
+        "ViT-L/14@336px",
     ]
     assert names[:9] == openai  # OpenAI's own list, in their order
     assert {"ViT-B-32/laion2b_s34b_b79k", "ViT-B-32/datacomp_xl_s13b_b90k", "demo"} <= set(names)
@@ -260,8 +278,12 @@ def test_load_by_name_downloads_verifies_and_uses_registry_settings(monkeypatch,
     loaded, _ = clip.load("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", device="cpu", download_root=model_cache_dir())
     assert loaded.config.quick_gelu is False  # the registry knows this OpenCLIP model uses GELU
     assert (model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin").is_file()
-    assert clip.load(str(model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin"), device="cpu",
-                     quick_gelu=False)[0].config.quick_gelu is False
+    assert (
+        clip.load(str(model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin"), device="cpu", quick_gelu=False)[
+            0
+        ].config.quick_gelu
+        is False
+    )
 
     _point(monkeypatch, "RN50", f"{base}/weights.bin", "0" * 64)
     with pytest.raises(DownloadError, match="SHA-256"):

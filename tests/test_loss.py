@@ -49,9 +49,7 @@ def test_matches_open_clip(batch: int):
     logit_scale = torch.tensor(2.3)
 
     ours = clip_loss(image_features, text_features, logit_scale)
-    reference = ClipLoss()(
-        F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), logit_scale.exp()
-    )
+    reference = ClipLoss()(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), logit_scale.exp())
 
     assert (ours - reference).abs().item() <= 1e-6
 

@@ -95,7 +95,7 @@ def test_newer_schema_is_refused_and_left_alone(tmp_path):
         conn.execute("UPDATE alembic_version SET version_num = 'f00d'")
     before = (home / "catalog.db").read_bytes()
     for readonly in (False, True):
-        with pytest.raises(IndexStateError, match="newer clipsearch .*f00d.*upgrade clipsearch"):
+        with pytest.raises(IndexStateError, match=r"newer clipsearch .*f00d.*upgrade clipsearch"):
             Catalog.open(home, readonly=readonly)
     assert (home / "catalog.db").read_bytes() == before
 

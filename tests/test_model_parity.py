@@ -69,7 +69,7 @@ def random_inputs(reference: ReferenceCLIP, images: int, texts: int) -> tuple[to
     tokens = torch.randint(1, eot, (texts, context))
     for row, end in enumerate(torch.linspace(1, context - 1, texts).round().long().tolist()):
         tokens[row, end] = eot
-        tokens[row, end + 1:] = 0
+        tokens[row, end + 1 :] = 0
     return torch.randn(images, 3, size, size), tokens
 
 
@@ -156,16 +156,32 @@ def test_parity_short_texts_skip_the_padding(small_vit):
 
 
 def test_state_dict_has_openai_key_names(small_vit, small_resnet):
-    keys = set(build_model(small_vit.state_dict()).state_dict()) | set(build_model(small_resnet.state_dict()).state_dict())
+    keys = set(build_model(small_vit.state_dict()).state_dict()) | set(
+        build_model(small_resnet.state_dict()).state_dict()
+    )
 
     for key in [
-        "visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
-        "visual.transformer.resblocks.1.mlp.c_fc.weight", "visual.ln_post.bias", "visual.proj",
-        "visual.layer2.0.downsample.0.weight", "visual.layer2.0.downsample.1.running_var",
-        "visual.attnpool.q_proj.weight", "visual.attnpool.c_proj.bias", "visual.attnpool.positional_embedding",
-        "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.attn.in_proj_bias",
-        "transformer.resblocks.0.attn.out_proj.weight", "transformer.resblocks.1.ln_2.bias",
-        "token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection", "logit_scale",
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.ln_pre.weight",
+        "visual.transformer.resblocks.1.mlp.c_fc.weight",
+        "visual.ln_post.bias",
+        "visual.proj",
+        "visual.layer2.0.downsample.0.weight",
+        "visual.layer2.0.downsample.1.running_var",
+        "visual.attnpool.q_proj.weight",
+        "visual.attnpool.c_proj.bias",
+        "visual.attnpool.positional_embedding",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "transformer.resblocks.0.attn.in_proj_bias",
+        "transformer.resblocks.0.attn.out_proj.weight",
+        "transformer.resblocks.1.ln_2.bias",
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+        "text_projection",
+        "logit_scale",
     ]:
         assert key in keys
 
@@ -173,11 +189,33 @@ def test_state_dict_has_openai_key_names(small_vit, small_resnet):
 @pytest.mark.parametrize(
     "config",
     [
-        ModelConfig(embed_dim=32, image_resolution=48, vision_layers=3, vision_width=128, vision_patch_size=16,
-                    vision_heads=2, context_length=12, vocab_size=50, text_width=64, text_heads=1, text_layers=2),
-        ModelConfig(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 2, 1), vision_width=16,
-                    vision_patch_size=None, vision_heads=8, context_length=12, vocab_size=50, text_width=192,
-                    text_heads=3, text_layers=1, quick_gelu=False),
+        ModelConfig(
+            embed_dim=32,
+            image_resolution=48,
+            vision_layers=3,
+            vision_width=128,
+            vision_patch_size=16,
+            vision_heads=2,
+            context_length=12,
+            vocab_size=50,
+            text_width=64,
+            text_heads=1,
+            text_layers=2,
+        ),
+        ModelConfig(
+            embed_dim=32,
+            image_resolution=64,
+            vision_layers=(1, 1, 2, 1),
+            vision_width=16,
+            vision_patch_size=None,
+            vision_heads=8,
+            context_length=12,
+            vocab_size=50,
+            text_width=192,
+            text_heads=3,
+            text_layers=1,
+            quick_gelu=False,
+        ),
     ],
     ids=["vit", "resnet"],
 )
@@ -273,7 +311,7 @@ def test_initialisation_follows_openai(small_resnet):
 
     assert model.logit_scale.item() == pytest.approx(2.6593, abs=1e-4)  # log(1 / 0.07)
     assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert model.text_projection.std().item() == pytest.approx(config.text_width ** -0.5, rel=0.1)
+    assert model.text_projection.std().item() == pytest.approx(config.text_width**-0.5, rel=0.1)
     assert all(block.bn3.weight.abs().sum() == 0 for block in model.visual.layer1)
 
 

@@ -52,7 +52,19 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-SIZES = [(640, 480), (480, 640), (224, 224), (225, 223), (301, 999), (1001, 333), (7, 5), (3, 40), (1, 17), (19, 1), (50, 1000)]
+SIZES = [
+    (640, 480),
+    (480, 640),
+    (224, 224),
+    (225, 223),
+    (301, 999),
+    (1001, 333),
+    (7, 5),
+    (3, 40),
+    (1, 17),
+    (19, 1),
+    (50, 1000),
+]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -187,7 +199,11 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize(
@@ -235,7 +251,9 @@ def test_output_tensor_and_pickling(ours):
     assert out.dtype == torch.float32 and out.is_contiguous()
     clone = pickle.loads(pickle.dumps(ours))
     assert torch.equal(clone(image), out)
-    assert Preprocess(64, mean=(0, 0, 0), std=(1, 1, 1))(Image.new("RGB", (80, 64), (255, 0, 51)))[:, 0, 0].tolist() == [
+    assert Preprocess(64, mean=(0, 0, 0), std=(1, 1, 1))(Image.new("RGB", (80, 64), (255, 0, 51)))[
+        :, 0, 0
+    ].tolist() == [
         1.0,
         0.0,
         pytest.approx(0.2),

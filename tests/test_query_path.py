@@ -11,13 +11,24 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import make_library, tiny_model  # noqa: F401
+from helpers import make_library
 
 from clipsearch import Index
 from clipsearch.clip.model import CLIP, ModelConfig
 
-SMALL = ModelConfig(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
-                    vision_heads=1, context_length=16, vocab_size=600, text_width=64, text_heads=1, text_layers=2)
+SMALL = ModelConfig(
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=1,
+    vision_width=64,
+    vision_patch_size=16,
+    vision_heads=1,
+    context_length=16,
+    vocab_size=600,
+    text_width=64,
+    text_heads=1,
+    text_layers=2,
+)
 
 
 def test_build_model_does_not_import_dynamo():
@@ -42,7 +53,7 @@ def test_model_from_scratch_is_initialised():
     model = CLIP(SMALL)
     width = SMALL.vision_width
     for parameter in (model.visual.class_embedding, model.visual.positional_embedding, model.visual.proj):
-        assert abs(parameter.std().item() - width ** -0.5) < 0.3 * width ** -0.5
+        assert abs(parameter.std().item() - width**-0.5) < 0.3 * width**-0.5
     assert abs(model.token_embedding.weight.std().item() - 0.02) < 0.002
     assert abs(model.positional_embedding.std().item() - 0.01) < 0.002
     assert model.logit_scale.item() == torch.tensor(1 / 0.07).log().item()
@@ -71,9 +82,19 @@ def test_a_rerun_with_nothing_to_do_imports_neither_sqlalchemy_nor_torch(tmp_pat
 
 # --- the text tower in NumPy ------------------------------------------------------------------
 
-VIT_B32_TEXT = ModelConfig(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                           vision_patch_size=32, vision_heads=12, context_length=77, vocab_size=49408,
-                           text_width=512, text_heads=8, text_layers=12)
+VIT_B32_TEXT = ModelConfig(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    vision_heads=12,
+    context_length=77,
+    vocab_size=49408,
+    text_width=512,
+    text_heads=8,
+    text_layers=12,
+)
 
 
 def token_rows(config: ModelConfig, lengths: list[int], seed: int = 1) -> torch.Tensor:

@@ -48,7 +48,9 @@ def test_every_kind_of_scene_and_attribute_occurs(scenes):
 def test_caption_names_every_object_with_its_colour_and_shape(scenes):
     for scene in scenes:
         for obj in scene.objects:
-            assert f"{obj.colour} {obj.shape}" in scene.caption or f"{obj.colour} {obj.shape}" in _singular(scene.caption)
+            assert f"{obj.colour} {obj.shape}" in scene.caption or f"{obj.colour} {obj.shape}" in _singular(
+                scene.caption
+            )
         assert scene.caption.endswith(f"on a {scene.background} background")
 
 
@@ -73,8 +75,13 @@ def test_position_words_match_where_the_object_is_drawn(scenes):
         (obj,) = scene.objects
         side = scene.image.width
         cx, cy = (obj.box[0] + obj.box[2]) / 2 / side, (obj.box[1] + obj.box[3]) / 2 / side
-        where = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6,
-                 "centre": 0.4 < cx < 0.6 and 0.4 < cy < 0.6}
+        where = {
+            "left": cx < 0.4,
+            "right": cx > 0.6,
+            "top": cy < 0.4,
+            "bottom": cy > 0.6,
+            "centre": 0.4 < cx < 0.6 and 0.4 < cy < 0.6,
+        }
         assert where[obj.position]
 
 
@@ -120,11 +127,18 @@ def _changes(a, b) -> str:
     """Which single respect a hard negative changed, or "" if none or several."""
     if [o.position for o in a.objects] != [o.position for o in b.objects]:
         if len(a.objects) == 1 and (a.objects[0].shape, a.objects[0].colour, a.objects[0].size) == (
-                b.objects[0].shape, b.objects[0].colour, b.objects[0].size):
+            b.objects[0].shape,
+            b.objects[0].colour,
+            b.objects[0].size,
+        ):
             return "position"
         return ""
-    kinds = {kind for x, y in zip(a.objects, b.objects) for kind in ("shape", "colour", "size")
-             if getattr(x, kind) != getattr(y, kind)}
+    kinds = {
+        kind
+        for x, y in zip(a.objects, b.objects)
+        for kind in ("shape", "colour", "size")
+        if getattr(x, kind) != getattr(y, kind)
+    }
     if len(kinds) == 1:
         return kinds.pop()
     swapped = [(o.shape, o.colour, o.size) for o in reversed(b.objects)]
@@ -144,7 +158,7 @@ def test_hard_negative_changes_one_respect_on_the_same_background():
         outside = np.ones(scene.image.size, dtype=bool)
         for obj in (*scene.objects, *negative.objects):
             left, top, right, bottom = obj.box
-            outside[max(0, top - 1):bottom + 2, max(0, left - 1):right + 2] = False
+            outside[max(0, top - 1) : bottom + 2, max(0, left - 1) : right + 2] = False
         assert np.array_equal(np.asarray(scene.image)[outside], np.asarray(negative.image)[outside])
         assert negative.objects == generator.hard_negative(index).objects  # deterministic
     assert seen == {"shape", "colour", "size", "position", "places"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import bump_mtime, make_image, make_library, other_tiny_model, tiny_model  # noqa: F401
+from helpers import bump_mtime, make_image, make_library
 
 from clipsearch import Hit, Index
 from clipsearch.errors import IndexStateError
@@ -143,7 +143,7 @@ def test_a_stale_faiss_file_is_noticed_by_an_open_index(index, tmp_path):
 
 
 def test_another_model_is_refused_with_how_to_switch(index, tmp_path, other_tiny_model):
-    with pytest.raises(IndexStateError, match="was built with model .*--home"):
+    with pytest.raises(IndexStateError, match=r"was built with model .*--home"):
         Index.open(tmp_path / "home", model=other_tiny_model)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_image, make_library, tiny_model  # noqa: F401
+from helpers import make_image, make_library
 from reliability_helpers import assert_no_traceback, catalog_rows
 from typer.testing import CliRunner
 
@@ -76,8 +76,19 @@ def test_hostile_checkpoint_through_the_cli(tmp_path):
     checkpoint = tmp_path / "evil.pt"
     torch.save({"state_dict": Payload(marker)}, checkpoint)
     make_library(tmp_path / "lib", 2)
-    result = CliRunner().invoke(app, ["--home", str(tmp_path / "home"), "index", str(tmp_path / "lib"),
-                                      "--model", str(checkpoint), "--workers", "0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "--home",
+            str(tmp_path / "home"),
+            "index",
+            str(tmp_path / "lib"),
+            "--model",
+            str(checkpoint),
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 1
     assert str(checkpoint) in result.stderr and "never unpickles" in result.stderr, result.stderr
     assert_no_traceback(result.stdout, result.stderr)
@@ -86,8 +97,14 @@ def test_hostile_checkpoint_through_the_cli(tmp_path):
 
 # --- file names that look like shell or SQL ---------------------------------------------------
 
-SHELL_NAMES = ["$(touch PWNED1).png", "`touch PWNED2`.png", "; touch PWNED3 ;.png", "a | touch PWNED4.png",
-               "-rf --no-preserve-root.png", "&& touch PWNED5 &&.png"]
+SHELL_NAMES = [
+    "$(touch PWNED1).png",
+    "`touch PWNED2`.png",
+    "; touch PWNED3 ;.png",
+    "a | touch PWNED4.png",
+    "-rf --no-preserve-root.png",
+    "&& touch PWNED5 &&.png",
+]
 
 
 def test_paths_are_opened_never_given_to_a_shell(tmp_path, tiny_model, monkeypatch):
@@ -102,8 +119,16 @@ def test_paths_are_opened_never_given_to_a_shell(tmp_path, tiny_model, monkeypat
         started.append(args)
         raise AssertionError(f"a program was started: {args}")
 
-    for module, name in [(subprocess, "Popen"), (os, "system"), (os, "popen"), (os, "execv"),
-                         (os, "execvp"), (os, "posix_spawn"), (os, "posix_spawnp"), (os, "spawnv")]:
+    for module, name in [
+        (subprocess, "Popen"),
+        (os, "system"),
+        (os, "popen"),
+        (os, "execv"),
+        (os, "execvp"),
+        (os, "posix_spawn"),
+        (os, "posix_spawnp"),
+        (os, "spawnv"),
+    ]:
         monkeypatch.setattr(module, name, trap)
     monkeypatch.chdir(lib)  # where `touch PWNED` would land
     runner = CliRunner()
@@ -156,7 +181,9 @@ def shell_uses(sources: list[Path]) -> list[str]:
             if forbidden.search(name) and name.split(".")[0] in ("os", "subprocess", "pty", "commands"):
                 found.append(f"{_where(path, call)} {name}")
             for keyword in call.keywords:
-                if keyword.arg == "shell" and not (isinstance(keyword.value, ast.Constant) and keyword.value.value is False):
+                if keyword.arg == "shell" and not (
+                    isinstance(keyword.value, ast.Constant) and keyword.value.value is False
+                ):
                     found.append(f"{_where(path, call)} {name}(shell=...)")
             if name in ("eval", "exec"):
                 found.append(f"{_where(path, call)} {name}")
@@ -172,12 +199,20 @@ def unsafe_unpickling(sources: list[Path]) -> list[str]:
         for call in _calls(path):
             name = _dotted(call.func)
             keywords = {k.arg: k.value for k in call.keywords}
-            if name.endswith("torch.load") or name == "load" and "weights_only" in keywords:
+            if name.endswith("torch.load") or (name == "load" and "weights_only" in keywords):
                 value = keywords.get("weights_only")
                 if not (isinstance(value, ast.Constant) and value.value is True):
                     found.append(f"{_where(path, call)} {name} without weights_only=True")
-            if name in ("pickle.load", "pickle.loads", "torch.jit.load", "marshal.loads", "marshal.load",
-                        "dill.load", "dill.loads", "joblib.load"):
+            if name in (
+                "pickle.load",
+                "pickle.loads",
+                "torch.jit.load",
+                "marshal.loads",
+                "marshal.load",
+                "dill.load",
+                "dill.loads",
+                "joblib.load",
+            ):
                 found.append(f"{_where(path, call)} {name}")
             allow = keywords.get("allow_pickle")
             if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):

@@ -99,7 +99,9 @@ def test_readme_quick_start_on_sample_images(tmp_path):
 
     red_circles = [name for name, r in records.items() if _holds(r, "red", "circle")]
     assert set(top("a red circle", len(red_circles))) == set(red_circles)
-    three_blue_squares = [name for name, r in records.items()
-                          if len(r["objects"]) == 3 and all(o["colour"] == "blue" and o["shape"] == "square"
-                                                            for o in r["objects"])]
+    three_blue_squares = [
+        name
+        for name, r in records.items()
+        if len(r["objects"]) == 3 and all(o["colour"] == "blue" and o["shape"] == "square" for o in r["objects"])
+    ]
     assert top("three blue squares", 1) == three_blue_squares

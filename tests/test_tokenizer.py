@@ -31,26 +31,125 @@ def ref():
     return open_clip_tokenizer.SimpleTokenizer(VOCAB)
 
 
-WORDS = "a photo of the cat dog on in red blue green tree beach sunset city night car person running with".split()
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "on",
+    "in",
+    "red",
+    "blue",
+    "green",
+    "tree",
+    "beach",
+    "sunset",
+    "city",
+    "night",
+    "car",
+    "person",
+    "running",
+    "with",
+]
 FRAGMENTS = [
     # accents, composed and decomposed, and other Latin
-    "café", "cafe\u0301", "naïve", "Ærøskøbing", "São Paulo", "ZÜRICH", "straße", "ĳssel", "ﬁsh ﬂower", "Ǆ",
+    "café",
+    "cafe\u0301",
+    "naïve",
+    "Ærøskøbing",
+    "São Paulo",
+    "ZÜRICH",
+    "straße",
+    "ĳssel",
+    "ﬁsh ﬂower",
+    "Ǆ",
     # CJK, kana (full and half width), hangul, full-width ASCII, ideographic space
-    "東京タワー", "北京的猫", "한국어 사진", "ｶﾀｶﾅ", "ＡＢＣ　１２３", "ねこ", "一二三万",
+    "東京タワー",
+    "北京的猫",
+    "한국어 사진",
+    "ｶﾀｶﾅ",
+    "ＡＢＣ　１２３",
+    "ねこ",
+    "一二三万",
     # other scripts
-    "Привет мир", "Γειά σου", "שלום", "مرحبا بالعالم", "नमस्ते", "ภาษาไทย", "ქართული",
+    "Привет мир",
+    "Γειά σου",
+    "שלום",
+    "مرحبا بالعالم",
+    "नमस्ते",
+    "ภาษาไทย",
+    "ქართული",
     # emoji, modifiers, ZWJ sequences, flags, variation selectors
-    "🐶", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "❤️", "🙂🙃", "☕",
+    "🐶",
+    "👍🏽",
+    "👨\u200d👩\u200d👧",
+    "🇫🇷",
+    "❤️",
+    "🙂🙃",
+    "☕",
     # HTML entities, single and double escaped
-    "&amp;", "&#39;", "&quot;hi&quot;", "&lt;b&gt;", "&amp;amp;", "&rsquo;", "&nbsp;", "&#x1F600;", "&eacute;", "&copy;",
+    "&amp;",
+    "&#39;",
+    "&quot;hi&quot;",
+    "&lt;b&gt;",
+    "&amp;amp;",
+    "&rsquo;",
+    "&nbsp;",
+    "&#x1F600;",
+    "&eacute;",
+    "&copy;",
     # contractions in various cases, straight and curly
-    "'s", "'S", "'t", "'RE", "'Ve", "'m", "'LL", "'d", "’s", "it's", "DON'T", "they’re", "‘quoted’", "“double”",
+    "'s",
+    "'S",
+    "'t",
+    "'RE",
+    "'Ve",
+    "'m",
+    "'LL",
+    "'d",
+    "’s",
+    "it's",
+    "DON'T",
+    "they’re",
+    "‘quoted’",
+    "“double”",
     # punctuation runs and symbols
-    "!!!", "...", "?!", "--", "(", ")", "_", "__init__", "@#$%", "a_b", "~/path/to-file.jpg", ">_>", "§¶", "™", "°C",
+    "!!!",
+    "...",
+    "?!",
+    "--",
+    "(",
+    ")",
+    "_",
+    "__init__",
+    "@#$%",
+    "a_b",
+    "~/path/to-file.jpg",
+    ">_>",
+    "§¶",
+    "™",
+    "°C",
     # digits and other number characters
-    "2024", "3.14", "1,000", "½", "x²", "Ⅻ", "٣٤", "①②", "໓", "10⁻³",
+    "2024",
+    "3.14",
+    "1,000",
+    "½",
+    "x²",
+    "Ⅻ",
+    "٣٤",
+    "①②",
+    "໓",
+    "10⁻³",
     # control and invisible characters
-    "\x00", "\x0b", "\x1f", "\x7f", "\ufeff", "\u200b", "\u00ad",
+    "\x00",
+    "\x0b",
+    "\x1f",
+    "\x7f",
+    "\ufeff",
+    "\u200b",
+    "\u00ad",
 ]
 SEPARATORS = [" ", "", "  ", "\t", "\n", "\u3000", "\xa0", "\u2028", " \r\n ", ",", "-"]
 
@@ -130,7 +229,10 @@ def test_decode_equals_reference_and_encodes_back(ours, ref):
 
 def test_too_long_text_is_refused_with_its_start_and_the_limit(ours):
     text = "a photo of " + "a very big red dog " * 20
-    with pytest.raises(TextTooLongError, match=r"'a photo of a very big.*\.\.\.' has 103 tokens but at most 75 fit in the context length of 77"):
+    with pytest.raises(
+        TextTooLongError,
+        match=r"'a photo of a very big.*\.\.\.' has 103 tokens but at most 75 fit in the context length of 77",
+    ):
         ours(["short", text])
     assert isinstance(TextTooLongError("x"), ValueError)
     assert ours(text, context_length=105).shape == (1, 105)

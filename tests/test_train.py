@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from clipsearch import clip
-from clipsearch.clip.loss import clip_loss
 from clipsearch.cli import app
+from clipsearch.clip.loss import clip_loss
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import Preprocess
 from clipsearch.scenes import SceneGenerator, write_scenes
@@ -17,11 +17,11 @@ from clipsearch.train import (
     STATE_FILE,
     TrainingError,
     TrainOptions,
-    multi_positive_loss,
     _datasets,
     _optimizer,
     _positives,
     _train_step,
+    multi_positive_loss,
     read_pairs,
     recall_at_k,
     train,
@@ -39,8 +39,18 @@ def one_thread():
 
 
 def tiny(output, **overrides):
-    settings = dict(output=output, config="tiny", epochs=2, batch_size=32, samples_per_epoch=32 * 4, val_size=64,
-                    lr=1e-3, warmup_steps=20, single_object_epochs=1, seed=0)
+    settings = dict(
+        output=output,
+        config="tiny",
+        epochs=2,
+        batch_size=32,
+        samples_per_epoch=32 * 4,
+        val_size=64,
+        lr=1e-3,
+        warmup_steps=20,
+        single_object_epochs=1,
+        seed=0,
+    )
     return TrainOptions(**{**settings, **overrides})
 
 
@@ -59,7 +69,7 @@ def trained(tmp_path_factory):
 
 
 def test_training_reduces_the_loss_and_beats_chance_recall(trained):
-    output, results, losses = trained
+    _output, results, losses = trained
     assert len(losses) == 200
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < first - 0.8
@@ -161,8 +171,19 @@ def test_fine_tune_on_files_with_a_locked_image_tower(trained, tmp_path):
     base, _, _ = trained
     write_scenes(tmp_path / "data", count=40, seed=3)
     output = tmp_path / "tuned"
-    results = train(TrainOptions(output=output, data=tmp_path / "data" / "manifest.jsonl", init=str(base),
-                                 epochs=1, batch_size=16, val_size=8, lr=1e-3, warmup_steps=1, lock_image=True))
+    results = train(
+        TrainOptions(
+            output=output,
+            data=tmp_path / "data" / "manifest.jsonl",
+            init=str(base),
+            epochs=1,
+            batch_size=16,
+            val_size=8,
+            lr=1e-3,
+            warmup_steps=1,
+            lock_image=True,
+        )
+    )
     assert results[0].step == 2  # 32 training pairs after 8 are held out
     before, after = weights(base), weights(output)
     visual = [key for key in before if key.startswith("visual.")]
@@ -184,7 +205,9 @@ def test_multi_positive_loss_is_clip_loss_for_one_match_each_and_spares_true_pai
     torch.manual_seed(0)
     images, texts, scale = torch.randn(6, 16), torch.randn(6, 16), torch.tensor(3.0)
     identity = torch.eye(6, dtype=torch.bool)
-    assert multi_positive_loss(images, texts, scale, identity).item() == pytest.approx(clip_loss(images, texts, scale).item(), abs=1e-6)
+    assert multi_positive_loss(images, texts, scale, identity).item() == pytest.approx(
+        clip_loss(images, texts, scale).item(), abs=1e-6
+    )
     # Image 1 is a copy of image 0, and caption 0 is true of both: only counting it as a match
     # stops the loss from asking the model to tell the two apart.
     images[1] = images[0]
@@ -195,27 +218,59 @@ def test_multi_positive_loss_is_clip_loss_for_one_match_each_and_spares_true_pai
 
 def test_positives_mark_every_image_a_caption_describes():
     captions = ["a red circle", "a blue square", "a red circle and a blue square"]
-    described = ["a red circle\na small red circle", "a blue square\na red circle",
-                 "a red circle and a blue square\na red circle\na blue square"]
+    described = [
+        "a red circle\na small red circle",
+        "a blue square\na red circle",
+        "a red circle and a blue square\na red circle\na blue square",
+    ]
     assert _positives(captions, described).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
 
 
 def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
-    config = ModelConfig(embed_dim=32, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
-                         vision_heads=1, context_length=8, vocab_size=20, text_width=64, text_heads=1, text_layers=1)
+    config = ModelConfig(
+        embed_dim=32,
+        image_resolution=16,
+        vision_layers=1,
+        vision_width=64,
+        vision_patch_size=8,
+        vision_heads=1,
+        context_length=8,
+        vocab_size=20,
+        text_width=64,
+        text_heads=1,
+        text_layers=1,
+    )
     model = CLIP(config)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = _optimizer(model, TrainOptions(output="unused")).param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
     undecayed = {names[id(p)] for p in no_decay["params"]}
-    assert {"logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
-            "visual.positional_embedding", "ln_final.weight", "visual.transformer.resblocks.0.attn.in_proj_bias"} <= undecayed
+    assert {
+        "logit_scale",
+        "token_embedding.weight",
+        "positional_embedding",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "ln_final.weight",
+        "visual.transformer.resblocks.0.attn.in_proj_bias",
+    } <= undecayed
     assert {names[id(p)] for p in decay["params"]} >= {"text_projection", "visual.proj", "visual.conv1.weight"}
 
 
 def test_logit_scale_is_clamped_after_each_step():
-    config = ModelConfig(embed_dim=32, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
-                         vision_heads=1, context_length=8, vocab_size=20, text_width=64, text_heads=1, text_layers=1)
+    config = ModelConfig(
+        embed_dim=32,
+        image_resolution=16,
+        vision_layers=1,
+        vision_width=64,
+        vision_patch_size=8,
+        vision_heads=1,
+        context_length=8,
+        vocab_size=20,
+        text_width=64,
+        text_heads=1,
+        text_layers=1,
+    )
     model = CLIP(config)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(500))
@@ -230,12 +285,40 @@ def test_logit_scale_is_clamped_after_each_step():
 
 def test_cli_trains_and_prints_the_recall_table(tmp_path):
     output = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["train", str(output), "--config", "tiny", "--epochs", "1", "--batch-size", "16",
-                                      "--samples-per-epoch", "32", "--val-size", "16", "--threads", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(output),
+            "--config",
+            "tiny",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--samples-per-epoch",
+            "32",
+            "--val-size",
+            "16",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()  # the progress bar is on stderr
     header = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
-    assert lines[header].split() == ["epoch", "step", "loss", "i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "time"]
+    assert lines[header].split() == [
+        "epoch",
+        "step",
+        "loss",
+        "i2t@1",
+        "i2t@5",
+        "i2t@10",
+        "t2i@1",
+        "t2i@5",
+        "t2i@10",
+        "time",
+    ]
     assert lines[header + 1].split()[:2] == ["1", "2"]
     assert (output / "model.safetensors").is_file()
     again = CliRunner().invoke(app, ["train", str(output), "--config", "tiny"])

@@ -1,7 +1,6 @@
 import logging
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,7 +261,7 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(catalog, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(vectors_module.os, "fsync", disk_full)
-    with pytest.raises(IndexStateError, match="Could not save the vector index .*No space left"):
+    with pytest.raises(IndexStateError, match=r"Could not save the vector index .*No space left"):
         index.save(catalog.home, catalog.generation + 1)
     assert (catalog.home / VECTORS_FILE).read_bytes() == before
     assert sorted(p.name for p in catalog.home.iterdir() if "faiss" in p.name) == [VECTORS_FILE]

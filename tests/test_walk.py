@@ -18,8 +18,13 @@ def b(path):
 
 
 def test_finds_images_by_extension_in_nested_folders(tmp_path):
-    keep = [touch(tmp_path / "a.jpg"), touch(tmp_path / "sub" / "B.JPEG"), touch(tmp_path / "sub" / "deep" / "c.webp"),
-            touch(tmp_path / "d.png"), touch(tmp_path / "e.tiff")]
+    keep = [
+        touch(tmp_path / "a.jpg"),
+        touch(tmp_path / "sub" / "B.JPEG"),
+        touch(tmp_path / "sub" / "deep" / "c.webp"),
+        touch(tmp_path / "d.png"),
+        touch(tmp_path / "e.tiff"),
+    ]
     touch(tmp_path / "notes.txt")
     touch(tmp_path / "sub" / "clip.mov")
     touch(tmp_path / "noext")
@@ -28,8 +33,15 @@ def test_finds_images_by_extension_in_nested_folders(tmp_path):
 
 def test_skips_hidden_and_junk_folders(tmp_path):
     keep = touch(tmp_path / "photos" / "a.jpg")
-    for junk in [".git/x.jpg", ".hidden.jpg", "node_modules/x.png", "@eaDir/x.jpg", ".thumbnails/x.png",
-                 "__MACOSX/x.jpg", "photos/.cache/x.jpg"]:
+    for junk in [
+        ".git/x.jpg",
+        ".hidden.jpg",
+        "node_modules/x.png",
+        "@eaDir/x.jpg",
+        ".thumbnails/x.png",
+        "__MACOSX/x.jpg",
+        "photos/.cache/x.jpg",
+    ]:
         touch(tmp_path / junk)
     assert found_paths(tmp_path) == [b(keep)]
 

@@ -28,15 +28,27 @@ if TYPE_CHECKING:
     from clipsearch.clip.tokenizer import Tokenizer, tokenize
 
 __all__ = [
-    "CLIP", "ModelConfig", "Preprocess", "Tokenizer",
-    "available_models", "build_model", "clip_loss", "load", "tokenize",
+    "CLIP",
+    "ModelConfig",
+    "Preprocess",
+    "Tokenizer",
+    "available_models",
+    "build_model",
+    "clip_loss",
+    "load",
+    "tokenize",
 ]
 
 log = logging.getLogger(__name__)
 
 _LAZY = {
-    "CLIP": "model", "ModelConfig": "model", "build_model": "model",
-    "clip_loss": "loss", "Preprocess": "preprocess", "Tokenizer": "tokenizer", "tokenize": "tokenizer",
+    "CLIP": "model",
+    "ModelConfig": "model",
+    "build_model": "model",
+    "clip_loss": "loss",
+    "Preprocess": "preprocess",
+    "Tokenizer": "tokenizer",
+    "tokenize": "tokenizer",
 }
 
 
@@ -123,4 +135,3 @@ def _default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-

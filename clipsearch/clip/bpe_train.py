@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import heapq
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,7 +39,7 @@ def train_bpe(texts: Iterable[str], num_merges: int) -> list[Pair]:
     pair_counts: Counter[Pair] = Counter()
     holders: defaultdict[Pair, set[int]] = defaultdict(set)  # words that contain (or once contained) the pair
     for index, symbols in enumerate(words):
-        for pair in zip(symbols, symbols[1:]):
+        for pair in itertools.pairwise(symbols):
             pair_counts[pair] += freqs[index]
             holders[pair].add(index)
     heap = [(-count, pair) for pair, count in pair_counts.items()]
@@ -59,10 +60,10 @@ def train_bpe(texts: Iterable[str], num_merges: int) -> list[Pair]:
         touched: set[Pair] = set()
         for index in holders.pop(pair):
             before, after = words[index], merge_pair(words[index], pair)
-            for old in zip(before, before[1:]):
+            for old in itertools.pairwise(before):
                 pair_counts[old] -= freqs[index]
                 touched.add(old)
-            for new in zip(after, after[1:]):
+            for new in itertools.pairwise(after):
                 pair_counts[new] += freqs[index]
                 holders[new].add(index)
                 touched.add(new)

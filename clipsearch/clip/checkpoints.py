@@ -29,9 +29,10 @@ import re
 import shutil
 import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -71,8 +72,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     return _clean(state_dict), info
 
 
-def write_model_dir(directory: str | Path, model: CLIP, vocab_path: str | Path, *, mean: Sequence[float],
-                    std: Sequence[float]) -> Path:
+def write_model_dir(
+    directory: str | Path, model: CLIP, vocab_path: str | Path, *, mean: Sequence[float], std: Sequence[float]
+) -> Path:
     """Save `model` in clipsearch's own format, which keeps its vocabulary and normalisation with it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

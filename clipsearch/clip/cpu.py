@@ -95,8 +95,9 @@ def candidate_precision(device: torch.device | str, image_tower: bool = True) ->
     return "fp32"
 
 
-def prepare_for_inference(model: nn.Module, precision: str = "auto", device: torch.device | str = "cpu",
-                          sample: torch.Tensor | None = None) -> Prepared:
+def prepare_for_inference(
+    model: nn.Module, precision: str = "auto", device: torch.device | str = "cpu", sample: torch.Tensor | None = None
+) -> Prepared:
     """Move ``model`` (a float32 `CLIP`, modified in place) to ``device`` in ``precision``.
 
     With ``"auto"`` and an image tower, the candidate's embeddings of ``sample`` (preprocessed
@@ -127,8 +128,12 @@ def prepare_for_inference(model: nn.Module, precision: str = "auto", device: tor
         with torch.inference_mode():
             cosine = F.cosine_similarity(model.encode_image(sample).float(), reference).min().item()
         if cosine < MIN_COSINE:
-            logger.warning("%s embeddings drift from fp32 (cosine %.5f < %s) for this model; using fp32",
-                           chosen, cosine, MIN_COSINE)
+            logger.warning(
+                "%s embeddings drift from fp32 (cosine %.5f < %s) for this model; using fp32",
+                chosen,
+                cosine,
+                MIN_COSINE,
+            )
             _revert(model, replaced)
             chosen = "fp32"
         else:
@@ -182,8 +187,9 @@ class Int8Linear(nn.Module):
             # PyTorch announces the removal of quantized tensors; `has_int8_kernels` turns int8
             # off in the release where that happens.
             warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
-                                                 torch.qint8)
+            qweight = torch.quantize_per_channel(
+                weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8
+            )
             self._packed = _prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

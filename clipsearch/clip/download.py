@@ -5,8 +5,9 @@ place only after its hash matches, so an interrupted or corrupted transfer never
 that a later run would trust. Hashing a multi-gigabyte file takes seconds, so each verified file
 gets a sidecar `<file>.sha256` (JSON: digest and the file's identity) and is hashed again when
 its size, mtime, ctime or inode changes. ctime is in the identity because a write that puts the
-old mtime back (`touch -d`, `cp -p`, rsync) still moves ctime, which no user call can set. For unpinned assets (no published hash) the same sidecar is the record made at
-the first download that later uses are held to.
+old mtime back (`touch -d`, `cp -p`, rsync) still moves ctime, which no user call can set. For
+unpinned assets (no published hash) the same sidecar is the record made at the first download
+that later uses are held to.
 """
 
 from __future__ import annotations
@@ -97,8 +98,13 @@ def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
             expected = int(length) if length is not None else None
             show = progress and sys.stderr.isatty()
             with tqdm(
-                total=expected, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=dest.name, file=sys.stderr, disable=not show,
+                total=expected,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dest.name,
+                file=sys.stderr,
+                disable=not show,
             ) as bar:
                 received = 0
                 while chunk := response.read(_CHUNK):

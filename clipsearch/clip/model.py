@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from typing import Any, Literal, Mapping, get_args
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: b
 
 
 def _count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    return len({key[len(prefix):].split(".")[0] for key in sd if key.startswith(prefix)})
+    return len({key[len(prefix) :].split(".")[0] for key in sd if key.startswith(prefix)})
 
 
 def _check_towers(towers: str) -> None:
@@ -182,11 +183,15 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = SelfAttention(width, heads, causal)
         self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", act_layer()),
-            ("c_proj", nn.Linear(width * 4, width)),
-        ]))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, width * 4)),
+                    ("gelu", act_layer()),
+                    ("c_proj", nn.Linear(width * 4, width)),
+                ]
+            )
+        )
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +204,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, act_layer, causal) for _ in range(layers)])
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(width, heads, act_layer, causal) for _ in range(layers)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resblocks(x)
@@ -211,8 +218,16 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """Patches plus a class token through a Transformer; the class token becomes the embedding."""
 
-    def __init__(self, resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int, act_layer: type[nn.Module]):
+    def __init__(
+        self,
+        resolution: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        act_layer: type[nn.Module],
+    ):
         super().__init__()
         self.input_resolution = resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -256,11 +271,15 @@ class Bottleneck(nn.Module):
         self.relu3 = nn.ReLU(inplace=True)
         self.downsample = None
         if stride > 1 or inplanes != planes * self.expansion:
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride)),
-                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * self.expansion)),
-            ]))
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
+                        ("1", nn.BatchNorm2d(planes * self.expansion)),
+                    ]
+                )
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -276,7 +295,7 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int):
         super().__init__()
         self.heads = heads
-        self.positional_embedding = nn.Parameter(torch.empty(spatial_dim ** 2 + 1, embed_dim))
+        self.positional_embedding = nn.Parameter(torch.empty(spatial_dim**2 + 1, embed_dim))
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -285,7 +304,7 @@ class AttentionPool2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(2).transpose(1, 2)  # [N, H * W, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
-        batch, length, width = x.shape
+        batch, _length, width = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, -1, self.heads, width // self.heads).transpose(1, 2)
@@ -295,7 +314,7 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(out.reshape(batch, width))
 
     def initialize_parameters(self) -> None:
-        std = self.c_proj.in_features ** -0.5
+        std = self.c_proj.in_features**-0.5
         nn.init.normal_(self.positional_embedding, std=std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
             nn.init.normal_(proj.weight, std=std)
@@ -322,7 +341,7 @@ class ModifiedResNet(nn.Module):
         inplanes = width
         stages = []
         for index, blocks in enumerate(layers):
-            planes = width * 2 ** index
+            planes = width * 2**index
             stage = [Bottleneck(inplanes, planes, stride=1 if index == 0 else 2)]
             stage += [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(1, blocks)]
             stages.append(nn.Sequential(*stage))
@@ -368,11 +387,23 @@ class CLIP(nn.Module):
         self.visual: nn.Module | None = None
         if towers != "text":
             if config.is_resnet:
-                self.visual = ModifiedResNet(config.vision_layers, config.embed_dim, config.vision_heads,
-                                             config.image_resolution, config.vision_width)
+                self.visual = ModifiedResNet(
+                    config.vision_layers,
+                    config.embed_dim,
+                    config.vision_heads,
+                    config.image_resolution,
+                    config.vision_width,
+                )
             else:
-                self.visual = VisionTransformer(config.image_resolution, config.vision_patch_size, config.vision_width,
-                                                config.vision_layers, config.vision_heads, config.embed_dim, act_layer)
+                self.visual = VisionTransformer(
+                    config.image_resolution,
+                    config.vision_patch_size,
+                    config.vision_width,
+                    config.vision_layers,
+                    config.vision_heads,
+                    config.embed_dim,
+                    act_layer,
+                )
 
         if towers != "image":
             width = config.text_width
@@ -399,13 +430,13 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
-        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
         for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -460,8 +491,9 @@ def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> 
     return {key: value for key, value in state_dict.items() if wanted(key)}
 
 
-def build_model(state_dict: Mapping[str, torch.Tensor], towers: Towers = "both",
-                quick_gelu: bool | None = None) -> CLIP:
+def build_model(
+    state_dict: Mapping[str, torch.Tensor], towers: Towers = "both", quick_gelu: bool | None = None
+) -> CLIP:
     """A float32 model in eval mode holding ``state_dict``'s weights.
 
     ``quick_gelu=None`` means OpenAI's QuickGELU; OpenCLIP models trained with exact GELU must
@@ -474,8 +506,10 @@ def build_model(state_dict: Mapping[str, torch.Tensor], towers: Towers = "both",
     with torch.device("meta"):
         model = CLIP(config, towers)
     # Copies the model owns: a checkpoint's tensors may be read-only maps of the file.
-    weights = {key: value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
-               for key, value in tower_state_dict(state_dict, towers).items()}
+    weights = {
+        key: value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
+        for key, value in tower_state_dict(state_dict, towers).items()
+    }
     try:
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:

@@ -25,9 +25,10 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,8 +52,9 @@ _LN_EPS = 1e-5
 class TextTower:
     """The text half of a CLIP: float32 arrays under OpenAI's state-dict names."""
 
-    def __init__(self, weights: Mapping[str, np.ndarray], *, quick_gelu: bool, logit_scale: float,
-                 vocab_path: str | Path):
+    def __init__(
+        self, weights: Mapping[str, np.ndarray], *, quick_gelu: bool, logit_scale: float, vocab_path: str | Path
+    ):
         self.weights = dict(weights)
         self.quick_gelu = quick_gelu
         self.logit_scale = logit_scale  # exp() already applied, as Encoder.logit_scale
@@ -79,8 +81,12 @@ class TextTower:
             for key, value in model.state_dict().items()
             if not key.startswith("visual.") and key != "logit_scale"
         }
-        return cls(weights, quick_gelu=model.config.quick_gelu, logit_scale=float(model.logit_scale.detach().exp()),
-                   vocab_path=vocab_path)
+        return cls(
+            weights,
+            quick_gelu=model.config.quick_gelu,
+            logit_scale=float(model.logit_scale.detach().exp()),
+            vocab_path=vocab_path,
+        )
 
     def encode_text(self, ids: np.ndarray) -> np.ndarray:
         """Unnormalised text embeddings ``float32 [N, embed_dim]`` of token ids ``[N, L]``."""
@@ -121,10 +127,16 @@ class TextTower:
         for key, value in self.weights.items():
             arrays[key] = {"offset": size, "shape": list(value.shape)}
             size += _aligned(value.nbytes)
-        header = json.dumps({
-            "format": _FORMAT, "source": dict(source), "quick_gelu": self.quick_gelu,
-            "logit_scale": self.logit_scale, "vocab_path": str(self.vocab_path), "arrays": arrays,
-        }).encode()
+        header = json.dumps(
+            {
+                "format": _FORMAT,
+                "source": dict(source),
+                "quick_gelu": self.quick_gelu,
+                "logit_scale": self.logit_scale,
+                "vocab_path": str(self.vocab_path),
+                "arrays": arrays,
+            }
+        ).encode()
         start = _aligned(_HEADER.size + len(header))
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
@@ -155,8 +167,9 @@ class TextTower:
             if first + count > len(data):
                 raise ValueError("truncated")
             weights[key] = data[first : first + count].reshape(spec["shape"])
-        tower = cls(weights, quick_gelu=header["quick_gelu"], logit_scale=header["logit_scale"],
-                    vocab_path=header["vocab_path"])
+        tower = cls(
+            weights, quick_gelu=header["quick_gelu"], logit_scale=header["logit_scale"], vocab_path=header["vocab_path"]
+        )
         return tower, header["source"]
 
 
@@ -180,7 +193,7 @@ def _one_blas_thread() -> Iterator[None]:
         set_threads(previous)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _blas_thread_setter() -> Callable[[int], int] | None:
     """``openblas_set_num_threads_local`` (sets the count, returns the previous one) of the
     OpenBLAS that NumPy's wheels bundle; None for another BLAS or an OpenBLAS before 0.3.27."""

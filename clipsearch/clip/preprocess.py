@@ -68,7 +68,7 @@ def _upright(image: Image.Image) -> Image.Image:
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         return ImageOps.exif_transpose(image) if orientation != 1 else image
-    except Exception as e:  # noqa: BLE001 - malformed EXIF raises anything from struct.error to KeyError
+    except Exception as e:
         log.debug("ignoring unreadable EXIF in %s: %s", getattr(image, "filename", "image"), e)
         return image
 
@@ -104,8 +104,8 @@ def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
     short, long = min(width, height), max(width, height)
     new_long = int(resolution * long / short)
     new_width, new_height = (resolution, new_long) if width <= height else (new_long, resolution)
-    top = int(round((new_height - resolution) / 2.0))
-    left = int(round((new_width - resolution) / 2.0))
+    top = round((new_height - resolution) / 2.0)
+    left = round((new_width - resolution) / 2.0)
     if long > MAX_EXACT_ASPECT * short:
         # The same geometry, sampled from the source region the crop keeps. Not
         # bit-identical to resizing everything first, but bounded in memory.

@@ -27,7 +27,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +54,7 @@ class TextTooLongError(ClipsearchError, ValueError):
     """A text has more tokens than the model's context length."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def byte_symbols() -> dict[int, str]:
     """Map every byte to a printable character, because merges are stored as text.
 
@@ -120,7 +120,7 @@ def _ranges(codepoints: list[int]) -> str:
     return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in runs)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _split_pattern() -> re.Pattern[str]:
     """CLIP's word pattern: special tokens, English contractions, a run of letters, one
     number character, or a run of anything else; spaces separate and are dropped.
@@ -203,7 +203,7 @@ class Tokenizer:
         """Apply merges to one word, always the earliest-learned pair present next,
         until no adjacent pair is a known merge."""
         while len(symbols) > 1:
-            best = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            best = min(itertools.pairwise(symbols), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
             if best not in self.ranks:
                 break
             symbols = merge_pair(symbols, best)
