@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +25,27 @@ from torch import nn
 
 from clipsearch.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from clipsearch.clip.siglip import SiglipConfig
+    from clipsearch.clip.xlmr import XlmrConfig
+
+    AnyConfig: TypeAlias = "ModelConfig | SiglipConfig | XlmrConfig"
+
 Towers = Literal["both", "text", "image"]
 TOWERS: tuple[str, ...] = get_args(Towers)
+# What builds an MLP's activation: a module class or a partial of one (GELU with its tanh approximation).
+Activation = Callable[[], nn.Module]
 
 # Scalars OpenAI's TorchScript archives keep next to the weights; they are not parameters.
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
-# Every CLIP uses 64-dimensional attention heads; the head count is not stored in a checkpoint.
-_HEAD_WIDTH = 64
+# The learned temperature (every family) and bias (sigmoid families) of the scores.
+_SCORING_KEYS = ("logit_scale", "logit_bias")
+# The head count is not stored in a checkpoint. OpenAI's CLIPs all use 64-wide heads; OpenCLIP
+# configurations say otherwise where needed (ViT-H/14's image tower: 80), and `config_from_state_dict`
+# takes that from the checkpoint's configuration.
+HEAD_WIDTH = 64
 
 
 @dataclasses.dataclass
@@ -74,27 +88,33 @@ class ModelConfig:
         return cls(**data)
 
 
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> ModelConfig:
+def config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    quick_gelu: bool = True,
+    vision_head_width: int = HEAD_WIDTH,
+    text_head_width: int = HEAD_WIDTH,
+) -> ModelConfig:
     """Read a model's shape off its weights, as OpenAI's ``build_model`` does.
 
-    A ViT is recognised by ``visual.proj`` (a ResNet projects inside its attention pool).
+    A ViT is recognised by ``visual.proj`` (a ResNet projects inside its attention pool). The
+    head widths cannot be read off the weights; they come from the checkpoint's configuration.
     """
     sd = state_dict
     try:
         if "visual.proj" in sd:
             vision_width = sd["visual.conv1.weight"].shape[0]
-            vision_layers: int | tuple[int, ...] = _count_blocks(sd, "visual.transformer.resblocks.")
+            vision_layers: int | tuple[int, ...] = count_blocks(sd, "visual.transformer.resblocks.")
             vision_patch_size = sd["visual.conv1.weight"].shape[-1]
             grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
             image_resolution = vision_patch_size * grid
-            vision_heads = vision_width // _HEAD_WIDTH
+            vision_heads = vision_width // vision_head_width
         else:
-            vision_layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
+            vision_layers = tuple(count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
             vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
             vision_patch_size = None
             grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
             image_resolution = grid * 32  # the ResNet downsamples by 32
-            vision_heads = vision_width * 32 // _HEAD_WIDTH  # attention pool runs on width * 32 channels
+            vision_heads = vision_width * 32 // vision_head_width  # attention pool runs on width * 32 channels
         text_width = sd["ln_final.weight"].shape[0]
         return ModelConfig(
             embed_dim=sd["text_projection"].shape[1],
@@ -106,8 +126,8 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: b
             context_length=sd["positional_embedding"].shape[0],
             vocab_size=sd["token_embedding.weight"].shape[0],
             text_width=text_width,
-            text_heads=text_width // _HEAD_WIDTH,
-            text_layers=_count_blocks(sd, "transformer.resblocks."),
+            text_heads=text_width // text_head_width,
+            text_layers=count_blocks(sd, "transformer.resblocks."),
             quick_gelu=quick_gelu,
         )
     except KeyError as missing:
@@ -117,11 +137,11 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: b
         ) from None
 
 
-def _count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+def count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({key[len(prefix) :].split(".")[0] for key in sd if key.startswith(prefix)})
 
 
-def _check_towers(towers: str) -> None:
+def check_towers(towers: str) -> None:
     if towers not in TOWERS:
         raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
 
@@ -179,20 +199,32 @@ def attend(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, act_layer: type[nn.Module], causal: bool = False):
+    """Pre-LayerNorm attention and MLP. ``mlp_width`` is 4x the width unless the configuration
+    says otherwise (SigLIP's SO400M: 4304 for 1152); ``eps`` is 1e-5 in CLIP, 1e-6 in SigLIP."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        act_layer: Activation,
+        causal: bool = False,
+        mlp_width: int | None = None,
+        eps: float = 1e-5,
+    ):
         super().__init__()
+        mlp_width = mlp_width or width * 4
         self.attn = SelfAttention(width, heads, causal)
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
-                    ("c_fc", nn.Linear(width, width * 4)),
+                    ("c_fc", nn.Linear(width, mlp_width)),
                     ("gelu", act_layer()),
-                    ("c_proj", nn.Linear(width * 4, width)),
+                    ("c_proj", nn.Linear(mlp_width, width)),
                 ]
             )
         )
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -200,12 +232,21 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, act_layer: type[nn.Module], causal: bool = False):
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        act_layer: Activation,
+        causal: bool = False,
+        mlp_width: int | None = None,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.width = width
         self.layers = layers
         self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, act_layer, causal) for _ in range(layers)]
+            *[ResidualAttentionBlock(width, heads, act_layer, causal, mlp_width, eps) for _ in range(layers)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +267,7 @@ class VisionTransformer(nn.Module):
         layers: int,
         heads: int,
         output_dim: int,
-        act_layer: type[nn.Module],
+        act_layer: Activation,
     ):
         super().__init__()
         self.input_resolution = resolution
@@ -378,7 +419,7 @@ class CLIP(nn.Module):
 
     def __init__(self, config: ModelConfig, towers: Towers = "both"):
         super().__init__()
-        _check_towers(towers)
+        check_towers(towers)
         self.config = config
         self.towers = towers
         self.context_length = config.context_length
@@ -476,8 +517,9 @@ class CLIP(nn.Module):
 
 
 def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> dict[str, torch.Tensor]:
-    """The entries of a full CLIP state dict that a model with only ``towers`` has."""
-    _check_towers(towers)
+    """The entries of a full state dict that a model with only ``towers`` has. Every family keeps
+    its image tower under ``visual.``; the scalars of the scoring go with either tower."""
+    check_towers(towers)
 
     def wanted(key: str) -> bool:
         if key in _OPENAI_METADATA_KEYS:
@@ -485,26 +527,72 @@ def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> 
         if towers == "text":
             return not key.startswith("visual.")
         if towers == "image":
-            return key.startswith("visual.") or key == "logit_scale"
+            return key.startswith("visual.") or key in _SCORING_KEYS
         return True
 
     return {key: value for key, value in state_dict.items() if wanted(key)}
 
 
-def build_model(
-    state_dict: Mapping[str, torch.Tensor], towers: Towers = "both", quick_gelu: bool | None = None
-) -> CLIP:
-    """A float32 model in eval mode holding ``state_dict``'s weights.
+def family_of(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which family's names a state dict uses: "siglip" (timm image tower and open_clip text
+    tower), "xlmr" (a Hugging Face XLM-RoBERTa text tower) or "clip" (OpenAI's names)."""
+    if "visual.trunk.attn_pool.latent" in state_dict or "text.transformer.resblocks.0.ln_1.weight" in state_dict:
+        return "siglip"
+    if "text.transformer.embeddings.word_embeddings.weight" in state_dict:
+        return "xlmr"
+    return "clip"
 
-    ``quick_gelu=None`` means OpenAI's QuickGELU; OpenCLIP models trained with exact GELU must
-    say ``quick_gelu=False``, since the weights cannot tell.
+
+def config_from_dict(data: Mapping[str, Any]) -> AnyConfig:
+    """A configuration written by ``to_dict`` of any family (CLIP's carries no family key)."""
+    family = data.get("family", "clip")
+    if family == "clip":
+        return ModelConfig.from_dict(data)
+    return _family_classes(family)[0].from_dict(data)
+
+
+def _family_classes(family: str) -> tuple[Any, type[nn.Module]]:
+    """(config class, model class) of a family; imported on demand, each family is a module."""
+    if family == "clip":
+        return ModelConfig, CLIP
+    if family == "siglip":
+        from clipsearch.clip.siglip import SigLIP, SiglipConfig
+
+        return SiglipConfig, SigLIP
+    if family == "xlmr":
+        from clipsearch.clip.xlmr import XlmrCLIP, XlmrConfig
+
+        return XlmrConfig, XlmrCLIP
+    raise CheckpointError(f"clipsearch knows no model family {family!r}.")
+
+
+def build_model(
+    state_dict: Mapping[str, torch.Tensor],
+    towers: Towers = "both",
+    quick_gelu: bool | None = None,
+    config: AnyConfig | None = None,
+) -> Any:
+    """A float32 model in eval mode holding ``state_dict``'s weights: a `CLIP`, a `SigLIP` or
+    an `XlmrCLIP`, as ``config`` (or, without one, the state dict's names) say.
+
+    For a CLIP, ``quick_gelu=None`` means OpenAI's QuickGELU; OpenCLIP models trained with exact
+    GELU must say ``quick_gelu=False``, since the weights cannot tell. The other families read
+    what the weights cannot tell from ``config`` or, for the checkpoints open_clip publishes,
+    from the shapes (`siglip.config_from_state_dict`).
     """
-    config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
+    if config is None:
+        family = family_of(state_dict)
+        if family == "clip":
+            config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
+        else:
+            config = _family_config_from_state_dict(family, state_dict)
+    family = getattr(config, "family", "clip")
+    _, model_class = _family_classes(family)
     # Built without memory or random initialisation, then handed the checkpoint's tensors
     # (``assign``): materialising the meta tensors first (``to_empty``) would import ~500
     # PyTorch modules, 0.4 s of start-up, only to overwrite them.
     with torch.device("meta"):
-        model = CLIP(config, towers)
+        model = model_class(config, towers)
     # Copies the model owns: a checkpoint's tensors may be read-only maps of the file.
     weights = {
         key: value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
@@ -514,7 +602,17 @@ def build_model(
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:
         raise CheckpointError(
-            "The weights do not fit a CLIP of the shape they imply; "
-            "use an unmodified OpenAI, OpenCLIP or Hugging Face CLIP checkpoint."
+            f"The weights do not fit a {family} model of the shape they imply; "
+            "use an unmodified OpenAI, OpenCLIP or Hugging Face checkpoint."
         ) from err
     return model.eval()
+
+
+def _family_config_from_state_dict(family: str, state_dict: Mapping[str, torch.Tensor]) -> AnyConfig:
+    if family == "siglip":
+        from clipsearch.clip.siglip import config_from_state_dict as siglip_config
+
+        return siglip_config(state_dict)
+    from clipsearch.clip.xlmr import config_from_state_dict as xlmr_config
+
+    return xlmr_config(state_dict)
