@@ -36,14 +36,16 @@ def openclip_config(name: str) -> dict:
 
 
 def filled(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """``model`` (built on the meta device) with random values everywhere, in eval mode.
+    """``model`` with random values in every parameter and persistent buffer, in eval mode (a
+    model built on the meta device is given memory first).
 
     Drawn here rather than by the reference's own initialisation, which leaves biases and
     norms at 0 and 1 (a misused one could hide) and costs seconds in timm's truncated normals.
     Matrices get 1/sqrt(fan-in), so activations stay near unit scale through every layer;
     norm weights 1 + noise, everything else small noise.
     """
-    model = model.to_empty(device="cpu")
+    if any(parameter.is_meta for parameter in model.parameters()):
+        model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

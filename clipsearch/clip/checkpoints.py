@@ -381,7 +381,7 @@ def _clean(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {
         key: value.float() if value.is_floating_point() else value
         for key, value in state_dict.items()
-        if key not in _NON_PARAMETERS and not key.endswith("attn_mask")
+        if key not in _NON_PARAMETERS and not key.endswith(("attn_mask", "position_ids"))
     }
 
 

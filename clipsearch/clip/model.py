@@ -101,28 +101,10 @@ def config_from_state_dict(
     """
     sd = state_dict
     try:
-        if "visual.proj" in sd:
-            vision_width = sd["visual.conv1.weight"].shape[0]
-            vision_layers: int | tuple[int, ...] = count_blocks(sd, "visual.transformer.resblocks.")
-            vision_patch_size = sd["visual.conv1.weight"].shape[-1]
-            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-            image_resolution = vision_patch_size * grid
-            vision_heads = vision_width // vision_head_width
-        else:
-            vision_layers = tuple(count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
-            vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-            vision_patch_size = None
-            grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            image_resolution = grid * 32  # the ResNet downsamples by 32
-            vision_heads = vision_width * 32 // vision_head_width  # attention pool runs on width * 32 channels
         text_width = sd["ln_final.weight"].shape[0]
         return ModelConfig(
+            **vision_fields(sd, vision_head_width),
             embed_dim=sd["text_projection"].shape[1],
-            image_resolution=image_resolution,
-            vision_layers=vision_layers,
-            vision_width=vision_width,
-            vision_patch_size=vision_patch_size,
-            vision_heads=vision_heads,
             context_length=sd["positional_embedding"].shape[0],
             vocab_size=sd["token_embedding.weight"].shape[0],
             text_width=text_width,
@@ -135,6 +117,31 @@ def config_from_state_dict(
             f"The weights lack {missing}, so they are not a CLIP state dict with OpenAI's key names; "
             "use an OpenAI, OpenCLIP or Hugging Face CLIP checkpoint."
         ) from None
+
+
+def vision_fields(sd: Mapping[str, torch.Tensor], head_width: int = HEAD_WIDTH) -> dict[str, Any]:
+    """The `ModelConfig` fields of an OpenAI-named image tower (``visual.*``), which other
+    families (XLM-R's OpenCLIP models) share. KeyError when the tower is not there."""
+    if "visual.proj" in sd:
+        width = sd["visual.conv1.weight"].shape[0]
+        patch_size = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        return dict(
+            image_resolution=patch_size * grid,
+            vision_layers=count_blocks(sd, "visual.transformer.resblocks."),
+            vision_width=width,
+            vision_patch_size=patch_size,
+            vision_heads=width // head_width,
+        )
+    width = sd["visual.layer1.0.conv1.weight"].shape[0]
+    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return dict(
+        image_resolution=grid * 32,  # the ResNet downsamples by 32
+        vision_layers=tuple(count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4)),
+        vision_width=width,
+        vision_patch_size=None,
+        vision_heads=width * 32 // head_width,  # the attention pool runs on width * 32 channels
+    )
 
 
 def count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -410,7 +417,47 @@ class ModifiedResNet(nn.Module):
 # --- the model -------------------------------------------------------------------------------
 
 
-class CLIP(nn.Module):
+class SharedSpace(nn.Module):
+    """What the models of every family share: an image tower ``visual`` (None in a text-only
+    model), a learned log temperature ``logit_scale``, for the sigmoid families a ``logit_bias``,
+    and the two logits CLIP's API gives. Subclasses give ``dtype`` and ``encode_text``."""
+
+    visual: nn.Module | None
+    logit_scale: nn.Parameter
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings, ``[N, embed_dim]``."""
+        if self.visual is None:
+            raise ValueError("this model was built with towers='text' and cannot encode images")
+        return self.visual(image.to(self.dtype))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_per_image [N_img, N_txt], logits_per_text)``: ``logit_scale.exp()`` times the
+        cosine similarities, plus ``logit_bias`` where the model has one. CLIP's are softmax
+        logits (compare them within a row); SigLIP's are sigmoid logits (``torch.sigmoid`` of one
+        is the probability that that image and that text belong together)."""
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        bias = getattr(self, "logit_bias", None)
+        if bias is not None:
+            logits_per_image = logits_per_image + bias
+        return logits_per_image, logits_per_image.t()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """Keep the temperature in [1, max_scale], as the paper does after every optimiser step."""
+        self.logit_scale.clamp_(0, math.log(max_scale))
+
+
+class CLIP(SharedSpace):
     """Image and text encoders into one space, plus the learned temperature ``logit_scale``.
 
     ``towers="text"`` builds no image tower (``visual`` is None) and ``towers="image"`` no text
@@ -484,12 +531,6 @@ class CLIP(nn.Module):
         weight = self.visual.conv1.weight if self.visual is not None else self.token_embedding.weight
         return weight.dtype
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Unnormalised image embeddings, ``[N, embed_dim]``."""
-        if self.visual is None:
-            raise ValueError("this model was built with towers='text' and cannot encode images")
-        return self.visual(image.to(self.dtype))
-
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings, ``[N, embed_dim]``, from token ids ``[N, L <= context_length]``."""
         if self.towers == "image":
@@ -502,18 +543,6 @@ class CLIP(nn.Module):
         x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[: text.shape[1]].to(self.dtype)
         x = self.ln_final(self.transformer(x))
         return x[torch.arange(x.shape[0], device=x.device), ends] @ self.text_projection
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled cosine similarities: ``(logits_per_image [N_img, N_txt], logits_per_text)``."""
-        image_features = F.normalize(self.encode_image(image), dim=-1)
-        text_features = F.normalize(self.encode_text(text), dim=-1)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
-        return logits_per_image, logits_per_image.t()
-
-    @torch.no_grad()
-    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
-        """Keep the temperature in [1, max_scale], as the paper does after every optimiser step."""
-        self.logit_scale.clamp_(0, math.log(max_scale))
 
 
 def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> dict[str, torch.Tensor]:

@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipsearch.clip.model import Activation, LayerNorm, Towers, Transformer, attend, check_towers, count_blocks
+from clipsearch.clip.model import (
+    Activation,
+    LayerNorm,
+    SharedSpace,
+    Towers,
+    Transformer,
+    attend,
+    check_towers,
+    count_blocks,
+)
 from clipsearch.errors import CheckpointError
 
 FAMILY = "siglip"
@@ -322,7 +331,7 @@ class SiglipText(nn.Module):
 # --- the model ---------------------------------------------------------------------------------
 
 
-class SigLIP(nn.Module):
+class SigLIP(SharedSpace):
     """Image and text towers into one space, with a learned ``logit_scale`` (log) and
     ``logit_bias``. The API is `CLIP`'s: ``encode_image``, ``encode_text``, and ``forward``
     giving ``(logits_per_image, logits_per_text)``, which here are sigmoid logits."""
@@ -333,7 +342,7 @@ class SigLIP(nn.Module):
         self.config = config
         self.towers = towers
         self.context_length = config.context_length
-        self.visual = SiglipVision(config) if towers != "text" else None
+        self.visual: SiglipVision | None = SiglipVision(config) if towers != "text" else None
         self.text = SiglipText(config) if towers != "image" else None
         self.logit_scale = nn.Parameter(torch.full([], math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.full([], -10.0))
@@ -357,22 +366,8 @@ class SigLIP(nn.Module):
         assert self.text is not None
         return self.text.token_embedding.weight.dtype
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Unnormalised image embeddings, ``[N, embed_dim]``."""
-        if self.visual is None:
-            raise ValueError("this model was built with towers='text' and cannot encode images")
-        return self.visual(image.to(self.dtype))
-
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings, ``[N, embed_dim]``, from token ids ``[N, context_length]``."""
         if self.text is None:
             raise ValueError("this model was built with towers='image' and cannot encode text")
         return self.text(text)
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sigmoid logits ``(logits_per_image [N_img, N_txt], logits_per_text)``:
-        ``torch.sigmoid`` of one is the probability that the image and the text match."""
-        image_features = F.normalize(self.encode_image(image), dim=-1)
-        text_features = F.normalize(self.encode_text(text), dim=-1)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t() + self.logit_bias
-        return logits_per_image, logits_per_image.t()
