@@ -73,7 +73,8 @@ def vocab_path() -> Path:
 
 
 def model_path(name: str, download_root: Path | str | None = None) -> Path:
-    """The checkpoint file (or bundled directory) of a registry model, downloaded if needed."""
+    """The checkpoint file (or directory) of a registry model, downloaded if needed. A model
+    whose entry lists further files (a tokenizer) is the directory holding them all."""
     entry = registry.get(name)
     if entry.bundled is not None:
         if not entry.bundled.is_dir():
@@ -81,9 +82,13 @@ def model_path(name: str, download_root: Path | str | None = None) -> Path:
                 f"The bundled model {entry.name!r} is missing from {entry.bundled}; reinstall clipsearch."
             )
         return entry.bundled
-    asset = entry.asset
+    assert entry.asset is not None
     root = Path(download_root).expanduser() if download_root is not None else model_cache_dir()
-    return fetch(asset.url, asset.sha256, root / asset.filename, size=asset.size)
+    for asset in entry.files:  # the small files first: a failure there costs no large download
+        fetch(asset.url, asset.sha256, root / asset.filename, size=asset.size)
+    asset = entry.asset
+    path = fetch(asset.url, asset.sha256, root / asset.filename, size=asset.size)
+    return path.parent if entry.files else path
 
 
 def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:

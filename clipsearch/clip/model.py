@@ -42,10 +42,11 @@ Activation = Callable[[], nn.Module]
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # The learned temperature (every family) and bias (sigmoid families) of the scores.
 _SCORING_KEYS = ("logit_scale", "logit_bias")
-# The head count is not stored in a checkpoint. OpenAI's CLIPs all use 64-wide heads; OpenCLIP
-# configurations say otherwise where needed (ViT-H/14's image tower: 80), and `config_from_state_dict`
-# takes that from the checkpoint's configuration.
+# The head count is not stored in a checkpoint. OpenAI's CLIPs all use 64-wide heads, and so do
+# OpenCLIP's but for its widest image towers, which have 16 heads whatever their width (ViT-H/14,
+# g/14, bigG/14, 1792 wide): a checkpoint's configuration can say so, and without one the width does.
 HEAD_WIDTH = 64
+_WIDE_VISION_HEAD_WIDTHS = {1280: 80, 1408: 88, 1664: 104, 1792: 112}
 
 
 @dataclasses.dataclass
@@ -91,13 +92,14 @@ class ModelConfig:
 def config_from_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     quick_gelu: bool = True,
-    vision_head_width: int = HEAD_WIDTH,
+    vision_head_width: int | None = None,
     text_head_width: int = HEAD_WIDTH,
 ) -> ModelConfig:
     """Read a model's shape off its weights, as OpenAI's ``build_model`` does.
 
     A ViT is recognised by ``visual.proj`` (a ResNet projects inside its attention pool). The
-    head widths cannot be read off the weights; they come from the checkpoint's configuration.
+    head widths cannot be read off the weights; they come from the checkpoint's configuration,
+    else from what every OpenAI and OpenCLIP model of that width uses.
     """
     sd = state_dict
     try:
@@ -119,11 +121,12 @@ def config_from_state_dict(
         ) from None
 
 
-def vision_fields(sd: Mapping[str, torch.Tensor], head_width: int = HEAD_WIDTH) -> dict[str, Any]:
+def vision_fields(sd: Mapping[str, torch.Tensor], head_width: int | None = None) -> dict[str, Any]:
     """The `ModelConfig` fields of an OpenAI-named image tower (``visual.*``), which other
     families (XLM-R's OpenCLIP models) share. KeyError when the tower is not there."""
     if "visual.proj" in sd:
         width = sd["visual.conv1.weight"].shape[0]
+        head_width = head_width or _WIDE_VISION_HEAD_WIDTHS.get(width, HEAD_WIDTH)
         patch_size = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         return dict(
@@ -140,7 +143,7 @@ def vision_fields(sd: Mapping[str, torch.Tensor], head_width: int = HEAD_WIDTH) 
         vision_layers=tuple(count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4)),
         vision_width=width,
         vision_patch_size=None,
-        vision_heads=width * 32 // head_width,  # the attention pool runs on width * 32 channels
+        vision_heads=width * 32 // (head_width or HEAD_WIDTH),  # the attention pool runs on width * 32 channels
     )
 
 
@@ -424,6 +427,10 @@ class SharedSpace(nn.Module):
 
     visual: nn.Module | None
     logit_scale: nn.Parameter
+    config: Any  # the family's configuration dataclass
+    context_length: int
+    towers: str
+    tokenizer: Any = None  # set by `clip.load`
 
     @property
     def dtype(self) -> torch.dtype:
@@ -610,11 +617,7 @@ def build_model(
     from the shapes (`siglip.config_from_state_dict`).
     """
     if config is None:
-        family = family_of(state_dict)
-        if family == "clip":
-            config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
-        else:
-            config = _family_config_from_state_dict(family, state_dict)
+        config = infer_config(state_dict, quick_gelu)
     family = getattr(config, "family", "clip")
     _, model_class = _family_classes(family)
     # Built without memory or random initialisation, then handed the checkpoint's tensors
@@ -637,11 +640,15 @@ def build_model(
     return model.eval()
 
 
-def _family_config_from_state_dict(family: str, state_dict: Mapping[str, torch.Tensor]) -> AnyConfig:
+def infer_config(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool | None = None) -> AnyConfig:
+    """The configuration of a state dict of any family, from its names and shapes alone."""
+    family = family_of(state_dict)
     if family == "siglip":
         from clipsearch.clip.siglip import config_from_state_dict as siglip_config
 
         return siglip_config(state_dict)
-    from clipsearch.clip.xlmr import config_from_state_dict as xlmr_config
+    if family == "xlmr":
+        from clipsearch.clip.xlmr import config_from_state_dict as xlmr_config
 
-    return xlmr_config(state_dict)
+        return xlmr_config(state_dict)
+    return config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)

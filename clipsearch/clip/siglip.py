@@ -98,8 +98,12 @@ _TEXT_HEADS = {768: 12, 1024: 16, 1152: 16}
 _GEMMA_VOCAB = 256_000
 
 
-def config_from_openclip(model_cfg: Mapping[str, Any]) -> SiglipConfig:
-    """The configuration an ``open_clip_config.json`` (its ``model_cfg``) describes."""
+def config_from_openclip(
+    model_cfg: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None
+) -> SiglipConfig:
+    """The configuration an ``open_clip_config.json`` (its ``model_cfg``) describes. With the
+    ``state_dict`` it comes with, the image tower's depth is the weights' (a timm name fixes it
+    only for the published models)."""
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     name = vision.get("timm_model_name")
     if name not in TIMM_TOWERS or vision.get("timm_pool") != "map" or vision.get("timm_proj") not in (None, "none"):
@@ -110,6 +114,8 @@ def config_from_openclip(model_cfg: Mapping[str, Any]) -> SiglipConfig:
     if not text.get("no_causal_mask") or text.get("pool_type") != "last":
         raise CheckpointError("The text tower is not SigLIP's (bidirectional, pooled at the last position).")
     patch, width, layers, heads, mlp_width, vision_gelu = TIMM_TOWERS[name]
+    if state_dict is not None:
+        layers = count_blocks(state_dict, "visual.trunk.blocks.")
     text_width = int(text.get("width", 512))
     return SiglipConfig(
         embed_dim=int(model_cfg["embed_dim"]),
