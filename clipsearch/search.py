@@ -146,9 +146,12 @@ def _one_faiss_thread() -> Iterator[None]:
 
 
 def zero_shot(encoder: Encoder, image: Path, labels: Sequence[str], template: str = "a photo of a {}") -> np.ndarray:
-    """Label probabilities for one image, as CLIP classifies: a softmax over the scaled
-    similarities between the image and one prompt per label."""
+    """Label probabilities for one image, as the model's family classifies: for CLIP a softmax
+    over the scaled similarities between the image and one prompt per label; for SigLIP (a
+    model with a ``logit_bias``) each label's own sigmoid probability, which need not sum to 1."""
     image_vector = query_vector(encoder, [(1.0, image)])
     logits = encoder.logit_scale * encoder.encode_texts([template.format(label) for label in labels]) @ image_vector
+    if encoder.logit_bias is not None:
+        return 1 / (1 + np.exp(-(logits + encoder.logit_bias)))
     exp = np.exp(logits - logits.max())
     return exp / exp.sum()
