@@ -214,9 +214,40 @@ def test_huggingface_siglip_through_load(hf_folder):
         assert (ours.encode_text(ids) - expected).abs().max() <= TOLERANCE
 
 
-def test_huggingface_siglip2_naflex_is_refused_clearly(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
-    with pytest.raises(CheckpointError, match="SiglipModel"):
+def test_huggingface_siglip2_naflex_parity_at_its_square_grid(tmp_path):
+    """Siglip2Model (NaFlex) on square images at its position grid (4x4 patches of 16 px): the
+    patches transformers' processor makes, an all-ones patch mask, the same numbers."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    settings = hf_siglip_config().to_dict()
+    vision = {**settings["vision_config"], "num_patches": 16}
+    vision.pop("image_size", None)
+    torch.manual_seed(0)
+    model = filled(Siglip2Model(Siglip2Config(text_config=settings["text_config"], vision_config=vision)))
+    model.save_pretrained(tmp_path / "siglip2")
+    state_dict, info = read_checkpoint(tmp_path / "siglip2")
+    ours = build_model(state_dict, config=info.config)
+    assert ours.config.image_resolution == 64
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    patches = images.reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 16 * 16 * 3)
+    naflex = dict(pixel_values=patches, pixel_attention_mask=torch.ones(2, 16), spatial_shapes=torch.tensor([[4, 4]] * 2))
+    ids = torch.randint(0, 1300, (3, 64), generator=generator)
+    with torch.no_grad():
+        expected = {
+            "image": model.get_image_features(**naflex).pooler_output,
+            "text": model.get_text_features(input_ids=ids).pooler_output,
+            "logits": model(input_ids=ids, **naflex).logits_per_image,
+        }
+        got = {"image": ours.encode_image(images), "text": ours.encode_text(ids), "logits": ours(images, ids)[0]}
+    diffs = {key: (expected[key] - got[key]).abs().max().item() for key in expected}
+    print("Hugging Face Siglip2Model (square grid): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_other_huggingface_models_are_refused_clearly(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    with pytest.raises(CheckpointError, match="Siglip2Model"):
         read_checkpoint(tmp_path)
 
 

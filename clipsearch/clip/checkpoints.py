@@ -290,12 +290,12 @@ def _read_openclip_dir(path: Path, config: Mapping[str, Any]) -> tuple[dict[str,
 
 
 def _read_huggingface_dir(path: Path, config: dict) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    if config.get("model_type") == "siglip":
+    if config.get("model_type") in ("siglip", "siglip2"):
         return _read_huggingface_siglip(path, config)
     if config.get("model_type") != "clip":
         raise CheckpointError(
-            f"{path} holds a Hugging Face {config.get('model_type')!r} model; CLIPModel and SiglipModel "
-            "checkpoints load (SigLIP 2 as SiglipModel, its fixed-resolution form, or as an OpenCLIP folder)."
+            f"{path} holds a Hugging Face {config.get('model_type')!r} model; "
+            "CLIPModel, SiglipModel and Siglip2Model checkpoints load."
         )
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}

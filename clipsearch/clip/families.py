@@ -53,7 +53,7 @@ def _directory_family(path: Path) -> str:
         return "siglip" if "siglip" in str(model_cfg.get("vision_cfg", {}).get("timm_model_name", "")) else "clip"
     config = _json(path / "config.json")
     if config is not None:
-        return "siglip" if config.get("model_type") == "siglip" else str(config.get("family", "clip"))
+        return "siglip" if config.get("model_type") in ("siglip", "siglip2") else str(config.get("family", "clip"))
     weights = path / "open_clip_model.safetensors"
     if weights.is_file():
         return _names_family(_safetensors_names(weights))

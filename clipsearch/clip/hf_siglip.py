@@ -1,15 +1,23 @@
-"""Hugging Face ``SiglipModel`` checkpoints (``save_pretrained`` directories, ``model_type``
-"siglip") as our `SigLIP`: the configuration translated, the weights renamed to open_clip's
-names (`clip.siglip`).
+"""Hugging Face ``SiglipModel`` and ``Siglip2Model`` checkpoints (``save_pretrained``
+directories, ``model_type`` "siglip" or "siglip2") as our `SigLIP`: the configuration
+translated, the weights renamed to open_clip's names (`clip.siglip`).
 
 Hugging Face keeps q, k and v as three projections where open_clip fuses them into one, names
 the pooling head's query ``probe`` and keeps its q/k/v in an ``nn.MultiheadAttention``; every
-other difference is a name. SigLIP 2's fixed-resolution checkpoints (google/siglip2-*-patch16-224
-and the like) are ``SiglipModel`` checkpoints too and load here.
+other difference is a name. SigLIP 2's fixed-resolution checkpoints are ``SiglipModel``
+checkpoints and load as such.
+
+``Siglip2Model`` is SigLIP 2's NaFlex variant: it embeds patches with a ``Linear`` over pixels
+flattened row, column, channel (the same weights as a convolution, reordered) and resizes its
+square grid of position embeddings to each image's own patch grid, keeping the aspect ratio.
+Here it runs at that square grid (``sqrt(num_patches)`` patches a side), where the resize is
+the identity: the same numbers as transformers for a square image at that size, the image
+resized to the square as for every SigLIP. The aspect-preserving grids are not reproduced.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,10 +72,15 @@ def config_from_huggingface(config: Mapping[str, Any], path: Path) -> SiglipConf
             "different LayerNorm epsilons in its two towers)."
         )
     text_width, vision_width = int(text.get("hidden_size", 768)), int(vision.get("hidden_size", 768))
+    patch = int(vision.get("patch_size", 16))
+    if config.get("model_type") == "siglip2":  # NaFlex: a square grid of num_patches positions
+        resolution = math.isqrt(int(vision.get("num_patches", 256))) * patch
+    else:
+        resolution = int(vision.get("image_size", 224))
     return SiglipConfig(
         embed_dim=int(text.get("projection_size") or text_width),
-        image_resolution=int(vision.get("image_size", 224)),
-        vision_patch_size=int(vision.get("patch_size", 16)),
+        image_resolution=resolution,
+        vision_patch_size=patch,
         vision_width=vision_width,
         vision_layers=int(vision.get("num_hidden_layers", 12)),
         vision_heads=int(vision.get("num_attention_heads", 12)),
@@ -105,6 +118,10 @@ def state_dict_from_huggingface(hf: Mapping[str, torch.Tensor], path: Path) -> d
             key = re.sub(pattern, replacement, key)
         if key == "visual.trunk.pos_embed":
             value = value.unsqueeze(0)
+        elif key == "visual.trunk.patch_embed.proj.weight" and value.ndim == 2:
+            # Siglip2Model's Linear over (row, column, channel)-flattened patches, as a convolution.
+            patch = math.isqrt(value.shape[1] // 3)
+            value = value.reshape(value.shape[0], patch, patch, 3).permute(0, 3, 1, 2).contiguous()
         match = _QKV.match(key)
         if match:
             block, projection, kind = match.groups()
