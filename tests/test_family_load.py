@@ -231,7 +231,9 @@ def test_huggingface_siglip2_naflex_parity_at_its_square_grid(tmp_path):
     generator = torch.Generator().manual_seed(4)
     images = torch.randn(2, 3, 64, 64, generator=generator)
     patches = images.reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 16 * 16 * 3)
-    naflex = dict(pixel_values=patches, pixel_attention_mask=torch.ones(2, 16), spatial_shapes=torch.tensor([[4, 4]] * 2))
+    naflex = dict(
+        pixel_values=patches, pixel_attention_mask=torch.ones(2, 16), spatial_shapes=torch.tensor([[4, 4]] * 2)
+    )
     ids = torch.randint(0, 1300, (3, 64), generator=generator)
     with torch.no_grad():
         expected = {
