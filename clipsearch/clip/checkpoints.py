@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipsearch.clip import hf_siglip, siglip
+from clipsearch.clip.hf_names import check_placed, fuse
 from clipsearch.clip.model import CLIP, config_from_state_dict, family_of
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.errors import CheckpointError
@@ -385,11 +386,8 @@ def _from_huggingface(hf: Mapping[str, torch.Tensor], path: Path) -> dict[str, t
             qkv.setdefault(f"{block}.attn.in_proj_{kind}", {})[projection] = value
         else:
             state_dict[key] = value
-    for key, parts in qkv.items():
-        state_dict[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
-    unknown = sorted(key for key in state_dict if key.startswith(("text_model.", "vision_model.")))
-    if unknown:
-        raise CheckpointError(f"{path} has weights clipsearch cannot place, such as {unknown[0]}.")
+    state_dict.update(fuse(qkv, "q_proj", "k_proj", "v_proj"))
+    check_placed(state_dict, path)
     return state_dict
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from clipsearch.clip.hf_names import check_placed, fuse
 from clipsearch.clip.siglip import SiglipConfig
 from clipsearch.errors import CheckpointError
 
@@ -129,9 +130,6 @@ def state_dict_from_huggingface(hf: Mapping[str, torch.Tensor], path: Path) -> d
             fused.setdefault(target, {})[projection] = value
         else:
             state_dict[key] = value
-    for key, parts in fused.items():
-        state_dict[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    unknown = sorted(key for key in state_dict if key.startswith(("text_model.", "vision_model.")))
-    if unknown:
-        raise CheckpointError(f"{path} has weights clipsearch cannot place, such as {unknown[0]}.")
+    state_dict.update(fuse(fused, "q", "k", "v"))
+    check_placed(state_dict, path)
     return state_dict

@@ -289,6 +289,19 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
+    @classmethod
+    def from_config(cls, config: Any, act_layer: Activation) -> VisionTransformer:
+        """The tower a configuration with `ModelConfig`'s ``vision_*`` fields describes."""
+        return cls(
+            config.image_resolution,
+            config.vision_patch_size,
+            config.vision_width,
+            config.vision_layers,
+            config.vision_heads,
+            config.embed_dim,
+            act_layer,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [N, grid * grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -490,15 +503,7 @@ class CLIP(SharedSpace):
                     config.vision_width,
                 )
             else:
-                self.visual = VisionTransformer(
-                    config.image_resolution,
-                    config.vision_patch_size,
-                    config.vision_width,
-                    config.vision_layers,
-                    config.vision_heads,
-                    config.embed_dim,
-                    act_layer,
-                )
+                self.visual = VisionTransformer.from_config(config, act_layer)
 
         if towers != "image":
             width = config.text_width

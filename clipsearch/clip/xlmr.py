@@ -254,15 +254,7 @@ class XlmrCLIP(SharedSpace):
         self.context_length = config.context_length
         self.visual: VisionTransformer | None = None
         if towers != "text":
-            self.visual = VisionTransformer(
-                config.image_resolution,
-                config.vision_patch_size,
-                config.vision_width,
-                config.vision_layers,
-                config.vision_heads,
-                config.embed_dim,
-                QuickGELU if config.quick_gelu else nn.GELU,
-            )
+            self.visual = VisionTransformer.from_config(config, QuickGELU if config.quick_gelu else nn.GELU)
         self.text = XlmrText(config) if towers != "image" else None
         self.logit_scale = nn.Parameter(torch.zeros([]))
         if not self.logit_scale.is_meta:
