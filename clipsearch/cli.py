@@ -291,7 +291,9 @@ def query_command(
     subtract: list[str] = typer.Option(
         [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {path, score, width, height, mtime}."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array of {id, path, score, width, height, mtime, size}."
+    ),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
 ) -> None:
@@ -304,11 +306,7 @@ def query_command(
         hits = index.search(terms, k=top, under=under, min_score=min_score)
     out = sys.stdout.buffer
     if as_json:
-        rows = [
-            {"path": str(h.path), "score": round(h.score, 6), "width": h.width, "height": h.height, "mtime": h.mtime}
-            for h in hits
-        ]
-        out.write((json.dumps(rows, indent=2) + "\n").encode())
+        out.write((json.dumps([h.to_json() for h in hits], indent=2) + "\n").encode())
     elif paths_only:
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
@@ -484,6 +482,15 @@ def _register_train() -> None:
 
 
 _register_train()
+
+
+def _register_serve() -> None:
+    from clipsearch.serve.command import serve  # typer options only: the web server comes in when it runs
+
+    app.command("serve")(_handle_errors(serve))
+
+
+_register_serve()
 
 
 def main() -> None:

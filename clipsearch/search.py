@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
-Term = str | Path  # a str is text; a Path is an example image
+# A str is text; a Path is an example image; an array is a unit vector already computed (an
+# image sent to the web page, or an indexed image's stored vector).
+Term = str | Path | np.ndarray
 Query = Term | Sequence[tuple[float, Term]]
 
 
@@ -39,6 +41,19 @@ class Hit:
     height: int | None
     mtime: float  # seconds since the epoch, as os.stat gives it
     size: int
+    id: int  # the catalog row: what the web page's thumbnail and "similar" requests name
+
+    def to_json(self) -> dict[str, object]:
+        """The one JSON shape of a hit, for `clipsearch query --json` and the web page's API alike."""
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            "score": round(self.score, 6),
+            "width": self.width,
+            "height": self.height,
+            "mtime": self.mtime,
+            "size": self.size,
+        }
 
 
 def parse_term(term: str) -> tuple[float, Term]:
@@ -46,17 +61,23 @@ def parse_term(term: str) -> tuple[float, Term]:
     example image; anything else is text (so "note: dogs" stays text, weight 1)."""
     if os.path.isfile(term):
         return 1.0, Path(term)
+    weight, rest = split_weight(term)
+    return weight, (Path(rest) if os.path.isfile(rest) else rest)
+
+
+def split_weight(term: str) -> tuple[float, str]:
+    """``WEIGHT:REST`` → (WEIGHT, REST) when WEIGHT is a number, else (1.0, term)."""
     weight, sep, rest = term.partition(":")
     if sep and rest:
         try:
-            return float(weight), (Path(rest) if os.path.isfile(rest) else rest)
+            return float(weight), rest
         except ValueError:
             pass
     return 1.0, term
 
 
 def as_terms(query: Query) -> list[tuple[float, Term]]:
-    if isinstance(query, (str, Path)):
+    if isinstance(query, (str, Path, np.ndarray)):
         return [(1.0, query)]
     return [(float(weight), term) for weight, term in query]
 
@@ -75,7 +96,10 @@ def query_vector(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Te
         raise ClipsearchError("The query is empty; give some text or an image path.")
     texts = [(weight, term) for weight, term in terms if isinstance(term, str)]
     images = [(weight, term) for weight, term in terms if isinstance(term, Path)]
+    given = [(weight, term) for weight, term in terms if isinstance(term, np.ndarray)]
     total = np.zeros(encoder.dim, dtype=np.float64)
+    if given:
+        total += np.array([w for w, _ in given]) @ np.stack([v for _, v in given])
     if texts:
         total += np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts])
     if images:
@@ -122,7 +146,9 @@ def top_k(
             if row.path not in exists:
                 exists[row.path] = os.path.exists(row.path)
             if exists[row.path]:
-                hits.append(Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size))
+                hits.append(
+                    Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size, row.id)
+                )
                 if len(hits) == k:
                     return hits
         if fetch == vectors.ntotal:
