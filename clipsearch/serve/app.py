@@ -73,8 +73,6 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
         if etag in _etags(request.headers.get("if-none-match", "")):
             return Response(status_code=304, headers=headers)
         made = await run_in_threadpool(service.thumbnails.get, path, key)
-        if not made.cacheable:
-            headers = {"Cache-Control": "no-store"}
         return Response(made.data, media_type=made.media_type, headers=headers)
 
     async def original(request: Request) -> Response:

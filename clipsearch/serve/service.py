@@ -5,13 +5,15 @@ searches under a lock: a `Catalog` connection is for one thread at a time. Thumb
 originals are looked up on a second, read-only catalog connection with its own lock, so a page
 of thumbnails is not queued behind a search; making a thumbnail holds no lock at all.
 
-Files are found only by catalog id, only when the row is indexed and the file still exists: no
-request can name a path, so there is nothing for "../" or a symlink to act on.
+Files are found only by catalog id, only when the row is indexed and the file is still the one
+indexed: no request can name a path, so there is nothing for "../" or a symlink to act on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 from clipsearch.catalog import Catalog
 from clipsearch.index import Index
-from clipsearch.records import decode_path
+from clipsearch.records import STATUS_INDEXED, decode_path
 from clipsearch.search import Hit, Term
 from clipsearch.serve.errors import NotFound
 from clipsearch.serve.locks import indexing
@@ -62,7 +64,8 @@ class Service:
         service = cls(index, files, Thumbnails(index.home), max_pixels)
         try:
             index.encoder("both")
-            service.thumbnails.prune({state.fingerprint for state in files.file_states().values() if state.fingerprint})
+            states = files.file_states().values()
+            service.thumbnails.prune({s.fingerprint for s in states if s.status == STATUS_INDEXED and s.fingerprint})
         except BaseException:
             service.close()
             raise
@@ -109,12 +112,19 @@ class Service:
     # --- files ------------------------------------------------------------------------------
 
     def original(self, image_id: int) -> Path:
-        """The indexed file with this id, if it still exists."""
+        """The indexed file with this id, if it is still there as it was indexed (same size and
+        modification time): a file swapped for a link to something else is not served."""
         with self._files_lock:
             row = self._files.rows([image_id]).get(image_id)
-        path = decode_path(row.path) if row is not None else None
-        if path is None or not path.is_file():
-            raise NotFound(f"No indexed image with id {image_id} exists on disk.")
+        if row is None:
+            raise NotFound(f"No indexed image has id {image_id}.")
+        path = decode_path(row.path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise NotFound(f"{path} is no longer there.") from None
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+            raise NotFound(f"{path} changed since it was indexed; run `clipsearch index` again to see it.")
         return path
 
     def thumbnail_source(self, image_id: int) -> tuple[Path, bytes]:

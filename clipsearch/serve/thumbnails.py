@@ -18,8 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipsearch.fingerprint import fingerprint
-
 log = logging.getLogger(__name__)
 
 SHORT_SIDE = 256
@@ -34,7 +32,6 @@ class Thumbnail:
     data: bytes
     media_type: str
     etag: str  # quoted, as the header carries it
-    cacheable: bool  # False when the file changed since it was indexed: the key would lie
 
 
 class Thumbnails:
@@ -52,21 +49,17 @@ class Thumbnails:
         return f'"{key.hex()}-{VERSION}"'
 
     def get(self, path: Path, key: bytes) -> Thumbnail:
-        """The thumbnail of the file at ``path``, whose indexed fingerprint is ``key``; made and
-        stored on the first call. Raises `ImageError` (and OSError) when the file cannot be read."""
+        """The thumbnail of the file at ``path``, whose indexed fingerprint is ``key`` (the
+        caller has checked that the file is still the one indexed); made and stored on the
+        first call. Raises `ImageError` when the file cannot be read."""
         stored = self._file(key)
         try:
-            return Thumbnail(stored.read_bytes(), self.media_type, self.etag(key), True)
+            return Thumbnail(stored.read_bytes(), self.media_type, self.etag(key))
         except FileNotFoundError:
             pass
         data = self.make(path)
-        try:
-            unchanged = fingerprint(path) == key
-        except OSError:
-            unchanged = False
-        if unchanged:
-            self._store(stored, data)
-        return Thumbnail(data, self.media_type, self.etag(key), unchanged)
+        self._store(stored, data)
+        return Thumbnail(data, self.media_type, self.etag(key))
 
     def make(self, path: Path) -> bytes:
         """Upright (EXIF orientation applied), RGB, about `SHORT_SIDE` pixels on the short side;

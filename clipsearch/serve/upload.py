@@ -7,6 +7,7 @@ claim 100,000 x 100,000 pixels (a decompression bomb) and would otherwise take 3
 from __future__ import annotations
 
 import io
+import warnings
 from typing import TYPE_CHECKING
 
 from clipsearch.errors import ImageError
@@ -29,9 +30,14 @@ def open_upload(data: bytes, max_pixels: int = MAX_PIXELS, target: int | None = 
     if not data:
         raise RequestError("The upload is empty; send an image file.")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+    except Image.DecompressionBombError:
+        limit = f"{max_pixels / 1e6:.0f} megapixels"
+        raise TooLarge(f"The uploaded image has more pixels than the limit of {limit}.") from None
+    except UnidentifiedImageError:
         raise RequestError("The upload is not an image this server can read (JPEG, PNG, WebP, GIF, ...).") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise RequestError(f"The uploaded image cannot be read ({e}).") from None
