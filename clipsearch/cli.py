@@ -296,6 +296,9 @@ def query_command(
     ),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+    preview: bool = typer.Option(
+        False, "--preview", help="Show thumbnails inline in kitty, iTerm2 and sixel terminals (elsewhere: paths)."
+    ),
 ) -> None:
     """Search the index with text, an example image, or a weighted mix of both."""
     from clipsearch.search import parse_term
@@ -311,8 +314,14 @@ def query_command(
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
     elif hits:
-        # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
-        out.writelines(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n" for h in hits)
+        from clipsearch import preview as inline  # the standard library only, until an image is shown
+
+        protocol = inline.detect(tty=sys.stdout.isatty()) if preview else None
+        for h in hits:
+            if protocol:
+                out.write(inline.inline_image(h.path, protocol))
+            # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
+            out.write(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()

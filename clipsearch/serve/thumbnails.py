@@ -17,6 +17,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +66,9 @@ class Thumbnails:
         return Thumbnail(data, self.media_type, self.etag(key))
 
     def make(self, path: Path) -> bytes:
-        """Upright (EXIF orientation applied), RGB, about `SHORT_SIDE` pixels on the short side;
-        small images are kept at their size."""
-        from PIL import Image
-
-        from clipsearch.clip.preprocess import open_image
-
-        image = open_image(path, target=SHORT_SIDE)  # JPEGs decode at a reduced scale
-        width, height = image.size
-        scale = min(SHORT_SIDE / min(width, height), LONG_SIDE / max(width, height), 1.0)
-        if scale < 1.0:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        """Upright, RGB, about `SHORT_SIDE` pixels on the short side, encoded."""
         out = io.BytesIO()
-        image.save(out, self.format, quality=QUALITY)
+        shrunk(path, SHORT_SIDE, LONG_SIDE).save(out, self.format, quality=QUALITY)
         return out.getvalue()
 
     def prune(self, keep: set[bytes]) -> int:
@@ -115,3 +108,20 @@ class Thumbnails:
                 raise
         except OSError as e:
             log.warning("thumbnails are not cached: cannot write %s (%s)", target.parent, e.strerror)
+
+
+def shrunk(path: Path, short_side: int, long_side: int) -> Image.Image:
+    """The image at ``path`` upright (EXIF orientation applied), in RGB, scaled down to at most
+    ``short_side`` on its short side and ``long_side`` on its long one; small images keep their
+    size. Raises `ImageError` when it cannot be read."""
+    from PIL import Image
+
+    from clipsearch.clip.preprocess import open_image
+
+    image = open_image(path, target=short_side)  # JPEGs decode at a reduced scale
+    width, height = image.size
+    scale = min(short_side / min(width, height), long_side / max(width, height), 1.0)
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image
