@@ -112,36 +112,25 @@ def _page(params: QueryParams) -> Page:
     if under is not None and not under.startswith("/"):
         raise RequestError("under must be an absolute folder path, such as /home/me/photos.")
     return Page(
-        k=_int(params, "k", 30, 1, MAX_K),
-        offset=_int(params, "offset", 0, 0, MAX_OFFSET),
+        k=_number(params, "k", int, 1, MAX_K) or 30,
+        offset=_number(params, "offset", int, 0, MAX_OFFSET) or 0,
         under=under,
-        min_score=_float(params, "min_score", -1.0, 1.0),
+        min_score=_number(params, "min_score", float, -1.0, 1.0),
     )
 
 
-def _int(params: QueryParams, name: str, default: int, low: int, high: int) -> int:
-    raw = params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RequestError(f"{name} must be a whole number, not {raw[:40]!r}.") from None
-    if not low <= value <= high:
-        raise RequestError(f"{name} must be between {low} and {high}.")
-    return value
-
-
-def _float(params: QueryParams, name: str, low: float, high: float) -> float | None:
+def _number(params: QueryParams, name: str, kind: type[int] | type[float], low: float, high: float) -> Any:
+    """The parameter as ``kind`` within [low, high], None when absent or empty."""
     raw = params.get(name)
     if raw is None or raw == "":
         return None
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise RequestError(f"{name} must be a number, not {raw[:40]!r}.") from None
+        what = "a whole number" if kind is int else "a number"
+        raise RequestError(f"{name} must be {what}, not {raw[:40]!r}.") from None
     if not (math.isfinite(value) and low <= value <= high):
-        raise RequestError(f"{name} must be between {low} and {high}.")
+        raise RequestError(f"{name} must be between {low:g} and {high:g}.")
     return value
 
 
