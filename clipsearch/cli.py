@@ -125,9 +125,10 @@ def _error(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _open(model: str | None = None, precision: str = "auto", reading: bool = False) -> Index:
-    """The index in --home. For ``reading`` it must exist already, and a read-only home is fine
-    (a writable one still gets a repaired FAISS file saved)."""
+def _open(model: str | None = None, precision: str = "auto", *, create: bool = False, reading: bool = False) -> Index:
+    """The index in --home, with ``model`` (default: the index's own). Only ``create`` makes
+    one where there is none. For ``reading``, a read-only home is fine (a writable one still
+    gets a repaired FAISS file saved)."""
     from clipsearch.index import Index
     from clipsearch.paths import default_home
 
@@ -137,8 +138,18 @@ def _open(model: str | None = None, precision: str = "auto", reading: bool = Fal
         model,
         device=settings.device,
         precision=precision,
-        create=not reading,
+        create=create,
         readonly=reading and not os.access(home, os.W_OK),
+    )
+
+
+def _model_option(action: str) -> Any:
+    return typer.Option(
+        None,
+        "--model",
+        "-m",
+        help=f"Model name (see `clipsearch models`) or checkpoint path to {action} (default: the index's "
+        "default model, the first it was built with).",
     )
 
 
@@ -172,8 +183,9 @@ def index_command(
         None,
         "--model",
         "-m",
-        help="Model name (see `clipsearch models`) or checkpoint path; fixed when the index is created "
-        "(default: ViT-B/32).",
+        help="Model name (see `clipsearch models`) or checkpoint path. An index holds vectors by each model "
+        "it was run with; files already indexed by another model are only encoded (default: the index's "
+        "default model, else ViT-B/32).",
     ),
     precision: str = typer.Option(
         "auto",
@@ -191,7 +203,7 @@ def index_command(
     130 stopped by Ctrl-C (what was finished is kept); 1 error.
     """
     stop = threading.Event()
-    with _open(model, precision=precision) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
+    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
         report = index.add(
             paths,
             exclude=exclude,
@@ -291,16 +303,16 @@ def query_command(
     subtract: list[str] = typer.Option(
         [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
     ),
+    model: str | None = _model_option("search with"),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {path, score, width, height, mtime}."),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
 ) -> None:
     """Search the index with text, an example image, or a weighted mix of both."""
-    from clipsearch.search import parse_term
+    from clipsearch.search import as_term, parse_term
 
-    main = (1.0, Path(text)) if os.path.isfile(text) else (1.0, text)
-    terms = [main] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
-    with _open(reading=True) as index:
+    terms = [(1.0, as_term(text))] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
+    with _open(model, reading=True) as index:
         hits = index.search(terms, k=top, under=under, min_score=min_score)
     out = sys.stdout.buffer
     if as_json:
@@ -370,9 +382,11 @@ def _index_model() -> str:
 @_handle_errors
 def status_command(
     failed: bool = typer.Option(False, "--failed", help="List the files that could not be indexed, with the reason."),
+    model: str | None = _model_option("describe"),
 ) -> None:
-    """Where the index is, its model, how many images it holds, and whether it is consistent."""
-    with _open(reading=True) as index:
+    """Where the index is, its models and their coverage, how many images it holds, and whether
+    the vector file is consistent with the catalog."""
+    with _open(model, reading=True) as index:
         if failed:
             for path, reason in index.failures():
                 sys.stdout.buffer.write(os.fsencode(path) + f": {reason}\n".encode())
@@ -381,10 +395,16 @@ def status_command(
 
 
 def _describe(status: Status) -> str:
+    from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUSES
+
     counts = status.counts
-    images = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("indexed", "failed", "missing"))
-    if counts.get("failed"):
+    images = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+    if counts.get(STATUS_FAILED):
         images += " (see `clipsearch status --failed`)"
+    models = [
+        f"{m.name} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images" + (", default" if m.default else "")
+        for m in status.models
+    ]
     vectors = f"{status.vectors_in_index} in a {status.index_type} index"
     if status.recall_at_10 is not None:
         vectors += f" (recall@10 {status.recall_at_10:.3f})"
@@ -393,13 +413,12 @@ def _describe(status: Status) -> str:
         if status.consistent
         else ", NOT consistent with the catalog (run `clipsearch rebuild`)"
     )
-    dim = f" ({status.dim}-d vectors)" if status.dim else ""
     return "\n".join(
         [
             f"Index:    {status.home}",
-            f"Model:    {status.model}{dim}",
             f"Images:   {images}",
-            f"Vectors:  {vectors}",
+            "Models:   " + ("\n          ".join(models) if models else "none yet (run `clipsearch index PATH`)"),
+            f"Vectors:  {status.model}: {vectors}",
             f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
         ]
     )
@@ -431,9 +450,10 @@ def rebuild_command(
         "--index-type",
         help="FAISS index: auto (exact while small, approximate when large), Flat, HNSW32, 'IVF4096,PQ64', ...",
     ),
+    model: str | None = _model_option("rebuild the vector index of"),
 ) -> None:
-    """Rebuild the vector index from the catalog (no image is re-encoded)."""
-    with _open() as index:
+    """Rebuild a model's vector index from the catalog (no image is re-encoded)."""
+    with _open(model) as index:
         status = index.rebuild(index_type)
     if not settings.quiet:
         typer.echo(_describe(status))
@@ -475,6 +495,31 @@ def download_command(
         download.vocab_path()  # downloaded checkpoints use CLIP's own vocabulary
     if not settings.quiet:
         typer.echo(f"{name}: {path}")
+
+
+@models_app.command("default")
+@_handle_errors
+def default_model_command(
+    name: str = typer.Argument(..., help="A model the index holds vectors by.", show_default=False),
+) -> None:
+    """Make NAME the model that `query` and `status` use when --model is not given."""
+    with _open(name) as index:
+        index.set_default_model()
+    if not settings.quiet:
+        typer.echo(f"Default model of {index.home}: {index.model}")
+
+
+@models_app.command("drop")
+@_handle_errors
+def drop_model_command(
+    name: str = typer.Argument(..., help="A model the index holds vectors by.", show_default=False),
+) -> None:
+    """Forget NAME's vectors in the index (the files stay indexed for the other models)."""
+    with _open(name) as index:
+        if not index.drop_model():
+            _error(f"The index in {index.home} holds no vectors by {index.model}.")
+    if not settings.quiet:
+        typer.echo(f"Dropped the vectors by {index.model} from {index.home}.")
 
 
 def _register_train() -> None:

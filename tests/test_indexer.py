@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import CrashingPreprocess, bump_mtime, make_image, make_library
+from helpers import TEST_MODEL, CrashingPreprocess, bump_mtime, make_image, make_library, stored
 
 from clipsearch.catalog import Catalog
 from clipsearch.decode import DecodePool
@@ -30,7 +30,7 @@ def add(catalog, tiny_encoder):
             return tiny_encoder
 
         options.setdefault("workers", 0)
-        return run_add(catalog, get_encoder, roots, **options)
+        return run_add(catalog, TEST_MODEL, get_encoder, roots, **options)
 
     add.loads = loads
     return add
@@ -42,7 +42,7 @@ def counts(report):
 
 def vector_of(catalog, path):
     state = catalog.file_states()[os.fsencode(path)]
-    ids, vectors = catalog.all_vectors()
+    ids, vectors = catalog.all_vectors(stored(catalog))
     return vectors[list(ids).index(state.id)]
 
 
