@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -202,6 +203,7 @@ def test_file_placed_by_hand_is_accepted_when_it_matches(tmp_path):
 
 
 def test_vocab_and_model_paths_use_the_cache(monkeypatch, tmp_path, server):
+    """A vocabulary we do not ship is downloaded like a checkpoint."""
     monkeypatch.setattr(registry, "VOCAB", registry.Asset(server.url, "vocab.txt.gz", DIGEST, len(PAYLOAD)))
     assert download.vocab_path() == model_cache_dir() / "vocab.txt.gz"
     assert (model_cache_dir() / "vocab.txt.gz").read_bytes() == PAYLOAD
@@ -219,3 +221,44 @@ def test_bundled_model_path(monkeypatch, tmp_path):
     monkeypatch.setitem(registry._BY_KEY, "demo", replace(registry.get("demo"), bundled=tmp_path / "gone"))
     with pytest.raises(DownloadError, match="reinstall"):
         download.model_path("demo")
+
+
+def test_shipped_vocabulary_is_clips_and_installed_with_the_package():
+    bundled = registry.VOCAB.bundled
+    assert bundled is not None and bundled.is_relative_to(Path(download.__file__).parent)
+    assert hashlib.sha256(bundled.read_bytes()).hexdigest() == registry.VOCAB.sha256
+    assert bundled.stat().st_size == registry.VOCAB.size
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    package_data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]
+    relative = bundled.relative_to(Path(download.__file__).parent).as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data["clipsearch.clip"])
+
+
+def _bundled_vocab(monkeypatch, path: Path) -> None:
+    """The registry's vocabulary shipped as `path`, with a URL that cannot be reached."""
+    monkeypatch.setattr(registry, "VOCAB", replace(registry.VOCAB, url=_closed_port_url(), sha256=DIGEST, bundled=path))
+
+
+def test_shipped_vocabulary_is_hashed_once_per_process(monkeypatch, tmp_path):
+    shipped = tmp_path / "vocab.txt.gz"
+    shipped.write_bytes(PAYLOAD)
+    _bundled_vocab(monkeypatch, shipped)
+    hashed = []
+    monkeypatch.setattr(download, "_hash_file", lambda path: hashed.append(path) or DIGEST)
+    assert download.vocab_path() == shipped
+    assert download.vocab_path() == shipped
+    assert hashed == [shipped]
+    assert not model_cache_dir().exists()
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing"])
+def test_damaged_shipped_vocabulary_is_refused(monkeypatch, tmp_path, damage):
+    shipped = tmp_path / "vocab.txt.gz"
+    if damage == "altered":
+        shipped.write_bytes(PAYLOAD[:-1] + b"x")
+    _bundled_vocab(monkeypatch, shipped)
+    with pytest.raises(DownloadError, match="reinstall clipsearch") as err:
+        download.vocab_path()
+    assert str(shipped) in str(err.value)
