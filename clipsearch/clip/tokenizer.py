@@ -24,7 +24,6 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import ftfy
 import numpy as np
 
 from ..errors import ClipsearchError
@@ -74,8 +73,18 @@ def clean_text(text: str) -> str:
     collapse to one space and everything is lower-cased. Any other cleaning gives token ids
     the model was not trained with.
     """
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    if not _is_plain(text):
+        import ftfy  # 40 ms to import: a plain query (most are) starts without it
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
+
+
+def _is_plain(text: str) -> bool:
+    """Printable ASCII without "&", which ftfy and HTML unescaping leave as it is: mojibake, curly
+    quotes, wide forms and ligatures are not ASCII, control characters and terminal codes are not
+    printable, and entities start with "&"."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 # --- splitting into words --------------------------------------------------------------
