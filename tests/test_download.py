@@ -23,10 +23,12 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Server:
-    """Serves PAYLOAD at any path; `truncate_at` makes it hang up mid-body."""
+    """Serves PAYLOAD at any path; `truncate_at` makes it hang up mid-body. `hung_up` counts
+    clients that closed the connection mid-body, which the socketserver would print to stderr."""
 
     def __init__(self) -> None:
         self.hits = 0
+        self.hung_up = 0
         self.truncate_at: int | None = None
         self.body = PAYLOAD
         server = self
@@ -37,13 +39,17 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(server.body)))
                 self.end_headers()
-                self.wfile.write(server.body[: server.truncate_at])
+                try:
+                    self.wfile.write(server.body[: server.truncate_at])
+                except ConnectionError:
+                    server.hung_up += 1
                 self.close_connection = True
 
             def log_message(self, *args) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = False  # close() waits for the requests in flight
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/files/model.bin"
@@ -114,14 +120,18 @@ def test_interrupted_download_leaves_no_file(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD
 
 
-def test_interrupt_by_user_leaves_no_part_file(server, tmp_path, monkeypatch):
+def test_interrupt_by_user_leaves_no_part_file(server, tmp_path, monkeypatch, capfd):
     def interrupted(self, n):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(download.http.client.HTTPResponse, "read", interrupted)
+    server.body = bytes(32 << 20)  # more than the socket buffers take, so the server sees the hang-up
     with pytest.raises(KeyboardInterrupt):
         download.fetch(server.url, DIGEST, tmp_path / "model.bin")
     assert _leftovers(tmp_path) == []
+    server.close()
+    assert server.hung_up == 1
+    assert capfd.readouterr().err == ""
 
 
 def test_offline_error_is_one_line_naming_url_and_destination(tmp_path):
@@ -159,12 +169,14 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_goes_to_stderr_only(server, tmp_path, monkeypatch, capsys):
-    fake_err = _Terminal()
+def test_progress_bar_goes_to_stderr_only(server, tmp_path, monkeypatch):
+    # Not capsys: monkeypatch would put capsys's closed stream back as sys.stderr (seen with -s).
+    fake_out, fake_err = io.StringIO(), _Terminal()
+    monkeypatch.setattr("sys.stdout", fake_out)
     monkeypatch.setattr("sys.stderr", fake_err)
     download.fetch(server.url, DIGEST, tmp_path / "model.bin")
     assert "model.bin" in fake_err.getvalue() and "100%" in fake_err.getvalue()
-    assert capsys.readouterr().out == ""
+    assert fake_out.getvalue() == ""
 
 
 def test_progress_bar_off_when_asked_or_not_a_terminal(server, tmp_path, monkeypatch):
