@@ -8,10 +8,8 @@ rebuilt, so everything here favours never losing or corrupting a row over raw sp
   indexer batch is cheap, and a power cut then loses at most the batch in flight). WAL mode lets
   queries read while an indexer writes.
 - A file SQLite cannot read is reported with its path and never recreated or emptied.
-- The schema is owned by the Alembic revisions in `migrations/` (installed as
-  `clipsearch.migrations`); opening an older catalog upgrades it, a newer one is refused.
-  Alembic is only imported when the stored revision is not `HEAD_REVISION`, which keeps opening
-  an up-to-date catalog (every `clipsearch query`) cheap.
+- The schema is owned by the Alembic revisions in `migrations/`; opening an older catalog
+  upgrades it (`clipsearch.migrate`), a newer one is refused.
 
 A `Catalog` holds one SQLite connection: use it from one thread at a time.
 """
@@ -25,111 +23,36 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
 
-from clipsearch import __version__
 from clipsearch.errors import IndexStateError
+from clipsearch.migrate import ensure_schema
+from clipsearch.records import (
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    STATUS_MISSING,
+    Changes,
+    FailedFile,
+    FileState,
+    ImageRow,
+    IndexedFile,
+)
+from clipsearch.sqlite_errors import SQLITE_BUSY, error_code, sqlite_errors
 
 if TYPE_CHECKING:
-    from alembic.config import Config
     from sqlalchemy import Connection
 
-STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING = "indexed", "failed", "missing"
 
 CATALOG_FILE = "catalog.db"
 LOCK_FILE = "index.lock"
 
-# The newest revision in migrations/versions (a test keeps the two in step). Comparing the
-# stored revision with it avoids loading Alembic's script directory on every open.
-HEAD_REVISION = "0003"
-
 _BUSY_TIMEOUT_MS = 10_000
 _LOCK_POLL_S = 0.1
 _CHUNK = 10_000  # vectors per fetch when reading them all
-
-
-def encode_path(path: str | os.PathLike[str] | bytes) -> bytes:
-    """The catalog key of a file: its absolute path as bytes, symlinks left unresolved."""
-    return os.fsencode(os.path.abspath(os.fspath(path)))
-
-
-def decode_path(path: bytes) -> Path:
-    return Path(os.fsdecode(path))
-
-
-def __getattr__(name: str) -> Any:
-    """The typed models (`clipsearch.schema`) under the names they had here, for
-    migrations/env.py, imported only when asked for."""
-    if name in ("Base", "Image", "Vector", "Meta"):
-        from clipsearch import schema
-
-        return getattr(schema, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class Changes(NamedTuple):
-    """How the catalog's vectors moved on since some generation (`Catalog.changes_since`)."""
-
-    generation: int  # the catalog's, now
-    outdated: np.ndarray  # int64 ids whose vector was set or dropped since
-    ids: np.ndarray  # int64: those of them indexed now...
-    vectors: np.ndarray  # ...and their vectors, float32 [len(ids), dim]
-    # int64, every indexed id now, ordered: rows deleted outright left no record, and are the
-    # ids a FAISS file holds that this lacks.
-    indexed: np.ndarray
-
-
-class FileState(NamedTuple):
-    """What the indexer's diff needs to know about one catalog row.
-
-    A NamedTuple rather than a frozen dataclass: `file_states` builds one per file, and at 100k
-    files that is half the cost of the call.
-    """
-
-    id: int
-    size: int
-    mtime_ns: int
-    status: str
-    fingerprint: bytes | None
-
-
-@dataclass
-class IndexedFile:
-    """A successfully encoded (or vector-reused) file to upsert."""
-
-    path: bytes
-    size: int
-    mtime_ns: int
-    fingerprint: bytes
-    width: int
-    height: int
-    vector: np.ndarray  # float32 [dim], L2-normalised
-
-
-@dataclass
-class FailedFile:
-    path: bytes
-    size: int
-    mtime_ns: int
-    fingerprint: bytes | None
-    error: str
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    """What a search hit is joined with."""
-
-    id: int
-    path: bytes
-    size: int
-    mtime_ns: int
-    width: int | None
-    height: int | None
 
 
 class Catalog:
@@ -171,10 +94,10 @@ class Catalog:
                 f"The index folder {home} cannot be written; queries still work, but to change the "
                 "index fix its permissions or use another --home."
             )
-        with _sqlite_errors(db):
+        with sqlite_errors(db):
             catalog = cls(home, _connect(db, readonly=readonly, create=create), readonly)
         try:
-            catalog._check_schema(create)
+            ensure_schema(catalog, create=create)
         except BaseException:
             catalog.close()
             raise
@@ -195,11 +118,11 @@ class Catalog:
     # --- settings -------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        with self._read() as db:
+        with self.read() as db:
             return _get_meta(db, key)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._transaction(write=True) as conn:
+        with self.transaction() as conn:
             _set_meta(conn, key, value)
 
     @property
@@ -212,7 +135,7 @@ class Catalog:
     def file_states(self) -> dict[bytes, FileState]:
         """Every row, keyed by path, in one query: the indexer's diff runs against this."""
         query = "SELECT path, id, size, mtime_ns, status, fingerprint FROM images"
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute(query).fetchall()
         return {row[0]: FileState._make(row[1:]) for row in rows}
 
@@ -225,7 +148,7 @@ class Catalog:
             "WHERE images.fingerprint = ? LIMIT 1"
         )
         found: dict[bytes, np.ndarray] = {}
-        with self._read() as db:
+        with self.read() as db:
             for fingerprint in set(fingerprints):
                 row = db.execute(query, (fingerprint,)).fetchone()
                 if row is not None:
@@ -234,7 +157,7 @@ class Catalog:
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], vectors float32 [n, dim]) of the indexed rows, ordered by id."""
-        with self._read() as db:
+        with self.read() as db:
             n = db.execute("SELECT count(*) FROM images WHERE status = ?", (STATUS_INDEXED,)).fetchone()[0]
             ids = np.empty(n, dtype=np.int64)
             vectors = None
@@ -257,7 +180,7 @@ class Catalog:
         """What a FAISS file of catalog ``generation`` must take in to match the catalog as it is,
         read in one snapshot; None where the record of changes does not reach back that far (or
         ``generation`` is ahead of the catalog)."""
-        with self._read() as db:
+        with self.read() as db:
             now = int(_get_meta(db, "generation") or 0)
             since = _get_meta(db, "changes_logged_since")
             if since is None or not int(since) <= generation <= now:
@@ -286,26 +209,20 @@ class Catalog:
             "SELECT id, path, size, mtime_ns, width, height FROM images "
             "WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
         )
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
         return {row[0]: ImageRow(*row) for row in rows}
 
     def counts(self) -> dict[str, int]:
         """Rows by status, every status present (zero when none)."""
-        with self._read() as db:
+        with self.read() as db:
             found = dict(db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
         return {status: found.get(status, 0) for status in (STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING)}
 
     def failures(self) -> list[tuple[bytes, str]]:
         query = "SELECT path, error FROM images WHERE status = ? ORDER BY path"
-        with self._read() as db:
+        with self.read() as db:
             return [(path, error or "") for path, error in db.execute(query, (STATUS_FAILED,))]
-
-    def integrity_problems(self) -> list[str]:
-        """SQLite's own full check (`PRAGMA integrity_check`); empty when the file is sound."""
-        with self._read() as db:
-            lines = [row[0] for row in db.execute("PRAGMA integrity_check")]
-        return [] if lines == ["ok"] else lines
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -326,7 +243,7 @@ class Catalog:
         now = time.time()
         # The vectors table is keyed by image id, which the upsert below decides: look it up by path.
         id_of = select(Image.id).where(Image.path == bindparam("image_path")).scalar_subquery()
-        with self._transaction(write=True) as conn:
+        with self.transaction() as conn:
             generation = _bump_generation(conn)
 
             def stat(f: IndexedFile | FailedFile) -> dict:
@@ -379,7 +296,7 @@ class Catalog:
         from clipsearch.schema import Image
 
         removed = 0
-        with self._transaction(write=True) as conn:
+        with self.transaction() as conn:
             for prefix in prefixes:
                 folder = prefix.rstrip(b"/")
                 below = (Image.path >= folder + b"/") & (Image.path < folder + b"0")
@@ -439,25 +356,32 @@ class Catalog:
                 poolclass=StaticPool,
                 isolation_level="AUTOCOMMIT",  # transactions are ours: see Catalog._begin
             )
-            with _sqlite_errors(self.path):
+            with sqlite_errors(self.path):
                 self._sqlalchemy = engine.connect()
         return self._sqlalchemy
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction on the sqlite3 connection: one snapshot, never waiting for a writer."""
         with self._begin(self._db.execute, write=False):
             yield self._db
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        """A transaction for SQLAlchemy statements, begun through SQLAlchemy so that it (and
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction for SQLAlchemy statements, begun through SQLAlchemy so that it (and
         Alembic) knows one is open and neither begins nor commits one of its own."""
-        if write:
-            self._require_writable()
+        self._require_writable()
         conn = self._conn
-        with self._begin(conn.exec_driver_sql, write):
+        with self._begin(conn.exec_driver_sql, write=True):
             yield conn
+
+    def set_meta_in(self, conn: Connection, values: dict[str, str]) -> None:
+        """Settings written inside a transaction already open (`transaction()`)."""
+        for key, value in values.items():
+            _set_meta(conn, key, value)
+
+    def no_index(self) -> IndexStateError:
+        return _no_index(self.home)
 
     @contextmanager
     def _begin(self, execute: Callable[[str], object], write: bool) -> Iterator[None]:
@@ -467,7 +391,7 @@ class Catalog:
         before anything is read, so a write never fails half-way on a lock upgrade. Reads use a
         deferred BEGIN, which in WAL mode never waits for a writer and sees one snapshot.
         """
-        with _sqlite_errors(self.path):
+        with sqlite_errors(self.path):
             execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield
@@ -477,69 +401,6 @@ class Catalog:
                 if self._db.in_transaction:
                     execute("ROLLBACK")
                 raise
-
-    def _check_schema(self, create: bool) -> None:
-        with self._read() as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            revision = None
-            if "alembic_version" in tables:
-                found = db.execute("SELECT version_num FROM alembic_version").fetchone()
-                revision = found[0] if found else None
-        if revision == HEAD_REVISION:
-            return
-        if revision is None and tables:
-            raise IndexStateError(f"{self.path} is an SQLite file but not a clipsearch catalog; choose another --home.")
-        if revision is None and not create:
-            raise _no_index(self.home)
-        self._upgrade(revision)
-
-    def _upgrade(self, revision: str | None) -> None:
-        """Bring the schema to head with Alembic, in one transaction (SQLite has transactional DDL)."""
-        from alembic import command
-        from alembic.script import ScriptDirectory
-        from alembic.util import CommandError
-
-        config = alembic_config()
-        if revision is not None:
-            try:
-                ScriptDirectory.from_config(config).get_revision(revision)
-            except CommandError:
-                raise IndexStateError(
-                    f"The index in {self.home} was written by a newer clipsearch (schema {revision}); "
-                    "upgrade clipsearch to use it."
-                ) from None
-        if self.readonly:
-            raise IndexStateError(
-                f"The index in {self.home} needs a schema upgrade, which needs write access; "
-                "open it once without read-only mode."
-            )
-        with self._transaction(write=True) as conn:
-            # Inside our transaction Alembic neither begins nor commits: the upgrade is atomic.
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
-            if revision is None:
-                for key, value in {
-                    "created_at": str(time.time()),
-                    "clipsearch_version": __version__,
-                    "generation": "0",
-                }.items():
-                    _set_meta(conn, key, value)
-
-
-def alembic_config() -> Config:
-    """Alembic settings for the installed migrations, without an alembic.ini.
-
-    Pass an open SQLAlchemy connection in `config.attributes["connection"]` before running a
-    command; migrations/env.py uses it.
-    """
-    from alembic.config import Config
-
-    import clipsearch.migrations
-
-    config = Config()
-    location = str(Path(clipsearch.migrations.__file__).parent)
-    config.set_main_option("script_location", location.replace("%", "%%"))  # ConfigParser syntax
-    return config
 
 
 def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
@@ -581,68 +442,9 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as e:
-            if _error_code(e) != _SQLITE_BUSY or time.monotonic() >= deadline:
+            if error_code(e) != SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(_LOCK_POLL_S)
-
-
-# SQLite's primary result codes for errors a person can act on; Python < 3.11 exposes only the
-# message, so the messages map to the same codes.
-_SQLITE_BUSY, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 8, 10, 11
-_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
-_CODES_BY_MESSAGE = {
-    "database is locked": _SQLITE_BUSY,
-    "readonly database": _SQLITE_READONLY,
-    "disk i/o error": _SQLITE_IOERR,
-    "malformed": _SQLITE_CORRUPT,
-    "database or disk is full": _SQLITE_FULL,
-    "unable to open database file": _SQLITE_CANTOPEN,
-    "file is not a database": _SQLITE_NOTADB,
-}
-
-
-def _error_code(error: sqlite3.Error) -> int | None:
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF
-    message = str(error).lower()
-    return next((code for text, code in _CODES_BY_MESSAGE.items() if text in message), None)
-
-
-@contextmanager
-def _sqlite_errors(db: Path) -> Iterator[None]:
-    """Turn SQLite failures a person can act on into IndexStateError naming the file.
-
-    SQLAlchemy wraps the sqlite3 error of a statement it ran in ``orig``.
-    """
-    try:
-        yield
-    except Exception as e:
-        error = getattr(e, "orig", e)
-        if not isinstance(error, sqlite3.Error):
-            raise
-        code = _error_code(error)
-        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-            message = (
-                f"{db} is damaged ({error}); it was left untouched: restore it from a backup, "
-                "or move it away and index again."
-            )
-        elif code == _SQLITE_FULL:
-            message = (
-                f"The disk holding {db} is full; free some space and run the command again "
-                "(everything committed before is kept)."
-            )
-        elif code == _SQLITE_READONLY:
-            message = f"{db} cannot be written ({error}); fix its folder's permissions or use another --home."
-        elif code == _SQLITE_CANTOPEN:
-            message = f"{db} cannot be opened ({error}); check that {db.parent} and the file are readable."
-        elif code == _SQLITE_BUSY:
-            message = f"{db} stayed locked by another process; wait for it to finish, then run this again."
-        elif code == _SQLITE_IOERR:
-            message = f"Reading or writing {db} failed ({error}); check the disk, then run the command again."
-        else:
-            raise
-        raise IndexStateError(message) from e
 
 
 def _no_index(home: Path) -> IndexStateError:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import typer
 
 from clipsearch import __version__
+from clipsearch.cli_settings import settings
 
 if TYPE_CHECKING:
     from clipsearch.index import Index, Status
@@ -40,18 +41,6 @@ app.add_typer(models_app, name="models")
 
 EXIT_INTERRUPTED = 130
 EXIT_SOME_FAILED = 3  # the run finished, but some files could not be indexed
-
-
-class _Settings:
-    """The global options, shared by every command of one invocation."""
-
-    home: Path | None = None
-    device: str = "auto"
-    verbose: bool = False
-    quiet: bool = False
-
-
-settings = _Settings()
 
 
 def _version(value: bool) -> None:
@@ -489,10 +478,8 @@ def download_command(
 
 
 def _register_train() -> None:
-    try:
-        from clipsearch.cli_train import train
-    except ImportError:  # the training command is optional in a trimmed install
-        return
+    from clipsearch.cli_train import train  # typer arguments only: torch comes in when it runs
+
     app.command("train")(_handle_errors(train))
 
 

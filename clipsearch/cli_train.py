@@ -70,7 +70,7 @@ def train(
     import torch
     from tqdm import tqdm
 
-    from clipsearch.cli import settings
+    from clipsearch.cli_settings import settings
     from clipsearch.train import EpochResult, StepInfo, TrainOptions
     from clipsearch.train import train as run
 

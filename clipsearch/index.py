@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipsearch.catalog import CATALOG_FILE, Catalog, decode_path
+from clipsearch.catalog import CATALOG_FILE, Catalog
 from clipsearch.encoder import model_id, open_encoder
 from clipsearch.errors import IndexStateError
 from clipsearch.indexer import AddReport, Progress, run_add
 from clipsearch.paths import default_home
+from clipsearch.records import decode_path
 from clipsearch.search import Hit, Query, as_terms, needed_towers, query_vector, top_k
 from clipsearch.walk import normalise_roots
 

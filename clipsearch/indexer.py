@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipsearch.catalog import STATUS_FAILED, STATUS_MISSING, FailedFile, FileState, IndexedFile
 from clipsearch.decode import Decoded, DecodePool, best_workers, upright_size, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
+from clipsearch.records import STATUS_FAILED, STATUS_MISSING, FailedFile, FileState, IndexedFile
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from clipsearch.catalog import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING
+from clipsearch.records import STATUSES
 
 
 class Base(DeclarativeBase):
@@ -36,7 +36,7 @@ class Image(Base):
 
     __tablename__ = "images"
     __table_args__ = (
-        CheckConstraint(f"status IN ('{STATUS_INDEXED}', '{STATUS_FAILED}', '{STATUS_MISSING}')", name="status"),
+        CheckConstraint(f"status IN ({', '.join(repr(s) for s in STATUSES)})", name="status"),
         # Ids are never reused, so an id from a FAISS file that is a moment out of date can only
         # miss, never name another file.
         {"sqlite_autoincrement": True},

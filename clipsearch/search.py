@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipsearch.catalog import decode_path
 from clipsearch.errors import ClipsearchError, ImageError
+from clipsearch.records import decode_path
 from clipsearch.walk import normalise_roots, under
 
 if TYPE_CHECKING:

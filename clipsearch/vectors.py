@@ -35,8 +35,9 @@ from typing import BinaryIO
 import faiss
 import numpy as np
 
-from clipsearch.catalog import STATUS_INDEXED, Catalog
+from clipsearch.catalog import Catalog
 from clipsearch.errors import IndexStateError
+from clipsearch.records import STATUS_INDEXED
 
 log = logging.getLogger(__name__)
 

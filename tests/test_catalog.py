@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipsearch.catalog import (
+from clipsearch.catalog import Catalog
+from clipsearch.errors import IndexStateError
+from clipsearch.records import (
     STATUS_FAILED,
     STATUS_INDEXED,
     STATUS_MISSING,
-    Catalog,
     FailedFile,
     FileState,
     ImageRow,
     IndexedFile,
     decode_path,
-    encode_path,
 )
-from clipsearch.errors import IndexStateError
 
 DIM = 16
 
@@ -32,6 +31,12 @@ def unit(seed: int, dim: int = DIM) -> np.ndarray:
 
 def indexed(path: bytes, seed: int = 0, size: int = 100, mtime_ns: int = 1, fingerprint: bytes = b""):
     return IndexedFile(path, size, mtime_ns, fingerprint or b"fp" + path, 640, 480, unit(seed))
+
+
+def integrity(catalog: Catalog) -> list[str]:
+    """SQLite's own full check of the file: ["ok"] when it is sound."""
+    with catalog.read() as db:
+        return [row[0] for row in db.execute("PRAGMA integrity_check")]
 
 
 def failed(path: bytes, error: str = "cannot identify image file") -> FailedFile:
@@ -64,7 +69,7 @@ def test_open_requires_an_index_unless_create(home):
         assert c.get_meta("absent") is None
         assert c.generation == 1
         assert list(c.file_states()) == [b"/p/a.jpg"]
-        assert c.integrity_problems() == []
+        assert integrity(c) == ["ok"]
 
 
 def test_upsert_inserts_then_updates_in_place(catalog):
@@ -118,10 +123,7 @@ def test_awkward_paths_round_trip(catalog, tmp_path):
     rows = catalog.rows([states[p].id for p in paths])
     assert sorted(row.path for row in rows.values()) == sorted(paths)
     for p in paths:
-        assert encode_path(decode_path(p)) == p
         assert os.fsencode(decode_path(p)) == p
-    assert encode_path("relative/x.jpg") == os.fsencode(os.path.join(os.getcwd(), "relative/x.jpg"))
-    assert encode_path(tmp_path / "a" / ".." / "b.jpg") == os.fsencode(tmp_path) + b"/b.jpg"
 
 
 def test_rows_returns_indexed_rows_only(catalog):
@@ -272,7 +274,7 @@ def test_disk_full_rolls_back_the_batch_and_keeps_the_catalog(catalog):
     with pytest.raises(IndexStateError, match=r"disk holding .* is full"):
         catalog.commit_batch([indexed(f"/q/{i}.jpg".encode(), seed=i) for i in range(2000)])
     assert (catalog.file_states(), catalog.generation) == before
-    assert catalog.integrity_problems() == []
+    assert integrity(catalog) == ["ok"]
     catalog._conn.exec_driver_sql("PRAGMA max_page_count = 1000000")  # space freed: resume
     catalog.commit_batch([indexed(f"/q/{i}.jpg".encode(), seed=i) for i in range(2000)])
     assert catalog.counts()[STATUS_INDEXED] == 2050

@@ -26,10 +26,11 @@ from reliability_helpers import (
 from typer.testing import CliRunner
 
 import clipsearch.catalog
-from clipsearch.catalog import Catalog, IndexedFile
+from clipsearch.catalog import Catalog
 from clipsearch.cli import app
 from clipsearch.clip import download, registry
 from clipsearch.errors import DownloadError
+from clipsearch.records import IndexedFile
 
 
 @pytest.fixture

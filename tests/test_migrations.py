@@ -9,8 +9,11 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
-from clipsearch.catalog import HEAD_REVISION, STATUS_INDEXED, Base, Catalog, IndexedFile, alembic_config
+from clipsearch.catalog import Catalog
 from clipsearch.errors import IndexStateError
+from clipsearch.migrate import HEAD_REVISION, alembic_config
+from clipsearch.records import STATUS_INDEXED, IndexedFile
+from clipsearch.schema import Base
 
 BASE_REVISION = "0001"
 
@@ -35,7 +38,7 @@ def test_head_constant_matches_the_migration_scripts():
 
 
 def test_migrations_build_exactly_the_models_schema(tmp_path):
-    with Catalog.open(tmp_path, create=True) as c, c._transaction(write=False) as conn:
+    with Catalog.open(tmp_path, create=True) as c, c.transaction() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from clipsearch import vectors as vectors_module
-from clipsearch.catalog import Catalog, FailedFile, IndexedFile
+from clipsearch.catalog import Catalog
 from clipsearch.errors import IndexStateError
+from clipsearch.records import FailedFile, IndexedFile
 from clipsearch.vectors import VECTORS_FILE, VectorIndex, choose_index_type
 
 DIM = 32
