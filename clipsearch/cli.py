@@ -478,7 +478,7 @@ def download_command(
 
 
 def _register_train() -> None:
-    from clipsearch.cli_train import train  # typer arguments only: torch comes in when it runs
+    from clipsearch.training.command import train  # typer arguments only: torch comes in when it runs
 
     app.command("train")(_handle_errors(train))
 

@@ -11,8 +11,7 @@ from clipsearch.cli import app
 from clipsearch.clip.loss import clip_loss
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import Preprocess
-from clipsearch.scenes import SceneGenerator, write_scenes
-from clipsearch.train import (
+from clipsearch.training.loop import (
     METRICS_FILE,
     STATE_FILE,
     TrainingError,
@@ -26,6 +25,7 @@ from clipsearch.train import (
     recall_at_k,
     train,
 )
+from clipsearch.training.scenes import SceneGenerator, write_scenes
 
 
 @pytest.fixture(autouse=True)

@@ -71,8 +71,8 @@ def train(
     from tqdm import tqdm
 
     from clipsearch.cli_settings import settings
-    from clipsearch.train import EpochResult, StepInfo, TrainOptions
-    from clipsearch.train import train as run
+    from clipsearch.training.loop import EpochResult, StepInfo, TrainOptions
+    from clipsearch.training.loop import train as run
 
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise typer.BadParameter("use auto, fp32, fp16 or bf16", param_hint="--precision")

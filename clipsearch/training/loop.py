@@ -6,7 +6,7 @@ around that step: where pairs come from, the optimiser and schedule, evaluation 
 split, and checkpoints that both resume a run and load with ``clip.load(DIR)``.
 
 Pairs come from a CSV or JSONL file of ``path,caption``, a folder of images with same-named
-``.txt`` captions, or (with no data given) the synthetic scenes of `clipsearch.scenes`, drawn
+``.txt`` captions, or (with no data given) the synthetic scenes of `clipsearch.training.scenes`, drawn
 fresh every step. A run starts from a named architecture preset or a ``config.json`` (new
 weights, and a BPE vocabulary learned from the run's own captions) or fine-tunes any model
 ``clip.load`` accepts.
@@ -42,7 +42,7 @@ from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import CLIP_MEAN, CLIP_STD, Preprocess, open_image
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.errors import ClipsearchError
-from clipsearch.scenes import SceneGenerator
+from clipsearch.training.scenes import SceneGenerator
 
 logger = logging.getLogger(__name__)
 
