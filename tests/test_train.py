@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from clipsearch import clip
 from clipsearch.cli import app
-from clipsearch.clip.loss import clip_loss
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import Preprocess
 from clipsearch.training.loop import (
@@ -20,7 +19,6 @@ from clipsearch.training.loop import (
     _optimizer,
     _positives,
     _train_step,
-    multi_positive_loss,
     read_pairs,
     recall_at_k,
     train,
@@ -199,21 +197,6 @@ def test_curriculum_shows_one_object_scenes_first():
     assert [train_set(epoch).generator.single_objects for epoch in range(4)] == [True, True, False, False]
     assert not val.generator.single_objects
     assert train_set(1).start == 64  # every epoch reads scenes no other epoch reads
-
-
-def test_multi_positive_loss_is_clip_loss_for_one_match_each_and_spares_true_pairs():
-    torch.manual_seed(0)
-    images, texts, scale = torch.randn(6, 16), torch.randn(6, 16), torch.tensor(3.0)
-    identity = torch.eye(6, dtype=torch.bool)
-    assert multi_positive_loss(images, texts, scale, identity).item() == pytest.approx(
-        clip_loss(images, texts, scale).item(), abs=1e-6
-    )
-    # Image 1 is a copy of image 0, and caption 0 is true of both: only counting it as a match
-    # stops the loss from asking the model to tell the two apart.
-    images[1] = images[0]
-    both = identity.clone()
-    both[1, 0] = True
-    assert multi_positive_loss(images, texts, scale, both) < clip_loss(images, texts, scale)
 
 
 def test_positives_mark_every_image_a_caption_describes():

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipsearch.clip.bpe_train import train_bpe, write_vocab
 from clipsearch.clip.checkpoints import write_model_dir
-from clipsearch.clip.loss import clip_loss
+from clipsearch.clip.loss import clip_loss, multi_positive_loss
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import CLIP_MEAN, CLIP_STD, Preprocess, open_image
 from clipsearch.clip.tokenizer import Tokenizer
@@ -368,28 +368,6 @@ def _autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype |
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def multi_positive_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor
-) -> torch.Tensor:
-    """`clip_loss` for batches where a caption can be true of several images (and an image have
-    several true captions): ``positives[i, j]`` says caption j describes image i. Each image
-    (caption) maximises the probability it gives to all its true matches together.
-
-    A query-like caption ("a red circle") is true of about two other images in a batch of 64
-    scenes; with `clip_loss` they are negatives, and the model learns to rank them below the one
-    it was paired with: exactly what search by that query must not do. With the identity as
-    ``positives`` this equals `clip_loss`.
-    """
-    image_features = torch.nn.functional.normalize(image_features, dim=-1)
-    text_features = torch.nn.functional.normalize(text_features, dim=-1)
-    logits = logit_scale.exp() * image_features @ text_features.t()
-
-    def loss(rows: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
-        return (rows.logsumexp(dim=1) - rows.masked_fill(~matches, float("-inf")).logsumexp(dim=1)).mean()
-
-    return (loss(logits, positives) + loss(logits.t(), positives.t())) / 2
 
 
 def _positives(captions: list[str], described: list[str]) -> torch.Tensor:
