@@ -523,7 +523,7 @@ def drop_model_command(
 
 
 def _register_train() -> None:
-    from clipsearch.cli_train import train  # typer arguments only: torch comes in when it runs
+    from clipsearch.training.command import train  # typer arguments only: torch comes in when it runs
 
     app.command("train")(_handle_errors(train))
 
