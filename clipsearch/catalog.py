@@ -282,6 +282,26 @@ class Catalog:
         with self.read() as db:
             return [(path, error or "") for path, error in db.execute(query, (STATUS_FAILED,))]
 
+    def missing(self) -> list[bytes]:
+        """Files indexed once and gone from disk since (kept until `forget_missing`)."""
+        with self.read() as db:
+            return [
+                row[0]
+                for row in db.execute("SELECT path FROM images WHERE status = ? ORDER BY path", (STATUS_MISSING,))
+            ]
+
+    def forget_missing(self) -> int:
+        """Delete the rows of files that are gone; returns how many."""
+        from sqlalchemy import delete
+
+        from clipsearch.schema import Image
+
+        with self.transaction() as conn:
+            forgotten = conn.execute(delete(Image).where(Image.status == STATUS_MISSING)).rowcount
+            if forgotten:
+                _bump_generation(conn)
+        return forgotten
+
     # --- writes ---------------------------------------------------------------------------
 
     def commit_batch(

@@ -31,7 +31,7 @@ app = typer.Typer(
     name="clipsearch",
     help="Find your photos by describing them: index folders once, then search them with text or an example image.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs are re-flowed, not printed line by line
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -40,6 +40,7 @@ models_app = typer.Typer(help="List the models clipsearch knows, or download one
 app.add_typer(models_app, name="models")
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cmd | head` leaves for a Unix tool cut off by its reader
 EXIT_SOME_FAILED = 3  # the run finished, but some files could not be indexed
 
 
@@ -47,6 +48,36 @@ def _version(value: bool) -> None:
     if value:
         typer.echo(f"clipsearch {__version__}")
         raise typer.Exit()
+
+
+def _check_device(value: str) -> str:
+    """A device that cannot exist here is a usage error, found before any model loads."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if value.startswith("cuda"):
+        import torch
+
+        index = int(value.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            found = torch.cuda.device_count()
+            raise typer.BadParameter(f"{value} asked for, but this machine has {found or 'no'} CUDA GPU(s)")
+    elif value == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise typer.BadParameter("mps asked for, but this machine has no Apple GPU")
+    return value
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def _check_precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")
+    return value
 
 
 @app.callback()
@@ -57,7 +88,9 @@ def _global_options(
         help="Index folder (default: $CLIPSEARCH_HOME, else ~/.local/share/clipsearch).",
         show_default=False,
     ),
-    device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option(
+        "auto", "--device", callback=_check_device, help="Where the model runs: auto, cpu, cuda, cuda:1, mps."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say more; show a traceback on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but results and errors."),
     version: bool = typer.Option(
@@ -110,6 +143,11 @@ def _handle_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep Python's own flush of
+            # stdout at exit from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors (exit 2) and deliberate exits
         except Exception as err:
@@ -165,7 +203,7 @@ def index_command(
         "--exclude",
         "-x",
         metavar="GLOB",
-        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. '*.png' or '*/exports/*'.",
+        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. `*.png` or `*/exports/*`.",
     ),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Descend into symlinked folders."),
     retry_failed: bool = typer.Option(
@@ -190,6 +228,7 @@ def index_command(
     precision: str = typer.Option(
         "auto",
         "--precision",
+        callback=_check_precision,
         help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 "
         "of fp32.",
     ),
@@ -215,7 +254,7 @@ def index_command(
             should_stop=stop.is_set,
         )
     if not settings.quiet:
-        typer.echo(_summary(report))
+        typer.echo(_summary(report, index.home))
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -223,11 +262,12 @@ def index_command(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _summary(report: AddReport) -> str:
+def _summary(report: AddReport, home: Path) -> str:
+    load = f", model loaded in {report.model_load_s:.1f} s" if report.model_load_s else ""
     line = (
         f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
         f"failed {report.failed}, unchanged {report.unchanged} in {report.elapsed:.1f} s "
-        f"({report.images_per_s:.1f} images/s)"
+        f"({report.images_per_s:.1f} images/s{load}); index: {home}"
     )
     if report.failed:
         line += "; see the failures with `clipsearch status --failed`"
@@ -382,14 +422,23 @@ def _index_model() -> str:
 @_handle_errors
 def status_command(
     failed: bool = typer.Option(False, "--failed", help="List the files that could not be indexed, with the reason."),
+    missing: bool = typer.Option(
+        False,
+        "--missing",
+        help="List the files gone from disk since they were indexed (forget them with `clipsearch remove --missing`).",
+    ),
     model: str | None = _model_option("describe"),
 ) -> None:
     """Where the index is, its models and their coverage, how many images it holds, and whether
     the vector file is consistent with the catalog."""
     with _open(model, reading=True) as index:
-        if failed:
-            for path, reason in index.failures():
-                sys.stdout.buffer.write(os.fsencode(path) + f": {reason}\n".encode())
+        if failed or missing:
+            out = sys.stdout.buffer
+            if failed:
+                out.writelines(os.fsencode(path) + f": {reason}\n".encode() for path, reason in index.failures())
+            if missing:
+                out.writelines(os.fsencode(path) + b"\n" for path in index.missing())
+            out.flush()
             return
         typer.echo(_describe(index.status()))
 
@@ -432,12 +481,18 @@ def _mb(size: int) -> str:
 @_handle_errors
 def remove_command(
     paths: list[Path] = typer.Argument(
-        ..., help="Files or folders to forget (nothing is deleted from disk).", show_default=False
+        None, help="Files or folders to forget (nothing is deleted from disk).", show_default=False
+    ),
+    missing: bool = typer.Option(
+        False, "--missing", help="Also forget every file gone from disk (see `clipsearch status --missing`)."
     ),
 ) -> None:
     """Drop files, or everything under folders, from the index."""
+    if not paths and not missing:
+        raise typer.BadParameter("name files or folders to forget, or pass --missing", param_hint="PATHS")
     with _open() as index:
-        removed = index.remove(paths)
+        removed = index.remove(paths) if paths else 0
+        removed += index.forget_missing() if missing else 0
     if not settings.quiet:
         typer.echo(f"Removed {removed} file(s) from the index.")
 
@@ -532,8 +587,20 @@ _register_train()
 
 
 def main() -> None:
-    """Entry point of the `clipsearch` script."""
+    """Entry point of the `clipsearch` script. Usage errors are one line, as other tools print
+    them, and exit 2; typer's framed message is for `--help`."""
+    # typer vendors click: its exceptions are these, not the click package's.
+    from typer._click import exceptions as click
+
     try:
-        app()
-    except KeyboardInterrupt:  # Ctrl-C outside a command (while parsing options)
-        sys.exit(EXIT_INTERRUPTED)
+        code = app(standalone_mode=False)
+    except click.UsageError as err:
+        hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        typer.echo(f"Error: {err.format_message()}{hint}", err=True)
+        code = err.exit_code
+    except click.ClickException as err:
+        typer.echo(f"Error: {err.format_message()}", err=True)
+        code = err.exit_code
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command (while parsing options)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

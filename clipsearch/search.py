@@ -20,7 +20,7 @@ import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageError
 from clipsearch.records import decode_path
-from clipsearch.walk import normalise_roots
+from clipsearch.walk import IMAGE_EXTENSIONS, normalise_roots
 from clipsearch.walk import under as is_under
 
 if TYPE_CHECKING:
@@ -42,11 +42,6 @@ class Hit:
     size: int
 
 
-IMAGE_EXTENSIONS = frozenset(
-    [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl"]
-)
-
-
 def as_term(text: str) -> Term:
     """A command-line term: the name of an existing file is an example image, anything else is
     text. A name that looks like an image path (an image extension, or a folder part that
@@ -55,7 +50,8 @@ def as_term(text: str) -> Term:
     if os.path.isfile(text):
         return Path(text)
     parent = os.path.dirname(text)
-    if os.path.splitext(text)[1].lower() in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent)):
+    extension = os.fsencode(os.path.splitext(text)[1].lower())
+    if extension in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent)):
         raise ImageError(
             f"{text} looks like an image path, but there is no such file; to search for it as text, "
             f"add a word: 'a photo of {text}'."

@@ -21,7 +21,7 @@ from clipsearch.cli import _stop_on_ctrl_c, app
 
 SUMMARY = re.compile(
     r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
-    r" in [\d.]+ s \([\d.]+ images/s\)"
+    r" in [\d.]+ s \([\d.]+ images/s[^)]*\); index: "
 )
 
 
