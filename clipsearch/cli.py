@@ -222,8 +222,8 @@ def index_command(
         "--model",
         "-m",
         help="Model name (see `clipsearch models`) or checkpoint path. An index holds vectors by each model "
-        "it was run with; files already indexed by another model are only encoded (default: the index's "
-        "default model, else ViT-B/32).",
+        "it was run with (files already indexed by another model are only encoded), and the model named "
+        "here becomes the one queries use (default: the index's default model, else ViT-B/32).",
     ),
     precision: str = typer.Option(
         "auto",
@@ -253,8 +253,12 @@ def index_command(
             progress=progress,
             should_stop=stop.is_set,
         )
+        # The model a person names for a run is the one they mean to search next.
+        switched = model is not None and index.make_default_if_encoded()
     if not settings.quiet:
         typer.echo(_summary(report, index.home))
+        if switched:
+            typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -435,7 +439,10 @@ def status_command(
         if failed or missing:
             out = sys.stdout.buffer
             if failed:
-                out.writelines(os.fsencode(path) + f": {reason}\n".encode() for path, reason in index.failures())
+                for path, reason in index.failures():
+                    # Reasons often start with the file's name: it is said once, first.
+                    reason = reason.removeprefix(f"{path} ")
+                    out.write(os.fsencode(path) + f": {reason}\n".encode())
             if missing:
                 out.writelines(os.fsencode(path) + b"\n" for path in index.missing())
             out.flush()

@@ -198,6 +198,14 @@ class Index:
         """Make the model the one queries use when none is named."""
         self.catalog.set_default_model(self.model)
 
+    def make_default_if_encoded(self) -> bool:
+        """Make the model the default if it has vectors here and is not the default yet; True
+        if it became the default."""
+        if self.catalog.default_model == self.model or self.catalog.model(self.model) is None:
+            return False
+        self.set_default_model()
+        return True
+
     def drop_model(self) -> bool:
         """Forget the model's vectors and FAISS file; the files stay indexed for other models.
         False if it had none."""

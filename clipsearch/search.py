@@ -44,14 +44,15 @@ class Hit:
 
 def as_term(text: str) -> Term:
     """A command-line term: the name of an existing file is an example image, anything else is
-    text. A name that looks like an image path (an image extension, or a folder part that
+    text. One word that looks like an image path (an image extension, or a folder part that
     exists) but is no file is a mistake, not a text to search: it raises, saying how to search
-    for it as text."""
+    for it as text (add a word)."""
     if os.path.isfile(text):
         return Path(text)
     parent = os.path.dirname(text)
     extension = os.fsencode(os.path.splitext(text)[1].lower())
-    if extension in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent)):
+    one_word = not any(c.isspace() for c in text)
+    if one_word and (extension in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent))):
         raise ImageError(
             f"{text} looks like an image path, but there is no such file; to search for it as text, "
             f"add a word: 'a photo of {text}'."
