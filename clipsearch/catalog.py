@@ -35,11 +35,13 @@ from clipsearch.records import (
     STATUS_FAILED,
     STATUS_INDEXED,
     STATUS_MISSING,
+    STATUSES,
     Changes,
     FailedFile,
     FileState,
     ImageRow,
     IndexedFile,
+    StoredModel,
 )
 from clipsearch.sqlite_errors import SQLITE_BUSY, error_code, sqlite_errors
 
@@ -126,44 +128,98 @@ class Catalog:
             _set_meta(conn, key, value)
 
     @property
+    def catalog_id(self) -> str:
+        """Minted with the catalog, never changed: a FAISS file names the catalog it came from."""
+        return self.get_meta("catalog_id") or ""
+
+    @property
+    def default_model(self) -> str | None:
+        """The model queries use when none is named: the first one that encoded anything, or
+        the one a user chose (`set_default_model`)."""
+        return self.get_meta("default_model")
+
+    def models(self) -> list[StoredModel]:
+        """Every model that has encoded images into this catalog, oldest first."""
+        query = (
+            "SELECT m.id, m.name, m.dim, (SELECT count(*) FROM vectors AS v WHERE v.model_id = m.id) "
+            "FROM models AS m ORDER BY m.id"
+        )
+        with self.read() as db:
+            return [StoredModel(*row) for row in db.execute(query)]
+
+    def model(self, name: str) -> StoredModel | None:
+        return next((m for m in self.models() if m.name == name), None)
+
+    def set_default_model(self, name: str) -> None:
+        if self.model(name) is None:
+            raise IndexStateError(f"The index in {self.home} holds no vectors by {name}; index with it first.")
+        self.set_meta("default_model", name)
+
+    def drop_model(self, name: str) -> bool:
+        """Forget a model's vectors (the files stay indexed for the others); False if it had none.
+        The default passes to the oldest model left."""
+        from sqlalchemy import delete
+
+        from clipsearch.schema import Model
+
+        with self.transaction() as conn:
+            if not conn.execute(delete(Model).where(Model.name == name)).rowcount:
+                return False
+            _bump_generation(conn)
+            if _get_meta(self._db, "default_model") == name:
+                left = self._db.execute("SELECT name FROM models ORDER BY id LIMIT 1").fetchone()
+                if left is None:
+                    conn.exec_driver_sql("DELETE FROM meta WHERE key = 'default_model'")
+                else:
+                    _set_meta(conn, "default_model", left[0])
+        return True
+
+    @property
     def generation(self) -> int:
         """Bumped by every write to the images; the FAISS file records the one it was built from."""
         return int(self.get_meta("generation") or 0)
 
     # --- reads ----------------------------------------------------------------------------
 
-    def file_states(self) -> dict[bytes, FileState]:
-        """Every row, keyed by path, in one query: the indexer's diff runs against this."""
-        query = "SELECT path, id, size, mtime_ns, status, fingerprint FROM images"
+    def file_states(self, model: str | None = None) -> dict[bytes, FileState]:
+        """Every row, keyed by path, in one query: the indexer's diff runs against this.
+        ``encoded`` says whether ``model`` has a vector for the row."""
+        query = (
+            "SELECT path, images.id, size, mtime_ns, status, fingerprint, v.image_id IS NOT NULL FROM images "
+            "LEFT JOIN vectors AS v ON v.image_id = images.id "
+            "AND v.model_id = (SELECT id FROM models WHERE name = ?)"
+        )
         with self.read() as db:
-            rows = db.execute(query).fetchall()
+            rows = db.execute(query, (model,)).fetchall()
         return {row[0]: FileState._make(row[1:]) for row in rows}
 
-    def vectors_by_fingerprint(self, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
-        """Vectors of indexed rows with these fingerprints, so moved or copied files skip encoding."""
+    def vectors_by_fingerprint(self, model: str, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
+        """``model``'s vectors of rows with these fingerprints, so moved or copied files skip encoding."""
         # One indexed lookup each: SQLite has no array parameter for blobs, and these are the
         # few files about to be decoded anyway.
         query = (
-            "SELECT vectors.vector FROM images JOIN vectors ON vectors.image_id = images.id "
-            "WHERE images.fingerprint = ? LIMIT 1"
+            "SELECT v.vector FROM images JOIN vectors AS v ON v.image_id = images.id "
+            "JOIN models AS m ON m.id = v.model_id WHERE images.fingerprint = ? AND m.name = ? LIMIT 1"
         )
         found: dict[bytes, np.ndarray] = {}
         with self.read() as db:
             for fingerprint in set(fingerprints):
-                row = db.execute(query, (fingerprint,)).fetchone()
+                row = db.execute(query, (fingerprint, model)).fetchone()
                 if row is not None:
                     found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32)
         return found
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], vectors float32 [n, dim]) of the indexed rows, ordered by id."""
+    def all_vectors(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], vectors float32 [n, dim]) of ``model``'s vectors, ordered by image id."""
         with self.read() as db:
-            n = db.execute("SELECT count(*) FROM images WHERE status = ?", (STATUS_INDEXED,)).fetchone()[0]
+            n = db.execute("SELECT count(*) FROM vectors WHERE model_id = ?", (model.id,)).fetchone()[0]
             ids = np.empty(n, dtype=np.int64)
             vectors = None
             start = 0
             # Chunks go straight into the result: peak memory stays near its float32 size.
-            cursor = db.execute("SELECT image_id, vector FROM vectors ORDER BY image_id")
+            cursor = db.execute(
+                "SELECT image_id, vector FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,)
+            )
             while rows := cursor.fetchmany(_CHUNK):
                 row_ids, blobs = zip(*rows)
                 chunk = _vectors_of(blobs)
@@ -173,33 +229,35 @@ class Catalog:
                 vectors[start : start + len(rows)] = chunk
                 start += len(rows)
             if vectors is None:
-                vectors = np.empty((0, int(_get_meta(db, "dim") or 0)), dtype=np.float32)
+                vectors = np.empty((0, model.dim), dtype=np.float32)
         return ids, vectors
 
-    def changes_since(self, generation: int) -> Changes | None:
-        """What a FAISS file of catalog ``generation`` must take in to match the catalog as it is,
-        read in one snapshot; None where the record of changes does not reach back that far (or
-        ``generation`` is ahead of the catalog)."""
+    def changes_since(self, generation: int, model: StoredModel) -> Changes | None:
+        """What ``model``'s FAISS file of catalog ``generation`` must take in to match the catalog
+        as it is, read in one snapshot; None where the record of changes does not reach back that
+        far (or ``generation`` is ahead of the catalog)."""
         with self.read() as db:
             now = int(_get_meta(db, "generation") or 0)
             since = _get_meta(db, "changes_logged_since")
             if since is None or not int(since) <= generation <= now:
                 return None
-            # Exactly the indexed rows have a vector: the others' ids come back with None.
+            # Rows whose vectors changed, by any model: those without one by this model now come
+            # back with None (a few may never have had one; dropping them is a no-op).
             rows = db.execute(
-                "SELECT i.id, v.vector FROM images AS i LEFT JOIN vectors AS v ON v.image_id = i.id "
+                "SELECT i.id, v.vector FROM images AS i "
+                "LEFT JOIN vectors AS v ON v.image_id = i.id AND v.model_id = ? "
                 "WHERE i.vector_generation > ? ORDER BY i.id",
-                (generation,),
+                (model.id, generation),
             ).fetchall()
-            indexed = db.execute("SELECT id FROM images WHERE status = ? ORDER BY id", (STATUS_INDEXED,)).fetchall()
-            dim = int(_get_meta(db, "dim") or 0)
+            held = db.execute("SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,))
+            held = held.fetchall()
         kept = [row for row in rows if row[1] is not None]
         return Changes(
             generation=now,
             outdated=np.array([row[0] for row in rows], dtype=np.int64),
             ids=np.array([row[0] for row in kept], dtype=np.int64),
-            vectors=_vectors_of([row[1] for row in kept], dim).astype(np.float32),
-            indexed=np.array([row[0] for row in indexed], dtype=np.int64),
+            vectors=_vectors_of([row[1] for row in kept], model.dim).astype(np.float32),
+            held=np.array([row[0] for row in held], dtype=np.int64),
         )
 
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
@@ -225,24 +283,52 @@ class Catalog:
         """Rows by status, every status present (zero when none)."""
         with self.read() as db:
             found = dict(db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
-        return {status: found.get(status, 0) for status in (STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING)}
+        return {status: found.get(status, 0) for status in STATUSES}
 
     def failures(self) -> list[tuple[bytes, str]]:
         query = "SELECT path, error FROM images WHERE status = ? ORDER BY path"
         with self.read() as db:
             return [(path, error or "") for path, error in db.execute(query, (STATUS_FAILED,))]
 
+    def missing(self) -> list[bytes]:
+        """Files indexed once and gone from disk since (kept until `forget_missing`)."""
+        with self.read() as db:
+            return [
+                row[0]
+                for row in db.execute("SELECT path FROM images WHERE status = ? ORDER BY path", (STATUS_MISSING,))
+            ]
+
+    def forget_missing(self) -> int:
+        """Delete the rows of files that are gone; returns how many."""
+        from sqlalchemy import delete
+
+        from clipsearch.schema import Image
+
+        with self.transaction() as conn:
+            forgotten = conn.execute(delete(Image).where(Image.status == STATUS_MISSING)).rowcount
+            if forgotten:
+                _bump_generation(conn)
+        return forgotten
+
     # --- writes ---------------------------------------------------------------------------
 
     def commit_batch(
         self,
+        model: str | None = None,
         indexed: Sequence[IndexedFile] = (),
         failed: Sequence[FailedFile] = (),
         missing: Sequence[bytes] = (),
     ) -> None:
-        """Record one indexer batch in one transaction: a crash keeps all of it or none of it."""
+        """Record one indexer batch in one transaction: a crash keeps all of it or none of it.
+
+        ``indexed`` files carry ``model``'s vectors; the first batch that does records the model
+        (and makes it the default if there is none). A file whose content changed keeps no other
+        model's vector: those models re-encode it when next used.
+        """
         if not (indexed or failed or missing):
             return
+        if indexed and model is None:
+            raise ValueError("indexed files need the model that encoded them")
         from sqlalchemy import bindparam, delete, select, update
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -253,6 +339,13 @@ class Catalog:
         id_of = select(Image.id).where(Image.path == bindparam("image_path")).scalar_subquery()
         with self.transaction() as conn:
             generation = _bump_generation(conn)
+            model_id = self._record_model(conn, model, len(indexed[0].vector)) if indexed else None
+            if indexed:
+                conn.exec_driver_sql(
+                    "DELETE FROM vectors WHERE model_id != ? AND image_id IN "
+                    "(SELECT id FROM images WHERE path = ? AND fingerprint IS NOT ?)",
+                    [(model_id, f.path, f.fingerprint) for f in indexed],
+                )
 
             def stat(f: IndexedFile | FailedFile) -> dict:
                 return dict(
@@ -279,10 +372,10 @@ class Catalog:
                     [{"image_path": path} for path in missing],
                 )
             if indexed:
-                upsert = sqlite_insert(Vector).values(image_id=id_of, vector=bindparam("blob"))
+                upsert = sqlite_insert(Vector).values(image_id=id_of, model_id=model_id, vector=bindparam("blob"))
                 conn.execute(
                     upsert.on_conflict_do_update(
-                        index_elements=[Vector.image_id], set_={"vector": upsert.excluded.vector}
+                        index_elements=[Vector.image_id, Vector.model_id], set_={"vector": upsert.excluded.vector}
                     ),
                     [{"image_path": f.path, "blob": _vector_blob(f.vector)} for f in indexed],
                 )
@@ -291,6 +384,26 @@ class Catalog:
                     delete(Vector).where(Vector.image_id == id_of),
                     [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
                 )
+
+    def _record_model(self, conn: Connection, name: str | None, dim: int) -> int:
+        """The id of model ``name``, recorded now if this is its first vector."""
+        row = self._db.execute("SELECT id, dim FROM models WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            if row[1] != dim:
+                raise IndexStateError(
+                    f"The index in {self.home} holds {row[1]}-dimensional vectors by {name}, which now makes "
+                    f"{dim}-dimensional ones; the weights at that path changed: drop the old vectors with "
+                    f"`clipsearch models drop {name}`, then index again."
+                )
+            return int(row[0])
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        from clipsearch.schema import Model
+
+        inserted = conn.execute(sqlite_insert(Model).values(name=name, dim=dim, created_at=time.time()))
+        if _get_meta(self._db, "default_model") is None and name is not None:
+            _set_meta(conn, "default_model", name)
+        return int(inserted.inserted_primary_key[0])
 
     def remove(self, prefixes: Sequence[bytes]) -> int:
         """Delete the rows at or below these paths; returns how many went.

@@ -24,15 +24,25 @@ def decode_path(path: bytes) -> Path:
 
 
 class Changes(NamedTuple):
-    """How the catalog's vectors moved on since some generation (`Catalog.changes_since`)."""
+    """How one model's vectors moved on since some generation (`Catalog.changes_since`)."""
 
     generation: int  # the catalog's, now
     outdated: np.ndarray  # int64 ids whose vector was set or dropped since
     ids: np.ndarray  # int64: those of them indexed now...
     vectors: np.ndarray  # ...and their vectors, float32 [len(ids), dim]
-    # int64, every indexed id now, ordered: rows deleted outright left no record, and are the
-    # ids a FAISS file holds that this lacks.
-    indexed: np.ndarray
+    # int64, every id with a vector by the model now, ordered: rows deleted outright left no
+    # record, and are the ids a FAISS file holds that this lacks.
+    held: np.ndarray
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A model as the catalog records it, once it has encoded something."""
+
+    id: int
+    name: str  # registry name or checkpoint path (`encoder.model_id`)
+    dim: int
+    vectors: int  # how many images it has a vector for
 
 
 class FileState(NamedTuple):
@@ -47,6 +57,7 @@ class FileState(NamedTuple):
     mtime_ns: int
     status: str
     fingerprint: bytes | None
+    encoded: bool  # holds a vector by the model the run encodes with
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pytest
 from reliability_helpers import assert_no_traceback, kill_group, start_cli
 
 from clipsearch.index import Index
-from clipsearch.scenes import read_manifest
+from clipsearch.training.scenes import read_manifest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

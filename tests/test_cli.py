@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from helpers import make_image, make_library
+from helpers import faiss_file, make_image, make_library
 from typer.testing import CliRunner
 
 from clipsearch import __version__
@@ -21,7 +21,7 @@ from clipsearch.cli import _stop_on_ctrl_c, app
 
 SUMMARY = re.compile(
     r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
-    r" in [\d.]+ s \([\d.]+ images/s\)"
+    r" in [\d.]+ s \([\d.]+ images/s[^)]*\); index: "
 )
 
 
@@ -113,7 +113,7 @@ def test_odd_file_names_survive_every_output_format(tmp_path, cli, tiny_model):
 
 def test_status_and_failed(cli, library, tmp_path, tiny_model):
     out = cli("status").stdout
-    assert f"Model:    {tiny_model} (32-d vectors)" in out
+    assert f"Models:   {tiny_model} (32-d): 8 of 8 images, default" in out
     assert "8 indexed, 1 failed, 0 missing" in out and "consistent with the catalog" in out
     failed = cli("status", "--failed").stdout
     assert failed.startswith(f"{tmp_path / 'lib' / 'bad.jpg'}: ") and "cannot be decoded" in failed
@@ -134,7 +134,7 @@ def test_remove_and_rebuild(cli, library, tmp_path):
 
 
 def test_a_deleted_faiss_file_is_rebuilt_with_a_warning(cli, library, tmp_path):
-    (tmp_path / "home" / "vectors.faiss").unlink()
+    faiss_file(tmp_path / "home").unlink()
     result = cli("query", library[3], "--paths-only", "-k", "1")
     assert result.stdout.strip() == str(library[3])
     assert "warning: Rebuilding the vector index" in result.stderr
@@ -148,9 +148,9 @@ def test_library_logs_after_a_command_reach_the_current_stderr(cli, library, cap
 
 
 def test_errors_are_one_line_with_exit_1(cli, library, tmp_path, other_tiny_model):
-    mismatch = cli("index", tmp_path / "lib", "--model", other_tiny_model, code=1)
-    assert mismatch.stderr.startswith("Error: The index in") and mismatch.stderr.count("\n") == 1
-    assert "Traceback" not in mismatch.output
+    unknown = cli("query", "x", "--model", other_tiny_model, code=1)
+    assert unknown.stderr.startswith("Error: The index in") and unknown.stderr.count("\n") == 1
+    assert "has no vectors by" in unknown.stderr and "Traceback" not in unknown.output
     missing = cli("index", tmp_path / "nowhere", code=1)
     assert "does not exist" in missing.stderr
 

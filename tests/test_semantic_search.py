@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from clipsearch.cli import app
 from clipsearch.encoder import Encoder
 from clipsearch.index import Index
-from clipsearch.scenes import COLOURS, SHAPES, read_manifest, write_scenes
 from clipsearch.search import zero_shot
+from clipsearch.training.scenes import COLOURS, SHAPES, read_manifest, write_scenes
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
 UNSEEN_SEED = 4242  # the demo model trained on seed 0 only

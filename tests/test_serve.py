@@ -159,7 +159,7 @@ def test_similar_uses_the_stored_vector_and_leaves_the_image_out(served, encoded
     source = ids_by_path(service)[library[5]]
     body = ok(client.get(f"/api/similar/{source}", params={"k": 4}))
     assert encoded == []  # nothing went through the image tower
-    vector = service._files.vectors_by_fingerprint([service._files.fingerprint(source)])
+    vector = service._files.vectors_by_fingerprint(service.index.model, [service._files.fingerprint(source)])
     (stored,) = vector.values()
     expected = [hit.to_json() for hit in service.index.search(stored, k=5) if hit.id != source][:4]
     assert body["hits"] == expected and len(expected) == 4
@@ -170,7 +170,8 @@ def test_similar_uses_the_stored_vector_and_leaves_the_image_out(served, encoded
 def test_a_query_term_may_be_a_vector(served):
     _, service, library = served
     image_id = ids_by_path(service)[library[3]]
-    (stored,) = service._files.vectors_by_fingerprint([service._files.fingerprint(image_id)]).values()
+    key = service._files.fingerprint(image_id)
+    (stored,) = service._files.vectors_by_fingerprint(service.index.model, [key]).values()
     assert service.index.search([(1.0, stored)], k=1)[0].id == image_id
     assert service.index.search(stored, k=1)[0].id == image_id
     assert service._files.fingerprint(10**9) is None

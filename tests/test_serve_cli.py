@@ -86,6 +86,13 @@ def test_a_port_in_use_is_one_line(home):
     assert result.output.strip() == expected
 
 
+def test_a_model_the_index_has_no_vectors_by_is_one_line(home, other_tiny_model, served):
+    result = serve(home, "--model", other_tiny_model)
+    assert result.exit_code == 1 and served == []
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: The index in") and f"has no vectors by {other_tiny_model}" in line
+
+
 def test_no_index_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["--home", str(tmp_path / "nothing"), "serve", "--port", "0"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1

@@ -32,6 +32,12 @@ def serve(
         show_default=False,
     ),
     open_browser: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model to search with (default: the index's default model, the first it was built with).",
+    ),
 ) -> None:
     """Search the index from a web page with thumbnails (needs `pip install 'clipsearch[serve]'`).
 
@@ -52,7 +58,7 @@ def serve(
         token = secrets.token_urlsafe(16)
     listener = _listen(host, port)
     try:
-        service = Service.open(settings.home or default_home(), settings.device)
+        service = Service.open(settings.home or default_home(), settings.device, model)
     except ClipsearchError:
         listener.close()
         raise

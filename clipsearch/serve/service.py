@@ -52,10 +52,10 @@ class Service:
         self._files_lock = threading.Lock()
 
     @classmethod
-    def open(cls, home: Path, device: str = "auto", max_pixels: int = MAX_PIXELS) -> Service:
-        """Open the index in ``home`` read-only and load its model; drop the cached thumbnails
-        of files the catalog no longer holds."""
-        index = Index.open(home, device=device, create=False, readonly=True)
+    def open(cls, home: Path, device: str = "auto", model: str | None = None, max_pixels: int = MAX_PIXELS) -> Service:
+        """Open the index in ``home`` read-only and load the model it searches with (``model``,
+        else the index's default); drop the cached thumbnails of files it no longer holds."""
+        index = Index.open(home, model, device=device, create=False, readonly=True)
         try:
             files = Catalog.open(home, readonly=True)
         except BaseException:
@@ -63,6 +63,7 @@ class Service:
             raise
         service = cls(index, files, Thumbnails(index.home), max_pixels)
         try:
+            index.status()  # loads the FAISS file; refuses a model the index has no vectors by
             index.encoder("both")
             states = files.file_states().values()
             service.thumbnails.prune({s.fingerprint for s in states if s.status == STATUS_INDEXED and s.fingerprint})
@@ -95,7 +96,7 @@ class Service:
         """Nearest to an indexed image's stored vector (nothing re-encoded), itself left out."""
         with self._files_lock:
             key = self._files.fingerprint(image_id)
-            vector = self._files.vectors_by_fingerprint([key]).get(key) if key is not None else None
+            vector = self._files.vectors_by_fingerprint(self.index.model, [key]).get(key) if key else None
         if vector is None:
             raise NotFound(f"No indexed image has id {image_id}.")
         # One more than asked for: the image itself is among its own nearest.

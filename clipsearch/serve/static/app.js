@@ -343,6 +343,10 @@ function renderStatus(s) {
       `thumbnails ${formatBytes(s.thumbnail_bytes)}`],
     ["Index run", s.indexing === null ? "unknown" : s.indexing ? "going on now" : "none"],
   ];
+  if ((s.models || []).length > 1) {
+    rows.splice(2, 0, ["Models", s.models.map((m) =>
+      `${m.name}: ${m.vectors.toLocaleString()} vectors${m.default ? " (default)" : ""}`).join("; ")]);
+  }
   ui.statusFields.replaceChildren(...rows.flatMap(([term, value]) => {
     const dt = document.createElement("dt");
     dt.textContent = term;
