@@ -444,12 +444,11 @@ def _remove_orphans(home: Path) -> None:
 
 
 def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one owned by another user answers PermissionError: alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by another user
-        return True
     return True
 
 
