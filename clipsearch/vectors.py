@@ -1,7 +1,10 @@
 """The FAISS index over the catalog's vectors: derived data, rebuilt whenever it cannot be trusted.
 
-Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids
-(`IndexIDMap2`), so a hit joins the catalog without a side table.
+Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids,
+so a hit joins the catalog without a side table. Inverted files keep those ids in their lists
+themselves; other index types get them from an `IndexIDMap2` around them. (An IDMap2 around an
+inverted file answers wrong ids once vectors are removed: it assumes the index inside renumbers
+what is left, as a flat index does, and an inverted file does not.)
 
 Each model that encoded the catalog has its own file, `vectors-<model id>.faiss`: the FAISS index
 as `faiss.write_index` writes it, then a JSON stamp (which catalog and model it belongs to, the
@@ -115,11 +118,13 @@ class VectorIndex:
         if index_type == "auto":
             index_type = choose_index_type(n, dim, memory_budget)
         try:
-            index = faiss.index_factory(dim, "IDMap2," + index_type, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError:
             raise IndexStateError(
                 f"{index_type!r} is not an index type FAISS knows; use auto, Flat, HNSW32 or IVF1024,Flat."
             ) from None
+        if faiss.try_extract_index_ivf(index) is None:
+            index = faiss.IndexIDMap2(index)
         if not index.is_trained:
             _train(index, vectors, index_type)
         index.add_with_ids(vectors, ids)
@@ -165,7 +170,7 @@ class VectorIndex:
         else:
             if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
                 return current
-            gone = np.setdiff1d(faiss.vector_to_array(index.id_map), changes.held, assume_unique=True)
+            gone = np.setdiff1d(held_ids(index), changes.held, assume_unique=True)
             outdated = np.union1d(changes.outdated, gone)
             reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
         if reason is not None:
@@ -190,7 +195,7 @@ class VectorIndex:
     def _why_not_update(self, changes: int, count: int, catalog: Catalog) -> str | None:
         """Why this index must be rebuilt rather than take ``changes`` vectors in and out to hold
         ``count``; None if it need not."""
-        if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+        if isinstance(_inner(self.index), faiss.IndexHNSW):
             return "an HNSW graph cannot drop vectors"
         if catalog.get_meta("index_type") in (None, "", "auto") and count:
             wanted = choose_index_type(count, self.index.d)
@@ -393,7 +398,7 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         name, values = "nprobe", [2**i for i in range(int(np.log2(ivf.nlist)) + 1)]
-    elif isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW):
+    elif isinstance(_inner(index), faiss.IndexHNSW):
         name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
     else:
         name, values = None, [None]
@@ -410,6 +415,22 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     return recall
 
 
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """The catalog ids an index holds, from its inverted lists or its id map."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
+    lists = ivf.invlists
+    held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(ivf.nlist)]
+    return np.sort(np.concatenate([np.zeros(0, np.int64), *held]))
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index an IDMap2 wraps (or the index itself)."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
 def _others(results: np.ndarray, own: np.ndarray, k: int) -> list[np.ndarray]:
     return [row[row != own_id][:k] for row, own_id in zip(results, own)]
 
@@ -423,12 +444,11 @@ def _remove_orphans(home: Path) -> None:
 
 
 def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one owned by another user answers PermissionError: alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by another user
-        return True
     return True
 
 

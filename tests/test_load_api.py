@@ -296,7 +296,6 @@ def test_load_by_name_downloads_verifies_and_uses_registry_settings(monkeypatch,
         assert torch.equal(loaded.encode_text(tokens), build_model(model.state_dict()).encode_text(tokens))
 
 
-@pytest.mark.skipif(not registry.get("demo").bundled.is_dir(), reason="demo weights not shipped yet")
 def test_bundled_demo_model_loads():
     model, preprocess = clip.load("demo", device="cpu")
     assert model.tokenizer.bpe_path == registry.get("demo").bundled / "vocab.txt.gz"
