@@ -72,7 +72,7 @@ def file_path(root: Path, i: int) -> Path:
 def filled_home(count: int, model: Path) -> Path:
     """An index of ``count`` generated vectors, built once and kept."""
     from clipsearch import Index
-    from clipsearch.catalog import IndexedFile
+    from clipsearch.records import IndexedFile
 
     home = bench_dir(f"query-home-{count}")
     if (home / ".complete").exists():

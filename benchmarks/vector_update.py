@@ -27,7 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(ours_env())
 
-    from clipsearch.catalog import Catalog, IndexedFile
+    from clipsearch.catalog import Catalog
+    from clipsearch.records import IndexedFile
     from clipsearch.vectors import VectorIndex
 
     model = random_model(ARCH)

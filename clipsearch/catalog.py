@@ -8,10 +8,8 @@ rebuilt, so everything here favours never losing or corrupting a row over raw sp
   indexer batch is cheap, and a power cut then loses at most the batch in flight). WAL mode lets
   queries read while an indexer writes.
 - A file SQLite cannot read is reported with its path and never recreated or emptied.
-- The schema is owned by the Alembic revisions in `migrations/` (installed as
-  `clipsearch.migrations`); opening an older catalog upgrades it, a newer one is refused.
-  Alembic is only imported when the stored revision is not `HEAD_REVISION`, which keeps opening
-  an up-to-date catalog (every `clipsearch query`) cheap.
+- The schema is owned by the Alembic revisions in `migrations/`; opening an older catalog
+  upgrades it (`clipsearch.migrate`), a newer one is refused.
 
 A `Catalog` holds one SQLite connection: use it from one thread at a time.
 """
@@ -25,111 +23,38 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
 
-from clipsearch import __version__
 from clipsearch.errors import IndexStateError
+from clipsearch.migrate import ensure_schema
+from clipsearch.records import (
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    STATUS_MISSING,
+    STATUSES,
+    Changes,
+    FailedFile,
+    FileState,
+    ImageRow,
+    IndexedFile,
+    StoredModel,
+)
+from clipsearch.sqlite_errors import SQLITE_BUSY, error_code, sqlite_errors
 
 if TYPE_CHECKING:
-    from alembic.config import Config
     from sqlalchemy import Connection
 
-STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING = "indexed", "failed", "missing"
 
 CATALOG_FILE = "catalog.db"
 LOCK_FILE = "index.lock"
 
-# The newest revision in migrations/versions (a test keeps the two in step). Comparing the
-# stored revision with it avoids loading Alembic's script directory on every open.
-HEAD_REVISION = "0003"
-
 _BUSY_TIMEOUT_MS = 10_000
 _LOCK_POLL_S = 0.1
 _CHUNK = 10_000  # vectors per fetch when reading them all
-
-
-def encode_path(path: str | os.PathLike[str] | bytes) -> bytes:
-    """The catalog key of a file: its absolute path as bytes, symlinks left unresolved."""
-    return os.fsencode(os.path.abspath(os.fspath(path)))
-
-
-def decode_path(path: bytes) -> Path:
-    return Path(os.fsdecode(path))
-
-
-def __getattr__(name: str) -> Any:
-    """The typed models (`clipsearch.schema`) under the names they had here, for
-    migrations/env.py, imported only when asked for."""
-    if name in ("Base", "Image", "Vector", "Meta"):
-        from clipsearch import schema
-
-        return getattr(schema, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class Changes(NamedTuple):
-    """How the catalog's vectors moved on since some generation (`Catalog.changes_since`)."""
-
-    generation: int  # the catalog's, now
-    outdated: np.ndarray  # int64 ids whose vector was set or dropped since
-    ids: np.ndarray  # int64: those of them indexed now...
-    vectors: np.ndarray  # ...and their vectors, float32 [len(ids), dim]
-    # int64, every indexed id now, ordered: rows deleted outright left no record, and are the
-    # ids a FAISS file holds that this lacks.
-    indexed: np.ndarray
-
-
-class FileState(NamedTuple):
-    """What the indexer's diff needs to know about one catalog row.
-
-    A NamedTuple rather than a frozen dataclass: `file_states` builds one per file, and at 100k
-    files that is half the cost of the call.
-    """
-
-    id: int
-    size: int
-    mtime_ns: int
-    status: str
-    fingerprint: bytes | None
-
-
-@dataclass
-class IndexedFile:
-    """A successfully encoded (or vector-reused) file to upsert."""
-
-    path: bytes
-    size: int
-    mtime_ns: int
-    fingerprint: bytes
-    width: int
-    height: int
-    vector: np.ndarray  # float32 [dim], L2-normalised
-
-
-@dataclass
-class FailedFile:
-    path: bytes
-    size: int
-    mtime_ns: int
-    fingerprint: bytes | None
-    error: str
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    """What a search hit is joined with."""
-
-    id: int
-    path: bytes
-    size: int
-    mtime_ns: int
-    width: int | None
-    height: int | None
 
 
 class Catalog:
@@ -171,10 +96,10 @@ class Catalog:
                 f"The index folder {home} cannot be written; queries still work, but to change the "
                 "index fix its permissions or use another --home."
             )
-        with _sqlite_errors(db):
+        with sqlite_errors(db):
             catalog = cls(home, _connect(db, readonly=readonly, create=create), readonly)
         try:
-            catalog._check_schema(create)
+            ensure_schema(catalog, create=create)
         except BaseException:
             catalog.close()
             raise
@@ -195,12 +120,59 @@ class Catalog:
     # --- settings -------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        with self._read() as db:
+        with self.read() as db:
             return _get_meta(db, key)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._transaction(write=True) as conn:
+        with self.transaction() as conn:
             _set_meta(conn, key, value)
+
+    @property
+    def catalog_id(self) -> str:
+        """Minted with the catalog, never changed: a FAISS file names the catalog it came from."""
+        return self.get_meta("catalog_id") or ""
+
+    @property
+    def default_model(self) -> str | None:
+        """The model queries use when none is named: the first one that encoded anything, or
+        the one a user chose (`set_default_model`)."""
+        return self.get_meta("default_model")
+
+    def models(self) -> list[StoredModel]:
+        """Every model that has encoded images into this catalog, oldest first."""
+        query = (
+            "SELECT m.id, m.name, m.dim, (SELECT count(*) FROM vectors AS v WHERE v.model_id = m.id) "
+            "FROM models AS m ORDER BY m.id"
+        )
+        with self.read() as db:
+            return [StoredModel(*row) for row in db.execute(query)]
+
+    def model(self, name: str) -> StoredModel | None:
+        return next((m for m in self.models() if m.name == name), None)
+
+    def set_default_model(self, name: str) -> None:
+        if self.model(name) is None:
+            raise IndexStateError(f"The index in {self.home} holds no vectors by {name}; index with it first.")
+        self.set_meta("default_model", name)
+
+    def drop_model(self, name: str) -> bool:
+        """Forget a model's vectors (the files stay indexed for the others); False if it had none.
+        The default passes to the oldest model left."""
+        from sqlalchemy import delete
+
+        from clipsearch.schema import Model
+
+        with self.transaction() as conn:
+            if not conn.execute(delete(Model).where(Model.name == name)).rowcount:
+                return False
+            _bump_generation(conn)
+            if _get_meta(self._db, "default_model") == name:
+                left = self._db.execute("SELECT name FROM models ORDER BY id LIMIT 1").fetchone()
+                if left is None:
+                    conn.exec_driver_sql("DELETE FROM meta WHERE key = 'default_model'")
+                else:
+                    _set_meta(conn, "default_model", left[0])
+        return True
 
     @property
     def generation(self) -> int:
@@ -209,38 +181,45 @@ class Catalog:
 
     # --- reads ----------------------------------------------------------------------------
 
-    def file_states(self) -> dict[bytes, FileState]:
-        """Every row, keyed by path, in one query: the indexer's diff runs against this."""
-        query = "SELECT path, id, size, mtime_ns, status, fingerprint FROM images"
-        with self._read() as db:
-            rows = db.execute(query).fetchall()
+    def file_states(self, model: str | None = None) -> dict[bytes, FileState]:
+        """Every row, keyed by path, in one query: the indexer's diff runs against this.
+        ``encoded`` says whether ``model`` has a vector for the row."""
+        query = (
+            "SELECT path, images.id, size, mtime_ns, status, fingerprint, v.image_id IS NOT NULL FROM images "
+            "LEFT JOIN vectors AS v ON v.image_id = images.id "
+            "AND v.model_id = (SELECT id FROM models WHERE name = ?)"
+        )
+        with self.read() as db:
+            rows = db.execute(query, (model,)).fetchall()
         return {row[0]: FileState._make(row[1:]) for row in rows}
 
-    def vectors_by_fingerprint(self, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
-        """Vectors of indexed rows with these fingerprints, so moved or copied files skip encoding."""
+    def vectors_by_fingerprint(self, model: str, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
+        """``model``'s vectors of rows with these fingerprints, so moved or copied files skip encoding."""
         # One indexed lookup each: SQLite has no array parameter for blobs, and these are the
         # few files about to be decoded anyway.
         query = (
-            "SELECT vectors.vector FROM images JOIN vectors ON vectors.image_id = images.id "
-            "WHERE images.fingerprint = ? LIMIT 1"
+            "SELECT v.vector FROM images JOIN vectors AS v ON v.image_id = images.id "
+            "JOIN models AS m ON m.id = v.model_id WHERE images.fingerprint = ? AND m.name = ? LIMIT 1"
         )
         found: dict[bytes, np.ndarray] = {}
-        with self._read() as db:
+        with self.read() as db:
             for fingerprint in set(fingerprints):
-                row = db.execute(query, (fingerprint,)).fetchone()
+                row = db.execute(query, (fingerprint, model)).fetchone()
                 if row is not None:
                     found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32)
         return found
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], vectors float32 [n, dim]) of the indexed rows, ordered by id."""
-        with self._read() as db:
-            n = db.execute("SELECT count(*) FROM images WHERE status = ?", (STATUS_INDEXED,)).fetchone()[0]
+    def all_vectors(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], vectors float32 [n, dim]) of ``model``'s vectors, ordered by image id."""
+        with self.read() as db:
+            n = db.execute("SELECT count(*) FROM vectors WHERE model_id = ?", (model.id,)).fetchone()[0]
             ids = np.empty(n, dtype=np.int64)
             vectors = None
             start = 0
             # Chunks go straight into the result: peak memory stays near its float32 size.
-            cursor = db.execute("SELECT image_id, vector FROM vectors ORDER BY image_id")
+            cursor = db.execute(
+                "SELECT image_id, vector FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,)
+            )
             while rows := cursor.fetchmany(_CHUNK):
                 row_ids, blobs = zip(*rows)
                 chunk = _vectors_of(blobs)
@@ -250,33 +229,35 @@ class Catalog:
                 vectors[start : start + len(rows)] = chunk
                 start += len(rows)
             if vectors is None:
-                vectors = np.empty((0, int(_get_meta(db, "dim") or 0)), dtype=np.float32)
+                vectors = np.empty((0, model.dim), dtype=np.float32)
         return ids, vectors
 
-    def changes_since(self, generation: int) -> Changes | None:
-        """What a FAISS file of catalog ``generation`` must take in to match the catalog as it is,
-        read in one snapshot; None where the record of changes does not reach back that far (or
-        ``generation`` is ahead of the catalog)."""
-        with self._read() as db:
+    def changes_since(self, generation: int, model: StoredModel) -> Changes | None:
+        """What ``model``'s FAISS file of catalog ``generation`` must take in to match the catalog
+        as it is, read in one snapshot; None where the record of changes does not reach back that
+        far (or ``generation`` is ahead of the catalog)."""
+        with self.read() as db:
             now = int(_get_meta(db, "generation") or 0)
             since = _get_meta(db, "changes_logged_since")
             if since is None or not int(since) <= generation <= now:
                 return None
-            # Exactly the indexed rows have a vector: the others' ids come back with None.
+            # Rows whose vectors changed, by any model: those without one by this model now come
+            # back with None (a few may never have had one; dropping them is a no-op).
             rows = db.execute(
-                "SELECT i.id, v.vector FROM images AS i LEFT JOIN vectors AS v ON v.image_id = i.id "
+                "SELECT i.id, v.vector FROM images AS i "
+                "LEFT JOIN vectors AS v ON v.image_id = i.id AND v.model_id = ? "
                 "WHERE i.vector_generation > ? ORDER BY i.id",
-                (generation,),
+                (model.id, generation),
             ).fetchall()
-            indexed = db.execute("SELECT id FROM images WHERE status = ? ORDER BY id", (STATUS_INDEXED,)).fetchall()
-            dim = int(_get_meta(db, "dim") or 0)
+            held = db.execute("SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,))
+            held = held.fetchall()
         kept = [row for row in rows if row[1] is not None]
         return Changes(
             generation=now,
             outdated=np.array([row[0] for row in rows], dtype=np.int64),
             ids=np.array([row[0] for row in kept], dtype=np.int64),
-            vectors=_vectors_of([row[1] for row in kept], dim).astype(np.float32),
-            indexed=np.array([row[0] for row in indexed], dtype=np.int64),
+            vectors=_vectors_of([row[1] for row in kept], model.dim).astype(np.float32),
+            held=np.array([row[0] for row in held], dtype=np.int64),
         )
 
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
@@ -286,38 +267,68 @@ class Catalog:
             "SELECT id, path, size, mtime_ns, width, height FROM images "
             "WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
         )
-        with self._read() as db:
+        with self.read() as db:
             rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
         return {row[0]: ImageRow(*row) for row in rows}
 
+    def fingerprint(self, image_id: int) -> bytes | None:
+        """The content fingerprint of an indexed row, None when there is no such row: the web
+        page's thumbnails are cached by it, and its `vectors_by_fingerprint` is "similar images"."""
+        query = "SELECT fingerprint FROM images WHERE id = ? AND status = ?"
+        with self.read() as db:
+            row = db.execute(query, (image_id, STATUS_INDEXED)).fetchone()
+        return row[0] if row else None
+
     def counts(self) -> dict[str, int]:
         """Rows by status, every status present (zero when none)."""
-        with self._read() as db:
+        with self.read() as db:
             found = dict(db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
-        return {status: found.get(status, 0) for status in (STATUS_INDEXED, STATUS_FAILED, STATUS_MISSING)}
+        return {status: found.get(status, 0) for status in STATUSES}
 
     def failures(self) -> list[tuple[bytes, str]]:
         query = "SELECT path, error FROM images WHERE status = ? ORDER BY path"
-        with self._read() as db:
+        with self.read() as db:
             return [(path, error or "") for path, error in db.execute(query, (STATUS_FAILED,))]
 
-    def integrity_problems(self) -> list[str]:
-        """SQLite's own full check (`PRAGMA integrity_check`); empty when the file is sound."""
-        with self._read() as db:
-            lines = [row[0] for row in db.execute("PRAGMA integrity_check")]
-        return [] if lines == ["ok"] else lines
+    def missing(self) -> list[bytes]:
+        """Files indexed once and gone from disk since (kept until `forget_missing`)."""
+        with self.read() as db:
+            return [
+                row[0]
+                for row in db.execute("SELECT path FROM images WHERE status = ? ORDER BY path", (STATUS_MISSING,))
+            ]
+
+    def forget_missing(self) -> int:
+        """Delete the rows of files that are gone; returns how many."""
+        from sqlalchemy import delete
+
+        from clipsearch.schema import Image
+
+        with self.transaction() as conn:
+            forgotten = conn.execute(delete(Image).where(Image.status == STATUS_MISSING)).rowcount
+            if forgotten:
+                _bump_generation(conn)
+        return forgotten
 
     # --- writes ---------------------------------------------------------------------------
 
     def commit_batch(
         self,
+        model: str | None = None,
         indexed: Sequence[IndexedFile] = (),
         failed: Sequence[FailedFile] = (),
         missing: Sequence[bytes] = (),
     ) -> None:
-        """Record one indexer batch in one transaction: a crash keeps all of it or none of it."""
+        """Record one indexer batch in one transaction: a crash keeps all of it or none of it.
+
+        ``indexed`` files carry ``model``'s vectors; the first batch that does records the model
+        (and makes it the default if there is none). A file whose content changed keeps no other
+        model's vector: those models re-encode it when next used.
+        """
         if not (indexed or failed or missing):
             return
+        if indexed and model is None:
+            raise ValueError("indexed files need the model that encoded them")
         from sqlalchemy import bindparam, delete, select, update
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -326,8 +337,15 @@ class Catalog:
         now = time.time()
         # The vectors table is keyed by image id, which the upsert below decides: look it up by path.
         id_of = select(Image.id).where(Image.path == bindparam("image_path")).scalar_subquery()
-        with self._transaction(write=True) as conn:
+        with self.transaction() as conn:
             generation = _bump_generation(conn)
+            model_id = self._record_model(conn, model, len(indexed[0].vector)) if indexed else None
+            if indexed:
+                conn.exec_driver_sql(
+                    "DELETE FROM vectors WHERE model_id != ? AND image_id IN "
+                    "(SELECT id FROM images WHERE path = ? AND fingerprint IS NOT ?)",
+                    [(model_id, f.path, f.fingerprint) for f in indexed],
+                )
 
             def stat(f: IndexedFile | FailedFile) -> dict:
                 return dict(
@@ -354,10 +372,10 @@ class Catalog:
                     [{"image_path": path} for path in missing],
                 )
             if indexed:
-                upsert = sqlite_insert(Vector).values(image_id=id_of, vector=bindparam("blob"))
+                upsert = sqlite_insert(Vector).values(image_id=id_of, model_id=model_id, vector=bindparam("blob"))
                 conn.execute(
                     upsert.on_conflict_do_update(
-                        index_elements=[Vector.image_id], set_={"vector": upsert.excluded.vector}
+                        index_elements=[Vector.image_id, Vector.model_id], set_={"vector": upsert.excluded.vector}
                     ),
                     [{"image_path": f.path, "blob": _vector_blob(f.vector)} for f in indexed],
                 )
@@ -366,6 +384,26 @@ class Catalog:
                     delete(Vector).where(Vector.image_id == id_of),
                     [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
                 )
+
+    def _record_model(self, conn: Connection, name: str | None, dim: int) -> int:
+        """The id of model ``name``, recorded now if this is its first vector."""
+        row = self._db.execute("SELECT id, dim FROM models WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            if row[1] != dim:
+                raise IndexStateError(
+                    f"The index in {self.home} holds {row[1]}-dimensional vectors by {name}, which now makes "
+                    f"{dim}-dimensional ones; the weights at that path changed: drop the old vectors with "
+                    f"`clipsearch models drop {name}`, then index again."
+                )
+            return int(row[0])
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        from clipsearch.schema import Model
+
+        inserted = conn.execute(sqlite_insert(Model).values(name=name, dim=dim, created_at=time.time()))
+        if _get_meta(self._db, "default_model") is None and name is not None:
+            _set_meta(conn, "default_model", name)
+        return int(inserted.inserted_primary_key[0])
 
     def remove(self, prefixes: Sequence[bytes]) -> int:
         """Delete the rows at or below these paths; returns how many went.
@@ -379,7 +417,7 @@ class Catalog:
         from clipsearch.schema import Image
 
         removed = 0
-        with self._transaction(write=True) as conn:
+        with self.transaction() as conn:
             for prefix in prefixes:
                 folder = prefix.rstrip(b"/")
                 below = (Image.path >= folder + b"/") & (Image.path < folder + b"0")
@@ -439,25 +477,32 @@ class Catalog:
                 poolclass=StaticPool,
                 isolation_level="AUTOCOMMIT",  # transactions are ours: see Catalog._begin
             )
-            with _sqlite_errors(self.path):
+            with sqlite_errors(self.path):
                 self._sqlalchemy = engine.connect()
         return self._sqlalchemy
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction on the sqlite3 connection: one snapshot, never waiting for a writer."""
         with self._begin(self._db.execute, write=False):
             yield self._db
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        """A transaction for SQLAlchemy statements, begun through SQLAlchemy so that it (and
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction for SQLAlchemy statements, begun through SQLAlchemy so that it (and
         Alembic) knows one is open and neither begins nor commits one of its own."""
-        if write:
-            self._require_writable()
+        self._require_writable()
         conn = self._conn
-        with self._begin(conn.exec_driver_sql, write):
+        with self._begin(conn.exec_driver_sql, write=True):
             yield conn
+
+    def set_meta_in(self, conn: Connection, values: dict[str, str]) -> None:
+        """Settings written inside a transaction already open (`transaction()`)."""
+        for key, value in values.items():
+            _set_meta(conn, key, value)
+
+    def no_index(self) -> IndexStateError:
+        return _no_index(self.home)
 
     @contextmanager
     def _begin(self, execute: Callable[[str], object], write: bool) -> Iterator[None]:
@@ -467,7 +512,7 @@ class Catalog:
         before anything is read, so a write never fails half-way on a lock upgrade. Reads use a
         deferred BEGIN, which in WAL mode never waits for a writer and sees one snapshot.
         """
-        with _sqlite_errors(self.path):
+        with sqlite_errors(self.path):
             execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield
@@ -477,69 +522,6 @@ class Catalog:
                 if self._db.in_transaction:
                     execute("ROLLBACK")
                 raise
-
-    def _check_schema(self, create: bool) -> None:
-        with self._read() as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            revision = None
-            if "alembic_version" in tables:
-                found = db.execute("SELECT version_num FROM alembic_version").fetchone()
-                revision = found[0] if found else None
-        if revision == HEAD_REVISION:
-            return
-        if revision is None and tables:
-            raise IndexStateError(f"{self.path} is an SQLite file but not a clipsearch catalog; choose another --home.")
-        if revision is None and not create:
-            raise _no_index(self.home)
-        self._upgrade(revision)
-
-    def _upgrade(self, revision: str | None) -> None:
-        """Bring the schema to head with Alembic, in one transaction (SQLite has transactional DDL)."""
-        from alembic import command
-        from alembic.script import ScriptDirectory
-        from alembic.util import CommandError
-
-        config = alembic_config()
-        if revision is not None:
-            try:
-                ScriptDirectory.from_config(config).get_revision(revision)
-            except CommandError:
-                raise IndexStateError(
-                    f"The index in {self.home} was written by a newer clipsearch (schema {revision}); "
-                    "upgrade clipsearch to use it."
-                ) from None
-        if self.readonly:
-            raise IndexStateError(
-                f"The index in {self.home} needs a schema upgrade, which needs write access; "
-                "open it once without read-only mode."
-            )
-        with self._transaction(write=True) as conn:
-            # Inside our transaction Alembic neither begins nor commits: the upgrade is atomic.
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
-            if revision is None:
-                for key, value in {
-                    "created_at": str(time.time()),
-                    "clipsearch_version": __version__,
-                    "generation": "0",
-                }.items():
-                    _set_meta(conn, key, value)
-
-
-def alembic_config() -> Config:
-    """Alembic settings for the installed migrations, without an alembic.ini.
-
-    Pass an open SQLAlchemy connection in `config.attributes["connection"]` before running a
-    command; migrations/env.py uses it.
-    """
-    from alembic.config import Config
-
-    import clipsearch.migrations
-
-    config = Config()
-    location = str(Path(clipsearch.migrations.__file__).parent)
-    config.set_main_option("script_location", location.replace("%", "%%"))  # ConfigParser syntax
-    return config
 
 
 def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
@@ -581,68 +563,9 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as e:
-            if _error_code(e) != _SQLITE_BUSY or time.monotonic() >= deadline:
+            if error_code(e) != SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(_LOCK_POLL_S)
-
-
-# SQLite's primary result codes for errors a person can act on; Python < 3.11 exposes only the
-# message, so the messages map to the same codes.
-_SQLITE_BUSY, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 8, 10, 11
-_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
-_CODES_BY_MESSAGE = {
-    "database is locked": _SQLITE_BUSY,
-    "readonly database": _SQLITE_READONLY,
-    "disk i/o error": _SQLITE_IOERR,
-    "malformed": _SQLITE_CORRUPT,
-    "database or disk is full": _SQLITE_FULL,
-    "unable to open database file": _SQLITE_CANTOPEN,
-    "file is not a database": _SQLITE_NOTADB,
-}
-
-
-def _error_code(error: sqlite3.Error) -> int | None:
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF
-    message = str(error).lower()
-    return next((code for text, code in _CODES_BY_MESSAGE.items() if text in message), None)
-
-
-@contextmanager
-def _sqlite_errors(db: Path) -> Iterator[None]:
-    """Turn SQLite failures a person can act on into IndexStateError naming the file.
-
-    SQLAlchemy wraps the sqlite3 error of a statement it ran in ``orig``.
-    """
-    try:
-        yield
-    except Exception as e:
-        error = getattr(e, "orig", e)
-        if not isinstance(error, sqlite3.Error):
-            raise
-        code = _error_code(error)
-        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-            message = (
-                f"{db} is damaged ({error}); it was left untouched: restore it from a backup, "
-                "or move it away and index again."
-            )
-        elif code == _SQLITE_FULL:
-            message = (
-                f"The disk holding {db} is full; free some space and run the command again "
-                "(everything committed before is kept)."
-            )
-        elif code == _SQLITE_READONLY:
-            message = f"{db} cannot be written ({error}); fix its folder's permissions or use another --home."
-        elif code == _SQLITE_CANTOPEN:
-            message = f"{db} cannot be opened ({error}); check that {db.parent} and the file are readable."
-        elif code == _SQLITE_BUSY:
-            message = f"{db} stayed locked by another process; wait for it to finish, then run this again."
-        elif code == _SQLITE_IOERR:
-            message = f"Reading or writing {db} failed ({error}); check the disk, then run the command again."
-        else:
-            raise
-        raise IndexStateError(message) from e
 
 
 def _no_index(home: Path) -> IndexStateError:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import typer
 
 from clipsearch import __version__
+from clipsearch.cli_settings import settings
 
 if TYPE_CHECKING:
     from clipsearch.index import Index, Status
@@ -30,7 +31,7 @@ app = typer.Typer(
     name="clipsearch",
     help="Find your photos by describing them: index folders once, then search them with text or an example image.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs are re-flowed, not printed line by line
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -39,25 +40,44 @@ models_app = typer.Typer(help="List the models clipsearch knows, or download one
 app.add_typer(models_app, name="models")
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cmd | head` leaves for a Unix tool cut off by its reader
 EXIT_SOME_FAILED = 3  # the run finished, but some files could not be indexed
-
-
-class _Settings:
-    """The global options, shared by every command of one invocation."""
-
-    home: Path | None = None
-    device: str = "auto"
-    verbose: bool = False
-    quiet: bool = False
-
-
-settings = _Settings()
 
 
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"clipsearch {__version__}")
         raise typer.Exit()
+
+
+def _check_device(value: str) -> str:
+    """A device that cannot exist here is a usage error, found before any model loads."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if value.startswith("cuda"):
+        import torch
+
+        index = int(value.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            found = torch.cuda.device_count()
+            raise typer.BadParameter(f"{value} asked for, but this machine has {found or 'no'} CUDA GPU(s)")
+    elif value == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise typer.BadParameter("mps asked for, but this machine has no Apple GPU")
+    return value
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def _check_precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")
+    return value
 
 
 @app.callback()
@@ -68,7 +88,9 @@ def _global_options(
         help="Index folder (default: $CLIPSEARCH_HOME, else ~/.local/share/clipsearch).",
         show_default=False,
     ),
-    device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option(
+        "auto", "--device", callback=_check_device, help="Where the model runs: auto, cpu, cuda, cuda:1, mps."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say more; show a traceback on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but results and errors."),
     version: bool = typer.Option(
@@ -121,6 +143,11 @@ def _handle_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep Python's own flush of
+            # stdout at exit from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors (exit 2) and deliberate exits
         except Exception as err:
@@ -136,9 +163,10 @@ def _error(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _open(model: str | None = None, precision: str = "auto", reading: bool = False) -> Index:
-    """The index in --home. For ``reading`` it must exist already, and a read-only home is fine
-    (a writable one still gets a repaired FAISS file saved)."""
+def _open(model: str | None = None, precision: str = "auto", *, create: bool = False, reading: bool = False) -> Index:
+    """The index in --home, with ``model`` (default: the index's own). Only ``create`` makes
+    one where there is none. For ``reading``, a read-only home is fine (a writable one still
+    gets a repaired FAISS file saved)."""
     from clipsearch.index import Index
     from clipsearch.paths import default_home
 
@@ -148,8 +176,18 @@ def _open(model: str | None = None, precision: str = "auto", reading: bool = Fal
         model,
         device=settings.device,
         precision=precision,
-        create=not reading,
+        create=create,
         readonly=reading and not os.access(home, os.W_OK),
+    )
+
+
+def _model_option(action: str) -> Any:
+    return typer.Option(
+        None,
+        "--model",
+        "-m",
+        help=f"Model name (see `clipsearch models`) or checkpoint path to {action} (default: the index's "
+        "default model, the first it was built with).",
     )
 
 
@@ -165,7 +203,7 @@ def index_command(
         "--exclude",
         "-x",
         metavar="GLOB",
-        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. '*.png' or '*/exports/*'.",
+        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. `*.png` or `*/exports/*`.",
     ),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Descend into symlinked folders."),
     retry_failed: bool = typer.Option(
@@ -183,12 +221,14 @@ def index_command(
         None,
         "--model",
         "-m",
-        help="Model name (see `clipsearch models`) or checkpoint path; fixed when the index is created "
-        "(default: ViT-B/32).",
+        help="Model name (see `clipsearch models`) or checkpoint path. An index holds vectors by each model "
+        "it was run with (files already indexed by another model are only encoded), and the model named "
+        "here becomes the one queries use (default: the index's default model, else ViT-B/32).",
     ),
     precision: str = typer.Option(
         "auto",
         "--precision",
+        callback=_check_precision,
         help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 "
         "of fp32.",
     ),
@@ -202,7 +242,7 @@ def index_command(
     130 stopped by Ctrl-C (what was finished is kept); 1 error.
     """
     stop = threading.Event()
-    with _open(model, precision=precision) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
+    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
         report = index.add(
             paths,
             exclude=exclude,
@@ -213,8 +253,12 @@ def index_command(
             progress=progress,
             should_stop=stop.is_set,
         )
+        # The model a person names for a run is the one they mean to search next.
+        switched = model is not None and index.make_default_if_encoded()
     if not settings.quiet:
-        typer.echo(_summary(report))
+        typer.echo(_summary(report, index.home))
+        if switched:
+            typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -222,11 +266,12 @@ def index_command(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _summary(report: AddReport) -> str:
+def _summary(report: AddReport, home: Path) -> str:
+    load = f", model loaded in {report.model_load_s:.1f} s" if report.model_load_s else ""
     line = (
         f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
         f"failed {report.failed}, unchanged {report.unchanged} in {report.elapsed:.1f} s "
-        f"({report.images_per_s:.1f} images/s)"
+        f"({report.images_per_s:.1f} images/s{load}); index: {home}"
     )
     if report.failed:
         line += "; see the failures with `clipsearch status --failed`"
@@ -302,30 +347,37 @@ def query_command(
     subtract: list[str] = typer.Option(
         [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {path, score, width, height, mtime}."),
+    model: str | None = _model_option("search with"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array of {id, path, score, width, height, mtime, size}."
+    ),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+    preview: bool = typer.Option(
+        False, "--preview", help="Show thumbnails inline in kitty, iTerm2 and sixel terminals (elsewhere: paths)."
+    ),
 ) -> None:
     """Search the index with text, an example image, or a weighted mix of both."""
-    from clipsearch.search import parse_term
+    from clipsearch.search import as_term, parse_term
 
-    main = (1.0, Path(text)) if os.path.isfile(text) else (1.0, text)
-    terms = [main] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
-    with _open(reading=True) as index:
+    terms = [(1.0, as_term(text))] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
+    with _open(model, reading=True) as index:
         hits = index.search(terms, k=top, under=under, min_score=min_score)
     out = sys.stdout.buffer
     if as_json:
-        rows = [
-            {"path": str(h.path), "score": round(h.score, 6), "width": h.width, "height": h.height, "mtime": h.mtime}
-            for h in hits
-        ]
-        out.write((json.dumps(rows, indent=2) + "\n").encode())
+        out.write((json.dumps([h.to_json() for h in hits], indent=2) + "\n").encode())
     elif paths_only:
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
     elif hits:
-        # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
-        out.writelines(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n" for h in hits)
+        from clipsearch import preview as inline  # the standard library only, until an image is shown
+
+        protocol = inline.detect(tty=sys.stdout.isatty()) if preview else None
+        for h in hits:
+            if protocol:
+                out.write(inline.inline_image(h.path, protocol))
+            # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
+            out.write(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()
@@ -381,21 +433,41 @@ def _index_model() -> str:
 @_handle_errors
 def status_command(
     failed: bool = typer.Option(False, "--failed", help="List the files that could not be indexed, with the reason."),
+    missing: bool = typer.Option(
+        False,
+        "--missing",
+        help="List the files gone from disk since they were indexed (forget them with `clipsearch remove --missing`).",
+    ),
+    model: str | None = _model_option("describe"),
 ) -> None:
-    """Where the index is, its model, how many images it holds, and whether it is consistent."""
-    with _open(reading=True) as index:
-        if failed:
-            for path, reason in index.failures():
-                sys.stdout.buffer.write(os.fsencode(path) + f": {reason}\n".encode())
+    """Where the index is, its models and their coverage, how many images it holds, and whether
+    the vector file is consistent with the catalog."""
+    with _open(model, reading=True) as index:
+        if failed or missing:
+            out = sys.stdout.buffer
+            if failed:
+                for path, reason in index.failures():
+                    # Reasons often start with the file's name: it is said once, first.
+                    reason = reason.removeprefix(f"{path} ")
+                    out.write(os.fsencode(path) + f": {reason}\n".encode())
+            if missing:
+                out.writelines(os.fsencode(path) + b"\n" for path in index.missing())
+            out.flush()
             return
         typer.echo(_describe(index.status()))
 
 
 def _describe(status: Status) -> str:
+    from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUSES
+
     counts = status.counts
-    images = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("indexed", "failed", "missing"))
-    if counts.get("failed"):
+    images = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+    if counts.get(STATUS_FAILED):
         images += " (see `clipsearch status --failed`)"
+    models = [
+        f"{m.name} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images" + (", default" if m.default else "")
+        for m in status.models
+    ]
     vectors = f"{status.vectors_in_index} in a {status.index_type} index"
     if status.recall_at_10 is not None:
         vectors += f" (recall@10 {status.recall_at_10:.3f})"
@@ -404,13 +476,12 @@ def _describe(status: Status) -> str:
         if status.consistent
         else ", NOT consistent with the catalog (run `clipsearch rebuild`)"
     )
-    dim = f" ({status.dim}-d vectors)" if status.dim else ""
     return "\n".join(
         [
             f"Index:    {status.home}",
-            f"Model:    {status.model}{dim}",
             f"Images:   {images}",
-            f"Vectors:  {vectors}",
+            "Models:   " + ("\n          ".join(models) if models else "none yet (run `clipsearch index PATH`)"),
+            f"Vectors:  {status.model}: {vectors}",
             f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
         ]
     )
@@ -424,12 +495,18 @@ def _mb(size: int) -> str:
 @_handle_errors
 def remove_command(
     paths: list[Path] = typer.Argument(
-        ..., help="Files or folders to forget (nothing is deleted from disk).", show_default=False
+        None, help="Files or folders to forget (nothing is deleted from disk).", show_default=False
+    ),
+    missing: bool = typer.Option(
+        False, "--missing", help="Also forget every file gone from disk (see `clipsearch status --missing`)."
     ),
 ) -> None:
     """Drop files, or everything under folders, from the index."""
+    if not paths and not missing:
+        raise typer.BadParameter("name files or folders to forget, or pass --missing", param_hint="PATHS")
     with _open() as index:
-        removed = index.remove(paths)
+        removed = index.remove(paths) if paths else 0
+        removed += index.forget_missing() if missing else 0
     if not settings.quiet:
         typer.echo(f"Removed {removed} file(s) from the index.")
 
@@ -442,9 +519,10 @@ def rebuild_command(
         "--index-type",
         help="FAISS index: auto (exact while small, approximate when large), Flat, HNSW32, 'IVF4096,PQ64', ...",
     ),
+    model: str | None = _model_option("rebuild the vector index of"),
 ) -> None:
-    """Rebuild the vector index from the catalog (no image is re-encoded)."""
-    with _open() as index:
+    """Rebuild a model's vector index from the catalog (no image is re-encoded)."""
+    with _open(model) as index:
         status = index.rebuild(index_type)
     if not settings.quiet:
         typer.echo(_describe(status))
@@ -488,20 +566,64 @@ def download_command(
         typer.echo(f"{name}: {path}")
 
 
+@models_app.command("default")
+@_handle_errors
+def default_model_command(
+    name: str = typer.Argument(..., help="A model the index holds vectors by.", show_default=False),
+) -> None:
+    """Make NAME the model that `query` and `status` use when --model is not given."""
+    with _open(name) as index:
+        index.set_default_model()
+    if not settings.quiet:
+        typer.echo(f"Default model of {index.home}: {index.model}")
+
+
+@models_app.command("drop")
+@_handle_errors
+def drop_model_command(
+    name: str = typer.Argument(..., help="A model the index holds vectors by.", show_default=False),
+) -> None:
+    """Forget NAME's vectors in the index (the files stay indexed for the other models)."""
+    with _open(name) as index:
+        if not index.drop_model():
+            _error(f"The index in {index.home} holds no vectors by {index.model}.")
+    if not settings.quiet:
+        typer.echo(f"Dropped the vectors by {index.model} from {index.home}.")
+
+
 def _register_train() -> None:
-    try:
-        from clipsearch.cli_train import train
-    except ImportError:  # the training command is optional in a trimmed install
-        return
+    from clipsearch.training.command import train  # typer arguments only: torch comes in when it runs
+
     app.command("train")(_handle_errors(train))
 
 
 _register_train()
 
 
+def _register_serve() -> None:
+    from clipsearch.serve.command import serve  # typer options only: the web server comes in when it runs
+
+    app.command("serve")(_handle_errors(serve))
+
+
+_register_serve()
+
+
 def main() -> None:
-    """Entry point of the `clipsearch` script."""
+    """Entry point of the `clipsearch` script. Usage errors are one line, as other tools print
+    them, and exit 2; typer's framed message is for `--help`."""
+    # typer vendors click: its exceptions are these, not the click package's.
+    from typer._click import exceptions as click
+
     try:
-        app()
-    except KeyboardInterrupt:  # Ctrl-C outside a command (while parsing options)
-        sys.exit(EXIT_INTERRUPTED)
+        code = app(standalone_mode=False)
+    except click.UsageError as err:
+        hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        typer.echo(f"Error: {err.format_message()}{hint}", err=True)
+        code = err.exit_code
+    except click.ClickException as err:
+        typer.echo(f"Error: {err.format_message()}", err=True)
+        code = err.exit_code
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command (while parsing options)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

@@ -14,31 +14,45 @@ never loads a model at all. Never prints: progress is a callback.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from clipsearch.catalog import CATALOG_FILE, Catalog, decode_path
+from clipsearch.catalog import CATALOG_FILE, Catalog
 from clipsearch.encoder import model_id, open_encoder
 from clipsearch.errors import IndexStateError
 from clipsearch.indexer import AddReport, Progress, run_add
 from clipsearch.paths import default_home
-from clipsearch.search import Hit, Query, as_terms, needed_towers, query_vector, top_k
+from clipsearch.records import decode_path
+from clipsearch.search import Hit, Query, find_hits
 from clipsearch.walk import normalise_roots
 
 if TYPE_CHECKING:
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "ViT-B/32"
+
+
+@dataclass
+class ModelCoverage:
+    """How far one model's vectors cover the catalog's indexed images."""
+
+    name: str
+    dim: int
+    vectors: int
+    default: bool
 
 
 @dataclass
 class Status:
     home: Path
-    model: str | None
+    model: str | None  # the model this status describes: the one named, else the default
     dim: int | None
     counts: dict[str, int]  # catalog rows by status
     catalog_bytes: int
@@ -46,15 +60,17 @@ class Status:
     index_type: str
     vectors_in_index: int
     recall_at_10: float | None  # of an approximate index, measured when it was built
+    models: list[ModelCoverage] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
-        """The FAISS index holds exactly the catalog's indexed vectors."""
-        return self.vectors_in_index == self.counts.get("indexed", 0)
+        """The FAISS index holds exactly the catalog's vectors by the model."""
+        held = next((m.vectors for m in self.models if m.name == self.model), 0)
+        return self.vectors_in_index == held
 
 
 class Index:
-    """An index directory: its catalog, its FAISS file, and the model it was built with."""
+    """An index directory: a catalog of files, and per model that encoded them, their vectors."""
 
     def __init__(self, catalog: Catalog, model: str, device: str, precision: str, readonly: bool):
         self.catalog = catalog
@@ -79,25 +95,14 @@ class Index:
     ) -> Index:
         """Open the index in ``home``, creating it if ``create`` (and not ``readonly``).
 
-        ``model`` defaults to the one the index was built with; naming another one is an error,
-        since vectors from two models cannot be compared.
+        ``model`` is the one that `add` encodes with and `search` searches; by default the
+        index's default model (the first one it was built with), else `DEFAULT_MODEL`. Opening
+        records nothing: a model is recorded with the first vector it encodes.
         """
         home = Path(home).expanduser() if home is not None else default_home()
         wanted = model_id(model) if model is not None else None
         catalog = Catalog.open(home, create=create and not readonly, readonly=readonly)
-        try:
-            recorded = catalog.get_meta("model")
-            if recorded is not None and wanted is not None and wanted != recorded:
-                raise IndexStateError(
-                    f"The index in {home} was built with model {recorded}, not {wanted}: leave out --model "
-                    f"to use {recorded}, or pass --home with another folder to build an index with {wanted}."
-                )
-            if recorded is None and not readonly:
-                catalog.set_meta("model", wanted or DEFAULT_MODEL)
-        except BaseException:
-            catalog.close()
-            raise
-        return cls(catalog, recorded or wanted or DEFAULT_MODEL, device, precision, readonly)
+        return cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, readonly)
 
     def close(self) -> None:
         self.catalog.close()
@@ -120,7 +125,8 @@ class Index:
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> AddReport:
-        """Index new and changed images under ``paths``; forget those gone from there.
+        """Index new and changed images under ``paths`` with the model; forget those gone from
+        there. Files other models indexed already are only encoded, never walked twice.
 
         ``progress(done, total)`` is called as files are finished; ``should_stop()`` is polled
         and, once true, the run commits what is finished and returns with ``interrupted`` set.
@@ -129,7 +135,8 @@ class Index:
             generation = self.catalog.generation
             report = run_add(
                 self.catalog,
-                lambda: self.encoder("image"),
+                self.model,
+                self._image_encoder,
                 paths,
                 exclude=exclude,
                 follow_symlinks=follow_symlinks,
@@ -140,94 +147,164 @@ class Index:
                 should_stop=should_stop or (lambda: False),
             )
             if self.catalog.generation != generation:
-                self._rebuild_vectors()
+                self._update_vectors()
+        if report.new + report.changed:
+            self._prepare_text_queries()
         return report
+
+    def _prepare_text_queries(self) -> None:
+        """Export the model's text tower for queries now, at the end of a run that encoded with
+        it, rather than in the user's first query (~3 s and 1.4 GB for ViT-B/32 there)."""
+        from clipsearch.clip import numpy_text
+
+        if numpy_text.load_cached(self.model) is None:
+            try:
+                numpy_text.export(self.model)
+            except Exception as err:  # only the first query's speed depends on it
+                log.info("Could not prepare the text tower of %s for queries (%s)", self.model, err)
 
     def search(
         self, query: Query, k: int = 10, under: str | os.PathLike | None = None, min_score: float | None = None
     ) -> list[Hit]:
         """Best matches first. A ``str`` is text, a ``Path`` an example image; a list of
         ``(weight, str | Path)`` pairs is their weighted combination (negative weights subtract)."""
-        terms = as_terms(query)
         vectors = self._vectors_now()
-        if vectors.ntotal == 0:
+        if vectors is None or vectors.ntotal == 0:
             return []
-        vector = query_vector(self.encoder(needed_towers(terms)), terms)
-        return top_k(vectors, self.catalog, vector, k, under, min_score)
+        return find_hits(query, self.encoder, vectors, self.catalog, k, under, min_score)
 
     def remove(self, paths: Iterable[str | os.PathLike]) -> int:
         """Forget the files at or under ``paths`` (the files themselves are not touched)."""
         with self.catalog.writer_lock():
             removed = self.catalog.remove(normalise_roots(paths))
             if removed:
-                self._rebuild_vectors()
+                self._update_vectors()
         return removed
 
-    def rebuild(self, index_type: str = "auto") -> Status:
-        """Rebuild the FAISS index from the catalog's vectors, e.g. with another ``index_type``
-        (a FAISS factory string such as ``"Flat"`` or ``"HNSW32"``), which later rebuilds keep."""
+    def forget_missing(self) -> int:
+        """Forget the files that were indexed once and are gone from disk now."""
         with self.catalog.writer_lock():
-            self._rebuild_vectors(index_type)
+            return self.catalog.forget_missing()
+
+    def rebuild(self, index_type: str = "auto") -> Status:
+        """Rebuild the model's FAISS index from the catalog's vectors, e.g. with another
+        ``index_type`` (a FAISS factory string such as ``"Flat"`` or ``"HNSW32"``), which later
+        rebuilds keep."""
+        with self.catalog.writer_lock():
+            self._update_vectors(index_type)
         return self.status()
 
+    def set_default_model(self) -> None:
+        """Make the model the one queries use when none is named."""
+        self.catalog.set_default_model(self.model)
+
+    def make_default_if_encoded(self) -> bool:
+        """Make the model the default if it has vectors here and is not the default yet; True
+        if it became the default."""
+        if self.catalog.default_model == self.model or self.catalog.model(self.model) is None:
+            return False
+        self.set_default_model()
+        return True
+
+    def drop_model(self) -> bool:
+        """Forget the model's vectors and FAISS file; the files stay indexed for other models.
+        False if it had none."""
+        from clipsearch.vectors import vectors_file
+
+        with self.catalog.writer_lock():
+            stored = self.catalog.model(self.model)
+            if stored is None or not self.catalog.drop_model(self.model):
+                return False
+            (self.home / vectors_file(stored)).unlink(missing_ok=True)
+        self._vectors = None
+        return True
+
     def status(self) -> Status:
-        from clipsearch.vectors import VECTORS_FILE
+        from clipsearch.vectors import vectors_file
 
         vectors = self._vectors_now()
-        dim = self.catalog.get_meta("dim")
+        stored = self.catalog.model(self.model)
+        default = self.catalog.default_model
         return Status(
             home=self.home,
-            model=self.catalog.get_meta("model"),
-            dim=int(dim) if dim else None,
+            model=self.model,
+            dim=stored.dim if stored else None,
             counts=self.catalog.counts(),
             catalog_bytes=_size(self.home, CATALOG_FILE),
-            vectors_bytes=_size(self.home, VECTORS_FILE),
-            index_type=vectors.index_type,
-            vectors_in_index=vectors.ntotal,
-            recall_at_10=vectors.recall_at_10,
+            vectors_bytes=_size(self.home, vectors_file(stored)) if stored else 0,
+            index_type=vectors.index_type if vectors else "none",
+            vectors_in_index=vectors.ntotal if vectors else 0,
+            recall_at_10=vectors.recall_at_10 if vectors else None,
+            models=[ModelCoverage(m.name, m.dim, m.vectors, m.name == default) for m in self.catalog.models()],
         )
 
     def failures(self) -> list[tuple[Path, str]]:
         """Files that could not be indexed, with the reason."""
         return [(decode_path(path), error) for path, error in self.catalog.failures()]
 
+    def missing(self) -> list[Path]:
+        """Files indexed once and gone from disk since."""
+        return [decode_path(path) for path in self.catalog.missing()]
+
     def encoder(self, towers: str = "both") -> Encoder | TextEncoder:
-        """The model, loaded once with at least ``towers``; checked against the index's dimension."""
+        """The model, loaded once with at least ``towers``; checked against the dimension its
+        vectors in the catalog have."""
         if self._encoder is None or self._encoder.towers not in ("both", towers):
             if self._encoder is not None:
                 towers = "both"  # text and images are both wanted by now
             encoder = open_encoder(self.model, self.device, self.precision, towers)
-            dim = self.catalog.get_meta("dim")
-            if dim is None and not self.readonly:
-                self.catalog.set_meta("dim", str(encoder.dim))
-            elif dim is not None and int(dim) != encoder.dim:
+            stored = self.catalog.model(self.model)
+            if stored is not None and stored.dim != encoder.dim:
                 raise IndexStateError(
-                    f"The index in {self.home} holds {dim}-dimensional vectors but {self.model} makes "
-                    f"{encoder.dim}-dimensional ones; the weights at that path changed, so re-index "
-                    "into a new --home."
+                    f"The index in {self.home} holds {stored.dim}-dimensional vectors by {self.model}, which "
+                    f"now makes {encoder.dim}-dimensional ones; the weights at that path changed: drop the old "
+                    f"vectors with `clipsearch models drop {self.model}`, then index again."
                 )
             self._encoder = encoder
         return self._encoder
 
-    def _rebuild_vectors(self, index_type: str | None = None) -> None:
-        """After a write, under the writer lock: the FAISS file follows the catalog, updated by
-        the rows that changed, or built anew in ``index_type``."""
+    def _image_encoder(self) -> Encoder:
+        return cast("Encoder", self.encoder("image"))  # asked for the image tower: never a TextEncoder
+
+    def _update_vectors(self, index_type: str | None = None) -> None:
+        """After a write, under the writer lock: the model's FAISS file follows the catalog,
+        updated by the rows that changed, or built anew in ``index_type``. Other models' files
+        catch up when next used."""
         from clipsearch.vectors import VectorIndex
 
+        stored = self.catalog.model(self.model)
+        if stored is None:
+            self._vectors = None
+            return
         if index_type is None:
-            index = VectorIndex.refresh(self.home, self.catalog)
+            index = VectorIndex.refresh(self.home, self.catalog, stored)
         else:
-            index = VectorIndex.rebuild(self.home, self.catalog, index_type=index_type)
+            index = VectorIndex.rebuild(self.home, self.catalog, stored, index_type=index_type)
         self._vectors = (self.catalog.generation, index)
 
-    def _vectors_now(self) -> VectorIndex:
-        """The FAISS index matching the catalog as it is now (another process may have written)."""
+    def _vectors_now(self) -> VectorIndex | None:
+        """The model's FAISS index matching the catalog as it is now (another process may have
+        written); None while the model has no vectors here."""
         from clipsearch.vectors import VectorIndex
 
         generation = self.catalog.generation
         if self._vectors is None or self._vectors[0] != generation:
-            self._vectors = (generation, VectorIndex.load(self.home, self.catalog, save=not self.readonly))
+            stored = self.catalog.model(self.model)
+            if stored is None:
+                self._require_model_if_others()
+                return None
+            index = VectorIndex.load(self.home, self.catalog, stored, save=not self.readonly)
+            self._vectors = (generation, index)
         return self._vectors[1]
+
+    def _require_model_if_others(self) -> None:
+        """Searching a model the index has no vectors by is a mistake when others have some."""
+        others = [m.name for m in self.catalog.models()]
+        if others:
+            raise IndexStateError(
+                f"The index in {self.home} has no vectors by {self.model}; index with it first "
+                f"(`clipsearch index PATH --model {self.model}`), or use one of: {', '.join(others)}."
+            )
 
 
 def _size(home: Path, name: str) -> int:

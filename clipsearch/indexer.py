@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipsearch.catalog import STATUS_FAILED, STATUS_MISSING, FailedFile, FileState, IndexedFile
 from clipsearch.decode import Decoded, DecodePool, best_workers, upright_size, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
+from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING, FailedFile, FileState, IndexedFile
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 
 if TYPE_CHECKING:
@@ -56,12 +56,15 @@ class AddReport:
     unchanged: int = 0
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
     elapsed: float = 0.0
+    model_load_s: float = 0.0  # part of elapsed: loading the model, once, if anything needed it
     interrupted: bool = False
 
     @property
     def images_per_s(self) -> float:
+        """The encode rate: images encoded per second of the run once the model was loaded."""
         encoded = self.new + self.changed
-        return encoded / self.elapsed if self.elapsed > 0 else 0.0
+        working = self.elapsed - self.model_load_s
+        return encoded / working if working > 0 else 0.0
 
 
 @dataclass
@@ -98,6 +101,8 @@ def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool 
             or (state.status == STATUS_FAILED and retry_failed)
         ):
             plan.todo.append((found, False))
+        elif state.status == STATUS_INDEXED and not state.encoded:
+            plan.todo.append((found, True))  # indexed by other models: new to this one
         else:
             plan.unchanged += 1
     plan.unreadable = len(walk.unreadable)
@@ -112,6 +117,7 @@ def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool 
 
 def run_add(
     catalog: Catalog,
+    model: str,
     get_encoder: Callable[[], Encoder],
     roots: Iterable[str | os.PathLike],
     *,
@@ -123,11 +129,11 @@ def run_add(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> AddReport:
-    """Bring the catalog up to date with the files under ``roots``.
+    """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``.
 
-    ``get_encoder`` is called only if some file needs encoding. ``should_stop`` is polled between
-    files; once it returns True the batch not yet encoded is dropped, everything finished is
-    committed, and the report comes back with ``interrupted`` set.
+    ``get_encoder`` (loading ``model``) is called only if some file needs encoding. ``should_stop``
+    is polled between files; once it returns True the batch not yet encoded is dropped, everything
+    finished is committed, and the report comes back with ``interrupted`` set.
     """
     started = time.perf_counter()
     root_paths = list(dict.fromkeys(normalise_roots(roots)))
@@ -137,21 +143,31 @@ def run_add(
                 f"{os.fsdecode(root)} does not exist; check the path "
                 "(to forget files indexed there, use `clipsearch remove`)."
             )
-    plan = plan_changes(catalog.file_states(), Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
+    states = catalog.file_states(model)
+    plan = plan_changes(states, Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
     if progress:
         progress(0, len(plan.todo))
+    moved_content: set[bytes] = set()
     if plan.todo and not should_stop():
-        _Run(catalog, get_encoder(), plan.todo, report, progress, should_stop).run(
-            batch_size or DEFAULT_BATCH_SIZE, workers
-        )
+        loading = time.perf_counter()
+        encoder = get_encoder()
+        report.model_load_s = time.perf_counter() - loading
+        run = _Run(catalog, model, encoder, plan.todo, report, progress, should_stop)
+        run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
+        moved_content = run.reused_fingerprints
     if should_stop():
         report.interrupted = True
     elif plan.missing:
-        # Gone files are marked last: until now their vectors could be reused by the files they
-        # moved to. A stopped run leaves them for the next one.
-        catalog.commit_batch(missing=plan.missing)
-        report.removed = len(plan.missing)
+        # Gone files are dealt with last: until now their vectors could be reused by the files
+        # they moved to. A file whose content reappeared elsewhere was moved (renamed): its old
+        # row goes. The others are marked missing. A stopped run leaves them for the next one.
+        renamed = [path for path in plan.missing if states[path].fingerprint in moved_content]
+        gone = [path for path in plan.missing if states[path].fingerprint not in moved_content]
+        if renamed:
+            catalog.remove(renamed)
+        catalog.commit_batch(missing=gone)
+        report.removed = len(gone)
     report.elapsed = time.perf_counter() - started
     return report
 
@@ -162,6 +178,7 @@ class _Run:
     def __init__(
         self,
         catalog: Catalog,
+        model: str,
         encoder: Encoder,
         todo: list[tuple[FoundFile, bool]],
         report: AddReport,
@@ -169,6 +186,7 @@ class _Run:
         should_stop: Callable[[], bool],
     ):
         self.catalog = catalog
+        self.model = model
         self.encoder = encoder
         self.todo = todo
         self.report = report
@@ -177,6 +195,7 @@ class _Run:
         self.done = 0
         self.failed: list[FailedFile] = []
         self.reused: list[IndexedFile] = []
+        self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
     def run(self, batch_size: int, workers: int | None) -> None:
@@ -184,7 +203,7 @@ class _Run:
         process, shows what decoding and encoding an image cost (`decode.best_workers`)."""
         items = self._to_decode()
         if workers is None:
-            if not self._encode(itertools.islice(items, batch_size), batch_size, 0):
+            if not self._index_batches(itertools.islice(items, batch_size), batch_size, 0):
                 return
             encoded = max(self.report.new + self.report.changed, 1)
             decode_s, encode_s = self.decode_s / encoded, self.encode_s / encoded
@@ -197,9 +216,11 @@ class _Run:
                 encode_s * 1e3,
                 f"in {workers} worker process(es)" if workers else "in this process",
             )
-        self._encode(items, batch_size, workers)
+        self._index_batches(items, batch_size, workers)
 
-    def _encode(self, items: Iterator[tuple[tuple[FoundFile, bool], bytes]], batch_size: int, workers: int) -> bool:
+    def _index_batches(
+        self, items: Iterator[tuple[tuple[FoundFile, bool], bytes]], batch_size: int, workers: int
+    ) -> bool:
         """Decode, encode and commit ``items`` batch by batch; False if told to stop."""
         decoded: list[tuple[FoundFile, bool, Decoded]] = []
         pool = DecodePool(self.encoder.preprocess, workers, window=max(2 * batch_size, 4 * workers))
@@ -212,12 +233,12 @@ class _Run:
                 else:
                     decoded.append((found, is_new, result))
                 if len(decoded) >= batch_size:
-                    self._commit(decoded)
+                    self._encode_and_commit(decoded)
                     decoded = []
             else:
-                self._commit(decoded)
+                self._encode_and_commit(decoded)
                 return True
-        self._commit([])  # interrupted: keep what is finished, drop what is not encoded yet
+        self._encode_and_commit([])  # interrupted: keep what is finished, drop what is not encoded yet
         return False
 
     def _to_decode(self) -> Iterator[tuple[tuple[FoundFile, bool], bytes]]:
@@ -229,7 +250,9 @@ class _Run:
                     return
                 new = [found.path for found, is_new in chunk if is_new]
                 digests = dict(zip(new, threads.map(_try_fingerprint, new)))
-                known = self.catalog.vectors_by_fingerprint(d for d in digests.values() if isinstance(d, bytes))
+                known = self.catalog.vectors_by_fingerprint(
+                    self.model, (d for d in digests.values() if isinstance(d, bytes))
+                )
                 for found, is_new in chunk:
                     digest = digests.get(found.path)
                     if isinstance(digest, str):
@@ -237,7 +260,7 @@ class _Run:
                     elif digest not in known or not self._reuse(found, digest, known[digest]):
                         yield (found, is_new), found.path
                 if self.failed or self.reused:
-                    self._commit([])
+                    self._encode_and_commit([])
 
     def _reuse(self, found: FoundFile, digest: bytes, vector: np.ndarray) -> bool:
         try:
@@ -245,9 +268,10 @@ class _Run:
         except Exception:  # unreadable header: let the decoder record why
             return False
         self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector))
+        self.reused_fingerprints.add(digest)
         return True
 
-    def _commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:
+    def _encode_and_commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:
         """One transaction: a batch of freshly encoded files plus the reused and failed ones
         collected since the last commit."""
         indexed = list(self.reused)
@@ -264,7 +288,7 @@ class _Run:
             ]
         if not indexed and not self.failed:
             return
-        self.catalog.commit_batch(indexed=indexed, failed=self.failed)
+        self.catalog.commit_batch(self.model, indexed=indexed, failed=self.failed)
         new = sum(1 for _, is_new, _ in decoded if is_new)
         self.report.new += new
         self.report.changed += len(decoded) - new

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from clipsearch.catalog import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING
+from clipsearch.records import STATUSES
 
 
 class Base(DeclarativeBase):
@@ -36,7 +36,7 @@ class Image(Base):
 
     __tablename__ = "images"
     __table_args__ = (
-        CheckConstraint(f"status IN ('{STATUS_INDEXED}', '{STATUS_FAILED}', '{STATUS_MISSING}')", name="status"),
+        CheckConstraint(f"status IN ({', '.join(repr(s) for s in STATUSES)})", name="status"),
         # Ids are never reused, so an id from a FAISS file that is a moment out of date can only
         # miss, never name another file.
         {"sqlite_autoincrement": True},
@@ -52,22 +52,37 @@ class Image(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     indexed_at: Mapped[float | None] = mapped_column(Float)  # unix time of the last encode attempt
-    # The catalog generation that last set or dropped this row's vector (NULL: before revision
-    # 0003): what the FAISS file must take in to catch up with the catalog.
+    # The catalog generation that last set or dropped one of this row's vectors (NULL: before
+    # revision 0003): what each model's FAISS file must take in to catch up with the catalog.
     vector_generation: Mapped[int | None] = mapped_column(Integer, index=True)
 
 
+class Model(Base):
+    """A model that has encoded images into this catalog. A row appears with the first vector
+    committed, so a run that failed before encoding anything leaves no trace of its model."""
+
+    __tablename__ = "models"
+    __table_args__ = ({"sqlite_autoincrement": True},)  # a dropped model's id is never reused
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)  # registry name or checkpoint path
+    dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class Vector(Base):
-    """The embedding of an indexed image: exactly the rows with status "indexed" have one."""
+    """An image's embedding by one model. Only rows with status "indexed" have any; an image
+    whose content changed keeps only the vector of the model that re-encoded it."""
 
     __tablename__ = "vectors"
 
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True, index=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian float16 [dim]
 
 
 class Meta(Base):
-    """Index-wide settings: model, dim, generation, created_at, clipsearch_version."""
+    """Index-wide settings: catalog_id, default_model, generation, created_at, clipsearch_version, ..."""
 
     __tablename__ = "meta"
 

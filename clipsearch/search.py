@@ -10,7 +10,7 @@ over-fetching until enough survive.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +18,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipsearch.catalog import decode_path
 from clipsearch.errors import ClipsearchError, ImageError
-from clipsearch.walk import normalise_roots, under
+from clipsearch.records import decode_path
+from clipsearch.walk import IMAGE_EXTENSIONS, normalise_roots
+from clipsearch.walk import under as is_under
 
 if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
-Term = str | Path  # a str is text; a Path is an example image
+# A str is text; a Path is an example image; an array is a unit vector already computed (an
+# image sent to the web page, or an indexed image's stored vector).
+Term = str | Path | np.ndarray
 Query = Term | Sequence[tuple[float, Term]]
 
 
@@ -39,24 +42,77 @@ class Hit:
     height: int | None
     mtime: float  # seconds since the epoch, as os.stat gives it
     size: int
+    id: int  # the catalog row: what the web page's thumbnail and "similar" requests name
+
+    def to_json(self) -> dict[str, object]:
+        """The one JSON shape of a hit, for `clipsearch query --json` and the web page's API alike."""
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            "score": round(self.score, 6),
+            "width": self.width,
+            "height": self.height,
+            "mtime": self.mtime,
+            "size": self.size,
+        }
+
+
+def as_term(text: str) -> Term:
+    """A command-line term: the name of an existing file is an example image, anything else is
+    text. One word that looks like an image path (an image extension, or a folder part that
+    exists) but is no file is a mistake, not a text to search: it raises, saying how to search
+    for it as text (add a word)."""
+    if os.path.isfile(text):
+        return Path(text)
+    parent = os.path.dirname(text)
+    extension = os.fsencode(os.path.splitext(text)[1].lower())
+    one_word = not any(c.isspace() for c in text)
+    if one_word and (extension in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent))):
+        raise ImageError(
+            f"{text} looks like an image path, but there is no such file; to search for it as text, "
+            f"add a word: 'a photo of {text}'."
+        )
+    return text
 
 
 def parse_term(term: str) -> tuple[float, Term]:
-    """A command-line term: ``[WEIGHT:]TEXT_OR_IMAGE``. The name of an existing file is an
-    example image; anything else is text (so "note: dogs" stays text, weight 1)."""
+    """A command-line term with an optional weight: ``[WEIGHT:]TEXT_OR_IMAGE`` (so "note: dogs"
+    stays text, weight 1)."""
     if os.path.isfile(term):
         return 1.0, Path(term)
+    weight, rest = split_weight(term)
+    return weight, as_term(rest)
+
+
+def split_weight(term: str) -> tuple[float, str]:
+    """``WEIGHT:REST`` → (WEIGHT, REST) when WEIGHT is a number, else (1.0, term)."""
     weight, sep, rest = term.partition(":")
     if sep and rest:
         try:
-            return float(weight), (Path(rest) if os.path.isfile(rest) else rest)
+            return float(weight), rest
         except ValueError:
             pass
     return 1.0, term
 
 
+def find_hits(
+    query: Query,
+    encoder: Callable[[str], Encoder | TextEncoder],
+    vectors: VectorIndex,
+    catalog: Catalog,
+    k: int = 10,
+    under: str | os.PathLike | None = None,
+    min_score: float | None = None,
+) -> list[Hit]:
+    """A query from its terms to its hits: ``encoder(towers)`` gives a model with the towers
+    the terms need (text queries never load the image tower)."""
+    terms = as_terms(query)
+    vector = query_vector(encoder(needed_towers(terms)), terms)
+    return top_k(vectors, catalog, vector, k, under, min_score)
+
+
 def as_terms(query: Query) -> list[tuple[float, Term]]:
-    if isinstance(query, (str, Path)):
+    if isinstance(query, (str, Path, np.ndarray)):
         return [(1.0, query)]
     return [(float(weight), term) for weight, term in query]
 
@@ -75,7 +131,10 @@ def query_vector(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Te
         raise ClipsearchError("The query is empty; give some text or an image path.")
     texts = [(weight, term) for weight, term in terms if isinstance(term, str)]
     images = [(weight, term) for weight, term in terms if isinstance(term, Path)]
+    given = [(weight, term) for weight, term in terms if isinstance(term, np.ndarray)]
     total = np.zeros(encoder.dim, dtype=np.float64)
+    if given:
+        total += np.array([w for w, _ in given]) @ np.stack([v for _, v in given])
     if texts:
         total += np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts])
     if images:
@@ -97,11 +156,11 @@ def top_k(
     catalog: Catalog,
     query: np.ndarray,
     k: int = 10,
-    under_dir: str | os.PathLike | None = None,
+    under: str | os.PathLike | None = None,
     min_score: float | None = None,
 ) -> list[Hit]:
     """The ``k`` best hits that pass the filters, best first."""
-    inside = under(normalise_roots([under_dir])) if under_dir is not None else None
+    inside = is_under(normalise_roots([under])) if under is not None else None
     exists: dict[bytes, bool] = {}
     fetch = max(2 * k, 16)
     while True:
@@ -122,7 +181,9 @@ def top_k(
             if row.path not in exists:
                 exists[row.path] = os.path.exists(row.path)
             if exists[row.path]:
-                hits.append(Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size))
+                hits.append(
+                    Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size, row.id)
+                )
                 if len(hits) == k:
                     return hits
         if fetch == vectors.ntotal:

@@ -1,12 +1,18 @@
 """The FAISS index over the catalog's vectors: derived data, rebuilt whenever it cannot be trusted.
 
-Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids
-(`IndexIDMap2`), so a hit joins the catalog without a side table.
+Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids,
+so a hit joins the catalog without a side table. Inverted files keep those ids in their lists
+themselves; other index types get them from an `IndexIDMap2` around them. (An IDMap2 around an
+inverted file answers wrong ids once vectors are removed: it assumes the index inside renumbers
+what is left, as a flat index does, and an inverted file does not.)
 
-`vectors.faiss` is one file: the FAISS index as `faiss.write_index` writes it, then a JSON stamp
-(which catalog generation it was built from, how many vectors, the index type and its measured
-recall), then the stamp's length and a magic tag. One file means one atomic rename on save, and
-FAISS reads the index from the start of the file, so it can memory-map it instead of copying it.
+Each model that encoded the catalog has its own file, `vectors-<model id>.faiss`: the FAISS index
+as `faiss.write_index` writes it, then a JSON stamp (which catalog and model it belongs to, the
+catalog generation it was built from, how many vectors, the index type and its measured recall),
+then the stamp's length and a magic tag. A file whose catalog id or model differs from the
+catalog's (copied from another home, or left by a catalog that was replaced) is rebuilt. One
+file means one atomic rename on save, and FAISS reads the index from the start of the file, so
+it can memory-map it instead of copying it.
 A file that is missing, truncated or garbage is rebuilt from the catalog with a warning. One
 stamped with an older generation is brought up to date (`VectorIndex.refresh`): the catalog
 records the generation in which each row's vector last changed, so the file takes in exactly
@@ -35,12 +41,13 @@ from typing import BinaryIO
 import faiss
 import numpy as np
 
-from clipsearch.catalog import STATUS_INDEXED, Catalog
+from clipsearch.catalog import Catalog
 from clipsearch.errors import IndexStateError
+from clipsearch.records import StoredModel
 
 log = logging.getLogger(__name__)
 
-VECTORS_FILE = "vectors.faiss"
+LEGACY_FILE = "vectors.faiss"  # before vectors per model (schema 0004): rebuilt, then removed
 
 # Exact search below this many vectors: one query scans 30k x 512 floats in ~2-4 ms on one core.
 FLAT_LIMIT = 30_000
@@ -52,7 +59,7 @@ _ID_BYTES = 64
 
 _MAGIC = b"CLIPSRCH"
 _TRAILER = struct.Struct("<Q8s")  # stamp length, magic
-_STAMP_FORMAT = 1
+_STAMP_FORMAT = 2
 _MMAP_READ_ONLY = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 
 
@@ -111,11 +118,13 @@ class VectorIndex:
         if index_type == "auto":
             index_type = choose_index_type(n, dim, memory_budget)
         try:
-            index = faiss.index_factory(dim, "IDMap2," + index_type, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError:
             raise IndexStateError(
                 f"{index_type!r} is not an index type FAISS knows; use auto, Flat, HNSW32 or IVF1024,Flat."
             ) from None
+        if faiss.try_extract_index_ivf(index) is None:
+            index = faiss.IndexIDMap2(index)
         if not index.is_trained:
             _train(index, vectors, index_type)
         index.add_with_ids(vectors, ids)
@@ -123,24 +132,24 @@ class VectorIndex:
         return cls(index, index_type, recall)
 
     @classmethod
-    def load(cls, home: Path, catalog: Catalog, *, save: bool = True) -> VectorIndex:
-        """The index in `home` if it matches the catalog; one brought up to date (`refresh`) if it
-        is older; one rebuilt from the catalog if it is missing or damaged. Saved if `save`."""
+    def load(cls, home: Path, catalog: Catalog, model: StoredModel, *, save: bool = True) -> VectorIndex:
+        """``model``'s index in `home` if it matches the catalog; one brought up to date
+        (`refresh`) if it is older; one rebuilt from the catalog if it is missing, damaged or not
+        this catalog's. Saved if `save`."""
         generation = catalog.generation
-        count = catalog.counts()[STATUS_INDEXED]
-        path = Path(home) / VECTORS_FILE
+        path = Path(home) / vectors_file(model)
         try:
-            index, stamp = _read(path)
+            index, stamp = _read(path, catalog, model)
         except StaleIndex as reason:
-            if count or path.exists():
+            if model.vectors or path.exists():
                 log.warning("Rebuilding the vector index from the catalog: %s", reason)
-            return cls.rebuild(home, catalog, save=save)
-        if (stamp["generation"], stamp["count"]) == (generation, count):
+            return cls.rebuild(home, catalog, model, save=save)
+        if (stamp["generation"], stamp["count"]) == (generation, model.vectors):
             return cls._stamped(index, stamp)
-        return cls.refresh(home, catalog, save=save)
+        return cls.refresh(home, catalog, model, save=save)
 
     @classmethod
-    def refresh(cls, home: Path, catalog: Catalog, *, save: bool = True) -> VectorIndex:
+    def refresh(cls, home: Path, catalog: Catalog, model: StoredModel, *, save: bool = True) -> VectorIndex:
         """Bring the saved index up to the catalog by the rows changed since it was written:
         adding 10 photos to a million costs reading and writing the file, not k-means and a pass
         over every vector. Rebuilt instead when the file cannot be updated (missing, damaged,
@@ -148,30 +157,30 @@ class VectorIndex:
         another index type, or when the vectors changed since its last full build outnumber half
         of those it was trained with (its lists would no longer fit the collection).
         """
-        path = Path(home) / VECTORS_FILE
+        path = Path(home) / vectors_file(model)
         try:
-            index, stamp = _read(path, mmap=False)
+            index, stamp = _read(path, catalog, model, mmap=False)
         except StaleIndex:
-            return cls.rebuild(home, catalog, save=save)
+            return cls.rebuild(home, catalog, model, save=save)
         current = cls._stamped(index, stamp)
         started = time.perf_counter()
-        changes = catalog.changes_since(stamp["generation"])
+        changes = catalog.changes_since(stamp["generation"], model)
         if changes is None:
             reason: str | None = "it is older than the catalog's record of changes"
         else:
-            if (changes.generation, len(changes.indexed)) == (stamp["generation"], stamp["count"]):
+            if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
                 return current
-            gone = np.setdiff1d(faiss.vector_to_array(index.id_map), changes.indexed, assume_unique=True)
+            gone = np.setdiff1d(held_ids(index), changes.held, assume_unique=True)
             outdated = np.union1d(changes.outdated, gone)
-            reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.indexed), catalog)
+            reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
         if reason is not None:
             log.info("Rebuilding the vector index: %s", reason)
-            return cls.rebuild(home, catalog, save=save)
+            return cls.rebuild(home, catalog, model, save=save)
         removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
         if len(changes.ids):
             index.add_with_ids(changes.vectors, changes.ids)
-        if index.ntotal != len(changes.indexed):  # the file held what its stamp did not say
-            return cls.rebuild(home, catalog, save=save)
+        if index.ntotal != len(changes.held):  # the file held what its stamp did not say
+            return cls.rebuild(home, catalog, model, save=save)
         current.changed_since_build += len(changes.ids) + removed
         log.info(
             "Updated the vector index: %d vectors in, %d out, in %.1f s",
@@ -180,13 +189,13 @@ class VectorIndex:
             time.perf_counter() - started,
         )
         if save:
-            current._save_if_writable(home, catalog, changes.generation)
+            current._save_if_writable(home, catalog, model, changes.generation)
         return current
 
     def _why_not_update(self, changes: int, count: int, catalog: Catalog) -> str | None:
         """Why this index must be rebuilt rather than take ``changes`` vectors in and out to hold
         ``count``; None if it need not."""
-        if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+        if isinstance(_inner(self.index), faiss.IndexHNSW):
             return "an HNSW graph cannot drop vectors"
         if catalog.get_meta("index_type") in (None, "", "auto") and count:
             wanted = choose_index_type(count, self.index.d)
@@ -198,7 +207,9 @@ class VectorIndex:
         return None
 
     @classmethod
-    def rebuild(cls, home: Path, catalog: Catalog, *, index_type: str | None = None, save: bool = True) -> VectorIndex:
+    def rebuild(
+        cls, home: Path, catalog: Catalog, model: StoredModel, *, index_type: str | None = None, save: bool = True
+    ) -> VectorIndex:
         """Build from the catalog's vectors; a given `index_type` is remembered for later rebuilds.
 
         A remembered type that no longer fits the collection (too few vectors to train) falls
@@ -207,7 +218,7 @@ class VectorIndex:
         # Read before the vectors: if a write lands in between, the stamp is older than the
         # catalog and the next load catches up, never the reverse.
         generation = catalog.generation
-        ids, vectors = catalog.all_vectors()
+        ids, vectors = catalog.all_vectors(model)
         started = time.perf_counter()
         try:
             built = cls.build(ids, vectors, index_type or catalog.get_meta("index_type") or "auto")
@@ -227,24 +238,27 @@ class VectorIndex:
             recall,
         )
         if save:
-            built._save_if_writable(home, catalog, generation)
+            built._save_if_writable(home, catalog, model, generation)
         return built
 
-    def _save_if_writable(self, home: Path, catalog: Catalog, generation: int) -> None:
+    def _save_if_writable(self, home: Path, catalog: Catalog, model: StoredModel, generation: int) -> None:
         """A save that fails (read-only home, full disk) only warns: the index in memory is
         correct, and the next open builds or updates it again."""
         if not catalog.readonly:
             try:
-                self.save(home, generation)
+                self.save(home, catalog.catalog_id, model, generation)
             except IndexStateError as e:
                 log.warning("%s", e)
 
-    def save(self, home: Path, generation: int) -> None:
-        """Write `vectors.faiss` atomically: a temporary file, fsync, rename, fsync the folder."""
+    def save(self, home: Path, catalog_id: str, model: StoredModel, generation: int) -> None:
+        """Write the model's file atomically: a temporary file, fsync, rename, fsync the folder."""
         home = Path(home)
+        name = vectors_file(model)
         stamp = json.dumps(
             {
                 "format": _STAMP_FORMAT,
+                "catalog_id": catalog_id,
+                "model": model.name,
                 "generation": generation,
                 "count": self.ntotal,
                 "dim": self.index.d,
@@ -256,14 +270,14 @@ class VectorIndex:
         ).encode()
         # A name of our own (a query process may rebuild while an indexer saves) that says which
         # process wrote it, so that the leftovers of a killed one can be recognised.
-        tmp = home / f"{VECTORS_FILE}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        tmp = home / f"{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             faiss.write_index(self.index, str(tmp))
             with open(tmp, "ab") as f:
                 f.write(stamp + _TRAILER.pack(len(stamp), _MAGIC))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, home / VECTORS_FILE)
+            os.replace(tmp, home / name)
             _fsync_dir(home)
         except (OSError, RuntimeError) as e:  # FAISS reports its write errors as RuntimeError
             tmp.unlink(missing_ok=True)
@@ -272,6 +286,7 @@ class VectorIndex:
                 "free some space or fix the folder's permissions."
             ) from e
         _remove_orphans(home)
+        (home / LEGACY_FILE).unlink(missing_ok=True)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [nq, k], ids int64 [nq, k]) for queries [nq, dim], best first.
@@ -286,10 +301,16 @@ class VectorIndex:
         return scores, ids
 
 
-def _read(path: Path, *, mmap: bool = True) -> tuple[faiss.Index, dict]:
-    """The index in ``path`` and its stamp; StaleIndex if it is missing or damaged. Memory-mapped
-    read-only (Flat codes are not copied: a cold query reads only the pages it needs) unless
-    it is to be updated."""
+def vectors_file(model: StoredModel) -> str:
+    """By the model's id in the catalog, which is never reused: a dropped model's leftover file
+    can never be taken for a newer model's."""
+    return f"vectors-{model.id}.faiss"
+
+
+def _read(path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool = True) -> tuple[faiss.Index, dict]:
+    """The index in ``path`` and its stamp; StaleIndex if it is missing, damaged, or another
+    catalog's or model's. Memory-mapped read-only (Flat codes are not copied: a cold query reads
+    only the pages it needs) unless it is to be updated."""
     try:
         with open(path, "rb") as f:
             stamp = _read_stamp(f)
@@ -303,6 +324,8 @@ def _read(path: Path, *, mmap: bool = True) -> tuple[faiss.Index, dict]:
         raise StaleIndex(f"{path} is damaged ({_brief(e)})") from None
     if index.ntotal != stamp["count"] or (stamp["count"] and index.d != stamp["dim"]):
         raise StaleIndex(f"{path} does not hold what its stamp says")
+    if (stamp["catalog_id"], stamp["model"]) != (catalog.catalog_id, model.name):
+        raise StaleIndex(f"{path} was built for another catalog or model")
     return index, stamp
 
 
@@ -375,7 +398,7 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         name, values = "nprobe", [2**i for i in range(int(np.log2(ivf.nlist)) + 1)]
-    elif isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW):
+    elif isinstance(_inner(index), faiss.IndexHNSW):
         name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
     else:
         name, values = None, [None]
@@ -392,25 +415,40 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     return recall
 
 
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """The catalog ids an index holds, from its inverted lists or its id map."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
+    lists = ivf.invlists
+    held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(ivf.nlist)]
+    return np.sort(np.concatenate([np.zeros(0, np.int64), *held]))
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index an IDMap2 wraps (or the index itself)."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
 def _others(results: np.ndarray, own: np.ndarray, k: int) -> list[np.ndarray]:
     return [row[row != own_id][:k] for row, own_id in zip(results, own)]
 
 
 def _remove_orphans(home: Path) -> None:
     """Delete temporary files left by saves whose process died (killed, or a power cut)."""
-    for tmp in home.glob(f"{VECTORS_FILE}.*-*.tmp"):
-        pid = tmp.name[len(VECTORS_FILE) + 1 :].partition("-")[0]
+    for tmp in home.glob("vectors-*.faiss.*-*.tmp"):
+        pid = tmp.name.split(".faiss.", 1)[1].partition("-")[0]
         if pid.isdigit() and not _is_running(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
 def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one owned by another user answers PermissionError: alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by another user
-        return True
     return True
 
 

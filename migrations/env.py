@@ -1,4 +1,4 @@
-"""Alembic environment for the catalog, driven only by `clipsearch.catalog` (there is no alembic.ini).
+"""Alembic environment for the catalog, driven only by `clipsearch.migrate` (there is no alembic.ini).
 
 The catalog passes its open connection in `config.attributes["connection"]`, already inside a
 transaction, so Alembic neither begins nor commits: an upgrade is applied whole or not at all.
@@ -6,11 +6,11 @@ transaction, so Alembic neither begins nor commits: an upgrade is applied whole 
 
 from alembic import context
 
-from clipsearch.catalog import Base
+from clipsearch.schema import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run migrations with a connection in config.attributes, as clipsearch.catalog does")
+    raise RuntimeError("run migrations with a connection in config.attributes, as clipsearch.migrate does")
 
 context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
 with context.begin_transaction():

@@ -1,5 +1,7 @@
 """Fixtures every test module can use without importing them."""
 
+import logging
+
 import pytest
 from helpers import write_tiny_model
 
@@ -49,3 +51,15 @@ def encoded(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(Encoder, "encode_images", counting)
     return batches
+
+
+@pytest.fixture
+def clipsearch_logging():
+    """Logging as the library leaves it: an in-process CLI run (CliRunner) points the
+    "clipsearch" logger at its own, by then closed, stderr and stops propagation, which hides
+    records from caplog. Restored afterwards."""
+    logger = logging.getLogger("clipsearch")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    logger.handlers, logger.propagate = [], True
+    yield logger
+    logger.handlers, logger.propagate, logger.level = saved

@@ -88,3 +88,17 @@ class CrashingPreprocess:
         if image.size == (13, 13):
             os._exit(3)
         return self.inner.array(image)
+
+
+TEST_MODEL = "test-model"  # the model name catalog-level tests commit vectors under
+
+
+def faiss_file(home: Path) -> Path:
+    """The FAISS file of the one model an index was built with."""
+    (path,) = Path(home).glob("vectors-*.faiss")
+    return path
+
+
+def stored(catalog):
+    """TEST_MODEL as the catalog records it now (its vector count changes with every commit)."""
+    return catalog.model(TEST_MODEL)

@@ -10,7 +10,6 @@ and "the first frame was indexed" can be checked by comparing vectors for equali
 from __future__ import annotations
 
 import io
-import logging
 import os
 import shutil
 import signal
@@ -330,18 +329,6 @@ class TimedLines:
     def first(self, fragment: bytes) -> float | None:
         """When the first line holding ``fragment`` arrived."""
         return next((t for t, line in self.lines if fragment in line), None)
-
-
-@pytest.fixture
-def clipsearch_logging():
-    """Logging as the library leaves it: an in-process CLI run (CliRunner) points the
-    "clipsearch" logger at its own, by then closed, stderr and stops propagation, which hides
-    records from caplog. Restored afterwards."""
-    logger = logging.getLogger("clipsearch")
-    saved = logger.handlers[:], logger.propagate, logger.level
-    logger.handlers, logger.propagate = [], True
-    yield logger
-    logger.handlers, logger.propagate, logger.level = saved
 
 
 def assert_no_traceback(*outputs: bytes | str) -> None:

@@ -6,14 +6,14 @@ import logging
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from helpers import make_image, make_library
+from helpers import faiss_file, make_image, make_library
+from reliability_helpers import cli_command, indexed_count, start_cli
 from typer.testing import CliRunner
 
 from clipsearch import __version__
@@ -21,7 +21,7 @@ from clipsearch.cli import _stop_on_ctrl_c, app
 
 SUMMARY = re.compile(
     r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
-    r" in [\d.]+ s \([\d.]+ images/s\)"
+    r" in [\d.]+ s \([\d.]+ images/s[^)]*\); index: "
 )
 
 
@@ -69,7 +69,7 @@ def test_query_prints_scores_and_paths_best_first(cli, library):
 
 def test_query_json(cli, library):
     rows = json.loads(cli("query", "a red circle", "--json", "-k", "4").stdout)
-    assert len(rows) == 4 and set(rows[0]) == {"path", "score", "width", "height", "mtime"}
+    assert len(rows) == 4 and set(rows[0]) == {"id", "path", "score", "width", "height", "mtime", "size"}
     assert {r["path"] for r in rows} <= {str(p) for p in library}
     assert (rows[0]["width"], rows[0]["height"]) == (48, 40)
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
@@ -113,7 +113,7 @@ def test_odd_file_names_survive_every_output_format(tmp_path, cli, tiny_model):
 
 def test_status_and_failed(cli, library, tmp_path, tiny_model):
     out = cli("status").stdout
-    assert f"Model:    {tiny_model} (32-d vectors)" in out
+    assert f"Models:   {tiny_model} (32-d): 8 of 8 images, default" in out
     assert "8 indexed, 1 failed, 0 missing" in out and "consistent with the catalog" in out
     failed = cli("status", "--failed").stdout
     assert failed.startswith(f"{tmp_path / 'lib' / 'bad.jpg'}: ") and "cannot be decoded" in failed
@@ -134,7 +134,7 @@ def test_remove_and_rebuild(cli, library, tmp_path):
 
 
 def test_a_deleted_faiss_file_is_rebuilt_with_a_warning(cli, library, tmp_path):
-    (tmp_path / "home" / "vectors.faiss").unlink()
+    faiss_file(tmp_path / "home").unlink()
     result = cli("query", library[3], "--paths-only", "-k", "1")
     assert result.stdout.strip() == str(library[3])
     assert "warning: Rebuilding the vector index" in result.stderr
@@ -148,9 +148,9 @@ def test_library_logs_after_a_command_reach_the_current_stderr(cli, library, cap
 
 
 def test_errors_are_one_line_with_exit_1(cli, library, tmp_path, other_tiny_model):
-    mismatch = cli("index", tmp_path / "lib", "--model", other_tiny_model, code=1)
-    assert mismatch.stderr.startswith("Error: The index in") and mismatch.stderr.count("\n") == 1
-    assert "Traceback" not in mismatch.output
+    unknown = cli("query", "x", "--model", other_tiny_model, code=1)
+    assert unknown.stderr.startswith("Error: The index in") and unknown.stderr.count("\n") == 1
+    assert "has no vectors by" in unknown.stderr and "Traceback" not in unknown.output
     missing = cli("index", tmp_path / "nowhere", code=1)
     assert "does not exist" in missing.stderr
 
@@ -202,33 +202,19 @@ def test_cli_import_is_light():
 def test_ctrl_c_commits_what_is_done_and_exits_130(tmp_path, tiny_model):
     make_library(tmp_path / "lib", 150)
     home = tmp_path / "home"
-    command = [
-        sys.executable,
-        "-c",
-        "from clipsearch.cli import main; main()",
-        "--home",
-        str(home),
-        "index",
-        str(tmp_path / "lib"),
-        "--model",
-        tiny_model,
-        "--workers",
-        "0",
-        "--batch-size",
-        "2",
-        "--precision",
-        "fp32",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["--home", home, "index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", "--batch-size", "2"]
+    # Each batch takes 50 ms, as a real model's would: the signal lands mid-run, not after it.
+    process = start_cli(*args, "--precision", "fp32", encode_delay_s=0.05)
     deadline = time.monotonic() + 120
-    while _indexed(home) == 0 and process.poll() is None and time.monotonic() < deadline:
+    while indexed_count(home) == 0 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = (out.decode() for out in process.communicate(timeout=60))
     assert process.returncode == 130, stderr
     assert "run the same command again" in stderr
-    done = _indexed(home)
+    done = indexed_count(home)
     assert 0 < done < 150 and summary_counts(stdout)[0] == done
+    command = cli_command(*args)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and summary_counts(rerun.stdout)[:1] == (150 - done,)
 
@@ -255,11 +241,3 @@ def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
 
 def summary_counts(text):
     return tuple(int(n) for n in SUMMARY.search(text).groups())
-
-
-def _indexed(home):
-    try:
-        with sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True) as db:
-            return db.execute("SELECT count(*) FROM images WHERE status = 'indexed'").fetchone()[0]
-    except sqlite3.Error:
-        return 0

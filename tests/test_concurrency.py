@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_library
+from helpers import faiss_file, make_library
 from reliability_helpers import (
     assert_no_traceback,
     catalog_vectors,
@@ -185,7 +185,7 @@ def test_two_queries_at_once(tmp_path, cli, tiny_model):
     home = tmp_path / "home"
     images = make_library(tmp_path / "lib", 12)
     assert cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0").exit_code == 0
-    (home / "vectors.faiss").unlink()
+    faiss_file(home).unlink()
     probe = os.fsdecode(images[5])
     processes = [start_cli("--home", home, "query", probe, "-k", "3", "--paths-only") for _ in range(2)]
     processes.append(start_cli("--home", home, "status"))

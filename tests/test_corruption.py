@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from helpers import make_library
+from helpers import faiss_file, make_library
 from reliability_helpers import (
     assert_no_traceback,
     catalog_vectors,
@@ -26,10 +26,11 @@ from reliability_helpers import (
 from typer.testing import CliRunner
 
 import clipsearch.catalog
-from clipsearch.catalog import Catalog, IndexedFile
+from clipsearch.catalog import Catalog
 from clipsearch.cli import app
 from clipsearch.clip import download, registry
 from clipsearch.errors import DownloadError
+from clipsearch.records import IndexedFile
 
 
 @pytest.fixture
@@ -83,11 +84,11 @@ def _damage_faiss(path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "zero bytes", "garbage", "garbage body, intact stamp"])
 def test_damaged_faiss_file_is_rebuilt_from_the_catalog_with_a_warning(cli, indexed, how):
-    _damage_faiss(cli.home / "vectors.faiss", how)
+    _damage_faiss(faiss_file(cli.home), how)
     result = cli("query", indexed[3], "-k", "1", "--paths-only")
     assert result.exit_code == 0
     assert result.stdout_bytes == os.fsencode(indexed[3]) + b"\n"
-    assert "Rebuilding the vector index" in result.stderr and "vectors.faiss" in result.stderr
+    assert "Rebuilding the vector index" in result.stderr and "vectors-1.faiss" in result.stderr
     again = cli("query", indexed[3], "-k", "1", "--paths-only")  # repaired once, not every time
     assert again.stderr == "" and again.stdout_bytes == result.stdout_bytes
     assert "consistent with the catalog" in cli("status").stdout
@@ -97,11 +98,11 @@ def test_a_faiss_file_from_an_older_catalog_is_never_trusted(cli, indexed, tmp_p
     """An out-of-date FAISS file (restored from a backup, or left by a crash) would name ids the
     catalog has since dropped or miss new ones: its stamp gives it away, and the rows changed
     since its generation bring it up to date (rows deleted since: the ids the catalog lacks)."""
-    old = (cli.home / "vectors.faiss").read_bytes()
+    old = (faiss_file(cli.home)).read_bytes()
     make_library(tmp_path / "lib2", 3, start_seed=40)
     assert cli("index", tmp_path / "lib2").exit_code == 0
     assert cli("remove", indexed[0]).exit_code == 0
-    (cli.home / "vectors.faiss").write_bytes(old)
+    (faiss_file(cli.home)).write_bytes(old)
     result = cli("--verbose", "query", "anything", "-k", "100", "--paths-only")
     assert "Updated the vector index: 3 vectors in, 1 out" in result.stderr
     found = set(result.stdout_bytes.splitlines())
@@ -233,7 +234,7 @@ def test_disk_full_while_saving_the_faiss_file(cli, tmp_path, monkeypatch):
     assert sorted(os.listdir(cli.home)) == ["catalog.db", "index.lock"]
     monkeypatch.undo()
     assert top_path(cli, images[1]) == os.fsencode(images[1])
-    assert (cli.home / "vectors.faiss").exists()
+    assert (faiss_file(cli.home)).exists()
 
 
 # --- a read-only home -------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def test_read_only_home_error_says_it_cannot_be_written(cli, indexed, tmp_path):
 
 def test_read_only_home_with_a_stale_faiss_file_still_answers(cli, indexed):
     """Rebuilt in memory (it cannot be saved), with a warning, and correct."""
-    _damage_faiss(cli.home / "vectors.faiss", "truncated")
+    _damage_faiss(faiss_file(cli.home), "truncated")
     with read_only(cli.home):
         result = cli("query", indexed[1], "-k", "1", "--paths-only")
         assert result.exit_code == 0
@@ -272,22 +273,22 @@ def test_read_only_home_with_a_stale_faiss_file_still_answers(cli, indexed):
         assert "Rebuilding the vector index" in result.stderr
 
 
-def _commit_then_die(home, indexed_file) -> None:
+def _commit_then_die(home, indexed_file, model) -> None:
     """In a forked child: commit one row and vanish without closing, as a killed indexer does,
     leaving catalog.db-wal (holding the commit) and catalog.db-shm behind."""
     catalog = Catalog.open(home)
-    catalog.commit_batch([indexed_file])
+    catalog.commit_batch(model, [indexed_file])
     os._exit(0)
 
 
-def test_a_crashed_writer_then_a_read_only_disk_still_answers(cli, indexed, tmp_path, tiny_encoder):
+def test_a_crashed_writer_then_a_read_only_disk_still_answers(cli, indexed, tmp_path, tiny_encoder, tiny_model):
     """An indexer dies, then the disk comes back read-only (a drive remounted after errors):
     the commit that lives only in the write-ahead log is still found by queries."""
     late = make_library(tmp_path / "late", 1, start_seed=70)[0]
     vector = expected_vectors(tiny_encoder, [late])[os.fsencode(late)]
     st = late.stat()
     row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
-    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(cli.home, row))
+    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(cli.home, row, tiny_model))
     child.start()
     child.join(60)
     assert {"catalog.db-wal", "catalog.db-shm"} <= set(os.listdir(cli.home))

@@ -19,6 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from helpers import faiss_file
 from reliability_helpers import (
     TimedLines,
     assert_no_traceback,
@@ -32,7 +33,7 @@ from reliability_helpers import (
 )
 
 from clipsearch.index import Index
-from clipsearch.vectors import VectorIndex
+from clipsearch.vectors import VectorIndex, held_ids
 
 LIBRARY_SIZE = 96
 CTRL_C_LIBRARY_SIZE = 48
@@ -84,10 +85,10 @@ def committed_rows(home) -> dict[bytes, tuple[float, bytes]]:
 def faiss_file_ids(home) -> set[int] | None:
     """The catalog ids the FAISS file on disk holds, read with FAISS alone; None if unreadable."""
     try:
-        index = faiss.read_index(str(home / "vectors.faiss"))
-    except RuntimeError:
+        index = faiss.read_index(str(faiss_file(home)))
+    except (RuntimeError, ValueError):  # damaged, or not written yet
         return None
-    return set(faiss.vector_to_array(faiss.downcast_index(index).id_map).tolist())
+    return set(held_ids(index).tolist())
 
 
 def catalog_ids(home) -> set[int]:
@@ -110,11 +111,15 @@ def check_index_after_crash(home, expected: dict[bytes, np.ndarray], caplog) -> 
         assert not stored, error
         return
     with index:
+        model = index.catalog.model(index.model)
+        if model is None:  # killed before the first commit: no model recorded yet
+            assert not stored
+            return
         on_disk = faiss_file_ids(home)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="clipsearch"):
-            vectors = VectorIndex.load(home, index.catalog, save=False)
-        if (home / "vectors.faiss").exists() and on_disk != catalog_ids(home):
+            vectors = VectorIndex.load(home, index.catalog, model, save=False)
+        if on_disk is not None and on_disk != catalog_ids(home):
             # A stale file is detected, then brought up to date or rebuilt.
             assert "Updated the vector index" in caplog.text or "Rebuilding the vector index" in caplog.text
         assert vectors.ntotal == len(stored)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -22,10 +23,12 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Server:
-    """Serves PAYLOAD at any path; `truncate_at` makes it hang up mid-body."""
+    """Serves PAYLOAD at any path; `truncate_at` makes it hang up mid-body. `hung_up` counts
+    clients that closed the connection mid-body, which the socketserver would print to stderr."""
 
     def __init__(self) -> None:
         self.hits = 0
+        self.hung_up = 0
         self.truncate_at: int | None = None
         self.body = PAYLOAD
         server = self
@@ -36,13 +39,17 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(server.body)))
                 self.end_headers()
-                self.wfile.write(server.body[: server.truncate_at])
+                try:
+                    self.wfile.write(server.body[: server.truncate_at])
+                except ConnectionError:
+                    server.hung_up += 1
                 self.close_connection = True
 
             def log_message(self, *args) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = False  # close() waits for the requests in flight
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/files/model.bin"
@@ -113,14 +120,18 @@ def test_interrupted_download_leaves_no_file(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD
 
 
-def test_interrupt_by_user_leaves_no_part_file(server, tmp_path, monkeypatch):
+def test_interrupt_by_user_leaves_no_part_file(server, tmp_path, monkeypatch, capfd):
     def interrupted(self, n):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(download.http.client.HTTPResponse, "read", interrupted)
+    server.body = bytes(32 << 20)  # more than the socket buffers take, so the server sees the hang-up
     with pytest.raises(KeyboardInterrupt):
         download.fetch(server.url, DIGEST, tmp_path / "model.bin")
     assert _leftovers(tmp_path) == []
+    server.close()
+    assert server.hung_up == 1
+    assert capfd.readouterr().err == ""
 
 
 def test_offline_error_is_one_line_naming_url_and_destination(tmp_path):
@@ -158,12 +169,14 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_goes_to_stderr_only(server, tmp_path, monkeypatch, capsys):
-    fake_err = _Terminal()
+def test_progress_bar_goes_to_stderr_only(server, tmp_path, monkeypatch):
+    # Not capsys: monkeypatch would put capsys's closed stream back as sys.stderr (seen with -s).
+    fake_out, fake_err = io.StringIO(), _Terminal()
+    monkeypatch.setattr("sys.stdout", fake_out)
     monkeypatch.setattr("sys.stderr", fake_err)
     download.fetch(server.url, DIGEST, tmp_path / "model.bin")
     assert "model.bin" in fake_err.getvalue() and "100%" in fake_err.getvalue()
-    assert capsys.readouterr().out == ""
+    assert fake_out.getvalue() == ""
 
 
 def test_progress_bar_off_when_asked_or_not_a_terminal(server, tmp_path, monkeypatch):
@@ -202,6 +215,7 @@ def test_file_placed_by_hand_is_accepted_when_it_matches(tmp_path):
 
 
 def test_vocab_and_model_paths_use_the_cache(monkeypatch, tmp_path, server):
+    """A vocabulary we do not ship is downloaded like a checkpoint."""
     monkeypatch.setattr(registry, "VOCAB", registry.Asset(server.url, "vocab.txt.gz", DIGEST, len(PAYLOAD)))
     assert download.vocab_path() == model_cache_dir() / "vocab.txt.gz"
     assert (model_cache_dir() / "vocab.txt.gz").read_bytes() == PAYLOAD
@@ -219,3 +233,44 @@ def test_bundled_model_path(monkeypatch, tmp_path):
     monkeypatch.setitem(registry._BY_KEY, "demo", replace(registry.get("demo"), bundled=tmp_path / "gone"))
     with pytest.raises(DownloadError, match="reinstall"):
         download.model_path("demo")
+
+
+def test_shipped_vocabulary_is_clips_and_installed_with_the_package():
+    bundled = registry.VOCAB.bundled
+    assert bundled is not None and bundled.is_relative_to(Path(download.__file__).parent)
+    assert hashlib.sha256(bundled.read_bytes()).hexdigest() == registry.VOCAB.sha256
+    assert bundled.stat().st_size == registry.VOCAB.size
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    package_data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]
+    relative = bundled.relative_to(Path(download.__file__).parent).as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data["clipsearch.clip"])
+
+
+def _bundled_vocab(monkeypatch, path: Path) -> None:
+    """The registry's vocabulary shipped as `path`, with a URL that cannot be reached."""
+    monkeypatch.setattr(registry, "VOCAB", replace(registry.VOCAB, url=_closed_port_url(), sha256=DIGEST, bundled=path))
+
+
+def test_shipped_vocabulary_is_hashed_once_per_process(monkeypatch, tmp_path):
+    shipped = tmp_path / "vocab.txt.gz"
+    shipped.write_bytes(PAYLOAD)
+    _bundled_vocab(monkeypatch, shipped)
+    hashed = []
+    monkeypatch.setattr(download, "_hash_file", lambda path: hashed.append(path) or DIGEST)
+    assert download.vocab_path() == shipped
+    assert download.vocab_path() == shipped
+    assert hashed == [shipped]
+    assert not model_cache_dir().exists()
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing"])
+def test_damaged_shipped_vocabulary_is_refused(monkeypatch, tmp_path, damage):
+    shipped = tmp_path / "vocab.txt.gz"
+    if damage == "altered":
+        shipped.write_bytes(PAYLOAD[:-1] + b"x")
+    _bundled_vocab(monkeypatch, shipped)
+    with pytest.raises(DownloadError, match="reinstall clipsearch") as err:
+        download.vocab_path()
+    assert str(shipped) in str(err.value)

@@ -46,6 +46,18 @@ def test_text_queries_run_in_torch_for_siglip(hf_folder, tiny_model):  # noqa: F
     assert isinstance(open_encoder(tiny_model, towers="text"), TextEncoder)  # CLIP keeps the NumPy tower
 
 
+def test_no_numpy_text_tower_is_exported_for_siglip(hf_folder, monkeypatch):  # noqa: F811
+    """The end of an indexing run prepares CLIP's NumPy text tower; for SigLIP that is refused
+    before the model is loaded at all."""
+    from clipsearch import clip
+    from clipsearch.clip import numpy_text
+
+    _, folder = hf_folder
+    monkeypatch.setattr(clip, "load", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match="torch only"):
+        numpy_text.export(str(folder))
+
+
 def test_zero_shot_is_sigmoid_for_siglip(hf_folder, tmp_path):  # noqa: F811
     model, folder = hf_folder
     image = make_library(tmp_path / "lib", 1)[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -45,10 +44,9 @@ CONFIG = ModelConfig(
 
 
 @pytest.fixture(autouse=True)
-def cached_clip_vocab():
-    """CLIP's vocabulary where `download.vocab_path` keeps it, so nothing is fetched."""
+def empty_model_cache():
+    """Nothing but the checkpoints a test puts there: CLIP's vocabulary ships with the package."""
     model_cache_dir().mkdir(parents=True)
-    shutil.copyfile(CLIP_VOCAB, model_cache_dir() / registry.VOCAB.filename)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +98,7 @@ def test_cpu_model_is_float32_in_eval_mode_with_clip_tokenizer(openclip_file):
     assert not model.training
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert model.tokenizer.bpe_path == model_cache_dir() / registry.VOCAB.filename
+    assert model.tokenizer.bpe_path == registry.VOCAB.bundled
     assert torch.equal(model.tokenizer(["a diagram"]), clip.tokenize(["a diagram"]))
     assert preprocess.resolution == CONFIG.image_resolution
 
@@ -298,7 +296,6 @@ def test_load_by_name_downloads_verifies_and_uses_registry_settings(monkeypatch,
         assert torch.equal(loaded.encode_text(tokens), build_model(model.state_dict()).encode_text(tokens))
 
 
-@pytest.mark.skipif(not registry.get("demo").bundled.is_dir(), reason="demo weights not shipped yet")
 def test_bundled_demo_model_loads():
     model, preprocess = clip.load("demo", device="cpu")
     assert model.tokenizer.bpe_path == registry.get("demo").bundled / "vocab.txt.gz"

@@ -7,10 +7,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from helpers import TEST_MODEL
 from sqlalchemy import create_engine
 
-from clipsearch.catalog import HEAD_REVISION, STATUS_INDEXED, Base, Catalog, IndexedFile, alembic_config
+from clipsearch.catalog import Catalog
 from clipsearch.errors import IndexStateError
+from clipsearch.migrate import HEAD_REVISION, alembic_config
+from clipsearch.records import STATUS_INDEXED, IndexedFile
+from clipsearch.schema import Base
 
 BASE_REVISION = "0001"
 
@@ -35,7 +39,7 @@ def test_head_constant_matches_the_migration_scripts():
 
 
 def test_migrations_build_exactly_the_models_schema(tmp_path):
-    with Catalog.open(tmp_path, create=True) as c, c._transaction(write=False) as conn:
+    with Catalog.open(tmp_path, create=True) as c, c.transaction() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 
 
@@ -64,14 +68,14 @@ def test_opening_a_base_schema_catalog_upgrades_it_and_keeps_its_data(tmp_path):
     db = make_base_catalog(tmp_path / "home")
     with Catalog.open(tmp_path / "home") as c:
         assert stored_revision(db) == HEAD_REVISION
-        assert c.generation == 7 and c.get_meta("model") == "ViT-B/32"
+        assert c.generation == 7 and c.default_model == "ViT-B/32"
         assert c.counts() == {"indexed": 2, "failed": 1, "missing": 0}
         assert c.failures() == [(b"/p/bad.jpg", "truncated")]
-        ids, vectors = c.all_vectors()
+        ids, vectors = c.all_vectors(c.model("ViT-B/32"))
         assert ids.tolist() == [1, 2]
         np.testing.assert_array_equal(vectors, np.tile(np.arange(8, dtype=np.float32), (2, 1)))
         # The new column is there, unknown (NULL) for old rows, filled for new ones.
-        c.commit_batch([IndexedFile(b"/p/new.jpg", 1, 2, b"fn", 1, 1, np.ones(8, np.float32))])
+        c.commit_batch(TEST_MODEL, [IndexedFile(b"/p/new.jpg", 1, 2, b"fn", 1, 1, np.ones(8, np.float32))])
         assert c.file_states()[b"/p/new.jpg"].status == STATUS_INDEXED
     times = dict(sqlite3.connect(db).execute("SELECT path, indexed_at FROM images").fetchall())
     assert times[b"/p/a.jpg"] is None and times[b"/p/new.jpg"] > 0
@@ -80,7 +84,7 @@ def test_opening_a_base_schema_catalog_upgrades_it_and_keeps_its_data(tmp_path):
 def test_downgrade_to_base_then_reopen_upgrades_again(tmp_path):
     home = tmp_path / "home"
     with Catalog.open(home, create=True) as c:
-        c.commit_batch([IndexedFile(b"/p/a.jpg", 1, 2, b"f", 1, 1, np.ones(8, np.float32))])
+        c.commit_batch(TEST_MODEL, [IndexedFile(b"/p/a.jpg", 1, 2, b"f", 1, 1, np.ones(8, np.float32))])
     migrate(home / "catalog.db", BASE_REVISION, command.downgrade)
     assert stored_revision(home / "catalog.db") == BASE_REVISION
     with Catalog.open(home) as c:

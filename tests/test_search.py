@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import bump_mtime, make_image, make_library
+from helpers import bump_mtime, faiss_file, make_image, make_library
 
 from clipsearch import Hit, Index
 from clipsearch.errors import IndexStateError
 from clipsearch.search import parse_term
-from clipsearch.vectors import VECTORS_FILE
 
 
 @pytest.fixture
@@ -28,7 +27,7 @@ def index(tmp_path, tiny_model, library):
 
 
 def brute_force(index, vector):
-    ids, vectors = index.catalog.all_vectors()
+    ids, vectors = index.catalog.all_vectors(index.catalog.model(index.model))
     scores = vectors @ vector
     order = np.argsort(-scores)
     rows = index.catalog.rows(ids)
@@ -101,7 +100,7 @@ def test_a_deleted_or_garbage_faiss_file_is_rebuilt(index, tmp_path, library, ca
     expected = [h.path for h in index.search(library[1], k=5)]
     home = tmp_path / "home"
     for damage in (lambda f: f.unlink(), lambda f: f.write_bytes(b"garbage" * 100)):
-        damage(home / VECTORS_FILE)
+        damage(faiss_file(home))
         with Index.open(home, precision="fp32") as fresh:  # as `index`: the same query vector
             assert [h.path for h in fresh.search(library[1], k=5)] == expected
         assert "Rebuilding the vector index" in caplog.text
@@ -110,9 +109,9 @@ def test_a_deleted_or_garbage_faiss_file_is_rebuilt(index, tmp_path, library, ca
 
 def test_an_older_faiss_file_put_back_is_brought_up_to_date_not_trusted(index, tmp_path, caplog):
     home = tmp_path / "home"
-    old = (home / VECTORS_FILE).read_bytes()
+    old = (faiss_file(home)).read_bytes()
     index.remove([tmp_path / "lib" / "part0"])
-    (home / VECTORS_FILE).write_bytes(old)  # e.g. restored from a backup: ids of removed rows
+    (faiss_file(home)).write_bytes(old)  # e.g. restored from a backup: ids of removed rows
     with caplog.at_level(logging.INFO, logger="clipsearch.vectors"), Index.open(home, readonly=True) as fresh:
         hits = fresh.search("x", k=20)
     assert len(hits) == 6 and all(h.path.parent.name == "part1" for h in hits)
@@ -142,9 +141,68 @@ def test_a_stale_faiss_file_is_noticed_by_an_open_index(index, tmp_path):
     assert extra in [h.path for h in index.search(extra, k=50)] and len(index.search("x", k=50)) == 13
 
 
-def test_another_model_is_refused_with_how_to_switch(index, tmp_path, other_tiny_model):
-    with pytest.raises(IndexStateError, match=r"was built with model .*--home"):
-        Index.open(tmp_path / "home", model=other_tiny_model)
+def assert_same_scores(hits, expected: dict) -> None:
+    """The same images with the same scores (the NumPy and torch text towers agree to ~1e-7)."""
+    got = {h.path: h.score for h in hits}
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[p] for p in expected], list(expected.values()), atol=1e-5)
+
+
+def test_a_second_model_adds_its_vectors_beside_the_first(index, tmp_path, tiny_model, other_tiny_model, encoded):
+    home = tmp_path / "home"
+    first = {h.path: h.score for h in index.search("a red circle", k=12)}
+    with Index.open(home, model=other_tiny_model, precision="fp32") as other:
+        with pytest.raises(IndexStateError, match=r"no vectors by .*other.*index with it first"):
+            other.search("a red circle")
+        report = other.add([tmp_path / "lib"], workers=0)
+        assert (report.new, report.changed, report.unchanged) == (12, 0, 0) and sum(encoded) == 12
+        assert other.status().consistent and len(other.search("x", k=50)) == 12
+        # The two models' vectors differ, each searched with its own model.
+        assert {h.path: h.score for h in other.search("a red circle", k=12)} != first
+        assert other.add([tmp_path / "lib"], workers=0).unchanged == 12 and sum(encoded) == 12
+    with Index.open(home, readonly=True) as reader:  # the first model stays the default
+        assert reader.model == tiny_model
+        assert [(m.name, m.vectors, m.default) for m in reader.status().models] == [
+            (tiny_model, 12, True),
+            (other_tiny_model, 12, False),
+        ]
+        assert_same_scores(reader.search("a red circle", k=12), first)
+    with Index.open(home, model=other_tiny_model) as other:
+        other.set_default_model()
+    with Index.open(home) as default:
+        assert default.model == other_tiny_model
+        assert default.drop_model() and not default.drop_model()
+    with Index.open(home) as after:
+        assert after.model == tiny_model and after.catalog.default_model == tiny_model
+        assert [m.name for m in after.status().models] == [tiny_model]
+        assert_same_scores(after.search("a red circle", k=12), first)
+    assert sorted(p.name for p in home.glob("vectors-*.faiss")) == ["vectors-1.faiss"]
+
+
+def test_a_changed_file_keeps_only_the_vector_of_the_model_that_re_encoded_it(
+    index, tmp_path, tiny_model, other_tiny_model, library
+):
+    home = tmp_path / "home"
+    with Index.open(home, model=other_tiny_model) as other:
+        other.add([tmp_path / "lib"], workers=0)
+    make_image(library[0], seed=900)  # new content, same path
+    bump_mtime(library[0])
+    index.add([tmp_path / "lib"], workers=0)
+    with Index.open(home, model=other_tiny_model) as other:
+        assert other.status().models[1].vectors == 11 and other.status().consistent
+        assert library[0] not in [h.path for h in other.search("x", k=50)]
+        assert other.add([tmp_path / "lib"], workers=0).new == 1  # re-encoded by this model too
+        assert library[0] in [h.path for h in other.search("x", k=50)]
+
+
+def test_reading_an_index_without_vectors_creates_nothing(tmp_path, tiny_model):
+    home = tmp_path / "home"
+    with pytest.raises(IndexStateError, match="There is no index"):
+        Index.open(home, readonly=True)
+    assert not home.exists()
+    with Index.open(home, model=tiny_model) as index:  # created, nothing encoded yet
+        assert index.search("x") == [] and index.status().models == []
+    assert [p.name for p in home.iterdir() if not p.name.startswith("catalog.db")] == []
 
 
 def test_remove_forgets_files_under_a_path(index, tmp_path):

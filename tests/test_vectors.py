@@ -2,13 +2,16 @@ import logging
 import os
 import subprocess
 
+import faiss
 import numpy as np
 import pytest
+from helpers import TEST_MODEL, faiss_file, stored
 
 from clipsearch import vectors as vectors_module
-from clipsearch.catalog import Catalog, FailedFile, IndexedFile
+from clipsearch.catalog import Catalog
 from clipsearch.errors import IndexStateError
-from clipsearch.vectors import VECTORS_FILE, VectorIndex, choose_index_type
+from clipsearch.records import FailedFile, IndexedFile
+from clipsearch.vectors import VectorIndex, choose_index_type
 
 DIM = 32
 
@@ -103,12 +106,17 @@ def catalog(tmp_path):
 
 def add_files(catalog: Catalog, vectors: np.ndarray, start: int = 0) -> None:
     catalog.commit_batch(
-        [IndexedFile(f"/p/{i}.jpg".encode(), 1, 1, b"f%d" % i, 1, 1, v) for i, v in enumerate(vectors, start)]
+        TEST_MODEL,
+        [IndexedFile(f"/p/{i}.jpg".encode(), 1, 1, b"f%d" % i, 1, 1, v) for i, v in enumerate(vectors, start)],
     )
 
 
 def assert_answers_like_the_catalog(index: VectorIndex, catalog: Catalog) -> None:
-    ids, vectors = catalog.all_vectors()
+    """Exact search's answers: an inverted file is made to probe every list for the comparison."""
+    ivf = faiss.try_extract_index_ivf(index.index)
+    if ivf is not None:
+        ivf.nprobe = ivf.nlist
+    ids, vectors = catalog.all_vectors(stored(catalog))
     queries = random_unit(10, seed=5)
     np.testing.assert_array_equal(index.search(queries, 5)[1], brute_force(ids, vectors, queries, 5)[1])
 
@@ -116,7 +124,7 @@ def assert_answers_like_the_catalog(index: VectorIndex, catalog: Catalog) -> Non
 def test_ids_are_catalog_ids(catalog):
     vectors = random_unit(300)
     add_files(catalog, vectors)
-    index = VectorIndex.load(catalog.home, catalog)
+    index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     _, top = index.search(vectors[[0, 17, 299]], 1)
     rows = catalog.rows(top[:, 0].tolist())
     assert [rows[i].path for i in top[:, 0]] == [b"/p/0.jpg", b"/p/17.jpg", b"/p/299.jpg"]
@@ -124,10 +132,10 @@ def test_ids_are_catalog_ids(catalog):
 
 def test_save_load_round_trip_without_rebuild(catalog, caplog):
     add_files(catalog, clustered_unit(2000))
-    built = VectorIndex.rebuild(catalog.home, catalog, index_type="IVF16,Flat")
+    built = VectorIndex.rebuild(catalog.home, catalog, stored(catalog), index_type="IVF16,Flat")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        loaded = VectorIndex.load(catalog.home, catalog)
+        loaded = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert caplog.records == []
     assert (loaded.index_type, loaded.recall_at_10, loaded.ntotal) == ("IVF16,Flat", built.recall_at_10, 2000)
     queries = random_unit(10, seed=4)
@@ -135,33 +143,37 @@ def test_save_load_round_trip_without_rebuild(catalog, caplog):
         np.testing.assert_array_equal(a, b)
 
 
-def test_empty_catalog_loads_quietly(catalog, caplog):
+def test_a_model_with_no_vectors_left_loads_quietly(catalog, caplog):
+    add_files(catalog, random_unit(3))
+    catalog.commit_batch(failed=[FailedFile(f"/p/{i}.jpg".encode(), 1, 1, None, "gone bad") for i in range(3)])
     with caplog.at_level(logging.WARNING):
-        index = VectorIndex.load(catalog.home, catalog)
-    assert index.ntotal == 0 and caplog.records == []
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
+    assert index.ntotal == 0 and index.index.d == DIM and caplog.records == []
 
 
 def test_a_stale_file_is_updated_by_the_rows_that_changed_and_resaved(catalog, caplog):
     add_files(catalog, random_unit(500))
-    VectorIndex.load(catalog.home, catalog)  # builds and saves generation 1
+    VectorIndex.load(catalog.home, catalog, stored(catalog))  # builds and saves generation 1
     add_files(catalog, random_unit(100, seed=2), start=500)  # generation 2: the file is now stale
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert "Updated the vector index: 100 vectors in, 0 out" in caplog.text and "Built" not in caplog.text
     assert index.ntotal == 600
     assert_answers_like_the_catalog(index, catalog)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
-        VectorIndex.load(catalog.home, catalog)
+        VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert caplog.records == []  # the updated index was saved with the new stamp
 
 
-def test_changed_failed_and_removed_rows_reach_the_file_by_update(catalog, caplog):
+@pytest.mark.parametrize("flat_limit", [1000, vectors_module.FLAT_LIMIT])
+def test_changed_failed_and_removed_rows_reach_the_file_by_update(catalog, caplog, monkeypatch, flat_limit):
+    monkeypatch.setattr(vectors_module, "FLAT_LIMIT", flat_limit)  # 1000: IVF, whose remove_ids path differs
     vectors = clustered_unit(2000)
     add_files(catalog, vectors)
-    built = VectorIndex.load(catalog.home, catalog)
-    assert built.index_type.startswith("IVF") or built.index_type == "Flat"
+    built = VectorIndex.load(catalog.home, catalog, stored(catalog))
+    assert built.index_type == ("IVF32,Flat" if flat_limit == 1000 else "Flat")
     replaced = random_unit(3, seed=9)
     add_files(catalog, replaced, start=10)  # /p/10..12.jpg changed: same rows, new vectors
     catalog.commit_batch(failed=[FailedFile(b"/p/20.jpg", 1, 1, None, "now unreadable")])
@@ -169,7 +181,7 @@ def test_changed_failed_and_removed_rows_reach_the_file_by_update(catalog, caplo
     catalog.remove([b"/p/22.jpg"])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert "Updated the vector index: 3 vectors in, 6 out" in caplog.text
     assert index.ntotal == 1997
     assert_answers_like_the_catalog(index, catalog)
@@ -181,33 +193,33 @@ def test_changed_failed_and_removed_rows_reach_the_file_by_update(catalog, caplo
 
 def test_an_update_gives_way_to_a_rebuild_when_it_should(catalog, caplog, monkeypatch):
     add_files(catalog, clustered_unit(1500))
-    VectorIndex.rebuild(catalog.home, catalog, index_type="IVF8,Flat")
+    VectorIndex.rebuild(catalog.home, catalog, stored(catalog), index_type="IVF8,Flat")
     add_files(catalog, clustered_unit(700, seed=4), start=1500)  # more than half of the 1500 trained on
     with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert "more vectors changed since its last full build" in caplog.text and index.built_count == 2200
     monkeypatch.setattr(vectors_module, "FLAT_LIMIT", 2202)
-    assert VectorIndex.rebuild(catalog.home, catalog, index_type="auto").index_type == "Flat"
+    assert VectorIndex.rebuild(catalog.home, catalog, stored(catalog), index_type="auto").index_type == "Flat"
     add_files(catalog, random_unit(5, seed=6), start=2200)  # past FLAT_LIMIT: auto wants IVF now
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert "2205 vectors call for IVF" in caplog.text and index.index_type.startswith("IVF")
     assert index.ntotal == 2205 and index.built_count == 2205
-    VectorIndex.rebuild(catalog.home, catalog, index_type="HNSW32")
+    VectorIndex.rebuild(catalog.home, catalog, stored(catalog), index_type="HNSW32")
     add_files(catalog, random_unit(1, seed=7), start=2205)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert "an HNSW graph cannot drop vectors" in caplog.text and index.ntotal == 2206
 
 
 def test_removed_rows_never_come_back_from_a_stale_file(catalog):
     vectors = random_unit(200)
     add_files(catalog, vectors)
-    VectorIndex.load(catalog.home, catalog)
+    VectorIndex.load(catalog.home, catalog, stored(catalog))
     catalog.remove([b"/p/0.jpg"])
-    index = VectorIndex.load(catalog.home, catalog)
+    index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     _, top = index.search(vectors[:1], 1)
     assert catalog.rows(top[0].tolist()) != {} and top[0, 0] != 1  # row 1 was /p/0.jpg
 
@@ -215,8 +227,8 @@ def test_removed_rows_never_come_back_from_a_stale_file(catalog):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "payload only", "payload corrupted"])
 def test_damaged_file_is_rebuilt_with_a_warning(catalog, caplog, damage):
     add_files(catalog, random_unit(1000))
-    VectorIndex.load(catalog.home, catalog)
-    path = catalog.home / VECTORS_FILE
+    VectorIndex.load(catalog.home, catalog, stored(catalog))
+    path = faiss_file(catalog.home)
     data = path.read_bytes()
     trailer = data[-200:]
     path.write_bytes(
@@ -229,66 +241,67 @@ def test_damaged_file_is_rebuilt_with_a_warning(catalog, caplog, damage):
         }[damage]
     )
     with caplog.at_level(logging.WARNING):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert "Rebuilding the vector index" in caplog.text and "damaged" in caplog.text
     assert_answers_like_the_catalog(index, catalog)
-    saved, stamp = vectors_module._read(path)  # saved again, valid
+    saved, stamp = vectors_module._read(path, catalog, stored(catalog))  # saved again, valid
     assert saved.ntotal == stamp["count"] == 1000 and stamp["generation"] == catalog.generation
 
 
 def test_rebuild_remembers_the_chosen_index_type(catalog, caplog):
     add_files(catalog, clustered_unit(1500))
     with pytest.raises(IndexStateError, match="not an index type"):
-        VectorIndex.rebuild(catalog.home, catalog, index_type="Bogus")
-    VectorIndex.rebuild(catalog.home, catalog, index_type="IVF8,Flat")
+        VectorIndex.rebuild(catalog.home, catalog, stored(catalog), index_type="Bogus")
+    VectorIndex.rebuild(catalog.home, catalog, stored(catalog), index_type="IVF8,Flat")
     add_files(catalog, clustered_unit(10, seed=3), start=1500)
-    index = VectorIndex.load(catalog.home, catalog)
+    index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert index.index_type == "IVF8,Flat" and index.ntotal == 1510
     # Shrunk below what IVF8 can train on: queries go on with auto, and say so.
     catalog.remove([b"/p"])
     add_files(catalog, random_unit(5))
     with caplog.at_level(logging.WARNING):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert index.index_type == "Flat" and index.ntotal == 5 and "Using auto instead" in caplog.text
 
 
 def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(catalog, monkeypatch, caplog):
     add_files(catalog, random_unit(100))
-    index = VectorIndex.load(catalog.home, catalog)
-    before = (catalog.home / VECTORS_FILE).read_bytes()
+    index = VectorIndex.load(catalog.home, catalog, stored(catalog))
+    before = (faiss_file(catalog.home)).read_bytes()
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(vectors_module.os, "fsync", disk_full)
     with pytest.raises(IndexStateError, match=r"Could not save the vector index .*No space left"):
-        index.save(catalog.home, catalog.generation + 1)
-    assert (catalog.home / VECTORS_FILE).read_bytes() == before
-    assert sorted(p.name for p in catalog.home.iterdir() if "faiss" in p.name) == [VECTORS_FILE]
+        index.save(catalog.home, catalog.catalog_id, stored(catalog), catalog.generation + 1)
+    assert (faiss_file(catalog.home)).read_bytes() == before
+    assert sorted(p.name for p in catalog.home.iterdir() if "faiss" in p.name) == [faiss_file(catalog.home).name]
     # A load that has to rebuild still answers, and says why it could not save.
     add_files(catalog, random_unit(5, seed=8), start=100)
     with caplog.at_level(logging.WARNING):
-        index = VectorIndex.load(catalog.home, catalog)
+        index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     assert index.ntotal == 105 and "No space left" in caplog.text
 
 
 def test_read_only_catalog_rebuilds_in_memory_only(catalog):
     add_files(catalog, random_unit(50))
     with Catalog.open(catalog.home, readonly=True) as ro:
-        index = VectorIndex.load(ro.home, ro)
+        index = VectorIndex.load(ro.home, ro, stored(ro))
         assert index.ntotal == 50
         assert_answers_like_the_catalog(index, ro)
-    assert not (catalog.home / VECTORS_FILE).exists()
+    assert not list(catalog.home.glob("vectors-*.faiss"))
 
 
 def test_save_clears_temporaries_of_killed_saves_only(catalog):
     add_files(catalog, random_unit(20))
-    index = VectorIndex.load(catalog.home, catalog)
+    index = VectorIndex.load(catalog.home, catalog, stored(catalog))
     finished = subprocess.Popen(["true"])
     finished.wait()  # its pid now names no process, like a killed indexer's
-    dead = catalog.home / f"{VECTORS_FILE}.{finished.pid}-0badc0de.tmp"
-    live = catalog.home / f"{VECTORS_FILE}.{os.getpid()}-feedf00d.tmp"  # a save in progress
+    name = faiss_file(catalog.home).name
+    dead = catalog.home / f"{name}.{finished.pid}-0badc0de.tmp"
+    live = catalog.home / f"{name}.{os.getpid()}-feedf00d.tmp"  # a save in progress
     dead.write_bytes(b"half a file")
     live.write_bytes(b"being written")
-    index.save(catalog.home, catalog.generation)
+    index.save(catalog.home, catalog.catalog_id, stored(catalog), catalog.generation)
     assert not dead.exists() and live.exists()

@@ -257,9 +257,12 @@ def load_cached(model_ref: str) -> TextTower | None:
 
 def export(model_ref: str) -> TextTower:
     """The text tower of ``model_ref``, loaded with torch (`clip.load`) and written to the cache
-    when possible."""
+    when possible. ValueError, before anything is loaded, for a model that is not a CLIP."""
     from clipsearch.clip import load
+    from clipsearch.clip.families import family
 
+    if family(model_ref) != "clip":
+        raise ValueError(f"{model_ref} is a {family(model_ref)} model, whose text tower runs in torch only")
     source = _source(model_ref)  # before loading: a checkpoint replaced meanwhile makes the cache stale
     model, _ = load(model_ref, device="cpu", towers="text")
     tower = TextTower.from_model(model, model.tokenizer.bpe_path)

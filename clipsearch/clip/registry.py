@@ -1,4 +1,4 @@
-"""The models clipsearch can fetch by name, and the BPE vocabulary they share.
+"""The models clipsearch can fetch by name, and the BPE vocabulary they share (shipped in the package).
 
 OpenAI's URLs carry the file's SHA-256 in their path, so those downloads are pinned. The
 OpenCLIP weights live on the Hugging Face hub, whose files can change and whose hashes we could
@@ -34,6 +34,7 @@ class Asset:
     filename: str  # name in the cache directory; unique across the registry
     sha256: str | None  # None: unpinned, trusted on first download
     size: int | None = None
+    bundled: Path | None = None  # a copy shipped inside the package, used instead of downloading
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,14 @@ class ModelEntry:
         return self.figures.image_size if self.figures else None
 
 
+# CLIP's vocabulary ships with the package (OpenAI's file, MIT), so tokenizing works offline;
+# the URL says where the copy came from.
 VOCAB = Asset(
     url="https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz",
     filename="bpe_simple_vocab_16e6.txt.gz",
     sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
     size=1_356_917,
+    bundled=Path(__file__).parent / "vocab" / "bpe_simple_vocab_16e6.txt.gz",
 )
 
 _OPENAI_ROOT = "https://openaipublic.azureedge.net/clip/models"

@@ -5,17 +5,11 @@ with printable stand-in characters, and the word's symbols are merged pairwise i
 order the merges were learned. The last symbol of a word carries the end-of-word marker
 `</w>`, so "dog" at the end of a word and inside "dogma" are different tokens.
 
-Two pieces of OpenAI's tokenizer are re-created with the standard library, because CLIP
-must run on torch, numpy and Pillow alone:
-
-- The split pattern uses the `regex` module's \\p{L} and \\p{N}. Stdlib `re` has no such
-  classes, so they are built from Python's own Unicode database (`_split_pattern`). For
-  every code point assigned in that database the split is the same; characters assigned
-  only in newer Unicode versions are punctuation-like here and letters or numbers there.
-- OpenAI cleans text with ftfy. `clean_text` repeats the ftfy fixes that change the tokens
-  of ordinary queries (curly quotes, NFC, full-width forms, Latin ligatures, invisible
-  control characters) and skips its mojibake repair; tests/test_tokenizer.py lists the
-  inputs where the two differ.
+Text is cleaned with ftfy, as OpenAI's tokenizer does. The split pattern uses the `regex`
+module's \\p{L} and \\p{N}; stdlib `re` has no such classes, so they are built from Python's
+own Unicode database (`_split_pattern`) rather than adding a dependency for one pattern. For
+every code point assigned in that database the split is the same; characters assigned only in
+newer Unicode versions are punctuation-like here and letters or numbers there.
 """
 
 from __future__ import annotations
@@ -25,7 +19,6 @@ import html
 import itertools
 import re
 import sys
-import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import cache, lru_cache
 from pathlib import Path
@@ -70,40 +63,28 @@ def byte_symbols() -> dict[int, str]:
 
 # --- text cleaning ---------------------------------------------------------------------
 
-# Latin ligatures and digraphs (ﬁ, ĳ, ǆ) are split into their letters, as ftfy does.
-_LIGATURES = {
-    cp: unicodedata.normalize("NFKC", chr(cp))
-    for cp in [0x132, 0x133, 0x149, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB07)]
-}
-# Full-width ASCII and half-width katakana/hangul become their usual forms.
-_WIDTHS = {0x3000: " "} | {
-    cp: unicodedata.normalize("NFKC", chr(cp))
-    for cp in range(0xFF01, 0xFFF0)
-    if unicodedata.normalize("NFKC", chr(cp)) != chr(cp)
-}
-_QUOTES = dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'") | dict.fromkeys(range(0x201C, 0x2020), '"')
-# Invisible characters (C0 controls other than tab/newline/form feed/CR, DEL, deprecated
-# Arabic format controls, the BOM, interlinear annotations) are deleted, not spaced.
-_INVISIBLE = dict.fromkeys(
-    [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)]
-)
-_FIRST_PASS = _LIGATURES | _WIDTHS  # may produce U+02BC (from U+0149), which _QUOTES straightens
-_SECOND_PASS = _QUOTES | _INVISIBLE
-
 
 def clean_text(text: str) -> str:
     """Normalise text the way CLIP's training captions were before tokenizing.
 
-    HTML entities are decoded twice (captions scraped from the web were often escaped
-    twice), typographic variants are folded to the forms CLIP saw most, whitespace runs
-    collapse to one space and everything is lower-cased. Surrogates (command-line
-    arguments carry undecodable bytes as lone ones) are paired up or replaced by U+FFFD.
+    ftfy repairs what web captions suffer from (mojibake, curly quotes, full-width forms,
+    ligatures, control characters, lone surrogates from undecodable command-line bytes);
+    HTML entities are then decoded twice (captions were often escaped twice), whitespace runs
+    collapse to one space and everything is lower-cased. Any other cleaning gives token ids
+    the model was not trained with.
     """
-    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    text = html.unescape(html.unescape(text))
-    text = text.translate(_FIRST_PASS).translate(_SECOND_PASS)
-    text = unicodedata.normalize("NFC", text)
+    if not _is_plain(text):
+        import ftfy  # 40 ms to import: a plain query (most are) starts without it
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
+
+
+def _is_plain(text: str) -> bool:
+    """Printable ASCII without "&", which ftfy and HTML unescaping leave as it is: mojibake, curly
+    quotes, wide forms and ligatures are not ASCII, control characters and terminal codes are not
+    printable, and entities start with "&"."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 # --- splitting into words --------------------------------------------------------------
@@ -289,5 +270,5 @@ def _default_tokenizer() -> Tokenizer:
 def tokenize(
     texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
 ) -> torch.LongTensor:
-    """Tokenize with CLIP's own vocabulary (fetched and cached on first use)."""
+    """Tokenize with CLIP's own vocabulary (shipped in the package)."""
     return _default_tokenizer()(texts, context_length=context_length, truncate=truncate)

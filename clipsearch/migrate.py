@@ -1,0 +1,90 @@
+"""Bringing a catalog's schema to the one this clipsearch writes, with the Alembic revisions in
+`migrations/` (installed as `clipsearch.migrations`).
+
+Opening an up-to-date catalog (every `clipsearch query`) compares one stored string with
+`HEAD_REVISION` and never imports Alembic; only an older catalog, or a new one, pays for it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clipsearch import __version__
+from clipsearch.errors import IndexStateError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+    from clipsearch.catalog import Catalog
+
+# The newest revision in migrations/versions (a test keeps the two in step).
+HEAD_REVISION = "0004"
+
+
+def ensure_schema(catalog: Catalog, *, create: bool) -> None:
+    """Upgrade ``catalog`` to HEAD_REVISION, or with ``create`` lay out a new one.
+
+    Raises IndexStateError for a file that is SQLite but not a catalog, a catalog written by a
+    newer clipsearch, or one that needs an upgrade but was opened read-only.
+    """
+    with catalog.read() as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        revision = None
+        if "alembic_version" in tables:
+            found = db.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = found[0] if found else None
+    if revision == HEAD_REVISION:
+        return
+    if revision is None and tables:
+        raise IndexStateError(f"{catalog.path} is an SQLite file but not a clipsearch catalog; choose another --home.")
+    if revision is None and not create:
+        raise catalog.no_index()
+    _upgrade(catalog, revision)
+
+
+def _upgrade(catalog: Catalog, revision: str | None) -> None:
+    """Bring the schema to head in one transaction (SQLite has transactional DDL)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    config = alembic_config()
+    if revision is not None:
+        try:
+            ScriptDirectory.from_config(config).get_revision(revision)
+        except CommandError:
+            raise IndexStateError(
+                f"The index in {catalog.home} was written by a newer clipsearch (schema {revision}); "
+                "upgrade clipsearch to use it."
+            ) from None
+    if catalog.readonly:
+        raise IndexStateError(
+            f"The index in {catalog.home} needs a schema upgrade, which needs write access; "
+            "open it once without read-only mode."
+        )
+    with catalog.transaction() as conn:
+        # Inside our transaction Alembic neither begins nor commits: the upgrade is atomic.
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+        if revision is None:
+            catalog.set_meta_in(
+                conn, {"created_at": str(time.time()), "clipsearch_version": __version__, "generation": "0"}
+            )
+
+
+def alembic_config() -> Config:
+    """Alembic settings for the installed migrations, without an alembic.ini.
+
+    Pass an open SQLAlchemy connection in `config.attributes["connection"]` before running a
+    command; migrations/env.py uses it.
+    """
+    from alembic.config import Config
+
+    import clipsearch.migrations
+
+    config = Config()
+    location = str(Path(clipsearch.migrations.__file__).parent)
+    config.set_main_option("script_location", location.replace("%", "%%"))  # ConfigParser syntax
+    return config
