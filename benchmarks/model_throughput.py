@@ -51,7 +51,7 @@ def main() -> None:
     import open_clip
 
     from clipsearch.clip import cpu
-    from clipsearch.clip.model import build_model
+    from clipsearch.clip.build import build_model
 
     torch.manual_seed(0)
     peer = open_clip.create_model(args.arch, pretrained=None).eval()

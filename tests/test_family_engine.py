@@ -32,7 +32,7 @@ def test_index_add_and_search_with_siglip(hf_folder, tmp_path):  # noqa: F811
         text_hits = index.search("ein roter Kreis", k=6)
         vector = index.encoder("text").encode_texts(["ein roter Kreis"])[0]
         assert vector.shape == (96,)
-        _, vectors = index.catalog.all_vectors()
+        _, vectors = index.catalog.all_vectors(index.catalog.model(index.model))
     assert vectors.shape == (6, 96)
     expected = sorted(vectors @ vector, reverse=True)
     np.testing.assert_allclose([hit.score for hit in text_hits], expected, atol=2e-3)

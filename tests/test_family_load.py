@@ -22,8 +22,8 @@ from test_siglip_parity import filled, reference
 
 from clipsearch import clip
 from clipsearch.clip import siglip
+from clipsearch.clip.build import build_model
 from clipsearch.clip.checkpoints import read_checkpoint
-from clipsearch.clip.model import build_model
 from clipsearch.clip.preprocess import SIGLIP_MEAN
 from clipsearch.clip.siglip import SigLIP
 from clipsearch.clip.text_tokenizers import HFTokenizer

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CustomTextCLIP
 
-from clipsearch.clip.model import build_model, family_of
+from clipsearch.clip.build import build_model
+from clipsearch.clip.model import family_of
 from clipsearch.clip.siglip import SigLIP, config_from_openclip, config_from_state_dict
 from clipsearch.errors import CheckpointError
 

@@ -18,7 +18,8 @@ import torch
 from open_clip.model import CustomTextCLIP
 from test_siglip_parity import filled
 
-from clipsearch.clip.model import build_model, family_of
+from clipsearch.clip.build import build_model
+from clipsearch.clip.model import family_of
 from clipsearch.clip.xlmr import XlmrCLIP, config_from_state_dict
 
 TOLERANCE = 1e-5

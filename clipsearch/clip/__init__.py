@@ -86,9 +86,9 @@ def load(
     """
     import torch
 
+    from clipsearch.clip.build import build_model
     from clipsearch.clip.checkpoints import read_checkpoint
     from clipsearch.clip.download import model_path
-    from clipsearch.clip.model import build_model
     from clipsearch.clip.preprocess import Preprocess
 
     if jit:
@@ -127,7 +127,7 @@ def _configuration(
     the activation an explicit argument, else the registry, else the checkpoint names."""
     import dataclasses
 
-    from clipsearch.clip.model import infer_config
+    from clipsearch.clip.build import infer_config
 
     config = info.config if info.config is not None else infer_config(state_dict)
     if getattr(config, "family", "clip") == "clip":

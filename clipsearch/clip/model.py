@@ -17,21 +17,13 @@ import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipsearch.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from typing import TypeAlias
-
-    from clipsearch.clip.siglip import SiglipConfig
-    from clipsearch.clip.xlmr import XlmrConfig
-
-    AnyConfig: TypeAlias = "ModelConfig | SiglipConfig | XlmrConfig"
 
 Towers = Literal["both", "text", "image"]
 TOWERS: tuple[str, ...] = get_args(Towers)
@@ -590,47 +582,27 @@ def family_of(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "clip"
 
 
-def config_from_dict(data: Mapping[str, Any]) -> AnyConfig:
-    """A configuration written by ``to_dict`` of any family (CLIP's carries no family key)."""
-    family = data.get("family", "clip")
-    if family == "clip":
-        return ModelConfig.from_dict(data)
-    return _family_classes(family)[0].from_dict(data)
-
-
-def _family_classes(family: str) -> tuple[Any, type[nn.Module]]:
-    """(config class, model class) of a family; imported on demand, each family is a module."""
-    if family == "clip":
-        return ModelConfig, CLIP
-    if family == "siglip":
-        from clipsearch.clip.siglip import SigLIP, SiglipConfig
-
-        return SiglipConfig, SigLIP
-    if family == "xlmr":
-        from clipsearch.clip.xlmr import XlmrCLIP, XlmrConfig
-
-        return XlmrConfig, XlmrCLIP
-    raise CheckpointError(f"clipsearch knows no model family {family!r}.")
-
-
 def build_model(
     state_dict: Mapping[str, torch.Tensor],
     towers: Towers = "both",
     quick_gelu: bool | None = None,
-    config: AnyConfig | None = None,
-) -> Any:
-    """A float32 model in eval mode holding ``state_dict``'s weights: a `CLIP`, a `SigLIP` or
-    an `XlmrCLIP`, as ``config`` (or, without one, the state dict's names) say.
+    config: ModelConfig | None = None,
+) -> CLIP:
+    """A float32 CLIP in eval mode holding ``state_dict``'s weights (`clip.build.build_model`
+    builds any family).
 
-    For a CLIP, ``quick_gelu=None`` means OpenAI's QuickGELU; OpenCLIP models trained with exact
-    GELU must say ``quick_gelu=False``, since the weights cannot tell. The other families read
-    what the weights cannot tell from ``config`` or, for the checkpoints open_clip publishes,
-    from the shapes (`siglip.config_from_state_dict`).
+    ``quick_gelu=None`` means OpenAI's QuickGELU; OpenCLIP models trained with exact GELU must
+    say ``quick_gelu=False``, since the weights cannot tell. A ``config`` (the checkpoint's,
+    with head widths the weights cannot show) replaces what the shapes say.
     """
     if config is None:
-        config = infer_config(state_dict, quick_gelu)
-    family = getattr(config, "family", "clip")
-    _, model_class = _family_classes(family)
+        config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
+    return with_weights(CLIP, config, state_dict, towers)
+
+
+def with_weights(model_class: Any, config: Any, state_dict: Mapping[str, torch.Tensor], towers: Towers) -> Any:
+    """``model_class(config, towers)`` in eval mode, holding the weights of ``state_dict`` for
+    those towers, float32."""
     # Built without memory or random initialisation, then handed the checkpoint's tensors
     # (``assign``): materialising the meta tensors first (``to_empty``) would import ~500
     # PyTorch modules, 0.4 s of start-up, only to overwrite them.
@@ -644,22 +616,9 @@ def build_model(
     try:
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:
+        family = getattr(config, "family", "clip")
         raise CheckpointError(
             f"The weights do not fit a {family} model of the shape they imply; "
             "use an unmodified OpenAI, OpenCLIP or Hugging Face checkpoint."
         ) from err
     return model.eval()
-
-
-def infer_config(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool | None = None) -> AnyConfig:
-    """The configuration of a state dict of any family, from its names and shapes alone."""
-    family = family_of(state_dict)
-    if family == "siglip":
-        from clipsearch.clip.siglip import config_from_state_dict as siglip_config
-
-        return siglip_config(state_dict)
-    if family == "xlmr":
-        from clipsearch.clip.xlmr import config_from_state_dict as xlmr_config
-
-        return xlmr_config(state_dict)
-    return config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)

@@ -260,11 +260,14 @@ def export(model_ref: str) -> TextTower:
     when possible. ValueError, before anything is loaded, for a model that is not a CLIP."""
     from clipsearch.clip import load
     from clipsearch.clip.families import family
+    from clipsearch.clip.model import CLIP
 
     if family(model_ref) != "clip":
         raise ValueError(f"{model_ref} is a {family(model_ref)} model, whose text tower runs in torch only")
     source = _source(model_ref)  # before loading: a checkpoint replaced meanwhile makes the cache stale
     model, _ = load(model_ref, device="cpu", towers="text")
+    if not isinstance(model, CLIP):  # a pickled file is told apart only once loaded
+        raise ValueError(f"{model_ref} is not a CLIP, and only a CLIP's text tower runs in NumPy")
     tower = TextTower.from_model(model, model.tokenizer.bpe_path)
     if source is not None:
         path = cache_file(model_ref)
