@@ -116,6 +116,8 @@ class HubStandIn:
         return Handler
 
     def _resolve(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
+        if handler.path.startswith("/api/"):  # huggingface_hub's other calls (agent detection): not logged
+            return _error(handler, 404, None)
         self.requests.append(Request("hub", handler.command, handler.path, handler.headers.get("authorization")))
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", unquote(handler.path.split("?")[0]))
         repo = self.repos.get(match[1]) if match else None

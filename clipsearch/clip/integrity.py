@@ -36,15 +36,17 @@ class Mismatch(Exception):
 
 def check(path: Path, expected: str | None, record: Path) -> None:
     """Raise `Mismatch` unless `path` hashes to `expected` (or, when None, to what `record` says
-    from an earlier use). Hashes only when the record no longer describes the file."""
+    from an earlier use). Hashes only when the record no longer describes the file; a file
+    checked against a published hash keeps its record even when it fails, so that listings can
+    tell it is damaged without hashing it."""
     marker = _read(record)
     fresh = marker is not None and all(marker[key] == value for key, value in identity(path).items())
     digest = marker["sha256"] if marker is not None and fresh else sha256_file(path)
     wanted = expected or (marker or {}).get("sha256")
+    if not fresh and (expected is not None or wanted in (None, digest)):
+        write(record, path, digest)  # never over the record a file without a published hash is held to
     if wanted is not None and digest != wanted:
         raise Mismatch(path, digest, wanted)
-    if not fresh:
-        write(record, path, digest)
 
 
 def known_mismatch(path: Path, expected: str | None, record: Path) -> bool:
