@@ -132,6 +132,40 @@ def test_text_tower_cache_sees_a_model_in_the_hub_cache(stand_in):
     assert source is not None and source["files"][0][:2] == [WEIGHTS, len(PAYLOAD)]
 
 
+def test_hub_cache_lookup_answers_as_huggingface_hub_does(stand_in, tiny_openclip_repo):
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    files, _ = tiny_openclip_repo
+    old = stand_in.push("someone/tiny-clip", files)
+    download.model_path("hf-hub:someone/tiny-clip")  # leaves a .no_exist record for the safetensors
+    new = stand_in.push("someone/tiny-clip", {"open_clip_config.json": b"{}"})
+    hf_hub_download("someone/tiny-clip", "open_clip_config.json")  # main moves on to `new`
+    stand_in.push(LAION_REPO, {WEIGHTS: PAYLOAD})
+    download.model_path(LAION)
+    found = 0
+    for repo in ("someone/tiny-clip", LAION_REPO, "someone/unknown"):
+        for name in ("open_clip_config.json", WEIGHTS, "open_clip_model.safetensors", "README.md"):
+            for revision in ("main", old, new, "v1.0"):
+                theirs = try_to_load_from_cache(repo, name, revision=revision)
+                expected = Path(theirs) if isinstance(theirs, str) else None
+                assert hub.cached(repo, name, revision) == expected, (repo, name, revision)
+                found += expected is not None
+    assert found == 5  # config at old, new and main (= new); weights at old; LAION's at main
+
+
+def test_text_query_path_finds_a_hub_model_without_huggingface_hubs_download_code(stand_in, tmp_path):
+    stand_in.push(LAION_REPO, {WEIGHTS: PAYLOAD})
+    download.model_path(LAION)
+    code = (
+        "import sys\n"
+        "from clipsearch.clip import numpy_text\n"
+        f"assert numpy_text._source({LAION!r}) is not None\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('huggingface_hub.file_download', 'httpx'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_offline_setting_uses_the_cached_file_and_makes_no_request(stand_in, monkeypatch):
     stand_in.push(LAION_REPO, {WEIGHTS: PAYLOAD})
     path = download.model_path(LAION)
