@@ -357,11 +357,14 @@ def test_hf_hub_offline_without_the_files_names_the_command_to_run(stand_in, mon
     assert "clipsearch models download hf-hub:someone/tiny-clip" in message and str(_hub_cache()) in message
 
 
-def test_hf_hub_repository_without_weights(stand_in):
+def test_hf_hub_repository_that_is_not_an_openclip_model(stand_in):
     stand_in.push("someone/not-a-model", {"open_clip_config.json": b"{}"})
-    names = "none of open_clip_model.safetensors, open_clip_pytorch_model.bin"
+    names = "has none of open_clip_model.safetensors, open_clip_pytorch_model.bin"
     with pytest.raises(DownloadError, match=re.escape(names)):
         download.model_path("hf-hub:someone/not-a-model")
+    stand_in.push("someone/transformers-clip", {"config.json": b"{}", "model.safetensors": PAYLOAD})
+    with pytest.raises(DownloadError, match=re.escape("has no open_clip_config.json, so clipsearch cannot load it")):
+        download.model_path("hf-hub:someone/transformers-clip")
 
 
 def test_hf_hub_names():

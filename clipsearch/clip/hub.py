@@ -108,10 +108,10 @@ def fetch_dir(model: HubDir, *, progress: bool = True) -> Path:
     names = f"hf-hub:{model.repo}"
     advice = f"run `clipsearch models download {names}` where the hub can be reached, or pass a local folder"
     _require_online(names, advice)
-    first = _download(model.repo, model.files[0], model.revision, progress, advice)
+    first = _download_one_of(model, (model.files[0],), model.revision, progress, advice)
     commit = first.parent.name  # snapshots/<commit>/<file>: every other file comes from the same commit
-    fetched = [first] + [_download(model.repo, name, commit, progress, advice) for name in model.files[1:]]
-    fetched.append(_download_first_weights(model, commit, progress, advice))
+    fetched = [first] + [_download_one_of(model, (name,), commit, progress, advice) for name in model.files[1:]]
+    fetched.append(_download_one_of(model, model.weights, commit, progress, advice))
     for path in fetched:
         _verify_fresh(path, None, file_url(model.repo, path.name, commit))
     return first.parent
@@ -128,17 +128,20 @@ def _cached_dir_files(model: HubDir) -> list[Path] | None:
     return [path for path in found if path is not None] if all(found) else None
 
 
-def _download_first_weights(model: HubDir, commit: str, progress: bool, advice: str) -> Path:
+def _download_one_of(model: HubDir, names: tuple[str, ...], revision: str, progress: bool, advice: str) -> Path:
+    """The first of `names` the repository has."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    for name in model.weights:
+    for name in names:
         try:
-            return _download(model.repo, name, commit, progress, advice, missing_ok=True)
+            return _download(model.repo, name, revision, progress, advice, missing_ok=True)
         except EntryNotFoundError as err:
             if isinstance(err, LocalEntryNotFoundError):
                 raise
+    lacks = f"no {names[0]}" if len(names) == 1 else f"none of {', '.join(names)}"
     raise DownloadError(
-        f"The hub repository {model.repo} has none of {', '.join(model.weights)}, so it is not an OpenCLIP model."
+        f"The hub repository {model.repo} has {lacks}, so clipsearch cannot load it as a model "
+        "(hf-hub: names OpenCLIP repositories)."
     )
 
 

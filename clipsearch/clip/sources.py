@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from clipsearch.clip import hub, integrity, registry
 from clipsearch.paths import model_cache_dir
@@ -21,7 +22,7 @@ from clipsearch.paths import model_cache_dir
 class Location:
     """Where a model's weights are, or would come from: what `clipsearch models` shows."""
 
-    cache: str  # who keeps the copy, or would: "bundled", "clipsearch", "openai", "huggingface"
+    cache: Literal["bundled", "clipsearch", "openai", "huggingface"]  # who keeps the copy, or would
     path: Path | None  # the file or folder found; None while the weights are not on this machine
     origin: str  # where a download comes from: a URL, or hf-hub:REPO
 
