@@ -271,6 +271,14 @@ class Catalog:
             rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
         return {row[0]: ImageRow(*row) for row in rows}
 
+    def fingerprint(self, image_id: int) -> bytes | None:
+        """The content fingerprint of an indexed row, None when there is no such row: the web
+        page's thumbnails are cached by it, and its `vectors_by_fingerprint` is "similar images"."""
+        query = "SELECT fingerprint FROM images WHERE id = ? AND status = ?"
+        with self.read() as db:
+            row = db.execute(query, (image_id, STATUS_INDEXED)).fetchone()
+        return row[0] if row else None
+
     def counts(self) -> dict[str, int]:
         """Rows by status, every status present (zero when none)."""
         with self.read() as db:

@@ -348,9 +348,14 @@ def query_command(
         [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
     ),
     model: str | None = _model_option("search with"),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {path, score, width, height, mtime}."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array of {id, path, score, width, height, mtime, size}."
+    ),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+    preview: bool = typer.Option(
+        False, "--preview", help="Show thumbnails inline in kitty, iTerm2 and sixel terminals (elsewhere: paths)."
+    ),
 ) -> None:
     """Search the index with text, an example image, or a weighted mix of both."""
     from clipsearch.search import as_term, parse_term
@@ -360,17 +365,19 @@ def query_command(
         hits = index.search(terms, k=top, under=under, min_score=min_score)
     out = sys.stdout.buffer
     if as_json:
-        rows = [
-            {"path": str(h.path), "score": round(h.score, 6), "width": h.width, "height": h.height, "mtime": h.mtime}
-            for h in hits
-        ]
-        out.write((json.dumps(rows, indent=2) + "\n").encode())
+        out.write((json.dumps([h.to_json() for h in hits], indent=2) + "\n").encode())
     elif paths_only:
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
     elif hits:
-        # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
-        out.writelines(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n" for h in hits)
+        from clipsearch import preview as inline  # the standard library only, until an image is shown
+
+        protocol = inline.detect(tty=sys.stdout.isatty()) if preview else None
+        for h in hits:
+            if protocol:
+                out.write(inline.inline_image(h.path, protocol))
+            # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
+            out.write(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()
@@ -605,6 +612,15 @@ def _register_train() -> None:
 
 
 _register_train()
+
+
+def _register_serve() -> None:
+    from clipsearch.serve.command import serve  # typer options only: the web server comes in when it runs
+
+    app.command("serve")(_handle_errors(serve))
+
+
+_register_serve()
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def test_query_prints_scores_and_paths_best_first(cli, library):
 
 def test_query_json(cli, library):
     rows = json.loads(cli("query", "a red circle", "--json", "-k", "4").stdout)
-    assert len(rows) == 4 and set(rows[0]) == {"path", "score", "width", "height", "mtime"}
+    assert len(rows) == 4 and set(rows[0]) == {"id", "path", "score", "width", "height", "mtime", "size"}
     assert {r["path"] for r in rows} <= {str(p) for p in library}
     assert (rows[0]["width"], rows[0]["height"]) == (48, 40)
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
