@@ -110,7 +110,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes: a caller that swaps stderr
     around a command (tests, an embedding app) must not leave the logger holding a closed file."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 
@@ -285,7 +285,7 @@ class _progress_bar:
     --quiet, when stderr is not a terminal, or when there is nothing to do."""
 
     def __enter__(self) -> Callable[[int, int], None]:
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, made on the first update that needs one
         return self.update
 
     def update(self, done: int, total: int) -> None:
