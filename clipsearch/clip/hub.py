@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipsearch.clip import integrity
-from clipsearch.clip.registry import HubDir, HubFile
+from clipsearch.clip.registry import HF_HUB_PREFIX, HubDir, HubFile
 from clipsearch.errors import DownloadError
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def cached(repo: str, filename: str, revision: str = "main") -> Path | None:
     The answer of huggingface_hub's `try_to_load_from_cache` (a test holds them to the same),
     read from the cache's documented layout: `refs/<branch>` names a commit, the file is
     `snapshots/<commit>/<filename>`, `.no_exist/<commit>/<filename>` records that the hub has no
-    such file. Importing huggingface_hub's download code would cost every text query ~0.25 s.
+    such file. Importing huggingface_hub's download code would cost every text query ~0.25 s (2-core EPYC).
     """
     folder = cache_dir() / f"models--{repo.replace('/', '--')}"
     ref = folder / "refs" / revision
@@ -105,9 +105,9 @@ def fetch_dir(model: HubDir, *, progress: bool = True) -> Path:
         for path in files:
             _verify_cached(path, None)
         return files[0].parent
-    names = f"hf-hub:{model.repo}"
-    advice = f"run `clipsearch models download {names}` where the hub can be reached, or pass a local folder"
-    _require_online(names, advice)
+    name = f"{HF_HUB_PREFIX}{model.repo}"
+    advice = f"run `clipsearch models download {name}` where the hub can be reached, or pass a local folder"
+    _require_online(name, advice)
     first = _download_one_of(model, (model.files[0],), model.revision, progress, advice)
     commit = first.parent.name  # snapshots/<commit>/<file>: every other file comes from the same commit
     fetched = [first] + [_download_one_of(model, (name,), commit, progress, advice) for name in model.files[1:]]
