@@ -249,8 +249,8 @@ class Catalog:
                 "WHERE i.vector_generation > ? ORDER BY i.id",
                 (model.id, generation),
             ).fetchall()
-            held = db.execute("SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,))
-            held = held.fetchall()
+            query = "SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id"
+            held = db.execute(query, (model.id,)).fetchall()
         kept = [row for row in rows if row[1] is not None]
         return Changes(
             generation=now,
@@ -403,7 +403,7 @@ class Catalog:
         inserted = conn.execute(sqlite_insert(Model).values(name=name, dim=dim, created_at=time.time()))
         if _get_meta(self._db, "default_model") is None and name is not None:
             _set_meta(conn, "default_model", name)
-        return int(inserted.inserted_primary_key[0])
+        return int(inserted.inserted_primary_key[0])  # type: ignore[index]  # always set by an INSERT
 
     def remove(self, prefixes: Sequence[bytes]) -> int:
         """Delete the rows at or below these paths; returns how many went.

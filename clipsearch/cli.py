@@ -110,7 +110,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes: a caller that swaps stderr
     around a command (tests, an embedding app) must not leave the logger holding a closed file."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 
@@ -285,7 +285,7 @@ class _progress_bar:
     --quiet, when stderr is not a terminal, or when there is nothing to do."""
 
     def __enter__(self) -> Callable[[int, int], None]:
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, made on the first update that needs one
         return self.update
 
     def update(self, done: int, total: int) -> None:
@@ -538,32 +538,46 @@ def models_command(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from clipsearch.clip import registry
-    from clipsearch.paths import model_cache_dir
+    from clipsearch.clip.sources import locate
 
-    width = max(len(entry.name) for entry in registry.MODELS)
-    for entry in registry.MODELS:
-        if entry.bundled is not None:
-            where = "bundled"
-        elif (model_cache_dir() / entry.asset.filename).exists():
-            where = "cached"
-        else:
-            where = "-"
-        typer.echo(f"{entry.name:<{width}}  {where:<7}  {entry.description}")
+    rows = [
+        (entry.name, where.describe(), _origin(where.origin), entry.description)
+        for entry in registry.MODELS
+        for where in [locate(entry)]
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        typer.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)) + f"  {row[3]}")
+
+
+def _origin(origin: str) -> str:
+    """A download's source in a few words: the host of a URL, hf-hub:REPO as it is."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(origin).hostname or origin if "://" in origin else origin
 
 
 @models_app.command("download")
 @_handle_errors
 def download_command(
-    name: str = typer.Argument(..., help="A model name from `clipsearch models`.", show_default=False),
+    name: str = typer.Argument(
+        ..., help="A model name from `clipsearch models`, or hf-hub:ORG/NAME.", show_default=False
+    ),
 ) -> None:
-    """Download a model's weights into the cache now (e.g. before going offline)."""
-    from clipsearch.clip import download, registry
+    """Download a model's weights now (e.g. before going offline), unless a cache already has them.
 
-    path = download.model_path(name)
-    if registry.get(name).bundled is None:
+    NAME is a name from `clipsearch models` or hf-hub:ORG/NAME. Caches of other tools are used in
+    place: OpenAI's ~/.cache/clip, the Hugging Face hub cache.
+    """
+    from clipsearch.clip import download, registry
+    from clipsearch.clip.sources import locate
+
+    entry = registry.get(name)
+    path = download.model_path(entry.name)
+    if entry.bundled is None:
         download.vocab_path()  # downloaded checkpoints use CLIP's own vocabulary
     if not settings.quiet:
-        typer.echo(f"{name}: {path}")
+        typer.echo(f"{entry.name}: {path} ({locate(entry).describe()})")
 
 
 @models_app.command("default")

@@ -166,13 +166,13 @@ class VectorIndex:
         started = time.perf_counter()
         changes = catalog.changes_since(stamp["generation"], model)
         if changes is None:
-            reason: str | None = "it is older than the catalog's record of changes"
-        else:
-            if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
-                return current
-            gone = np.setdiff1d(held_ids(index), changes.held, assume_unique=True)
-            outdated = np.union1d(changes.outdated, gone)
-            reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
+            log.info("Rebuilding the vector index: it is older than the catalog's record of changes")
+            return cls.rebuild(home, catalog, model, save=save)
+        if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
+            return current
+        gone = np.setdiff1d(held_ids(index), changes.held, assume_unique=True)
+        outdated = np.union1d(changes.outdated, gone)
+        reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
         if reason is not None:
             log.info("Rebuilding the vector index: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
@@ -419,8 +419,10 @@ def held_ids(index: faiss.Index) -> np.ndarray:
     """The catalog ids an index holds, from its inverted lists or its id map."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
-        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
+        id_map = faiss.downcast_index(index).id_map  # type: ignore[attr-defined]  # an IndexIDMap2
+        return faiss.vector_to_array(id_map)
     lists = ivf.invlists
+    assert lists is not None  # an IVF index always has its lists
     held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(ivf.nlist)]
     return np.sort(np.concatenate([np.zeros(0, np.int64), *held]))
 

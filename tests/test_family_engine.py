@@ -102,11 +102,9 @@ def test_registry_figures_are_complete():
             assert entry.figures.embed_dim in (512, 640, 768, 1024, 1152)
     siglip2 = registry.get("ViT-B-16-SigLIP2-256")
     assert (siglip2.family, siglip2.image_size, siglip2.figures.embed_dim) == ("siglip", 256, 768)
-    assert [asset.filename.split("/")[-1] for asset in siglip2.files] == [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ]
-    assert (
-        siglip2.asset.url == "https://huggingface.co/timm/ViT-B-16-SigLIP2-256/resolve/main/open_clip_model.safetensors"
+    assert (siglip2.asset.repo, siglip2.asset.files) == (
+        "timm/ViT-B-16-SigLIP2-256",
+        ("open_clip_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
     )
+    xlmr = registry.get("xlm-roberta-base-ViT-B-32")
+    assert (xlmr.tokenizer.repo, xlmr.tokenizer.filename) == ("FacebookAI/xlm-roberta-base", "tokenizer.json")

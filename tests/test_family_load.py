@@ -8,6 +8,7 @@ own tokenizer for the folder), the preprocessed pixels, and the logits, within 1
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -15,6 +16,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from hub_stand_in import HubStandIn, refresh_hub_settings
 from PIL import Image
 from safetensors.torch import save_file
 from test_family_tokenizers import save_tokenizer
@@ -29,7 +31,6 @@ from clipsearch.clip.siglip import SigLIP
 from clipsearch.clip.text_tokenizers import HFTokenizer
 from clipsearch.clip.xlmr import XlmrCLIP
 from clipsearch.errors import CheckpointError
-from clipsearch.paths import model_cache_dir
 
 TOLERANCE = 1e-5
 TEXTS = ["a photo of a Cat!", "ein roter Kreis", "un cercle rouge", "赤い円", "  two_dogs &amp; a ball  ", ""]
@@ -100,20 +101,23 @@ def test_openclip_folder_matches_open_clip_end_to_end(siglip_folder):
     print(f"OpenCLIP folder: logits max abs diff {diff:.2e}")
 
 
-def test_registry_name_loads_the_hub_files_from_the_cache(siglip_folder, monkeypatch):
-    """The registry fetches weights and tokenizer files, not open_clip_config.json: the shapes
-    and SigLIP's defaults (mean = std = 0.5, no crop, canonicalised text) stand in for it.
-    The cache is filled by hand, as a download would have left it."""
+@pytest.fixture
+def hub(monkeypatch):
+    """The Hugging Face hub stood in for on 127.0.0.1 (tests/hub_stand_in.py)."""
+    server = HubStandIn()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    refresh_hub_settings(monkeypatch)
+    yield server
+    server.close()
+
+
+def test_registry_name_downloads_the_hub_folder(siglip_folder, hub):
+    """`clip.load("ViT-B-16-SigLIP")` fetches weights, open_clip_config.json and the tokenizer
+    files from timm's repository into the hub cache, and gives what the folder gives."""
     model, folder = siglip_folder
-    cache = model_cache_dir() / "ViT-B-16-SigLIP-webli"
-    cache.mkdir(parents=True)
-    for name in ("open_clip_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(folder / name, cache / name)
-    (cache / "special_tokens_map.json").write_text(json.dumps({"pad_token": "</s>", "eos_token": "</s>"}))
-    # This model has 2 blocks; the shape table knows the published 12.
-    towers = dict(siglip.TIMM_TOWERS)
-    towers["vit_base_patch16_siglip_224"] = (16, 768, 2, 12, 3072, "none")
-    monkeypatch.setattr(siglip, "TIMM_TOWERS", towers)
+    files = {file.name: file.read_bytes() for file in folder.iterdir()}
+    files["special_tokens_map.json"] = json.dumps({"pad_token": "</s>", "eos_token": "</s>"}).encode()
+    hub.push("timm/ViT-B-16-SigLIP", files)
 
     ours, preprocess = clip.load("ViT-B-16-SigLIP", device="cpu")
     from_folder, _ = clip.load(folder, device="cpu")
@@ -121,6 +125,30 @@ def test_registry_name_loads_the_hub_files_from_the_cache(siglip_folder, monkeyp
     assert not preprocess.crop and preprocess.mean == SIGLIP_MEAN and preprocess.resolution == 224
     ids = ours.tokenizer(TEXTS)
     assert torch.equal(ids, from_folder.tokenizer(TEXTS))
+    pixels = preprocess(photo()).unsqueeze(0)
+    assert_same_logits(model, ours, pixels, pixels, ids, ids)
+    served = {request.path.rsplit("/", 1)[-1] for request in hub.requests}
+    assert {"open_clip_config.json", "tokenizer.json", "open_clip_model.safetensors"} <= served
+
+
+def test_folder_without_configuration_uses_shapes_and_siglip_defaults(siglip_folder, tmp_path, monkeypatch):
+    """A hub folder without open_clip_config.json: the shapes and SigLIP's defaults (mean =
+    std = 0.5, no crop, canonicalised text) stand in for it."""
+    model, folder = siglip_folder
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "open_clip_config.json").unlink()
+    # This model has 2 blocks; the shape table knows the published 12.
+    towers = dict(siglip.TIMM_TOWERS)
+    towers["vit_base_patch16_siglip_224"] = (16, 768, 2, 12, 3072, "none")
+    monkeypatch.setattr(siglip, "TIMM_TOWERS", towers)
+
+    ours, preprocess = clip.load(bare, device="cpu")
+    from_folder, _ = clip.load(folder, device="cpu")
+    assert ours.config == from_folder.config
+    assert not preprocess.crop and preprocess.mean == SIGLIP_MEAN and preprocess.resolution == 224
+    assert ours.tokenizer.clean == "canonicalize"
+    ids = ours.tokenizer(TEXTS)
     pixels = preprocess(photo()).unsqueeze(0)
     assert_same_logits(model, ours, pixels, pixels, ids, ids)
 
@@ -267,14 +295,16 @@ def xlmr_pair(tmp_path_factory):
     return filled(CustomTextCLIP(**cfg)), save_tokenizer(root, "xlmr")[0]
 
 
-def test_xlm_roberta_registry_name_matches_open_clip(xlmr_pair):
-    """xlm-roberta-base-ViT-B-32 by name, from a cache holding LAION's weight file and
-    XLM-RoBERTa's tokenizer.json: the same ids as open_clip's tokenizer, the same logits."""
+def test_xlm_roberta_registry_name_matches_open_clip(xlmr_pair, hub):
+    """xlm-roberta-base-ViT-B-32 by name: LAION's weight file and XLM-RoBERTa's tokenizer.json,
+    from two hub repositories; the same ids as open_clip's tokenizer, the same logits."""
     model, tokenizer_dir = xlmr_pair
-    cache = model_cache_dir() / "xlm-roberta-base-ViT-B-32-laion5b_s13b_b90k"
-    cache.mkdir(parents=True)
-    torch.save(model.state_dict(), cache / "open_clip_pytorch_model.bin")
-    shutil.copy(tokenizer_dir / "tokenizer.json", cache / "tokenizer.json")
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    hub.push(
+        "laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k", {"open_clip_pytorch_model.bin": weights.getvalue()}
+    )
+    hub.push("FacebookAI/xlm-roberta-base", {"tokenizer.json": (tokenizer_dir / "tokenizer.json").read_bytes()})
 
     ours, preprocess = clip.load("xlm-roberta-base-ViT-B-32", device="cpu")
     assert isinstance(ours, XlmrCLIP) and preprocess.crop and preprocess.resolution == 224

@@ -109,7 +109,7 @@ def load(
     state_dict, info = read_checkpoint(path)
     config = _configuration(state_dict, info, entry, quick_gelu, path)
     model = build_model(state_dict, towers=towers, config=config)
-    model.tokenizer = _tokenizer(model, info, path) if towers != "image" else None
+    model.tokenizer = _tokenizer(model, info, entry, path) if towers != "image" else None
 
     device = torch.device(device if device is not None else _default_device())
     model = model.to(device)
@@ -141,22 +141,25 @@ def _configuration(
     return config
 
 
-def _tokenizer(model: Any, info: Any, path: Path) -> Any:
-    from clipsearch.clip.download import vocab_path
+def _tokenizer(model: Any, info: Any, entry: registry.ModelEntry | None, path: Path) -> Any:
+    """CLIP's BPE (or the checkpoint's own vocabulary) for a CLIP; for the other families the
+    ``tokenizer.json`` beside the weights, else the one the registry keeps elsewhere."""
+    from clipsearch.clip.download import tokenizer_dir, vocab_path
     from clipsearch.clip.text_tokenizers import HFTokenizer
     from clipsearch.clip.tokenizer import Tokenizer
 
     family = getattr(model.config, "family", "clip")
     if family == "clip":
         tokenizer: Any = Tokenizer(info.vocab_path or vocab_path())
-    elif info.tokenizer_dir is None:
-        raise CheckpointError(
-            f"{path} has no tokenizer.json beside the weights, which a {family} model needs; "
-            "put the tokenizer files of its hub repository there."
-        )
     else:
+        directory = info.tokenizer_dir or (tokenizer_dir(entry) if entry is not None else None)
+        if directory is None:
+            raise CheckpointError(
+                f"{path} has no tokenizer.json beside the weights, which a {family} model needs; "
+                "put the tokenizer files of its hub repository there."
+            )
         clean = info.text_clean or ("canonicalize" if family == "siglip" else "whitespace")
-        tokenizer = HFTokenizer(info.tokenizer_dir, model.context_length, clean)
+        tokenizer = HFTokenizer(directory, model.context_length, clean)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
             f"The vocabulary of {path} has {tokenizer.vocab_size} tokens but the model embeds only "
