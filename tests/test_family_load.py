@@ -16,10 +16,10 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from hub_stand_in import HubStandIn, refresh_hub_settings
 from PIL import Image
 from safetensors.torch import save_file
 from test_family_tokenizers import save_tokenizer
+from test_hub import stand_in  # noqa: F401  (the stand-in hub, a fixture)
 from test_siglip_parity import filled, reference
 
 from clipsearch import clip
@@ -101,23 +101,13 @@ def test_openclip_folder_matches_open_clip_end_to_end(siglip_folder):
     print(f"OpenCLIP folder: logits max abs diff {diff:.2e}")
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    """The Hugging Face hub stood in for on 127.0.0.1 (tests/hub_stand_in.py)."""
-    server = HubStandIn()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    refresh_hub_settings(monkeypatch)
-    yield server
-    server.close()
-
-
-def test_registry_name_downloads_the_hub_folder(siglip_folder, hub):
+def test_registry_name_downloads_the_hub_folder(siglip_folder, stand_in):  # noqa: F811
     """`clip.load("ViT-B-16-SigLIP")` fetches weights, open_clip_config.json and the tokenizer
     files from timm's repository into the hub cache, and gives what the folder gives."""
     model, folder = siglip_folder
     files = {file.name: file.read_bytes() for file in folder.iterdir()}
     files["special_tokens_map.json"] = json.dumps({"pad_token": "</s>", "eos_token": "</s>"}).encode()
-    hub.push("timm/ViT-B-16-SigLIP", files)
+    stand_in.push("timm/ViT-B-16-SigLIP", files)
 
     ours, preprocess = clip.load("ViT-B-16-SigLIP", device="cpu")
     from_folder, _ = clip.load(folder, device="cpu")
@@ -127,7 +117,7 @@ def test_registry_name_downloads_the_hub_folder(siglip_folder, hub):
     assert torch.equal(ids, from_folder.tokenizer(TEXTS))
     pixels = preprocess(photo()).unsqueeze(0)
     assert_same_logits(model, ours, pixels, pixels, ids, ids)
-    served = {request.path.rsplit("/", 1)[-1] for request in hub.requests}
+    served = {request.path.rsplit("/", 1)[-1] for request in stand_in.requests}
     assert {"open_clip_config.json", "tokenizer.json", "open_clip_model.safetensors"} <= served
 
 
@@ -295,16 +285,16 @@ def xlmr_pair(tmp_path_factory):
     return filled(CustomTextCLIP(**cfg)), save_tokenizer(root, "xlmr")[0]
 
 
-def test_xlm_roberta_registry_name_matches_open_clip(xlmr_pair, hub):
+def test_xlm_roberta_registry_name_matches_open_clip(xlmr_pair, stand_in):  # noqa: F811
     """xlm-roberta-base-ViT-B-32 by name: LAION's weight file and XLM-RoBERTa's tokenizer.json,
     from two hub repositories; the same ids as open_clip's tokenizer, the same logits."""
     model, tokenizer_dir = xlmr_pair
     weights = io.BytesIO()
     torch.save(model.state_dict(), weights)
-    hub.push(
+    stand_in.push(
         "laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k", {"open_clip_pytorch_model.bin": weights.getvalue()}
     )
-    hub.push("FacebookAI/xlm-roberta-base", {"tokenizer.json": (tokenizer_dir / "tokenizer.json").read_bytes()})
+    stand_in.push("FacebookAI/xlm-roberta-base", {"tokenizer.json": (tokenizer_dir / "tokenizer.json").read_bytes()})
 
     ours, preprocess = clip.load("xlm-roberta-base-ViT-B-32", device="cpu")
     assert isinstance(ours, XlmrCLIP) and preprocess.crop and preprocess.resolution == 224
