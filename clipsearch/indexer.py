@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipsearch.decode import Decoded, DecodePool, best_workers, upright_size, usable_cores
+from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
 from clipsearch.errors import ClipsearchError
-from clipsearch.fingerprint import fingerprint
 from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING, FailedFile, FileState, IndexedFile
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 
@@ -37,10 +36,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (files done, files to do); first call once the walk is over
 
 DEFAULT_BATCH_SIZE = 32
-# Files fingerprinted (and looked up for reuse) together: one catalog query per chunk, while
-# decoding of the previous chunk is still in flight.
+# Files probed (and looked up for reuse) together: one catalog query per chunk, while decoding
+# of the previous chunk is still in flight.
 _CHUNK = 256
-_FINGERPRINT_THREADS = 4  # file reads and hashing release the GIL; helps most on slow disks
+_PROBE_THREADS = 4  # file reads and hashing release the GIL; helps most on slow disks
 
 
 @dataclass
@@ -140,12 +139,14 @@ def run_add(
                 f"{os.fsdecode(root)} does not exist; check the path "
                 "(to forget files indexed there, use `clipsearch remove`)."
             )
-    plan = plan_changes(catalog.file_states(model), Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
+    states = catalog.file_states(model)
+    plan = plan_changes(states, Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
     if progress:
         progress(0, len(plan.todo))
     if plan.todo and not should_stop():
-        _Run(catalog, model, get_encoder(), plan.todo, report, progress, should_stop).run(
+        sizes = {state.size for state in states.values() if state.encoded}
+        _Run(catalog, model, get_encoder(), plan.todo, sizes, report, progress, should_stop).run(
             batch_size or DEFAULT_BATCH_SIZE, workers
         )
     if should_stop():
@@ -168,6 +169,7 @@ class _Run:
         model: str,
         encoder: Encoder,
         todo: list[tuple[FoundFile, bool]],
+        reusable_sizes: set[int],
         report: AddReport,
         progress: Progress | None,
         should_stop: Callable[[], bool],
@@ -182,6 +184,9 @@ class _Run:
         self.done = 0
         self.failed: list[FailedFile] = []
         self.reused: list[IndexedFile] = []
+        # Sizes of the files with a vector by the model: a new file of another size cannot be a
+        # copy of one, so it goes to the decoder without being probed for a vector to reuse.
+        self.reusable_sizes = reusable_sizes
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
     def run(self, batch_size: int, workers: int | None) -> None:
@@ -204,9 +209,7 @@ class _Run:
             )
         self._index_batches(items, batch_size, workers)
 
-    def _index_batches(
-        self, items: Iterator[tuple[tuple[FoundFile, bool], bytes]], batch_size: int, workers: int
-    ) -> bool:
+    def _index_batches(self, items: Iterator[Job[tuple[FoundFile, bool]]], batch_size: int, workers: int) -> bool:
         """Decode, encode and commit ``items`` batch by batch; False if told to stop."""
         decoded: list[tuple[FoundFile, bool, Decoded]] = []
         pool = DecodePool(self.encoder.preprocess, workers, window=max(2 * batch_size, 4 * workers))
@@ -227,33 +230,48 @@ class _Run:
         self._encode_and_commit([])  # interrupted: keep what is finished, drop what is not encoded yet
         return False
 
-    def _to_decode(self) -> Iterator[tuple[tuple[FoundFile, bool], bytes]]:
+    def _to_decode(self) -> Iterator[Job[tuple[FoundFile, bool]]]:
         """Files that must be decoded. A new file identical to an indexed one (its fingerprint
-        says so) takes that vector here and never reaches a decoder."""
-        with ThreadPoolExecutor(_FINGERPRINT_THREADS) as threads:
+        says so) takes that vector here and never reaches a decoder. Each file is opened once:
+        by the decoder, or by `probe_file` here, whose findings the decoder then takes."""
+        with ThreadPoolExecutor(_PROBE_THREADS) as threads:
             for chunk in _batched(self.todo, _CHUNK):
                 if self.should_stop():
                     return
-                new = [found.path for found, is_new in chunk if is_new]
-                digests = dict(zip(new, threads.map(_try_fingerprint, new)))
-                known = self.catalog.vectors_by_fingerprint(
-                    self.model, (d for d in digests.values() if isinstance(d, bytes))
-                )
+                probes = self._probe(chunk, threads)
+                known = self.catalog.vectors_by_fingerprint(self.model, (p.fingerprint for p in probes.values()))
+                unreadable = {f.path for f in self.failed}
                 for found, is_new in chunk:
-                    digest = digests.get(found.path)
-                    if isinstance(digest, str):
-                        self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, digest))
-                    elif digest not in known or not self._reuse(found, digest, known[digest]):
-                        yield (found, is_new), found.path
+                    if found.path in unreadable:
+                        continue
+                    probe = probes.get(found.path)
+                    if probe is None or not self._reuse(found, probe, known.get(probe.fingerprint)):
+                        yield (found, is_new), found.path, probe
                 if self.failed or self.reused:
                     self._encode_and_commit([])
 
-    def _reuse(self, found: FoundFile, digest: bytes, vector: np.ndarray) -> bool:
-        try:
-            width, height = upright_size(os.fsdecode(found.path))
-        except Exception:  # unreadable header: let the decoder record why
+    def _probe(self, chunk: Sequence[tuple[FoundFile, bool]], threads: ThreadPoolExecutor) -> dict[bytes, Probe]:
+        """Probe the new files of ``chunk`` that may be copies of indexed ones (`reusable_sizes`);
+        one that cannot be read is recorded as failed here."""
+        probing = {
+            found: threads.submit(probe_file, found.path)
+            for found, is_new in chunk
+            if is_new and found.size in self.reusable_sizes
+        }
+        probes = {}
+        for found, future in probing.items():
+            try:
+                probes[found.path] = future.result()
+            except OSError as err:
+                self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, failure_reason(err)))
+        return probes
+
+    def _reuse(self, found: FoundFile, probe: Probe, vector: np.ndarray | None) -> bool:
+        if vector is None or probe.size is None:  # nothing to reuse, or a header the decoder must judge
             return False
-        self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector))
+        width, height = probe.size
+        reused = IndexedFile(found.path, found.size, found.mtime_ns, probe.fingerprint, width, height, vector)
+        self.reused.append(reused)
         return True
 
     def _encode_and_commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:
@@ -274,6 +292,7 @@ class _Run:
         if not indexed and not self.failed:
             return
         self.catalog.commit_batch(self.model, indexed=indexed, failed=self.failed)
+        self.reusable_sizes.update(f.size for f in indexed)
         new = sum(1 for _, is_new, _ in decoded if is_new)
         self.report.new += new
         self.report.changed += len(decoded) - new
@@ -301,14 +320,6 @@ def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _try_fingerprint(path: bytes) -> bytes | str:
-    """The fingerprint, or why the file could not be read (it is then recorded as failed)."""
-    try:
-        return fingerprint(path)
-    except OSError as err:
-        return err.strerror or str(err)
 
 
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -273,6 +273,9 @@ main()
 """
 
 
+HOOKS = Path(__file__).parent / "hooks"
+
+
 def cli_command(*args: str | os.PathLike) -> list[str]:
     """The `clipsearch` command line, run with this test session's Python."""
     return [sys.executable, "-c", _CLI_MAIN, *map(os.fsdecode, args)]
@@ -282,6 +285,8 @@ def start_cli(*args: str | os.PathLike, encode_delay_s: float = 0.0, env: dict |
     """Start `clipsearch ...` in its own session (so a signal can go to its whole group, as
     Ctrl-C in a terminal does), with output captured as bytes."""
     env = {**os.environ, **(env or {}), "RELIABILITY_ENCODE_DELAY_S": str(encode_delay_s)}
+    if "RELIABILITY_SWAP_FOR_FIFO" in env:  # hooks/sitecustomize.py, in every process of the run
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), env.get("PYTHONPATH")]))
     return subprocess.Popen(
         cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
     )

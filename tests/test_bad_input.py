@@ -6,7 +6,6 @@ hooking the indexer in-process, where the race would otherwise be luck."""
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import json
 import os
@@ -282,13 +281,13 @@ def test_a_fifo_named_like_an_image_does_not_hang_the_run(tmp_path, tiny_model):
 
 
 def _hook_decode(monkeypatch, before_decode):
-    """Call ``before_decode(path)`` just before each in-process decode (after the walk and the
-    fingerprint), making a race that is otherwise luck happen every time."""
+    """Call ``before_decode(path)`` just before each in-process decode (after the walk and any
+    probe), making a race that is otherwise luck happen every time."""
     real = clipsearch.decode.decode_file
 
-    def hooked(preprocess, path):
+    def hooked(preprocess, path, probe=None):
         before_decode(path)
-        return real(preprocess, path)
+        return real(preprocess, path, probe)
 
     monkeypatch.setattr(clipsearch.decode, "decode_file", hooked)
 
@@ -309,17 +308,21 @@ def test_a_file_deleted_between_the_walk_and_its_decode(cli, tmp_path, monkeypat
     assert cli("status", "--failed").stdout == ""
 
 
-def test_a_file_deleted_between_the_walk_and_its_fingerprint(cli, tmp_path, monkeypatch):
+def test_a_file_deleted_between_the_walk_and_its_probe(cli, tmp_path, monkeypatch):
+    """A new file the size of an indexed one is probed (fingerprinted) for a vector to reuse
+    before any decoder sees it: deleted just before that."""
     images = make_library(tmp_path / "lib", 4)
-    victim = os.fsencode(images[2])
-    real = clipsearch.indexer.fingerprint
+    cli("index", tmp_path / "lib")
+    victim = os.fsencode(tmp_path / "lib" / "copy.png")
+    shutil.copy(images[2], os.fsdecode(victim))
+    real = clipsearch.decode.probe_file
 
     def vanishing(path):
         if path == victim:
             os.unlink(path)
         return real(path)
 
-    monkeypatch.setattr(clipsearch.indexer, "fingerprint", vanishing)
+    monkeypatch.setattr(clipsearch.indexer, "probe_file", vanishing)
     result = cli("index", tmp_path / "lib")
     assert_no_traceback(result.stdout, result.stderr)
     assert summary_counts(result.stdout)["failed"] == 1
@@ -355,9 +358,9 @@ def _hook_after_fingerprint(monkeypatch, after):
     another's vector."""
     real = clipsearch.decode.fingerprint
 
-    def hooked(path):
-        digest = real(path)
-        after(path)
+    def hooked(file):
+        digest = real(file)
+        after(os.fsencode(os.readlink(f"/proc/self/fd/{file.fileno()}")))
         return digest
 
     monkeypatch.setattr(clipsearch.decode, "fingerprint", hooked)
@@ -413,7 +416,7 @@ def test_unreadable_file(cli, tmp_path):
         locked.chmod(0o644)
 
 
-@pytest.mark.parametrize("when", ["from the start", "after its fingerprint"])
+@pytest.mark.parametrize("when", ["from the start", "once the decoder has it"])
 def test_unreadable_file_simulated(cli, tmp_path, monkeypatch, when):
     """What a file without read permission does to a non-root user, made to happen as root:
     opening it raises PermissionError, either from the start or only once the decoder opens it
@@ -422,14 +425,14 @@ def test_unreadable_file_simulated(cli, tmp_path, monkeypatch, when):
     locked = tmp_path / "lib" / "locked.png"
     make_image(locked, 9)
     denied = {os.fsencode(locked)} if when == "from the start" else set()
-    real_open = builtins.open
+    real_open = os.open
 
     def guarded_open(file, *args, **kwargs):
         if isinstance(file, (str, bytes, os.PathLike)) and os.fsencode(file) in denied:
             raise PermissionError(13, "Permission denied", os.fsdecode(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_open)
     _hook_decode(monkeypatch, lambda path: denied.add(path) if path == os.fsencode(locked) else None)
     result = cli("index", tmp_path / "lib")
     assert_no_traceback(result.stdout, result.stderr)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
@@ -47,19 +49,35 @@ def open_image(source: str | os.PathLike[str] | BinaryIO, target: int | None = N
     embedding (benchmarks/draft_decode.py). Animated and multi-page files give their
     first frame.
     """
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
+    with opened_image(source) as image:
+        return load_upright(image, target)
+
+
+@contextmanager
+def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> Iterator[Image.Image]:
+    """The image with only its header read (size, mode, EXIF), for `load_upright`; whatever
+    Pillow raises meanwhile becomes an `ImageError` naming the file (``name``, else the path).
+    A reader that wants the header too (the size as shown, metadata) reads it here first."""
+    if name is None:
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
     try:
         with Image.open(source) as image:
-            if target:
-                image.draft("RGB", (2 * target, 2 * target))
-            image.load()
-            return to_rgb(_upright(image))
+            yield image
     except FileNotFoundError:
         raise ImageError(f"{name} does not exist; check the path.") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is refused as a possible decompression bomb ({e}); exclude it.") from e
     except _DECODE_ERRORS as e:
         raise ImageError(f"{name} cannot be decoded as an image ({e}); check the file or exclude it.") from e
+
+
+def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:
+    """The pixels of an image from `opened_image`, upright and RGB, reduced while decoding for
+    `target` where the format allows (see `open_image`)."""
+    if target:
+        image.draft("RGB", (2 * target, 2 * target))
+    image.load()
+    return to_rgb(_upright(image))
 
 
 def _upright(image: Image.Image) -> Image.Image:
