@@ -200,10 +200,10 @@ def index_command(
     drop out of results, unreadable ones are listed by `clipsearch status --failed`.
 
     Exit status: 0 done; 3 done, but some files could not be read (see `status --failed`);
-    130 stopped by Ctrl-C (what was finished is kept); 1 error.
+    130 stopped by Ctrl-C, 143 by SIGTERM (what was finished is kept); 1 error.
     """
     stop = threading.Event()
-    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
+    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_signals(stop) as stopped:
         report = index.add(
             paths,
             exclude=exclude,
@@ -218,7 +218,7 @@ def index_command(
         typer.echo(_summary(report))
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(128 + stopped.signum)
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -258,26 +258,34 @@ class _progress_bar:
             self.bar.close()
 
 
-class _stop_on_ctrl_c:
-    """The first Ctrl-C asks the run to stop after committing what is finished; a second one
-    interrupts at once (the open transaction rolls back, nothing committed is lost)."""
+class _stop_on_signals:
+    """The first Ctrl-C or SIGTERM (`kill PID`, a service manager) asks the run to stop after
+    committing what is finished; a second one interrupts at once (the open transaction rolls
+    back, nothing committed is lost)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, stop: threading.Event):
         self.stop = stop
+        self.signum = signal.SIGINT
 
-    def __enter__(self) -> None:
-        self.previous = signal.signal(signal.SIGINT, self._handler)
+    def __enter__(self) -> _stop_on_signals:
+        self.previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
+        return self
 
     def _handler(self, signum: int, frame: object) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
         self.stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.signum = signum
         typer.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)
 
     def __exit__(self, *exc: object) -> None:
-        # Once stopping, the command is only reporting and exiting 130: a second Ctrl-C that
-        # lands now (the batch finished first) has nothing left to cut short, and raised during
-        # interpreter shutdown it would kill the process by signal instead of exiting 130.
-        signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop.is_set() else self.previous)
+        # Once stopping, the command is only reporting and exiting: a second signal that lands
+        # now (the batch finished first) has nothing left to cut short, and raised during
+        # interpreter shutdown it would kill the process by signal instead of exiting 128 + N.
+        for signum, previous in self.previous.items():
+            signal.signal(signum, signal.SIG_IGN if self.stop.is_set() else previous)
 
 
 # --- query -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import types
 import warnings
@@ -166,9 +167,31 @@ _worker_preprocess: Preprocess | None = None
 
 def _init_worker(preprocess: Preprocess) -> None:
     global _worker_preprocess
-    # Ctrl-C goes to the whole process group; the main process decides how to stop.
+    # Ctrl-C, and a SIGTERM sent to the process group, reach workers too; the main process
+    # decides how to stop, and shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
     _worker_preprocess = preprocess
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the process that started the pool dies, however it dies.
+
+    Nothing else would: a worker waits on a task queue whose write end it holds itself, and its
+    parent is the forkserver, which lives as long as any worker does; together with the
+    resource tracker they outlived a SIGKILLed indexer for ever, holding its stdout and stderr
+    (a caller reading them hung). multiprocessing gives every child a pipe from its parent that
+    reaches end-of-file when the parent dies (`parent_process().sentinel`); a thread waits on it.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_when_gone, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_when_gone(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()
+    os._exit(1)
 
 
 def _decode_in_worker(path: bytes, probe: Probe | None) -> Decoded:
