@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -179,6 +180,12 @@ class Catalog:
         """Bumped by every write to the images; the FAISS file records the one it was built from."""
         return int(self.get_meta("generation") or 0)
 
+    @property
+    def generation_id(self) -> str:
+        """Random, new with every generation: tells this catalog's generation N from another
+        history's (a backup of it restored, then written to again)."""
+        return self.get_meta("generation_id") or ""
+
     # --- reads ----------------------------------------------------------------------------
 
     def file_states(self, model: str | None = None) -> dict[bytes, FileState]:
@@ -231,6 +238,18 @@ class Catalog:
             if vectors is None:
                 vectors = np.empty((0, model.dim), dtype=np.float32)
         return ids, vectors
+
+    def vector_writes(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64, vector generations int64, indexed_at float64) of the rows with a vector by
+        ``model``, ordered by id: when each vector was last written (-1 and 0 where unknown)."""
+        query = (
+            "SELECT v.image_id, COALESCE(i.vector_generation, -1), COALESCE(i.indexed_at, 0.0) FROM vectors AS v "
+            "JOIN images AS i ON i.id = v.image_id WHERE v.model_id = ? ORDER BY v.image_id"
+        )
+        with self.read() as db:
+            rows = db.execute(query, (model.id,)).fetchall()
+        ids, generations, times = (np.array(column) for column in zip(*rows)) if rows else ([], [], [])
+        return np.asarray(ids, np.int64), np.asarray(generations, np.int64), np.asarray(times, np.float64)
 
     def changes_since(self, generation: int, model: StoredModel) -> Changes | None:
         """What ``model``'s FAISS file of catalog ``generation`` must take in to match the catalog
@@ -569,6 +588,7 @@ def _bump_generation(conn: Connection) -> int:
     upsert = sqlite_insert(Meta).values(key="generation", value="1")
     next_value = cast(cast(Meta.value, Integer) + 1, Text)
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=dict(value=next_value)))
+    _set_meta(conn, "generation_id", secrets.token_hex(8))
     return int(conn.execute(select(Meta.value).where(Meta.key == "generation")).scalar_one())
 
 

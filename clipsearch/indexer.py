@@ -139,6 +139,10 @@ def run_add(
                 f"{os.fsdecode(root)} does not exist; check the path "
                 "(to forget files indexed there, use `clipsearch remove`)."
             )
+    if catalog.default_model is None:
+        # Recorded even if nothing gets encoded (an empty folder): the next command without
+        # --model must use this model, not the built-in default.
+        catalog.set_meta("default_model", model)
     states = catalog.file_states(model)
     plan = plan_changes(states, Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)

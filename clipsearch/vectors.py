@@ -7,7 +7,13 @@ Each model that encoded the catalog has its own file, `vectors-<model id>.faiss`
 as `faiss.write_index` writes it, then a JSON stamp (which catalog and model it belongs to, the
 catalog generation it was built from, how many vectors, the index type and its measured recall),
 then the stamp's length and a magic tag. A file whose catalog id or model differs from the
-catalog's (copied from another home, or left by a catalog that was replaced) is rebuilt. One
+catalog's (copied from another home, or left by a catalog that was replaced) is rebuilt. Between
+the index and the stamp, one 64-bit key per vector (in id order) says when the catalog wrote it
+(`_write_keys`): a file is updated only if every row the catalog has not changed since the
+file's generation has the file's key, so the vectors of another history of the same catalog (a
+backup of the catalog restored under a newer file, then written to again) are never taken for
+its own; the stamp's `generation_id` does the same for a file of the catalog's very generation.
+One
 file means one atomic rename on save, and FAISS reads the index from the start of the file, so
 it can memory-map it instead of copying it.
 A file that is missing, truncated or garbage is rebuilt from the catalog with a warning. One
@@ -56,7 +62,8 @@ _ID_BYTES = 64
 
 _MAGIC = b"CLIPSRCH"
 _TRAILER = struct.Struct("<Q8s")  # stamp length, magic
-_STAMP_FORMAT = 2
+_STAMP_FORMAT = 3
+_KEY = np.dtype("<u8")
 _MMAP_READ_ONLY = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 
 
@@ -74,6 +81,7 @@ class VectorIndex:
         recall_at_10: float | None,
         built_count: int | None = None,
         changed_since_build: int = 0,
+        keys: np.ndarray | None = None,
     ) -> None:
         self.index = index
         self.index_type = index_type
@@ -82,15 +90,19 @@ class VectorIndex:
         # when the second outgrows the first, trained lists no longer fit the collection.
         self.built_count = index.ntotal if built_count is None else built_count
         self.changed_since_build = changed_since_build
+        # When the catalog wrote each vector (`_write_keys`), in the order of the sorted ids;
+        # None where unknown (saved as zeros, which match nothing: the next update rebuilds).
+        self.keys = keys
 
     @classmethod
-    def _stamped(cls, index: faiss.Index, stamp: dict) -> VectorIndex:
+    def _stamped(cls, index: faiss.Index, stamp: dict, keys: np.ndarray | None = None) -> VectorIndex:
         return cls(
             index,
             stamp["index_type"],
             stamp["recall_at_10"],
             stamp.get("built_count", stamp["count"]),
             stamp.get("changed_since_build", 0),
+            keys,
         )
 
     @property
@@ -139,7 +151,11 @@ class VectorIndex:
             if model.vectors or path.exists():
                 log.warning("Rebuilding the vector index from the catalog: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
-        if (stamp["generation"], stamp["count"]) == (generation, model.vectors):
+        if (stamp["generation"], stamp["generation_id"], stamp["count"]) == (
+            generation,
+            catalog.generation_id,
+            model.vectors,
+        ):
             return cls._stamped(index, stamp)
         return cls.refresh(home, catalog, model, save=save)
 
@@ -155,13 +171,17 @@ class VectorIndex:
         path = Path(home) / vectors_file(model)
         try:
             index, stamp = _read(path, catalog, model, mmap=False)
+            keys = _read_keys(path, stamp)
         except StaleIndex:
             return cls.rebuild(home, catalog, model, save=save)
-        current = cls._stamped(index, stamp)
+        current = cls._stamped(index, stamp, keys)
         started = time.perf_counter()
         changes = catalog.changes_since(stamp["generation"], model)
+        writes = catalog.vector_writes(model)  # read after the changes: never older than them
         if changes is None:
             reason: str | None = "it is older than the catalog's record of changes"
+        elif not current._holds_unchanged_rows_of(writes, stamp["generation"]):
+            reason = "it holds vectors of another history of this catalog (was catalog.db restored from a backup?)"
         else:
             if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
                 return current
@@ -177,6 +197,7 @@ class VectorIndex:
         if index.ntotal != len(changes.held):  # the file held what its stamp did not say
             return cls.rebuild(home, catalog, model, save=save)
         current.changed_since_build += len(changes.ids) + removed
+        current.keys = current._keys_from(writes)
         log.info(
             "Updated the vector index: %d vectors in, %d out, in %.1f s",
             len(changes.ids),
@@ -186,6 +207,32 @@ class VectorIndex:
         if save:
             current._save_if_writable(home, catalog, model, changes.generation)
         return current
+
+    def _sorted_ids(self) -> np.ndarray:
+        return np.sort(faiss.vector_to_array(self.index.id_map))
+
+    def _keys_from(self, writes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """The keys of the vectors held, from the catalog's `vector_writes` (0 for ids it lacks)."""
+        ids, generations, times = writes
+        held = self._sorted_ids()
+        at, found = _find(ids, held)
+        keys = np.zeros(len(held), _KEY)
+        keys[found] = _write_keys(generations[at[found]], times[at[found]])
+        return keys
+
+    def _holds_unchanged_rows_of(self, writes: tuple[np.ndarray, np.ndarray, np.ndarray], generation: int) -> bool:
+        """Every vector the catalog has not written since ``generation`` is here, with the key
+        the catalog gives it: true of a file of the catalog's own history, whatever changed
+        since, and false of one from another history, whose rows are other writes."""
+        ids, generations, times = writes
+        unchanged = generations <= generation
+        if not unchanged.any():
+            return True
+        if self.keys is None:
+            return False
+        at, found = _find(self._sorted_ids(), ids[unchanged])
+        keys = _write_keys(generations[unchanged], times[unchanged])
+        return bool(found.all() and np.array_equal(self.keys[at], keys))
 
     def _why_not_update(self, changes: int, count: int, catalog: Catalog) -> str | None:
         """Why this index must be rebuilt rather than take ``changes`` vectors in and out to hold
@@ -214,6 +261,7 @@ class VectorIndex:
         # catalog and the next load catches up, never the reverse.
         generation = catalog.generation
         ids, vectors = catalog.all_vectors(model)
+        writes = catalog.vector_writes(model)  # after the vectors: never older than them
         started = time.perf_counter()
         try:
             built = cls.build(ids, vectors, index_type or catalog.get_meta("index_type") or "auto")
@@ -222,6 +270,7 @@ class VectorIndex:
                 raise
             log.warning("%s Using auto instead.", e)
             built = cls.build(ids, vectors, "auto")
+        built.keys = built._keys_from(writes)
         if index_type is not None:
             catalog.set_meta("index_type", index_type)
         recall = "exact" if built.recall_at_10 is None else f"{built.recall_at_10:.3f}"
@@ -241,20 +290,24 @@ class VectorIndex:
         correct, and the next open builds or updates it again."""
         if not catalog.readonly:
             try:
-                self.save(home, catalog.catalog_id, model, generation)
+                self.save(home, catalog.catalog_id, model, generation, catalog.generation_id)
             except IndexStateError as e:
                 log.warning("%s", e)
 
-    def save(self, home: Path, catalog_id: str, model: StoredModel, generation: int) -> None:
-        """Write the model's file atomically: a temporary file, fsync, rename, fsync the folder."""
+    def save(self, home: Path, catalog_id: str, model: StoredModel, generation: int, generation_id: str = "") -> None:
+        """Write the model's file atomically: a temporary file, fsync, rename, fsync the folder.
+        ``generation_id`` is the catalog's at ``generation`` (`Catalog.generation_id`); one read
+        later names a newer generation, which costs the next load an update, never a wrong answer."""
         home = Path(home)
         name = vectors_file(model)
+        keys = self.keys if self.keys is not None else np.zeros(self.ntotal, _KEY)
         stamp = json.dumps(
             {
                 "format": _STAMP_FORMAT,
                 "catalog_id": catalog_id,
                 "model": model.name,
                 "generation": generation,
+                "generation_id": generation_id,
                 "count": self.ntotal,
                 "dim": self.index.d,
                 "index_type": self.index_type,
@@ -269,7 +322,7 @@ class VectorIndex:
         try:
             faiss.write_index(self.index, str(tmp))
             with open(tmp, "ab") as f:
-                f.write(stamp + _TRAILER.pack(len(stamp), _MAGIC))
+                f.write(keys.astype(_KEY).tobytes() + stamp + _TRAILER.pack(len(stamp), _MAGIC))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, home / name)
@@ -324,6 +377,36 @@ def _read(path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool = True
     return index, stamp
 
 
+def _read_keys(path: Path, stamp: dict) -> np.ndarray:
+    """The keys stored between the index and the stamp (`save`); StaleIndex if unreadable."""
+    count = stamp["count"]
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size - _TRAILER.size - stamp["stamp_bytes"]
+            f.seek(end - count * _KEY.itemsize)
+            keys = np.frombuffer(f.read(count * _KEY.itemsize), _KEY)
+    except OSError as e:
+        raise StaleIndex(f"{path} is damaged ({e})") from None
+    if len(keys) != count:
+        raise StaleIndex(f"{path} is damaged (truncated)")
+    return keys
+
+
+def _find(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``wanted`` is in ``sorted_ids``, and whether it is there at all."""
+    if not len(sorted_ids):
+        return np.zeros(len(wanted), np.int64), np.zeros(len(wanted), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    return at, sorted_ids[at] == wanted
+
+
+def _write_keys(generations: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """One 64-bit number per vector from the generation and the time of the catalog's write of
+    it: a vector rewritten, or written by another history of the catalog, gets another."""
+    mixed = generations.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (mixed ^ times.astype(np.float64).view(np.uint64)).astype(_KEY)
+
+
 def _read_stamp(f: BinaryIO) -> dict:
     size = os.fstat(f.fileno()).st_size
     if size < _TRAILER.size:
@@ -336,6 +419,7 @@ def _read_stamp(f: BinaryIO) -> dict:
     stamp = json.loads(f.read(stamp_size))
     if stamp.get("format") != _STAMP_FORMAT:
         raise ValueError(f"unknown format {stamp.get('format')}")
+    stamp["stamp_bytes"] = stamp_size
     return stamp
 
 
