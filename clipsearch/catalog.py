@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -50,12 +51,15 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection
 
 
+log = logging.getLogger(__name__)
+
 CATALOG_FILE = "catalog.db"
 LOCK_FILE = "index.lock"
 
 _BUSY_TIMEOUT_MS = 10_000
 _LOCK_POLL_S = 0.1
 _CHUNK = 10_000  # vectors per fetch when reading them all
+_WAL_HEADER_BYTES = 32  # a write-ahead log no longer than this holds no commit
 
 
 class Catalog:
@@ -525,8 +529,7 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
     """
     mode = "ro" if readonly else "rwc" if create else "rw"
     uri = f"file:{quote(os.fsencode(db))}?mode={mode}"
-    wal = db.with_name(db.name + "-wal")
-    if readonly and not os.access(db.parent, os.W_OK) and not wal.exists():
+    if readonly and not os.access(db.parent, os.W_OK) and not _wal_readable(db):
         uri += "&immutable=1"
     # check_same_thread off: a Catalog may be handed to another thread, as long as two
     # threads never use it at the same time.
@@ -541,6 +544,26 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _wal_readable(db: Path) -> bool:
+    """Whether SQLite can read the -wal file of a catalog in a read-only folder: not without its
+    -shm file, which it would have to create there. Commits in an unreadable log (its -shm file
+    deleted, or left behind by a copy) are then not seen, and the catalog is read as before them."""
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    if not wal.exists():
+        return False
+    if shm.exists():
+        return True
+    if wal.stat().st_size > _WAL_HEADER_BYTES:
+        log.warning(
+            "%s holds changes that cannot be read while %s is read-only (SQLite needs to create %s for that); "
+            "answering from the catalog as it was before them.",
+            wal,
+            db.parent,
+            shm.name,
+        )
+    return False
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:

@@ -297,6 +297,62 @@ def test_a_crashed_writer_then_a_read_only_disk_still_answers(cli, indexed, tmp_
         assert "7 indexed" in cli("status").stdout
 
 
+def test_a_read_only_home_with_a_write_ahead_log_but_no_shm_file_still_answers(
+    cli, indexed, tmp_path, tiny_encoder, tiny_model
+):
+    """A leftover catalog.db-wal without its catalog.db-shm (deleted, or not copied with the
+    folder): SQLite cannot read the log without creating the -shm file, which a read-only folder
+    forbids. Before: "cannot be opened ... check that it is readable", though it is. Now the
+    catalog is read as it was before the log, with a warning that says so."""
+    late = make_library(tmp_path / "late", 1, start_seed=70)[0]
+    vector = expected_vectors(tiny_encoder, [late])[os.fsencode(late)]
+    st = late.stat()
+    row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
+    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(cli.home, row, tiny_model))
+    child.start()
+    child.join(60)
+    (cli.home / "catalog.db-shm").unlink()
+    with read_only(cli.home):
+        for args in (["status"], ["query", indexed[2], "-k", "1", "--paths-only"]):
+            result = cli(*args)
+            assert result.exit_code == 0, (args, result.stderr)
+            assert "catalog.db-wal holds changes that cannot be read" in result.stderr, result.stderr
+        assert "6 indexed" in cli("status").stdout  # the row committed in the log is not seen
+        assert top_path(cli, indexed[2]) == os.fsencode(indexed[2])
+    assert "7 indexed" in cli("status").stdout  # writable again: the log is read
+
+
+def _set_revision(home, revision: str) -> None:
+    """Closed at once: the last connection to close folds the log into catalog.db."""
+    import sqlite3
+
+    db = sqlite3.connect(home / "catalog.db")
+    with db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "revision, message",
+    [
+        ("", "records no schema revision clipsearch knows"),
+        ("0003", "records schema 0003, but its tables do not match it"),
+    ],
+    ids=["empty", "older-than-its-tables"],
+)
+def test_a_catalog_whose_recorded_schema_is_wrong_is_refused_in_one_line(cli, indexed, tmp_path, revision, message):
+    """Before: "AssertionError (this is a bug ...)" for '', a 12-line OperationalError with the
+    CREATE TABLE statement for 0003. Now one line naming the file, and the file is untouched."""
+    _set_revision(cli.home, revision)
+    before = (cli.home / "catalog.db").read_bytes()
+    for args in (["status"], ["query", "x"], ["index", tmp_path / "lib"]):
+        result = cli(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert "bug" not in result.stderr and str(cli.home / "catalog.db") in result.stderr
+    assert (cli.home / "catalog.db").read_bytes() == before
+
+
 # --- model weights ----------------------------------------------------------------------------
 
 
