@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -90,7 +91,7 @@ class _LowercaseLevel(logging.Formatter):
     """``warning: ...``, like other command-line tools, rather than logging's ``WARNING:``."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1)
+        return _shown(super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1))
 
 
 def _handle_errors(command: Callable) -> Callable:
@@ -121,8 +122,27 @@ def _handle_errors(command: Callable) -> Callable:
 
 
 def _error(message: str) -> None:
-    typer.echo(f"Error: {message}", err=True)
+    typer.echo(f"Error: {_shown(message)}", err=True)
     raise typer.Exit(1)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")  # C0, DEL, C1; bytes that are not UTF-8
+
+
+def _shown(text: str | os.PathLike[str]) -> str:
+    """A name or message as human output shows it: control characters escaped (``\\n``,
+    ``\\x1b``), like bytes that are not UTF-8 (``\\xff``), so that a file name can neither drive
+    the terminal nor break a line in two. Output for programs (--json, --paths-only) stays exact."""
+    return _CONTROL.sub(_escape, os.fspath(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = ord(match.group())
+    return {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}.get(char, f"\\x{char & 0xFF:02x}")
+
+
+def _print(line: str) -> None:
+    sys.stdout.buffer.write(_shown(line).encode() + b"\n")
 
 
 def _open(model: str | None = None, precision: str = "auto", *, create: bool = False, reading: bool = False) -> Index:
@@ -333,8 +353,8 @@ def query_command(
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
     elif hits:
-        # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
-        out.writelines(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n" for h in hits)
+        for h in hits:
+            _print(f"{h.score:.4f}  {h.path}")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()
@@ -366,7 +386,7 @@ def classify_command(
     width = max(len(name) for name in names)
     for image in images:
         probabilities = zero_shot(encoder, image, names, template)
-        sys.stdout.buffer.write(os.fsencode(image) + b"\n")
+        _print(str(image))
         for name, p in zip(names, probabilities):
             typer.echo(f"  {name:<{width}}  {p:.4f}")
 
@@ -397,7 +417,7 @@ def status_command(
     with _open(model, reading=True) as index:
         if failed:
             for path, reason in index.failures():
-                sys.stdout.buffer.write(os.fsencode(path) + f": {reason}\n".encode())
+                _print(f"{path}: {reason}")
             return
         typer.echo(_describe(index.status()))
 
@@ -410,7 +430,8 @@ def _describe(status: Status) -> str:
     if counts.get(STATUS_FAILED):
         images += " (see `clipsearch status --failed`)"
     models = [
-        f"{m.name} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images" + (", default" if m.default else "")
+        f"{_shown(m.name)} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images"
+        + (", default" if m.default else "")
         for m in status.models
     ]
     vectors = f"{status.vectors_in_index} in a {status.index_type} index"
@@ -423,10 +444,10 @@ def _describe(status: Status) -> str:
     )
     return "\n".join(
         [
-            f"Index:    {status.home}",
+            f"Index:    {_shown(status.home)}",
             f"Images:   {images}",
             "Models:   " + ("\n          ".join(models) if models else "none yet (run `clipsearch index PATH`)"),
-            f"Vectors:  {status.model}: {vectors}",
+            f"Vectors:  {_shown(status.model or '')}: {vectors}",
             f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
         ]
     )

@@ -68,7 +68,9 @@ def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = N
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is refused as a possible decompression bomb ({e}); exclude it.") from e
     except _DECODE_ERRORS as e:
-        raise ImageError(f"{name} cannot be decoded as an image ({e}); check the file or exclude it.") from e
+        # Pillow names an open file by its repr (<_io.BufferedReader name=7>): the name is ours to give.
+        reason = "cannot identify image file" if isinstance(e, Image.UnidentifiedImageError) else e
+        raise ImageError(f"{name} cannot be decoded as an image ({reason}); check the file or exclude it.") from e
 
 
 def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:
