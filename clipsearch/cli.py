@@ -287,7 +287,7 @@ class _stop_on_signals:
 
     def __init__(self, stop: threading.Event):
         self.stop = stop
-        self.signum = signal.SIGINT
+        self.signum: int = signal.SIGINT
 
     def __enter__(self) -> _stop_on_signals:
         self.previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}

@@ -7,6 +7,7 @@ Opening an up-to-date catalog (every `clipsearch query`) compares one stored str
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,7 +79,7 @@ def _upgrade(catalog: Catalog, revision: str | None) -> None:
         # SQLite's generic error (a table that exists already, a missing column): the recorded
         # revision is not the one the tables are at. Failures a person can act on otherwise (a
         # full disk, a lock) came out of the transaction as IndexStateError already.
-        if error_code(e.orig) != SQLITE_ERROR:
+        if not isinstance(e.orig, sqlite3.Error) or error_code(e.orig) != SQLITE_ERROR:
             raise
         reason = str(e.orig).splitlines()[0]
         raise _damaged(catalog, f"records schema {revision}, but its tables do not match it ({reason})") from None

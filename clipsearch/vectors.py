@@ -188,7 +188,7 @@ class VectorIndex:
             gone = np.setdiff1d(faiss.vector_to_array(index.id_map), changes.held, assume_unique=True)
             outdated = np.union1d(changes.outdated, gone)
             reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
-        if reason is not None:
+        if reason is not None or changes is None:
             log.info("Rebuilding the vector index: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
         removed = index.remove_ids(faiss.IDSelectorBatch(outdated))

@@ -24,13 +24,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import pickle
 import re
 import shutil
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         state_dict, info = _read_file(path)
     else:
         raise CheckpointError(f"There is no checkpoint file or directory at {path}.")
-    return _clean(state_dict), info
+    return _clean(state_dict), _checked_normalisation(info, path)
 
 
 def write_model_dir(
@@ -402,8 +403,31 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _triple(values: Sequence[float] | None) -> Mean | None:
-    return None if values is None else tuple(float(v) for v in values)
+def _triple(values: Any) -> Any:
+    """As the file gives them: `_checked_normalisation` makes sure they are three numbers."""
+    return None if values is None else tuple(values) if isinstance(values, (list, tuple)) else (values,)
+
+
+def _checked_normalisation(info: CheckpointInfo, path: Path) -> CheckpointInfo:
+    """``info`` with its image mean and std as floats, or CheckpointError naming the model: a std
+    of 0 made every vector NaN, and a mean of the wrong length failed every image, for good."""
+    checked: dict[str, Any] = {}
+    for name, values in (("image_mean", info.image_mean), ("image_std", info.image_std)):
+        if values is None:
+            continue
+        try:
+            numbers = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            numbers = ()
+        positive = name == "image_std"
+        if len(numbers) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
+            raise CheckpointError(
+                f"{path} gives {name} {list(values)}; it must be 3 finite numbers"
+                + (" above 0" if positive else "")
+                + ", one per colour channel."
+            )
+        checked[name] = numbers
+    return replace(info, **checked)
 
 
 def _unreadable(path: Path, err: BaseException) -> CheckpointError:
