@@ -71,6 +71,22 @@ def decompression_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
     )
 
 
+def large_png(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of ``width`` x ``height`` black pixels, compressed row by row (a
+    9000 x 9000 one is 80 KB, made without holding its 81 MB of pixels)."""
+    compressor, row, chunks = zlib.compressobj(9), b"\0" * (width + 1), []
+    for _ in range(height):
+        chunks.append(compressor.compress(row))
+    chunks.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", b"".join(chunks))
+        + png_chunk(b"IEND", b"")
+    )
+
+
 def with_broken_header_crc(png: bytes) -> bytes:
     """The PNG with its IHDR checksum flipped: the header can no longer be trusted."""
     crc = png.index(b"IHDR") + 4 + 13

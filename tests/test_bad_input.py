@@ -31,6 +31,7 @@ from reliability_helpers import (
     decompression_bomb,
     encoded_bytes,
     expected_vectors,
+    large_png,
     run_cli,
     with_app1,
     write_corpus,
@@ -41,6 +42,7 @@ import clipsearch.decode
 import clipsearch.fingerprint
 import clipsearch.indexer
 from clipsearch.cli import EXIT_SOME_FAILED, app
+from clipsearch.decode import decode_file
 from clipsearch.index import Index
 
 
@@ -210,6 +212,7 @@ def decoded_in_bounded_memory(tmp_path_factory) -> dict[str, tuple]:
     root = tmp_path_factory.mktemp("memory")
     warm = make_image(root / "warm.png", 0)
     (root / "bomb.png").write_bytes(decompression_bomb())
+    (root / "81-megapixels.png").write_bytes(large_png(9000, 9000))
     with open(root / "jpeg-then-2GB.jpg", "wb") as f:
         f.write(encoded_bytes(blocks(1, (64, 48)), "JPEG"))
         f.truncate(2 << 30)
@@ -217,7 +220,8 @@ def decoded_in_bounded_memory(tmp_path_factory) -> dict[str, tuple]:
         f.truncate(2 << 30)
     os.symlink("/dev/zero", root / "dev-zero.jpg")
     os.symlink("/dev/urandom", root / "dev-urandom.png")
-    names = ["bomb.png", "jpeg-then-2GB.jpg", "2GB-of-zeros.jpg", "dev-zero.jpg", "dev-urandom.png"]
+    names = ["bomb.png", "81-megapixels.png", "jpeg-then-2GB.jpg", "2GB-of-zeros.jpg"]
+    names += ["dev-zero.jpg", "dev-urandom.png"]
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, warm, *(str(root / n) for n in names)],
         capture_output=True,
@@ -235,6 +239,32 @@ def test_decompression_bomb_is_refused_from_its_header_without_allocating(decode
     error, _, _, seconds, grown_mb = decoded_in_bounded_memory["bomb.png"]
     assert "decompression bomb" in error and "bomb.png" in error
     assert seconds < 1.0 and grown_mb < 50
+
+
+def test_an_image_over_the_pixel_budget_is_refused_from_its_header(decoded_in_bounded_memory):
+    """9000 x 9000, under Pillow's bomb limit: decoding it took 81 MB, then 243 MB as RGB, in
+    each worker (a 13000 x 13000 WebP took 3.1 GB). Refused before its pixels are read."""
+    error, _, _, seconds, grown_mb = decoded_in_bounded_memory["81-megapixels.png"]
+    assert "is 81 megapixels, more than the 48 allowed" in error and "CLIPSEARCH_MAX_MEGAPIXELS" in error
+    assert seconds < 1.0 and grown_mb < 50
+
+
+def test_the_pixel_budget_is_configurable_and_counts_pixels_as_decoded(tmp_path, monkeypatch):
+    """With a budget of 0.05 megapixels, a 400 x 300 PNG is refused, while a JPEG or JPEG 2000 of
+    the same size passes: they are decoded at 1/8 and 1/4 of it for a 32-pixel model."""
+    from clipsearch.clip.preprocess import Preprocess
+
+    picture = blocks(3, (400, 300))
+    for fmt in ("PNG", "JPEG", "JPEG2000"):
+        (tmp_path / f"picture.{fmt.lower()}").write_bytes(encoded_bytes(picture, fmt))
+    monkeypatch.setenv("CLIPSEARCH_MAX_MEGAPIXELS", "0.05")
+    formats = ("PNG", "JPEG", "JPEG2000")
+    decoded = {fmt: decode_file(Preprocess(32), os.fsencode(tmp_path / f"picture.{fmt.lower()}")) for fmt in formats}
+    assert "0 megapixels, more than the 0.05 allowed" in decoded["PNG"].error
+    assert (decoded["JPEG"].error, decoded["JPEG"].width, decoded["JPEG"].height) == (None, 400, 300)
+    assert (decoded["JPEG2000"].error, decoded["JPEG2000"].width, decoded["JPEG2000"].height) == (None, 400, 300)
+    monkeypatch.setenv("CLIPSEARCH_MAX_MEGAPIXELS", "0.2")
+    assert decode_file(Preprocess(32), os.fsencode(tmp_path / "picture.png")).error is None
 
 
 def test_a_huge_file_costs_what_its_image_costs(decoded_in_bounded_memory):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+from PIL.Jpeg2KImagePlugin import Jpeg2KImageFile
 
 from ..errors import ImageError
 
@@ -35,6 +36,17 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # A 1 x 10,000 strip resized to a 224 short side would be 224 x 2,240,000 pixels. Past
 # this aspect ratio only the part that survives the crop is resized.
 MAX_EXACT_ASPECT = 20
+
+# Pillow refuses images over 2 x 89 megapixels as bombs, but decoding one under that still cost
+# 3.1 GB (a 6.5 KB WebP of 13000 x 13000) in every decode worker. Past this many megapixels, as
+# decoded (after reduced decoding, which lets larger JPEGs through), an image is refused from its
+# header; the environment variable CLIPSEARCH_MAX_MEGAPIXELS sets another limit.
+DEFAULT_MAX_MEGAPIXELS = 48.0
+
+
+class OverPixelBudget(Exception):
+    """Raised by `load_upright` for an image larger than the pixel budget."""
+
 
 # What Pillow and its plugins raise for unreadable, truncated or malformed files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -67,6 +79,10 @@ def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = N
         raise ImageError(f"{name} does not exist; check the path.") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is refused as a possible decompression bomb ({e}); exclude it.") from e
+    except OverPixelBudget as e:
+        raise ImageError(
+            f"{name} is {e} to decode; exclude it, or set CLIPSEARCH_MAX_MEGAPIXELS to a higher limit."
+        ) from None
     except _DECODE_ERRORS as e:
         # Pillow names an open file by its repr (<_io.BufferedReader name=7>): the name is ours to give.
         reason = "cannot identify image file" if isinstance(e, Image.UnidentifiedImageError) else e
@@ -76,10 +92,25 @@ def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = N
 def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:
     """The pixels of an image from `opened_image`, upright and RGB, reduced while decoding for
     `target` where the format allows (see `open_image`)."""
+    halved = 0  # times JPEG 2000 halves the size while decoding (JPEG's draft shrinks `size` itself)
     if target:
         image.draft("RGB", (2 * target, 2 * target))
+        if isinstance(image, Jpeg2KImageFile):
+            halved = min(5, int(np.log2(max(1, min(image.size) // (2 * target)))))
+            image.reduce = halved
+    megapixels = (image.width >> halved) * (image.height >> halved) / 1e6
+    if megapixels > max_megapixels():
+        raise OverPixelBudget(f"{megapixels:.0f} megapixels, more than the {max_megapixels():g} allowed")
     image.load()
     return to_rgb(_upright(image))
+
+
+def max_megapixels() -> float:
+    """The pixel budget of one decode: CLIPSEARCH_MAX_MEGAPIXELS, else `DEFAULT_MAX_MEGAPIXELS`."""
+    try:
+        return float(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS") or DEFAULT_MAX_MEGAPIXELS)
+    except ValueError:
+        return DEFAULT_MAX_MEGAPIXELS
 
 
 def _upright(image: Image.Image) -> Image.Image:
