@@ -410,6 +410,9 @@ def _index_model() -> str:
 @_handle_errors
 def status_command(
     failed: bool = typer.Option(False, "--failed", help="List the files that could not be indexed, with the reason."),
+    check: bool = typer.Option(
+        False, "--check", help="Also compare each model's vector file with the catalog, row by row (exit 1 if not)."
+    ),
     model: str | None = _model_option("describe"),
 ) -> None:
     """Where the index is, its models and their coverage, how many images it holds, and whether
@@ -420,6 +423,15 @@ def status_command(
                 _print(f"{path}: {reason}")
             return
         typer.echo(_describe(index.status()))
+        if check:
+            from clipsearch.consistency import check as check_vectors
+
+            checks = check_vectors(index.home, index.catalog)
+            for c in checks:
+                found = "; ".join(c.problems) or f"its vector file matches the catalog's {c.vectors} vectors row by row"
+                _print(f"Check:    {c.model}: {found}")
+            if any(c.problems for c in checks):
+                raise typer.Exit(1)
 
 
 def _describe(status: Status) -> str:
