@@ -191,6 +191,12 @@ def index_command(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Try again files that failed before, even unchanged."
     ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Fingerprint files whose size and mtime are unchanged too, and re-encode those whose content "
+        "changed (slower: reads up to 1 MiB of every file).",
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 32)."),
     workers: int | None = typer.Option(
         None,
@@ -229,6 +235,7 @@ def index_command(
             exclude=exclude,
             follow_symlinks=follow_symlinks,
             retry_failed=retry_failed,
+            verify=verify,
             batch_size=batch_size,
             workers=workers,
             progress=progress,
@@ -253,6 +260,8 @@ def _summary(report: AddReport) -> str:
         line += "; see the failures with `clipsearch status --failed`"
     if report.unreadable:
         line += f"; {report.unreadable} folder(s) could not be read"
+    if report.verified:
+        line += f"; {report.verified} unchanged-looking file(s) verified"
     return line
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
 from clipsearch.errors import ClipsearchError
+from clipsearch.fingerprint import fingerprint
 from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING, FailedFile, FileState, IndexedFile
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 
@@ -54,6 +55,7 @@ class AddReport:
     failed: int = 0
     unchanged: int = 0
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
+    verified: int = 0  # unchanged files fingerprinted again (`verify`)
     elapsed: float = 0.0
     interrupted: bool = False
 
@@ -71,13 +73,16 @@ class Plan:
     missing: list[bytes] = field(default_factory=list)
     unchanged: int = 0
     unreadable: int = 0
+    # With `verify`: indexed files whose size and mtime are as recorded, with their fingerprints.
+    to_verify: list[tuple[FoundFile, bytes]] = field(default_factory=list)
 
 
-def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool = False) -> Plan:
+def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool = False, verify: bool = False) -> Plan:
     """Compare the walk with the catalog: which files need work, which are gone.
 
     Only catalog rows under the roots walked now can be gone; rows under a folder that could
-    not be listed are kept, since an unreadable folder is not a deleted one.
+    not be listed are kept, since an unreadable folder is not a deleted one. A file whose size
+    and mtime are as recorded is taken as unchanged, unless ``verify`` asks to fingerprint it.
     """
     plan = Plan()
     unseen = dict(states)  # what is left once the walk has popped what it saw
@@ -99,6 +104,8 @@ def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool 
             plan.todo.append((found, False))
         elif state.status == STATUS_INDEXED and not state.encoded:
             plan.todo.append((found, True))  # indexed by other models: new to this one
+        elif verify and state.status == STATUS_INDEXED and state.fingerprint is not None:
+            plan.to_verify.append((found, state.fingerprint))
         else:
             plan.unchanged += 1
     plan.unreadable = len(walk.unreadable)
@@ -120,12 +127,17 @@ def run_add(
     exclude: Sequence[str] = (),
     follow_symlinks: bool = False,
     retry_failed: bool = False,
+    verify: bool = False,
     batch_size: int | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> AddReport:
     """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``.
+
+    A file rewritten with its size and mtime kept (an editor that restores the mtime, a copy
+    with ``cp -p`` of a same-size file) is taken as unchanged; ``verify`` fingerprints every
+    indexed file again and re-encodes those whose content differs from what was indexed.
 
     ``get_encoder`` (loading ``model``) is called only if some file needs encoding. ``should_stop`` is polled between
     files; once it returns True the batch not yet encoded is dropped, everything finished is
@@ -144,8 +156,10 @@ def run_add(
         # --model must use this model, not the built-in default.
         catalog.set_meta("default_model", model)
     states = catalog.file_states(model)
-    plan = plan_changes(states, Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
-    report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
+    plan = plan_changes(states, Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed, verify)
+    report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
+    _verify(plan, should_stop)
+    report.unchanged = plan.unchanged
     if progress:
         progress(0, len(plan.todo))
     if plan.todo and not should_stop():
@@ -324,6 +338,28 @@ def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _verify(plan: Plan, should_stop: Callable[[], bool]) -> None:
+    """Fingerprint the files of ``plan.to_verify`` again: those whose content is not what was
+    indexed (or that cannot be read any more) join ``plan.todo`` as changed."""
+    with ThreadPoolExecutor(_PROBE_THREADS) as threads:
+        for chunk in _batched(plan.to_verify, _CHUNK):
+            if should_stop():
+                return
+            for (found, _), same in zip(chunk, threads.map(_has_fingerprint, chunk)):
+                if same:
+                    plan.unchanged += 1
+                else:
+                    plan.todo.append((found, False))
+
+
+def _has_fingerprint(item: tuple[FoundFile, bytes]) -> bool:
+    found, recorded = item
+    try:
+        return fingerprint(found.path) == recorded
+    except OSError:  # the decoder will record why it cannot be read
+        return False
 
 
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 from helpers import make_image, make_library
 from reliability_helpers import assert_no_traceback, catalog_rows, start_cli
@@ -153,3 +154,38 @@ def test_a_new_file_the_size_of_an_indexed_one_is_fingerprinted_once(tmp_path, t
     assert (report.moved, report.new + report.failed) == (0, 1)
     assert reads["fingerprint"] == {os.fsencode(same_size): 1}
     assert catalog_rows(tmp_path / "home")[os.fsencode(same_size)][0] in ("indexed", "failed")
+
+
+# --- content changed with size and mtime kept ----------------------------------------------
+
+
+def rewrite_keeping_size_and_mtime(path, seed: int) -> None:
+    """New pixels in a BMP of the same dimensions (so the same size), the mtime put back, as an
+    editor that preserves timestamps or `cp -p` over a same-size file does."""
+    st = os.stat(path)
+    make_image(path, seed)
+    assert os.stat(path).st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_index_verify_finds_content_changed_with_size_and_mtime_kept(tmp_path, tiny_model, tiny_encoder):
+    """A plain run cannot see such a change (documented); --verify fingerprints every file and
+    re-encodes the ones whose content is not what was indexed."""
+    from reliability_helpers import catalog_vectors, expected_vectors, run_cli
+
+    images = [make_image(tmp_path / "lib" / f"photo{i}.bmp", i) for i in range(4)]
+    home = tmp_path / "home"
+    base = ["--home", home, "index", tmp_path / "lib", "--model", tiny_model, "--precision", "fp32", "--workers", "0"]
+    assert run_cli(*base).returncode == 0
+    rewrite_keeping_size_and_mtime(images[1], seed=50)
+    plain = run_cli(*base)
+    assert b"changed 0" in plain.stdout and b"unchanged 4" in plain.stdout  # the limit --verify is for
+    verified = run_cli(*base, "--verify")
+    assert verified.returncode == 0, verified.stderr
+    assert b"changed 1," in verified.stdout and b"unchanged 3" in verified.stdout
+    assert b"4 unchanged-looking file(s) verified" in verified.stdout
+    stored = catalog_vectors(home)[os.fsencode(images[1])]
+    truth = expected_vectors(tiny_encoder, [images[1]])[os.fsencode(images[1])]
+    np.testing.assert_allclose(stored, truth, atol=2e-3)
+    again = run_cli(*base, "--verify")
+    assert b"changed 0" in again.stdout and b"unchanged 4" in again.stdout
