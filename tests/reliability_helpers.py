@@ -308,6 +308,13 @@ def start_cli(*args: str | os.PathLike, encode_delay_s: float = 0.0, env: dict |
     )
 
 
+def start_index(home, lib, model: str, *extra: str, batch: int = 4, encode_delay_s: float = 0.1) -> subprocess.Popen:
+    """`clipsearch index LIB` with the model in fp32, ``batch`` images a batch, each batch made to
+    take ``encode_delay_s`` (a real model's pace, so that a signal lands mid-run)."""
+    options = ["--model", model, "--precision", "fp32", "--batch-size", str(batch), *extra]
+    return start_cli("--home", home, "index", lib, *options, encode_delay_s=encode_delay_s)
+
+
 def run_cli(*args: str | os.PathLike, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), capture_output=True, timeout=timeout)
 

@@ -342,16 +342,22 @@ def _commit_then_die(home, indexed_file, model) -> None:
     os._exit(0)
 
 
+def _a_writer_dies_after_a_commit(home, tmp_path, encoder, model):
+    """A new image committed by a forked writer that then dies (`_commit_then_die`); its path."""
+    late = make_library(tmp_path / "late", 1, start_seed=70)[0]
+    vector = expected_vectors(encoder, [late])[os.fsencode(late)]
+    st = late.stat()
+    row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
+    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(home, row, model))
+    child.start()
+    child.join(60)
+    return late
+
+
 def test_a_crashed_writer_then_a_read_only_disk_still_answers(cli, indexed, tmp_path, tiny_encoder, tiny_model):
     """An indexer dies, then the disk comes back read-only (a drive remounted after errors):
     the commit that lives only in the write-ahead log is still found by queries."""
-    late = make_library(tmp_path / "late", 1, start_seed=70)[0]
-    vector = expected_vectors(tiny_encoder, [late])[os.fsencode(late)]
-    st = late.stat()
-    row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
-    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(cli.home, row, tiny_model))
-    child.start()
-    child.join(60)
+    late = _a_writer_dies_after_a_commit(cli.home, tmp_path, tiny_encoder, tiny_model)
     assert {"catalog.db-wal", "catalog.db-shm"} <= set(os.listdir(cli.home))
     with read_only(cli.home):
         assert top_path(cli, late) == os.fsencode(late)
@@ -365,13 +371,7 @@ def test_a_read_only_home_with_a_write_ahead_log_but_no_shm_file_still_answers(
     folder): SQLite cannot read the log without creating the -shm file, which a read-only folder
     forbids. Before: "cannot be opened ... check that it is readable", though it is. Now the
     catalog is read as it was before the log, with a warning that says so."""
-    late = make_library(tmp_path / "late", 1, start_seed=70)[0]
-    vector = expected_vectors(tiny_encoder, [late])[os.fsencode(late)]
-    st = late.stat()
-    row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
-    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(cli.home, row, tiny_model))
-    child.start()
-    child.join(60)
+    _a_writer_dies_after_a_commit(cli.home, tmp_path, tiny_encoder, tiny_model)
     (cli.home / "catalog.db-shm").unlink()
     with read_only(cli.home):
         for args in (["status"], ["query", indexed[2], "-k", "1", "--paths-only"]):

@@ -16,7 +16,7 @@ from reliability_helpers import (
     indexed_count,
     kill_group,
     photo_library,
-    start_cli,
+    start_index,
     wait_until,
 )
 
@@ -55,24 +55,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_run(home, lib, model) -> subprocess.Popen:
-    return start_cli(
-        "--home",
-        home,
-        "index",
-        lib,
-        "--model",
-        model,
-        "--precision",
-        "fp32",
-        "--batch-size",
-        str(BATCH),
-        "--workers",
-        "1",
-        encode_delay_s=0.1,
-    )
-
-
 def started_with_workers(process: subprocess.Popen, home) -> set[int]:
     """Wait for committed batches (the worker is decoding by then); the run's other processes."""
     assert wait_until(lambda: indexed_count(home) >= 2 * BATCH, timeout=120, process=process)
@@ -97,7 +79,7 @@ def output_when_all_gone(process: subprocess.Popen, others: set[int]) -> tuple[b
 @pytest.mark.slow
 def test_sigkill_to_the_main_process_takes_its_workers_with_it(tmp_path, tiny_model):
     photo_library(tmp_path / "lib", LIBRARY_SIZE)
-    process = start_run(tmp_path / "home", tmp_path / "lib", tiny_model)
+    process = start_index(tmp_path / "home", tmp_path / "lib", tiny_model, "--workers", "1", batch=BATCH)
     others = started_with_workers(process, tmp_path / "home")
     os.kill(process.pid, signal.SIGKILL)
     output_when_all_gone(process, others)
@@ -108,7 +90,7 @@ def test_sigkill_to_the_main_process_takes_its_workers_with_it(tmp_path, tiny_mo
 def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path, tiny_model):
     home, lib = tmp_path / "home", tmp_path / "lib"
     photo_library(lib, LIBRARY_SIZE)
-    process = start_run(home, lib, tiny_model)
+    process = start_index(home, lib, tiny_model, "--workers", "1", batch=BATCH)
     others = started_with_workers(process, home)
     os.kill(process.pid, signal.SIGTERM)
     sent = time.monotonic()
