@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch import clip
-from clipsearch.scenes import COLOURS, SHAPES, SceneGenerator
+from clipsearch.training.scenes import COLOURS, SHAPES, SceneGenerator
 
 HELD_OUT_SEED = 20250  # never used for training: the demo model saw only seed 0
 

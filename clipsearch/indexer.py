@@ -57,12 +57,15 @@ class AddReport:
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
     verified: int = 0  # unchanged files fingerprinted again (`verify`)
     elapsed: float = 0.0
+    model_load_s: float = 0.0  # part of elapsed: loading the model, once, if anything needed it
     interrupted: bool = False
 
     @property
     def images_per_s(self) -> float:
+        """The encode rate: images encoded per second of the run once the model was loaded."""
         encoded = self.new + self.changed
-        return encoded / self.elapsed if self.elapsed > 0 else 0.0
+        working = self.elapsed - self.model_load_s
+        return encoded / working if working > 0 else 0.0
 
 
 @dataclass
@@ -139,9 +142,9 @@ def run_add(
     with ``cp -p`` of a same-size file) is taken as unchanged; ``verify`` fingerprints every
     indexed file again and re-encodes those whose content differs from what was indexed.
 
-    ``get_encoder`` (loading ``model``) is called only if some file needs encoding. ``should_stop`` is polled between
-    files; once it returns True the batch not yet encoded is dropped, everything finished is
-    committed, and the report comes back with ``interrupted`` set.
+    ``get_encoder`` (loading ``model``) is called only if some file needs encoding. ``should_stop``
+    is polled between files; once it returns True the batch not yet encoded is dropped, everything
+    finished is committed, and the report comes back with ``interrupted`` set.
     """
     started = time.perf_counter()
     root_paths = list(dict.fromkeys(normalise_roots(roots)))
@@ -162,18 +165,27 @@ def run_add(
     report.unchanged = plan.unchanged
     if progress:
         progress(0, len(plan.todo))
+    moved_content: set[bytes] = set()
     if plan.todo and not should_stop():
+        loading = time.perf_counter()
+        encoder = get_encoder()
+        report.model_load_s = time.perf_counter() - loading
         sizes = {state.size for state in states.values() if state.encoded}
-        _Run(catalog, model, get_encoder(), plan.todo, sizes, report, progress, should_stop).run(
-            batch_size or DEFAULT_BATCH_SIZE, workers
-        )
+        run = _Run(catalog, model, encoder, plan.todo, sizes, report, progress, should_stop)
+        run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
+        moved_content = run.reused_fingerprints
     if should_stop():
         report.interrupted = True
     elif plan.missing:
-        # Gone files are marked last: until now their vectors could be reused by the files they
-        # moved to. A stopped run leaves them for the next one.
-        catalog.commit_batch(missing=plan.missing)
-        report.removed = len(plan.missing)
+        # Gone files are dealt with last: until now their vectors could be reused by the files
+        # they moved to. A file whose content reappeared elsewhere was moved (renamed): its old
+        # row goes. The others are marked missing. A stopped run leaves them for the next one.
+        renamed = [path for path in plan.missing if states[path].fingerprint in moved_content]
+        gone = [path for path in plan.missing if states[path].fingerprint not in moved_content]
+        if renamed:
+            catalog.remove(renamed)
+        catalog.commit_batch(missing=gone)
+        report.removed = len(gone)
     report.elapsed = time.perf_counter() - started
     return report
 
@@ -205,6 +217,7 @@ class _Run:
         # Sizes of the files with a vector by the model: a new file of another size cannot be a
         # copy of one, so it goes to the decoder without being probed for a vector to reuse.
         self.reusable_sizes = reusable_sizes
+        self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
     def run(self, batch_size: int, workers: int | None) -> None:
@@ -290,6 +303,7 @@ class _Run:
         width, height = probe.size
         reused = IndexedFile(found.path, found.size, found.mtime_ns, probe.fingerprint, width, height, vector)
         self.reused.append(reused)
+        self.reused_fingerprints.add(probe.fingerprint)
         return True
 
     def _encode_and_commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageError
 from clipsearch.records import decode_path
-from clipsearch.walk import normalise_roots
+from clipsearch.walk import IMAGE_EXTENSIONS, normalise_roots
 from clipsearch.walk import under as is_under
 
 if TYPE_CHECKING:
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
-Term = str | Path  # a str is text; a Path is an example image
+# A str is text; a Path is an example image; an array is a unit vector already computed (an
+# image sent to the web page, or an indexed image's stored vector).
+Term = str | Path | np.ndarray
 Query = Term | Sequence[tuple[float, Term]]
 
 
@@ -40,22 +42,32 @@ class Hit:
     height: int | None
     mtime: float  # seconds since the epoch, as os.stat gives it
     size: int
+    id: int  # the catalog row: what the web page's thumbnail and "similar" requests name
 
-
-IMAGE_EXTENSIONS = frozenset(
-    [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl"]
-)
+    def to_json(self) -> dict[str, object]:
+        """The one JSON shape of a hit, for `clipsearch query --json` and the web page's API alike."""
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            "score": round(self.score, 6),
+            "width": self.width,
+            "height": self.height,
+            "mtime": self.mtime,
+            "size": self.size,
+        }
 
 
 def as_term(text: str) -> Term:
     """A command-line term: the name of an existing file is an example image, anything else is
-    text. A name that looks like an image path (an image extension, or a folder part that
+    text. One word that looks like an image path (an image extension, or a folder part that
     exists) but is no file is a mistake, not a text to search: it raises, saying how to search
-    for it as text."""
+    for it as text (add a word)."""
     if os.path.isfile(text):
         return Path(text)
     parent = os.path.dirname(text)
-    if os.path.splitext(text)[1].lower() in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent)):
+    extension = os.fsencode(os.path.splitext(text)[1].lower())
+    one_word = not any(c.isspace() for c in text)
+    if one_word and (extension in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent))):
         raise ImageError(
             f"{text} looks like an image path, but there is no such file; to search for it as text, "
             f"add a word: 'a photo of {text}'."
@@ -68,13 +80,19 @@ def parse_term(term: str) -> tuple[float, Term]:
     stays text, weight 1)."""
     if os.path.isfile(term):
         return 1.0, Path(term)
+    weight, rest = split_weight(term)
+    return weight, as_term(rest)
+
+
+def split_weight(term: str) -> tuple[float, str]:
+    """``WEIGHT:REST`` → (WEIGHT, REST) when WEIGHT is a number, else (1.0, term)."""
     weight, sep, rest = term.partition(":")
     if sep and rest:
         try:
-            return float(weight), as_term(rest)
+            return float(weight), rest
         except ValueError:
             pass
-    return 1.0, as_term(term)
+    return 1.0, term
 
 
 def find_hits(
@@ -94,7 +112,7 @@ def find_hits(
 
 
 def as_terms(query: Query) -> list[tuple[float, Term]]:
-    if isinstance(query, (str, Path)):
+    if isinstance(query, (str, Path, np.ndarray)):
         return [(1.0, query)]
     return [(float(weight), term) for weight, term in query]
 
@@ -113,7 +131,10 @@ def query_vector(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Te
         raise ClipsearchError("The query is empty; give some text or an image path.")
     texts = [(weight, term) for weight, term in terms if isinstance(term, str)]
     images = [(weight, term) for weight, term in terms if isinstance(term, Path)]
+    given = [(weight, term) for weight, term in terms if isinstance(term, np.ndarray)]
     total = np.zeros(encoder.dim, dtype=np.float64)
+    if given:
+        total += np.array([w for w, _ in given]) @ np.stack([v for _, v in given])
     if texts:
         total += np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts])
     if images:
@@ -160,7 +181,9 @@ def top_k(
             if row.path not in exists:
                 exists[row.path] = os.path.exists(row.path)
             if exists[row.path]:
-                hits.append(Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size))
+                hits.append(
+                    Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size, row.id)
+                )
                 if len(hits) == k:
                     return hits
         if fetch == vectors.ntotal:

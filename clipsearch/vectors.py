@@ -1,7 +1,10 @@
 """The FAISS index over the catalog's vectors: derived data, rebuilt whenever it cannot be trusted.
 
-Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids
-(`IndexIDMap2`), so a hit joins the catalog without a side table.
+Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids,
+so a hit joins the catalog without a side table. Inverted files keep those ids in their lists
+themselves; other index types get them from an `IndexIDMap2` around them. (An IDMap2 around an
+inverted file answers wrong ids once vectors are removed: it assumes the index inside renumbers
+what is left, as a flat index does, and an inverted file does not.)
 
 Each model that encoded the catalog has its own file, `vectors-<model id>.faiss`: the FAISS index
 as `faiss.write_index` writes it, then a JSON stamp (which catalog and model it belongs to, the
@@ -129,11 +132,13 @@ class VectorIndex:
         if index_type == "auto":
             index_type = choose_index_type(n, dim, memory_budget)
         try:
-            index = faiss.index_factory(dim, "IDMap2," + index_type, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError:
             raise IndexStateError(
                 f"{index_type!r} is not an index type FAISS knows; use auto, Flat, HNSW32 or IVF1024,Flat."
             ) from None
+        if faiss.try_extract_index_ivf(index) is None:
+            index = faiss.IndexIDMap2(index)
         if not index.is_trained:
             _train(index, vectors, index_type)
         index.add_with_ids(vectors, ids)
@@ -187,7 +192,7 @@ class VectorIndex:
         else:
             if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
                 return current
-            gone = np.setdiff1d(faiss.vector_to_array(index.id_map), changes.held, assume_unique=True)
+            gone = np.setdiff1d(held_ids(index), changes.held, assume_unique=True)
             outdated = np.union1d(changes.outdated, gone)
             reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
         if reason is not None or changes is None:
@@ -211,7 +216,7 @@ class VectorIndex:
         return current
 
     def _sorted_ids(self) -> np.ndarray:
-        return np.sort(faiss.vector_to_array(self.index.id_map))
+        return np.sort(held_ids(self.index))
 
     def _keys_from(self, writes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         """The keys of the vectors held, from the catalog's `vector_writes` (0 for ids it lacks)."""
@@ -239,7 +244,7 @@ class VectorIndex:
     def _why_not_update(self, changes: int, count: int, catalog: Catalog) -> str | None:
         """Why this index must be rebuilt rather than take ``changes`` vectors in and out to hold
         ``count``; None if it need not."""
-        if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+        if isinstance(_inner(self.index), faiss.IndexHNSW):
             return "an HNSW graph cannot drop vectors"
         if catalog.get_meta("index_type") in (None, "", "auto") and count:
             wanted = choose_index_type(count, self.index.d)
@@ -353,8 +358,8 @@ class VectorIndex:
         """The vectors held under ``ids`` (all held), as the index stores them: exactly for a
         Flat or IVF-Flat index, approximately for a quantised one."""
         ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.make_direct_map()
+        if ivf is not None:  # its lists hold catalog ids: a hash table finds them
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
     def held_ids(self) -> np.ndarray:
@@ -556,7 +561,7 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         name, values = "nprobe", [2**i for i in range(int(np.log2(ivf.nlist)) + 1)]
-    elif isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW):
+    elif isinstance(_inner(index), faiss.IndexHNSW):
         name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
     else:
         name, values = None, [None]
@@ -571,6 +576,24 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     if recall < TARGET_RECALL:
         log.warning("The vector index reaches only %.2f recall@10; consider a larger memory budget", recall)
     return recall
+
+
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """The catalog ids an index holds, from its inverted lists or its id map."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        id_map = faiss.downcast_index(index).id_map  # type: ignore[attr-defined]  # an IndexIDMap2
+        return faiss.vector_to_array(id_map)
+    lists = ivf.invlists
+    assert lists is not None  # an IVF index always has its lists
+    held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(ivf.nlist)]
+    return np.sort(np.concatenate([np.zeros(0, np.int64), *held]))
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index an IDMap2 wraps (or the index itself)."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
 
 
 def _others(results: np.ndarray, own: np.ndarray, k: int) -> list[np.ndarray]:
@@ -590,12 +613,11 @@ def _remove_orphans(home: Path) -> None:
 
 
 def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one owned by another user answers PermissionError: alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by another user
-        return True
     return True
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from clipsearch.clip.loss import clip_loss
+from clipsearch.clip.loss import clip_loss, multi_positive_loss
 
 
 def _by_hand(image_features: torch.Tensor, text_features: torch.Tensor, scale: float) -> float:
@@ -75,3 +75,81 @@ def test_matched_pairs_score_lower_than_shuffled_ones():
     shuffled = clip_loss(features, features.roll(1, dims=0), scale)
 
     assert matched.item() < 0.01 < shuffled.item()
+
+
+def _clip_loss_before_multi_positive(image_features, text_features, logit_scale):
+    """`clip_loss` as written before it became a case of `multi_positive_loss`: the diagonal as
+    cross-entropy labels."""
+    logits = logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def _random_batch(seed: int, batch: int, dtype: torch.dtype = torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    image_features = torch.randn(batch, 64, generator=generator, dtype=dtype, requires_grad=True)
+    text_features = torch.randn(batch, 64, generator=generator, dtype=dtype, requires_grad=True)
+    logit_scale = torch.tensor(4.6 * torch.rand(1, generator=generator).item(), dtype=dtype, requires_grad=True)
+    return image_features, text_features, logit_scale
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 64, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_loss_and_its_gradients_are_bit_for_bit_the_plain_cross_entropy(batch: int, dtype: torch.dtype):
+    inputs = _random_batch(batch, batch, dtype)
+    expected = _clip_loss_before_multi_positive(*inputs)
+    expected_gradients = torch.autograd.grad(expected, inputs)
+
+    for loss in (clip_loss(*inputs), multi_positive_loss(*inputs, torch.eye(batch, dtype=torch.bool))):
+        assert torch.equal(loss, expected)
+        gradients = torch.autograd.grad(loss, inputs)
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(gradients, expected_gradients))
+
+
+def _multi_positive_by_hand(image_features, text_features, scale: float, positives) -> float:
+    """−log of the softmax probability of all true matches together, each direction, in float64."""
+    logits = scale * F.normalize(image_features.double(), dim=-1) @ F.normalize(text_features.double(), dim=-1).t()
+
+    def direction(rows: torch.Tensor, matches: torch.Tensor) -> float:
+        probabilities = rows.softmax(dim=1)
+        return -sum(math.log(probabilities[i][matches[i]].sum().item()) for i in range(len(rows))) / len(rows)
+
+    return (direction(logits, positives) + direction(logits.t(), positives.t())) / 2
+
+
+def test_multi_positive_loss_counts_every_true_match():
+    image_features, text_features, logit_scale = _random_batch(3, 16)
+    positives = torch.rand(16, 16, generator=torch.Generator().manual_seed(4)) < 0.2
+    positives |= torch.eye(16, dtype=torch.bool)
+    assert positives.sum() > 16  # some images have several true captions, some captions several images
+
+    loss = multi_positive_loss(image_features, text_features, logit_scale, positives)
+
+    expected = _multi_positive_by_hand(image_features, text_features, logit_scale.exp().item(), positives)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_multi_positive_loss_spares_a_caption_true_of_two_images():
+    torch.manual_seed(0)
+    images, texts, scale = torch.randn(6, 16), torch.randn(6, 16), torch.tensor(3.0)
+    # Image 1 is a copy of image 0, and caption 0 is true of both: only counting it as a match
+    # stops the loss from asking the model to tell the two apart.
+    images[1] = images[0]
+    both = torch.eye(6, dtype=torch.bool)
+    both[1, 0] = True
+    assert multi_positive_loss(images, texts, scale, both) < clip_loss(images, texts, scale)
+
+
+def test_a_batch_of_only_true_pairs_has_zero_loss_and_finite_zero_gradients():
+    # Two identical images both described by both captions: the loss cannot tell which caption
+    # is whose, so its gradient must not prefer either arrangement.
+    image_features = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    text_features = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
+    everything = torch.ones(2, 2, dtype=torch.bool)
+
+    loss = multi_positive_loss(image_features, text_features, torch.tensor(2.0), everything)
+    loss.backward()
+
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)  # all probability is on true matches
+    assert torch.isfinite(image_features.grad).all()
+    assert image_features.grad.abs().max().item() == pytest.approx(0.0, abs=1e-7)

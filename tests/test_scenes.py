@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.scenes import COLOURS, POSITIONS, SHAPES, SIZES, SceneGenerator, read_manifest, write_scenes
+from clipsearch.training.scenes import COLOURS, POSITIONS, SHAPES, SIZES, SceneGenerator, read_manifest, write_scenes
 
 
 @pytest.fixture(scope="module")

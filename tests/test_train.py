@@ -4,28 +4,19 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_layout import dependency_graph
 from typer.testing import CliRunner
 
 from clipsearch import clip
 from clipsearch.cli import app
-from clipsearch.clip.loss import clip_loss
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import Preprocess
-from clipsearch.scenes import SceneGenerator, write_scenes
-from clipsearch.train import (
-    METRICS_FILE,
-    STATE_FILE,
-    TrainingError,
-    TrainOptions,
-    _datasets,
-    _optimizer,
-    _positives,
-    _train_step,
-    multi_positive_loss,
-    read_pairs,
-    recall_at_k,
-    train,
-)
+from clipsearch.training import build
+from clipsearch.training.checkpoint import METRICS_FILE, STATE_FILE
+from clipsearch.training.data import datasets, positives, read_pairs
+from clipsearch.training.loop import _train_step, recall_at_k, train
+from clipsearch.training.options import TrainingError, TrainOptions
+from clipsearch.training.scenes import SceneGenerator, write_scenes
 
 
 @pytest.fixture(autouse=True)
@@ -195,25 +186,10 @@ def test_fine_tune_on_files_with_a_locked_image_tower(trained, tmp_path):
 
 def test_curriculum_shows_one_object_scenes_first():
     options = TrainOptions(output="unused", single_object_epochs=2, samples_per_epoch=64)
-    train_set, val = _datasets(options, Preprocess(48), tokenizer=None, context_length=32)
+    train_set, val = datasets(options, Preprocess(48), tokenizer=None, context_length=32)
     assert [train_set(epoch).generator.single_objects for epoch in range(4)] == [True, True, False, False]
     assert not val.generator.single_objects
     assert train_set(1).start == 64  # every epoch reads scenes no other epoch reads
-
-
-def test_multi_positive_loss_is_clip_loss_for_one_match_each_and_spares_true_pairs():
-    torch.manual_seed(0)
-    images, texts, scale = torch.randn(6, 16), torch.randn(6, 16), torch.tensor(3.0)
-    identity = torch.eye(6, dtype=torch.bool)
-    assert multi_positive_loss(images, texts, scale, identity).item() == pytest.approx(
-        clip_loss(images, texts, scale).item(), abs=1e-6
-    )
-    # Image 1 is a copy of image 0, and caption 0 is true of both: only counting it as a match
-    # stops the loss from asking the model to tell the two apart.
-    images[1] = images[0]
-    both = identity.clone()
-    both[1, 0] = True
-    assert multi_positive_loss(images, texts, scale, both) < clip_loss(images, texts, scale)
 
 
 def test_positives_mark_every_image_a_caption_describes():
@@ -223,7 +199,7 @@ def test_positives_mark_every_image_a_caption_describes():
         "a blue square\na red circle",
         "a red circle and a blue square\na red circle\na blue square",
     ]
-    assert _positives(captions, described).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert positives(captions, described).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
 
 
 def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
@@ -242,7 +218,7 @@ def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
     )
     model = CLIP(config)
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay = _optimizer(model, TrainOptions(output="unused")).param_groups
+    decay, no_decay = build.optimizer(model, TrainOptions(output="unused")).param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
     undecayed = {names[id(p)] for p in no_decay["params"]}
     assert {
@@ -275,7 +251,7 @@ def test_logit_scale_is_clamped_after_each_step():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(500))
     options = TrainOptions(output="unused")
-    optimizer = _optimizer(model, options)
+    optimizer = build.optimizer(model, options)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     texts = torch.randint(1, 19, (4, 8))
     texts[:, -1] = 19
@@ -323,3 +299,18 @@ def test_cli_trains_and_prints_the_recall_table(tmp_path):
     assert (output / "model.safetensors").is_file()
     again = CliRunner().invoke(app, ["train", str(output), "--config", "tiny"])
     assert again.exit_code == 1 and "--resume" in again.output
+
+
+def test_only_the_cli_reaches_into_training():
+    """Training is a client of the engine and of the bundled CLIP, never a part of them."""
+    graph = dependency_graph()
+    users = {
+        module
+        for module, deps in graph.items()
+        if not module.startswith("clipsearch.training") and any(d.startswith("clipsearch.training") for d in deps)
+    }
+    assert "clipsearch.training.loop" in graph and graph["clipsearch.training"] == set()
+    assert users == {"clipsearch.cli"}
+    assert {d for d in graph["clipsearch.cli"] if d.startswith("clipsearch.training")} == {
+        "clipsearch.training.command"
+    }

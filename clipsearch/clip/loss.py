@@ -1,9 +1,48 @@
-"""CLIP's contrastive training objective."""
+"""CLIP's contrastive training objective.
+
+`clip_loss` is the special case of `multi_positive_loss` where pair i is the only match of image i
+and of caption i; both run through one implementation, which leaves that case bit for bit the
+plain symmetric cross-entropy.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def multi_positive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """`clip_loss` for batches where a caption can be true of several images (and an image have
+    several true captions): ``positives[i, j]`` (bool) says caption j describes image i, and every
+    image and every caption needs at least one. Each image (caption) maximises the probability it
+    gives to all its true matches together.
+
+    A query-like caption ("a red circle") is true of about two other images in a batch of 64
+    synthetic scenes; with `clip_loss` they are negatives, and the model learns to rank them below
+    the one it was paired with: exactly what search by that query must not do.
+    """
+    logits_per_image = logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    return (
+        _matches_cross_entropy(logits_per_image, positives)
+        + _matches_cross_entropy(logits_per_image.t(), positives.t())
+    ) / 2
+
+
+def _matches_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of −log(the softmax probability of the row's true matches together).
+
+    The matches' logits are folded into the place of the first one (their logsumexp there, −inf
+    at the others), so plain cross-entropy against that place gives the sum of their
+    probabilities: the normaliser is unchanged, since exp(logsumexp) is the sum of their exps.
+    A row with one match is left exactly as it was (the logsumexp of one value is that value),
+    which is what keeps `clip_loss` identical to cross-entropy against the diagonal.
+    """
+    first = positives.int().argmax(dim=1)
+    together = logits.masked_fill(~positives, float("-inf")).logsumexp(dim=1, keepdim=True)
+    folded = logits.masked_fill(positives, float("-inf")).scatter(1, first[:, None], together)
+    return F.cross_entropy(folded, first)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -17,8 +56,5 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     it. Features are L2-normalised here, so raw ``encode_image``/``encode_text`` outputs can be
     passed as they are.
     """
-    image_features = F.normalize(image_features, dim=-1)
-    text_features = F.normalize(text_features, dim=-1)
-    logits_per_image = logit_scale.exp() * image_features @ text_features.t()
-    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
+    pairs = torch.eye(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+    return multi_positive_loss(image_features, text_features, logit_scale, pairs)

@@ -84,9 +84,10 @@ def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = N
             f"{name} is {e} to decode; exclude it, or set CLIPSEARCH_MAX_MEGAPIXELS to a higher limit."
         ) from None
     except _DECODE_ERRORS as e:
-        # Pillow names an open file by its repr (<_io.BufferedReader name=7>): the name is ours to give.
-        reason = "cannot identify image file" if isinstance(e, Image.UnidentifiedImageError) else e
-        raise ImageError(f"{name} cannot be decoded as an image ({reason}); check the file or exclude it.") from e
+        # Pillow names the file too, a path as 'path' and an open file by its repr: said once, first.
+        unidentified = isinstance(e, Image.UnidentifiedImageError)
+        detail = "cannot identify image file" if unidentified else str(e).replace(f" '{name}'", "")
+        raise ImageError(f"{name} cannot be decoded as an image ({detail}); check the file or exclude it.") from e
 
 
 def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:

@@ -55,6 +55,7 @@ PATTERNS = ("plain", "striped", "checked", "dotted")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 COUNT_WORDS = {2: "two", 3: "three"}
+HARD_NEGATIVES = 3  # distinct hard negatives every scene has: its shapes alone allow that many
 
 # Objects are centred in the cells of a 3 x 3 grid (give or take _JITTER), and even a large one
 # stays inside its cell. With the demo model's 16-pixel patches at 48 pixels, a cell is a patch:
@@ -135,8 +136,8 @@ class SceneGenerator:
 
     def hard_negative(self, index: int, k: int = 0) -> Scene:
         """Scene ``index`` changed in one respect, on the same background: a negative for it
-        that only that respect (most often a shape) tells apart. ``k`` (0, 1 or 2) numbers
-        several, all different."""
+        that only that respect (most often a shape) tells apart. ``k`` (0 to
+        ``HARD_NEGATIVES - 1``) numbers several, all different."""
         return self._render(self._negative_layout(index, k), index)
 
     def captions(self, index: int, negative: int | None = None) -> tuple[str, ...]:
@@ -158,7 +159,7 @@ class SceneGenerator:
 
     def _negative_layout(self, index: int, k: int) -> _Layout:
         """The ``k``-th of the scene's hard negatives, each different from the scene and from
-        the others (every layout has at least three: its shapes alone allow that many)."""
+        the others."""
         layout = self._layout(index)
         seen = {_describe(layout)[0]}
         attempt = 0
@@ -421,9 +422,8 @@ def _render(layout: _Layout, rng: random.Random, resolution: int) -> Scene:
         box = _draw_shape(
             draw, item.shape, _jittered(rng, COLOURS[item.colour]), *item.centre, _SIDE[item.size], canvas
         )
-        objects.append(
-            SceneObject(item.shape, item.colour, item.size, item.position, tuple(round(v / _SUPERSAMPLE) for v in box))
-        )
+        left, top, right, bottom = (round(v / _SUPERSAMPLE) for v in box)
+        objects.append(SceneObject(item.shape, item.colour, item.size, item.position, (left, top, right, bottom)))
     image = image.resize((resolution, resolution), Image.Resampling.BOX)
     caption, paraphrases = _describe(layout)
     return Scene(image, caption, paraphrases, tuple(objects), layout.background)
@@ -447,7 +447,8 @@ def _plural(shape: str) -> str:
 
 
 def _jittered(rng: random.Random, rgb: tuple[int, int, int], amount: int = 12) -> tuple[int, int, int]:
-    return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in rgb)
+    red, green, blue = (min(255, max(0, v + rng.randint(-amount, amount))) for v in rgb)
+    return red, green, blue
 
 
 def _background(rng: random.Random, side: int, tone: str, pattern: str) -> Image.Image:

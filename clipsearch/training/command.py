@@ -1,8 +1,7 @@
 """The `clipsearch train` command: options in, progress bar and a recall table out.
 
-Kept apart from `cli.py` so an installation without training needs can drop it; torch and the
-training code are imported only when the command runs, keeping every other command's start-up
-fast.
+`cli.py` registers it at start-up, so this module imports only typer: torch and the training
+code come in when the command runs, keeping every other command's start-up fast.
 """
 
 from __future__ import annotations
@@ -71,8 +70,9 @@ def train(
     from tqdm import tqdm
 
     from clipsearch.cli_settings import settings
-    from clipsearch.train import EpochResult, StepInfo, TrainOptions
-    from clipsearch.train import train as run
+    from clipsearch.training.loop import EpochResult, StepInfo
+    from clipsearch.training.loop import train as run
+    from clipsearch.training.options import TrainOptions
 
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise typer.BadParameter("use auto, fp32, fp16 or bf16", param_hint="--precision")

@@ -1,0 +1,217 @@
+"""Contrastive training of a CLIP on image–caption pairs (`clipsearch train`): the loop, its
+step and the evaluation after each epoch.
+
+A batch of N pairs gives an N×N cosine-similarity matrix whose diagonal holds the true pairs;
+`clip_loss` is the symmetric cross-entropy over it (`multi_positive_loss` where, as in synthetic
+scenes, a caption can be true of several images of the batch). The rest of the package is the
+machinery around that step: `data` (where pairs come from), `build` (the model, optimiser and
+schedule), `checkpoint` (a directory that both resumes a run and loads with ``clip.load(DIR)``).
+
+Runs are deterministic for a seed on a given machine: model initialisation, shuffling and the
+synthetic stream are all seeded, and an epoch's data depends only on the seed and its number,
+so a resumed run sees exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from clipsearch.clip.loss import clip_loss, multi_positive_loss
+from clipsearch.clip.model import CLIP
+from clipsearch.clip.preprocess import Preprocess
+from clipsearch.clip.tokenizer import Tokenizer
+from clipsearch.training import build, checkpoint, data
+from clipsearch.training.options import Precision, TrainOptions, check
+
+logger = logging.getLogger(__name__)
+
+RECALL_KS = (1, 5, 10)
+
+
+@dataclass
+class StepInfo:
+    epoch: int
+    step: int  # global, counted from 1
+    total_steps: int
+    loss: float
+    lr: float
+    logit_scale: float
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # counted from 1
+    step: int
+    train_loss: float
+    recall: dict[str, float]  # "image_to_text@1", "text_to_image@5", ...
+    seconds: float
+
+
+def train(
+    options: TrainOptions,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> list[EpochResult]:
+    """Run (or continue) a training run; after every epoch ``options.output`` is a loadable
+    model directory. Returns the results of the epochs run by this call."""
+    check(options)
+    checkpoint.check_output(options)
+    torch.manual_seed(options.seed)
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, preprocess, tokenizer = build.model_to_train(options)
+    model.to(device)
+    build.lock_towers(model, options)
+    train_set, val_set = data.datasets(options, preprocess, tokenizer, model.context_length)
+
+    steps_per_epoch = max(1, len(train_set(0)) // options.batch_size)
+    total_steps = steps_per_epoch * options.epochs
+    optimizer = build.optimizer(model, options)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, build.warmup_cosine(options.warmup_steps, total_steps))
+    autocast_dtype = _autocast_dtype(options.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    start_epoch = 0
+    if options.resume:
+        state = checkpoint.read_state(options, device)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+        logger.info("resuming %s after epoch %d", options.output, start_epoch)
+
+    results = []
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, options.epochs):
+        started = time.perf_counter()
+        model.train()
+        build.keep_locked_towers_in_eval(model, options)
+        batches = data.loader(
+            train_set(epoch), options, shuffle=options.data is not None, seed=options.seed * 1_000_003 + epoch
+        )
+        losses = []
+        for images, texts, *truth in batches:
+            step += 1
+            positives = data.positives(*truth).to(device) if truth else None
+            loss = _train_step(
+                model, images.to(device), texts.to(device), positives, optimizer, scaler, autocast_dtype, options
+            )
+            schedule.step()
+            losses.append(loss)
+            if on_step is not None:
+                lr = float(schedule.get_last_lr()[0])
+                on_step(StepInfo(epoch + 1, step, total_steps, loss, lr, model.logit_scale.exp().item()))
+        recall = evaluate(model, data.loader(val_set, options, shuffle=False, seed=0), device, autocast_dtype)
+        result = EpochResult(epoch + 1, step, sum(losses) / len(losses), recall, time.perf_counter() - started)
+        _save(options, model, preprocess, tokenizer, optimizer, schedule, scaler, result)
+        logger.info("epoch %d: loss %.4f, %s", result.epoch, result.train_loss, recall)
+        results.append(result)
+        if on_epoch is not None:
+            on_epoch(result)
+    return results
+
+
+def _save(
+    options: TrainOptions,
+    model: CLIP,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    result: EpochResult,
+) -> None:
+    state = {
+        "epoch": result.epoch,
+        "step": result.step,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    metrics = {
+        "epoch": result.epoch,
+        "step": result.step,
+        "train_loss": result.train_loss,
+        "logit_scale": model.logit_scale.exp().item(),
+        "seconds": result.seconds,
+        **result.recall,
+    }
+    checkpoint.save(options, model, preprocess, tokenizer, state, metrics)
+
+
+def _train_step(
+    model: CLIP,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    positives: torch.Tensor | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast_dtype: torch.dtype | None,
+    options: TrainOptions,
+) -> float:
+    with _autocast(images.device, autocast_dtype):
+        with torch.no_grad() if options.lock_image else nullcontext():
+            image_features = model.encode_image(images)
+        with torch.no_grad() if options.lock_text else nullcontext():
+            text_features = model.encode_text(texts)
+        if positives is None:
+            loss = clip_loss(image_features.float(), text_features.float(), model.logit_scale)
+        else:
+            loss = multi_positive_loss(image_features.float(), text_features.float(), model.logit_scale, positives)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], options.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    model.clamp_logit_scale(options.max_logit_scale)
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(
+    model: CLIP, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Recall@k in both directions over the pairs of ``loader``, pair i being the only match."""
+    model.eval()
+    image_features, text_features = [], []
+    with _autocast(device, autocast_dtype):
+        for images, texts, *_ in loader:
+            image_features.append(model.encode_image(images.to(device)).float())
+            text_features.append(model.encode_text(texts.to(device)).float())
+    return recall_at_k(torch.cat(image_features), torch.cat(text_features))
+
+
+def recall_at_k(
+    image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = RECALL_KS
+) -> dict[str, float]:
+    """The fraction of images whose own text ranks in the top k (and of texts, their image)."""
+    image_features = torch.nn.functional.normalize(image_features, dim=-1)
+    text_features = torch.nn.functional.normalize(text_features, dim=-1)
+    similarity = image_features @ text_features.t()
+    recall = {}
+    for direction, sims in (("image_to_text", similarity), ("text_to_image", similarity.t())):
+        # Rank of the true match: how many candidates score strictly higher.
+        ranks = (sims > sims.diagonal()[:, None]).sum(dim=1)
+        for k in ks:
+            recall[f"{direction}@{k}"] = (ranks < k).float().mean().item()
+    return recall
+
+
+def _autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA (bf16 where supported), full fp32 on CPU unless asked."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
