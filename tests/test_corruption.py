@@ -148,6 +148,18 @@ def test_status_check_compares_the_faiss_file_with_the_catalog_row_by_row(cli, i
     assert result.exit_code == 1 and "does not match its checksum); run `clipsearch rebuild`" in result.stdout
 
 
+def test_status_check_reads_an_inverted_file_index_row_by_row(cli, tmp_path, monkeypatch):
+    """An IVF index keeps catalog ids in its own lists (no id map): --check finds them there."""
+    import clipsearch.vectors
+
+    monkeypatch.setattr(clipsearch.vectors, "FLAT_LIMIT", 10)
+    make_library(tmp_path / "lib", 40)
+    assert cli("index", tmp_path / "lib").exit_code == 0
+    result = cli("status", "--check")
+    assert "in a IVF" in result.stdout and "matches the catalog's 40 vectors row by row" in result.stdout
+    assert result.exit_code == 0, result.stdout
+
+
 def test_status_check_finds_a_vector_altered_inside_the_catalog(cli, indexed):
     """Bytes of a vector overwritten inside catalog.db: SQLite's integrity check passes."""
     import sqlite3
