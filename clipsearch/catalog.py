@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -32,6 +32,8 @@ import numpy as np
 from clipsearch.errors import IndexStateError
 from clipsearch.migrate import ensure_schema
 from clipsearch.records import (
+    METADATA_COLUMNS,
+    METADATA_VERSION,
     STATUS_FAILED,
     STATUS_INDEXED,
     STATUS_MISSING,
@@ -41,6 +43,7 @@ from clipsearch.records import (
     FileState,
     ImageRow,
     IndexedFile,
+    PhotoMeta,
     StoredModel,
 )
 from clipsearch.sqlite_errors import SQLITE_BUSY, error_code, sqlite_errors
@@ -263,13 +266,16 @@ class Catalog:
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         """Indexed rows by id; ids of rows that are gone or no longer indexed are left out."""
         # The ids travel as one JSON array parameter: no SQL is built from their number.
-        query = (
-            "SELECT id, path, size, mtime_ns, width, height FROM images "
-            "WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
-        )
+        query = f"SELECT {_ROW_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
         with self.read() as db:
             rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
-        return {row[0]: ImageRow(*row) for row in rows}
+        return {row[0]: _image_row(row) for row in rows}
+
+    def without_metadata(self) -> list[bytes]:
+        """Paths of indexed rows whose metadata no reader of `METADATA_VERSION` has read yet."""
+        query = "SELECT path FROM images WHERE status = ? AND (metadata_version IS NULL OR metadata_version < ?)"
+        with self.read() as db:
+            return [row[0] for row in db.execute(query, (STATUS_INDEXED, METADATA_VERSION))]
 
     def counts(self) -> dict[str, int]:
         """Rows by status, every status present (zero when none)."""
@@ -330,8 +336,14 @@ class Catalog:
                 )
 
             rows = [
-                stat(f) | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None) for f in indexed
-            ] + [stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) for f in failed]
+                stat(f)
+                | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None)
+                | _metadata_columns(f.metadata)
+                for f in indexed
+            ] + [
+                stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) | _metadata_columns(None)
+                for f in failed
+            ]
             if rows:
                 upsert = sqlite_insert(Image)
                 changed = {name: upsert.excluded[name] for name in rows[0] if name != "path"}
@@ -356,6 +368,26 @@ class Catalog:
                     delete(Vector).where(Vector.image_id == id_of),
                     [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
                 )
+
+    def set_metadata(self, items: Sequence[tuple[bytes, PhotoMeta]]) -> None:
+        """Fill in rows' metadata, read from their files' headers. Vectors are untouched, so
+        the generation stays: no FAISS file has anything to catch up with."""
+        if not items:
+            return
+        from sqlalchemy import bindparam, update
+
+        from clipsearch.schema import Image
+
+        values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in (*METADATA_COLUMNS, "metadata_version")}
+        statement = update(Image).where(Image.path == bindparam("image_path")).values(values)
+        with self.transaction() as conn:
+            conn.execute(
+                statement,
+                [
+                    {"image_path": path} | {f"new_{k}": v for k, v in _metadata_columns(meta).items()}
+                    for path, meta in items
+                ],
+            )
 
     def _record_model(self, conn: Connection, name: str | None, dim: int) -> int:
         """The id of model ``name``, recorded now if this is its first vector."""
@@ -538,6 +570,22 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             if error_code(e) != SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(_LOCK_POLL_S)
+
+
+_ROW_COLUMNS = "id, path, size, mtime_ns, width, height, " + ", ".join(METADATA_COLUMNS)
+
+
+def _image_row(row: Sequence) -> ImageRow:
+    """An `ImageRow` from the columns `_ROW_COLUMNS` names, in that order."""
+    id_, path, size, mtime_ns, width, height = row[:6]
+    return ImageRow(id_, path, size, mtime_ns, width, height, PhotoMeta(*row[6:]))
+
+
+def _metadata_columns(metadata: PhotoMeta | None) -> dict[str, object]:
+    """The metadata columns of a row; all NULL, and to be read again, for None."""
+    if metadata is None:
+        return dict.fromkeys(METADATA_COLUMNS) | {"metadata_version": None}
+    return {name: getattr(metadata, name) for name in METADATA_COLUMNS} | {"metadata_version": METADATA_VERSION}
 
 
 def _no_index(home: Path) -> IndexStateError:

@@ -233,6 +233,8 @@ def _summary(report: AddReport) -> str:
         line += "; see the failures with `clipsearch status --failed`"
     if report.unreadable:
         line += f"; {report.unreadable} folder(s) could not be read"
+    if report.metadata:
+        line += f"; metadata read for {report.metadata} file(s) indexed before"
     return line
 
 

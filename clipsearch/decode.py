@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipsearch.fingerprint import fingerprint
+from clipsearch.photo_meta import read_file as read_header
 
 if TYPE_CHECKING:
     from clipsearch.clip.preprocess import Preprocess
+    from clipsearch.records import PhotoMeta
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Decoded:
     width: int = 0
     height: int = 0
     fingerprint: bytes | None = None
+    metadata: PhotoMeta | None = None
     error: str | None = None
     seconds: float = 0.0  # what decoding it took, wherever it ran (the run sizes its pool by it)
 
@@ -75,13 +78,15 @@ def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image = open_image(name, target=preprocess.resolution)
-            width, height = upright_size(name)  # reduced JPEG decoding shrank `image`
+            header = read_header(name)  # size as shown (reduced JPEG decoding shrank `image`), metadata
             pixels = preprocess.array(image)
         for warning in caught:
             log.debug("%s: %s", _printable(name), warning.message)
         if _identity(os.stat(path)) != before:
             return Decoded(None, error="the file changed while it was being read; the next run will retry it")
-        return Decoded(pixels, width, height, digest, seconds=time.perf_counter() - started)
+        return Decoded(
+            pixels, header.width, header.height, digest, header.metadata, seconds=time.perf_counter() - started
+        )
     except ClipsearchError as err:
         return Decoded(None, error=_printable(str(err)))
     except OSError as err:
@@ -98,22 +103,6 @@ def _printable(message: str) -> str:
     """A message safe to store and print: a non-UTF-8 file name inside it is escaped."""
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
-
-def upright_size(path: str) -> tuple[int, int]:
-    """Width and height as the photo is shown (EXIF rotation applied), from the header alone."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        try:
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        except Exception:  # malformed EXIF: the pixels are fine, shown as stored
-            orientation = 1
-    return (height, width) if orientation in _TRANSPOSED else (width, height)
-
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 
 _worker_preprocess: Preprocess | None = None
 

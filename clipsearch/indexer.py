@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,10 +23,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipsearch.decode import Decoded, DecodePool, best_workers, upright_size, usable_cores
+from clipsearch.decode import Decoded, DecodePool, best_workers, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
-from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING, FailedFile, FileState, IndexedFile
+from clipsearch.photo_meta import read_file as read_header
+from clipsearch.records import (
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    STATUS_MISSING,
+    FailedFile,
+    FileState,
+    IndexedFile,
+    PhotoMeta,
+)
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 
 if TYPE_CHECKING:
@@ -41,6 +51,7 @@ DEFAULT_BATCH_SIZE = 32
 # decoding of the previous chunk is still in flight.
 _CHUNK = 256
 _FINGERPRINT_THREADS = 4  # file reads and hashing release the GIL; helps most on slow disks
+_METADATA_CHUNK = 1000  # headers read per transaction when filling in the metadata of older rows
 
 
 @dataclass
@@ -55,6 +66,7 @@ class AddReport:
     failed: int = 0
     unchanged: int = 0
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
+    metadata: int = 0  # files indexed before, whose metadata was read from their header now
     elapsed: float = 0.0
     interrupted: bool = False
 
@@ -140,7 +152,8 @@ def run_add(
                 f"{os.fsdecode(root)} does not exist; check the path "
                 "(to forget files indexed there, use `clipsearch remove`)."
             )
-    plan = plan_changes(catalog.file_states(model), Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed)
+    walk = Walk(root_paths, tuple(exclude), follow_symlinks)
+    plan = plan_changes(catalog.file_states(model), walk, retry_failed)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
     if progress:
         progress(0, len(plan.todo))
@@ -155,8 +168,46 @@ def run_add(
         # moved to. A stopped run leaves them for the next one.
         catalog.commit_batch(missing=plan.missing)
         report.removed = len(plan.missing)
+    if not report.interrupted:
+        report.metadata = fill_metadata(catalog, walk.roots, walk.unreadable, should_stop)
     report.elapsed = time.perf_counter() - started
     return report
+
+
+def fill_metadata(
+    catalog: Catalog, roots: Sequence[bytes], unreadable: Sequence[bytes], should_stop: Callable[[], bool]
+) -> int:
+    """Read the metadata of the indexed files under ``roots`` that were indexed before the
+    catalog recorded it (or by an older reader) from their headers, nothing decoded or
+    encoded; returns how many. Committed per chunk, so a stopped run keeps what it read."""
+    in_roots, in_unreadable = under(roots), under(unreadable)
+    paths = [path for path in catalog.without_metadata() if in_roots(path) and not in_unreadable(path)]
+    if not paths:
+        return 0
+    log.info("Reading the metadata of %d files indexed before it was recorded", len(paths))
+    done = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's complaints about malformed EXIF: it is absent
+        for chunk in _batched(paths, _METADATA_CHUNK):
+            if should_stop():
+                break
+            read = [(path, metadata) for path in chunk if (metadata := _header_metadata(path)) is not None]
+            catalog.set_metadata(read)
+            done += len(read)
+    return done
+
+
+def _header_metadata(path: bytes) -> PhotoMeta | None:
+    """The file's metadata; None to try again next run (it could not be opened just now);
+    empty if it opens but is no longer an image Pillow can read."""
+    try:
+        return read_header(path).metadata
+    except OSError as err:
+        if err.errno is not None:
+            return None
+        return PhotoMeta()  # Pillow's UnidentifiedImageError and the like carry no errno
+    except Exception:
+        return PhotoMeta()
 
 
 class _Run:
@@ -250,10 +301,10 @@ class _Run:
 
     def _reuse(self, found: FoundFile, digest: bytes, vector: np.ndarray) -> bool:
         try:
-            width, height = upright_size(os.fsdecode(found.path))
+            width, height, metadata = read_header(found.path)
         except Exception:  # unreadable header: let the decoder record why
             return False
-        self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector))
+        self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector, metadata))
         return True
 
     def _encode_and_commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:
@@ -267,7 +318,14 @@ class _Run:
             self.decode_s += sum(result.seconds for _, _, result in decoded)
             indexed += [
                 IndexedFile(
-                    found.path, found.size, found.mtime_ns, result.fingerprint, result.width, result.height, vector
+                    found.path,
+                    found.size,
+                    found.mtime_ns,
+                    result.fingerprint,
+                    result.width,
+                    result.height,
+                    vector,
+                    result.metadata,
                 )
                 for (found, _, result), vector in zip(decoded, vectors)
             ]

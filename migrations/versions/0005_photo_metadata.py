@@ -1,0 +1,45 @@
+"""What each photo says about itself: date taken (local time and UTC offset), camera, lens, GPS
+position, EXIF orientation and file format, for filters, sorting and choosing which of two
+duplicates to keep.
+
+Rows from before this revision get NULL `metadata_version`: the next `index` run reads their
+headers (no image is decoded or re-encoded) and fills the columns in.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-08
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+COLUMNS = (
+    ("format", sa.String(16)),
+    ("orientation", sa.Integer()),
+    ("taken", sa.String(19)),
+    ("taken_offset", sa.Integer()),
+    ("camera_make", sa.Text()),
+    ("camera_model", sa.Text()),
+    ("lens", sa.Text()),
+    ("latitude", sa.Float()),
+    ("longitude", sa.Float()),
+    ("metadata_version", sa.Integer()),
+)
+
+
+def upgrade() -> None:
+    for name, kind in COLUMNS:
+        op.add_column("images", sa.Column(name, kind, nullable=True))
+    op.create_index(op.f("ix_images_taken"), "images", ["taken"], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("images") as batch:
+        batch.drop_index(batch.f("ix_images_taken"))
+        for name, _ in COLUMNS:
+            batch.drop_column(name)
