@@ -51,6 +51,8 @@ from clipsearch.sqlite_errors import SQLITE_BUSY, error_code, sqlite_errors
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
+    from clipsearch.filters import Filters
+
 
 CATALOG_FILE = "catalog.db"
 LOCK_FILE = "index.lock"
@@ -212,6 +214,22 @@ class Catalog:
                     found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32)
         return found
 
+    def stored_vector(
+        self, model: str, *, image_id: int | None = None, path: bytes | None = None
+    ) -> tuple[int, np.ndarray, int, int] | None:
+        """(id, vector float32 [dim], size, mtime_ns) of the indexed row with this id or path,
+        if ``model`` has a vector for it: "more like this" without decoding anything."""
+        key, value = ("images.id", image_id) if path is None else ("images.path", path)
+        query = (
+            "SELECT images.id, v.vector, size, mtime_ns FROM images JOIN vectors AS v ON v.image_id = images.id "
+            f"JOIN models AS m ON m.id = v.model_id WHERE {key} = ? AND m.name = ? AND status = ?"
+        )
+        with self.read() as db:
+            row = db.execute(query, (value, model, STATUS_INDEXED)).fetchone()
+        if row is None:
+            return None
+        return row[0], _vectors_of([row[1]])[0].astype(np.float32), row[2], row[3]
+
     def all_vectors(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], vectors float32 [n, dim]) of ``model``'s vectors, ordered by image id."""
         with self.read() as db:
@@ -270,6 +288,41 @@ class Catalog:
         with self.read() as db:
             rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
         return {row[0]: _image_row(row) for row in rows}
+
+    def matching_ids(self, filters: Filters, under: bytes | None = None) -> np.ndarray:
+        """Ids (int64, ascending) of the indexed rows that pass ``filters`` and lie ``under`` a
+        folder: what a filtered search may return."""
+        where, params = self._where(filters, under)
+        with self.read() as db:
+            rows = db.execute(f"SELECT id, latitude, longitude FROM images WHERE {where} ORDER BY id", params)
+            found = np.array(rows.fetchall(), dtype=np.float64).reshape(-1, 3)
+        keep = filters.within_radius(found[:, 1], found[:, 2]) if filters.radius else slice(None)
+        return found[keep, 0].astype(np.int64)
+
+    def listed(self, filters: Filters, under: bytes | None, order: str, limit: int, offset: int = 0) -> list[ImageRow]:
+        """Indexed rows that pass the SQL part of ``filters`` (``near`` as its bounding box), in
+        ``order`` ("date", "-date" or "path"; rows without a date last), a page at a time."""
+        where, params = self._where(filters, under)
+        ordering = {
+            "date": "taken IS NULL, taken, path",
+            "-date": "taken IS NULL, taken DESC, path",
+            "path": "path",
+        }[order]
+        query = f"SELECT {_ROW_COLUMNS} FROM images WHERE {where} ORDER BY {ordering} LIMIT ? OFFSET ?"
+        with self.read() as db:
+            return [_image_row(row) for row in db.execute(query, [*params, limit, offset])]
+
+    @staticmethod
+    def _where(filters: Filters, under: bytes | None) -> tuple[str, list[object]]:
+        """The condition both of the above share: indexed, under the folder, passing ``filters``."""
+        where, params = filters.where()
+        clauses, values = ["status = ?", where], [STATUS_INDEXED, *params]
+        if under is not None:
+            # The folder itself, or the byte range of paths below it (see `remove`).
+            folder = under.rstrip(b"/")
+            clauses.append("(path = ? OR (path >= ? AND path < ?))")
+            values += [folder, folder + b"/", folder + b"0"]
+        return " AND ".join(clauses), values
 
     def without_metadata(self) -> list[bytes]:
         """Paths of indexed rows whose metadata no reader of `METADATA_VERSION` has read yet."""

@@ -7,7 +7,7 @@ search, the CLI) can name them without importing SQLite, SQLAlchemy or each othe
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -144,4 +144,4 @@ class ImageRow:
     mtime_ns: int
     width: int | None
     height: int | None
-    metadata: PhotoMeta = PhotoMeta()
+    metadata: PhotoMeta = field(default_factory=PhotoMeta)
