@@ -312,10 +312,20 @@ class Catalog:
         with self.read() as db:
             return [_image_row(row) for row in db.execute(query, [*params, limit, offset])]
 
+    def fingerprints(self, under: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, fingerprints object: bytes or None) of the indexed rows under a folder,
+        by id: which files are byte-identical copies of each other."""
+        where, params = self._where(None, under)
+        with self.read() as db:
+            rows = db.execute(f"SELECT id, fingerprint FROM images WHERE {where} ORDER BY id", params).fetchall()
+        fingerprints = np.empty(len(rows), dtype=object)
+        fingerprints[:] = [row[1] for row in rows]
+        return np.array([row[0] for row in rows], dtype=np.int64), fingerprints
+
     @staticmethod
-    def _where(filters: Filters, under: bytes | None) -> tuple[str, list[object]]:
-        """The condition both of the above share: indexed, under the folder, passing ``filters``."""
-        where, params = filters.where()
+    def _where(filters: Filters | None, under: bytes | None) -> tuple[str, list[object]]:
+        """The condition reads by filters share: indexed, under the folder, passing ``filters``."""
+        where, params = filters.where() if filters is not None else ("1", [])
         clauses, values = ["status = ?", where], [STATUS_INDEXED, *params]
         if under is not None:
             # The folder itself, or the byte range of paths below it (see `remove`).

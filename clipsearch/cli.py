@@ -418,6 +418,63 @@ def _checked(value: str | None, parser: str) -> Any:
         raise typer.BadParameter(str(e)) from None
 
 
+# --- duplicates ------------------------------------------------------------------------------
+
+
+@app.command("duplicates")
+@_handle_errors
+def duplicates_command(
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        "-t",
+        min=-1.0,
+        max=1.0,
+        help="Cosine similarity at which two images are the same picture (default: measured for the model; "
+        "lower it to group burst shots too).",
+    ),
+    under: Path | None = typer.Option(None, "--under", help="Only images inside this folder."),
+    model: str | None = _model_option("compare with"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array of groups: {keeper, duplicates: [... similarity as score, exact]}."
+    ),
+    paths_only: bool = typer.Option(
+        False, "--paths-only", help="Print only the duplicates that are not the suggested keepers, one a line."
+    ),
+    null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+) -> None:
+    """Groups of images that are the same picture: byte-identical copies, and near-duplicates
+    (re-encoded, resized, cropped a little, retouched) by their stored vectors, nothing
+    re-encoded. Each group suggests a keeper (largest pixel count, then most metadata, then
+    oldest file). Nothing is deleted: `clipsearch duplicates --paths-only -0 | xargs -0 rm`
+    removes all but the keepers (review the groups first).
+    """
+    with _open(model, reading=True) as index:
+        groups = index.duplicates(threshold, under)
+    out = sys.stdout.buffer
+    if as_json:
+        out.write((json.dumps([g.to_json() for g in groups], indent=2) + "\n").encode())
+    elif paths_only:
+        end = b"\0" if null else b"\n"
+        out.writelines(os.fsencode(d.hit.path) + end for g in groups for d in g.duplicates)
+    else:
+        for number, group in enumerate(groups):
+            out.write((b"\n" if number else b"") + b"keep    " + _described(group.keeper) + b"\n")
+            for duplicate in group.duplicates:
+                score = duplicate.hit.score
+                similarity = "exact" if duplicate.exact else "-" if score is None else f"{score:.3f}"
+                out.write(f"  {similarity:<6}".encode() + _described(duplicate.hit) + b"\n")
+    out.flush()
+    if not settings.quiet:
+        extra = sum(len(g.duplicates) for g in groups)
+        typer.echo(f"{len(groups)} group(s), {extra} image(s) besides the keepers.", err=True)
+
+
+def _described(hit: Any) -> bytes:
+    """A hit's path (as bytes: a name that is not valid UTF-8 prints as it is) and pixel size."""
+    return os.fsencode(hit.path) + f"  {hit.width}x{hit.height}".encode()
+
+
 # --- classify --------------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from clipsearch.search import Hit, Query, find_hits
 from clipsearch.walk import normalise_roots
 
 if TYPE_CHECKING:
+    from clipsearch.duplicates import Group
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
@@ -202,6 +203,18 @@ class Index:
         if found is not None and (found[2], found[3]) == (st.st_size, st.st_mtime_ns):
             return found[1], found[0]
         return Path(os.fsdecode(path)), found[0] if found is not None else None
+
+    def duplicates(self, threshold: float | None = None, under: str | os.PathLike | None = None) -> list[Group]:
+        """Groups of the same picture under ``under``: byte-identical copies, and images whose
+        stored vectors by the model reach cosine ``threshold`` (default: measured for the
+        model's family, `duplicates.default_threshold`). Nothing is encoded, nothing deleted:
+        each group suggests a keeper and lists the rest."""
+        from clipsearch.duplicates import default_threshold, find_duplicates
+
+        if threshold is None:
+            threshold = default_threshold(self.model)
+        folder = normalise_roots([under])[0] if under is not None else None
+        return find_duplicates(self.catalog, self.catalog.model(self.model), threshold, folder)
 
     def remove(self, paths: Iterable[str | os.PathLike]) -> int:
         """Forget the files at or under ``paths`` (the files themselves are not touched)."""
