@@ -294,10 +294,12 @@ class Catalog:
         folder: what a filtered search may return."""
         where, params = self._where(filters, under)
         with self.read() as db:
+            if filters.radius is None:
+                rows = db.execute(f"SELECT id FROM images WHERE {where} ORDER BY id", params)
+                return np.fromiter((row[0] for row in rows), dtype=np.int64)
             rows = db.execute(f"SELECT id, latitude, longitude FROM images WHERE {where} ORDER BY id", params)
             found = np.array(rows.fetchall(), dtype=np.float64).reshape(-1, 3)
-        keep = filters.within_radius(found[:, 1], found[:, 2]) if filters.radius else slice(None)
-        return found[keep, 0].astype(np.int64)
+        return found[filters.within_radius(found[:, 1], found[:, 2]), 0].astype(np.int64)
 
     def listed(self, filters: Filters, under: bytes | None, order: str, limit: int, offset: int = 0) -> list[ImageRow]:
         """Indexed rows that pass the SQL part of ``filters`` (``near`` as its bounding box), in
@@ -326,7 +328,9 @@ class Catalog:
     def _where(filters: Filters | None, under: bytes | None) -> tuple[str, list[object]]:
         """The condition reads by filters share: indexed, under the folder, passing ``filters``."""
         where, params = filters.where() if filters is not None else ("1", [])
-        clauses, values = ["status = ?", where], [STATUS_INDEXED, *params]
+        # "+status": almost every row is indexed, so its index must not be the one SQLite
+        # walks when a date or a latitude range could narrow the rows by their own index.
+        clauses, values = ["+status = ?", where], [STATUS_INDEXED, *params]
         if under is not None:
             # The folder itself, or the byte range of paths below it (see `remove`).
             folder = under.rstrip(b"/")

@@ -64,7 +64,7 @@ class Image(Base):
     camera_make: Mapped[str | None] = mapped_column(Text)
     camera_model: Mapped[str | None] = mapped_column(Text)
     lens: Mapped[str | None] = mapped_column(Text)
-    latitude: Mapped[float | None] = mapped_column(Float)
+    latitude: Mapped[float | None] = mapped_column(Float, index=True)
     longitude: Mapped[float | None] = mapped_column(Float)
     metadata_version: Mapped[int | None]
 

@@ -1,6 +1,7 @@
 """What each photo says about itself: date taken (local time and UTC offset), camera, lens, GPS
 position, EXIF orientation and file format, for filters, sorting and choosing which of two
-duplicates to keep.
+duplicates to keep. Dates and latitudes are indexed: a date range or a place narrows the rows
+by its index.
 
 Rows from before this revision get NULL `metadata_version`: the next `index` run reads their
 headers (no image is decoded or re-encoded) and fills the columns in.
@@ -36,10 +37,12 @@ def upgrade() -> None:
     for name, kind in COLUMNS:
         op.add_column("images", sa.Column(name, kind, nullable=True))
     op.create_index(op.f("ix_images_taken"), "images", ["taken"], unique=False)
+    op.create_index(op.f("ix_images_latitude"), "images", ["latitude"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("images") as batch:
         batch.drop_index(batch.f("ix_images_taken"))
+        batch.drop_index(batch.f("ix_images_latitude"))
         for name, _ in COLUMNS:
             batch.drop_column(name)
