@@ -57,7 +57,7 @@ def main() -> None:
     if n <= FLAT_LIMIT:
         parser.error(f"up to {FLAT_LIMIT:,} vectors the engine searches exactly: nothing to measure here")
     index_type = choose_index_type(n, dim)
-    index = faiss.index_factory(dim, "IDMap2," + index_type, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)  # ids in its lists, as the engine
     ivf = faiss.extract_index_ivf(index)
     clusters = clusters_for(n)
     queries = held_out_queries(args.queries, clusters, dim)

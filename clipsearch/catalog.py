@@ -270,8 +270,8 @@ class Catalog:
                 "WHERE i.vector_generation > ? ORDER BY i.id",
                 (model.id, generation),
             ).fetchall()
-            held = db.execute("SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,))
-            held = held.fetchall()
+            query = "SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id"
+            held = db.execute(query, (model.id,)).fetchall()
         kept = [row for row in rows if row[1] is not None]
         return Changes(
             generation=now,
@@ -344,6 +344,14 @@ class Catalog:
         with self.read() as db:
             return [row[0] for row in db.execute(query, (STATUS_INDEXED, METADATA_VERSION))]
 
+    def fingerprint(self, image_id: int) -> bytes | None:
+        """The content fingerprint of an indexed row, None when there is no such row: the web
+        page's thumbnails are cached by it, and its `vectors_by_fingerprint` is "similar images"."""
+        query = "SELECT fingerprint FROM images WHERE id = ? AND status = ?"
+        with self.read() as db:
+            row = db.execute(query, (image_id, STATUS_INDEXED)).fetchone()
+        return row[0] if row else None
+
     def counts(self) -> dict[str, int]:
         """Rows by status, every status present (zero when none)."""
         with self.read() as db:
@@ -354,6 +362,26 @@ class Catalog:
         query = "SELECT path, error FROM images WHERE status = ? ORDER BY path"
         with self.read() as db:
             return [(path, error or "") for path, error in db.execute(query, (STATUS_FAILED,))]
+
+    def missing(self) -> list[bytes]:
+        """Files indexed once and gone from disk since (kept until `forget_missing`)."""
+        with self.read() as db:
+            return [
+                row[0]
+                for row in db.execute("SELECT path FROM images WHERE status = ? ORDER BY path", (STATUS_MISSING,))
+            ]
+
+    def forget_missing(self) -> int:
+        """Delete the rows of files that are gone; returns how many."""
+        from sqlalchemy import delete
+
+        from clipsearch.schema import Image
+
+        with self.transaction() as conn:
+            forgotten = conn.execute(delete(Image).where(Image.status == STATUS_MISSING)).rowcount
+            if forgotten:
+                _bump_generation(conn)
+        return forgotten
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -474,7 +502,7 @@ class Catalog:
         inserted = conn.execute(sqlite_insert(Model).values(name=name, dim=dim, created_at=time.time()))
         if _get_meta(self._db, "default_model") is None and name is not None:
             _set_meta(conn, "default_model", name)
-        return int(inserted.inserted_primary_key[0])
+        return int(inserted.inserted_primary_key[0])  # type: ignore[index]  # always set by an INSERT
 
     def remove(self, prefixes: Sequence[bytes]) -> int:
         """Delete the rows at or below these paths; returns how many went.

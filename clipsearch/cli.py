@@ -31,7 +31,7 @@ app = typer.Typer(
     name="clipsearch",
     help="Find your photos by describing them: index folders once, then search them with text or an example image.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs are re-flowed, not printed line by line
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -40,6 +40,7 @@ models_app = typer.Typer(help="List the models clipsearch knows, or download one
 app.add_typer(models_app, name="models")
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cmd | head` leaves for a Unix tool cut off by its reader
 EXIT_SOME_FAILED = 3  # the run finished, but some files could not be indexed
 
 
@@ -47,6 +48,36 @@ def _version(value: bool) -> None:
     if value:
         typer.echo(f"clipsearch {__version__}")
         raise typer.Exit()
+
+
+def _check_device(value: str) -> str:
+    """A device that cannot exist here is a usage error, found before any model loads."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if value.startswith("cuda"):
+        import torch
+
+        index = int(value.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            found = torch.cuda.device_count()
+            raise typer.BadParameter(f"{value} asked for, but this machine has {found or 'no'} CUDA GPU(s)")
+    elif value == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise typer.BadParameter("mps asked for, but this machine has no Apple GPU")
+    return value
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def _check_precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")
+    return value
 
 
 @app.callback()
@@ -57,7 +88,9 @@ def _global_options(
         help="Index folder (default: $CLIPSEARCH_HOME, else ~/.local/share/clipsearch).",
         show_default=False,
     ),
-    device: str = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option(
+        "auto", "--device", callback=_check_device, help="Where the model runs: auto, cpu, cuda, cuda:1, mps."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say more; show a traceback on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but results and errors."),
     version: bool = typer.Option(
@@ -77,7 +110,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes: a caller that swaps stderr
     around a command (tests, an embedding app) must not leave the logger holding a closed file."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 
@@ -110,6 +143,11 @@ def _handle_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep Python's own flush of
+            # stdout at exit from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors (exit 2) and deliberate exits
         except Exception as err:
@@ -165,7 +203,7 @@ def index_command(
         "--exclude",
         "-x",
         metavar="GLOB",
-        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. '*.png' or '*/exports/*'.",
+        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. `*.png` or `*/exports/*`.",
     ),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Descend into symlinked folders."),
     retry_failed: bool = typer.Option(
@@ -184,12 +222,13 @@ def index_command(
         "--model",
         "-m",
         help="Model name (see `clipsearch models`) or checkpoint path. An index holds vectors by each model "
-        "it was run with; files already indexed by another model are only encoded (default: the index's "
-        "default model, else ViT-B/32).",
+        "it was run with (files already indexed by another model are only encoded), and the model named "
+        "here becomes the one queries use (default: the index's default model, else ViT-B/32).",
     ),
     precision: str = typer.Option(
         "auto",
         "--precision",
+        callback=_check_precision,
         help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 "
         "of fp32.",
     ),
@@ -214,8 +253,12 @@ def index_command(
             progress=progress,
             should_stop=stop.is_set,
         )
+        # The model a person names for a run is the one they mean to search next.
+        switched = model is not None and index.make_default_if_encoded()
     if not settings.quiet:
-        typer.echo(_summary(report))
+        typer.echo(_summary(report, index.home))
+        if switched:
+            typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -223,11 +266,12 @@ def index_command(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _summary(report: AddReport) -> str:
+def _summary(report: AddReport, home: Path) -> str:
+    load = f", model loaded in {report.model_load_s:.1f} s" if report.model_load_s else ""
     line = (
         f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
         f"failed {report.failed}, unchanged {report.unchanged} in {report.elapsed:.1f} s "
-        f"({report.images_per_s:.1f} images/s)"
+        f"({report.images_per_s:.1f} images/s{load}); index: {home}"
     )
     if report.failed:
         line += "; see the failures with `clipsearch status --failed`"
@@ -243,7 +287,7 @@ class _progress_bar:
     --quiet, when stderr is not a terminal, or when there is nothing to do."""
 
     def __enter__(self) -> Callable[[int, int], None]:
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, made on the first update that needs one
         return self.update
 
     def update(self, done: int, total: int) -> None:
@@ -363,6 +407,9 @@ def query_command(
     ),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+    preview: bool = typer.Option(
+        False, "--preview", help="Show thumbnails inline in kitty, iTerm2 and sixel terminals (elsewhere: paths)."
+    ),
 ) -> None:
     """Search the index with text, an example image, or a weighted mix of both; narrow it by
     when, where and with what the photos were taken; or list what the filters pass, by date.
@@ -393,9 +440,15 @@ def query_command(
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
     elif hits:
-        # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk. Listed by
-        # filters alone, a hit has no score: its date taken stands in that column.
-        out.writelines(_first_column(h).encode() + b"  " + os.fsencode(h.path) + b"\n" for h in hits)
+        from clipsearch import preview as inline  # the standard library only, until an image is shown
+
+        protocol = inline.detect(tty=sys.stdout.isatty()) if preview else None
+        for h in hits:
+            if protocol:
+                out.write(inline.inline_image(h.path, protocol))
+            # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk. Listed by
+            # filters alone, a hit has no score: its date taken stands in that column.
+            out.write(_first_column(h).encode() + b"  " + os.fsencode(h.path) + b"\n")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()
@@ -525,14 +578,26 @@ def _index_model() -> str:
 @_handle_errors
 def status_command(
     failed: bool = typer.Option(False, "--failed", help="List the files that could not be indexed, with the reason."),
+    missing: bool = typer.Option(
+        False,
+        "--missing",
+        help="List the files gone from disk since they were indexed (forget them with `clipsearch remove --missing`).",
+    ),
     model: str | None = _model_option("describe"),
 ) -> None:
     """Where the index is, its models and their coverage, how many images it holds, and whether
     the vector file is consistent with the catalog."""
     with _open(model, reading=True) as index:
-        if failed:
-            for path, reason in index.failures():
-                sys.stdout.buffer.write(os.fsencode(path) + f": {reason}\n".encode())
+        if failed or missing:
+            out = sys.stdout.buffer
+            if failed:
+                for path, reason in index.failures():
+                    # Reasons often start with the file's name: it is said once, first.
+                    reason = reason.removeprefix(f"{path} ")
+                    out.write(os.fsencode(path) + f": {reason}\n".encode())
+            if missing:
+                out.writelines(os.fsencode(path) + b"\n" for path in index.missing())
+            out.flush()
             return
         typer.echo(_describe(index.status()))
 
@@ -575,12 +640,18 @@ def _mb(size: int) -> str:
 @_handle_errors
 def remove_command(
     paths: list[Path] = typer.Argument(
-        ..., help="Files or folders to forget (nothing is deleted from disk).", show_default=False
+        None, help="Files or folders to forget (nothing is deleted from disk).", show_default=False
+    ),
+    missing: bool = typer.Option(
+        False, "--missing", help="Also forget every file gone from disk (see `clipsearch status --missing`)."
     ),
 ) -> None:
     """Drop files, or everything under folders, from the index."""
+    if not paths and not missing:
+        raise typer.BadParameter("name files or folders to forget, or pass --missing", param_hint="PATHS")
     with _open() as index:
-        removed = index.remove(paths)
+        removed = index.remove(paths) if paths else 0
+        removed += index.forget_missing() if missing else 0
     if not settings.quiet:
         typer.echo(f"Removed {removed} file(s) from the index.")
 
@@ -612,32 +683,46 @@ def models_command(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from clipsearch.clip import registry
-    from clipsearch.paths import model_cache_dir
+    from clipsearch.clip.sources import locate
 
-    width = max(len(entry.name) for entry in registry.MODELS)
-    for entry in registry.MODELS:
-        if entry.bundled is not None:
-            where = "bundled"
-        elif (model_cache_dir() / entry.asset.filename).exists():
-            where = "cached"
-        else:
-            where = "-"
-        typer.echo(f"{entry.name:<{width}}  {where:<7}  {entry.description}")
+    rows = [
+        (entry.name, where.describe(), _origin(where.origin), entry.description)
+        for entry in registry.MODELS
+        for where in [locate(entry)]
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        typer.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)) + f"  {row[3]}")
+
+
+def _origin(origin: str) -> str:
+    """A download's source in a few words: the host of a URL, hf-hub:REPO as it is."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(origin).hostname or origin if "://" in origin else origin
 
 
 @models_app.command("download")
 @_handle_errors
 def download_command(
-    name: str = typer.Argument(..., help="A model name from `clipsearch models`.", show_default=False),
+    name: str = typer.Argument(
+        ..., help="A model name from `clipsearch models`, or hf-hub:ORG/NAME.", show_default=False
+    ),
 ) -> None:
-    """Download a model's weights into the cache now (e.g. before going offline)."""
-    from clipsearch.clip import download, registry
+    """Download a model's weights now (e.g. before going offline), unless a cache already has them.
 
-    path = download.model_path(name)
-    if registry.get(name).bundled is None:
+    NAME is a name from `clipsearch models` or hf-hub:ORG/NAME. Caches of other tools are used in
+    place: OpenAI's ~/.cache/clip, the Hugging Face hub cache.
+    """
+    from clipsearch.clip import download, registry
+    from clipsearch.clip.sources import locate
+
+    entry = registry.get(name)
+    path = download.model_path(entry.name)
+    if entry.bundled is None:
         download.vocab_path()  # downloaded checkpoints use CLIP's own vocabulary
     if not settings.quiet:
-        typer.echo(f"{name}: {path}")
+        typer.echo(f"{entry.name}: {path} ({locate(entry).describe()})")
 
 
 @models_app.command("default")
@@ -674,9 +759,30 @@ def _register_train() -> None:
 _register_train()
 
 
+def _register_serve() -> None:
+    from clipsearch.serve.command import serve  # typer options only: the web server comes in when it runs
+
+    app.command("serve")(_handle_errors(serve))
+
+
+_register_serve()
+
+
 def main() -> None:
-    """Entry point of the `clipsearch` script."""
+    """Entry point of the `clipsearch` script. Usage errors are one line, as other tools print
+    them, and exit 2; typer's framed message is for `--help`."""
+    # typer vendors click: its exceptions are these, not the click package's.
+    from typer._click import exceptions as click
+
     try:
-        app()
-    except KeyboardInterrupt:  # Ctrl-C outside a command (while parsing options)
-        sys.exit(EXIT_INTERRUPTED)
+        code = app(standalone_mode=False)
+    except click.UsageError as err:
+        hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        typer.echo(f"Error: {err.format_message()}{hint}", err=True)
+        code = err.exit_code
+    except click.ClickException as err:
+        typer.echo(f"Error: {err.format_message()}", err=True)
+        code = err.exit_code
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command (while parsing options)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

@@ -134,7 +134,7 @@ def _parent_main_hidden() -> Iterator[None]:
 def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that has imported this module (and torch) once.
+        # Workers fork from a server that has imported this module and Pillow once (not torch).
         ctx.set_forkserver_preload([__name__, "clipsearch.clip.preprocess"])
         return ctx
     return multiprocessing.get_context("spawn")

@@ -68,12 +68,15 @@ class AddReport:
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
     metadata: int = 0  # files indexed before, whose metadata was read from their header now
     elapsed: float = 0.0
+    model_load_s: float = 0.0  # part of elapsed: loading the model, once, if anything needed it
     interrupted: bool = False
 
     @property
     def images_per_s(self) -> float:
+        """The encode rate: images encoded per second of the run once the model was loaded."""
         encoded = self.new + self.changed
-        return encoded / self.elapsed if self.elapsed > 0 else 0.0
+        working = self.elapsed - self.model_load_s
+        return encoded / working if working > 0 else 0.0
 
 
 @dataclass
@@ -140,9 +143,9 @@ def run_add(
 ) -> AddReport:
     """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``.
 
-    ``get_encoder`` (loading ``model``) is called only if some file needs encoding. ``should_stop`` is polled between
-    files; once it returns True the batch not yet encoded is dropped, everything finished is
-    committed, and the report comes back with ``interrupted`` set.
+    ``get_encoder`` (loading ``model``) is called only if some file needs encoding. ``should_stop``
+    is polled between files; once it returns True the batch not yet encoded is dropped, everything
+    finished is committed, and the report comes back with ``interrupted`` set.
     """
     started = time.perf_counter()
     root_paths = list(dict.fromkeys(normalise_roots(roots)))
@@ -152,22 +155,32 @@ def run_add(
                 f"{os.fsdecode(root)} does not exist; check the path "
                 "(to forget files indexed there, use `clipsearch remove`)."
             )
+    states = catalog.file_states(model)
     walk = Walk(root_paths, tuple(exclude), follow_symlinks)
-    plan = plan_changes(catalog.file_states(model), walk, retry_failed)
+    plan = plan_changes(states, walk, retry_failed)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
     if progress:
         progress(0, len(plan.todo))
+    moved_content: set[bytes] = set()
     if plan.todo and not should_stop():
-        _Run(catalog, model, get_encoder(), plan.todo, report, progress, should_stop).run(
-            batch_size or DEFAULT_BATCH_SIZE, workers
-        )
+        loading = time.perf_counter()
+        encoder = get_encoder()
+        report.model_load_s = time.perf_counter() - loading
+        run = _Run(catalog, model, encoder, plan.todo, report, progress, should_stop)
+        run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
+        moved_content = run.reused_fingerprints
     if should_stop():
         report.interrupted = True
     elif plan.missing:
-        # Gone files are marked last: until now their vectors could be reused by the files they
-        # moved to. A stopped run leaves them for the next one.
-        catalog.commit_batch(missing=plan.missing)
-        report.removed = len(plan.missing)
+        # Gone files are dealt with last: until now their vectors could be reused by the files
+        # they moved to. A file whose content reappeared elsewhere was moved (renamed): its old
+        # row goes. The others are marked missing. A stopped run leaves them for the next one.
+        renamed = [path for path in plan.missing if states[path].fingerprint in moved_content]
+        gone = [path for path in plan.missing if states[path].fingerprint not in moved_content]
+        if renamed:
+            catalog.remove(renamed)
+        catalog.commit_batch(missing=gone)
+        report.removed = len(gone)
     if not report.interrupted:
         report.metadata = fill_metadata(catalog, walk.roots, walk.unreadable, should_stop)
     report.elapsed = time.perf_counter() - started
@@ -233,6 +246,7 @@ class _Run:
         self.done = 0
         self.failed: list[FailedFile] = []
         self.reused: list[IndexedFile] = []
+        self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
     def run(self, batch_size: int, workers: int | None) -> None:
@@ -305,6 +319,7 @@ class _Run:
         except Exception:  # unreadable header: let the decoder record why
             return False
         self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector, metadata))
+        self.reused_fingerprints.add(digest)
         return True
 
     def _encode_and_commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:

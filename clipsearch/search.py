@@ -23,7 +23,7 @@ import numpy as np
 from clipsearch.errors import ClipsearchError, ImageError
 from clipsearch.filters import Filters, check_sort
 from clipsearch.records import ImageRow, PhotoMeta, decode_path
-from clipsearch.walk import normalise_roots
+from clipsearch.walk import IMAGE_EXTENSIONS, normalise_roots
 from clipsearch.walk import under as is_under
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from clipsearch.vectors import VectorIndex
 
 # A str is text; a Path is an example image; an array is a unit vector already computed (an
-# indexed image's stored vector).
+# image sent to the web page, or an indexed image's stored vector).
 Term = str | Path | np.ndarray
 Query = Term | Sequence[tuple[float, Term]]
 
@@ -45,7 +45,7 @@ class Hit:
     height: int | None
     mtime: float  # seconds since the epoch, as os.stat gives it
     size: int
-    id: int = 0  # the catalog row
+    id: int  # the catalog row: what the web page's thumbnail and "similar" requests name
     metadata: PhotoMeta = field(default_factory=PhotoMeta)
 
     @classmethod
@@ -55,7 +55,7 @@ class Hit:
         )
 
     def to_json(self) -> dict[str, object]:
-        """The one JSON shape of a hit (`clipsearch query --json`, `duplicates --json`)."""
+        """The one JSON shape of a hit: `clipsearch query --json`, `duplicates --json` and the web page's API."""
         return {
             "id": self.id,
             "path": str(self.path),
@@ -68,20 +68,17 @@ class Hit:
         }
 
 
-IMAGE_EXTENSIONS = frozenset(
-    [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl"]
-)
-
-
 def as_term(text: str) -> Term:
     """A command-line term: the name of an existing file is an example image, anything else is
-    text. A name that looks like an image path (an image extension, or a folder part that
+    text. One word that looks like an image path (an image extension, or a folder part that
     exists) but is no file is a mistake, not a text to search: it raises, saying how to search
-    for it as text."""
+    for it as text (add a word)."""
     if os.path.isfile(text):
         return Path(text)
     parent = os.path.dirname(text)
-    if os.path.splitext(text)[1].lower() in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent)):
+    extension = os.fsencode(os.path.splitext(text)[1].lower())
+    one_word = not any(c.isspace() for c in text)
+    if one_word and (extension in IMAGE_EXTENSIONS or (parent and os.path.isdir(parent))):
         raise ImageError(
             f"{text} looks like an image path, but there is no such file; to search for it as text, "
             f"add a word: 'a photo of {text}'."
@@ -94,13 +91,19 @@ def parse_term(term: str) -> tuple[float, Term]:
     stays text, weight 1)."""
     if os.path.isfile(term):
         return 1.0, Path(term)
+    weight, rest = split_weight(term)
+    return weight, as_term(rest)
+
+
+def split_weight(term: str) -> tuple[float, str]:
+    """``WEIGHT:REST`` → (WEIGHT, REST) when WEIGHT is a number, else (1.0, term)."""
     weight, sep, rest = term.partition(":")
     if sep and rest:
         try:
-            return float(weight), as_term(rest)
+            return float(weight), rest
         except ValueError:
             pass
-    return 1.0, as_term(term)
+    return 1.0, term
 
 
 def find_hits(

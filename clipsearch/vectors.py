@@ -1,7 +1,10 @@
 """The FAISS index over the catalog's vectors: derived data, rebuilt whenever it cannot be trusted.
 
-Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids
-(`IndexIDMap2`), so a hit joins the catalog without a side table.
+Vectors are L2-normalised, so inner product is cosine similarity; FAISS ids are catalog row ids,
+so a hit joins the catalog without a side table. Inverted files keep those ids in their lists
+themselves; other index types get them from an `IndexIDMap2` around them. (An IDMap2 around an
+inverted file answers wrong ids once vectors are removed: it assumes the index inside renumbers
+what is left, as a flat index does, and an inverted file does not.)
 
 Each model that encoded the catalog has its own file, `vectors-<model id>.faiss`: the FAISS index
 as `faiss.write_index` writes it, then a JSON stamp (which catalog and model it belongs to, the
@@ -116,11 +119,13 @@ class VectorIndex:
         if index_type == "auto":
             index_type = choose_index_type(n, dim, memory_budget)
         try:
-            index = faiss.index_factory(dim, "IDMap2," + index_type, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError:
             raise IndexStateError(
                 f"{index_type!r} is not an index type FAISS knows; use auto, Flat, HNSW32 or IVF1024,Flat."
             ) from None
+        if faiss.try_extract_index_ivf(index) is None:
+            index = faiss.IndexIDMap2(index)
         if not index.is_trained:
             _train(index, vectors, index_type)
         index.add_with_ids(vectors, ids)
@@ -162,13 +167,13 @@ class VectorIndex:
         started = time.perf_counter()
         changes = catalog.changes_since(stamp["generation"], model)
         if changes is None:
-            reason: str | None = "it is older than the catalog's record of changes"
-        else:
-            if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
-                return current
-            gone = np.setdiff1d(faiss.vector_to_array(index.id_map), changes.held, assume_unique=True)
-            outdated = np.union1d(changes.outdated, gone)
-            reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
+            log.info("Rebuilding the vector index: it is older than the catalog's record of changes")
+            return cls.rebuild(home, catalog, model, save=save)
+        if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
+            return current
+        gone = np.setdiff1d(held_ids(index), changes.held, assume_unique=True)
+        outdated = np.union1d(changes.outdated, gone)
+        reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
         if reason is not None:
             log.info("Rebuilding the vector index: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
@@ -191,7 +196,7 @@ class VectorIndex:
     def _why_not_update(self, changes: int, count: int, catalog: Catalog) -> str | None:
         """Why this index must be rebuilt rather than take ``changes`` vectors in and out to hold
         ``count``; None if it need not."""
-        if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+        if isinstance(_inner(self.index), faiss.IndexHNSW):
             return "an HNSW graph cannot drop vectors"
         if catalog.get_meta("index_type") in (None, "", "auto") and count:
             wanted = choose_index_type(count, self.index.d)
@@ -310,7 +315,7 @@ class VectorIndex:
         mask[among] = True
         bitmap = np.packbits(mask, bitorder="little")  # referenced until the searches are done
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
-        inner = faiss.downcast_index(self.index.index)
+        inner = _inner(self.index)
         ivf = faiss.try_extract_index_ivf(self.index)
         if isinstance(inner, faiss.IndexHNSW):
             return self.index.search(queries, k, params=_params("HNSW", sel=selector, efSearch=inner.hnsw.efSearch))
@@ -434,7 +439,7 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         name, values = "nprobe", [2**i for i in range(int(np.log2(ivf.nlist)) + 1)]
-    elif isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW):
+    elif isinstance(_inner(index), faiss.IndexHNSW):
         name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
     else:
         name, values = None, [None]
@@ -451,6 +456,24 @@ def _tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> float:
     return recall
 
 
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """The catalog ids an index holds, from its inverted lists or its id map."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        id_map = faiss.downcast_index(index).id_map  # type: ignore[attr-defined]  # an IndexIDMap2
+        return faiss.vector_to_array(id_map)
+    lists = ivf.invlists
+    assert lists is not None  # an IVF index always has its lists
+    held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(ivf.nlist)]
+    return np.sort(np.concatenate([np.zeros(0, np.int64), *held]))
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index an IDMap2 wraps (or the index itself)."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
 def _others(results: np.ndarray, own: np.ndarray, k: int) -> list[np.ndarray]:
     return [row[row != own_id][:k] for row, own_id in zip(results, own)]
 
@@ -464,12 +487,11 @@ def _remove_orphans(home: Path) -> None:
 
 
 def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one owned by another user answers PermissionError: alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by another user
-        return True
     return True
 
 

@@ -86,7 +86,9 @@ class Walk:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 yield from self._walk_tree(root, st, patterns, visited)
-            elif _is_candidate(os.path.basename(root)) and not _excluded(root, patterns):
+            elif not _is_candidate(os.path.basename(root)):
+                log.warning("%s is not an image file (by its name); skipped", os.fsdecode(root))
+            elif not _excluded(root, patterns):
                 yield FoundFile(root, st.st_size, st.st_mtime_ns)
 
     def _walk_tree(

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import time
 
 import pytest
 from helpers import faiss_file, make_image, make_library
+from reliability_helpers import cli_command, indexed_count, start_cli
 from typer.testing import CliRunner
 
 from clipsearch import __version__
@@ -21,7 +21,7 @@ from clipsearch.cli import _stop_on_ctrl_c, app
 
 SUMMARY = re.compile(
     r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
-    r" in [\d.]+ s \([\d.]+ images/s\)"
+    r" in [\d.]+ s \([\d.]+ images/s[^)]*\); index: "
 )
 
 
@@ -211,33 +211,19 @@ def test_cli_import_is_light():
 def test_ctrl_c_commits_what_is_done_and_exits_130(tmp_path, tiny_model):
     make_library(tmp_path / "lib", 150)
     home = tmp_path / "home"
-    command = [
-        sys.executable,
-        "-c",
-        "from clipsearch.cli import main; main()",
-        "--home",
-        str(home),
-        "index",
-        str(tmp_path / "lib"),
-        "--model",
-        tiny_model,
-        "--workers",
-        "0",
-        "--batch-size",
-        "2",
-        "--precision",
-        "fp32",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["--home", home, "index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", "--batch-size", "2"]
+    # Each batch takes 50 ms, as a real model's would: the signal lands mid-run, not after it.
+    process = start_cli(*args, "--precision", "fp32", encode_delay_s=0.05)
     deadline = time.monotonic() + 120
-    while _indexed(home) == 0 and process.poll() is None and time.monotonic() < deadline:
+    while indexed_count(home) == 0 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = (out.decode() for out in process.communicate(timeout=60))
     assert process.returncode == 130, stderr
     assert "run the same command again" in stderr
-    done = _indexed(home)
+    done = indexed_count(home)
     assert 0 < done < 150 and summary_counts(stdout)[0] == done
+    command = cli_command(*args)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and summary_counts(rerun.stdout)[:1] == (150 - done,)
 
@@ -264,11 +250,3 @@ def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
 
 def summary_counts(text):
     return tuple(int(n) for n in SUMMARY.search(text).groups())
-
-
-def _indexed(home):
-    try:
-        with sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True) as db:
-            return db.execute("SELECT count(*) FROM images WHERE status = 'indexed'").fetchone()[0]
-    except sqlite3.Error:
-        return 0

@@ -33,7 +33,7 @@ from reliability_helpers import (
 )
 
 from clipsearch.index import Index
-from clipsearch.vectors import VectorIndex
+from clipsearch.vectors import VectorIndex, held_ids
 
 LIBRARY_SIZE = 96
 CTRL_C_LIBRARY_SIZE = 48
@@ -88,7 +88,7 @@ def faiss_file_ids(home) -> set[int] | None:
         index = faiss.read_index(str(faiss_file(home)))
     except (RuntimeError, ValueError):  # damaged, or not written yet
         return None
-    return set(faiss.vector_to_array(faiss.downcast_index(index).id_map).tolist())
+    return set(held_ids(index).tolist())
 
 
 def catalog_ids(home) -> set[int]:

@@ -34,11 +34,13 @@ def indexed(tmp_path_factory):
     root = tmp_path_factory.mktemp("semantic")
     manifest = write_scenes(root / "scenes", count=240, seed=UNSEEN_SEED)
     records = {Path(r["path"]).name: r for r in read_manifest(manifest)}
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the autouse fixture is per test; this one runs before it
     with Index.open(root / "home", model="demo", device="cpu") as index:
         report = index.add([root / "scenes"], workers=0)
         assert report.new == 240 and report.failed == 0
         yield index, records
+    torch.set_num_threads(before)
 
 
 def _holds(record: dict, colour: str, shape: str) -> bool:
@@ -60,9 +62,8 @@ def test_colour_shape_queries_return_images_holding_that_object(indexed):
     # Chance is the share of scenes holding the pair (a few percent). These floors guard the
     # shipped model's measured quality (precision@5 0.849, first right 0.927 on this seed); the
     # issue's targets are measured and reported by benchmarks/demo_quality.py, not asserted here.
-    print(f"precision@5 {sum(precisions) / len(precisions):.3f}, first right {sum(firsts) / len(firsts):.3f}")
-    assert sum(precisions) / len(precisions) >= 0.8
-    assert sum(firsts) / len(firsts) >= 0.85
+    precision, first = sum(precisions) / len(precisions), sum(firsts) / len(firsts)
+    assert precision >= 0.8 and first >= 0.85, f"precision@5 {precision:.3f}, first right {first:.3f}"
 
 
 def test_a_full_caption_finds_its_own_scene(indexed):

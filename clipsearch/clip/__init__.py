@@ -5,7 +5,7 @@
     text = clip.tokenize(["a photo of a cat"]).to(device)
 
 Importing this package does not import torch: the registry and downloads (what `clipsearch
-models list` needs) stay light, and the model, tokenizer and loss are imported on first use.
+models` needs) stay light, and the model, tokenizer and loss are imported on first use.
 """
 
 from __future__ import annotations

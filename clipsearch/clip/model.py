@@ -453,6 +453,12 @@ class CLIP(nn.Module):
         """Unnormalised text embeddings, ``[N, embed_dim]``, from token ids ``[N, L <= context_length]``."""
         if self.towers == "image":
             raise ValueError("this model was built with towers='image' and cannot encode text")
+        vocab = self.token_embedding.num_embeddings
+        if text.numel() and int(text.max()) >= vocab:
+            raise ValueError(
+                f"token id {int(text.max())} is outside this model's vocabulary of {vocab}: tokenize with the "
+                "model's own tokenizer, model.tokenizer(texts), not clip.tokenize"
+            )
         # The end-of-text token has the largest id, so argmax finds where each text ends.
         ends = text.argmax(dim=-1)
         # Attention is causal: the padding after the last end-of-text token cannot change the

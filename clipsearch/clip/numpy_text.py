@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipsearch.clip import registry
+from clipsearch.clip.sources import locate
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.paths import model_cache_dir
 
@@ -284,10 +285,10 @@ def _source(model_ref: str) -> dict | None:
     entry = registry.find(model_ref)
     if entry is None:
         root = Path(model_ref).expanduser()
-    elif entry.bundled is not None:
-        root = entry.bundled
+    elif (found := locate(entry).path) is not None:
+        root = found
     else:
-        root = model_cache_dir() / entry.asset.filename
+        return None
     try:
         files = sorted(root.iterdir()) if root.is_dir() else [root]
         stats = [(file.name, os.stat(file)) for file in files if file.is_file()]

@@ -59,7 +59,8 @@ def open_image(source: str | os.PathLike[str] | BinaryIO, target: int | None = N
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is refused as a possible decompression bomb ({e}); exclude it.") from e
     except _DECODE_ERRORS as e:
-        raise ImageError(f"{name} cannot be decoded as an image ({e}); check the file or exclude it.") from e
+        detail = str(e).replace(f" '{name}'", "")  # Pillow names the file too
+        raise ImageError(f"{name} cannot be decoded as an image ({detail}); check the file or exclude it.") from e
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -1,15 +1,20 @@
 """The models clipsearch can fetch by name, and the BPE vocabulary they share (shipped in the package).
 
-OpenAI's URLs carry the file's SHA-256 in their path, so those downloads are pinned. The
-OpenCLIP weights live on the Hugging Face hub, whose files can change and whose hashes we could
-not check when this table was written: they are unpinned (`sha256=None`), and `download.fetch`
-records size and hash at the first download and holds every later use to that record.
+Three kinds of download: an `Asset` is a file at a URL (OpenAI's archives, whose URLs carry
+the file's SHA-256, so they are pinned; OpenAI's own `clip` keeps the same files in
+`~/.cache/clip`, which `cached_by="openai"` says); a `HubFile` is one file of a Hugging Face hub
+repository and a `HubDir` several files of one used as a model folder, both fetched through
+`huggingface_hub` into its shared cache. The OpenCLIP weights are hub files whose hashes we
+could not check when this table was written: unpinned (`sha256=None`), they are held to the
+SHA-256 the hub publishes for them (`download` and `hub` do the checking). `hf-hub:ORG/NAME`
+names any OpenCLIP repository on the hub, as open_clip accepts.
 
 This module is plain data and must stay importable without torch.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +30,37 @@ class Asset:
     sha256: str | None  # None: unpinned, trusted on first download
     size: int | None = None
     bundled: Path | None = None  # a copy shipped inside the package, used instead of downloading
+    cached_by: str | None = None  # another tool that keeps this very file: "openai" (~/.cache/clip)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a model repository on the Hugging Face hub."""
+
+    repo: str  # "org/name"
+    filename: str  # path inside the repository
+    revision: str = "main"  # a branch, tag or (immutable) commit hash
+    sha256: str | None = None  # None: held to the SHA-256 the hub publishes for it
+    saved_as: str | None = None  # name of a copy placed by hand in clipsearch's cache; unique across the registry
+
+
+@dataclass(frozen=True)
+class HubDir:
+    """Files of one hub repository used together as a model folder (their snapshot folder in
+    the hub cache, which `checkpoints.read_checkpoint` reads): every one of `files`, and the
+    first of `weights` the repository has, in the order the folder's reader prefers them."""
+
+    repo: str
+    revision: str = "main"
+    files: tuple[str, ...] = ("open_clip_config.json",)
+    weights: tuple[str, ...] = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
     description: str
-    asset: Asset | None = None  # None for a model shipped inside the package
+    asset: Asset | HubFile | HubDir | None = None  # None for a model shipped inside the package
     bundled: Path | None = None
     quick_gelu: bool | None = None  # None: the checkpoint says which activation it uses
     aliases: tuple[str, ...] = field(default=())
@@ -48,7 +77,8 @@ VOCAB = Asset(
 )
 
 _OPENAI_ROOT = "https://openaipublic.azureedge.net/clip/models"
-_HF_ROOT = "https://huggingface.co"
+HF_HUB_PREFIX = "hf-hub:"
+_HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def _openai(name: str, digest: str, filename: str, aliases: tuple[str, ...]) -> ModelEntry:
@@ -57,22 +87,17 @@ def _openai(name: str, digest: str, filename: str, aliases: tuple[str, ...]) -> 
     return ModelEntry(
         name=name,
         description=f"OpenAI CLIP {name} (TorchScript archive)",
-        asset=Asset(f"{_OPENAI_ROOT}/{digest}/{filename}", filename, digest),
+        asset=Asset(f"{_OPENAI_ROOT}/{digest}/{filename}", filename, digest, cached_by="openai"),
         quick_gelu=True,
         aliases=aliases + tagged,
     )
 
 
 def _openclip(arch: str, tag: str, hub_repo: str, description: str, quick_gelu: bool) -> ModelEntry:
-    filename = "open_clip_pytorch_model.bin"
     return ModelEntry(
         name=f"{arch}/{tag}",
         description=description,
-        asset=Asset(
-            url=f"{_HF_ROOT}/{hub_repo}/resolve/main/{filename}",
-            filename=f"{arch}-{tag}.bin",
-            sha256=None,
-        ),
+        asset=HubFile(hub_repo, "open_clip_pytorch_model.bin", saved_as=f"{arch}-{tag}.bin"),
         quick_gelu=quick_gelu,
         aliases=(f"{arch}:{tag}", hub_repo),
     )
@@ -152,12 +177,29 @@ def available_models() -> list[str]:
 
 
 def find(name: str) -> ModelEntry | None:
-    """The entry a user means by `name` (any alias, any letter case), or None."""
-    return _BY_KEY.get(name.strip().lower())
+    """The entry a user means by `name` (any alias, any letter case, or `hf-hub:ORG/NAME`), or None."""
+    key = name.strip()
+    if key[: len(HF_HUB_PREFIX)].lower() == HF_HUB_PREFIX:
+        return _hub_model(key[len(HF_HUB_PREFIX) :])
+    return _BY_KEY.get(key.lower())
+
+
+def _hub_model(repo: str) -> ModelEntry | None:
+    """An OpenCLIP repository on the hub, as open_clip reads `hf-hub:` names; one the table
+    knows is its entry, with the table's settings and name."""
+    if not _HUB_REPO.fullmatch(repo):
+        return None
+    return _BY_KEY.get(repo.lower()) or ModelEntry(
+        name=f"{HF_HUB_PREFIX}{repo}",
+        description=f"OpenCLIP model from the Hugging Face hub repository {repo}",
+        asset=HubDir(repo),
+    )
 
 
 def get(name: str) -> ModelEntry:
     entry = find(name)
+    if entry is None and name.strip()[: len(HF_HUB_PREFIX)].lower() == HF_HUB_PREFIX:
+        raise CheckpointError(f"{name.strip()!r} does not name a hub repository: write hf-hub:ORG/NAME.")
     if entry is None:
         raise CheckpointError(
             f"Unknown model {name!r}: use one of {', '.join(available_models())}, "

@@ -1,0 +1,132 @@
+"""Everyday use as a new user meets it: pipes, usage mistakes, honest messages (issue 11).
+
+These run the installed `clipsearch` script in a real process where the behaviour is about the
+process (exit codes, pipes, one-line errors), and the library where it is about the index.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_library
+
+from clipsearch import clip
+from clipsearch.clip import numpy_text
+from clipsearch.index import Index
+
+SCRIPT = str(Path(sys.executable).parent / "clipsearch")
+
+
+def run(*args: str, home: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CLIPSEARCH_HOME=str(home))
+    return subprocess.run([SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture
+def home(tmp_path, tiny_model) -> Path:
+    make_library(tmp_path / "lib", 40)
+    home = tmp_path / "home"
+    assert run("index", str(tmp_path / "lib"), "--model", tiny_model, home=home).returncode == 0
+    return home
+
+
+def test_a_closed_pipe_ends_quietly_with_141(home, tmp_path):
+    (tmp_path / "lib" / "bad.jpg").write_text("not an image")
+    run("index", str(tmp_path / "lib"), home=home)
+    for command in ("query 'a cat' -k 40 --paths-only", "status --failed", "models"):
+        # `true` exits without reading: every write clipsearch makes meets a closed pipe.
+        shell = f"{SCRIPT} {command} | true; echo ${{PIPESTATUS[0]}}"
+        result = subprocess.run(
+            ["bash", "-c", shell], env=dict(os.environ, CLIPSEARCH_HOME=str(home)), capture_output=True, text=True
+        )
+        assert (result.stdout, result.stderr) == ("141\n", ""), (command, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--device", "foo", "status"], "'foo' is not a device"),
+        (["--device", "cuda", "status"], "this machine has no CUDA GPU"),
+        (["index", "x", "--precision", "fp8"], "'fp8' is not one of auto, fp32, bf16, fp16, int8"),
+        (["bogus"], "No such command 'bogus'"),
+    ],
+)
+def test_usage_mistakes_are_one_line_and_exit_2(tmp_path, args, says):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = run(*args, home=tmp_path / "home")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and says in result.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_help_shows_the_glob_and_completion_is_offered(tmp_path):
+    assert "*.png" in run("index", "--help", home=tmp_path).stdout
+    assert "--install-completion" in run("--help", home=tmp_path).stdout
+
+
+def test_a_missing_image_path_is_an_error_not_a_text(home):
+    result = run("query", "/no/such/holiday.png", home=home)
+    assert result.returncode == 1 and "looks like an image path, but there is no such file" in result.stderr
+    assert run("query", "a photo of /no/such/holiday.png", home=home).returncode == 0
+
+
+def test_a_named_file_that_is_not_an_image_is_reported(home, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    result = run("index", str(notes), home=home)
+    assert f"{notes} is not an image file" in result.stderr
+
+
+def test_missing_files_can_be_listed_and_forgotten(home, tmp_path):
+    gone = sorted((tmp_path / "lib").rglob("*.png"))[:3]
+    for path in gone:
+        path.unlink()
+    assert run("index", str(tmp_path / "lib"), home=home).returncode == 0
+    assert sorted(run("status", "--missing", home=home).stdout.split()) == sorted(map(str, gone))
+    assert "3 missing" in run("status", home=home).stdout
+    assert run("remove", "--missing", home=home).stdout == "Removed 3 file(s) from the index.\n"
+    assert run("status", "--missing", home=home).stdout == "" and "0 missing" in run("status", home=home).stdout
+
+
+def test_the_summary_says_where_the_index_is_and_the_encode_rate_apart(tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 3)
+    result = run("index", str(tmp_path / "lib"), "--model", tiny_model, home=tmp_path / "home")
+    assert f"; index: {tmp_path / 'home'}" in result.stdout
+    assert "model loaded in" in result.stdout
+
+
+def test_read_only_commands_create_nothing(tmp_path):
+    for args in (["status"], ["query", "x"], ["remove", "x"], ["rebuild"]):
+        result = run(*args, home=tmp_path / "home")
+        assert result.returncode == 1 and "There is no index" in result.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_failed_first_run_fixes_no_model(tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 2)
+    home = tmp_path / "home"
+    assert run("index", str(tmp_path / "lib"), "--model", str(tmp_path / "garbage.pt"), home=home).returncode == 1
+    assert run("index", str(tmp_path / "lib"), "--model", tiny_model, home=home).returncode == 0
+    with Index.open(home, readonly=True) as index:
+        assert index.model == tiny_model and [m.name for m in index.status().models] == [tiny_model]
+
+
+def test_the_first_run_prepares_the_text_tower_for_queries(tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 2)
+    assert numpy_text.load_cached(tiny_model) is None
+    with Index.open(tmp_path / "home", model=tiny_model) as index:
+        index.add([tmp_path / "lib"], workers=0)
+    assert numpy_text.load_cached(tiny_model) is not None
+
+
+def test_token_ids_outside_a_models_vocabulary_are_refused_with_advice(tiny_model):
+    model, _ = clip.load(tiny_model, device="cpu")
+    with pytest.raises(ValueError, match=r"outside this model's vocabulary of 514.*model\.tokenizer"):
+        model.encode_text(clip.tokenize(["a dog"]))
+    assert model.encode_text(model.tokenizer(["a dog"])).shape == (1, 32)
