@@ -1,10 +1,10 @@
 """Which photos a search may return, by what they say about themselves: when, with which
 camera, where, what kind of file, how large; and the orders hits can be listed in.
 
-A `Filters` becomes one SQL condition on the catalog's columns (`where`), so that the catalog
-hands the vector search the ids that pass and FAISS skips the others (`VectorIndex.search`'s
-``among``); the one test SQL cannot make exactly, distance on the globe, narrows to a bounding box
-there and finishes in NumPy (`within_radius`).
+A `Filters` gives the values of the catalog's one filtered read (`sql_values`), so that the
+catalog hands the vector search the ids that pass and FAISS skips the others
+(`VectorIndex.search`'s ``among``); the one test SQL cannot make exactly, distance on the globe,
+narrows to a bounding box there and finishes in NumPy (`within_radius`).
 
 Dates compare with the local time a photo was taken, as people write them: "2019",
 "2019-06", "2019-06-01", "2019-06-01T10:30". ``after`` starts at the start of what it names,
@@ -14,6 +14,7 @@ July and August. A photo without a date taken passes no date filter.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -80,33 +81,23 @@ class Filters:
         lat, lon, km = (*self.near, DEFAULT_NEAR_KM)[:3]
         return float(lat), float(lon), float(km)
 
-    def where(self) -> tuple[str, list[object]]:
-        """An SQL condition on the `images` table's columns and its parameters ("1" for none).
-        With ``near`` it is a bounding box: `within_radius` finishes the job."""
-        clauses: list[str] = []
-        params: list[object] = []
-        if self._after is not None:
-            clauses.append("taken >= ?")
-            params.append(self._after)
-        if self._before is not None:
-            clauses.append("taken < ?")
-            params.append(self._before)
-        if self.camera:
-            clauses.append("(coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE ? ESCAPE '\\'")
-            params.append("%" + re.sub(r"([\\%_])", r"\\\1", self.camera) + "%")
-        if self.extensions:
-            wanted = sorted({alias for ext in self.extensions for alias in (ext, _SAME_EXTENSION.get(ext, ext))})
-            # LIKE ignores ASCII case: .JPG and .jpg alike. Extensions are letters and digits only.
-            clauses.append("(" + " OR ".join("CAST(path AS TEXT) LIKE ?" for _ in wanted) + ")")
-            params += [f"%.{ext}" for ext in wanted]
-        if self.min_width is not None:
-            clauses.append("width >= ?")
-            params.append(self.min_width)
-        if self.radius is not None:
-            box, box_params = _bounding_box(*self.radius)
-            clauses.append(box)
-            params += box_params
-        return (" AND ".join(clauses) or "1"), params
+    def sql_values(self) -> dict[str, object]:
+        """The values the catalog's filtered read compares its columns with (`Catalog.matching_ids`),
+        None for each filter unset. ``near`` gives its bounding box (west and east None near a
+        pole, west > east across the antimeridian): `within_radius` finishes the job."""
+        wanted = sorted({alias for ext in self.extensions for alias in (ext, _SAME_EXTENSION.get(ext, ext))})
+        south, north, west, east = _bounding_box(*self.radius) if self.radius else (None, None, None, None)
+        return {
+            "taken_from": self._after,
+            "taken_until": self._before,
+            "camera": "%" + re.sub(r"([\\%_])", r"\\\1", self.camera) + "%" if self.camera else None,
+            "min_width": self.min_width,
+            "extensions": json.dumps(wanted) if wanted else None,
+            "south": south,
+            "north": north,
+            "west": west,
+            "east": east,
+        }
 
     def within_radius(self, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
         """Which of these positions lie within ``near``'s radius (all, without ``near``)."""
@@ -173,19 +164,17 @@ def distance_km(lat: float, lon: float, latitudes: np.ndarray, longitudes: np.nd
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
 
 
-def _bounding_box(lat: float, lon: float, km: float) -> tuple[str, list[object]]:
-    """A latitude/longitude box around the circle, for SQL to narrow by before the exact test.
-    Near a pole every longitude qualifies; across the antimeridian the longitude range wraps."""
+def _bounding_box(lat: float, lon: float, km: float) -> tuple[float, float, float | None, float | None]:
+    """(south, north, west, east) around the circle, for SQL to narrow by before the exact test.
+    Near a pole every longitude qualifies (None); across the antimeridian west > east."""
     dlat = math.degrees(km / EARTH_RADIUS_KM)
-    box = "latitude BETWEEN ? AND ?"
-    params: list[object] = [lat - dlat, lat + dlat]
     if abs(lat) + dlat >= 90:
-        return box, params
+        return lat - dlat, lat + dlat, None, None
     dlon = math.degrees(math.asin(min(1.0, math.sin(km / EARTH_RADIUS_KM) / math.cos(math.radians(lat)))))
     west, east = lon - dlon, lon + dlon
     if west < -180 or east > 180:
-        return box + " AND (longitude >= ? OR longitude <= ?)", [*params, _wrap(west), _wrap(east)]
-    return box + " AND longitude BETWEEN ? AND ?", [*params, west, east]
+        west, east = _wrap(west), _wrap(east)
+    return lat - dlat, lat + dlat, west, east
 
 
 def _wrap(longitude: float) -> float:

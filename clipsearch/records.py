@@ -111,6 +111,13 @@ class PhotoMeta:
 METADATA_COLUMNS = tuple(f.name for f in fields(PhotoMeta))
 
 
+def extension_of(path: bytes) -> str | None:
+    """A file name's extension as `--ext` compares it: lower case, without the dot; None for a
+    name without one (or one too long to be an extension)."""
+    ext = os.path.splitext(os.path.basename(path))[1][1:].lower()
+    return os.fsdecode(ext) if 0 < len(ext) <= 16 else None
+
+
 @dataclass
 class IndexedFile:
     """A successfully encoded (or vector-reused) file to upsert."""

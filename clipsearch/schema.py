@@ -58,6 +58,7 @@ class Image(Base):
     # What the file says about itself (`records.PhotoMeta`, revision 0005); `metadata_version`
     # names the reader that filled them in, NULL where none has yet.
     format: Mapped[str | None] = mapped_column(String(16))
+    extension: Mapped[str | None] = mapped_column(String(16))  # of the file name, lower case (`extension_of`)
     orientation: Mapped[int | None]
     taken: Mapped[str | None] = mapped_column(String(19), index=True)  # local time, ISO 8601
     taken_offset: Mapped[int | None]  # minutes east of UTC

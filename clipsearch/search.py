@@ -242,22 +242,18 @@ def list_hits(
 ) -> list[Hit]:
     """The first ``k`` rows ``filters`` pass in ``order`` ("date", "-date", "path"), without a
     score: a query of filters alone. Paged, skipping files deleted since they were indexed."""
-    folder, skipped = _folder(under), set(exclude)
+    skipped = set(exclude)
+    ids = [i for i in catalog.matching_ids(filters, _folder(under)).tolist() if i not in skipped]
     hits: list[Hit] = []
     offset, page = 0, max(2 * k, 64)
-    while True:
-        rows = catalog.listed(filters, folder, order, page, offset)
-        for row in rows:
-            position = (np.array([row.metadata.latitude]), np.array([row.metadata.longitude]))
-            if row.id in skipped or not filters.within_radius(*position)[0] or not os.path.exists(row.path):
-                continue
-            hits.append(Hit.of(row, None))
-            if len(hits) == k:
-                return hits
-        if len(rows) < page:
-            return hits
-        offset += len(rows)
+    while offset < len(ids):
+        rows = catalog.listed(ids, order, page, offset)
+        hits += [Hit.of(row, None) for row in rows if os.path.exists(row.path)]
+        if len(hits) >= k or not rows:
+            return hits[:k]
+        offset += page
         page *= 4
+    return hits
 
 
 def sort_hits(hits: list[Hit], order: str) -> list[Hit]:

@@ -11,6 +11,7 @@ from PIL import Image
 from test_migrations import migrate
 
 from clipsearch import photo_meta
+from clipsearch.filters import Filters
 from clipsearch.index import Index
 from clipsearch.records import PhotoMeta
 
@@ -169,7 +170,9 @@ def test_an_index_from_before_metadata_gains_it_without_reencoding(tmp_path, tin
     migrate(home / "catalog.db", "0004", command.downgrade)
     encoded.clear()
     with Index.open(home, model=tiny_model) as index:
-        assert len(index.catalog.without_metadata()) == 4  # upgraded: nothing known yet
+        assert len(index.catalog.without_metadata()) == 4  # upgraded: nothing known yet...
+        listed = index.search(None, filters=Filters(extensions=("png",)))
+        assert [h.path.name for h in listed] == ["c.png"]  # ...but the extension, from the path
         hits_before = index.search("x", k=4)
         report = index.add([lib / "sub"], workers=0)  # only the files under the roots walked
         assert report.metadata == 1 and len(index.catalog.without_metadata()) == 3
