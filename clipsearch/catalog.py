@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,12 +57,15 @@ if TYPE_CHECKING:
     from clipsearch.filters import Filters
 
 
+log = logging.getLogger(__name__)
+
 CATALOG_FILE = "catalog.db"
 LOCK_FILE = "index.lock"
 
 _BUSY_TIMEOUT_MS = 10_000
 _LOCK_POLL_S = 0.1
 _CHUNK = 10_000  # vectors per fetch when reading them all
+_WAL_HEADER_BYTES = 32  # a write-ahead log no longer than this holds no commit
 
 
 class Catalog:
@@ -185,6 +190,12 @@ class Catalog:
         """Bumped by every write to the images; the FAISS file records the one it was built from."""
         return int(self.get_meta("generation") or 0)
 
+    @property
+    def generation_id(self) -> str:
+        """Random, new with every generation: tells this catalog's generation N from another
+        history's (a backup of it restored, then written to again)."""
+        return self.get_meta("generation_id") or ""
+
     # --- reads ----------------------------------------------------------------------------
 
     def file_states(self, model: str | None = None) -> dict[bytes, FileState]:
@@ -253,6 +264,18 @@ class Catalog:
             if vectors is None:
                 vectors = np.empty((0, model.dim), dtype=np.float32)
         return ids, vectors
+
+    def vector_writes(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64, vector generations int64, indexed_at float64) of the rows with a vector by
+        ``model``, ordered by id: when each vector was last written (-1 and 0 where unknown)."""
+        query = (
+            "SELECT v.image_id, COALESCE(i.vector_generation, -1), COALESCE(i.indexed_at, 0.0) FROM vectors AS v "
+            "JOIN images AS i ON i.id = v.image_id WHERE v.model_id = ? ORDER BY v.image_id"
+        )
+        with self.read() as db:
+            rows = db.execute(query, (model.id,)).fetchall()
+        ids, generations, times = (np.array(column) for column in zip(*rows)) if rows else ([], [], [])
+        return np.asarray(ids, np.int64), np.asarray(generations, np.int64), np.asarray(times, np.float64)
 
     def changes_since(self, generation: int, model: StoredModel) -> Changes | None:
         """What ``model``'s FAISS file of catalog ``generation`` must take in to match the catalog
@@ -628,8 +651,7 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
     """
     mode = "ro" if readonly else "rwc" if create else "rw"
     uri = f"file:{quote(os.fsencode(db))}?mode={mode}"
-    wal = db.with_name(db.name + "-wal")
-    if readonly and not os.access(db.parent, os.W_OK) and not wal.exists():
+    if readonly and not os.access(db.parent, os.W_OK) and not _wal_readable(db):
         uri += "&immutable=1"
     # check_same_thread off: a Catalog may be handed to another thread, as long as two
     # threads never use it at the same time.
@@ -644,6 +666,26 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _wal_readable(db: Path) -> bool:
+    """Whether SQLite can read the -wal file of a catalog in a read-only folder: not without its
+    -shm file, which it would have to create there. Commits in an unreadable log (its -shm file
+    deleted, or left behind by a copy) are then not seen, and the catalog is read as before them."""
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    if not wal.exists():
+        return False
+    if shm.exists():
+        return True
+    if wal.stat().st_size > _WAL_HEADER_BYTES:
+        log.warning(
+            "%s holds changes that cannot be read while %s is read-only (SQLite needs to create %s for that); "
+            "answering from the catalog as it was before them.",
+            wal,
+            db.parent,
+            shm.name,
+        )
+    return False
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:
@@ -750,6 +792,7 @@ def _bump_generation(conn: Connection) -> int:
     upsert = sqlite_insert(Meta).values(key="generation", value="1")
     next_value = cast(cast(Meta.value, Integer) + 1, Text)
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=dict(value=next_value)))
+    _set_meta(conn, "generation_id", secrets.token_hex(8))
     return int(conn.execute(select(Meta.value).where(Meta.key == "generation")).scalar_one())
 
 

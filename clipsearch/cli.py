@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -123,7 +124,7 @@ class _LowercaseLevel(logging.Formatter):
     """``warning: ...``, like other command-line tools, rather than logging's ``WARNING:``."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1)
+        return _shown(super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1))
 
 
 def _handle_errors(command: Callable) -> Callable:
@@ -159,8 +160,27 @@ def _handle_errors(command: Callable) -> Callable:
 
 
 def _error(message: str) -> None:
-    typer.echo(f"Error: {message}", err=True)
+    typer.echo(f"Error: {_shown(message)}", err=True)
     raise typer.Exit(1)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")  # C0, DEL, C1; bytes that are not UTF-8
+
+
+def _shown(text: str | os.PathLike[str]) -> str:
+    """A name or message as human output shows it: control characters escaped (``\\n``,
+    ``\\x1b``), like bytes that are not UTF-8 (``\\xff``), so that a file name can neither drive
+    the terminal nor break a line in two. Output for programs (--json, --paths-only) stays exact."""
+    return _CONTROL.sub(_escape, os.fspath(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = ord(match.group())
+    return {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}.get(char, f"\\x{char & 0xFF:02x}")
+
+
+def _print(line: str) -> None:
+    sys.stdout.buffer.write(_shown(line).encode() + b"\n")
 
 
 def _open(model: str | None = None, precision: str = "auto", *, create: bool = False, reading: bool = False) -> Index:
@@ -209,6 +229,12 @@ def index_command(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Try again files that failed before, even unchanged."
     ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Fingerprint files whose size and mtime are unchanged too, and re-encode those whose content "
+        "changed (slower: reads up to 1 MiB of every file).",
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 32)."),
     workers: int | None = typer.Option(
         None,
@@ -239,15 +265,16 @@ def index_command(
     drop out of results, unreadable ones are listed by `clipsearch status --failed`.
 
     Exit status: 0 done; 3 done, but some files could not be read (see `status --failed`);
-    130 stopped by Ctrl-C (what was finished is kept); 1 error.
+    130 stopped by Ctrl-C, 143 by SIGTERM (what was finished is kept); 1 error.
     """
     stop = threading.Event()
-    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
+    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_signals(stop) as stopped:
         report = index.add(
             paths,
             exclude=exclude,
             follow_symlinks=follow_symlinks,
             retry_failed=retry_failed,
+            verify=verify,
             batch_size=batch_size,
             workers=workers,
             progress=progress,
@@ -261,7 +288,7 @@ def index_command(
             typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(128 + stopped.signum)
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -271,12 +298,14 @@ def _summary(report: AddReport, home: Path) -> str:
     line = (
         f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
         f"failed {report.failed}, unchanged {report.unchanged} in {report.elapsed:.1f} s "
-        f"({report.images_per_s:.1f} images/s{load}); index: {home}"
+        f"({report.images_per_s:.1f} images/s{load}); index: {_shown(home)}"
     )
     if report.failed:
         line += "; see the failures with `clipsearch status --failed`"
     if report.unreadable:
         line += f"; {report.unreadable} folder(s) could not be read"
+    if report.verified:
+        line += f"; {report.verified} unchanged-looking file(s) verified"
     if report.metadata:
         line += f"; metadata read for {report.metadata} file(s) indexed before"
     return line
@@ -304,26 +333,34 @@ class _progress_bar:
             self.bar.close()
 
 
-class _stop_on_ctrl_c:
-    """The first Ctrl-C asks the run to stop after committing what is finished; a second one
-    interrupts at once (the open transaction rolls back, nothing committed is lost)."""
+class _stop_on_signals:
+    """The first Ctrl-C or SIGTERM (`kill PID`, a service manager) asks the run to stop after
+    committing what is finished; a second one interrupts at once (the open transaction rolls
+    back, nothing committed is lost)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, stop: threading.Event):
         self.stop = stop
+        self.signum: int = signal.SIGINT
 
-    def __enter__(self) -> None:
-        self.previous = signal.signal(signal.SIGINT, self._handler)
+    def __enter__(self) -> _stop_on_signals:
+        self.previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
+        return self
 
     def _handler(self, signum: int, frame: object) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
         self.stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.signum = signum
         typer.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)
 
     def __exit__(self, *exc: object) -> None:
-        # Once stopping, the command is only reporting and exiting 130: a second Ctrl-C that
-        # lands now (the batch finished first) has nothing left to cut short, and raised during
-        # interpreter shutdown it would kill the process by signal instead of exiting 130.
-        signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop.is_set() else self.previous)
+        # Once stopping, the command is only reporting and exiting: a second signal that lands
+        # now (the batch finished first) has nothing left to cut short, and raised during
+        # interpreter shutdown it would kill the process by signal instead of exiting 128 + N.
+        for signum, previous in self.previous.items():
+            signal.signal(signum, signal.SIG_IGN if self.stop.is_set() else previous)
 
 
 # --- query -----------------------------------------------------------------------------------
@@ -446,9 +483,8 @@ def query_command(
         for h in hits:
             if protocol:
                 out.write(inline.inline_image(h.path, protocol))
-            # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk. Listed by
-            # filters alone, a hit has no score: its date taken stands in that column.
-            out.write(_first_column(h).encode() + b"  " + os.fsencode(h.path) + b"\n")
+            # Listed by filters alone, a hit has no score: its date taken stands in that column.
+            out.write(_shown(f"{_first_column(h)}  {h.path}").encode() + b"\n")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()
@@ -512,20 +548,20 @@ def duplicates_command(
         out.writelines(os.fsencode(d.hit.path) + end for g in groups for d in g.duplicates)
     else:
         for number, group in enumerate(groups):
-            out.write((b"\n" if number else b"") + b"keep    " + _described(group.keeper) + b"\n")
+            out.write(("\n" if number else "").encode() + _described("keep", group.keeper))
             for duplicate in group.duplicates:
                 score = duplicate.hit.score
                 similarity = "exact" if duplicate.exact else "-" if score is None else f"{score:.3f}"
-                out.write(f"  {similarity:<6}".encode() + _described(duplicate.hit) + b"\n")
+                out.write(_described(f"  {similarity}", duplicate.hit))
     out.flush()
     if not settings.quiet:
         extra = sum(len(g.duplicates) for g in groups)
         typer.echo(f"{len(groups)} group(s), {extra} image(s) besides the keepers.", err=True)
 
 
-def _described(hit: Any) -> bytes:
-    """A hit's path (as bytes: a name that is not valid UTF-8 prints as it is) and pixel size."""
-    return os.fsencode(hit.path) + f"  {hit.width}x{hit.height}".encode()
+def _described(label: str, hit: Any) -> bytes:
+    """One line of a group: a label in 8 columns, the path as human output shows it, the size."""
+    return _shown(f"{label:<8}{hit.path}  {hit.width}x{hit.height}").encode() + b"\n"
 
 
 # --- classify --------------------------------------------------------------------------------
@@ -554,7 +590,7 @@ def classify_command(
     width = max(len(name) for name in names)
     for image in images:
         probabilities = zero_shot(encoder, image, names, template)
-        sys.stdout.buffer.write(os.fsencode(image) + b"\n")
+        _print(str(image))
         for name, p in zip(names, probabilities):
             typer.echo(f"  {name:<{width}}  {p:.4f}")
 
@@ -583,23 +619,33 @@ def status_command(
         "--missing",
         help="List the files gone from disk since they were indexed (forget them with `clipsearch remove --missing`).",
     ),
+    check: bool = typer.Option(
+        False, "--check", help="Also compare each model's vector file with the catalog, row by row (exit 1 if not)."
+    ),
     model: str | None = _model_option("describe"),
 ) -> None:
     """Where the index is, its models and their coverage, how many images it holds, and whether
     the vector file is consistent with the catalog."""
     with _open(model, reading=True) as index:
         if failed or missing:
-            out = sys.stdout.buffer
             if failed:
                 for path, reason in index.failures():
                     # Reasons often start with the file's name: it is said once, first.
-                    reason = reason.removeprefix(f"{path} ")
-                    out.write(os.fsencode(path) + f": {reason}\n".encode())
+                    _print(f"{path}: {reason.removeprefix(f'{path} ')}")
             if missing:
-                out.writelines(os.fsencode(path) + b"\n" for path in index.missing())
-            out.flush()
+                for path in index.missing():
+                    _print(str(path))
             return
         typer.echo(_describe(index.status()))
+        if check:
+            from clipsearch.consistency import check as check_vectors
+
+            checks = check_vectors(index.home, index.catalog)
+            for c in checks:
+                found = "; ".join(c.problems) or f"its vector file matches the catalog's {c.vectors} vectors row by row"
+                _print(f"Check:    {c.model}: {found}")
+            if any(c.problems for c in checks):
+                raise typer.Exit(1)
 
 
 def _describe(status: Status) -> str:
@@ -610,7 +656,8 @@ def _describe(status: Status) -> str:
     if counts.get(STATUS_FAILED):
         images += " (see `clipsearch status --failed`)"
     models = [
-        f"{m.name} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images" + (", default" if m.default else "")
+        f"{_shown(m.name)} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images"
+        + (", default" if m.default else "")
         for m in status.models
     ]
     vectors = f"{status.vectors_in_index} in a {status.index_type} index"
@@ -623,10 +670,10 @@ def _describe(status: Status) -> str:
     )
     return "\n".join(
         [
-            f"Index:    {status.home}",
+            f"Index:    {_shown(status.home)}",
             f"Images:   {images}",
             "Models:   " + ("\n          ".join(models) if models else "none yet (run `clipsearch index PATH`)"),
-            f"Vectors:  {status.model}: {vectors}",
+            f"Vectors:  {_shown(status.model or '')}: {vectors}",
             f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
         ]
     )

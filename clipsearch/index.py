@@ -124,13 +124,15 @@ class Index:
         exclude: Sequence[str] = (),
         follow_symlinks: bool = False,
         retry_failed: bool = False,
+        verify: bool = False,
         batch_size: int | None = None,
         workers: int | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> AddReport:
         """Index new and changed images under ``paths`` with the model; forget those gone from
-        there. Files other models indexed already are only encoded, never walked twice.
+        there. Files other models indexed already are only encoded, never walked twice. ``verify``
+        fingerprints unchanged files again, to catch content rewritten with size and mtime kept.
 
         ``progress(done, total)`` is called as files are finished; ``should_stop()`` is polled
         and, once true, the run commits what is finished and returns with ``interrupted`` set.
@@ -145,6 +147,7 @@ class Index:
                 exclude=exclude,
                 follow_symlinks=follow_symlinks,
                 retry_failed=retry_failed,
+                verify=verify,
                 batch_size=batch_size,
                 workers=workers,
                 progress=progress,

@@ -44,35 +44,38 @@ class Header(NamedTuple):
     metadata: PhotoMeta
 
 
-def read(image: Image.Image) -> Header:
-    """The header of an image Pillow has opened, before ``draft()`` or ``load()`` shrink or
-    consume it."""
+def read(image: Image.Image) -> PhotoMeta:
+    """What an image Pillow has opened says about itself, without decoding its pixels to find
+    out: the EXIF of a PNG that keeps it after its pixels counts once the image is loaded."""
+    fields: dict[str, object] = {"format": image.format}
     try:
-        exif = image.getexif()
+        exif = image.getexif() if image.format != "PNG" or "exif" in image.info else None
     except Exception as e:  # malformed EXIF: the pixels are fine, the metadata is absent
         log.debug("unreadable EXIF in %s: %s", _name(image), e)
         exif = None
-    fields: dict[str, object] = {"format": image.format}
     if exif is not None:
         for part in (_orientation, _camera, _date, _place):
             try:
                 fields.update(part(exif))
             except Exception as e:
                 log.debug("ignoring unreadable EXIF %s in %s: %s", part.__name__.strip("_"), _name(image), e)
-    metadata = PhotoMeta(**fields)  # type: ignore[arg-type]
-    width, height = image.size
-    if metadata.orientation in _TRANSPOSED:
-        width, height = height, width
-    return Header(width, height, metadata)
+    return PhotoMeta(**fields)  # type: ignore[arg-type]
 
 
 def read_file(path: str | os.PathLike[str] | bytes) -> Header:
-    """Open only the header of ``path``. Raises OSError (Pillow's UnidentifiedImageError among
+    """The size as shown and the metadata of ``path``, from its header alone (opened as the
+    indexer opens files: `open_regular`). Raises OSError (Pillow's UnidentifiedImageError among
     them) when it is not an image that can be opened."""
     from PIL import Image
 
-    with Image.open(os.fsdecode(path)) as image:
-        return read(image)
+    from clipsearch.fingerprint import open_regular
+
+    with open_regular(path) as f, Image.open(f) as image:
+        metadata = read(image)
+        width, height = image.size
+    if metadata.orientation in _TRANSPOSED:
+        width, height = height, width
+    return Header(width, height, metadata)
 
 
 def _name(image: Image.Image) -> str:

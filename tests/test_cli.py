@@ -17,7 +17,7 @@ from reliability_helpers import cli_command, indexed_count, start_cli
 from typer.testing import CliRunner
 
 from clipsearch import __version__
-from clipsearch.cli import _stop_on_ctrl_c, app
+from clipsearch.cli import _stop_on_signals, app
 
 SUMMARY = re.compile(
     r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
@@ -232,9 +232,9 @@ def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
     """The run can finish its batch before a second Ctrl-C lands; from then on the command only
     reports and exits 130, and a SIGINT raised in interpreter shutdown would end it by signal."""
     stop = threading.Event()
-    before = signal.getsignal(signal.SIGINT)
+    before, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        with _stop_on_ctrl_c(stop):
+        with _stop_on_signals(stop):
             os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: asks the run to stop
             deadline = time.monotonic() + 5
             while not stop.is_set() and time.monotonic() < deadline:
@@ -243,7 +243,8 @@ def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
-    with _stop_on_ctrl_c(threading.Event()):
+        signal.signal(signal.SIGTERM, before_term)
+    with _stop_on_signals(threading.Event()):
         pass
     assert signal.getsignal(signal.SIGINT) is before  # a run nobody stopped restores the handler
 

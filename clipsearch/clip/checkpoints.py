@@ -24,13 +24,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
+import os
 import pickle
 import re
 import shutil
+import stat
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +72,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         state_dict, info = _read_file(path)
     else:
         raise CheckpointError(f"There is no checkpoint file or directory at {path}.")
-    return _clean(state_dict), info
+    return _clean(state_dict), _checked_normalisation(info, path)
 
 
 def write_model_dir(
@@ -94,6 +97,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
         return _load_safetensors(path), CheckpointInfo("openclip")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
+            _check_unpacked_size(path, archive)
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
                 return _read_torchscript(path, archive), CheckpointInfo("openai", quick_gelu=True)
     return _unwrap(_torch_load(path), path), CheckpointInfo("openclip")
@@ -180,9 +184,11 @@ class _ArchiveUnpickler(pickle.Unpickler):
         kind, dtype, key, _location, numel = pid
         if kind != "storage" or not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError(f"unexpected record {kind!r} in a weights archive")
-        data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
-        if len(data) != numel * dtype.itemsize:
-            raise pickle.UnpicklingError(f"storage {key} has {len(data)} bytes, not {numel} elements")
+        name = f"{self.root}/data/{key}"
+        size = self.archive.getinfo(name).file_size  # checked before a byte of it is inflated
+        if size != numel * dtype.itemsize:
+            raise pickle.UnpicklingError(f"storage {key} has {size} bytes, not {numel} elements")
+        data = bytearray(self.archive.read(name))
         return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
@@ -212,6 +218,7 @@ def _module_tensors(module: _ScriptObject, prefix: str = ""):
 
 
 def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    _refuse_links_out(path)
     if (path / "open_clip_config.json").is_file():
         return _read_openclip_dir(path)
     if (path / "config.json").is_file():
@@ -356,14 +363,14 @@ def _huggingface_vocab(path: Path) -> Path | None:
     """
     if not (path / "merges.txt").is_file():
         return None
-    text = (path / "merges.txt").read_bytes()
+    text = _read_small(path / "merges.txt")
     if not text.startswith(b"#version"):
         text = b"#version: 0.2\n" + text  # the tokenizer skips the first line
     target = model_cache_dir() / "vocab" / f"merges-{hashlib.sha256(text).hexdigest()[:16]}.txt.gz"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".part")
-        part.write_bytes(gzip.compress(text, mtime=0))
+        _write_no_wider_than(part, gzip.compress(text, mtime=0), path / "merges.txt")
         part.replace(target)
     if (path / "vocab.json").is_file() and Tokenizer(target).encoder != _read_json(path / "vocab.json"):
         raise CheckpointError(
@@ -394,7 +401,7 @@ def _first_file(directory: Path, names: Sequence[str]) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_small(path))
     except (OSError, ValueError) as err:
         raise _unreadable(path, err) from None
     if not isinstance(data, dict):
@@ -402,8 +409,88 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _triple(values: Sequence[float] | None) -> Mean | None:
-    return None if values is None else tuple(float(v) for v in values)
+def _triple(values: Any) -> Any:
+    """As the file gives them: `_checked_normalisation` makes sure they are three numbers."""
+    return None if values is None else tuple(values) if isinstance(values, (list, tuple)) else (values,)
+
+
+def _checked_normalisation(info: CheckpointInfo, path: Path) -> CheckpointInfo:
+    """``info`` with its image mean and std as floats, or CheckpointError naming the model: a std
+    of 0 made every vector NaN, and a mean of the wrong length failed every image, for good."""
+    checked: dict[str, Any] = {}
+    for name, values in (("image_mean", info.image_mean), ("image_std", info.image_std)):
+        if values is None:
+            continue
+        try:
+            numbers = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            numbers = ()
+        positive = name == "image_std"
+        if len(numbers) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
+            raise CheckpointError(
+                f"{path} gives {name} {list(values)}; it must be 3 finite numbers"
+                + (" above 0" if positive else "")
+                + ", one per colour channel."
+            )
+        checked[name] = numbers
+    return replace(info, **checked)
+
+
+# --- bounds on what a model's files make us read, allocate or copy ---------------------------
+
+# JSON settings and merges files: CLIP's vocab.json is 0.9 MB, its merges.txt 0.5 MB.
+MAX_SMALL_FILE_BYTES = 16 << 20
+# torch.save stores tensors uncompressed: an archive that inflates to more than this many times
+# its size is a zip bomb (3 MB inflating to gigabytes), refused before anything is inflated.
+MAX_UNPACKED_RATIO = 2
+
+
+def _read_small(path: Path) -> bytes:
+    """A settings file, read only if it is as small as such files are (a sparse 3 GiB
+    config.json cost 6.7 GB of memory when read whole)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_SMALL_FILE_BYTES + 1)
+    if len(data) > MAX_SMALL_FILE_BYTES:
+        raise CheckpointError(
+            f"{path} is larger than a model's settings file ever is ({MAX_SMALL_FILE_BYTES >> 20} MB); it was not read."
+        )
+    return data
+
+
+def _check_unpacked_size(path: Path, archive: zipfile.ZipFile) -> None:
+    unpacked, size = sum(info.file_size for info in archive.infolist()), path.stat().st_size
+    if unpacked > MAX_UNPACKED_RATIO * size + (1 << 20):
+        raise CheckpointError(
+            f"{path} unpacks to {unpacked / 1e6:.0f} MB from {size / 1e6:.1f} MB (a zip bomb?); clipsearch reads "
+            "weights archives whose tensors are stored uncompressed, as torch.save writes them."
+        )
+
+
+def _refuse_links_out(folder: Path) -> None:
+    """Files of a model folder are read, and some copied into the cache, so a symlink in it must
+    not lead elsewhere (a merges.txt linking to a private file had that file copied out, readable
+    by everyone). The one layout allowed to link out is the Hugging Face cache's, whose
+    ``snapshots/<revision>/`` files link to ``../../blobs/``."""
+    inside = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        inside.append((folder.parent.parent / "blobs").resolve())
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            target = entry.resolve()
+            if not any(target.is_relative_to(root) for root in inside):
+                raise CheckpointError(
+                    f"{entry} links outside the model folder (to {target}); "
+                    "copy the file into the folder if it belongs to the model."
+                )
+
+
+def _write_no_wider_than(path: Path, data: bytes, source: Path) -> None:
+    """Write a new cache file readable by no one who cannot read ``source``: created with the
+    source's permissions, which the kernel narrows by the umask."""
+    path.unlink(missing_ok=True)  # a leftover keeps its own permissions
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & stat.S_IMODE(source.stat().st_mode))
+    with open(fd, "wb") as f:
+        f.write(data)
 
 
 def _unreadable(path: Path, err: BaseException) -> CheckpointError:

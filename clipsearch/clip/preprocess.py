@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+from PIL.Jpeg2KImagePlugin import Jpeg2KImageFile
 
 from ..errors import ImageError
 
@@ -34,6 +37,17 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # this aspect ratio only the part that survives the crop is resized.
 MAX_EXACT_ASPECT = 20
 
+# Pillow refuses images over 2 x 89 megapixels as bombs, but decoding one under that still cost
+# 3.1 GB (a 6.5 KB WebP of 13000 x 13000) in every decode worker. Past this many megapixels, as
+# decoded (after reduced decoding, which lets larger JPEGs through), an image is refused from its
+# header; the environment variable CLIPSEARCH_MAX_MEGAPIXELS sets another limit.
+DEFAULT_MAX_MEGAPIXELS = 48.0
+
+
+class OverPixelBudget(Exception):
+    """Raised by `load_upright` for an image larger than the pixel budget."""
+
+
 # What Pillow and its plugins raise for unreadable, truncated or malformed files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
@@ -47,20 +61,57 @@ def open_image(source: str | os.PathLike[str] | BinaryIO, target: int | None = N
     embedding (benchmarks/draft_decode.py). Animated and multi-page files give their
     first frame.
     """
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
+    with opened_image(source) as image:
+        return load_upright(image, target)
+
+
+@contextmanager
+def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> Iterator[Image.Image]:
+    """The image with only its header read (size, mode, EXIF), for `load_upright`; whatever
+    Pillow raises meanwhile becomes an `ImageError` naming the file (``name``, else the path).
+    A reader that wants the header too (the size as shown, metadata) reads it here first."""
+    if name is None:
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
     try:
         with Image.open(source) as image:
-            if target:
-                image.draft("RGB", (2 * target, 2 * target))
-            image.load()
-            return to_rgb(_upright(image))
+            yield image
     except FileNotFoundError:
         raise ImageError(f"{name} does not exist; check the path.") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is refused as a possible decompression bomb ({e}); exclude it.") from e
+    except OverPixelBudget as e:
+        raise ImageError(
+            f"{name} is {e} to decode; exclude it, or set CLIPSEARCH_MAX_MEGAPIXELS to a higher limit."
+        ) from None
     except _DECODE_ERRORS as e:
-        detail = str(e).replace(f" '{name}'", "")  # Pillow names the file too
+        # Pillow names the file too, a path as 'path' and an open file by its repr: said once, first.
+        unidentified = isinstance(e, Image.UnidentifiedImageError)
+        detail = "cannot identify image file" if unidentified else str(e).replace(f" '{name}'", "")
         raise ImageError(f"{name} cannot be decoded as an image ({detail}); check the file or exclude it.") from e
+
+
+def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:
+    """The pixels of an image from `opened_image`, upright and RGB, reduced while decoding for
+    `target` where the format allows (see `open_image`)."""
+    halved = 0  # times JPEG 2000 halves the size while decoding (JPEG's draft shrinks `size` itself)
+    if target:
+        image.draft("RGB", (2 * target, 2 * target))
+        if isinstance(image, Jpeg2KImageFile):
+            halved = min(5, int(np.log2(max(1, min(image.size) // (2 * target)))))
+            image.reduce = halved
+    megapixels = (image.width >> halved) * (image.height >> halved) / 1e6
+    if megapixels > max_megapixels():
+        raise OverPixelBudget(f"{megapixels:.0f} megapixels, more than the {max_megapixels():g} allowed")
+    image.load()
+    return to_rgb(_upright(image))
+
+
+def max_megapixels() -> float:
+    """The pixel budget of one decode: CLIPSEARCH_MAX_MEGAPIXELS, else `DEFAULT_MAX_MEGAPIXELS`."""
+    try:
+        return float(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS") or DEFAULT_MAX_MEGAPIXELS)
+    except ValueError:
+        return DEFAULT_MAX_MEGAPIXELS
 
 
 def _upright(image: Image.Image) -> Image.Image:
