@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -34,6 +34,8 @@ import numpy as np
 from clipsearch.errors import IndexStateError
 from clipsearch.migrate import ensure_schema
 from clipsearch.records import (
+    METADATA_COLUMNS,
+    METADATA_VERSION,
     STATUS_FAILED,
     STATUS_INDEXED,
     STATUS_MISSING,
@@ -43,12 +45,16 @@ from clipsearch.records import (
     FileState,
     ImageRow,
     IndexedFile,
+    PhotoMeta,
     StoredModel,
+    extension_of,
 )
 from clipsearch.sqlite_errors import SQLITE_BUSY, error_code, sqlite_errors
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
+
+    from clipsearch.filters import Filters
 
 
 log = logging.getLogger(__name__)
@@ -220,6 +226,22 @@ class Catalog:
                     found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32)
         return found
 
+    def stored_vector(
+        self, model: str, *, image_id: int | None = None, path: bytes | None = None
+    ) -> tuple[int, np.ndarray, int, int] | None:
+        """(id, vector float32 [dim], size, mtime_ns) of the indexed row with this id or path,
+        if ``model`` has a vector for it: "more like this" without decoding anything."""
+        key, value = ("images.id", image_id) if path is None else ("images.path", path)
+        query = (
+            "SELECT images.id, v.vector, size, mtime_ns FROM images JOIN vectors AS v ON v.image_id = images.id "
+            f"JOIN models AS m ON m.id = v.model_id WHERE {key} = ? AND m.name = ? AND status = ?"
+        )
+        with self.read() as db:
+            row = db.execute(query, (value, model, STATUS_INDEXED)).fetchone()
+        if row is None:
+            return None
+        return row[0], _vectors_of([row[1]])[0].astype(np.float32), row[2], row[3]
+
     def all_vectors(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], vectors float32 [n, dim]) of ``model``'s vectors, ordered by image id."""
         with self.read() as db:
@@ -286,13 +308,58 @@ class Catalog:
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         """Indexed rows by id; ids of rows that are gone or no longer indexed are left out."""
         # The ids travel as one JSON array parameter: no SQL is built from their number.
-        query = (
-            "SELECT id, path, size, mtime_ns, width, height FROM images "
-            "WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
-        )
+        query = f"SELECT {_ROW_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
         with self.read() as db:
             rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
-        return {row[0]: ImageRow(*row) for row in rows}
+        return {row[0]: _image_row(row) for row in rows}
+
+    def matching_ids(self, filters: Filters, under: bytes | None = None) -> np.ndarray:
+        """Ids (int64, ascending) of the indexed rows that pass ``filters`` and lie ``under`` a
+        folder: what a filtered search may return.
+
+        A date range, else a place, first narrows the rows by its index (unless it passes a
+        fifth of them or more, when one pass over the table is cheaper); every condition is
+        then checked on those rows only. The statements are fixed: an unset filter's values are
+        NULL, and the distance from ``near`` is finished in NumPy.
+        """
+        values = filters.sql_values() | _folder_values(under) | {"status": STATUS_INDEXED}
+        with self.read() as db:
+            candidates = None
+            if values["taken_from"] is not None or values["taken_until"] is not None:
+                bounds = {"taken_from": values["taken_from"] or "", "taken_until": values["taken_until"] or "~"}
+                candidates = [row[0] for row in db.execute(_TAKEN_BETWEEN, bounds)]
+            elif values["south"] is not None:
+                candidates = [row[0] for row in db.execute(_LATITUDE_BETWEEN, values)]
+            narrowed = candidates is not None and len(candidates) < (db.execute(_LAST_ID).fetchone()[0] or 0) / 5
+            rows = db.execute(
+                _FILTERED[filters.radius is not None, narrowed], values | {"among": json.dumps(candidates)}
+            )
+            if filters.radius is None:
+                return np.sort(np.fromiter((row[0] for row in rows), dtype=np.int64))
+            found = np.array(rows.fetchall(), dtype=np.float64).reshape(-1, 3)
+        return np.sort(found[filters.within_radius(found[:, 1], found[:, 2]), 0].astype(np.int64))
+
+    def listed(self, ids: Sequence[int], order: str, limit: int, offset: int = 0) -> list[ImageRow]:
+        """The indexed rows among ``ids`` in ``order`` ("date", "-date" or "path"; rows without
+        a date last), a page at a time."""
+        values = {"ids": json.dumps([int(i) for i in ids]), "status": STATUS_INDEXED, "limit": limit, "offset": offset}
+        with self.read() as db:
+            return [_image_row(row) for row in db.execute(_LISTED[order], values)]
+
+    def fingerprints(self, under: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, fingerprints object: bytes or None) of the indexed rows under a folder,
+        by id: which files are byte-identical copies of each other."""
+        with self.read() as db:
+            rows = db.execute(_FINGERPRINTS, _folder_values(under) | {"status": STATUS_INDEXED}).fetchall()
+        fingerprints = np.empty(len(rows), dtype=object)
+        fingerprints[:] = [row[1] for row in rows]
+        return np.array([row[0] for row in rows], dtype=np.int64), fingerprints
+
+    def without_metadata(self) -> list[bytes]:
+        """Paths of indexed rows whose metadata no reader of `METADATA_VERSION` has read yet."""
+        query = "SELECT path FROM images WHERE status = ? AND (metadata_version IS NULL OR metadata_version < ?)"
+        with self.read() as db:
+            return [row[0] for row in db.execute(query, (STATUS_INDEXED, METADATA_VERSION))]
 
     def fingerprint(self, image_id: int) -> bytes | None:
         """The content fingerprint of an indexed row, None when there is no such row: the web
@@ -373,6 +440,7 @@ class Catalog:
             def stat(f: IndexedFile | FailedFile) -> dict:
                 return dict(
                     path=f.path,
+                    extension=extension_of(f.path),
                     size=f.size,
                     mtime_ns=f.mtime_ns,
                     fingerprint=f.fingerprint,
@@ -381,8 +449,14 @@ class Catalog:
                 )
 
             rows = [
-                stat(f) | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None) for f in indexed
-            ] + [stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) for f in failed]
+                stat(f)
+                | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None)
+                | _metadata_columns(f.metadata)
+                for f in indexed
+            ] + [
+                stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) | _metadata_columns(None)
+                for f in failed
+            ]
             if rows:
                 upsert = sqlite_insert(Image)
                 changed = {name: upsert.excluded[name] for name in rows[0] if name != "path"}
@@ -407,6 +481,26 @@ class Catalog:
                     delete(Vector).where(Vector.image_id == id_of),
                     [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
                 )
+
+    def set_metadata(self, items: Sequence[tuple[bytes, PhotoMeta]]) -> None:
+        """Fill in rows' metadata, read from their files' headers. Vectors are untouched, so
+        the generation stays: no FAISS file has anything to catch up with."""
+        if not items:
+            return
+        from sqlalchemy import bindparam, update
+
+        from clipsearch.schema import Image
+
+        values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in (*METADATA_COLUMNS, "metadata_version")}
+        statement = update(Image).where(Image.path == bindparam("image_path")).values(values)
+        with self.transaction() as conn:
+            conn.execute(
+                statement,
+                [
+                    {"image_path": path} | {f"new_{k}": v for k, v in _metadata_columns(meta).items()}
+                    for path, meta in items
+                ],
+            )
 
     def _record_model(self, conn: Connection, name: str | None, dim: int) -> int:
         """The id of model ``name``, recorded now if this is its first vector."""
@@ -608,6 +702,65 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             if error_code(e) != SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(_LOCK_POLL_S)
+
+
+_ROW_COLUMNS = "id, path, size, mtime_ns, width, height, " + ", ".join(METADATA_COLUMNS)
+
+# Reads by filters (`Catalog.matching_ids`). Each condition holds when its value is NULL (that
+# filter is unset). "+status": almost every row is indexed, and SQLite must not walk that index.
+_UNDER = "(:folder IS NULL OR path = :folder OR (path >= :below_from AND path < :below_until))"
+_FILTERS = (
+    "+status = :status AND (:taken_from IS NULL OR taken >= :taken_from) "
+    "AND (:taken_until IS NULL OR taken < :taken_until) "
+    "AND (:camera IS NULL OR (coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE :camera "
+    "ESCAPE '\\') "
+    "AND (:min_width IS NULL OR width >= :min_width) "
+    "AND (:extensions IS NULL OR extension IN (SELECT value FROM json_each(:extensions))) "
+    "AND (:south IS NULL OR (latitude BETWEEN :south AND :north AND (:west IS NULL OR CASE WHEN :west <= :east "
+    "THEN longitude BETWEEN :west AND :east ELSE longitude >= :west OR longitude <= :east END))) "
+    f"AND {_UNDER}"
+)
+_AMONG = " AND id IN (SELECT value FROM json_each(:among))"
+# By (with the position, to finish the distance test; among candidates an index found):
+_FILTERED = {
+    (False, False): f"SELECT id FROM images WHERE {_FILTERS}",
+    (False, True): f"SELECT id FROM images WHERE {_FILTERS}{_AMONG}",
+    (True, False): f"SELECT id, latitude, longitude FROM images WHERE {_FILTERS}",
+    (True, True): f"SELECT id, latitude, longitude FROM images WHERE {_FILTERS}{_AMONG}",
+}
+_TAKEN_BETWEEN = "SELECT id FROM images WHERE taken >= :taken_from AND taken < :taken_until"
+_LATITUDE_BETWEEN = "SELECT id FROM images WHERE latitude BETWEEN :south AND :north"
+_LAST_ID = "SELECT max(id) FROM images"
+_FINGERPRINTS = f"SELECT id, fingerprint FROM images WHERE +status = :status AND {_UNDER} ORDER BY id"
+_LISTED_ROWS = f"SELECT {_ROW_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(:ids)) AND status = :status"
+_LISTED = {
+    "date": _LISTED_ROWS + " ORDER BY taken IS NULL, taken, path LIMIT :limit OFFSET :offset",
+    "-date": _LISTED_ROWS + " ORDER BY taken IS NULL, taken DESC, path LIMIT :limit OFFSET :offset",
+    "path": _LISTED_ROWS + " ORDER BY path LIMIT :limit OFFSET :offset",
+}
+
+
+def _folder_values(under: bytes | None) -> dict[str, bytes | None]:
+    """The folder itself, or the byte range of paths below it (see `Catalog.remove`)."""
+    folder = under.rstrip(b"/") if under is not None else None
+    return {
+        "folder": folder,
+        "below_from": folder + b"/" if folder is not None else None,
+        "below_until": folder + b"0" if folder is not None else None,
+    }
+
+
+def _image_row(row: Sequence) -> ImageRow:
+    """An `ImageRow` from the columns `_ROW_COLUMNS` names, in that order."""
+    id_, path, size, mtime_ns, width, height = row[:6]
+    return ImageRow(id_, path, size, mtime_ns, width, height, PhotoMeta(*row[6:]))
+
+
+def _metadata_columns(metadata: PhotoMeta | None) -> dict[str, object]:
+    """The metadata columns of a row; all NULL, and to be read again, for None."""
+    if metadata is None:
+        return dict.fromkeys(METADATA_COLUMNS) | {"metadata_version": None}
+    return {name: getattr(metadata, name) for name in METADATA_COLUMNS} | {"metadata_version": METADATA_VERSION}
 
 
 def _no_index(home: Path) -> IndexStateError:

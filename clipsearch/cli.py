@@ -306,6 +306,8 @@ def _summary(report: AddReport, home: Path) -> str:
         line += f"; {report.unreadable} folder(s) could not be read"
     if report.verified:
         line += f"; {report.verified} unchanged-looking file(s) verified"
+    if report.metadata:
+        line += f"; metadata read for {report.metadata} file(s) indexed before"
     return line
 
 
@@ -367,8 +369,10 @@ class _stop_on_signals:
 @app.command("query")
 @_handle_errors
 def query_command(
-    text: str = typer.Argument(
-        ..., help="What to look for, or the path of an image to find similar ones.", show_default=False
+    text: str | None = typer.Argument(
+        None,
+        help="What to look for, or the path of an image to find similar ones (optional with --like or a filter).",
+        show_default=False,
     ),
     top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
     under: Path | None = typer.Option(None, "--under", help="Only results inside this folder."),
@@ -384,9 +388,59 @@ def query_command(
     subtract: list[str] = typer.Option(
         [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
     ),
+    like: Path | None = typer.Option(
+        None,
+        "--like",
+        metavar="IMAGE",
+        help="More like this image: its stored vector when it is indexed (nothing decoded), else it is encoded. "
+        "It is left out of its own results.",
+    ),
+    include_self: bool = typer.Option(False, "--include-self", help="With --like: the image itself may be a result."),
+    after: str | None = typer.Option(
+        None,
+        "--after",
+        metavar="DATE",
+        callback=lambda value: _checked(value, "start_of"),
+        help="Only photos taken from the start of DATE on: 2019, 2019-06, 2019-06-01 or 2019-06-01T10:30 "
+        "(local time; photos without a date taken are left out).",
+    ),
+    before: str | None = typer.Option(
+        None,
+        "--before",
+        metavar="DATE",
+        callback=lambda value: _checked(value, "start_of"),
+        help="Only photos taken before the start of DATE (--after 2019-06 --before 2019-09: June to August).",
+    ),
+    camera: str | None = typer.Option(
+        None, "--camera", help="Only photos whose camera make or model contains this, any case (e.g. pixel)."
+    ),
+    near: str | None = typer.Option(
+        None,
+        "--near",
+        metavar="LAT,LON[,KM]",
+        callback=lambda value: _checked(value, "parse_near"),
+        help="Only photos taken within KM (default 10) of this place, by their GPS position.",
+    ),
+    ext: str | None = typer.Option(
+        None,
+        "--ext",
+        metavar="EXT,...",
+        callback=lambda value: _checked(value, "parse_extensions"),
+        help="Only files with these extensions, e.g. jpg,heic (jpg finds .jpeg too).",
+    ),
+    min_width: int | None = typer.Option(
+        None, "--min-width", min=1, help="Only images at least this many pixels wide (as shown)."
+    ),
+    sort: str = typer.Option(
+        "score",
+        "--sort",
+        callback=lambda value: _checked(value, "check_sort"),
+        help="Order: score (best first), date (oldest first), -date (newest first) or path; of the -k best "
+        "when there is something to match, else of all that the filters pass (default then: -date).",
+    ),
     model: str | None = _model_option("search with"),
     as_json: bool = typer.Option(
-        False, "--json", help="Print a JSON array of {id, path, score, width, height, mtime, size}."
+        False, "--json", help="Print a JSON array of hits: path, score, size, date taken, camera, place, ..."
     ),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
@@ -394,12 +448,28 @@ def query_command(
         False, "--preview", help="Show thumbnails inline in kitty, iTerm2 and sixel terminals (elsewhere: paths)."
     ),
 ) -> None:
-    """Search the index with text, an example image, or a weighted mix of both."""
+    """Search the index with text, an example image, or a weighted mix of both; narrow it by
+    when, where and with what the photos were taken; or list what the filters pass, by date.
+
+    `clipsearch query "a beach" --after 2019-06 --before 2019-09 --camera pixel --sort date`,
+    `clipsearch query --like holiday.jpg`, `clipsearch query --after 2024 --sort date`.
+    """
+    from clipsearch.filters import Filters
     from clipsearch.search import as_term, parse_term
 
-    terms = [(1.0, as_term(text))] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
+    # The callbacks checked and converted the options: near and ext are tuples by now.
+    filters = Filters(after, before, camera, near, ext or (), min_width)  # type: ignore[arg-type]
+    terms = [(1.0, as_term(text))] if text is not None else []
+    terms += [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
+    if not terms and like is None and not filters and under is None:
+        raise typer.BadParameter("give TEXT, --like IMAGE, or a filter such as --after", param_hint="TEXT")
     with _open(model, reading=True) as index:
-        hits = index.search(terms, k=top, under=under, min_score=min_score)
+        exclude: tuple[int, ...] = ()
+        if like is not None:
+            term, own = index.example(like)
+            terms.append((1.0, term))
+            exclude = () if include_self or own is None else (own,)
+        hits = index.search(terms, top, under, min_score, filters, sort, exclude)
     out = sys.stdout.buffer
     if as_json:
         out.write((json.dumps([h.to_json() for h in hits], indent=2) + "\n").encode())
@@ -413,10 +483,85 @@ def query_command(
         for h in hits:
             if protocol:
                 out.write(inline.inline_image(h.path, protocol))
-            out.write(_shown(f"{h.score:.4f}  {h.path}").encode() + b"\n")
+            # Listed by filters alone, a hit has no score: its date taken stands in that column.
+            out.write(_shown(f"{_first_column(h)}  {h.path}").encode() + b"\n")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()
+
+
+def _first_column(hit: Any) -> str:
+    return f"{hit.score:.4f}" if hit.score is not None else (hit.metadata.taken or "(no date)")
+
+
+def _checked(value: str | None, parser: str) -> Any:
+    """An option's ``value`` through `clipsearch.filters`'s ``parser``; its ValueError becomes
+    the option's usage error (exit 2)."""
+    if value is None:
+        return None
+    from clipsearch import filters
+
+    try:
+        return getattr(filters, parser)(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+# --- duplicates ------------------------------------------------------------------------------
+
+
+@app.command("duplicates")
+@_handle_errors
+def duplicates_command(
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        "-t",
+        min=-1.0,
+        max=1.0,
+        help="Cosine similarity at which two images are the same picture (default: measured for the model; "
+        "lower it to group burst shots too).",
+    ),
+    under: Path | None = typer.Option(None, "--under", help="Only images inside this folder."),
+    model: str | None = _model_option("compare with"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array of groups: {keeper, duplicates: [... similarity as score, exact]}."
+    ),
+    paths_only: bool = typer.Option(
+        False, "--paths-only", help="Print only the duplicates that are not the suggested keepers, one a line."
+    ),
+    null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+) -> None:
+    """Groups of images that are the same picture: byte-identical copies, and near-duplicates
+    (re-encoded, resized, cropped a little, retouched) by their stored vectors, nothing
+    re-encoded. Each group suggests a keeper (largest pixel count, then most metadata, then
+    oldest file). Nothing is deleted: `clipsearch duplicates --paths-only -0 | xargs -0 rm`
+    removes all but the keepers (review the groups first).
+    """
+    with _open(model, reading=True) as index:
+        groups = index.duplicates(threshold, under)
+    out = sys.stdout.buffer
+    if as_json:
+        out.write((json.dumps([g.to_json() for g in groups], indent=2) + "\n").encode())
+    elif paths_only:
+        end = b"\0" if null else b"\n"
+        out.writelines(os.fsencode(d.hit.path) + end for g in groups for d in g.duplicates)
+    else:
+        for number, group in enumerate(groups):
+            out.write(("\n" if number else "").encode() + _described("keep", group.keeper))
+            for duplicate in group.duplicates:
+                score = duplicate.hit.score
+                similarity = "exact" if duplicate.exact else "-" if score is None else f"{score:.3f}"
+                out.write(_described(f"  {similarity}", duplicate.hit))
+    out.flush()
+    if not settings.quiet:
+        extra = sum(len(g.duplicates) for g in groups)
+        typer.echo(f"{len(groups)} group(s), {extra} image(s) besides the keepers.", err=True)
+
+
+def _described(label: str, hit: Any) -> bytes:
+    """One line of a group: a label in 8 columns, the path as human output shows it, the size."""
+    return _shown(f"{label:<8}{hit.path}  {hit.width}x{hit.height}").encode() + b"\n"
 
 
 # --- classify --------------------------------------------------------------------------------

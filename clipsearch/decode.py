@@ -34,12 +34,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from clipsearch import photo_meta
 from clipsearch.fingerprint import fingerprint, open_regular
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from clipsearch.clip.preprocess import Preprocess
+    from clipsearch.records import PhotoMeta
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class Decoded:
     fingerprint: bytes | None = None
     error: str | None = None
     seconds: float = 0.0  # what decoding it took, wherever it ran (the run sizes its pool by it)
+    metadata: PhotoMeta | None = None  # what the file says about itself (`photo_meta`)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Probe:
     fingerprint: bytes
     identity: tuple[int, int, int]
     size: tuple[int, int] | None  # as shown; None if the header could not be read
+    metadata: PhotoMeta | None = None  # None if the header could not be read
 
 
 def probe_file(path: bytes) -> Probe:
@@ -81,10 +85,10 @@ def probe_file(path: bytes) -> Probe:
         try:
             with warnings.catch_warnings(), opened_image(f, os.fsdecode(path)) as image:
                 warnings.simplefilter("ignore")  # the decoder, if it runs, logs them
-                size = upright_size(image)
+                size, metadata = upright_size(image), photo_meta.read(image)
         except Exception:  # not an image it can read: the decoder records why, if it gets it
-            size = None
-    return Probe(digest, identity, size)
+            size, metadata = None, None
+    return Probe(digest, identity, size, metadata)
 
 
 def decode_file(preprocess: Preprocess, path: bytes, probe: Probe | None = None) -> Decoded:
@@ -117,11 +121,12 @@ def decode_file(preprocess: Preprocess, path: bytes, probe: Probe | None = None)
                     turned = upright.size != image.size  # EXIF orientations 5-8 (a square looks the same)
                     width, height = stored[::-1] if turned else stored
                     pixels = preprocess.array(upright)
+                    metadata = photo_meta.read(image)  # loaded by now: a PNG's EXIF may follow its pixels
             for warning in caught:
                 log.debug("%s: %s", _printable(name), warning.message)
             if _identity(os.fstat(f.fileno())) != opened:
                 return Decoded(None, error=_CHANGED)
-        return Decoded(pixels, width, height, digest, seconds=time.perf_counter() - started)
+        return Decoded(pixels, width, height, digest, seconds=time.perf_counter() - started, metadata=metadata)
     except ClipsearchError as err:
         return Decoded(None, error=_printable(str(err)))
     except OSError as err:

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,7 +26,16 @@ import numpy as np
 from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
-from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING, FailedFile, FileState, IndexedFile
+from clipsearch.photo_meta import read_file as read_header
+from clipsearch.records import (
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    STATUS_MISSING,
+    FailedFile,
+    FileState,
+    IndexedFile,
+    PhotoMeta,
+)
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 
 if TYPE_CHECKING:
@@ -41,6 +51,7 @@ DEFAULT_BATCH_SIZE = 32
 # of the previous chunk is still in flight.
 _CHUNK = 256
 _PROBE_THREADS = 4  # file reads and hashing release the GIL; helps most on slow disks
+_METADATA_CHUNK = 1000  # headers read per transaction when filling in the metadata of older rows
 
 
 @dataclass
@@ -56,6 +67,7 @@ class AddReport:
     unchanged: int = 0
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
     verified: int = 0  # unchanged files fingerprinted again (`verify`)
+    metadata: int = 0  # files indexed before, whose metadata was read from their header now
     elapsed: float = 0.0
     model_load_s: float = 0.0  # part of elapsed: loading the model, once, if anything needed it
     interrupted: bool = False
@@ -159,7 +171,8 @@ def run_add(
         # --model must use this model, not the built-in default.
         catalog.set_meta("default_model", model)
     states = catalog.file_states(model)
-    plan = plan_changes(states, Walk(root_paths, tuple(exclude), follow_symlinks), retry_failed, verify)
+    walk = Walk(root_paths, tuple(exclude), follow_symlinks)
+    plan = plan_changes(states, walk, retry_failed, verify)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
     _verify(plan, should_stop)
     report.unchanged = plan.unchanged
@@ -186,8 +199,46 @@ def run_add(
             catalog.remove(renamed)
         catalog.commit_batch(missing=gone)
         report.removed = len(gone)
+    if not report.interrupted:
+        report.metadata = fill_metadata(catalog, walk.roots, walk.unreadable, should_stop)
     report.elapsed = time.perf_counter() - started
     return report
+
+
+def fill_metadata(
+    catalog: Catalog, roots: Sequence[bytes], unreadable: Sequence[bytes], should_stop: Callable[[], bool]
+) -> int:
+    """Read the metadata of the indexed files under ``roots`` that were indexed before the
+    catalog recorded it (or by an older reader) from their headers, nothing decoded or
+    encoded; returns how many. Committed per chunk, so a stopped run keeps what it read."""
+    in_roots, in_unreadable = under(roots), under(unreadable)
+    paths = [path for path in catalog.without_metadata() if in_roots(path) and not in_unreadable(path)]
+    if not paths:
+        return 0
+    log.info("Reading the metadata of %d files indexed before it was recorded", len(paths))
+    done = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's complaints about malformed EXIF: it is absent
+        for chunk in _batched(paths, _METADATA_CHUNK):
+            if should_stop():
+                break
+            read = [(path, metadata) for path in chunk if (metadata := _header_metadata(path)) is not None]
+            catalog.set_metadata(read)
+            done += len(read)
+    return done
+
+
+def _header_metadata(path: bytes) -> PhotoMeta | None:
+    """The file's metadata; None to try again next run (it could not be opened just now);
+    empty if it opens but is no longer an image Pillow can read."""
+    try:
+        return read_header(path).metadata
+    except OSError as err:
+        if err.errno is not None:
+            return None
+        return PhotoMeta()  # Pillow's UnidentifiedImageError and the like carry no errno
+    except Exception:
+        return PhotoMeta()
 
 
 class _Run:
@@ -301,7 +352,9 @@ class _Run:
         if vector is None or probe.size is None:  # nothing to reuse, or a header the decoder must judge
             return False
         width, height = probe.size
-        reused = IndexedFile(found.path, found.size, found.mtime_ns, probe.fingerprint, width, height, vector)
+        reused = IndexedFile(
+            found.path, found.size, found.mtime_ns, probe.fingerprint, width, height, vector, probe.metadata
+        )
         self.reused.append(reused)
         self.reused_fingerprints.add(probe.fingerprint)
         return True
@@ -317,7 +370,14 @@ class _Run:
             self.decode_s += sum(result.seconds for _, _, result in decoded)
             indexed += [
                 IndexedFile(
-                    found.path, found.size, found.mtime_ns, result.fingerprint, result.width, result.height, vector
+                    found.path,
+                    found.size,
+                    found.mtime_ns,
+                    result.fingerprint,
+                    result.width,
+                    result.height,
+                    vector,
+                    result.metadata,
                 )
                 for (found, _, result), vector in zip(decoded, vectors)
             ]

@@ -69,7 +69,16 @@ def test_query_prints_scores_and_paths_best_first(cli, library):
 
 def test_query_json(cli, library):
     rows = json.loads(cli("query", "a red circle", "--json", "-k", "4").stdout)
-    assert len(rows) == 4 and set(rows[0]) == {"id", "path", "score", "width", "height", "mtime", "size"}
+    assert len(rows) == 4 and set(rows[0]) == {"id", "path", "score", "width", "height", "mtime", "size"} | {
+        "taken",
+        "camera_make",
+        "camera_model",
+        "lens",
+        "latitude",
+        "longitude",
+        "orientation",
+        "format",
+    }
     assert {r["path"] for r in rows} <= {str(p) for p in library}
     assert (rows[0]["width"], rows[0]["height"]) == (48, 40)
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
@@ -169,7 +178,7 @@ def test_empty_index_says_no_matches(cli, tiny_model, tmp_path):
 
 
 def test_usage_errors_exit_2(cli, library):
-    assert "Missing argument" in cli("query", code=2).stderr
+    assert "give TEXT, --like IMAGE, or a filter" in cli("query", code=2).stderr
     assert "--labels" in cli("classify", library[0], "--labels", "dog", code=2).stderr
     cli("query", "x", "--top", "0", code=2)
 
