@@ -94,7 +94,7 @@ def test_text_search_answers_the_libraries_hits_in_the_cli_json_shape(served):
     body = ok(client.get("/api/search", params={"q": "a red circle", "k": 5}))
     expected = [hit.to_json() for hit in service.index.search("a red circle", k=5)]
     assert body == {"hits": expected, "offset": 0, "k": 5}
-    assert set(expected[0]) == {"id", "path", "score", "width", "height", "mtime", "size"}
+    assert {"id", "path", "score", "width", "height", "mtime", "size", "taken", "camera_make"} <= set(expected[0])
     assert [h["score"] for h in body["hits"]] == sorted((h["score"] for h in body["hits"]), reverse=True)
 
 
@@ -507,5 +507,6 @@ def test_hit_json_is_the_clis(served):
         "height": hit.height,
         "mtime": hit.mtime,
         "size": hit.size,
+        **hit.metadata.to_json(),  # the photo's own facts (clipsearch.photo_meta)
     }
     assert np.isfinite(hit.score)
