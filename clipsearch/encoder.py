@@ -20,6 +20,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from clipsearch.clip.model import Towers
+
 
 def model_id(model_ref: str) -> str:
     """What the catalog records for a model: its registry name, or the absolute path of a
@@ -49,7 +51,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def open_encoder(
-    model_ref: str, device: str = "auto", precision: str = "auto", towers: str = "both"
+    model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both"
 ) -> Encoder | TextEncoder:
     """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
     full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
@@ -100,7 +102,7 @@ class Encoder:
     the image tower is neither built nor read), in the precision `clip.cpu` finds fastest on
     this device without moving the embeddings (``precision="fp32"`` forces full precision)."""
 
-    def __init__(self, model_ref: str, device: str = "auto", precision: str = "auto", towers: str = "both"):
+    def __init__(self, model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both"):
         from clipsearch import clip
         from clipsearch.clip.cpu import prepare_for_inference
 

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -418,7 +418,7 @@ class ModifiedResNet(nn.Module):
         self.attnpool.initialize_parameters()
         # Each residual branch starts as the identity.
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in stage:
+            for block in cast("list[Bottleneck]", stage):
                 nn.init.zeros_(block.bn3.weight)
 
 
@@ -484,9 +484,9 @@ class CLIP(SharedSpace):
         self.context_length = config.context_length
         act_layer = QuickGELU if config.quick_gelu else nn.GELU
 
-        self.visual: nn.Module | None = None
+        self.visual: ModifiedResNet | VisionTransformer | None = None
         if towers != "text":
-            if config.is_resnet:
+            if isinstance(config.vision_layers, tuple):  # a ResNet's blocks per stage
                 self.visual = ModifiedResNet(
                     config.vision_layers,
                     config.embed_dim,
@@ -523,11 +523,12 @@ class CLIP(SharedSpace):
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
         proj_std = width**-0.5 * (2 * layers) ** -0.5
-        for block in self.transformer.resblocks:
+        for block in cast("list[ResidualAttentionBlock]", self.transformer.resblocks):
             nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            fc, proj = cast(nn.Linear, block.mlp.c_fc), cast(nn.Linear, block.mlp.c_proj)
+            nn.init.normal_(fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
     @property

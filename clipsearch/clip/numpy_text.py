@@ -124,7 +124,8 @@ class TextTower:
         The file: magic, header length, a JSON header (settings, and each array's offset and
         shape), then the float32 arrays, each 64-byte aligned, from the first aligned offset on.
         """
-        arrays, size = {}, 0
+        arrays: dict[str, dict] = {}
+        size = 0
         for key, value in self.weights.items():
             arrays[key] = {"offset": size, "shape": list(value.shape)}
             size += _aligned(value.nbytes)
