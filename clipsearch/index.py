@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "ViT-B/32"
+# OpenCLIP's ViT-B/32 at 256 px trained on DataComp: 72.8% ImageNet zero-shot and COCO R@1 39.9
+# against OpenAI ViT-B/32's 63.3% and 30.4, at about 1.3x its cost to index, with the same
+# 512-d vectors and a text tower that queries run without torch (`clipsearch models`).
+DEFAULT_MODEL = "ViT-B-32-256/datacomp_s34b_b86k"
 
 
 @dataclass

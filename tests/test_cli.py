@@ -194,8 +194,14 @@ def test_classify_prints_a_probability_per_label(cli, library):
 def test_version_models_and_help():
     runner = CliRunner()
     assert runner.invoke(app, ["--version"]).stdout.strip() == f"clipsearch {__version__}"
-    models = runner.invoke(app, ["models"]).stdout
-    assert re.search(r"^demo\s+bundled", models, re.M) and re.search(r"^ViT-B/32\s+-", models, re.M)
+    models = {
+        row[0]: row[1:]
+        for row in (re.split(r"\s{2,}", line) for line in runner.invoke(app, ["models"]).stdout.splitlines())
+    }
+    assert models["model"] == ["dim", "px", "Mparams", "IN1k", "COCO", "where", "from"]
+    assert models["demo"][-2] == "bundled" and models["ViT-B/32"][-2] == "-"
+    assert models["ViT-B-32-256/datacomp_s34b_b86k (default)"][:5] == ["512", "256", "151", "72.81", "39.93"]
+    assert models["ViT-B/32"][:5] == ["512", "224", "151", "63.32", "30.44"]
     help_text = runner.invoke(app, ["--help"]).stdout
     for command in ("index", "query", "classify", "status", "remove", "rebuild", "models"):
         assert command in help_text

@@ -421,7 +421,7 @@ def test_models_listing_says_where_each_model_is(stand_in, monkeypatch):
     _openai_file(monkeypatch, PAYLOAD)
     own = model_cache_dir() / "RN50.pt"
     own.write_bytes(b"placed by hand")
-    rows = {cells[0]: cells[1:3] for cells in map(_columns, CliRunner().invoke(app, ["models"]).stdout.splitlines())}
+    rows = {cells[0]: cells[-2:] for cells in map(_columns, CliRunner().invoke(app, ["models"]).stdout.splitlines())}
     assert rows[LAION] == ["cached (huggingface)", f"hf-hub:{LAION_REPO}"]
     assert rows["ViT-B/32"] == ["cached (openai)", "openaipublic.azureedge.net"]
     assert rows["RN50"] == ["cached", "openaipublic.azureedge.net"]
