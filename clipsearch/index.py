@@ -34,6 +34,7 @@ from clipsearch.search import Hit, Query, find_hits
 from clipsearch.walk import normalise_roots
 
 if TYPE_CHECKING:
+    from clipsearch.clip.model import Towers
     from clipsearch.duplicates import Group
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
@@ -308,7 +309,7 @@ class Index:
         """Files indexed once and gone from disk since."""
         return [decode_path(path) for path in self.catalog.missing()]
 
-    def encoder(self, towers: str = "both") -> Encoder | TextEncoder:
+    def encoder(self, towers: Towers = "both") -> Encoder | TextEncoder:
         """The model, loaded once with at least ``towers``; checked against the dimension its
         vectors in the catalog have."""
         if self._encoder is None or self._encoder.towers not in ("both", towers):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -365,7 +365,8 @@ class _Run:
         indexed = list(self.reused)
         if decoded:
             started = time.perf_counter()
-            vectors = self.encoder.encode_images(np.stack([result.pixels for _, _, result in decoded]))
+            # Only decoded files reach here: their pixels and fingerprint are there.
+            vectors = self.encoder.encode_images(np.stack([cast(np.ndarray, r.pixels) for _, _, r in decoded]))
             self.encode_s += time.perf_counter() - started
             self.decode_s += sum(result.seconds for _, _, result in decoded)
             indexed += [
@@ -373,7 +374,7 @@ class _Run:
                     found.path,
                     found.size,
                     found.mtime_ns,
-                    result.fingerprint,
+                    cast(bytes, result.fingerprint),
                     result.width,
                     result.height,
                     vector,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from clipsearch.walk import under as is_under
 
 if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
+    from clipsearch.clip.model import Towers
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
@@ -108,7 +109,7 @@ def split_weight(term: str) -> tuple[float, str]:
 
 def find_hits(
     query: Query | None,
-    encoder: Callable[[str], Encoder | TextEncoder],
+    encoder: Callable[[Towers], Encoder | TextEncoder],
     vectors: Callable[[], VectorIndex | None],
     catalog: Catalog,
     k: int = 10,
@@ -144,10 +145,12 @@ def as_terms(query: Query) -> list[tuple[float, Term]]:
     return [(float(weight), term) for weight, term in query]
 
 
-def needed_towers(terms: Sequence[tuple[float, Term]]) -> str | None:
+def needed_towers(terms: Sequence[tuple[float, Term]]) -> Towers | None:
     """Text queries load only the text tower: the image tower of a big model is most of it.
     Stored vectors need no model at all (None)."""
-    kinds = {"image" if isinstance(term, Path) else "text" for _, term in terms if not isinstance(term, np.ndarray)}
+    kinds: set[Towers] = {
+        "image" if isinstance(term, Path) else "text" for _, term in terms if not isinstance(term, np.ndarray)
+    }
     return "both" if len(kinds) == 2 else next(iter(kinds), None)
 
 
@@ -178,13 +181,14 @@ def _encoded(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Term]]
     if texts:
         found.append(np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts]))
     if images:
+        image_encoder = cast("Encoder", encoder)  # image terms asked for the image tower (`needed_towers`)
         pixels = []
         for _, path in images:
-            decoded = decode_file(encoder.preprocess, os.fsencode(path))
-            if decoded.error is not None:
+            decoded = decode_file(image_encoder.preprocess, os.fsencode(path))
+            if decoded.pixels is None:
                 raise ImageError(f"Cannot use {path} as a query image: {decoded.error}")
             pixels.append(decoded.pixels)
-        found.append(np.array([w for w, _ in images]) @ encoder.encode_images(np.stack(pixels)))
+        found.append(np.array([w for w, _ in images]) @ image_encoder.encode_images(np.stack(pixels)))
     return found
 
 
@@ -289,9 +293,12 @@ def _one_faiss_thread() -> Iterator[None]:
 
 
 def zero_shot(encoder: Encoder, image: Path, labels: Sequence[str], template: str = "a photo of a {}") -> np.ndarray:
-    """Label probabilities for one image, as CLIP classifies: a softmax over the scaled
-    similarities between the image and one prompt per label."""
+    """Label probabilities for one image, as the model's family classifies: for CLIP a softmax
+    over the scaled similarities between the image and one prompt per label; for SigLIP (a
+    model with a ``logit_bias``) each label's own sigmoid probability, which need not sum to 1."""
     image_vector = query_vector(encoder, [(1.0, image)])
     logits = encoder.logit_scale * encoder.encode_texts([template.format(label) for label in labels]) @ image_vector
+    if encoder.logit_bias is not None:
+        return 1 / (1 + np.exp(-(logits + encoder.logit_bias)))
     exp = np.exp(logits - logits.max())
     return exp / exp.sum()

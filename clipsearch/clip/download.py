@@ -121,6 +121,14 @@ def model_path(name: str, download_root: Path | str | None = None, *, progress: 
     return hub.fetch_dir(asset, progress=progress)
 
 
+def tokenizer_dir(entry: registry.ModelEntry, *, progress: bool = True) -> Path | None:
+    """The folder of the ``tokenizer.json`` a registry model keeps in another repository than its
+    weights (XLM-RoBERTa CLIPs: XLM-RoBERTa's own), downloaded if needed; None for the others."""
+    if entry.tokenizer is None:
+        return None
+    return hub.fetch_file(entry.tokenizer, progress=progress).parent
+
+
 def _openai_copy_is_intact(path: Path, asset: registry.Asset) -> bool:
     """Check OpenAI's copy as OpenAI's loader does, before every use; a damaged one is not ours to
     delete, so it is skipped with a warning and a fresh copy goes to clipsearch's cache."""

@@ -1,5 +1,7 @@
 """Images as CLIP sees them: upright RGB, short side resized with bicubic, centre-cropped,
-normalised with the statistics of CLIP's training images.
+normalised with the statistics of CLIP's training images. SigLIP sees the whole image instead,
+resized to the square without keeping its aspect ratio (open_clip's "squash"), normalised with
+mean = std = 0.5.
 
 The resize and crop reproduce torchvision's `Resize(R)` + `CenterCrop(R)` on PIL images
 (the preprocessing of OpenAI's and OpenCLIP's releases) pixel for pixel, with Pillow and
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP's (Inception's) normalisation: pixels to [-1, 1].
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 # Transparent pixels are shown on white, as browsers and viewers on a light page show
 # them; dropping alpha instead would expose whatever colour they store, often black.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -168,9 +173,16 @@ def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
     return resized.crop((left, top, left + resolution, top + resolution))
 
 
-class Preprocess:
-    """PIL image (or image file) → normalised float32 `Tensor[3, R, R]` for CLIP.
+def squash(image: Image.Image, resolution: int) -> Image.Image:
+    """torchvision's `Resize((R, R), BICUBIC)`: the whole image, its aspect ratio not kept."""
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
 
+
+class Preprocess:
+    """PIL image (or image file) → normalised float32 `Tensor[3, R, R]` for the model.
+
+    ``crop=False`` resizes the whole image to the square (`squash`), as SigLIP's
+    preprocessing does, instead of CLIP's resize and centre crop.
     Holds only numbers, so it pickles into decode worker processes.
     """
 
@@ -179,10 +191,12 @@ class Preprocess:
         resolution: int,
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
+        crop: bool = True,
     ):
         self.resolution = resolution
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.crop = crop
 
     def __call__(self, image: Image.Image | str | os.PathLike[str]) -> torch.Tensor:
         import torch
@@ -194,10 +208,12 @@ class Preprocess:
         and never import torch (which cost each worker 1.3 s of start-up)."""
         if not isinstance(image, Image.Image):
             image = open_image(image, target=self.resolution)
-        pixels = np.array(resize_and_crop(to_rgb(image), self.resolution), dtype=np.float32)
+        resize = resize_and_crop if self.crop else squash
+        pixels = np.array(resize(to_rgb(image), self.resolution), dtype=np.float32)
         mean = np.array(self.mean, dtype=np.float32).reshape(3, 1, 1)
         std = np.array(self.std, dtype=np.float32).reshape(3, 1, 1)
         return (np.ascontiguousarray(pixels.transpose(2, 0, 1)) / np.float32(255) - mean) / std
 
     def __repr__(self) -> str:
-        return f"Preprocess(resolution={self.resolution}, mean={self.mean}, std={self.std})"
+        crop = "" if self.crop else ", crop=False"
+        return f"Preprocess(resolution={self.resolution}, mean={self.mean}, std={self.std}{crop})"

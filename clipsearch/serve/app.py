@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ async def _error(request: Request, exc: Exception) -> Response:
     return _json_error(500, "The server failed on this request (a bug); its log has the details.")
 
 
-def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def _json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
 
 
