@@ -80,10 +80,10 @@ def filled_home(count: int, model: Path) -> Path:
     root = stand_in_files(count)
     started = time.perf_counter()
     with Index.open(home, model=str(model)) as index:
-        index.catalog.set_meta("dim", "512")
         for chunk, start in enumerate(range(0, count, CHUNK)):
             vectors = clustered_vectors(min(CHUNK, count - start), clusters_for(count), chunk=chunk)
             index.catalog.commit_batch(
+                index.model,
                 [
                     IndexedFile(
                         path=bytes(file_path(root, start + i)),
@@ -95,7 +95,7 @@ def filled_home(count: int, model: Path) -> Path:
                         vector=vector,
                     )
                     for i, vector in enumerate(vectors)
-                ]
+                ],
             )
         status = index.rebuild()
     print(
@@ -110,7 +110,7 @@ def recall_at_10(catalog, vectors, queries: np.ndarray) -> float:
     """The index's top 10 against exact inner-product search over every vector."""
     import faiss
 
-    ids, everything = catalog.all_vectors()
+    ids, everything = catalog.all_vectors(catalog.model(catalog.default_model))
     _, exact = faiss.knn(queries, everything.astype(np.float32), 10, metric=faiss.METRIC_INNER_PRODUCT)
     _, found = vectors.search(queries, 10)
     truth = ids[exact]
@@ -126,7 +126,7 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
     queries = held_out_queries(100, clusters_for(count))
     with Index.open(home, readonly=True) as index:
         index.search(QUERY, k=10)  # loads the text tower and the FAISS file
-        vectors = VectorIndex.load(home, index.catalog, save=False)
+        vectors = VectorIndex.load(home, index.catalog, index.catalog.model(index.model), save=False)
         texts = [f"{QUERY} {i}" for i in range(repeats)]  # distinct texts: no cache can help
         full = [seconds(lambda text=text: index.search(text, k=10)) for text in texts]
         again = [seconds(lambda: index.search(QUERY, k=10)) for _ in range(repeats)]  # remembered text

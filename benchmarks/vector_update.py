@@ -37,18 +37,20 @@ def main() -> None:
         home = filled_home(count, model)
         extra = clustered_vectors(args.changes, 8, seed=99)
         with Catalog.open(home) as catalog:
-            VectorIndex.load(home, catalog)  # the file matches the catalog before the change
+            stored = partial(catalog.model, catalog.default_model)  # its vector count changes with the run
+            VectorIndex.load(home, catalog, stored())  # the file matches the catalog before the change
             catalog.commit_batch(
+                catalog.default_model,
                 [
                     IndexedFile(b"/vector-update/%d.jpg" % i, 1, 1, b"vu%d" % i, 1, 1, vector)
                     for i, vector in enumerate(extra)
-                ]
+                ],
             )
-            added = seconds(partial(VectorIndex.refresh, home, catalog))
+            added = seconds(partial(VectorIndex.refresh, home, catalog, stored()))
             catalog.remove([b"/vector-update"])
-            removed = seconds(partial(VectorIndex.refresh, home, catalog))
-            rebuilt = seconds(partial(VectorIndex.rebuild, home, catalog))
-            index_type = VectorIndex.load(home, catalog).index_type
+            removed = seconds(partial(VectorIndex.refresh, home, catalog, stored()))
+            rebuilt = seconds(partial(VectorIndex.rebuild, home, catalog, stored()))
+            index_type = VectorIndex.load(home, catalog, stored()).index_type
         rows += [
             (f"update s, {count:,} ({index_type}), {args.changes} vectors added", fmt(added), "-", "-"),
             (f"update s, {count:,}, the {args.changes} removed again", fmt(removed), "-", "-"),
