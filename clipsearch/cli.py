@@ -258,9 +258,7 @@ def index_command(
     130 stopped by Ctrl-C (what was finished is kept); 1 error.
     """
     if bool(paths) == (from_list is not None):
-        raise typer.BadParameter(
-            "name folders to index, or a file list with --from-list (not both)", param_hint="PATHS"
-        )
+        raise typer.BadParameter("name folders to index, or list files with --from-list (not both)", param_hint="PATHS")
     if ray is not None:
         from clipsearch.ray_index import require_ray
 
