@@ -14,7 +14,8 @@ A run (`RayExecutor`, called by `indexer.run_add` in place of the local encode s
 Why nothing is lost or duplicated: a decode task or an actor that dies is re-run by Ray (Ray
 Data restarts actors and retries their tasks), and whatever reaches the driver is upserted by
 path, so a retried file is one row. A killed driver loses the batches it had not committed; the
-next run's diff finds exactly the files still to do.
+next run's diff finds exactly the files still to do. A file that crashes its decoder's process
+every time is found by the task's retries (`_Attempts`) and recorded as failed.
 
 Workers read the files themselves, through the same path as the driver (a shared mount): only
 paths travel, never pixels from the driver. A file whose content is one that disappeared under
@@ -49,6 +50,7 @@ CPU_BATCH = 32  # images per encoder call (and per commit) on CPU actors, as a l
 GPU_BATCH = 256  # on GPU actors: enough to keep an A100 busy with ViT-B/32
 DECODE_BATCH = 16  # files per decode task: small enough to spread, large enough to amortise a task
 DECODE_MEMORY = 256 * 2**20  # bytes a decode task reserves: a 12-megapixel JPEG at full size is 36 MB
+CRASHED = "decoding this file crashed a Ray worker process"
 MAX_BLOCKS = 50_000  # past this many files / DECODE_BATCH, tasks take more files each
 INSTALL_HINT = "pip install 'clipsearch[ray]'"
 
@@ -265,6 +267,7 @@ def _encoded_batches(
         )
         for chunk in (todo[start : start + rows] for start in range(0, len(todo), rows))
     ]
+    attempts = ray.remote(num_cpus=0, max_restarts=-1)(_Attempts).remote()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the caller shows progress; Ray's bars would interleave
     context.print_on_execution_start = False
@@ -272,7 +275,7 @@ def _encoded_batches(
         ray.data.from_arrow(blocks)
         .map_batches(
             cast("Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]", _decode_batch),
-            fn_args=(preprocess,),
+            fn_args=(preprocess, attempts),
             batch_size=None,  # a block at a time
             batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=workers) if workers else None,
@@ -294,12 +297,53 @@ def _encoded_batches(
     return iter(dataset.iter_batches(batch_size=pool.batch, batch_format="numpy", prefetch_batches=2))
 
 
-def _decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess) -> dict[str, np.ndarray]:
+class _Attempts:
+    """Which decode tasks ran before, and on which file each one was: how a file that crashes
+    its decoder's process (a native bug on a malicious file) is found and recorded as failed.
+
+    Ray Data runs a task whose process died again, for ever. A task that finds it ran before
+    decodes one file at a time, saying which first; the retry after its process died again
+    learns the culprit from that, records it as failed without opening it, and goes on. So a
+    crashing file costs two retries of its task, and the files beside it are decoded as usual.
+    """
+
+    def __init__(self) -> None:
+        self.running: set[bytes] = set()  # tasks (by their first path) started and not finished
+        self.on: dict[bytes, bytes] = {}  # task -> the file it said it was decoding last
+
+    def start(self, task: bytes) -> tuple[bool, bytes | None]:
+        """Whether ``task`` ran before (its process died), and the file it died on if it said."""
+        again = task in self.running
+        self.running.add(task)
+        return again, self.on.pop(task, None)
+
+    def decoding(self, task: bytes, path: bytes) -> None:
+        self.on[task] = path
+
+    def finish(self, task: bytes) -> None:
+        self.running.discard(task)
+        self.on.pop(task, None)
+
+
+def _decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, attempts: Any) -> dict[str, np.ndarray]:
     """A decode task: each file through `decode_file`; pixels travel as float32 bytes (empty for
     a file that failed, whose reason travels instead)."""
-    from clipsearch.decode import decode_file
+    import ray
 
-    results = [decode_file(preprocess, bytes(path)) for path in batch["path"]]
+    from clipsearch.decode import Decoded, decode_file
+
+    paths = [bytes(path) for path in batch["path"]]
+    retried, died_on = ray.get(attempts.start.remote(paths[0]))
+    results = []
+    for path in paths:
+        if path == died_on:
+            log.warning("decoding %s crashed a Ray worker process", os.fsdecode(path))
+            results.append(Decoded(None, error=CRASHED))
+            continue
+        if retried:
+            ray.get(attempts.decoding.remote(paths[0], path))  # recorded before the decoder can crash
+        results.append(decode_file(preprocess, path))
+    attempts.finish.remote(paths[0])
     return {
         **batch,
         "fingerprint": _objects([r.fingerprint or b"" for r in results]),

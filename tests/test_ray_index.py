@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_image
+from helpers import CrashingPreprocess, make_image
 from reliability_helpers import (
     catalog_vectors,
     expected_vectors,
@@ -41,6 +41,7 @@ def cluster(tmp_path_factory) -> str:
     """A local Ray cluster of 2 CPUs for the module; its address, for other processes."""
     env = pytest.MonkeyPatch()
     env.setenv("RAY_AUTH_MODE", "disabled")  # no token file written in ~/.ray
+    env.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)  # workers unpickle helpers' classes
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -194,3 +195,26 @@ def test_a_killed_driver_loses_only_what_it_had_not_committed(cluster, library, 
         report = index.add([library], ray="auto")
     assert report.new + report.changed == IMAGES - committed
     assert_same_as(reference, home)
+
+
+@pytest.mark.slow
+def test_a_file_that_crashes_its_decoders_process_is_recorded_as_failed_and_the_rest_go_through(
+    cluster, tmp_path, tiny_encoder
+):
+    """A native crash on one malicious file kills the decode task's process (helpers'
+    CrashingPreprocess dies on 13x13 images); Ray runs the task again, which finds the culprit."""
+    from clipsearch.ray_index import CRASHED, EncoderSpec, _encoded_batches, _Pool
+
+    paths = [make_image(tmp_path / f"img{i}.png", i, size=(13, 13) if i == 2 else (48, 40)) for i in range(5)]
+    todo = [(FoundFile(os.fsencode(p), p.stat().st_size, p.stat().st_mtime_ns), True) for p in paths]
+    spec = EncoderSpec(tiny_encoder.model_id, "cpu", "fp32")
+    preprocess = CrashingPreprocess(tiny_encoder.preprocess)
+    rows = [
+        (bytes(path), error, vector)
+        for batch in _encoded_batches(todo, preprocess, spec, _Pool(1, 1.0, 0.0, 8), None)
+        for path, error, vector in zip(batch["path"], batch["error"], batch["vector"])
+    ]
+    assert sorted(path for path, _, _ in rows) == sorted(os.fsencode(p) for p in paths)  # each once
+    assert {path: error for path, error, _ in rows if error} == {os.fsencode(paths[2]): CRASHED}
+    expected = expected_vectors(tiny_encoder, [p for i, p in enumerate(paths) if i != 2])
+    assert max(np.abs(vector - expected[path]).max() for path, error, vector in rows if not error) <= 1e-5
