@@ -178,6 +178,24 @@ def test_a_killed_encoder_actor_is_replaced_and_nothing_is_lost_or_doubled(
     assert_same_as(reference, home)
 
 
+def test_a_stopped_run_keeps_what_it_committed_and_the_next_one_does_the_rest(
+    cluster, library, reference, tiny_model, tmp_path
+):
+    """Ctrl-C in the CLI: `should_stop` turns true, the run commits what it has and returns."""
+    home, committed = tmp_path / "home", []
+    with open_index(home, tiny_model) as index:
+        stopped = index.add(
+            [library],
+            ray=RayExecutor(batch_size=8, workers=1),
+            progress=lambda d, t: committed.append(d),
+            should_stop=lambda: bool(committed[1:]),
+        )
+        assert stopped.interrupted and stopped.new + stopped.failed == committed[-1] < IMAGES
+        rest = index.add([library], ray="auto")
+    assert (rest.new + stopped.new, rest.failed + stopped.failed) == (IMAGES, BAD)
+    assert_same_as(reference, home)
+
+
 @pytest.mark.slow
 def test_a_killed_driver_loses_only_what_it_had_not_committed(cluster, library, reference, tiny_model, tmp_path):
     home = tmp_path / "home"
