@@ -8,6 +8,7 @@ lands on all of them alike; the ratio is of medians.
 
     python benchmarks/model_throughput.py                      # ViT-B-32, batch 32, 2 threads
     python benchmarks/model_throughput.py --threads 1 --compile
+    python benchmarks/model_throughput.py --arch ViT-B-16-SigLIP --batch 8   # the SigLIP B/16 row
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from common import fmt, interleaved, median, photo_folder, print_table, ratio
 warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def photo_batch(count: int, resolution: int) -> torch.Tensor:
+def photo_batch(count: int, resolution: int, siglip: bool = False) -> torch.Tensor:
+    """Generated photos, preprocessed as the model's family does (SigLIP: squashed, mean = std = 0.5)."""
     import open_clip
     from PIL import Image
 
-    transform = open_clip.image_transform(resolution, is_train=False)
+    settings = dict(mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash") if siglip else {}
+    transform = open_clip.image_transform(resolution, is_train=False, **settings)
     folder = photo_folder(count, 640, 480)
     return torch.stack([transform(Image.open(path)) for path in sorted(folder.glob("*.jpg"))[:count]])
 
@@ -48,17 +51,18 @@ def main() -> None:
     import open_clip
 
     from clipsearch.clip import cpu
-    from clipsearch.clip.model import build_model
+    from clipsearch.clip.build import build_model
 
     torch.manual_seed(0)
     peer = open_clip.create_model(args.arch, pretrained=None).eval()
-    quick_gelu = peer.visual.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
+    siglip = hasattr(peer.visual, "trunk")  # a timm image tower: SigLIP, whose shapes say the rest
+    quick_gelu = not siglip and peer.visual.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
     state = peer.state_dict()
 
     def ours() -> torch.nn.Module:
         return build_model(state, towers="image", quick_gelu=quick_gelu)
 
-    batch = photo_batch(args.batch, peer.visual.image_size[0])
+    batch = photo_batch(args.batch, peer.visual.image_size[0], siglip)
     fp32 = ours()
     with torch.inference_mode():
         reference = fp32.encode_image(batch)

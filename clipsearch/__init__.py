@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it from here
-__all__ = ["Hit", "Index", "__version__"]
+__all__ = ["Filters", "Hit", "Index", "__version__"]
 
 if TYPE_CHECKING:
+    from clipsearch.filters import Filters
     from clipsearch.index import Index
     from clipsearch.search import Hit
 
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from clipsearch.index import Index
 
         return Index
+    if name == "Filters":
+        from clipsearch.filters import Filters
+
+        return Filters
     if name == "Hit":
         from clipsearch.search import Hit
 

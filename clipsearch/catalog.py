@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -32,6 +34,8 @@ import numpy as np
 from clipsearch.errors import IndexStateError
 from clipsearch.migrate import ensure_schema
 from clipsearch.records import (
+    METADATA_COLUMNS,
+    METADATA_VERSION,
     STATUS_FAILED,
     STATUS_INDEXED,
     STATUS_MISSING,
@@ -41,13 +45,19 @@ from clipsearch.records import (
     FileState,
     ImageRow,
     IndexedFile,
+    PhotoMeta,
     StoredModel,
+    extension_of,
 )
 from clipsearch.sqlite_errors import SQLITE_BUSY, error_code, sqlite_errors
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
+    from clipsearch.filters import Filters
+
+
+log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.db"
 LOCK_FILE = "index.lock"
@@ -55,6 +65,7 @@ LOCK_FILE = "index.lock"
 _BUSY_TIMEOUT_MS = 10_000
 _LOCK_POLL_S = 0.1
 _CHUNK = 10_000  # vectors per fetch when reading them all
+_WAL_HEADER_BYTES = 32  # a write-ahead log no longer than this holds no commit
 
 
 class Catalog:
@@ -179,6 +190,12 @@ class Catalog:
         """Bumped by every write to the images; the FAISS file records the one it was built from."""
         return int(self.get_meta("generation") or 0)
 
+    @property
+    def generation_id(self) -> str:
+        """Random, new with every generation: tells this catalog's generation N from another
+        history's (a backup of it restored, then written to again)."""
+        return self.get_meta("generation_id") or ""
+
     # --- reads ----------------------------------------------------------------------------
 
     def file_states(self, model: str | None = None) -> dict[bytes, FileState]:
@@ -209,6 +226,22 @@ class Catalog:
                     found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32)
         return found
 
+    def stored_vector(
+        self, model: str, *, image_id: int | None = None, path: bytes | None = None
+    ) -> tuple[int, np.ndarray, int, int] | None:
+        """(id, vector float32 [dim], size, mtime_ns) of the indexed row with this id or path,
+        if ``model`` has a vector for it: "more like this" without decoding anything."""
+        key, value = ("images.id", image_id) if path is None else ("images.path", path)
+        query = (
+            "SELECT images.id, v.vector, size, mtime_ns FROM images JOIN vectors AS v ON v.image_id = images.id "
+            f"JOIN models AS m ON m.id = v.model_id WHERE {key} = ? AND m.name = ? AND status = ?"
+        )
+        with self.read() as db:
+            row = db.execute(query, (value, model, STATUS_INDEXED)).fetchone()
+        if row is None:
+            return None
+        return row[0], _vectors_of([row[1]])[0].astype(np.float32), row[2], row[3]
+
     def all_vectors(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], vectors float32 [n, dim]) of ``model``'s vectors, ordered by image id."""
         with self.read() as db:
@@ -232,6 +265,18 @@ class Catalog:
                 vectors = np.empty((0, model.dim), dtype=np.float32)
         return ids, vectors
 
+    def vector_writes(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64, vector generations int64, indexed_at float64) of the rows with a vector by
+        ``model``, ordered by id: when each vector was last written (-1 and 0 where unknown)."""
+        query = (
+            "SELECT v.image_id, COALESCE(i.vector_generation, -1), COALESCE(i.indexed_at, 0.0) FROM vectors AS v "
+            "JOIN images AS i ON i.id = v.image_id WHERE v.model_id = ? ORDER BY v.image_id"
+        )
+        with self.read() as db:
+            rows = db.execute(query, (model.id,)).fetchall()
+        ids, generations, times = (np.array(column) for column in zip(*rows)) if rows else ([], [], [])
+        return np.asarray(ids, np.int64), np.asarray(generations, np.int64), np.asarray(times, np.float64)
+
     def changes_since(self, generation: int, model: StoredModel) -> Changes | None:
         """What ``model``'s FAISS file of catalog ``generation`` must take in to match the catalog
         as it is, read in one snapshot; None where the record of changes does not reach back that
@@ -249,8 +294,8 @@ class Catalog:
                 "WHERE i.vector_generation > ? ORDER BY i.id",
                 (model.id, generation),
             ).fetchall()
-            held = db.execute("SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,))
-            held = held.fetchall()
+            query = "SELECT image_id FROM vectors WHERE model_id = ? ORDER BY image_id"
+            held = db.execute(query, (model.id,)).fetchall()
         kept = [row for row in rows if row[1] is not None]
         return Changes(
             generation=now,
@@ -263,13 +308,66 @@ class Catalog:
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         """Indexed rows by id; ids of rows that are gone or no longer indexed are left out."""
         # The ids travel as one JSON array parameter: no SQL is built from their number.
-        query = (
-            "SELECT id, path, size, mtime_ns, width, height FROM images "
-            "WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
-        )
+        query = f"SELECT {_ROW_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
         with self.read() as db:
             rows = db.execute(query, (json.dumps([int(i) for i in ids]), STATUS_INDEXED)).fetchall()
-        return {row[0]: ImageRow(*row) for row in rows}
+        return {row[0]: _image_row(row) for row in rows}
+
+    def matching_ids(self, filters: Filters, under: bytes | None = None) -> np.ndarray:
+        """Ids (int64, ascending) of the indexed rows that pass ``filters`` and lie ``under`` a
+        folder: what a filtered search may return.
+
+        A date range, else a place, first narrows the rows by its index (unless it passes a
+        fifth of them or more, when one pass over the table is cheaper); every condition is
+        then checked on those rows only. The statements are fixed: an unset filter's values are
+        NULL, and the distance from ``near`` is finished in NumPy.
+        """
+        values = filters.sql_values() | _folder_values(under) | {"status": STATUS_INDEXED}
+        with self.read() as db:
+            candidates = None
+            if values["taken_from"] is not None or values["taken_until"] is not None:
+                bounds = {"taken_from": values["taken_from"] or "", "taken_until": values["taken_until"] or "~"}
+                candidates = [row[0] for row in db.execute(_TAKEN_BETWEEN, bounds)]
+            elif values["south"] is not None:
+                candidates = [row[0] for row in db.execute(_LATITUDE_BETWEEN, values)]
+            narrowed = candidates is not None and len(candidates) < (db.execute(_LAST_ID).fetchone()[0] or 0) / 5
+            rows = db.execute(
+                _FILTERED[filters.radius is not None, narrowed], values | {"among": json.dumps(candidates)}
+            )
+            if filters.radius is None:
+                return np.sort(np.fromiter((row[0] for row in rows), dtype=np.int64))
+            found = np.array(rows.fetchall(), dtype=np.float64).reshape(-1, 3)
+        return np.sort(found[filters.within_radius(found[:, 1], found[:, 2]), 0].astype(np.int64))
+
+    def listed(self, ids: Sequence[int], order: str, limit: int, offset: int = 0) -> list[ImageRow]:
+        """The indexed rows among ``ids`` in ``order`` ("date", "-date" or "path"; rows without
+        a date last), a page at a time."""
+        values = {"ids": json.dumps([int(i) for i in ids]), "status": STATUS_INDEXED, "limit": limit, "offset": offset}
+        with self.read() as db:
+            return [_image_row(row) for row in db.execute(_LISTED[order], values)]
+
+    def fingerprints(self, under: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, fingerprints object: bytes or None) of the indexed rows under a folder,
+        by id: which files are byte-identical copies of each other."""
+        with self.read() as db:
+            rows = db.execute(_FINGERPRINTS, _folder_values(under) | {"status": STATUS_INDEXED}).fetchall()
+        fingerprints = np.empty(len(rows), dtype=object)
+        fingerprints[:] = [row[1] for row in rows]
+        return np.array([row[0] for row in rows], dtype=np.int64), fingerprints
+
+    def without_metadata(self) -> list[bytes]:
+        """Paths of indexed rows whose metadata no reader of `METADATA_VERSION` has read yet."""
+        query = "SELECT path FROM images WHERE status = ? AND (metadata_version IS NULL OR metadata_version < ?)"
+        with self.read() as db:
+            return [row[0] for row in db.execute(query, (STATUS_INDEXED, METADATA_VERSION))]
+
+    def fingerprint(self, image_id: int) -> bytes | None:
+        """The content fingerprint of an indexed row, None when there is no such row: the web
+        page's thumbnails are cached by it, and its `vectors_by_fingerprint` is "similar images"."""
+        query = "SELECT fingerprint FROM images WHERE id = ? AND status = ?"
+        with self.read() as db:
+            row = db.execute(query, (image_id, STATUS_INDEXED)).fetchone()
+        return row[0] if row else None
 
     def counts(self) -> dict[str, int]:
         """Rows by status, every status present (zero when none)."""
@@ -342,6 +440,7 @@ class Catalog:
             def stat(f: IndexedFile | FailedFile) -> dict:
                 return dict(
                     path=f.path,
+                    extension=extension_of(f.path),
                     size=f.size,
                     mtime_ns=f.mtime_ns,
                     fingerprint=f.fingerprint,
@@ -350,8 +449,14 @@ class Catalog:
                 )
 
             rows = [
-                stat(f) | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None) for f in indexed
-            ] + [stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) for f in failed]
+                stat(f)
+                | dict(width=f.width, height=f.height, status=STATUS_INDEXED, error=None)
+                | _metadata_columns(f.metadata)
+                for f in indexed
+            ] + [
+                stat(f) | dict(width=None, height=None, status=STATUS_FAILED, error=f.error) | _metadata_columns(None)
+                for f in failed
+            ]
             if rows:
                 upsert = sqlite_insert(Image)
                 changed = {name: upsert.excluded[name] for name in rows[0] if name != "path"}
@@ -377,6 +482,26 @@ class Catalog:
                     [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
                 )
 
+    def set_metadata(self, items: Sequence[tuple[bytes, PhotoMeta]]) -> None:
+        """Fill in rows' metadata, read from their files' headers. Vectors are untouched, so
+        the generation stays: no FAISS file has anything to catch up with."""
+        if not items:
+            return
+        from sqlalchemy import bindparam, update
+
+        from clipsearch.schema import Image
+
+        values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in (*METADATA_COLUMNS, "metadata_version")}
+        statement = update(Image).where(Image.path == bindparam("image_path")).values(values)
+        with self.transaction() as conn:
+            conn.execute(
+                statement,
+                [
+                    {"image_path": path} | {f"new_{k}": v for k, v in _metadata_columns(meta).items()}
+                    for path, meta in items
+                ],
+            )
+
     def _record_model(self, conn: Connection, name: str | None, dim: int) -> int:
         """The id of model ``name``, recorded now if this is its first vector."""
         row = self._db.execute("SELECT id, dim FROM models WHERE name = ?", (name,)).fetchone()
@@ -395,7 +520,7 @@ class Catalog:
         inserted = conn.execute(sqlite_insert(Model).values(name=name, dim=dim, created_at=time.time()))
         if _get_meta(self._db, "default_model") is None and name is not None:
             _set_meta(conn, "default_model", name)
-        return int(inserted.inserted_primary_key[0])
+        return int(inserted.inserted_primary_key[0])  # type: ignore[index]  # always set by an INSERT
 
     def remove(self, prefixes: Sequence[bytes]) -> int:
         """Delete the rows at or below these paths; returns how many went.
@@ -526,8 +651,7 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
     """
     mode = "ro" if readonly else "rwc" if create else "rw"
     uri = f"file:{quote(os.fsencode(db))}?mode={mode}"
-    wal = db.with_name(db.name + "-wal")
-    if readonly and not os.access(db.parent, os.W_OK) and not wal.exists():
+    if readonly and not os.access(db.parent, os.W_OK) and not _wal_readable(db):
         uri += "&immutable=1"
     # check_same_thread off: a Catalog may be handed to another thread, as long as two
     # threads never use it at the same time.
@@ -544,6 +668,26 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
     return conn
 
 
+def _wal_readable(db: Path) -> bool:
+    """Whether SQLite can read the -wal file of a catalog in a read-only folder: not without its
+    -shm file, which it would have to create there. Commits in an unreadable log (its -shm file
+    deleted, or left behind by a copy) are then not seen, and the catalog is read as before them."""
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    if not wal.exists():
+        return False
+    if shm.exists():
+        return True
+    if wal.stat().st_size > _WAL_HEADER_BYTES:
+        log.warning(
+            "%s holds changes that cannot be read while %s is read-only (SQLite needs to create %s for that); "
+            "answering from the catalog as it was before them.",
+            wal,
+            db.parent,
+            shm.name,
+        )
+    return False
+
+
 def _use_wal(conn: sqlite3.Connection) -> None:
     """Switch the file to WAL (a no-op once it is). Two processes opening a new catalog at the
     same moment both try the switch, and SQLite answers the loser "database is locked" at once:
@@ -558,6 +702,65 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             if error_code(e) != SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(_LOCK_POLL_S)
+
+
+_ROW_COLUMNS = "id, path, size, mtime_ns, width, height, " + ", ".join(METADATA_COLUMNS)
+
+# Reads by filters (`Catalog.matching_ids`). Each condition holds when its value is NULL (that
+# filter is unset). "+status": almost every row is indexed, and SQLite must not walk that index.
+_UNDER = "(:folder IS NULL OR path = :folder OR (path >= :below_from AND path < :below_until))"
+_FILTERS = (
+    "+status = :status AND (:taken_from IS NULL OR taken >= :taken_from) "
+    "AND (:taken_until IS NULL OR taken < :taken_until) "
+    "AND (:camera IS NULL OR (coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE :camera "
+    "ESCAPE '\\') "
+    "AND (:min_width IS NULL OR width >= :min_width) "
+    "AND (:extensions IS NULL OR extension IN (SELECT value FROM json_each(:extensions))) "
+    "AND (:south IS NULL OR (latitude BETWEEN :south AND :north AND (:west IS NULL OR CASE WHEN :west <= :east "
+    "THEN longitude BETWEEN :west AND :east ELSE longitude >= :west OR longitude <= :east END))) "
+    f"AND {_UNDER}"
+)
+_AMONG = " AND id IN (SELECT value FROM json_each(:among))"
+# By (with the position, to finish the distance test; among candidates an index found):
+_FILTERED = {
+    (False, False): f"SELECT id FROM images WHERE {_FILTERS}",
+    (False, True): f"SELECT id FROM images WHERE {_FILTERS}{_AMONG}",
+    (True, False): f"SELECT id, latitude, longitude FROM images WHERE {_FILTERS}",
+    (True, True): f"SELECT id, latitude, longitude FROM images WHERE {_FILTERS}{_AMONG}",
+}
+_TAKEN_BETWEEN = "SELECT id FROM images WHERE taken >= :taken_from AND taken < :taken_until"
+_LATITUDE_BETWEEN = "SELECT id FROM images WHERE latitude BETWEEN :south AND :north"
+_LAST_ID = "SELECT max(id) FROM images"
+_FINGERPRINTS = f"SELECT id, fingerprint FROM images WHERE +status = :status AND {_UNDER} ORDER BY id"
+_LISTED_ROWS = f"SELECT {_ROW_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(:ids)) AND status = :status"
+_LISTED = {
+    "date": _LISTED_ROWS + " ORDER BY taken IS NULL, taken, path LIMIT :limit OFFSET :offset",
+    "-date": _LISTED_ROWS + " ORDER BY taken IS NULL, taken DESC, path LIMIT :limit OFFSET :offset",
+    "path": _LISTED_ROWS + " ORDER BY path LIMIT :limit OFFSET :offset",
+}
+
+
+def _folder_values(under: bytes | None) -> dict[str, bytes | None]:
+    """The folder itself, or the byte range of paths below it (see `Catalog.remove`)."""
+    folder = under.rstrip(b"/") if under is not None else None
+    return {
+        "folder": folder,
+        "below_from": folder + b"/" if folder is not None else None,
+        "below_until": folder + b"0" if folder is not None else None,
+    }
+
+
+def _image_row(row: Sequence) -> ImageRow:
+    """An `ImageRow` from the columns `_ROW_COLUMNS` names, in that order."""
+    id_, path, size, mtime_ns, width, height = row[:6]
+    return ImageRow(id_, path, size, mtime_ns, width, height, PhotoMeta(*row[6:]))
+
+
+def _metadata_columns(metadata: PhotoMeta | None) -> dict[str, object]:
+    """The metadata columns of a row; all NULL, and to be read again, for None."""
+    if metadata is None:
+        return dict.fromkeys(METADATA_COLUMNS) | {"metadata_version": None}
+    return {name: getattr(metadata, name) for name in METADATA_COLUMNS} | {"metadata_version": METADATA_VERSION}
 
 
 def _no_index(home: Path) -> IndexStateError:
@@ -589,6 +792,7 @@ def _bump_generation(conn: Connection) -> int:
     upsert = sqlite_insert(Meta).values(key="generation", value="1")
     next_value = cast(cast(Meta.value, Integer) + 1, Text)
     conn.execute(upsert.on_conflict_do_update(index_elements=[Meta.key], set_=dict(value=next_value)))
+    _set_meta(conn, "generation_id", secrets.token_hex(8))
     return int(conn.execute(select(Meta.value).where(Meta.key == "generation")).scalar_one())
 
 

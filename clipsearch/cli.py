@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -111,7 +112,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes: a caller that swaps stderr
     around a command (tests, an embedding app) must not leave the logger holding a closed file."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 
@@ -124,7 +125,7 @@ class _LowercaseLevel(logging.Formatter):
     """``warning: ...``, like other command-line tools, rather than logging's ``WARNING:``."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1)
+        return _shown(super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1))
 
 
 def _handle_errors(command: Callable) -> Callable:
@@ -160,8 +161,27 @@ def _handle_errors(command: Callable) -> Callable:
 
 
 def _error(message: str) -> None:
-    typer.echo(f"Error: {message}", err=True)
+    typer.echo(f"Error: {_shown(message)}", err=True)
     raise typer.Exit(1)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")  # C0, DEL, C1; bytes that are not UTF-8
+
+
+def _shown(text: str | os.PathLike[str]) -> str:
+    """A name or message as human output shows it: control characters escaped (``\\n``,
+    ``\\x1b``), like bytes that are not UTF-8 (``\\xff``), so that a file name can neither drive
+    the terminal nor break a line in two. Output for programs (--json, --paths-only) stays exact."""
+    return _CONTROL.sub(_escape, os.fspath(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = ord(match.group())
+    return {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}.get(char, f"\\x{char & 0xFF:02x}")
+
+
+def _print(line: str) -> None:
+    sys.stdout.buffer.write(_shown(line).encode() + b"\n")
 
 
 def _open(model: str | None = None, precision: str = "auto", *, create: bool = False, reading: bool = False) -> Index:
@@ -210,6 +230,12 @@ def index_command(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Try again files that failed before, even unchanged."
     ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Fingerprint files whose size and mtime are unchanged too, and re-encode those whose content "
+        "changed (slower: reads up to 1 MiB of every file).",
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 32)."),
     workers: int | None = typer.Option(
         None,
@@ -255,7 +281,7 @@ def index_command(
     drop out of results, unreadable ones are listed by `clipsearch status --failed`.
 
     Exit status: 0 done; 3 done, but some files could not be read (see `status --failed`);
-    130 stopped by Ctrl-C (what was finished is kept); 1 error.
+    130 stopped by Ctrl-C, 143 by SIGTERM (what was finished is kept); 1 error.
     """
     if bool(paths) == (from_list is not None):
         raise typer.BadParameter("name folders to index, or list files with --from-list (not both)", param_hint="PATHS")
@@ -264,12 +290,13 @@ def index_command(
 
         require_ray()
     stop = threading.Event()
-    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_ctrl_c(stop):
+    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_signals(stop) as stopped:
         report = index.add(
             _file_list(from_list) if from_list is not None else paths,
             exclude=exclude,
             follow_symlinks=follow_symlinks,
             retry_failed=retry_failed,
+            verify=verify,
             batch_size=batch_size,
             workers=workers,
             progress=progress,
@@ -284,7 +311,7 @@ def index_command(
             typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(128 + stopped.signum)
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -300,12 +327,16 @@ def _summary(report: AddReport, home: Path) -> str:
     line = (
         f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
         f"failed {report.failed}, unchanged {report.unchanged} in {report.elapsed:.1f} s "
-        f"({report.images_per_s:.1f} images/s{load}); index: {home}"
+        f"({report.images_per_s:.1f} images/s{load}); index: {_shown(home)}"
     )
     if report.failed:
         line += "; see the failures with `clipsearch status --failed`"
     if report.unreadable:
         line += f"; {report.unreadable} folder(s) could not be read"
+    if report.verified:
+        line += f"; {report.verified} unchanged-looking file(s) verified"
+    if report.metadata:
+        line += f"; metadata read for {report.metadata} file(s) indexed before"
     return line
 
 
@@ -314,7 +345,7 @@ class _progress_bar:
     --quiet, when stderr is not a terminal, or when there is nothing to do."""
 
     def __enter__(self) -> Callable[[int, int], None]:
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, made on the first update that needs one
         return self.update
 
     def update(self, done: int, total: int) -> None:
@@ -331,26 +362,34 @@ class _progress_bar:
             self.bar.close()
 
 
-class _stop_on_ctrl_c:
-    """The first Ctrl-C asks the run to stop after committing what is finished; a second one
-    interrupts at once (the open transaction rolls back, nothing committed is lost)."""
+class _stop_on_signals:
+    """The first Ctrl-C or SIGTERM (`kill PID`, a service manager) asks the run to stop after
+    committing what is finished; a second one interrupts at once (the open transaction rolls
+    back, nothing committed is lost)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, stop: threading.Event):
         self.stop = stop
+        self.signum: int = signal.SIGINT
 
-    def __enter__(self) -> None:
-        self.previous = signal.signal(signal.SIGINT, self._handler)
+    def __enter__(self) -> _stop_on_signals:
+        self.previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
+        return self
 
     def _handler(self, signum: int, frame: object) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
         self.stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.signum = signum
         typer.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)
 
     def __exit__(self, *exc: object) -> None:
-        # Once stopping, the command is only reporting and exiting 130: a second Ctrl-C that
-        # lands now (the batch finished first) has nothing left to cut short, and raised during
-        # interpreter shutdown it would kill the process by signal instead of exiting 130.
-        signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop.is_set() else self.previous)
+        # Once stopping, the command is only reporting and exiting: a second signal that lands
+        # now (the batch finished first) has nothing left to cut short, and raised during
+        # interpreter shutdown it would kill the process by signal instead of exiting 128 + N.
+        for signum, previous in self.previous.items():
+            signal.signal(signum, signal.SIG_IGN if self.stop.is_set() else previous)
 
 
 # --- query -----------------------------------------------------------------------------------
@@ -359,8 +398,10 @@ class _stop_on_ctrl_c:
 @app.command("query")
 @_handle_errors
 def query_command(
-    text: str = typer.Argument(
-        ..., help="What to look for, or the path of an image to find similar ones.", show_default=False
+    text: str | None = typer.Argument(
+        None,
+        help="What to look for, or the path of an image to find similar ones (optional with --like or a filter).",
+        show_default=False,
     ),
     top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
     under: Path | None = typer.Option(None, "--under", help="Only results inside this folder."),
@@ -376,33 +417,180 @@ def query_command(
     subtract: list[str] = typer.Option(
         [], "--subtract", metavar="[WEIGHT:]TEXT_OR_IMAGE", help="Steer away from this (repeatable)."
     ),
+    like: Path | None = typer.Option(
+        None,
+        "--like",
+        metavar="IMAGE",
+        help="More like this image: its stored vector when it is indexed (nothing decoded), else it is encoded. "
+        "It is left out of its own results.",
+    ),
+    include_self: bool = typer.Option(False, "--include-self", help="With --like: the image itself may be a result."),
+    after: str | None = typer.Option(
+        None,
+        "--after",
+        metavar="DATE",
+        callback=lambda value: _checked(value, "start_of"),
+        help="Only photos taken from the start of DATE on: 2019, 2019-06, 2019-06-01 or 2019-06-01T10:30 "
+        "(local time; photos without a date taken are left out).",
+    ),
+    before: str | None = typer.Option(
+        None,
+        "--before",
+        metavar="DATE",
+        callback=lambda value: _checked(value, "start_of"),
+        help="Only photos taken before the start of DATE (--after 2019-06 --before 2019-09: June to August).",
+    ),
+    camera: str | None = typer.Option(
+        None, "--camera", help="Only photos whose camera make or model contains this, any case (e.g. pixel)."
+    ),
+    near: str | None = typer.Option(
+        None,
+        "--near",
+        metavar="LAT,LON[,KM]",
+        callback=lambda value: _checked(value, "parse_near"),
+        help="Only photos taken within KM (default 10) of this place, by their GPS position.",
+    ),
+    ext: str | None = typer.Option(
+        None,
+        "--ext",
+        metavar="EXT,...",
+        callback=lambda value: _checked(value, "parse_extensions"),
+        help="Only files with these extensions, e.g. jpg,heic (jpg finds .jpeg too).",
+    ),
+    min_width: int | None = typer.Option(
+        None, "--min-width", min=1, help="Only images at least this many pixels wide (as shown)."
+    ),
+    sort: str = typer.Option(
+        "score",
+        "--sort",
+        callback=lambda value: _checked(value, "check_sort"),
+        help="Order: score (best first), date (oldest first), -date (newest first) or path; of the -k best "
+        "when there is something to match, else of all that the filters pass (default then: -date).",
+    ),
     model: str | None = _model_option("search with"),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of {path, score, width, height, mtime}."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array of hits: path, score, size, date taken, camera, place, ..."
+    ),
     paths_only: bool = typer.Option(False, "--paths-only", help="Print only paths, one a line (for xargs, fzf)."),
     null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+    preview: bool = typer.Option(
+        False, "--preview", help="Show thumbnails inline in kitty, iTerm2 and sixel terminals (elsewhere: paths)."
+    ),
 ) -> None:
-    """Search the index with text, an example image, or a weighted mix of both."""
+    """Search the index with text, an example image, or a weighted mix of both; narrow it by
+    when, where and with what the photos were taken; or list what the filters pass, by date.
+
+    `clipsearch query "a beach" --after 2019-06 --before 2019-09 --camera pixel --sort date`,
+    `clipsearch query --like holiday.jpg`, `clipsearch query --after 2024 --sort date`.
+    """
+    from clipsearch.filters import Filters
     from clipsearch.search import as_term, parse_term
 
-    terms = [(1.0, as_term(text))] + [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
+    # The callbacks checked and converted the options: near and ext are tuples by now.
+    filters = Filters(after, before, camera, near, ext or (), min_width)  # type: ignore[arg-type]
+    terms = [(1.0, as_term(text))] if text is not None else []
+    terms += [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
+    if not terms and like is None and not filters and under is None:
+        raise typer.BadParameter("give TEXT, --like IMAGE, or a filter such as --after", param_hint="TEXT")
     with _open(model, reading=True) as index:
-        hits = index.search(terms, k=top, under=under, min_score=min_score)
+        exclude: tuple[int, ...] = ()
+        if like is not None:
+            term, own = index.example(like)
+            terms.append((1.0, term))
+            exclude = () if include_self or own is None else (own,)
+        hits = index.search(terms, top, under, min_score, filters, sort, exclude)
     out = sys.stdout.buffer
     if as_json:
-        rows = [
-            {"path": str(h.path), "score": round(h.score, 6), "width": h.width, "height": h.height, "mtime": h.mtime}
-            for h in hits
-        ]
-        out.write((json.dumps(rows, indent=2) + "\n").encode())
+        out.write((json.dumps([h.to_json() for h in hits], indent=2) + "\n").encode())
     elif paths_only:
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
     elif hits:
-        # Bytes, not text: a name that is not valid UTF-8 prints as it is on disk.
-        out.writelines(f"{h.score:.4f}  ".encode() + os.fsencode(h.path) + b"\n" for h in hits)
+        from clipsearch import preview as inline  # the standard library only, until an image is shown
+
+        protocol = inline.detect(tty=sys.stdout.isatty()) if preview else None
+        for h in hits:
+            if protocol:
+                out.write(inline.inline_image(h.path, protocol))
+            # Listed by filters alone, a hit has no score: its date taken stands in that column.
+            out.write(_shown(f"{_first_column(h)}  {h.path}").encode() + b"\n")
     elif not settings.quiet:
         typer.echo("No matches.", err=True)
     out.flush()
+
+
+def _first_column(hit: Any) -> str:
+    return f"{hit.score:.4f}" if hit.score is not None else (hit.metadata.taken or "(no date)")
+
+
+def _checked(value: str | None, parser: str) -> Any:
+    """An option's ``value`` through `clipsearch.filters`'s ``parser``; its ValueError becomes
+    the option's usage error (exit 2)."""
+    if value is None:
+        return None
+    from clipsearch import filters
+
+    try:
+        return getattr(filters, parser)(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+# --- duplicates ------------------------------------------------------------------------------
+
+
+@app.command("duplicates")
+@_handle_errors
+def duplicates_command(
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        "-t",
+        min=-1.0,
+        max=1.0,
+        help="Cosine similarity at which two images are the same picture (default: measured for the model; "
+        "lower it to group burst shots too).",
+    ),
+    under: Path | None = typer.Option(None, "--under", help="Only images inside this folder."),
+    model: str | None = _model_option("compare with"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array of groups: {keeper, duplicates: [... similarity as score, exact]}."
+    ),
+    paths_only: bool = typer.Option(
+        False, "--paths-only", help="Print only the duplicates that are not the suggested keepers, one a line."
+    ),
+    null: bool = typer.Option(False, "--null", "-0", help="With --paths-only: end each path with NUL (for xargs -0)."),
+) -> None:
+    """Groups of images that are the same picture: byte-identical copies, and near-duplicates
+    (re-encoded, resized, cropped a little, retouched) by their stored vectors, nothing
+    re-encoded. Each group suggests a keeper (largest pixel count, then most metadata, then
+    oldest file). Nothing is deleted: `clipsearch duplicates --paths-only -0 | xargs -0 rm`
+    removes all but the keepers (review the groups first).
+    """
+    with _open(model, reading=True) as index:
+        groups = index.duplicates(threshold, under)
+    out = sys.stdout.buffer
+    if as_json:
+        out.write((json.dumps([g.to_json() for g in groups], indent=2) + "\n").encode())
+    elif paths_only:
+        end = b"\0" if null else b"\n"
+        out.writelines(os.fsencode(d.hit.path) + end for g in groups for d in g.duplicates)
+    else:
+        for number, group in enumerate(groups):
+            out.write(("\n" if number else "").encode() + _described("keep", group.keeper))
+            for duplicate in group.duplicates:
+                score = duplicate.hit.score
+                similarity = "exact" if duplicate.exact else "-" if score is None else f"{score:.3f}"
+                out.write(_described(f"  {similarity}", duplicate.hit))
+    out.flush()
+    if not settings.quiet:
+        extra = sum(len(g.duplicates) for g in groups)
+        typer.echo(f"{len(groups)} group(s), {extra} image(s) besides the keepers.", err=True)
+
+
+def _described(label: str, hit: Any) -> bytes:
+    """One line of a group: a label in 8 columns, the path as human output shows it, the size."""
+    return _shown(f"{label:<8}{hit.path}  {hit.width}x{hit.height}").encode() + b"\n"
 
 
 # --- classify --------------------------------------------------------------------------------
@@ -431,7 +619,7 @@ def classify_command(
     width = max(len(name) for name in names)
     for image in images:
         probabilities = zero_shot(encoder, image, names, template)
-        sys.stdout.buffer.write(os.fsencode(image) + b"\n")
+        _print(str(image))
         for name, p in zip(names, probabilities):
             typer.echo(f"  {name:<{width}}  {p:.4f}")
 
@@ -460,23 +648,33 @@ def status_command(
         "--missing",
         help="List the files gone from disk since they were indexed (forget them with `clipsearch remove --missing`).",
     ),
+    check: bool = typer.Option(
+        False, "--check", help="Also compare each model's vector file with the catalog, row by row (exit 1 if not)."
+    ),
     model: str | None = _model_option("describe"),
 ) -> None:
     """Where the index is, its models and their coverage, how many images it holds, and whether
     the vector file is consistent with the catalog."""
     with _open(model, reading=True) as index:
         if failed or missing:
-            out = sys.stdout.buffer
             if failed:
                 for path, reason in index.failures():
                     # Reasons often start with the file's name: it is said once, first.
-                    reason = reason.removeprefix(f"{path} ")
-                    out.write(os.fsencode(path) + f": {reason}\n".encode())
+                    _print(f"{path}: {reason.removeprefix(f'{path} ')}")
             if missing:
-                out.writelines(os.fsencode(path) + b"\n" for path in index.missing())
-            out.flush()
+                for path in index.missing():
+                    _print(str(path))
             return
         typer.echo(_describe(index.status()))
+        if check:
+            from clipsearch.consistency import check as check_vectors
+
+            checks = check_vectors(index.home, index.catalog)
+            for c in checks:
+                found = "; ".join(c.problems) or f"its vector file matches the catalog's {c.vectors} vectors row by row"
+                _print(f"Check:    {c.model}: {found}")
+            if any(c.problems for c in checks):
+                raise typer.Exit(1)
 
 
 def _describe(status: Status) -> str:
@@ -487,7 +685,8 @@ def _describe(status: Status) -> str:
     if counts.get(STATUS_FAILED):
         images += " (see `clipsearch status --failed`)"
     models = [
-        f"{m.name} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images" + (", default" if m.default else "")
+        f"{_shown(m.name)} ({m.dim}-d): {m.vectors} of {counts[STATUS_INDEXED]} images"
+        + (", default" if m.default else "")
         for m in status.models
     ]
     vectors = f"{status.vectors_in_index} in a {status.index_type} index"
@@ -500,10 +699,10 @@ def _describe(status: Status) -> str:
     )
     return "\n".join(
         [
-            f"Index:    {status.home}",
+            f"Index:    {_shown(status.home)}",
             f"Images:   {images}",
             "Models:   " + ("\n          ".join(models) if models else "none yet (run `clipsearch index PATH`)"),
-            f"Vectors:  {status.model}: {vectors}",
+            f"Vectors:  {_shown(status.model or '')}: {vectors}",
             f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
         ]
     )
@@ -556,36 +755,70 @@ def rebuild_command(
 @models_app.callback(invoke_without_command=True)
 @_handle_errors
 def models_command(ctx: typer.Context) -> None:
-    """List the models clipsearch knows and whether each is already on this machine."""
+    """List the models clipsearch knows, with the figures to choose by, and where each is.
+
+    dim: embedding width; px: image size; Mparams: parameters, in millions; IN1k: published
+    ImageNet zero-shot top-1 and COCO: text-to-image recall@1, both from open_clip's results
+    (- where none is published)."""
     if ctx.invoked_subcommand is not None:
         return
     from clipsearch.clip import registry
-    from clipsearch.paths import model_cache_dir
+    from clipsearch.clip.sources import locate
+    from clipsearch.index import DEFAULT_MODEL
 
-    width = max(len(entry.name) for entry in registry.MODELS)
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    header = ("model", "dim", "px", "Mparams", "IN1k", "COCO", "where", "from")
+    rows = [header]
     for entry in registry.MODELS:
-        if entry.bundled is not None:
-            where = "bundled"
-        elif (model_cache_dir() / entry.asset.filename).exists():
-            where = "cached"
-        else:
-            where = "-"
-        typer.echo(f"{entry.name:<{width}}  {where:<7}  {entry.description}")
+        where, numbers = locate(entry), entry.figures
+        stats = (
+            ("-",) * 5
+            if numbers is None
+            else (
+                str(numbers.embed_dim),
+                str(numbers.image_size),
+                f"{numbers.params_m:.0f}",
+                figure(numbers.imagenet),
+                figure(numbers.coco_r1),
+            )
+        )
+        name = entry.name + (" (default)" if entry.name == DEFAULT_MODEL else "")
+        rows.append((name, *stats, where.describe(), _origin(where.origin)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    for row in rows:
+        typer.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)).rstrip())
+
+
+def _origin(origin: str) -> str:
+    """A download's source in a few words: the host of a URL, hf-hub:REPO as it is."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(origin).hostname or origin if "://" in origin else origin
 
 
 @models_app.command("download")
 @_handle_errors
 def download_command(
-    name: str = typer.Argument(..., help="A model name from `clipsearch models`.", show_default=False),
+    name: str = typer.Argument(
+        ..., help="A model name from `clipsearch models`, or hf-hub:ORG/NAME.", show_default=False
+    ),
 ) -> None:
-    """Download a model's weights into the cache now (e.g. before going offline)."""
-    from clipsearch.clip import download, registry
+    """Download a model's weights now (e.g. before going offline), unless a cache already has them.
 
-    path = download.model_path(name)
-    if registry.get(name).bundled is None:
+    NAME is a name from `clipsearch models` or hf-hub:ORG/NAME. Caches of other tools are used in
+    place: OpenAI's ~/.cache/clip, the Hugging Face hub cache.
+    """
+    from clipsearch.clip import download, registry
+    from clipsearch.clip.sources import locate
+
+    entry = registry.get(name)
+    path = download.model_path(entry.name)
+    if entry.bundled is None:
         download.vocab_path()  # downloaded checkpoints use CLIP's own vocabulary
     if not settings.quiet:
-        typer.echo(f"{name}: {path}")
+        typer.echo(f"{entry.name}: {path} ({locate(entry).describe()})")
 
 
 @models_app.command("default")
@@ -620,6 +853,15 @@ def _register_train() -> None:
 
 
 _register_train()
+
+
+def _register_serve() -> None:
+    from clipsearch.serve.command import serve  # typer options only: the web server comes in when it runs
+
+    app.command("serve")(_handle_errors(serve))
+
+
+_register_serve()
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import types
 import warnings
@@ -29,14 +30,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from clipsearch.fingerprint import fingerprint
+from clipsearch import photo_meta
+from clipsearch.fingerprint import fingerprint, open_regular
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from clipsearch.clip.preprocess import Preprocess
+    from clipsearch.records import PhotoMeta
 
 log = logging.getLogger(__name__)
 
@@ -53,41 +58,89 @@ class Decoded:
     fingerprint: bytes | None = None
     error: str | None = None
     seconds: float = 0.0  # what decoding it took, wherever it ran (the run sizes its pool by it)
+    metadata: PhotoMeta | None = None  # what the file says about itself (`photo_meta`)
 
 
-def decode_file(preprocess: Preprocess, path: bytes) -> Decoded:
-    """Fingerprint, open, orient, resize and normalise one file; every failure becomes a reason
-    string. Decoder warnings (corrupt EXIF, ...) go to the debug log with the file's name, not
-    to the terminal.
+@dataclass(frozen=True)
+class Probe:
+    """What the indexer learnt of a file it opened to look for a vector to reuse (`probe_file`):
+    handed to the decoder when there was none, which then neither fingerprints it again nor
+    trusts a file that is no longer the one probed."""
 
-    The file's identity (inode, size, mtime) is compared before and after: a file rewritten or
-    replaced meanwhile could pair one content's fingerprint with another's pixels, so it is
-    recorded as failed instead, and retried by the next run (its stat no longer matches).
+    fingerprint: bytes
+    identity: tuple[int, int, int]
+    size: tuple[int, int] | None  # as shown; None if the header could not be read
+    metadata: PhotoMeta | None = None  # None if the header could not be read
+
+
+def probe_file(path: bytes) -> Probe:
+    """Fingerprint a file and read its size from its header, from one open of it (`open_regular`:
+    never blocking, never anything but a regular file). Raises OSError when it cannot be read."""
+    from clipsearch.clip.preprocess import opened_image
+
+    with open_regular(path) as f:
+        identity = _identity(os.fstat(f.fileno()))
+        digest = fingerprint(f)
+        f.seek(0)
+        try:
+            with warnings.catch_warnings(), opened_image(f, os.fsdecode(path)) as image:
+                warnings.simplefilter("ignore")  # the decoder, if it runs, logs them
+                size, metadata = upright_size(image), photo_meta.read(image)
+        except Exception:  # not an image it can read: the decoder records why, if it gets it
+            size, metadata = None, None
+    return Probe(digest, identity, size, metadata)
+
+
+def decode_file(preprocess: Preprocess, path: bytes, probe: Probe | None = None) -> Decoded:
+    """Fingerprint (unless ``probe`` did), decode, orient, resize and normalise one file, all from
+    one open of it; every failure becomes a reason string. Decoder warnings (corrupt EXIF, ...) go
+    to the debug log with the file's name, not to the terminal.
+
+    The open file's identity (inode, size, mtime) is compared when it is opened (with the probe's,
+    if any) and once read: a file rewritten meanwhile could pair one content's fingerprint with
+    another's pixels, so it is recorded as failed instead, and retried by the next run (its stat
+    no longer matches).
     """
-    from clipsearch.clip.preprocess import open_image
+    from clipsearch.clip.preprocess import load_upright, opened_image
     from clipsearch.errors import ClipsearchError
 
     name = os.fsdecode(path)
     started = time.perf_counter()
     try:
-        before = _identity(os.stat(path))
-        digest = fingerprint(path)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            image = open_image(name, target=preprocess.resolution)
-            width, height = upright_size(name)  # reduced JPEG decoding shrank `image`
-            pixels = preprocess.array(image)
-        for warning in caught:
-            log.debug("%s: %s", _printable(name), warning.message)
-        if _identity(os.stat(path)) != before:
-            return Decoded(None, error="the file changed while it was being read; the next run will retry it")
-        return Decoded(pixels, width, height, digest, seconds=time.perf_counter() - started)
+        with open_regular(path) as f:
+            opened = _identity(os.fstat(f.fileno()))
+            if probe is not None and probe.identity != opened:
+                return Decoded(None, error=_CHANGED)
+            digest = fingerprint(f) if probe is None else probe.fingerprint
+            f.seek(0)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with opened_image(f, name) as image:
+                    stored = image.size  # the header's: reduced decoding shrinks the image
+                    upright = load_upright(image, preprocess.resolution)
+                    turned = upright.size != image.size  # EXIF orientations 5-8 (a square looks the same)
+                    width, height = stored[::-1] if turned else stored
+                    pixels = preprocess.array(upright)
+                    metadata = photo_meta.read(image)  # loaded by now: a PNG's EXIF may follow its pixels
+            for warning in caught:
+                log.debug("%s: %s", _printable(name), warning.message)
+            if _identity(os.fstat(f.fileno())) != opened:
+                return Decoded(None, error=_CHANGED)
+        return Decoded(pixels, width, height, digest, seconds=time.perf_counter() - started, metadata=metadata)
     except ClipsearchError as err:
         return Decoded(None, error=_printable(str(err)))
     except OSError as err:
-        return Decoded(None, error=err.strerror or _printable(str(err)))
+        return Decoded(None, error=failure_reason(err))
     except Exception as err:  # a decoder bug on one odd file must not stop the run
         return Decoded(None, error=_printable(f"{type(err).__name__}: {err}"))
+
+
+_CHANGED = "the file changed while it was being read; the next run will retry it"
+
+
+def failure_reason(err: OSError) -> str:
+    """What the catalog records for a file that could not be read: the system's words."""
+    return err.strerror or _printable(str(err))
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
@@ -99,16 +152,15 @@ def _printable(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def upright_size(path: str) -> tuple[int, int]:
-    """Width and height as the photo is shown (EXIF rotation applied), from the header alone."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        try:
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        except Exception:  # malformed EXIF: the pixels are fine, shown as stored
-            orientation = 1
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """Width and height as the photo is shown (EXIF rotation applied), from its header alone: a
+    PNG whose EXIF follows its pixels counts as upright (Pillow would decode them to find it)."""
+    width, height = image.size
+    try:
+        in_header = image.format != "PNG" or "exif" in image.info
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if in_header else 1
+    except Exception:  # malformed EXIF: the pixels are fine, shown as stored
+        orientation = 1
     return (height, width) if orientation in _TRANSPOSED else (width, height)
 
 
@@ -120,13 +172,36 @@ _worker_preprocess: Preprocess | None = None
 
 def _init_worker(preprocess: Preprocess) -> None:
     global _worker_preprocess
-    # Ctrl-C goes to the whole process group; the main process decides how to stop.
+    # Ctrl-C, and a SIGTERM sent to the process group, reach workers too; the main process
+    # decides how to stop, and shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
     _worker_preprocess = preprocess
 
 
-def _decode_in_worker(path: bytes) -> Decoded:
-    return decode_file(_worker_preprocess, path)
+def _exit_with_parent() -> None:
+    """End this worker when the process that started the pool dies, however it dies.
+
+    Nothing else would: a worker waits on a task queue whose write end it holds itself, and its
+    parent is the forkserver, which lives as long as any worker does; together with the
+    resource tracker they outlived a SIGKILLed indexer for ever, holding its stdout and stderr
+    (a caller reading them hung). multiprocessing gives every child a pipe from its parent that
+    reaches end-of-file when the parent dies (`parent_process().sentinel`); a thread waits on it.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_when_gone, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_when_gone(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()
+    os._exit(1)
+
+
+def _decode_in_worker(path: bytes, probe: Probe | None) -> Decoded:
+    assert _worker_preprocess is not None, "set by _init_worker"
+    return decode_file(_worker_preprocess, path, probe)
 
 
 @contextmanager
@@ -145,10 +220,14 @@ def _parent_main_hidden() -> Iterator[None]:
 def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that has imported this module (and torch) once.
+        # Workers fork from a server that has imported this module and Pillow once (not torch).
         ctx.set_forkserver_preload([__name__, "clipsearch.clip.preprocess"])
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+Key = TypeVar("Key", bound=Hashable)
+Job = tuple[Key, bytes, Probe | None]  # (the caller's key, path, its probe if any)
 
 
 class DecodePool:
@@ -164,17 +243,17 @@ class DecodePool:
         self.window = window or max(1, 4 * workers)
         self._executor: ProcessPoolExecutor | None = None
 
-    def imap(self, items: Iterable[tuple[Hashable, bytes]]) -> Iterator[tuple[Hashable, Decoded]]:
-        """Yields ``(key, Decoded)`` for each ``(key, path)``, in completion order."""
+    def imap(self, jobs: Iterable[Job[Key]]) -> Iterator[tuple[Key, Decoded]]:
+        """Yields ``(key, Decoded)`` for each ``(key, path, probe)``, in completion order."""
         if self.workers == 0:
-            for key, path in items:
-                yield key, decode_file(self.preprocess, path)
+            for key, path, probe in jobs:
+                yield key, decode_file(self.preprocess, path, probe)
             return
-        yield from self._imap_workers(iter(items))
+        yield from self._imap_workers(iter(jobs))
 
-    def _imap_workers(self, items: Iterator[tuple[Hashable, bytes]]) -> Iterator[tuple[Hashable, Decoded]]:
-        pending: dict[Future, tuple[Hashable, bytes]] = {}
-        suspects: deque[tuple[Hashable, bytes]] = deque()  # in flight when a worker died
+    def _imap_workers(self, jobs: Iterator[Job[Key]]) -> Iterator[tuple[Key, Decoded]]:
+        pending: dict[Future, Job[Key]] = {}
+        suspects: deque[Job[Key]] = deque()  # in flight when a worker died
         isolating = False  # a suspect is running alone: if the pool breaks now, it is the culprit
         while True:
             while not isolating and len(pending) < self.window:
@@ -183,10 +262,11 @@ class DecodePool:
                         break
                     item, isolating = suspects.popleft(), True
                 else:
-                    item = next(items, None)
-                    if item is None:
+                    following = next(jobs, None)
+                    if following is None:
                         break
-                pending[self._submit(item[1])] = item
+                    item = following
+                pending[self._submit(item)] = item
             if not pending:
                 return
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -210,13 +290,13 @@ class DecodePool:
             isolating = False
             self._restart()
 
-    def _submit(self, path: bytes) -> Future:
+    def _submit(self, job: Job) -> Future:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
                 self.workers, mp_context=_context(), initializer=_init_worker, initargs=(self.preprocess,)
             )
         with _parent_main_hidden():  # workers are started by submit()
-            return self._executor.submit(_decode_in_worker, path)
+            return self._executor.submit(_decode_in_worker, job[1], job[2])
 
     def _restart(self) -> None:
         if self._executor is not None:

@@ -20,6 +20,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from clipsearch.clip.model import Towers
+
 
 def model_id(model_ref: str) -> str:
     """What the catalog records for a model: its registry name, or the absolute path of a
@@ -49,12 +51,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def open_encoder(
-    model_ref: str, device: str = "auto", precision: str = "auto", towers: str = "both"
+    model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both"
 ) -> Encoder | TextEncoder:
     """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
     full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
-    machine stays on the CPU too: one query takes milliseconds there, starting CUDA a second."""
-    if towers == "text" and device in ("auto", "cpu") and precision in ("auto", "fp32"):
+    machine stays on the CPU too: one query takes milliseconds there, starting CUDA a second.
+    The NumPy text tower is CLIP's: SigLIP and XLM-R models encode text with `Encoder`."""
+    from clipsearch.clip.families import family
+
+    if towers == "text" and device in ("auto", "cpu") and precision in ("auto", "fp32") and family(model_ref) == "clip":
         return TextEncoder(model_ref)
     return Encoder(model_ref, device, precision, towers)
 
@@ -97,7 +102,7 @@ class Encoder:
     the image tower is neither built nor read), in the precision `clip.cpu` finds fastest on
     this device without moving the embeddings (``precision="fp32"`` forces full precision)."""
 
-    def __init__(self, model_ref: str, device: str = "auto", precision: str = "auto", towers: str = "both"):
+    def __init__(self, model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both"):
         from clipsearch import clip
         from clipsearch.clip.cpu import prepare_for_inference
 
@@ -109,6 +114,9 @@ class Encoder:
         self.dim: int = model.config.embed_dim
         self.resolution: int = model.config.image_resolution
         self.logit_scale = float(model.logit_scale.detach().exp())
+        # Sigmoid families (SigLIP): sigmoid(logit_scale * cos + logit_bias) is a probability.
+        bias = getattr(model, "logit_bias", None)
+        self.logit_bias: float | None = None if bias is None else float(bias.detach())
         self._texts = TextMemory()
 
     def encode_images(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -143,6 +151,7 @@ class TextEncoder:
     """
 
     towers = "text"
+    logit_bias: float | None = None  # CLIP's scores have no bias
 
     def __init__(self, model_ref: str):
         from clipsearch.clip import numpy_text

@@ -1,4 +1,5 @@
-"""Content fingerprints: how a moved, renamed or copied photo is recognised without decoding it.
+"""Content fingerprints: how a moved, renamed or copied photo is recognised without decoding it,
+and the one way the indexer opens a file.
 
 Hashing whole files would read every byte of a library a second time; the size plus the first
 MiB and the last KiB tell two photos apart in practice (the head holds the headers, EXIF and
@@ -12,25 +13,41 @@ import errno
 import hashlib
 import os
 import stat
+from typing import BinaryIO
 
 HEAD_BYTES = 1 << 20
 TAIL_BYTES = 1 << 10
 
 
-def fingerprint(path: bytes | str | os.PathLike) -> bytes:
-    """A 16-byte digest of the file's size, first MiB and last KiB.
+def open_regular(path: bytes | str | os.PathLike) -> BinaryIO:
+    """The file at ``path``, open for reading; OSError if it cannot be, or is not a regular file.
 
-    Raises OSError, also for anything but a regular file: a FIFO named like a photo would block
-    the open for ever (hence O_NONBLOCK), and a device behind a symlink never ends.
+    The open never blocks: a FIFO named like a photo would block a plain open for ever (hence
+    O_NONBLOCK), and whatever was opened is checked on the descriptor itself, so a file swapped
+    for a FIFO or a device (behind a symlink, say) after any earlier look at the name is still
+    refused. Everything the indexer reads of a file is read from what this returns.
     """
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
-        size = st.st_size
-        digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
-        digest.update(f.read(HEAD_BYTES))
-        if size > HEAD_BYTES:
-            f.seek(max(size - TAIL_BYTES, HEAD_BYTES))
-            digest.update(f.read(TAIL_BYTES))
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def fingerprint(source: BinaryIO | bytes | str | os.PathLike) -> bytes:
+    """A 16-byte digest of the file's size, first MiB and last KiB, from an open file (read from
+    its start) or a path (opened with `open_regular`). Raises OSError."""
+    if isinstance(source, (bytes, str, os.PathLike)):
+        with open_regular(source) as f:
+            return fingerprint(f)
+    size = os.fstat(source.fileno()).st_size
+    digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+    source.seek(0)
+    digest.update(source.read(HEAD_BYTES))
+    if size > HEAD_BYTES:
+        source.seek(max(size - TAIL_BYTES, HEAD_BYTES))
+        digest.update(source.read(TAIL_BYTES))
     return digest.digest()

@@ -14,19 +14,29 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
-from clipsearch.decode import Decoded, DecodePool, best_workers, upright_size, usable_cores
+from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
 from clipsearch.manifest import Manifest
-from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUS_MISSING, FailedFile, FileState, IndexedFile
+from clipsearch.photo_meta import read_file as read_header
+from clipsearch.records import (
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    STATUS_MISSING,
+    FailedFile,
+    FileState,
+    IndexedFile,
+    PhotoMeta,
+)
 from clipsearch.walk import FoundFile, Walk, normalise_roots, under
 
 if TYPE_CHECKING:
@@ -57,10 +67,11 @@ class Executor(Protocol):
 
 
 DEFAULT_BATCH_SIZE = 32
-# Files fingerprinted (and looked up for reuse) together: one catalog query per chunk, while
-# decoding of the previous chunk is still in flight.
+# Files probed (and looked up for reuse) together: one catalog query per chunk, while decoding
+# of the previous chunk is still in flight.
 _CHUNK = 256
-_FINGERPRINT_THREADS = 4  # file reads and hashing release the GIL; helps most on slow disks
+_PROBE_THREADS = 4  # file reads and hashing release the GIL; helps most on slow disks
+_METADATA_CHUNK = 1000  # headers read per transaction when filling in the metadata of older rows
 
 
 @dataclass
@@ -75,6 +86,8 @@ class AddReport:
     failed: int = 0
     unchanged: int = 0
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
+    verified: int = 0  # unchanged files fingerprinted again (`verify`)
+    metadata: int = 0  # files indexed before, whose metadata was read from their header now
     elapsed: float = 0.0
     model_load_s: float = 0.0  # part of elapsed: loading the model, once, if anything needed it
     interrupted: bool = False
@@ -95,13 +108,18 @@ class Plan:
     missing: list[bytes] = field(default_factory=list)
     unchanged: int = 0
     unreadable: int = 0
+    # With `verify`: indexed files whose size and mtime are as recorded, with their fingerprints.
+    to_verify: list[tuple[FoundFile, bytes]] = field(default_factory=list)
 
 
-def plan_changes(states: dict[bytes, FileState], walk: Walk | Manifest, retry_failed: bool = False) -> Plan:
+def plan_changes(
+    states: dict[bytes, FileState], walk: Walk | Manifest, retry_failed: bool = False, verify: bool = False
+) -> Plan:
     """Compare the walk with the catalog: which files need work, which are gone.
 
     Only catalog rows under the roots walked now can be gone; rows under a folder that could
-    not be listed are kept, since an unreadable folder is not a deleted one.
+    not be listed are kept, since an unreadable folder is not a deleted one. A file whose size
+    and mtime are as recorded is taken as unchanged, unless ``verify`` asks to fingerprint it.
     """
     plan = Plan()
     unseen = dict(states)  # what is left once the walk has popped what it saw
@@ -123,6 +141,8 @@ def plan_changes(states: dict[bytes, FileState], walk: Walk | Manifest, retry_fa
             plan.todo.append((found, False))
         elif state.status == STATUS_INDEXED and not state.encoded:
             plan.todo.append((found, True))  # indexed by other models: new to this one
+        elif verify and state.status == STATUS_INDEXED and state.fingerprint is not None:
+            plan.to_verify.append((found, state.fingerprint))
         else:
             plan.unchanged += 1
     plan.unreadable = len(walk.unreadable)
@@ -144,6 +164,7 @@ def run_add(
     exclude: Sequence[str] = (),
     follow_symlinks: bool = False,
     retry_failed: bool = False,
+    verify: bool = False,
     batch_size: int | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
@@ -153,18 +174,28 @@ def run_add(
     """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``
     (or the files a `Manifest` lists).
 
+    A file rewritten with its size and mtime kept (an editor that restores the mtime, a copy
+    with ``cp -p`` of a same-size file) is taken as unchanged; ``verify`` fingerprints every
+    indexed file again and re-encodes those whose content differs from what was indexed.
+
     ``get_encoder`` (loading ``model``) is called only if some file needs encoding, and not at
     all when an ``executor`` does the encoding. ``should_stop`` is polled between files; once it
     returns True the batch not yet encoded is dropped, everything finished is committed, and the
     report comes back with ``interrupted`` set.
     """
     started = time.perf_counter()
-    source = roots if isinstance(roots, Manifest) else _walk(roots, exclude, follow_symlinks)
+    walk = roots if isinstance(roots, Manifest) else _walk(roots, exclude, follow_symlinks)
+    if catalog.default_model is None:
+        # Recorded even if nothing gets encoded (an empty folder): the next command without
+        # --model must use this model, not the built-in default.
+        catalog.set_meta("default_model", model)
     states = catalog.file_states(model)
-    plan = plan_changes(states, source, retry_failed)
-    if isinstance(source, Manifest):
-        plan.missing = source.missing(states)
-    report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable)
+    plan = plan_changes(states, walk, retry_failed, verify)
+    if isinstance(walk, Manifest):
+        plan.missing = walk.missing(states)
+    report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
+    _verify(plan, should_stop)
+    report.unchanged = plan.unchanged
     if progress:
         progress(0, len(plan.todo))
     moved_content: set[bytes] = set()
@@ -175,7 +206,8 @@ def run_add(
         loading = time.perf_counter()
         encoder = get_encoder()
         report.model_load_s = time.perf_counter() - loading
-        run = _Run(catalog, model, encoder, plan.todo, report, progress, should_stop)
+        sizes = {state.size for state in states.values() if state.encoded}
+        run = _Run(catalog, model, encoder, plan.todo, sizes, report, progress, should_stop)
         run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
         moved_content = run.reused_fingerprints
     if should_stop():
@@ -190,6 +222,8 @@ def run_add(
             catalog.remove(renamed)
         catalog.commit_batch(missing=gone)
         report.removed = len(gone)
+    if not report.interrupted:
+        report.metadata = fill_metadata(catalog, walk.roots, walk.unreadable, should_stop)
     report.elapsed = time.perf_counter() - started
     return report
 
@@ -205,6 +239,42 @@ def _walk(roots: Iterable[str | os.PathLike], exclude: Sequence[str], follow_sym
     return Walk(root_paths, tuple(exclude), follow_symlinks)
 
 
+def fill_metadata(
+    catalog: Catalog, roots: Sequence[bytes], unreadable: Sequence[bytes], should_stop: Callable[[], bool]
+) -> int:
+    """Read the metadata of the indexed files under ``roots`` that were indexed before the
+    catalog recorded it (or by an older reader) from their headers, nothing decoded or
+    encoded; returns how many. Committed per chunk, so a stopped run keeps what it read."""
+    in_roots, in_unreadable = under(roots), under(unreadable)
+    paths = [path for path in catalog.without_metadata() if in_roots(path) and not in_unreadable(path)]
+    if not paths:
+        return 0
+    log.info("Reading the metadata of %d files indexed before it was recorded", len(paths))
+    done = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's complaints about malformed EXIF: it is absent
+        for chunk in _batched(paths, _METADATA_CHUNK):
+            if should_stop():
+                break
+            read = [(path, metadata) for path in chunk if (metadata := _header_metadata(path)) is not None]
+            catalog.set_metadata(read)
+            done += len(read)
+    return done
+
+
+def _header_metadata(path: bytes) -> PhotoMeta | None:
+    """The file's metadata; None to try again next run (it could not be opened just now);
+    empty if it opens but is no longer an image Pillow can read."""
+    try:
+        return read_header(path).metadata
+    except OSError as err:
+        if err.errno is not None:
+            return None
+        return PhotoMeta()  # Pillow's UnidentifiedImageError and the like carry no errno
+    except Exception:
+        return PhotoMeta()
+
+
 class _Run:
     """The encode part of a run: reuse by fingerprint, decode in workers, encode, commit."""
 
@@ -214,6 +284,7 @@ class _Run:
         model: str,
         encoder: Encoder,
         todo: list[tuple[FoundFile, bool]],
+        reusable_sizes: set[int],
         report: AddReport,
         progress: Progress | None,
         should_stop: Callable[[], bool],
@@ -228,6 +299,9 @@ class _Run:
         self.done = 0
         self.failed: list[FailedFile] = []
         self.reused: list[IndexedFile] = []
+        # Sizes of the files with a vector by the model: a new file of another size cannot be a
+        # copy of one, so it goes to the decoder without being probed for a vector to reuse.
+        self.reusable_sizes = reusable_sizes
         self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
@@ -251,9 +325,7 @@ class _Run:
             )
         self._index_batches(items, batch_size, workers)
 
-    def _index_batches(
-        self, items: Iterator[tuple[tuple[FoundFile, bool], bytes]], batch_size: int, workers: int
-    ) -> bool:
+    def _index_batches(self, items: Iterator[Job[tuple[FoundFile, bool]]], batch_size: int, workers: int) -> bool:
         """Decode, encode and commit ``items`` batch by batch; False if told to stop."""
         decoded: list[tuple[FoundFile, bool, Decoded]] = []
         pool = DecodePool(self.encoder.preprocess, workers, window=max(2 * batch_size, 4 * workers))
@@ -274,34 +346,51 @@ class _Run:
         self._encode_and_commit([])  # interrupted: keep what is finished, drop what is not encoded yet
         return False
 
-    def _to_decode(self) -> Iterator[tuple[tuple[FoundFile, bool], bytes]]:
+    def _to_decode(self) -> Iterator[Job[tuple[FoundFile, bool]]]:
         """Files that must be decoded. A new file identical to an indexed one (its fingerprint
-        says so) takes that vector here and never reaches a decoder."""
-        with ThreadPoolExecutor(_FINGERPRINT_THREADS) as threads:
+        says so) takes that vector here and never reaches a decoder. Each file is opened once:
+        by the decoder, or by `probe_file` here, whose findings the decoder then takes."""
+        with ThreadPoolExecutor(_PROBE_THREADS) as threads:
             for chunk in _batched(self.todo, _CHUNK):
                 if self.should_stop():
                     return
-                new = [found.path for found, is_new in chunk if is_new]
-                digests = dict(zip(new, threads.map(_try_fingerprint, new)))
-                known = self.catalog.vectors_by_fingerprint(
-                    self.model, (d for d in digests.values() if isinstance(d, bytes))
-                )
+                probes = self._probe(chunk, threads)
+                known = self.catalog.vectors_by_fingerprint(self.model, (p.fingerprint for p in probes.values()))
+                unreadable = {f.path for f in self.failed}
                 for found, is_new in chunk:
-                    digest = digests.get(found.path)
-                    if isinstance(digest, str):
-                        self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, digest))
-                    elif digest not in known or not self._reuse(found, digest, known[digest]):
-                        yield (found, is_new), found.path
+                    if found.path in unreadable:
+                        continue
+                    probe = probes.get(found.path)
+                    if probe is None or not self._reuse(found, probe, known.get(probe.fingerprint)):
+                        yield (found, is_new), found.path, probe
                 if self.failed or self.reused:
                     self._encode_and_commit([])
 
-    def _reuse(self, found: FoundFile, digest: bytes, vector: np.ndarray) -> bool:
-        try:
-            width, height = upright_size(os.fsdecode(found.path))
-        except Exception:  # unreadable header: let the decoder record why
+    def _probe(self, chunk: Sequence[tuple[FoundFile, bool]], threads: ThreadPoolExecutor) -> dict[bytes, Probe]:
+        """Probe the new files of ``chunk`` that may be copies of indexed ones (`reusable_sizes`);
+        one that cannot be read is recorded as failed here."""
+        probing = {
+            found: threads.submit(probe_file, found.path)
+            for found, is_new in chunk
+            if is_new and found.size in self.reusable_sizes
+        }
+        probes = {}
+        for found, future in probing.items():
+            try:
+                probes[found.path] = future.result()
+            except OSError as err:
+                self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, failure_reason(err)))
+        return probes
+
+    def _reuse(self, found: FoundFile, probe: Probe, vector: np.ndarray | None) -> bool:
+        if vector is None or probe.size is None:  # nothing to reuse, or a header the decoder must judge
             return False
-        self.reused.append(IndexedFile(found.path, found.size, found.mtime_ns, digest, width, height, vector))
-        self.reused_fingerprints.add(digest)
+        width, height = probe.size
+        reused = IndexedFile(
+            found.path, found.size, found.mtime_ns, probe.fingerprint, width, height, vector, probe.metadata
+        )
+        self.reused.append(reused)
+        self.reused_fingerprints.add(probe.fingerprint)
         return True
 
     def _encode_and_commit(self, decoded: list[tuple[FoundFile, bool, Decoded]]) -> None:
@@ -310,18 +399,27 @@ class _Run:
         indexed = list(self.reused)
         if decoded:
             started = time.perf_counter()
-            vectors = self.encoder.encode_images(np.stack([result.pixels for _, _, result in decoded]))
+            # Only decoded files reach here: their pixels and fingerprint are there.
+            vectors = self.encoder.encode_images(np.stack([cast(np.ndarray, r.pixels) for _, _, r in decoded]))
             self.encode_s += time.perf_counter() - started
             self.decode_s += sum(result.seconds for _, _, result in decoded)
             indexed += [
                 IndexedFile(
-                    found.path, found.size, found.mtime_ns, result.fingerprint, result.width, result.height, vector
+                    found.path,
+                    found.size,
+                    found.mtime_ns,
+                    cast(bytes, result.fingerprint),
+                    result.width,
+                    result.height,
+                    vector,
+                    result.metadata,
                 )
                 for (found, _, result), vector in zip(decoded, vectors)
             ]
         if not indexed and not self.failed:
             return
         self.catalog.commit_batch(self.model, indexed=indexed, failed=self.failed)
+        self.reusable_sizes.update(f.size for f in indexed)
         new = sum(1 for _, is_new, _ in decoded if is_new)
         self.report.new += new
         self.report.changed += len(decoded) - new
@@ -351,12 +449,26 @@ def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _try_fingerprint(path: bytes) -> bytes | str:
-    """The fingerprint, or why the file could not be read (it is then recorded as failed)."""
+def _verify(plan: Plan, should_stop: Callable[[], bool]) -> None:
+    """Fingerprint the files of ``plan.to_verify`` again: those whose content is not what was
+    indexed (or that cannot be read any more) join ``plan.todo`` as changed."""
+    with ThreadPoolExecutor(_PROBE_THREADS) as threads:
+        for chunk in _batched(plan.to_verify, _CHUNK):
+            if should_stop():
+                return
+            for (found, _), same in zip(chunk, threads.map(_has_fingerprint, chunk)):
+                if same:
+                    plan.unchanged += 1
+                else:
+                    plan.todo.append((found, False))
+
+
+def _has_fingerprint(item: tuple[FoundFile, bytes]) -> bool:
+    found, recorded = item
     try:
-        return fingerprint(path)
-    except OSError as err:
-        return err.strerror or str(err)
+        return fingerprint(found.path) == recorded
+    except OSError:  # the decoder will record why it cannot be read
+        return False
 
 
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:

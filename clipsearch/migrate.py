@@ -7,12 +7,14 @@ Opening an up-to-date catalog (every `clipsearch query`) compares one stored str
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clipsearch import __version__
 from clipsearch.errors import IndexStateError
+from clipsearch.sqlite_errors import SQLITE_ERROR, error_code
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
 
 # The newest revision in migrations/versions (a test keeps the two in step).
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 def ensure_schema(catalog: Catalog, *, create: bool) -> None:
@@ -48,30 +50,45 @@ def _upgrade(catalog: Catalog, revision: str | None) -> None:
     """Bring the schema to head in one transaction (SQLite has transactional DDL)."""
     from alembic import command
     from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
+    from sqlalchemy.exc import OperationalError
 
     config = alembic_config()
-    if revision is not None:
-        try:
-            ScriptDirectory.from_config(config).get_revision(revision)
-        except CommandError:
-            raise IndexStateError(
-                f"The index in {catalog.home} was written by a newer clipsearch (schema {revision}); "
-                "upgrade clipsearch to use it."
-            ) from None
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    if revision is not None and revision not in known:
+        if not revision.strip():
+            raise _damaged(catalog, f"records no schema revision clipsearch knows ({revision!r})")
+        raise IndexStateError(
+            f"The index in {catalog.home} was written by a newer clipsearch (schema {revision}); "
+            "upgrade clipsearch to use it."
+        )
     if catalog.readonly:
         raise IndexStateError(
             f"The index in {catalog.home} needs a schema upgrade, which needs write access; "
             "open it once without read-only mode."
         )
-    with catalog.transaction() as conn:
-        # Inside our transaction Alembic neither begins nor commits: the upgrade is atomic.
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
-        if revision is None:
-            catalog.set_meta_in(
-                conn, {"created_at": str(time.time()), "clipsearch_version": __version__, "generation": "0"}
-            )
+    try:
+        with catalog.transaction() as conn:
+            # Inside our transaction Alembic neither begins nor commits: the upgrade is atomic.
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            if revision is None:
+                catalog.set_meta_in(
+                    conn, {"created_at": str(time.time()), "clipsearch_version": __version__, "generation": "0"}
+                )
+    except OperationalError as e:
+        # SQLite's generic error (a table that exists already, a missing column): the recorded
+        # revision is not the one the tables are at. Failures a person can act on otherwise (a
+        # full disk, a lock) came out of the transaction as IndexStateError already.
+        if not isinstance(e.orig, sqlite3.Error) or error_code(e.orig) != SQLITE_ERROR:
+            raise
+        reason = str(e.orig).splitlines()[0]
+        raise _damaged(catalog, f"records schema {revision}, but its tables do not match it ({reason})") from None
+
+
+def _damaged(catalog: Catalog, what: str) -> IndexStateError:
+    return IndexStateError(
+        f"{catalog.path} {what}; it was left untouched: restore it from a backup, or move it away and index again."
+    )
 
 
 def alembic_config() -> Config:

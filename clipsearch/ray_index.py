@@ -25,6 +25,8 @@ the catalog on the workers. The vector is the same either way, and the old row i
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from clipsearch.errors import ClipsearchError
-from clipsearch.records import FailedFile, IndexedFile
+from clipsearch.records import FailedFile, IndexedFile, PhotoMeta
 
 if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
@@ -350,6 +352,8 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, attempts
         "width": np.array([r.width for r in results], np.int32),
         "height": np.array([r.height for r in results], np.int32),
         "error": _objects([r.error or "" for r in results]),
+        # The photo's metadata as JSON (exact for its strings, numbers and None), "" if not read.
+        "metadata": _objects([json.dumps(dataclasses.asdict(r.metadata)) if r.metadata else "" for r in results]),
         "pixels": _objects([r.pixels.tobytes() if r.pixels is not None else b"" for r in results]),
     }
 
@@ -403,8 +407,19 @@ class _Commits:
             if error:
                 failed.append(FailedFile(path, size, mtime_ns, fingerprint or None, str(error)))
                 continue
-            width, height = int(batch["width"][i]), int(batch["height"][i])
-            indexed.append(IndexedFile(path, size, mtime_ns, fingerprint, width, height, batch["vector"][i]))
+            width, height, metadata = int(batch["width"][i]), int(batch["height"][i]), batch["metadata"][i]
+            indexed.append(
+                IndexedFile(
+                    path,
+                    size,
+                    mtime_ns,
+                    fingerprint,
+                    width,
+                    height,
+                    batch["vector"][i],
+                    PhotoMeta(**json.loads(metadata)) if metadata else None,
+                )
+            )
             if fingerprint in self.gone:
                 self.moved_content.add(fingerprint)
                 self.report.moved += 1

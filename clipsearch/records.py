@@ -7,7 +7,7 @@ search, the CLI) can name them without importing SQLite, SQLAlchemy or each othe
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +60,64 @@ class FileState(NamedTuple):
     encoded: bool  # holds a vector by the model the run encodes with
 
 
+# Which reader filled a row's metadata columns: rows read by an older one (or none, before schema
+# 0005) are read again, from the file's header alone, by the next `index` run.
+METADATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PhotoMeta:
+    """What a file says about itself (`photo_meta.read`): each field None where it says nothing
+    readable. The field names are the catalog's column names."""
+
+    format: str | None = None  # Pillow's name for it: JPEG, PNG, HEIF, ...
+    orientation: int | None = None  # EXIF 1-8 (pixels are stored rotated or mirrored by 2-8)
+    # Local time as the camera's clock showed it, "YYYY-MM-DDTHH:MM:SS": what people mean by the
+    # date of a photo, what filters and sorting compare, lexically.
+    taken: str | None = None
+    taken_offset: int | None = None  # minutes east of UTC, where the file records it
+    camera_make: str | None = None
+    camera_model: str | None = None
+    lens: str | None = None
+    latitude: float | None = None  # degrees, north positive
+    longitude: float | None = None  # degrees, east positive
+
+    @property
+    def taken_iso(self) -> str | None:
+        """ISO 8601, with the UTC offset when the file records one."""
+        if self.taken is None or self.taken_offset is None:
+            return self.taken
+        sign, minutes = ("+" if self.taken_offset >= 0 else "-"), abs(self.taken_offset)
+        return f"{self.taken}{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+    @property
+    def known(self) -> int:
+        """How many fields are present: the richer of two copies is the better keeper."""
+        return sum(getattr(self, f.name) is not None for f in fields(self))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "taken": self.taken_iso,
+            "camera_make": self.camera_make,
+            "camera_model": self.camera_model,
+            "lens": self.lens,
+            "latitude": self.latitude,
+            "longitude": self.longitude,
+            "orientation": self.orientation,
+            "format": self.format,
+        }
+
+
+METADATA_COLUMNS = tuple(f.name for f in fields(PhotoMeta))
+
+
+def extension_of(path: bytes) -> str | None:
+    """A file name's extension as `--ext` compares it: lower case, without the dot; None for a
+    name without one (or one too long to be an extension)."""
+    ext = os.path.splitext(os.path.basename(path))[1][1:].lower()
+    return os.fsdecode(ext) if 0 < len(ext) <= 16 else None
+
+
 @dataclass
 class IndexedFile:
     """A successfully encoded (or vector-reused) file to upsert."""
@@ -71,6 +129,7 @@ class IndexedFile:
     width: int
     height: int
     vector: np.ndarray  # float32 [dim], L2-normalised
+    metadata: PhotoMeta | None = None  # None: not read (the next run reads the header)
 
 
 @dataclass
@@ -92,3 +151,4 @@ class ImageRow:
     mtime_ns: int
     width: int | None
     height: int | None
+    metadata: PhotoMeta = field(default_factory=PhotoMeta)

@@ -55,6 +55,19 @@ class Image(Base):
     # The catalog generation that last set or dropped one of this row's vectors (NULL: before
     # revision 0003): what each model's FAISS file must take in to catch up with the catalog.
     vector_generation: Mapped[int | None] = mapped_column(Integer, index=True)
+    # What the file says about itself (`records.PhotoMeta`, revision 0005); `metadata_version`
+    # names the reader that filled them in, NULL where none has yet.
+    format: Mapped[str | None] = mapped_column(String(16))
+    extension: Mapped[str | None] = mapped_column(String(16))  # of the file name, lower case (`extension_of`)
+    orientation: Mapped[int | None]
+    taken: Mapped[str | None] = mapped_column(String(19), index=True)  # local time, ISO 8601
+    taken_offset: Mapped[int | None]  # minutes east of UTC
+    camera_make: Mapped[str | None] = mapped_column(Text)
+    camera_model: Mapped[str | None] = mapped_column(Text)
+    lens: Mapped[str | None] = mapped_column(Text)
+    latitude: Mapped[float | None] = mapped_column(Float, index=True)
+    longitude: Mapped[float | None] = mapped_column(Float)
+    metadata_version: Mapped[int | None]
 
 
 class Model(Base):

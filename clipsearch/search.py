@@ -2,9 +2,11 @@
 
 A query is a weighted sum of texts and example images, folded into one unit vector, so "a dog"
 + "on a beach" − "people" costs one FAISS search like any other query. Results come back
-from FAISS by catalog id and are joined with the catalog's rows; filters that FAISS cannot
-apply (a folder, a score floor, files deleted since indexing) run on the few rows returned,
-over-fetching until enough survive.
+from FAISS by catalog id and are joined with the catalog's rows. Metadata filters (`Filters`)
+and a folder become the catalog ids FAISS may return, so a filter that passes few photos still
+gets k of them; a score floor and files deleted since indexing are checked on the few rows
+returned, over-fetching until enough survive. A query without terms lists what the filters
+pass, in the order asked for.
 """
 
 from __future__ import annotations
@@ -12,34 +14,59 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageError
-from clipsearch.records import decode_path
+from clipsearch.filters import Filters, check_sort
+from clipsearch.records import ImageRow, PhotoMeta, decode_path
 from clipsearch.walk import IMAGE_EXTENSIONS, normalise_roots
 from clipsearch.walk import under as is_under
 
 if TYPE_CHECKING:
     from clipsearch.catalog import Catalog
+    from clipsearch.clip.model import Towers
     from clipsearch.encoder import Encoder, TextEncoder
     from clipsearch.vectors import VectorIndex
 
-Term = str | Path  # a str is text; a Path is an example image
+# A str is text; a Path is an example image; an array is a unit vector already computed (an
+# image sent to the web page, or an indexed image's stored vector).
+Term = str | Path | np.ndarray
 Query = Term | Sequence[tuple[float, Term]]
 
 
 @dataclass(frozen=True)
 class Hit:
     path: Path
-    score: float  # cosine similarity, in [-1, 1]
+    score: float | None  # cosine similarity, in [-1, 1]; None when listed by filters alone
     width: int | None
     height: int | None
     mtime: float  # seconds since the epoch, as os.stat gives it
     size: int
+    id: int  # the catalog row: what the web page's thumbnail and "similar" requests name
+    metadata: PhotoMeta = field(default_factory=PhotoMeta)
+
+    @classmethod
+    def of(cls, row: ImageRow, score: float | None) -> Hit:
+        return cls(
+            decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size, row.id, row.metadata
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The one JSON shape of a hit: `clipsearch query --json`, `duplicates --json` and the web page's API."""
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            "score": None if self.score is None else round(self.score, 6),
+            "width": self.width,
+            "height": self.height,
+            "mtime": self.mtime,
+            "size": self.size,
+            **self.metadata.to_json(),
+        }
 
 
 def as_term(text: str) -> Term:
@@ -65,66 +92,104 @@ def parse_term(term: str) -> tuple[float, Term]:
     stays text, weight 1)."""
     if os.path.isfile(term):
         return 1.0, Path(term)
+    weight, rest = split_weight(term)
+    return weight, as_term(rest)
+
+
+def split_weight(term: str) -> tuple[float, str]:
+    """``WEIGHT:REST`` → (WEIGHT, REST) when WEIGHT is a number, else (1.0, term)."""
     weight, sep, rest = term.partition(":")
     if sep and rest:
         try:
-            return float(weight), as_term(rest)
+            return float(weight), rest
         except ValueError:
             pass
-    return 1.0, as_term(term)
+    return 1.0, term
 
 
 def find_hits(
-    query: Query,
-    encoder: Callable[[str], Encoder | TextEncoder],
-    vectors: VectorIndex,
+    query: Query | None,
+    encoder: Callable[[Towers], Encoder | TextEncoder],
+    vectors: Callable[[], VectorIndex | None],
     catalog: Catalog,
     k: int = 10,
     under: str | os.PathLike | None = None,
     min_score: float | None = None,
+    filters: Filters | None = None,
+    sort: str = "score",
+    exclude: Sequence[int] = (),
 ) -> list[Hit]:
-    """A query from its terms to its hits: ``encoder(towers)`` gives a model with the towers
-    the terms need (text queries never load the image tower)."""
-    terms = as_terms(query)
-    vector = query_vector(encoder(needed_towers(terms)), terms)
-    return top_k(vectors, catalog, vector, k, under, min_score)
+    """A query from its terms to its hits, in ``sort`` order: ``encoder(towers)`` gives a model
+    with the towers the terms need (text queries never load the image tower, stored vectors
+    need none); ``vectors()`` the model's index. Without terms, the rows ``filters`` pass are
+    listed, newest first unless ``sort`` says otherwise. ``exclude`` names ids never returned."""
+    filters = filters or Filters()
+    check_sort(sort)
+    terms = as_terms(query) if query is not None else []
+    if not terms:
+        if not filters and under is None:
+            raise ClipsearchError("The query is empty; give some text, an image, or a filter such as --after.")
+        return list_hits(catalog, k, under, filters, "-date" if sort == "score" else sort, exclude)
+    index = vectors()
+    if index is None or index.ntotal == 0:
+        return []
+    needs = needed_towers(terms)
+    vector = query_vector(encoder(needs) if needs else None, terms)
+    among = catalog.matching_ids(filters, _folder(under)) if filters else None
+    return sort_hits(top_k(index, catalog, vector, k, under, min_score, among, exclude), sort)
 
 
 def as_terms(query: Query) -> list[tuple[float, Term]]:
-    if isinstance(query, (str, Path)):
+    if isinstance(query, (str, Path, np.ndarray)):
         return [(1.0, query)]
     return [(float(weight), term) for weight, term in query]
 
 
-def needed_towers(terms: Sequence[tuple[float, Term]]) -> str:
-    """Text queries load only the text tower: the image tower of a big model is most of it."""
-    kinds = {isinstance(term, Path) for _, term in terms}
-    return "both" if kinds == {True, False} else ("image" if True in kinds else "text")
+def needed_towers(terms: Sequence[tuple[float, Term]]) -> Towers | None:
+    """Text queries load only the text tower: the image tower of a big model is most of it.
+    Stored vectors need no model at all (None)."""
+    kinds: set[Towers] = {
+        "image" if isinstance(term, Path) else "text" for _, term in terms if not isinstance(term, np.ndarray)
+    }
+    return "both" if len(kinds) == 2 else next(iter(kinds), None)
 
 
-def query_vector(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Term]]) -> np.ndarray:
-    """One unit vector for a weighted combination of texts and images."""
-    from clipsearch.decode import decode_file
-
+def query_vector(encoder: Encoder | TextEncoder | None, terms: Sequence[tuple[float, Term]]) -> np.ndarray:
+    """One unit vector for a weighted combination of texts, images and stored vectors (only
+    these need no ``encoder``)."""
     if not terms:
         raise ClipsearchError("The query is empty; give some text or an image path.")
-    texts = [(weight, term) for weight, term in terms if isinstance(term, str)]
-    images = [(weight, term) for weight, term in terms if isinstance(term, Path)]
-    total = np.zeros(encoder.dim, dtype=np.float64)
-    if texts:
-        total += np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts])
-    if images:
-        pixels = []
-        for _, path in images:
-            decoded = decode_file(encoder.preprocess, os.fsencode(path))
-            if decoded.error is not None:
-                raise ImageError(f"Cannot use {path} as a query image: {decoded.error}")
-            pixels.append(decoded.pixels)
-        total += np.array([w for w, _ in images]) @ encoder.encode_images(np.stack(pixels))
+    weighted = [weight * term.astype(np.float64) for weight, term in terms if isinstance(term, np.ndarray)]
+    if len(weighted) < len(terms):
+        if encoder is None:
+            raise ValueError("texts and images need an encoder")
+        weighted += _encoded(encoder, terms)
+    total = np.sum(weighted, axis=0)
     norm = np.linalg.norm(total)
     if norm < 1e-6:
         raise ClipsearchError("The query's terms cancel out; change a weight or remove a --subtract.")
     return (total / norm).astype(np.float32)
+
+
+def _encoded(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Term]]) -> list[np.ndarray]:
+    """The weighted sum of the texts' and the images' embeddings, one array each kind."""
+    from clipsearch.decode import decode_file
+
+    texts = [(weight, term) for weight, term in terms if isinstance(term, str)]
+    images = [(weight, term) for weight, term in terms if isinstance(term, Path)]
+    found = []
+    if texts:
+        found.append(np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts]))
+    if images:
+        image_encoder = cast("Encoder", encoder)  # image terms asked for the image tower (`needed_towers`)
+        pixels = []
+        for _, path in images:
+            decoded = decode_file(image_encoder.preprocess, os.fsencode(path))
+            if decoded.pixels is None:
+                raise ImageError(f"Cannot use {path} as a query image: {decoded.error}")
+            pixels.append(decoded.pixels)
+        found.append(np.array([w for w, _ in images]) @ image_encoder.encode_images(np.stack(pixels)))
+    return found
 
 
 def top_k(
@@ -134,18 +199,24 @@ def top_k(
     k: int = 10,
     under: str | os.PathLike | None = None,
     min_score: float | None = None,
+    among: np.ndarray | None = None,
+    exclude: Sequence[int] = (),
 ) -> list[Hit]:
-    """The ``k`` best hits that pass the filters, best first."""
+    """The ``k`` best hits that pass the filters, best first: only ids ``among`` (all when
+    None), never ids in ``exclude``."""
     inside = is_under(normalise_roots([under])) if under is not None else None
     exists: dict[bytes, bool] = {}
-    fetch = max(2 * k, 16)
+    skipped = set(exclude)
+    hits: list[Hit] = []
+    most = vectors.ntotal if among is None else min(vectors.ntotal, len(among))
+    fetch = max(2 * (k + len(skipped)), 16)
     while True:
-        fetch = min(fetch, vectors.ntotal)
+        fetch = min(fetch, most)
         if fetch == 0:
             return []
         with _one_faiss_thread():
-            scores, ids = vectors.search(query.reshape(1, -1), fetch)
-        candidates = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+            scores, ids = vectors.search(query.reshape(1, -1), fetch, among)
+        candidates = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i not in skipped]
         rows = catalog.rows([i for _, i in candidates])
         hits = []
         for score, row_id in candidates:
@@ -157,12 +228,53 @@ def top_k(
             if row.path not in exists:
                 exists[row.path] = os.path.exists(row.path)
             if exists[row.path]:
-                hits.append(Hit(decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size))
+                hits.append(Hit.of(row, score))
                 if len(hits) == k:
                     return hits
-        if fetch == vectors.ntotal:
+        if fetch == most:
             return hits
         fetch *= 4
+
+
+def list_hits(
+    catalog: Catalog,
+    k: int,
+    under: str | os.PathLike | None,
+    filters: Filters,
+    order: str,
+    exclude: Sequence[int] = (),
+) -> list[Hit]:
+    """The first ``k`` rows ``filters`` pass in ``order`` ("date", "-date", "path"), without a
+    score: a query of filters alone. Paged, skipping files deleted since they were indexed."""
+    skipped = set(exclude)
+    ids = [i for i in catalog.matching_ids(filters, _folder(under)).tolist() if i not in skipped]
+    hits: list[Hit] = []
+    offset, page = 0, max(2 * k, 64)
+    while offset < len(ids):
+        rows = catalog.listed(ids, order, page, offset)
+        hits += [Hit.of(row, None) for row in rows if os.path.exists(row.path)]
+        if len(hits) >= k or not rows:
+            return hits[:k]
+        offset += page
+        page *= 4
+    return hits
+
+
+def sort_hits(hits: list[Hit], order: str) -> list[Hit]:
+    """Hits in ``order``: "score" (as they come, best first), "date" (taken, oldest first),
+    "-date" (newest first), "path". Hits without a date taken go last either way; ties keep
+    their score order."""
+    if order == "date":
+        return sorted(hits, key=lambda h: (h.metadata.taken is None, h.metadata.taken or ""))
+    if order == "-date":
+        return sorted(hits, key=lambda h: h.metadata.taken or "", reverse=True)  # "" (no date) sorts last
+    if order == "path":
+        return sorted(hits, key=lambda h: os.fsencode(h.path))
+    return hits
+
+
+def _folder(under: str | os.PathLike | None) -> bytes | None:
+    return normalise_roots([under])[0] if under is not None else None
 
 
 @contextmanager
@@ -181,9 +293,12 @@ def _one_faiss_thread() -> Iterator[None]:
 
 
 def zero_shot(encoder: Encoder, image: Path, labels: Sequence[str], template: str = "a photo of a {}") -> np.ndarray:
-    """Label probabilities for one image, as CLIP classifies: a softmax over the scaled
-    similarities between the image and one prompt per label."""
+    """Label probabilities for one image, as the model's family classifies: for CLIP a softmax
+    over the scaled similarities between the image and one prompt per label; for SigLIP (a
+    model with a ``logit_bias``) each label's own sigmoid probability, which need not sum to 1."""
     image_vector = query_vector(encoder, [(1.0, image)])
     logits = encoder.logit_scale * encoder.encode_texts([template.format(label) for label in labels]) @ image_vector
+    if encoder.logit_bias is not None:
+        return 1 / (1 + np.exp(-(logits + encoder.logit_bias)))
     exp = np.exp(logits - logits.max())
     return exp / exp.sum()

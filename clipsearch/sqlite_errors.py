@@ -14,7 +14,7 @@ from clipsearch.errors import IndexStateError
 
 # SQLite's primary result codes for errors a person can act on; Python < 3.11 exposes only the
 # message, so the messages map to the same codes.
-SQLITE_BUSY, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT = 5, 8, 10, 11
+SQLITE_ERROR, SQLITE_BUSY, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT = 1, 5, 8, 10, 11
 SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 13, 14, 26
 _CODES_BY_MESSAGE = {
     "database is locked": SQLITE_BUSY,

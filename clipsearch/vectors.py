@@ -10,7 +10,13 @@ Each model that encoded the catalog has its own file, `vectors-<model id>.faiss`
 as `faiss.write_index` writes it, then a JSON stamp (which catalog and model it belongs to, the
 catalog generation it was built from, how many vectors, the index type and its measured recall),
 then the stamp's length and a magic tag. A file whose catalog id or model differs from the
-catalog's (copied from another home, or left by a catalog that was replaced) is rebuilt. One
+catalog's (copied from another home, or left by a catalog that was replaced) is rebuilt. Between
+the index and the stamp, one 64-bit key per vector (in id order) says when the catalog wrote it
+(`_write_keys`): a file is updated only if every row the catalog has not changed since the
+file's generation has the file's key, so the vectors of another history of the same catalog (a
+backup of the catalog restored under a newer file, then written to again) are never taken for
+its own; the stamp's `generation_id` does the same for a file of the catalog's very generation.
+One
 file means one atomic rename on save, and FAISS reads the index from the start of the file, so
 it can memory-map it instead of copying it.
 A file that is missing, truncated or garbage is rebuilt from the catalog with a warning. One
@@ -31,10 +37,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import struct
 import time
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -59,7 +67,9 @@ _ID_BYTES = 64
 
 _MAGIC = b"CLIPSRCH"
 _TRAILER = struct.Struct("<Q8s")  # stamp length, magic
-_STAMP_FORMAT = 2
+_STAMP_FORMAT = 3
+_CRC_CHUNK = 16 << 20
+_KEY = np.dtype("<u8")
 _MMAP_READ_ONLY = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 
 
@@ -77,6 +87,7 @@ class VectorIndex:
         recall_at_10: float | None,
         built_count: int | None = None,
         changed_since_build: int = 0,
+        keys: np.ndarray | None = None,
     ) -> None:
         self.index = index
         self.index_type = index_type
@@ -85,15 +96,19 @@ class VectorIndex:
         # when the second outgrows the first, trained lists no longer fit the collection.
         self.built_count = index.ntotal if built_count is None else built_count
         self.changed_since_build = changed_since_build
+        # When the catalog wrote each vector (`_write_keys`), in the order of the sorted ids;
+        # None where unknown (saved as zeros, which match nothing: the next update rebuilds).
+        self.keys = keys
 
     @classmethod
-    def _stamped(cls, index: faiss.Index, stamp: dict) -> VectorIndex:
+    def _stamped(cls, index: faiss.Index, stamp: dict, keys: np.ndarray | None = None) -> VectorIndex:
         return cls(
             index,
             stamp["index_type"],
             stamp["recall_at_10"],
             stamp.get("built_count", stamp["count"]),
             stamp.get("changed_since_build", 0),
+            keys,
         )
 
     @property
@@ -144,7 +159,11 @@ class VectorIndex:
             if model.vectors or path.exists():
                 log.warning("Rebuilding the vector index from the catalog: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
-        if (stamp["generation"], stamp["count"]) == (generation, model.vectors):
+        if (stamp["generation"], stamp["generation_id"], stamp["count"]) == (
+            generation,
+            catalog.generation_id,
+            model.vectors,
+        ):
             return cls._stamped(index, stamp)
         return cls.refresh(home, catalog, model, save=save)
 
@@ -160,20 +179,24 @@ class VectorIndex:
         path = Path(home) / vectors_file(model)
         try:
             index, stamp = _read(path, catalog, model, mmap=False)
+            keys = _read_keys(path, stamp)
         except StaleIndex:
             return cls.rebuild(home, catalog, model, save=save)
-        current = cls._stamped(index, stamp)
+        current = cls._stamped(index, stamp, keys)
         started = time.perf_counter()
         changes = catalog.changes_since(stamp["generation"], model)
+        writes = catalog.vector_writes(model)  # read after the changes: never older than them
         if changes is None:
             reason: str | None = "it is older than the catalog's record of changes"
+        elif not current._holds_unchanged_rows_of(writes, stamp["generation"]):
+            reason = "it holds vectors of another history of this catalog (was catalog.db restored from a backup?)"
         else:
             if (changes.generation, len(changes.held)) == (stamp["generation"], stamp["count"]):
                 return current
             gone = np.setdiff1d(held_ids(index), changes.held, assume_unique=True)
             outdated = np.union1d(changes.outdated, gone)
             reason = current._why_not_update(len(outdated) + len(changes.ids), len(changes.held), catalog)
-        if reason is not None:
+        if reason is not None or changes is None:
             log.info("Rebuilding the vector index: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
         removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
@@ -182,6 +205,7 @@ class VectorIndex:
         if index.ntotal != len(changes.held):  # the file held what its stamp did not say
             return cls.rebuild(home, catalog, model, save=save)
         current.changed_since_build += len(changes.ids) + removed
+        current.keys = current._keys_from(writes)
         log.info(
             "Updated the vector index: %d vectors in, %d out, in %.1f s",
             len(changes.ids),
@@ -191,6 +215,32 @@ class VectorIndex:
         if save:
             current._save_if_writable(home, catalog, model, changes.generation)
         return current
+
+    def _sorted_ids(self) -> np.ndarray:
+        return np.sort(held_ids(self.index))
+
+    def _keys_from(self, writes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """The keys of the vectors held, from the catalog's `vector_writes` (0 for ids it lacks)."""
+        ids, generations, times = writes
+        held = self._sorted_ids()
+        at, found = _find(ids, held)
+        keys = np.zeros(len(held), _KEY)
+        keys[found] = _write_keys(generations[at[found]], times[at[found]])
+        return keys
+
+    def _holds_unchanged_rows_of(self, writes: tuple[np.ndarray, np.ndarray, np.ndarray], generation: int) -> bool:
+        """Every vector the catalog has not written since ``generation`` is here, with the key
+        the catalog gives it: true of a file of the catalog's own history, whatever changed
+        since, and false of one from another history, whose rows are other writes."""
+        ids, generations, times = writes
+        unchanged = generations <= generation
+        if not unchanged.any():
+            return True
+        if self.keys is None:
+            return False
+        at, found = _find(self._sorted_ids(), ids[unchanged])
+        keys = _write_keys(generations[unchanged], times[unchanged])
+        return bool(found.all() and np.array_equal(self.keys[at], keys))
 
     def _why_not_update(self, changes: int, count: int, catalog: Catalog) -> str | None:
         """Why this index must be rebuilt rather than take ``changes`` vectors in and out to hold
@@ -219,6 +269,7 @@ class VectorIndex:
         # catalog and the next load catches up, never the reverse.
         generation = catalog.generation
         ids, vectors = catalog.all_vectors(model)
+        writes = catalog.vector_writes(model)  # after the vectors: never older than them
         started = time.perf_counter()
         try:
             built = cls.build(ids, vectors, index_type or catalog.get_meta("index_type") or "auto")
@@ -227,6 +278,7 @@ class VectorIndex:
                 raise
             log.warning("%s Using auto instead.", e)
             built = cls.build(ids, vectors, "auto")
+        built.keys = built._keys_from(writes)
         if index_type is not None:
             catalog.set_meta("index_type", index_type)
         recall = "exact" if built.recall_at_10 is None else f"{built.recall_at_10:.3f}"
@@ -246,39 +298,47 @@ class VectorIndex:
         correct, and the next open builds or updates it again."""
         if not catalog.readonly:
             try:
-                self.save(home, catalog.catalog_id, model, generation)
+                self.save(home, catalog.catalog_id, model, generation, catalog.generation_id)
             except IndexStateError as e:
                 log.warning("%s", e)
 
-    def save(self, home: Path, catalog_id: str, model: StoredModel, generation: int) -> None:
-        """Write the model's file atomically: a temporary file, fsync, rename, fsync the folder."""
+    def save(self, home: Path, catalog_id: str, model: StoredModel, generation: int, generation_id: str = "") -> None:
+        """Write the model's file atomically: a temporary file, fsync, rename, fsync the folder.
+        ``generation_id`` is the catalog's at ``generation`` (`Catalog.generation_id`); one read
+        later names a newer generation, which costs the next load an update, never a wrong answer."""
         home = Path(home)
         name = vectors_file(model)
-        stamp = json.dumps(
-            {
-                "format": _STAMP_FORMAT,
-                "catalog_id": catalog_id,
-                "model": model.name,
-                "generation": generation,
-                "count": self.ntotal,
-                "dim": self.index.d,
-                "index_type": self.index_type,
-                "recall_at_10": self.recall_at_10,
-                "built_count": self.built_count,
-                "changed_since_build": self.changed_since_build,
-            }
-        ).encode()
+        keys = self.keys if self.keys is not None else np.zeros(self.ntotal, _KEY)
+        stamp: dict[str, object] = {
+            "format": _STAMP_FORMAT,
+            "catalog_id": catalog_id,
+            "model": model.name,
+            "generation": generation,
+            "generation_id": generation_id,
+            "count": self.ntotal,
+            "dim": self.index.d,
+            "index_type": self.index_type,
+            "recall_at_10": self.recall_at_10,
+            "built_count": self.built_count,
+            "changed_since_build": self.changed_since_build,
+        }
         # A name of our own (a query process may rebuild while an indexer saves) that says which
         # process wrote it, so that the leftovers of a killed one can be recognised.
         tmp = home / f"{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             faiss.write_index(self.index, str(tmp))
-            with open(tmp, "ab") as f:
-                f.write(stamp + _TRAILER.pack(len(stamp), _MAGIC))
+            with open(tmp, "r+b") as f:
+                payload = _crc(f, os.fstat(f.fileno()).st_size)
+                f.seek(0, os.SEEK_END)
+                f.write(key_bytes := keys.astype(_KEY).tobytes())
+                checksum = {"payload_bytes": f.tell(), "checksum": zlib.crc32(key_bytes, payload)}
+                stamped = json.dumps({**stamp, **checksum}).encode()
+                f.write(stamped + _TRAILER.pack(len(stamped), _MAGIC))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, home / name)
             _fsync_dir(home)
+            _remember_checked(home / name)
         except (OSError, RuntimeError) as e:  # FAISS reports its write errors as RuntimeError
             tmp.unlink(missing_ok=True)
             raise IndexStateError(
@@ -288,17 +348,76 @@ class VectorIndex:
         _remove_orphans(home)
         (home / LEGACY_FILE).unlink(missing_ok=True)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    @classmethod
+    def read_checked(cls, home: Path, catalog: Catalog, model: StoredModel) -> tuple[VectorIndex, int]:
+        """The model's file as it is on disk, its checksum compared whatever was recorded, and
+        the catalog generation it was built from; StaleIndex saying why it cannot be used."""
+        index, stamp = _read(Path(home) / vectors_file(model), catalog, model, mmap=False, check=True)
+        return cls._stamped(index, stamp), stamp["generation"]
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors held under ``ids`` (all held), as the index stores them: exactly for a
+        Flat or IVF-Flat index, approximately for a quantised one."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:  # its lists hold catalog ids: a hash table finds them
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+        return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def held_ids(self) -> np.ndarray:
+        """The catalog ids held, sorted."""
+        return self._sorted_ids()
+
+    def search(self, queries: np.ndarray, k: int, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [nq, k], ids int64 [nq, k]) for queries [nq, dim], best first.
 
-        Fewer than k hits are padded with id -1 and score -inf.
+        With ``among`` (catalog ids, e.g. those a filter passes), only those come back: FAISS
+        skips the others as it scans, so a filter that passes few images still gets k of them
+        where an over-fetch would have to read most of the index. Fewer than k hits are padded
+        with id -1 and score -inf.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if self.ntotal == 0:  # also covers a catalog so new that its dim is unknown
+        if self.ntotal == 0 or (among is not None and len(among) == 0):  # also: a catalog so new its dim is unknown
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        scores, ids = self.index.search(queries, k)
+        if among is None:
+            scores, ids = self.index.search(queries, k)
+        else:
+            scores, ids = self._search_among(queries, k, np.asarray(among, dtype=np.int64))
         scores[ids < 0] = -np.inf
         return scores, ids
+
+    def _search_among(self, queries: np.ndarray, k: int, among: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search only ``among``. An inverted file probes more lists the fewer ids pass, and more
+        again (4x at a time, up to all) while some query has fewer than k hits and more could
+        exist: the lists nearest a query may hold none of the few images a filter passes."""
+        mask = np.zeros(int(among.max()) + 1, dtype=bool)
+        mask[among] = True
+        bitmap = np.packbits(mask, bitorder="little")  # referenced until the searches are done
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        inner = _inner(self.index)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            return self.index.search(queries, k, params=_params("HNSW", sel=selector, efSearch=inner.hnsw.efSearch))
+        if ivf is None:
+            return self.index.search(queries, k, params=_params("", sel=selector))
+        # Probing n/m times the lists reaches about as many passing vectors as an unfiltered
+        # search reaches vectors, for about as much distance arithmetic: recall holds up, and a
+        # filter that passes 1% of a million photos costs a scan of ids, not of vectors.
+        wanted = min(k, len(among))
+        nprobe = min(ivf.nlist, math.ceil(ivf.nprobe * self.ntotal / len(among)))
+        while True:
+            scores, ids = self.index.search(queries, k, params=_params("IVF", sel=selector, nprobe=nprobe))
+            if nprobe >= ivf.nlist or (ids >= 0).sum(axis=1).min() >= wanted:
+                return scores, ids
+            nprobe = min(ivf.nlist, nprobe * 4)
+
+
+def _params(kind: str, **values: object) -> faiss.SearchParameters:
+    """FAISS's search parameters for an index ``kind`` ("", "IVF", "HNSW"), set one by one (the
+    constructors' keyword arguments are missing from FAISS's type stubs)."""
+    params = getattr(faiss, f"SearchParameters{kind}")()
+    for name, value in values.items():
+        setattr(params, name, value)
+    return params
 
 
 def vectors_file(model: StoredModel) -> str:
@@ -307,17 +426,31 @@ def vectors_file(model: StoredModel) -> str:
     return f"vectors-{model.id}.faiss"
 
 
-def _read(path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool = True) -> tuple[faiss.Index, dict]:
+def _read(
+    path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool = True, check: bool = False
+) -> tuple[faiss.Index, dict]:
     """The index in ``path`` and its stamp; StaleIndex if it is missing, damaged, or another
     catalog's or model's. Memory-mapped read-only (Flat codes are not copied: a cold query reads
-    only the pages it needs) unless it is to be updated."""
+    only the pages it needs) unless it is to be updated.
+
+    The checksum of everything before the stamp is compared the first time a version of the file
+    is read (a single flipped bit changed a vector while `status` said "consistent"), or always
+    with ``check``: it costs reading the whole file, which a query of an IVF index otherwise
+    avoids, so a file found intact is recorded as such beside it (`_remember_checked`)."""
     try:
         with open(path, "rb") as f:
             stamp = _read_stamp(f)
+            identity = _identity(os.fstat(f.fileno()))
+            if check or _checked_identity(path) != identity:
+                if _crc(f, stamp["payload_bytes"]) != stamp["checksum"]:
+                    raise ValueError("its content does not match its checksum")
+                _remember_checked(path, identity)
             # FAISS reads the file already open, never one renamed into its place meanwhile.
             index = faiss.read_index(f"/dev/fd/{f.fileno()}", _MMAP_READ_ONLY if mmap else 0)
     except FileNotFoundError:
         raise StaleIndex(f"{path} is missing") from None
+    except StaleIndex as e:
+        raise StaleIndex(f"{path} {e}") from None
     except (OSError, ValueError, KeyError) as e:
         raise StaleIndex(f"{path} is damaged ({e})") from None
     except RuntimeError as e:  # FAISS's own checks
@@ -327,6 +460,35 @@ def _read(path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool = True
     if (stamp["catalog_id"], stamp["model"]) != (catalog.catalog_id, model.name):
         raise StaleIndex(f"{path} was built for another catalog or model")
     return index, stamp
+
+
+def _read_keys(path: Path, stamp: dict) -> np.ndarray:
+    """The keys stored between the index and the stamp (`save`); StaleIndex if unreadable."""
+    count = stamp["count"]
+    try:
+        with open(path, "rb") as f:
+            f.seek(stamp["payload_bytes"] - count * _KEY.itemsize)
+            keys = np.frombuffer(f.read(count * _KEY.itemsize), _KEY)
+    except OSError as e:
+        raise StaleIndex(f"{path} is damaged ({e})") from None
+    if len(keys) != count:
+        raise StaleIndex(f"{path} is damaged (truncated)")
+    return keys
+
+
+def _find(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``wanted`` is in ``sorted_ids``, and whether it is there at all."""
+    if not len(sorted_ids):
+        return np.zeros(len(wanted), np.int64), np.zeros(len(wanted), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    return at, sorted_ids[at] == wanted
+
+
+def _write_keys(generations: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """One 64-bit number per vector from the generation and the time of the catalog's write of
+    it: a vector rewritten, or written by another history of the catalog, gets another."""
+    mixed = generations.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (mixed ^ times.astype(np.float64).view(np.uint64)).astype(_KEY)
 
 
 def _read_stamp(f: BinaryIO) -> dict:
@@ -339,9 +501,51 @@ def _read_stamp(f: BinaryIO) -> dict:
         raise ValueError("no stamp at its end: truncated or overwritten")
     f.seek(size - _TRAILER.size - stamp_size)
     stamp = json.loads(f.read(stamp_size))
+    if isinstance(stamp.get("format"), int) and stamp["format"] < _STAMP_FORMAT:
+        raise StaleIndex("was written by an older clipsearch")
     if stamp.get("format") != _STAMP_FORMAT:
         raise ValueError(f"unknown format {stamp.get('format')}")
+    if not 0 <= stamp["payload_bytes"] <= size - _TRAILER.size - stamp_size:
+        raise ValueError("its stamp does not fit it")
     return stamp
+
+
+def _crc(f: BinaryIO, size: int) -> int:
+    """CRC-32 of the first ``size`` bytes of ``f`` (2.7 GB/s: 75 ms for 100k x 512 float32)."""
+    f.seek(0)
+    crc = 0
+    while size > 0 and (chunk := f.read(min(size, _CRC_CHUNK))):
+        crc = zlib.crc32(chunk, crc)
+        size -= len(chunk)
+    return crc
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """Any write to the file, even one that restores its mtime, moves its ctime."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _checked_record(path: Path) -> Path:
+    return path.with_suffix(".checked")  # vectors-1.faiss: vectors-1.checked
+
+
+def _checked_identity(path: Path) -> list[int] | None:
+    try:
+        return json.loads(_checked_record(path).read_bytes()[:1024])
+    except (OSError, ValueError):
+        return None
+
+
+def _remember_checked(path: Path, identity: list[int] | None = None) -> None:
+    """Record beside the file that this version of it matched its checksum. Best effort: in a
+    read-only home every load checks the file again."""
+    record = _checked_record(path)
+    tmp = record.with_name(f"{record.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(identity or _identity(os.stat(path))))
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def choose_index_type(n: int, dim: int, memory_budget: int | None = None) -> str:
@@ -419,8 +623,10 @@ def held_ids(index: faiss.Index) -> np.ndarray:
     """The catalog ids an index holds, from its inverted lists or its id map."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
-        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
+        id_map = faiss.downcast_index(index).id_map  # type: ignore[attr-defined]  # an IndexIDMap2
+        return faiss.vector_to_array(id_map)
     lists = ivf.invlists
+    assert lists is not None  # an IVF index always has its lists
     held = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(ivf.nlist)]
     return np.sort(np.concatenate([np.zeros(0, np.int64), *held]))
 
@@ -436,20 +642,23 @@ def _others(results: np.ndarray, own: np.ndarray, k: int) -> list[np.ndarray]:
 
 
 def _remove_orphans(home: Path) -> None:
-    """Delete temporary files left by saves whose process died (killed, or a power cut)."""
-    for tmp in home.glob("vectors-*.faiss.*-*.tmp"):
-        pid = tmp.name.split(".faiss.", 1)[1].partition("-")[0]
+    """Delete temporary files left by saves whose process died (killed, or a power cut), and the
+    checksum records of files no longer there (a dropped model's)."""
+    for tmp in [*home.glob("vectors-*.faiss.*-*.tmp"), *home.glob("vectors-*.checked.*-*.tmp")]:
+        pid = tmp.name.rsplit(".", 2)[-2].partition("-")[0]
         if pid.isdigit() and not _is_running(int(pid)):
             tmp.unlink(missing_ok=True)
+    for record in home.glob("vectors-*.checked"):
+        if not record.with_suffix(".faiss").exists():
+            record.unlink(missing_ok=True)
 
 
 def _is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one owned by another user answers PermissionError: alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by another user
-        return True
     return True
 
 

@@ -4,16 +4,35 @@ import logging
 
 import pytest
 from helpers import write_tiny_model
+from hub_stand_in import refresh_hub_settings
+
+_HUB_SETTINGS = (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own CLIPSEARCH_HOME and XDG dirs: nothing is written outside tmp."""
+    """Every test gets its own CLIPSEARCH_HOME and XDG dirs: nothing is written outside tmp. The
+    caches of other tools are its own too (HOME for OpenAI's ~/.cache/clip, HF_HOME for the hub
+    cache), no test reaches the real hub, and none inherits the hub settings of the machine."""
     root = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("CLIPSEARCH_HOME", str(root / "clipsearch"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))
     monkeypatch.setenv("XDG_DATA_HOME", str(root / "data"))
     monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("HOME", str(root / "user"))
+    monkeypatch.setenv("HF_HOME", str(root / "huggingface"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    for name in _HUB_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    refresh_hub_settings(monkeypatch)
     return root
 
 

@@ -102,3 +102,50 @@ def faiss_file(home: Path) -> Path:
 def stored(catalog):
     """TEST_MODEL as the catalog records it now (its vector count changes with every commit)."""
     return catalog.model(TEST_MODEL)
+
+
+def make_photo(
+    path: Path,
+    seed: int = 0,
+    *,
+    size: tuple[int, int] = (48, 40),
+    taken: str | None = None,
+    offset: str | None = None,
+    datetime: str | None = None,
+    datetime_offset: str | None = None,
+    make: str | None = None,
+    model: str | None = None,
+    lens: str | None = None,
+    gps: tuple[float, float] | None = None,
+    orientation: int | None = None,
+    fmt: str | None = None,
+) -> Path:
+    """`make_image` with real EXIF, written where cameras write it: DateTimeOriginal and
+    OffsetTimeOriginal (``taken``, ``offset``) and the lens in the EXIF IFD, DateTime, make,
+    model and orientation in IFD0, ``gps`` (signed degrees) as degree/minute/second rationals
+    with N/S and E/W references."""
+    from PIL.TiffImagePlugin import IFDRational
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)).resize(size, Image.NEAREST)
+    exif = Image.Exif()
+    for tag, value in ((0x010F, make), (0x0110, model), (0x0112, orientation), (0x0132, datetime)):
+        if value is not None:
+            exif[tag] = value
+    sub = exif.get_ifd(0x8769)
+    for tag, value in ((0x9003, taken), (0x9011, offset), (0x9010, datetime_offset), (0xA434, lens)):
+        if value is not None:
+            sub[tag] = value
+    if gps is not None:
+        place = exif.get_ifd(0x8825)
+        for (ref_tag, value_tag, refs), degrees in zip(((1, 2, "NS"), (3, 4, "EW")), gps):
+            whole, minutes = divmod(abs(degrees) * 60, 60)
+            place[ref_tag] = refs[degrees < 0]
+            place[value_tag] = (
+                IFDRational(int(whole)),
+                IFDRational(int(minutes)),
+                IFDRational(round(minutes % 1 * 6000), 100),
+            )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, format=fmt or _format(path), exif=exif)
+    return path

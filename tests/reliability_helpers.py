@@ -71,6 +71,22 @@ def decompression_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
     )
 
 
+def large_png(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of ``width`` x ``height`` black pixels, compressed row by row (a
+    9000 x 9000 one is 80 KB, made without holding its 81 MB of pixels)."""
+    compressor, row, chunks = zlib.compressobj(9), b"\0" * (width + 1), []
+    for _ in range(height):
+        chunks.append(compressor.compress(row))
+    chunks.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", b"".join(chunks))
+        + png_chunk(b"IEND", b"")
+    )
+
+
 def with_broken_header_crc(png: bytes) -> bytes:
     """The PNG with its IHDR checksum flipped: the header can no longer be trusted."""
     crc = png.index(b"IHDR") + 4 + 13
@@ -273,6 +289,9 @@ main()
 """
 
 
+HOOKS = Path(__file__).parent / "hooks"
+
+
 def cli_command(*args: str | os.PathLike) -> list[str]:
     """The `clipsearch` command line, run with this test session's Python."""
     return [sys.executable, "-c", _CLI_MAIN, *map(os.fsdecode, args)]
@@ -282,9 +301,18 @@ def start_cli(*args: str | os.PathLike, encode_delay_s: float = 0.0, env: dict |
     """Start `clipsearch ...` in its own session (so a signal can go to its whole group, as
     Ctrl-C in a terminal does), with output captured as bytes."""
     env = {**os.environ, **(env or {}), "RELIABILITY_ENCODE_DELAY_S": str(encode_delay_s)}
+    if "RELIABILITY_SWAP_FOR_FIFO" in env:  # hooks/sitecustomize.py, in every process of the run
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), env.get("PYTHONPATH")]))
     return subprocess.Popen(
         cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
     )
+
+
+def start_index(home, lib, model: str, *extra: str, batch: int = 4, encode_delay_s: float = 0.1) -> subprocess.Popen:
+    """`clipsearch index LIB` with the model in fp32, ``batch`` images a batch, each batch made to
+    take ``encode_delay_s`` (a real model's pace, so that a signal lands mid-run)."""
+    options = ["--model", model, "--precision", "fp32", "--batch-size", str(batch), *extra]
+    return start_cli("--home", home, "index", lib, *options, encode_delay_s=encode_delay_s)
 
 
 def run_cli(*args: str | os.PathLike, timeout: float = 120) -> subprocess.CompletedProcess:

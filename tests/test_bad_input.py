@@ -6,7 +6,6 @@ hooking the indexer in-process, where the race would otherwise be luck."""
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import json
 import os
@@ -32,6 +31,7 @@ from reliability_helpers import (
     decompression_bomb,
     encoded_bytes,
     expected_vectors,
+    large_png,
     run_cli,
     with_app1,
     write_corpus,
@@ -42,6 +42,7 @@ import clipsearch.decode
 import clipsearch.fingerprint
 import clipsearch.indexer
 from clipsearch.cli import EXIT_SOME_FAILED, app
+from clipsearch.decode import decode_file
 from clipsearch.index import Index
 
 
@@ -211,6 +212,7 @@ def decoded_in_bounded_memory(tmp_path_factory) -> dict[str, tuple]:
     root = tmp_path_factory.mktemp("memory")
     warm = make_image(root / "warm.png", 0)
     (root / "bomb.png").write_bytes(decompression_bomb())
+    (root / "81-megapixels.png").write_bytes(large_png(9000, 9000))
     with open(root / "jpeg-then-2GB.jpg", "wb") as f:
         f.write(encoded_bytes(blocks(1, (64, 48)), "JPEG"))
         f.truncate(2 << 30)
@@ -218,7 +220,8 @@ def decoded_in_bounded_memory(tmp_path_factory) -> dict[str, tuple]:
         f.truncate(2 << 30)
     os.symlink("/dev/zero", root / "dev-zero.jpg")
     os.symlink("/dev/urandom", root / "dev-urandom.png")
-    names = ["bomb.png", "jpeg-then-2GB.jpg", "2GB-of-zeros.jpg", "dev-zero.jpg", "dev-urandom.png"]
+    names = ["bomb.png", "81-megapixels.png", "jpeg-then-2GB.jpg", "2GB-of-zeros.jpg"]
+    names += ["dev-zero.jpg", "dev-urandom.png"]
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, warm, *(str(root / n) for n in names)],
         capture_output=True,
@@ -236,6 +239,32 @@ def test_decompression_bomb_is_refused_from_its_header_without_allocating(decode
     error, _, _, seconds, grown_mb = decoded_in_bounded_memory["bomb.png"]
     assert "decompression bomb" in error and "bomb.png" in error
     assert seconds < 1.0 and grown_mb < 50
+
+
+def test_an_image_over_the_pixel_budget_is_refused_from_its_header(decoded_in_bounded_memory):
+    """9000 x 9000, under Pillow's bomb limit: decoding it took 81 MB, then 243 MB as RGB, in
+    each worker (a 13000 x 13000 WebP took 3.1 GB). Refused before its pixels are read."""
+    error, _, _, seconds, grown_mb = decoded_in_bounded_memory["81-megapixels.png"]
+    assert "is 81 megapixels, more than the 48 allowed" in error and "CLIPSEARCH_MAX_MEGAPIXELS" in error
+    assert seconds < 1.0 and grown_mb < 50
+
+
+def test_the_pixel_budget_is_configurable_and_counts_pixels_as_decoded(tmp_path, monkeypatch):
+    """With a budget of 0.05 megapixels, a 400 x 300 PNG is refused, while a JPEG or JPEG 2000 of
+    the same size passes: they are decoded at 1/8 and 1/4 of it for a 32-pixel model."""
+    from clipsearch.clip.preprocess import Preprocess
+
+    picture = blocks(3, (400, 300))
+    for fmt in ("PNG", "JPEG", "JPEG2000"):
+        (tmp_path / f"picture.{fmt.lower()}").write_bytes(encoded_bytes(picture, fmt))
+    monkeypatch.setenv("CLIPSEARCH_MAX_MEGAPIXELS", "0.05")
+    formats = ("PNG", "JPEG", "JPEG2000")
+    decoded = {fmt: decode_file(Preprocess(32), os.fsencode(tmp_path / f"picture.{fmt.lower()}")) for fmt in formats}
+    assert "0 megapixels, more than the 0.05 allowed" in decoded["PNG"].error
+    assert (decoded["JPEG"].error, decoded["JPEG"].width, decoded["JPEG"].height) == (None, 400, 300)
+    assert (decoded["JPEG2000"].error, decoded["JPEG2000"].width, decoded["JPEG2000"].height) == (None, 400, 300)
+    monkeypatch.setenv("CLIPSEARCH_MAX_MEGAPIXELS", "0.2")
+    assert decode_file(Preprocess(32), os.fsencode(tmp_path / "picture.png")).error is None
 
 
 def test_a_huge_file_costs_what_its_image_costs(decoded_in_bounded_memory):
@@ -282,13 +311,13 @@ def test_a_fifo_named_like_an_image_does_not_hang_the_run(tmp_path, tiny_model):
 
 
 def _hook_decode(monkeypatch, before_decode):
-    """Call ``before_decode(path)`` just before each in-process decode (after the walk and the
-    fingerprint), making a race that is otherwise luck happen every time."""
+    """Call ``before_decode(path)`` just before each in-process decode (after the walk and any
+    probe), making a race that is otherwise luck happen every time."""
     real = clipsearch.decode.decode_file
 
-    def hooked(preprocess, path):
+    def hooked(preprocess, path, probe=None):
         before_decode(path)
-        return real(preprocess, path)
+        return real(preprocess, path, probe)
 
     monkeypatch.setattr(clipsearch.decode, "decode_file", hooked)
 
@@ -309,17 +338,21 @@ def test_a_file_deleted_between_the_walk_and_its_decode(cli, tmp_path, monkeypat
     assert cli("status", "--failed").stdout == ""
 
 
-def test_a_file_deleted_between_the_walk_and_its_fingerprint(cli, tmp_path, monkeypatch):
+def test_a_file_deleted_between_the_walk_and_its_probe(cli, tmp_path, monkeypatch):
+    """A new file the size of an indexed one is probed (fingerprinted) for a vector to reuse
+    before any decoder sees it: deleted just before that."""
     images = make_library(tmp_path / "lib", 4)
-    victim = os.fsencode(images[2])
-    real = clipsearch.indexer.fingerprint
+    cli("index", tmp_path / "lib")
+    victim = os.fsencode(tmp_path / "lib" / "copy.png")
+    shutil.copy(images[2], os.fsdecode(victim))
+    real = clipsearch.decode.probe_file
 
     def vanishing(path):
         if path == victim:
             os.unlink(path)
         return real(path)
 
-    monkeypatch.setattr(clipsearch.indexer, "fingerprint", vanishing)
+    monkeypatch.setattr(clipsearch.indexer, "probe_file", vanishing)
     result = cli("index", tmp_path / "lib")
     assert_no_traceback(result.stdout, result.stderr)
     assert summary_counts(result.stdout)["failed"] == 1
@@ -355,9 +388,9 @@ def _hook_after_fingerprint(monkeypatch, after):
     another's vector."""
     real = clipsearch.decode.fingerprint
 
-    def hooked(path):
-        digest = real(path)
-        after(path)
+    def hooked(file):
+        digest = real(file)
+        after(os.fsencode(os.readlink(f"/proc/self/fd/{file.fileno()}")))
         return digest
 
     monkeypatch.setattr(clipsearch.decode, "fingerprint", hooked)
@@ -413,7 +446,7 @@ def test_unreadable_file(cli, tmp_path):
         locked.chmod(0o644)
 
 
-@pytest.mark.parametrize("when", ["from the start", "after its fingerprint"])
+@pytest.mark.parametrize("when", ["from the start", "once the decoder has it"])
 def test_unreadable_file_simulated(cli, tmp_path, monkeypatch, when):
     """What a file without read permission does to a non-root user, made to happen as root:
     opening it raises PermissionError, either from the start or only once the decoder opens it
@@ -422,14 +455,14 @@ def test_unreadable_file_simulated(cli, tmp_path, monkeypatch, when):
     locked = tmp_path / "lib" / "locked.png"
     make_image(locked, 9)
     denied = {os.fsencode(locked)} if when == "from the start" else set()
-    real_open = builtins.open
+    real_open = os.open
 
     def guarded_open(file, *args, **kwargs):
         if isinstance(file, (str, bytes, os.PathLike)) and os.fsencode(file) in denied:
             raise PermissionError(13, "Permission denied", os.fsdecode(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_open)
     _hook_decode(monkeypatch, lambda path: denied.add(path) if path == os.fsencode(locked) else None)
     result = cli("index", tmp_path / "lib")
     assert_no_traceback(result.stdout, result.stderr)

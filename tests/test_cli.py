@@ -17,7 +17,7 @@ from reliability_helpers import cli_command, indexed_count, start_cli
 from typer.testing import CliRunner
 
 from clipsearch import __version__
-from clipsearch.cli import _stop_on_ctrl_c, app
+from clipsearch.cli import _stop_on_signals, app
 
 SUMMARY = re.compile(
     r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
@@ -69,7 +69,16 @@ def test_query_prints_scores_and_paths_best_first(cli, library):
 
 def test_query_json(cli, library):
     rows = json.loads(cli("query", "a red circle", "--json", "-k", "4").stdout)
-    assert len(rows) == 4 and set(rows[0]) == {"path", "score", "width", "height", "mtime"}
+    assert len(rows) == 4 and set(rows[0]) == {"id", "path", "score", "width", "height", "mtime", "size"} | {
+        "taken",
+        "camera_make",
+        "camera_model",
+        "lens",
+        "latitude",
+        "longitude",
+        "orientation",
+        "format",
+    }
     assert {r["path"] for r in rows} <= {str(p) for p in library}
     assert (rows[0]["width"], rows[0]["height"]) == (48, 40)
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
@@ -169,7 +178,7 @@ def test_empty_index_says_no_matches(cli, tiny_model, tmp_path):
 
 
 def test_usage_errors_exit_2(cli, library):
-    assert "Missing argument" in cli("query", code=2).stderr
+    assert "give TEXT, --like IMAGE, or a filter" in cli("query", code=2).stderr
     assert "--labels" in cli("classify", library[0], "--labels", "dog", code=2).stderr
     cli("query", "x", "--top", "0", code=2)
 
@@ -185,8 +194,14 @@ def test_classify_prints_a_probability_per_label(cli, library):
 def test_version_models_and_help():
     runner = CliRunner()
     assert runner.invoke(app, ["--version"]).stdout.strip() == f"clipsearch {__version__}"
-    models = runner.invoke(app, ["models"]).stdout
-    assert re.search(r"^demo\s+bundled", models, re.M) and re.search(r"^ViT-B/32\s+-", models, re.M)
+    models = {
+        row[0]: row[1:]
+        for row in (re.split(r"\s{2,}", line) for line in runner.invoke(app, ["models"]).stdout.splitlines())
+    }
+    assert models["model"] == ["dim", "px", "Mparams", "IN1k", "COCO", "where", "from"]
+    assert models["demo"][-2] == "bundled" and models["ViT-B/32"][-2] == "-"
+    assert models["ViT-B-32-256/datacomp_s34b_b86k (default)"][:5] == ["512", "256", "151", "72.81", "39.93"]
+    assert models["ViT-B/32"][:5] == ["512", "224", "151", "63.32", "30.44"]
     help_text = runner.invoke(app, ["--help"]).stdout
     for command in ("index", "query", "classify", "status", "remove", "rebuild", "models"):
         assert command in help_text
@@ -223,9 +238,9 @@ def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
     """The run can finish its batch before a second Ctrl-C lands; from then on the command only
     reports and exits 130, and a SIGINT raised in interpreter shutdown would end it by signal."""
     stop = threading.Event()
-    before = signal.getsignal(signal.SIGINT)
+    before, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        with _stop_on_ctrl_c(stop):
+        with _stop_on_signals(stop):
             os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: asks the run to stop
             deadline = time.monotonic() + 5
             while not stop.is_set() and time.monotonic() < deadline:
@@ -234,7 +249,8 @@ def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
-    with _stop_on_ctrl_c(threading.Event()):
+        signal.signal(signal.SIGTERM, before_term)
+    with _stop_on_signals(threading.Event()):
         pass
     assert signal.getsignal(signal.SIGINT) is before  # a run nobody stopped restores the handler
 

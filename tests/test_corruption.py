@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -107,6 +108,78 @@ def test_a_faiss_file_from_an_older_catalog_is_never_trusted(cli, indexed, tmp_p
     assert "Updated the vector index: 3 vectors in, 1 out" in result.stderr
     found = set(result.stdout_bytes.splitlines())
     assert os.fsencode(indexed[0]) not in found and len(found) == 8
+
+
+def _flip_vector_bits(path, vectors: dict[bytes, np.ndarray], flips: int, seed: int) -> None:
+    """Flip one exponent bit in ``flips`` stored floats of the FAISS file (found by searching
+    the file for each vector's float32 bytes): a bit that changes a vector, not a header."""
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    for vector in rng.choice(list(vectors.values()), flips, replace=False):
+        at = data.index(vector.astype("<f4").tobytes())
+        data[at + 4 * int(rng.integers(len(vector))) + 3] ^= 0x40
+    with open(path, "r+b") as f:  # in place, as a disk error or a stray write would
+        f.write(data)
+
+
+def test_a_flipped_bit_in_the_faiss_file_is_caught_by_its_checksum(cli, indexed, tiny_encoder):
+    """Before, 14 of 40 single-bit flips changed a vector while `status` said "consistent". Now
+    the file's checksum is compared when a changed file is first read: rebuilt, with a warning."""
+    stored = catalog_vectors(cli.home)
+    for trial in range(3):
+        _flip_vector_bits(faiss_file(cli.home), stored, flips=1, seed=trial)
+        result = cli("query", indexed[trial], "-k", "1", "--paths-only")
+        assert "does not match its checksum" in result.stderr, result.stderr
+        assert result.stdout_bytes == os.fsencode(indexed[trial]) + b"\n"
+        assert cli("status", "--check").exit_code == 0
+
+
+def test_status_check_compares_the_faiss_file_with_the_catalog_row_by_row(cli, indexed):
+    result = cli("status", "--check")
+    assert result.exit_code == 0 and "matches the catalog's 6 vectors row by row" in result.stdout
+    # Damage after the file was checked and recorded intact, that leaves its identity as it was
+    # (bit rot): a load trusts the record; --check reads the whole file again.
+    record = faiss_file(cli.home).with_suffix(".checked")
+    _flip_vector_bits(faiss_file(cli.home), catalog_vectors(cli.home), flips=1, seed=5)
+    st = faiss_file(cli.home).stat()
+    record.write_text(json.dumps([st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]))
+    result = cli("status", "--check")
+    assert "consistent with the catalog" in result.stdout  # the cheap check is fooled
+    assert result.exit_code == 1 and "does not match its checksum); run `clipsearch rebuild`" in result.stdout
+
+
+def test_status_check_reads_an_inverted_file_index_row_by_row(cli, tmp_path, monkeypatch):
+    """An IVF index keeps catalog ids in its own lists (no id map): --check finds them there."""
+    import clipsearch.vectors
+
+    monkeypatch.setattr(clipsearch.vectors, "FLAT_LIMIT", 10)
+    make_library(tmp_path / "lib", 40)
+    assert cli("index", tmp_path / "lib").exit_code == 0
+    result = cli("status", "--check")
+    assert "in a IVF" in result.stdout and "matches the catalog's 40 vectors row by row" in result.stdout
+    assert result.exit_code == 0, result.stdout
+
+
+def test_status_check_finds_a_vector_altered_inside_the_catalog(cli, indexed):
+    """Bytes of a vector overwritten inside catalog.db: SQLite's integrity check passes."""
+    import sqlite3
+
+    victim = os.fsencode(indexed[3])
+    db = sqlite3.connect(cli.home / "catalog.db")
+    with db:
+        (blob,) = db.execute(
+            "SELECT vector FROM vectors WHERE image_id = (SELECT id FROM images WHERE path = ?)", (victim,)
+        ).fetchone()
+        damaged = bytes(blob[:8]) + bytes(np.random.default_rng(0).bytes(8)) + bytes(blob[16:])
+        db.execute(
+            "UPDATE vectors SET vector = ? WHERE image_id = (SELECT id FROM images WHERE path = ?)", (damaged, victim)
+        )
+    db.close()
+    assert integrity(cli.home) == ["ok"]
+    result = cli("status", "--check")
+    assert result.exit_code == 1
+    assert f"1 of its vectors in the catalog are damaged (not of unit length), of {indexed[3]}" in result.stdout
+    assert f"1 vectors in its vector file differ from the catalog's, of {indexed[3]}" in result.stdout
 
 
 # --- the catalog ------------------------------------------------------------------------------
@@ -281,20 +354,76 @@ def _commit_then_die(home, indexed_file, model) -> None:
     os._exit(0)
 
 
+def _a_writer_dies_after_a_commit(home, tmp_path, encoder, model):
+    """A new image committed by a forked writer that then dies (`_commit_then_die`); its path."""
+    late = make_library(tmp_path / "late", 1, start_seed=70)[0]
+    vector = expected_vectors(encoder, [late])[os.fsencode(late)]
+    st = late.stat()
+    row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
+    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(home, row, model))
+    child.start()
+    child.join(60)
+    return late
+
+
 def test_a_crashed_writer_then_a_read_only_disk_still_answers(cli, indexed, tmp_path, tiny_encoder, tiny_model):
     """An indexer dies, then the disk comes back read-only (a drive remounted after errors):
     the commit that lives only in the write-ahead log is still found by queries."""
-    late = make_library(tmp_path / "late", 1, start_seed=70)[0]
-    vector = expected_vectors(tiny_encoder, [late])[os.fsencode(late)]
-    st = late.stat()
-    row = IndexedFile(os.fsencode(late), st.st_size, st.st_mtime_ns, b"f" * 16, 48, 40, vector)
-    child = multiprocessing.get_context("fork").Process(target=_commit_then_die, args=(cli.home, row, tiny_model))
-    child.start()
-    child.join(60)
+    late = _a_writer_dies_after_a_commit(cli.home, tmp_path, tiny_encoder, tiny_model)
     assert {"catalog.db-wal", "catalog.db-shm"} <= set(os.listdir(cli.home))
     with read_only(cli.home):
         assert top_path(cli, late) == os.fsencode(late)
         assert "7 indexed" in cli("status").stdout
+
+
+def test_a_read_only_home_with_a_write_ahead_log_but_no_shm_file_still_answers(
+    cli, indexed, tmp_path, tiny_encoder, tiny_model
+):
+    """A leftover catalog.db-wal without its catalog.db-shm (deleted, or not copied with the
+    folder): SQLite cannot read the log without creating the -shm file, which a read-only folder
+    forbids. Before: "cannot be opened ... check that it is readable", though it is. Now the
+    catalog is read as it was before the log, with a warning that says so."""
+    _a_writer_dies_after_a_commit(cli.home, tmp_path, tiny_encoder, tiny_model)
+    (cli.home / "catalog.db-shm").unlink()
+    with read_only(cli.home):
+        for args in (["status"], ["query", indexed[2], "-k", "1", "--paths-only"]):
+            result = cli(*args)
+            assert result.exit_code == 0, (args, result.stderr)
+            assert "catalog.db-wal holds changes that cannot be read" in result.stderr, result.stderr
+        assert "6 indexed" in cli("status").stdout  # the row committed in the log is not seen
+        assert top_path(cli, indexed[2]) == os.fsencode(indexed[2])
+    assert "7 indexed" in cli("status").stdout  # writable again: the log is read
+
+
+def _set_revision(home, revision: str) -> None:
+    """Closed at once: the last connection to close folds the log into catalog.db."""
+    import sqlite3
+
+    db = sqlite3.connect(home / "catalog.db")
+    with db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "revision, message",
+    [
+        ("", "records no schema revision clipsearch knows"),
+        ("0003", "records schema 0003, but its tables do not match it"),
+    ],
+    ids=["empty", "older-than-its-tables"],
+)
+def test_a_catalog_whose_recorded_schema_is_wrong_is_refused_in_one_line(cli, indexed, tmp_path, revision, message):
+    """Before: "AssertionError (this is a bug ...)" for '', a 12-line OperationalError with the
+    CREATE TABLE statement for 0003. Now one line naming the file, and the file is untouched."""
+    _set_revision(cli.home, revision)
+    before = (cli.home / "catalog.db").read_bytes()
+    for args in (["status"], ["query", "x"], ["index", tmp_path / "lib"]):
+        result = cli(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert "bug" not in result.stderr and str(cli.home / "catalog.db") in result.stderr
+    assert (cli.home / "catalog.db").read_bytes() == before
 
 
 # --- model weights ----------------------------------------------------------------------------

@@ -28,8 +28,10 @@ from reliability_helpers import (
     indexed_count,
     kill_group,
     photo_library,
-    start_cli,
     wait_until,
+)
+from reliability_helpers import (
+    start_index as start_cli_index,
 )
 
 from clipsearch.index import Index
@@ -49,20 +51,7 @@ ENCODE_DELAY_S = 0.1  # per batch of BATCH images: a real model's pace, so kills
 
 
 def start_index(home, lib, model, *extra):
-    return start_cli(
-        "--home",
-        home,
-        "index",
-        lib,
-        "--model",
-        model,
-        "--precision",
-        "fp32",
-        "--batch-size",
-        str(BATCH),
-        *extra,
-        encode_delay_s=ENCODE_DELAY_S,
-    )
+    return start_cli_index(home, lib, model, *extra, batch=BATCH, encode_delay_s=ENCODE_DELAY_S)
 
 
 def committed_rows(home) -> dict[bytes, tuple[float, bytes]]:

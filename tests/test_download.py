@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clipsearch.clip import download, registry
+from clipsearch.clip import download, integrity, registry
 from clipsearch.errors import DownloadError
 from clipsearch.paths import model_cache_dir
 
@@ -89,7 +89,7 @@ def test_fetch_downloads_verifies_and_reuses_cache(server, tmp_path):
 
 def test_cached_file_is_not_rehashed_while_unchanged(server, tmp_path, monkeypatch):
     dest = download.fetch(server.url, DIGEST, tmp_path / "model.bin")
-    monkeypatch.setattr(download, "_hash_file", lambda path: pytest.fail("hashed again"))
+    monkeypatch.setattr(integrity, "sha256_file", lambda path: pytest.fail("hashed again"))
     assert download.fetch(server.url, DIGEST, dest) == dest
 
 
@@ -258,7 +258,7 @@ def test_shipped_vocabulary_is_hashed_once_per_process(monkeypatch, tmp_path):
     shipped.write_bytes(PAYLOAD)
     _bundled_vocab(monkeypatch, shipped)
     hashed = []
-    monkeypatch.setattr(download, "_hash_file", lambda path: hashed.append(path) or DIGEST)
+    monkeypatch.setattr(integrity, "sha256_file", lambda path: hashed.append(path) or DIGEST)
     assert download.vocab_path() == shipped
     assert download.vocab_path() == shipped
     assert hashed == [shipped]

@@ -240,7 +240,7 @@ def test_best_workers_balances_decoding_against_the_model(
 def test_a_file_that_crashes_a_worker_fails_alone(tmp_path, tiny_encoder):
     images = [make_image(tmp_path / f"ok{i}.png", i) for i in range(5)]
     crasher = make_image(tmp_path / "crash.png", 99, size=(13, 13))
-    items = [(i, os.fsencode(p)) for i, p in enumerate([*images, crasher])]
+    items = [(i, os.fsencode(p), None) for i, p in enumerate([*images, crasher])]
     with DecodePool(CrashingPreprocess(tiny_encoder.preprocess), workers=2, window=4) as pool:
         results = dict(pool.imap(items))
     assert sorted(results) == list(range(6))
@@ -264,8 +264,9 @@ def test_a_file_rewritten_while_it_is_read_is_retried_next_run(tmp_path, catalog
     (_image,) = make_library(tmp_path / "lib", 1)
     real = clipsearch.decode.fingerprint
 
-    def fingerprint_then_rewrite(path):
-        digest = real(path)
+    def fingerprint_then_rewrite(file):
+        digest = real(file)
+        path = os.readlink(f"/proc/self/fd/{file.fileno()}")
         make_image(path, seed=77)  # rewritten after its fingerprint, before its pixels are read
         bump_mtime(path)
         return digest

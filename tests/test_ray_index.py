@@ -83,10 +83,12 @@ def open_index(home: Path, model: str) -> Index:
 
 
 def catalog_rows(home: Path) -> dict[bytes, tuple]:
-    """Every row as the catalog holds it, but for when it was written."""
+    """Every row as the catalog holds it (metadata included), but for its id and when it was written."""
     with sqlite3.connect(f"file:{home / 'catalog.db'}?mode=ro", uri=True) as db:
-        query = "SELECT path, size, mtime_ns, fingerprint, width, height, status, error FROM images"
-        return {row[0]: row[1:] for row in db.execute(query)}
+        rows = db.execute("SELECT * FROM images")
+        names = [column[0] for column in rows.description]
+        kept = [i for i, name in enumerate(names) if name not in ("id", "indexed_at", "vector_generation")]
+        return {row[names.index("path")]: tuple(row[i] for i in kept) for row in rows}
 
 
 def assert_same_as(reference: tuple[dict, dict], home: Path) -> None:

@@ -5,7 +5,7 @@
     text = clip.tokenize(["a photo of a cat"]).to(device)
 
 Importing this package does not import torch: the registry and downloads (what `clipsearch
-models list` needs) stay light, and the model, tokenizer and loss are imported on first use.
+models` needs) stay light, and the model, tokenizer and loss are imported on first use.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     import torch
 
     from clipsearch.clip.loss import clip_loss
-    from clipsearch.clip.model import CLIP, ModelConfig, Towers, build_model
+    from clipsearch.clip.model import CLIP, ModelConfig, SharedSpace, Towers, build_model
     from clipsearch.clip.preprocess import Preprocess
     from clipsearch.clip.tokenizer import Tokenizer, tokenize
+
+    Mean = tuple[float, float, float]
 
 __all__ = [
     "CLIP",
@@ -68,23 +70,26 @@ def load(
     download_root: str | Path | None = None,
     *,
     quick_gelu: bool | None = None,
-) -> tuple[CLIP, Preprocess]:
+) -> tuple[SharedSpace, Preprocess]:
     """A model in eval mode and the preprocessing its images need.
 
     `name_or_path` is a name from `available_models()` (downloaded and checked against its
     SHA-256 on first use) or a checkpoint file or directory in any format `checkpoints` reads.
-    The model carries its own tokenizer as `model.tokenizer` (None for an image-only model):
-    CLIP's vocabulary, or the one saved with the checkpoint. On CUDA the weights are float16, as
-    OpenAI's `load` gives them; elsewhere float32. `quick_gelu` overrides the activation for
-    checkpoint files that do not record it (OpenCLIP models trained with exact GELU need False).
+    The model is a `CLIP`, a `SigLIP` or an `XlmrCLIP`, as the weights say; all three have
+    `encode_image`, `encode_text` and `model(image, text)` giving two logits, which for SigLIP
+    are sigmoid logits (see `model.SharedSpace.forward`). The model carries its own tokenizer as
+    `model.tokenizer` (None for an image-only model): CLIP's vocabulary or the one saved with
+    the checkpoint, and for SigLIP and XLM-R the checkpoint's ``tokenizer.json``. On CUDA the
+    weights are float16, as OpenAI's `load` gives them; elsewhere float32. `quick_gelu`
+    overrides a CLIP's activation for checkpoint files that do not record it (OpenCLIP models
+    trained with exact GELU need False).
     """
     import torch
 
+    from clipsearch.clip.build import build_model
     from clipsearch.clip.checkpoints import read_checkpoint
-    from clipsearch.clip.download import model_path, vocab_path
-    from clipsearch.clip.model import build_model
-    from clipsearch.clip.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
-    from clipsearch.clip.tokenizer import Tokenizer
+    from clipsearch.clip.download import model_path
+    from clipsearch.clip.preprocess import Preprocess
 
     if jit:
         raise CheckpointError(
@@ -102,29 +107,76 @@ def load(
             f"known models: {', '.join(available_models())}."
         )
     state_dict, info = read_checkpoint(path)
-
-    # An explicit argument wins over the registry, which wins over what the checkpoint says.
-    hints = [hint for hint in (quick_gelu, entry and entry.quick_gelu, info.quick_gelu) if hint is not None]
-    if not hints:
-        log.info("%s does not record its activation; using QuickGELU (pass quick_gelu=False for GELU)", path)
-    model = build_model(state_dict, towers=towers, quick_gelu=hints[0] if hints else None)
-
-    model.tokenizer = None
-    if towers != "image":
-        model.tokenizer = Tokenizer(info.vocab_path or vocab_path())
-        if model.tokenizer.vocab_size > model.config.vocab_size:
-            raise CheckpointError(
-                f"The vocabulary of {path} has {model.tokenizer.vocab_size} tokens but the model embeds only "
-                f"{model.config.vocab_size}; the checkpoint and its vocabulary do not belong together."
-            )
+    config = _configuration(state_dict, info, entry, quick_gelu, path)
+    model = build_model(state_dict, towers=towers, config=config)
+    model.tokenizer = _tokenizer(model, info, entry, path) if towers != "image" else None
 
     device = torch.device(device if device is not None else _default_device())
     model = model.to(device)
     if device.type == "cuda":
         model = model.half()
-    mean, std = info.image_mean or CLIP_MEAN, info.image_std or CLIP_STD
-    preprocess = Preprocess(model.config.image_resolution, mean, std)
+    mean, std, crop = _image_settings(config, info)
+    preprocess = Preprocess(model.config.image_resolution, mean, std, crop=crop)
     return model, preprocess
+
+
+def _configuration(
+    state_dict: dict, info: Any, entry: registry.ModelEntry | None, quick_gelu: bool | None, path: Path
+) -> Any:
+    """The model's configuration: the checkpoint's own, else what its weights show; for a CLIP
+    the activation an explicit argument, else the registry, else the checkpoint names."""
+    import dataclasses
+
+    from clipsearch.clip.build import infer_config
+
+    config = info.config if info.config is not None else infer_config(state_dict)
+    if getattr(config, "family", "clip") == "clip":
+        hints = [hint for hint in (quick_gelu, entry and entry.quick_gelu, info.quick_gelu) if hint is not None]
+        if not hints:
+            log.info("%s does not record its activation; using QuickGELU (pass quick_gelu=False for GELU)", path)
+        config = dataclasses.replace(config, quick_gelu=hints[0] if hints else True)
+    elif entry is not None and entry.image_size and info.config is None:
+        # The weights fix the patch grid, not always the image size (14 px patches: 378 or 384).
+        config = dataclasses.replace(config, image_resolution=entry.image_size)
+    return config
+
+
+def _tokenizer(model: Any, info: Any, entry: registry.ModelEntry | None, path: Path) -> Any:
+    """CLIP's BPE (or the checkpoint's own vocabulary) for a CLIP; for the other families the
+    ``tokenizer.json`` beside the weights, else the one the registry keeps elsewhere."""
+    from clipsearch.clip.download import tokenizer_dir, vocab_path
+    from clipsearch.clip.text_tokenizers import HFTokenizer
+    from clipsearch.clip.tokenizer import Tokenizer
+
+    family = getattr(model.config, "family", "clip")
+    if family == "clip":
+        tokenizer: Any = Tokenizer(info.vocab_path or vocab_path())
+    else:
+        directory = info.tokenizer_dir or (tokenizer_dir(entry) if entry is not None else None)
+        if directory is None:
+            raise CheckpointError(
+                f"{path} has no tokenizer.json beside the weights, which a {family} model needs; "
+                "put the tokenizer files of its hub repository there."
+            )
+        clean = info.text_clean or ("canonicalize" if family == "siglip" else "whitespace")
+        tokenizer = HFTokenizer(directory, model.context_length, clean)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"The vocabulary of {path} has {tokenizer.vocab_size} tokens but the model embeds only "
+            f"{model.config.vocab_size}; the checkpoint and its vocabulary do not belong together."
+        )
+    return tokenizer
+
+
+def _image_settings(config: Any, info: Any) -> tuple[Mean, Mean, bool]:
+    """Mean, std and whether to centre-crop: the checkpoint's, else its family's."""
+    from clipsearch.clip.preprocess import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+
+    siglip = getattr(config, "family", "clip") == "siglip"
+    mean = info.image_mean or (SIGLIP_MEAN if siglip else CLIP_MEAN)
+    std = info.image_std or (SIGLIP_STD if siglip else CLIP_STD)
+    crop = info.crop if info.crop is not None else not siglip
+    return mean, std, crop
 
 
 def _default_device() -> str:

@@ -1,4 +1,5 @@
-"""Reading CLIP weights from the formats they are published in, as state dicts with OpenAI's names.
+"""Reading model weights from the formats they are published in, as state dicts with our names
+(OpenAI's for CLIP, open_clip's for SigLIP and XLM-RoBERTa CLIP: `model.family_of`).
 
 Formats, told apart by content rather than by file name:
 
@@ -10,9 +11,12 @@ Formats, told apart by content rather than by file name:
 - OpenCLIP files: ``.safetensors``, or ``.bin``/``.pt``/``.pth`` read with
   ``torch.load(weights_only=True)``; a bare state dict or one wrapped in ``state_dict``, with or
   without DistributedDataParallel's ``module.`` prefix. OpenCLIP hub directories
-  (``open_clip_config.json`` beside the weights) also give the activation and mean/std.
+  (``open_clip_config.json`` beside the weights) also give the activation, head widths,
+  mean/std and resize mode, and for SigLIP and XLM-R the ``tokenizer.json`` beside them; a hub
+  directory without its configuration (as the registry fetches SigLIP) is read the same way.
 - Hugging Face ``CLIPModel`` directories (``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin``), renamed key by key; their ``merges.txt`` becomes our vocabulary file.
+  ``SiglipModel`` directories likewise (`clip.hf_siglip`), with their ``tokenizer.json``.
 - Our own directories: ``config.json`` (`ModelConfig.to_dict()` plus ``image_mean`` and
   ``image_std``), ``model.safetensors`` and ``vocab.txt.gz``, written by `write_model_dir`.
 
@@ -24,13 +28,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
+import os
 import pickle
 import re
 import shutil
+import stat
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipsearch.clip.model import CLIP
+from clipsearch.clip import hf_siglip, siglip
+from clipsearch.clip.hf_names import check_placed, fuse
+from clipsearch.clip.model import CLIP, config_from_state_dict, family_of
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.errors import CheckpointError
 from clipsearch.paths import model_cache_dir
@@ -58,6 +67,13 @@ class CheckpointInfo:
     vocab_path: Path | None = None  # the model's own BPE vocabulary, if not CLIP's
     image_mean: Mean | None = None
     image_std: Mean | None = None
+    # The model's configuration where the checkpoint states it (open_clip_config.json, a Hugging
+    # Face config.json): head counts and activations the weights cannot show.
+    config: Any = None
+    # A directory with the tokenizer.json of a SigLIP or XLM-R model, and open_clip's cleaning for it.
+    tokenizer_dir: Path | None = None
+    text_clean: str | None = None
+    crop: bool | None = None  # False: the whole image is resized to a square (SigLIP), no centre crop
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
@@ -69,7 +85,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         state_dict, info = _read_file(path)
     else:
         raise CheckpointError(f"There is no checkpoint file or directory at {path}.")
-    return _clean(state_dict), info
+    return _clean(state_dict), _checked_normalisation(info, path)
 
 
 def write_model_dir(
@@ -94,6 +110,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
         return _load_safetensors(path), CheckpointInfo("openclip")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
+            _check_unpacked_size(path, archive)
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
                 return _read_torchscript(path, archive), CheckpointInfo("openai", quick_gelu=True)
     return _unwrap(_torch_load(path), path), CheckpointInfo("openclip")
@@ -180,9 +197,11 @@ class _ArchiveUnpickler(pickle.Unpickler):
         kind, dtype, key, _location, numel = pid
         if kind != "storage" or not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError(f"unexpected record {kind!r} in a weights archive")
-        data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
-        if len(data) != numel * dtype.itemsize:
-            raise pickle.UnpicklingError(f"storage {key} has {len(data)} bytes, not {numel} elements")
+        name = f"{self.root}/data/{key}"
+        size = self.archive.getinfo(name).file_size  # checked before a byte of it is inflated
+        if size != numel * dtype.itemsize:
+            raise pickle.UnpicklingError(f"storage {key} has {size} bytes, not {numel} elements")
+        data = bytearray(self.archive.read(name))
         return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
@@ -211,14 +230,21 @@ def _module_tensors(module: _ScriptObject, prefix: str = ""):
 # --- directories -----------------------------------------------------------------------------
 
 
+_OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
 def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    _refuse_links_out(path)
     if (path / "open_clip_config.json").is_file():
-        return _read_openclip_dir(path)
+        return _read_openclip_dir(path, _read_json(path / "open_clip_config.json"))
     if (path / "config.json").is_file():
         config = _read_json(path / "config.json")
         if "model_type" in config:
             return _read_huggingface_dir(path, config)
         return _read_own_dir(path, config)
+    if any((path / name).is_file() for name in _OPENCLIP_WEIGHTS):
+        # An OpenCLIP hub folder fetched without its configuration (what the registry downloads).
+        return _read_openclip_dir(path, {})
     raise CheckpointError(
         f"{path} is a directory without config.json or open_clip_config.json, so it is not a model directory."
     )
@@ -238,24 +264,46 @@ def _read_own_dir(path: Path, config: dict) -> tuple[dict[str, torch.Tensor], Ch
     return _load_safetensors(path / "model.safetensors"), info
 
 
-def _read_openclip_dir(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    config = _read_json(path / "open_clip_config.json")
+def _read_openclip_dir(path: Path, config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """An OpenCLIP hub folder: the weights, ``open_clip_config.json`` when there is one (its
+    ``model_cfg`` and ``preprocess_cfg``), and for SigLIP and XLM-R models the ``tokenizer.json``."""
     model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+    text_cfg = model_cfg.get("text_cfg", {})
+    state_dict, _ = _read_file(_first_file(path, _OPENCLIP_WEIGHTS))
+    family = family_of(state_dict)
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))  # OpenCLIP's default is exact GELU
+    architecture: Any = None
+    if family == "siglip" and model_cfg:
+        architecture = siglip.config_from_openclip(model_cfg, state_dict)
+    elif family == "clip" and model_cfg:
+        vision_cfg = model_cfg.get("vision_cfg", {})
+        architecture = config_from_state_dict(
+            _clean(state_dict),
+            quick_gelu=quick_gelu,
+            vision_head_width=vision_cfg.get("head_width"),
+            text_head_width=int(text_cfg.get("width", 512)) // int(text_cfg.get("heads", 8)),
+        )
+    resize_mode = preprocess_cfg.get("resize_mode")
     info = CheckpointInfo(
         "openclip",
-        quick_gelu=bool(model_cfg.get("quick_gelu", False)),  # OpenCLIP's default is exact GELU
+        quick_gelu=quick_gelu,
         image_mean=_triple(preprocess_cfg.get("mean")),
         image_std=_triple(preprocess_cfg.get("std")),
+        config=architecture,
+        tokenizer_dir=path if family != "clip" and (path / "tokenizer.json").is_file() else None,
+        text_clean=(text_cfg.get("tokenizer_kwargs") or {}).get("clean"),
+        crop=None if resize_mode is None else resize_mode != "squash",
     )
-    weights = _first_file(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-    state_dict, _ = _read_file(weights)
     return state_dict, info
 
 
 def _read_huggingface_dir(path: Path, config: dict) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    if config.get("model_type") in ("siglip", "siglip2"):
+        return _read_huggingface_siglip(path, config)
     if config.get("model_type") != "clip":
         raise CheckpointError(
-            f"{path} holds a Hugging Face {config.get('model_type')!r} model; only CLIPModel checkpoints load."
+            f"{path} holds a Hugging Face {config.get('model_type')!r} model; "
+            "CLIPModel, SiglipModel and Siglip2Model checkpoints load."
         )
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
@@ -266,25 +314,44 @@ def _read_huggingface_dir(path: Path, config: dict) -> tuple[dict[str, torch.Ten
     for name, tower in (("text", text), ("vision", vision)):
         if tower.get("layer_norm_eps", 1e-5) != 1e-5:
             raise CheckpointError(f"{path} has a {name} LayerNorm epsilon other than CLIP's 1e-5.")
-        # The head count is not in the weights; the model infers it assuming CLIP's 64-wide heads.
-        if tower.get("hidden_size", 512) != 64 * tower.get("num_attention_heads", 8):
-            raise CheckpointError(
-                f"{path} has {name} attention heads that are not 64 wide, which clipsearch cannot build."
-            )
     weights = _first_file(path, ("model.safetensors", "pytorch_model.bin"))
     hf_state_dict, _ = _read_file(weights)
     state_dict = _from_huggingface(hf_state_dict, path)
     _check_eos_pooling(text, state_dict["token_embedding.weight"].shape[0], path)
+    # The head counts are not in the weights; the configuration has them.
+    architecture = config_from_state_dict(
+        _clean(state_dict),
+        quick_gelu=acts == {"quick_gelu"},
+        vision_head_width=_head_width(vision, 768, 12),
+        text_head_width=_head_width(text, 512, 8),
+    )
     preprocessor = path / "preprocessor_config.json"
     preprocess_cfg = _read_json(preprocessor) if preprocessor.is_file() else {}
     info = CheckpointInfo(
         "huggingface",
         quick_gelu=acts == {"quick_gelu"},
+        config=architecture,
         vocab_path=_huggingface_vocab(path),
         image_mean=_triple(preprocess_cfg.get("image_mean")),
         image_std=_triple(preprocess_cfg.get("image_std")),
     )
     return state_dict, info
+
+
+def _read_huggingface_siglip(path: Path, config: dict) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    architecture = hf_siglip.config_from_huggingface(config, path)
+    hf_state_dict, _ = _read_file(_first_file(path, ("model.safetensors", "pytorch_model.bin")))
+    preprocessor = path / "preprocessor_config.json"
+    preprocess_cfg = _read_json(preprocessor) if preprocessor.is_file() else {}
+    info = CheckpointInfo(
+        "huggingface",
+        image_mean=_triple(preprocess_cfg.get("image_mean")),
+        image_std=_triple(preprocess_cfg.get("image_std")),
+        config=architecture,
+        tokenizer_dir=path if (path / "tokenizer.json").is_file() else None,
+        crop=False,  # Hugging Face's SigLIP processor resizes to the square, as open_clip's "squash"
+    )
+    return hf_siglip.state_dict_from_huggingface(hf_state_dict, path), info
 
 
 # Hugging Face name fragment -> OpenAI name fragment; every one is applied to every key.
@@ -326,12 +393,14 @@ def _from_huggingface(hf: Mapping[str, torch.Tensor], path: Path) -> dict[str, t
             qkv.setdefault(f"{block}.attn.in_proj_{kind}", {})[projection] = value
         else:
             state_dict[key] = value
-    for key, parts in qkv.items():
-        state_dict[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
-    unknown = sorted(key for key in state_dict if key.startswith(("text_model.", "vision_model.")))
-    if unknown:
-        raise CheckpointError(f"{path} has weights clipsearch cannot place, such as {unknown[0]}.")
+    state_dict.update(fuse(qkv, "q_proj", "k_proj", "v_proj"))
+    check_placed(state_dict, path)
     return state_dict
+
+
+def _head_width(tower: Mapping[str, Any], width: int, heads: int) -> int:
+    """A Hugging Face tower's head width, with transformers' defaults for what it leaves out."""
+    return int(tower.get("hidden_size", width)) // int(tower.get("num_attention_heads", heads))
 
 
 def _check_eos_pooling(text_config: Mapping[str, Any], vocab_size: int, path: Path) -> None:
@@ -356,14 +425,14 @@ def _huggingface_vocab(path: Path) -> Path | None:
     """
     if not (path / "merges.txt").is_file():
         return None
-    text = (path / "merges.txt").read_bytes()
+    text = _read_small(path / "merges.txt")
     if not text.startswith(b"#version"):
         text = b"#version: 0.2\n" + text  # the tokenizer skips the first line
     target = model_cache_dir() / "vocab" / f"merges-{hashlib.sha256(text).hexdigest()[:16]}.txt.gz"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".part")
-        part.write_bytes(gzip.compress(text, mtime=0))
+        _write_no_wider_than(part, gzip.compress(text, mtime=0), path / "merges.txt")
         part.replace(target)
     if (path / "vocab.json").is_file() and Tokenizer(target).encoder != _read_json(path / "vocab.json"):
         raise CheckpointError(
@@ -381,7 +450,7 @@ def _clean(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {
         key: value.float() if value.is_floating_point() else value
         for key, value in state_dict.items()
-        if key not in _NON_PARAMETERS and not key.endswith("attn_mask")
+        if key not in _NON_PARAMETERS and not key.endswith(("attn_mask", "position_ids"))
     }
 
 
@@ -394,7 +463,7 @@ def _first_file(directory: Path, names: Sequence[str]) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_small(path))
     except (OSError, ValueError) as err:
         raise _unreadable(path, err) from None
     if not isinstance(data, dict):
@@ -402,8 +471,88 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _triple(values: Sequence[float] | None) -> Mean | None:
-    return None if values is None else tuple(float(v) for v in values)
+def _triple(values: Any) -> Any:
+    """As the file gives them: `_checked_normalisation` makes sure they are three numbers."""
+    return None if values is None else tuple(values) if isinstance(values, (list, tuple)) else (values,)
+
+
+def _checked_normalisation(info: CheckpointInfo, path: Path) -> CheckpointInfo:
+    """``info`` with its image mean and std as floats, or CheckpointError naming the model: a std
+    of 0 made every vector NaN, and a mean of the wrong length failed every image, for good."""
+    checked: dict[str, Any] = {}
+    for name, values in (("image_mean", info.image_mean), ("image_std", info.image_std)):
+        if values is None:
+            continue
+        try:
+            numbers = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            numbers = ()
+        positive = name == "image_std"
+        if len(numbers) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
+            raise CheckpointError(
+                f"{path} gives {name} {list(values)}; it must be 3 finite numbers"
+                + (" above 0" if positive else "")
+                + ", one per colour channel."
+            )
+        checked[name] = numbers
+    return replace(info, **checked)
+
+
+# --- bounds on what a model's files make us read, allocate or copy ---------------------------
+
+# JSON settings and merges files: CLIP's vocab.json is 0.9 MB, its merges.txt 0.5 MB.
+MAX_SMALL_FILE_BYTES = 16 << 20
+# torch.save stores tensors uncompressed: an archive that inflates to more than this many times
+# its size is a zip bomb (3 MB inflating to gigabytes), refused before anything is inflated.
+MAX_UNPACKED_RATIO = 2
+
+
+def _read_small(path: Path) -> bytes:
+    """A settings file, read only if it is as small as such files are (a sparse 3 GiB
+    config.json cost 6.7 GB of memory when read whole)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_SMALL_FILE_BYTES + 1)
+    if len(data) > MAX_SMALL_FILE_BYTES:
+        raise CheckpointError(
+            f"{path} is larger than a model's settings file ever is ({MAX_SMALL_FILE_BYTES >> 20} MB); it was not read."
+        )
+    return data
+
+
+def _check_unpacked_size(path: Path, archive: zipfile.ZipFile) -> None:
+    unpacked, size = sum(info.file_size for info in archive.infolist()), path.stat().st_size
+    if unpacked > MAX_UNPACKED_RATIO * size + (1 << 20):
+        raise CheckpointError(
+            f"{path} unpacks to {unpacked / 1e6:.0f} MB from {size / 1e6:.1f} MB (a zip bomb?); clipsearch reads "
+            "weights archives whose tensors are stored uncompressed, as torch.save writes them."
+        )
+
+
+def _refuse_links_out(folder: Path) -> None:
+    """Files of a model folder are read, and some copied into the cache, so a symlink in it must
+    not lead elsewhere (a merges.txt linking to a private file had that file copied out, readable
+    by everyone). The one layout allowed to link out is the Hugging Face cache's, whose
+    ``snapshots/<revision>/`` files link to ``../../blobs/``."""
+    inside = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        inside.append((folder.parent.parent / "blobs").resolve())
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            target = entry.resolve()
+            if not any(target.is_relative_to(root) for root in inside):
+                raise CheckpointError(
+                    f"{entry} links outside the model folder (to {target}); "
+                    "copy the file into the folder if it belongs to the model."
+                )
+
+
+def _write_no_wider_than(path: Path, data: bytes, source: Path) -> None:
+    """Write a new cache file readable by no one who cannot read ``source``: created with the
+    source's permissions, which the kernel narrows by the umask."""
+    path.unlink(missing_ok=True)  # a leftover keeps its own permissions
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & stat.S_IMODE(source.stat().st_mode))
+    with open(fd, "wb") as f:
+        f.write(data)
 
 
 def _unreadable(path: Path, err: BaseException) -> CheckpointError:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import SelfAttention, attend
+from .model import SelfAttention, SharedSpace, attend
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Prepared(NamedTuple):
     """A model ready for inference, the precision it runs in, and the dtype its inputs should
     have (decode workers can produce that dtype directly and skip a copy)."""
 
-    model: nn.Module
+    model: SharedSpace
     precision: str
     input_dtype: torch.dtype
 
@@ -96,7 +96,7 @@ def candidate_precision(device: torch.device | str, image_tower: bool = True) ->
 
 
 def prepare_for_inference(
-    model: nn.Module, precision: str = "auto", device: torch.device | str = "cpu", sample: torch.Tensor | None = None
+    model: SharedSpace, precision: str = "auto", device: torch.device | str = "cpu", sample: torch.Tensor | None = None
 ) -> Prepared:
     """Move ``model`` (a float32 `CLIP`, modified in place) to ``device`` in ``precision``.
 
@@ -124,7 +124,7 @@ def prepare_for_inference(
 
     replaced = _convert(model, chosen)
 
-    if reference is not None:
+    if reference is not None and sample is not None:
         with torch.inference_mode():
             cosine = F.cosine_similarity(model.encode_image(sample).float(), reference).min().item()
         if cosine < MIN_COSINE:
@@ -159,11 +159,11 @@ def calibration_images(resolution: int, count: int = 4, seed: int = 0) -> torch.
 _Replaced = list[tuple[nn.Module, str, nn.Module]]
 
 
-def _convert(model: nn.Module, precision: str) -> _Replaced:
+def _convert(model: SharedSpace, precision: str) -> _Replaced:
     if precision != "int8":
         model.to(_DTYPES[precision])
         return []
-    if getattr(model, "visual", None) is None:
+    if model.visual is None:
         return []  # int8 is for the image tower; text stays fp32
     return _quantize_linears(model.visual)
 

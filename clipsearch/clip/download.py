@@ -1,13 +1,16 @@
-"""Fetching checkpoints and the vocabulary into the local cache, verified by SHA-256.
+"""Model weights and the vocabulary, from where `sources.locate` finds them, checked; else downloaded.
 
-A download streams into a temporary `.part` file next to its destination and is renamed into
+What another tool keeps is used in place, never copied: OpenAI's cached archive once its SHA-256
+matches (a damaged one is skipped with a warning, as OpenAI's loader would fetch it again), a
+hub cache file once it matches its pinned hash or the hub's own (`hub`). Downloads go to one
+place each: OpenAI's archives into clipsearch's cache (`fetch`), hub files through
+`huggingface_hub` into its cache.
+
+`fetch` streams into a temporary `.part` file next to its destination and renames it into
 place only after its hash matches, so an interrupted or corrupted transfer never leaves a file
-that a later run would trust. Hashing a multi-gigabyte file takes seconds, so each verified file
-gets a sidecar `<file>.sha256` (JSON: digest and the file's identity) and is hashed again when
-its size, mtime, ctime or inode changes. ctime is in the identity because a write that puts the
-old mtime back (`touch -d`, `cp -p`, rsync) still moves ctime, which no user call can set. For
-unpinned assets (no published hash) the same sidecar is the record made at the first download
-that later uses are held to.
+that a later run would trust; `integrity` keeps the hashes, so a file is not hashed again on
+every use. For unpinned assets (no published hash) the record made at the first download is
+what later uses are held to.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.client
-import json
 import logging
 import os
 import sys
@@ -26,7 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clipsearch.clip import registry
+from clipsearch.clip import hub, integrity, registry
+from clipsearch.clip.sources import download_dir, locate
 from clipsearch.errors import DownloadError
 from clipsearch.paths import model_cache_dir
 
@@ -63,7 +66,7 @@ def fetch(url: str, sha256: str | None, dest: Path, *, size: int | None = None, 
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
-    _write_marker(dest, digest)
+    integrity.write(integrity.sidecar(dest), dest, digest)
     return dest
 
 
@@ -80,7 +83,7 @@ def _verified_bundle(path: Path, sha256: str | None) -> Path:
     """`path`, once per process after its hash matched: a damaged install would otherwise give
     wrong token ids without any error. Hashing the 1.3 MB vocabulary takes ~1 ms, reading it ~40."""
     try:
-        digest = _hash_file(path)
+        digest = integrity.sha256_file(path)
     except OSError as exc:
         raise DownloadError(f"The bundled file {path} is missing or unreadable; reinstall clipsearch.") from exc
     if sha256 is not None and digest != sha256:
@@ -90,19 +93,56 @@ def _verified_bundle(path: Path, sha256: str | None) -> Path:
     return path
 
 
-def model_path(name: str, download_root: Path | str | None = None) -> Path:
-    """The checkpoint file (or bundled directory) of a registry model, downloaded if needed."""
+def model_path(name: str, download_root: Path | str | None = None, *, progress: bool = True) -> Path:
+    """The checkpoint file (or folder) of a registry model, from the first place that has it,
+    checked; downloaded if no place has it."""
     entry = registry.get(name)
-    if entry.bundled is not None:
-        if not entry.bundled.is_dir():
+    where = locate(entry, download_root)
+    asset = entry.asset
+    if where.cache == "bundled":
+        if where.path is None:
             raise DownloadError(
                 f"The bundled model {entry.name!r} is missing from {entry.bundled}; reinstall clipsearch."
             )
-        return entry.bundled
-    asset = entry.asset
-    assert asset is not None  # every entry is bundled or downloaded
-    root = Path(download_root).expanduser() if download_root is not None else model_cache_dir()
-    return fetch(asset.url, asset.sha256, root / asset.filename, size=asset.size)
+        return where.path
+    if where.cache == "clipsearch" and where.path is not None:
+        _check_cached(where.path, asset.sha256 if isinstance(asset, registry.Asset | registry.HubFile) else None)
+        return where.path
+    if isinstance(asset, registry.Asset):
+        if where.cache == "openai" and where.path is not None and _openai_copy_is_intact(where.path, asset):
+            return where.path
+        return fetch(
+            asset.url, asset.sha256, download_dir(download_root) / asset.filename, size=asset.size, progress=progress
+        )
+    if isinstance(asset, registry.HubFile):
+        save_as = download_dir(download_root) / asset.saved_as if asset.saved_as else None
+        return hub.fetch_file(asset, progress=progress, save_as=save_as)
+    assert isinstance(asset, registry.HubDir)
+    return hub.fetch_dir(asset, progress=progress)
+
+
+def tokenizer_dir(entry: registry.ModelEntry, *, progress: bool = True) -> Path | None:
+    """The folder of the ``tokenizer.json`` a registry model keeps in another repository than its
+    weights (XLM-RoBERTa CLIPs: XLM-RoBERTa's own), downloaded if needed; None for the others."""
+    if entry.tokenizer is None:
+        return None
+    return hub.fetch_file(entry.tokenizer, progress=progress).parent
+
+
+def _openai_copy_is_intact(path: Path, asset: registry.Asset) -> bool:
+    """Check OpenAI's copy as OpenAI's loader does, before every use; a damaged one is not ours to
+    delete, so it is skipped with a warning and a fresh copy goes to clipsearch's cache."""
+    try:
+        integrity.check(path, asset.sha256, integrity.foreign_record(path))
+    except integrity.Mismatch as bad:
+        log.warning(
+            "Not using %s from OpenAI's cache: its SHA-256 is %s, not %s (damaged or incomplete)",
+            path,
+            bad.digest,
+            bad.expected,
+        )
+        return False
+    return True
 
 
 def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
@@ -160,50 +200,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_cached(path: Path, sha256: str | None) -> None:
-    """Accept a cached file only if it hashes to `sha256` (or to its own first-download record)."""
-    marker = _read_marker(path)
-    unchanged = marker is not None and all(marker[k] == v for k, v in _identity(path).items())
-    digest = marker["sha256"] if marker is not None and unchanged else _hash_file(path)
-    expected = sha256 or (marker or {}).get("sha256")
-    if expected is not None and digest != expected:
-        raise DownloadError(
-            f"The cached file {path} is corrupt (SHA-256 {digest}, expected {expected}); "
-            "delete it and try again to download a fresh copy."
-        )
-    if not unchanged:
-        _write_marker(path, digest)
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _marker_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _read_marker(path: Path) -> dict | None:
+    """Accept a file in clipsearch's cache only if it hashes to `sha256` (or to its own first-download record)."""
     try:
-        record = json.loads(_marker_path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    keys = {"sha256", *_IDENTITY_FIELDS}
-    return record if isinstance(record, dict) and keys <= record.keys() else None
-
-
-_IDENTITY_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino")
-
-
-def _identity(path: Path) -> dict[str, int]:
-    """What changes whenever the file's bytes may have: a match means the recorded hash holds."""
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
-
-
-def _write_marker(path: Path, digest: str) -> None:
-    record = {"sha256": digest, **_identity(path)}
-    _marker_path(path).write_text(json.dumps(record) + "\n")
+        integrity.check(path, sha256, integrity.sidecar(path))
+    except integrity.Mismatch as bad:
+        raise DownloadError(
+            f"The cached file {path} is corrupt (SHA-256 {bad.digest}, expected {bad.expected}); "
+            "delete it and try again to download a fresh copy."
+        ) from None

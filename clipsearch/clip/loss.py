@@ -58,3 +58,23 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     """
     pairs = torch.eye(image_features.shape[0], dtype=torch.bool, device=image_features.device)
     return multi_positive_loss(image_features, text_features, logit_scale, pairs)
+
+
+def sigmoid_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss over the N×N pairs of a batch of N (image, text) pairs.
+
+    Each image–text pair is a binary question, "do these belong together?": yes on the
+    diagonal, no everywhere else, each answered by ``sigmoid(logit_scale.exp() * cos +
+    logit_bias)`` on its own; no softmax ties a row together. The loss is the negative
+    log-likelihood of all N² answers, divided by N.
+
+    As with `clip_loss`, ``logit_scale`` is the model's *log* temperature and the features are
+    L2-normalised here: ``sigmoid_loss(img, txt, model.logit_scale, model.logit_bias)``.
+    """
+    image_features = F.normalize(image_features, dim=-1)
+    text_features = F.normalize(text_features, dim=-1)
+    logits = logit_scale.exp() * image_features @ text_features.t() + logit_bias
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]

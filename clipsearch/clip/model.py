@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,18 @@ from clipsearch.errors import CheckpointError
 
 Towers = Literal["both", "text", "image"]
 TOWERS: tuple[str, ...] = get_args(Towers)
+# What builds an MLP's activation: a module class or a partial of one (GELU with its tanh approximation).
+Activation = Callable[[], nn.Module]
 
 # Scalars OpenAI's TorchScript archives keep next to the weights; they are not parameters.
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
-# Every CLIP uses 64-dimensional attention heads; the head count is not stored in a checkpoint.
-_HEAD_WIDTH = 64
+# The learned temperature (every family) and bias (sigmoid families) of the scores.
+_SCORING_KEYS = ("logit_scale", "logit_bias")
+# The head count is not stored in a checkpoint. OpenAI's CLIPs all use 64-wide heads, and so do
+# OpenCLIP's but for its widest image towers, which have 16 heads whatever their width (ViT-H/14,
+# g/14, bigG/14, 1792 wide): a checkpoint's configuration can say so, and without one the width does.
+HEAD_WIDTH = 64
+_WIDE_VISION_HEAD_WIDTHS = {1280: 80, 1408: 88, 1664: 104, 1792: 112}
 
 
 @dataclasses.dataclass
@@ -74,40 +81,29 @@ class ModelConfig:
         return cls(**data)
 
 
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> ModelConfig:
+def config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    quick_gelu: bool = True,
+    vision_head_width: int | None = None,
+    text_head_width: int = HEAD_WIDTH,
+) -> ModelConfig:
     """Read a model's shape off its weights, as OpenAI's ``build_model`` does.
 
-    A ViT is recognised by ``visual.proj`` (a ResNet projects inside its attention pool).
+    A ViT is recognised by ``visual.proj`` (a ResNet projects inside its attention pool). The
+    head widths cannot be read off the weights; they come from the checkpoint's configuration,
+    else from what every OpenAI and OpenCLIP model of that width uses.
     """
     sd = state_dict
     try:
-        if "visual.proj" in sd:
-            vision_width = sd["visual.conv1.weight"].shape[0]
-            vision_layers: int | tuple[int, ...] = _count_blocks(sd, "visual.transformer.resblocks.")
-            vision_patch_size = sd["visual.conv1.weight"].shape[-1]
-            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-            image_resolution = vision_patch_size * grid
-            vision_heads = vision_width // _HEAD_WIDTH
-        else:
-            vision_layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
-            vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-            vision_patch_size = None
-            grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            image_resolution = grid * 32  # the ResNet downsamples by 32
-            vision_heads = vision_width * 32 // _HEAD_WIDTH  # attention pool runs on width * 32 channels
         text_width = sd["ln_final.weight"].shape[0]
         return ModelConfig(
+            **vision_fields(sd, vision_head_width),
             embed_dim=sd["text_projection"].shape[1],
-            image_resolution=image_resolution,
-            vision_layers=vision_layers,
-            vision_width=vision_width,
-            vision_patch_size=vision_patch_size,
-            vision_heads=vision_heads,
             context_length=sd["positional_embedding"].shape[0],
             vocab_size=sd["token_embedding.weight"].shape[0],
             text_width=text_width,
-            text_heads=text_width // _HEAD_WIDTH,
-            text_layers=_count_blocks(sd, "transformer.resblocks."),
+            text_heads=text_width // text_head_width,
+            text_layers=count_blocks(sd, "transformer.resblocks."),
             quick_gelu=quick_gelu,
         )
     except KeyError as missing:
@@ -117,11 +113,37 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: b
         ) from None
 
 
-def _count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+def vision_fields(sd: Mapping[str, torch.Tensor], head_width: int | None = None) -> dict[str, Any]:
+    """The `ModelConfig` fields of an OpenAI-named image tower (``visual.*``), which other
+    families (XLM-R's OpenCLIP models) share. KeyError when the tower is not there."""
+    if "visual.proj" in sd:
+        width = sd["visual.conv1.weight"].shape[0]
+        head_width = head_width or _WIDE_VISION_HEAD_WIDTHS.get(width, HEAD_WIDTH)
+        patch_size = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        return dict(
+            image_resolution=patch_size * grid,
+            vision_layers=count_blocks(sd, "visual.transformer.resblocks."),
+            vision_width=width,
+            vision_patch_size=patch_size,
+            vision_heads=width // head_width,
+        )
+    width = sd["visual.layer1.0.conv1.weight"].shape[0]
+    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return dict(
+        image_resolution=grid * 32,  # the ResNet downsamples by 32
+        vision_layers=tuple(count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4)),
+        vision_width=width,
+        vision_patch_size=None,
+        vision_heads=width * 32 // (head_width or HEAD_WIDTH),  # the attention pool runs on width * 32 channels
+    )
+
+
+def count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({key[len(prefix) :].split(".")[0] for key in sd if key.startswith(prefix)})
 
 
-def _check_towers(towers: str) -> None:
+def check_towers(towers: str) -> None:
     if towers not in TOWERS:
         raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
 
@@ -179,20 +201,32 @@ def attend(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, act_layer: type[nn.Module], causal: bool = False):
+    """Pre-LayerNorm attention and MLP. ``mlp_width`` is 4x the width unless the configuration
+    says otherwise (SigLIP's SO400M: 4304 for 1152); ``eps`` is 1e-5 in CLIP, 1e-6 in SigLIP."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        act_layer: Activation,
+        causal: bool = False,
+        mlp_width: int | None = None,
+        eps: float = 1e-5,
+    ):
         super().__init__()
+        mlp_width = mlp_width or width * 4
         self.attn = SelfAttention(width, heads, causal)
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
-                    ("c_fc", nn.Linear(width, width * 4)),
+                    ("c_fc", nn.Linear(width, mlp_width)),
                     ("gelu", act_layer()),
-                    ("c_proj", nn.Linear(width * 4, width)),
+                    ("c_proj", nn.Linear(mlp_width, width)),
                 ]
             )
         )
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -200,12 +234,21 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, act_layer: type[nn.Module], causal: bool = False):
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        act_layer: Activation,
+        causal: bool = False,
+        mlp_width: int | None = None,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.width = width
         self.layers = layers
         self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, act_layer, causal) for _ in range(layers)]
+            *[ResidualAttentionBlock(width, heads, act_layer, causal, mlp_width, eps) for _ in range(layers)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +269,7 @@ class VisionTransformer(nn.Module):
         layers: int,
         heads: int,
         output_dim: int,
-        act_layer: type[nn.Module],
+        act_layer: Activation,
     ):
         super().__init__()
         self.input_resolution = resolution
@@ -237,6 +280,19 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads, act_layer)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
+
+    @classmethod
+    def from_config(cls, config: Any, act_layer: Activation) -> VisionTransformer:
+        """The tower a configuration with `ModelConfig`'s ``vision_*`` fields describes."""
+        return cls(
+            config.image_resolution,
+            config.vision_patch_size,
+            config.vision_width,
+            config.vision_layers,
+            config.vision_heads,
+            config.embed_dim,
+            act_layer,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [N, grid * grid, width]
@@ -362,14 +418,58 @@ class ModifiedResNet(nn.Module):
         self.attnpool.initialize_parameters()
         # Each residual branch starts as the identity.
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in stage:
+            for block in cast("list[Bottleneck]", stage):
                 nn.init.zeros_(block.bn3.weight)
 
 
 # --- the model -------------------------------------------------------------------------------
 
 
-class CLIP(nn.Module):
+class SharedSpace(nn.Module):
+    """What the models of every family share: an image tower ``visual`` (None in a text-only
+    model), a learned log temperature ``logit_scale``, for the sigmoid families a ``logit_bias``,
+    and the two logits CLIP's API gives. Subclasses give ``dtype`` and ``encode_text``."""
+
+    visual: nn.Module | None
+    logit_scale: nn.Parameter
+    config: Any  # the family's configuration dataclass
+    context_length: int
+    towers: str
+    tokenizer: Any = None  # set by `clip.load`
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings, ``[N, embed_dim]``."""
+        if self.visual is None:
+            raise ValueError("this model was built with towers='text' and cannot encode images")
+        return self.visual(image.to(self.dtype))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_per_image [N_img, N_txt], logits_per_text)``: ``logit_scale.exp()`` times the
+        cosine similarities, plus ``logit_bias`` where the model has one. CLIP's are softmax
+        logits (compare them within a row); SigLIP's are sigmoid logits (``torch.sigmoid`` of one
+        is the probability that that image and that text belong together)."""
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        bias = getattr(self, "logit_bias", None)
+        if bias is not None:
+            logits_per_image = logits_per_image + bias
+        return logits_per_image, logits_per_image.t()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """Keep the temperature in [1, max_scale], as the paper does after every optimiser step."""
+        self.logit_scale.clamp_(0, math.log(max_scale))
+
+
+class CLIP(SharedSpace):
     """Image and text encoders into one space, plus the learned temperature ``logit_scale``.
 
     ``towers="text"`` builds no image tower (``visual`` is None) and ``towers="image"`` no text
@@ -378,15 +478,15 @@ class CLIP(nn.Module):
 
     def __init__(self, config: ModelConfig, towers: Towers = "both"):
         super().__init__()
-        _check_towers(towers)
+        check_towers(towers)
         self.config = config
         self.towers = towers
         self.context_length = config.context_length
         act_layer = QuickGELU if config.quick_gelu else nn.GELU
 
-        self.visual: nn.Module | None = None
+        self.visual: ModifiedResNet | VisionTransformer | None = None
         if towers != "text":
-            if config.is_resnet:
+            if isinstance(config.vision_layers, tuple):  # a ResNet's blocks per stage
                 self.visual = ModifiedResNet(
                     config.vision_layers,
                     config.embed_dim,
@@ -395,15 +495,7 @@ class CLIP(nn.Module):
                     config.vision_width,
                 )
             else:
-                self.visual = VisionTransformer(
-                    config.image_resolution,
-                    config.vision_patch_size,
-                    config.vision_width,
-                    config.vision_layers,
-                    config.vision_heads,
-                    config.embed_dim,
-                    act_layer,
-                )
+                self.visual = VisionTransformer.from_config(config, act_layer)
 
         if towers != "image":
             width = config.text_width
@@ -431,23 +523,18 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
         proj_std = width**-0.5 * (2 * layers) ** -0.5
-        for block in self.transformer.resblocks:
+        for block in cast("list[ResidualAttentionBlock]", self.transformer.resblocks):
             nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            fc, proj = cast(nn.Linear, block.mlp.c_fc), cast(nn.Linear, block.mlp.c_proj)
+            nn.init.normal_(fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
     @property
     def dtype(self) -> torch.dtype:
         weight = self.visual.conv1.weight if self.visual is not None else self.token_embedding.weight
         return weight.dtype
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Unnormalised image embeddings, ``[N, embed_dim]``."""
-        if self.visual is None:
-            raise ValueError("this model was built with towers='text' and cannot encode images")
-        return self.visual(image.to(self.dtype))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings, ``[N, embed_dim]``, from token ids ``[N, L <= context_length]``."""
@@ -468,22 +555,11 @@ class CLIP(nn.Module):
         x = self.ln_final(self.transformer(x))
         return x[torch.arange(x.shape[0], device=x.device), ends] @ self.text_projection
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled cosine similarities: ``(logits_per_image [N_img, N_txt], logits_per_text)``."""
-        image_features = F.normalize(self.encode_image(image), dim=-1)
-        text_features = F.normalize(self.encode_text(text), dim=-1)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
-        return logits_per_image, logits_per_image.t()
-
-    @torch.no_grad()
-    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
-        """Keep the temperature in [1, max_scale], as the paper does after every optimiser step."""
-        self.logit_scale.clamp_(0, math.log(max_scale))
-
 
 def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> dict[str, torch.Tensor]:
-    """The entries of a full CLIP state dict that a model with only ``towers`` has."""
-    _check_towers(towers)
+    """The entries of a full state dict that a model with only ``towers`` has. Every family keeps
+    its image tower under ``visual.``; the scalars of the scoring go with either tower."""
+    check_towers(towers)
 
     def wanted(key: str) -> bool:
         if key in _OPENAI_METADATA_KEYS:
@@ -491,26 +567,48 @@ def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> 
         if towers == "text":
             return not key.startswith("visual.")
         if towers == "image":
-            return key.startswith("visual.") or key == "logit_scale"
+            return key.startswith("visual.") or key in _SCORING_KEYS
         return True
 
     return {key: value for key, value in state_dict.items() if wanted(key)}
 
 
+def family_of(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which family's names a state dict uses: "siglip" (timm image tower and open_clip text
+    tower), "xlmr" (a Hugging Face XLM-RoBERTa text tower) or "clip" (OpenAI's names)."""
+    if "visual.trunk.attn_pool.latent" in state_dict or "text.transformer.resblocks.0.ln_1.weight" in state_dict:
+        return "siglip"
+    if "text.transformer.embeddings.word_embeddings.weight" in state_dict:
+        return "xlmr"
+    return "clip"
+
+
 def build_model(
-    state_dict: Mapping[str, torch.Tensor], towers: Towers = "both", quick_gelu: bool | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    towers: Towers = "both",
+    quick_gelu: bool | None = None,
+    config: ModelConfig | None = None,
 ) -> CLIP:
-    """A float32 model in eval mode holding ``state_dict``'s weights.
+    """A float32 CLIP in eval mode holding ``state_dict``'s weights (`clip.build.build_model`
+    builds any family).
 
     ``quick_gelu=None`` means OpenAI's QuickGELU; OpenCLIP models trained with exact GELU must
-    say ``quick_gelu=False``, since the weights cannot tell.
+    say ``quick_gelu=False``, since the weights cannot tell. A ``config`` (the checkpoint's,
+    with head widths the weights cannot show) replaces what the shapes say.
     """
-    config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
+    if config is None:
+        config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
+    return with_weights(CLIP, config, state_dict, towers)
+
+
+def with_weights(model_class: Any, config: Any, state_dict: Mapping[str, torch.Tensor], towers: Towers) -> Any:
+    """``model_class(config, towers)`` in eval mode, holding the weights of ``state_dict`` for
+    those towers, float32."""
     # Built without memory or random initialisation, then handed the checkpoint's tensors
     # (``assign``): materialising the meta tensors first (``to_empty``) would import ~500
     # PyTorch modules, 0.4 s of start-up, only to overwrite them.
     with torch.device("meta"):
-        model = CLIP(config, towers)
+        model = model_class(config, towers)
     # Copies the model owns: a checkpoint's tensors may be read-only maps of the file.
     weights = {
         key: value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
@@ -519,8 +617,9 @@ def build_model(
     try:
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:
+        family = getattr(config, "family", "clip")
         raise CheckpointError(
-            "The weights do not fit a CLIP of the shape they imply; "
-            "use an unmodified OpenAI, OpenCLIP or Hugging Face CLIP checkpoint."
+            f"The weights do not fit a {family} model of the shape they imply; "
+            "use an unmodified OpenAI, OpenCLIP or Hugging Face checkpoint."
         ) from err
     return model.eval()

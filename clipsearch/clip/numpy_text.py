@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipsearch.clip import registry
+from clipsearch.clip.sources import locate
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.paths import model_cache_dir
 
@@ -123,7 +124,8 @@ class TextTower:
         The file: magic, header length, a JSON header (settings, and each array's offset and
         shape), then the float32 arrays, each 64-byte aligned, from the first aligned offset on.
         """
-        arrays, size = {}, 0
+        arrays: dict[str, dict] = {}
+        size = 0
         for key, value in self.weights.items():
             arrays[key] = {"offset": size, "shape": list(value.shape)}
             size += _aligned(value.nbytes)
@@ -257,11 +259,17 @@ def load_cached(model_ref: str) -> TextTower | None:
 
 def export(model_ref: str) -> TextTower:
     """The text tower of ``model_ref``, loaded with torch (`clip.load`) and written to the cache
-    when possible."""
+    when possible. ValueError, before anything is loaded, for a model that is not a CLIP."""
     from clipsearch.clip import load
+    from clipsearch.clip.families import family
+    from clipsearch.clip.model import CLIP
 
+    if family(model_ref) != "clip":
+        raise ValueError(f"{model_ref} is a {family(model_ref)} model, whose text tower runs in torch only")
     source = _source(model_ref)  # before loading: a checkpoint replaced meanwhile makes the cache stale
     model, _ = load(model_ref, device="cpu", towers="text")
+    if not isinstance(model, CLIP):  # a pickled file is told apart only once loaded
+        raise ValueError(f"{model_ref} is not a CLIP, and only a CLIP's text tower runs in NumPy")
     tower = TextTower.from_model(model, model.tokenizer.bpe_path)
     if source is not None:
         path = cache_file(model_ref)
@@ -284,10 +292,10 @@ def _source(model_ref: str) -> dict | None:
     entry = registry.find(model_ref)
     if entry is None:
         root = Path(model_ref).expanduser()
-    elif entry.bundled is not None:
-        root = entry.bundled
+    elif (found := locate(entry).path) is not None:
+        root = found
     else:
-        root = model_cache_dir() / entry.asset.filename
+        return None
     try:
         files = sorted(root.iterdir()) if root.is_dir() else [root]
         stats = [(file.name, os.stat(file)) for file in files if file.is_file()]

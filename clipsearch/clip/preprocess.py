@@ -1,5 +1,7 @@
 """Images as CLIP sees them: upright RGB, short side resized with bicubic, centre-cropped,
-normalised with the statistics of CLIP's training images.
+normalised with the statistics of CLIP's training images. SigLIP sees the whole image instead,
+resized to the square without keeping its aspect ratio (open_clip's "squash"), normalised with
+mean = std = 0.5.
 
 The resize and crop reproduce torchvision's `Resize(R)` + `CenterCrop(R)` on PIL images
 (the preprocessing of OpenAI's and OpenCLIP's releases) pixel for pixel, with Pillow and
@@ -13,10 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+from PIL.Jpeg2KImagePlugin import Jpeg2KImageFile
 
 from ..errors import ImageError
 
@@ -27,12 +32,26 @@ log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP's (Inception's) normalisation: pixels to [-1, 1].
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 # Transparent pixels are shown on white, as browsers and viewers on a light page show
 # them; dropping alpha instead would expose whatever colour they store, often black.
 ALPHA_BACKGROUND = (255, 255, 255)
 # A 1 x 10,000 strip resized to a 224 short side would be 224 x 2,240,000 pixels. Past
 # this aspect ratio only the part that survives the crop is resized.
 MAX_EXACT_ASPECT = 20
+
+# Pillow refuses images over 2 x 89 megapixels as bombs, but decoding one under that still cost
+# 3.1 GB (a 6.5 KB WebP of 13000 x 13000) in every decode worker. Past this many megapixels, as
+# decoded (after reduced decoding, which lets larger JPEGs through), an image is refused from its
+# header; the environment variable CLIPSEARCH_MAX_MEGAPIXELS sets another limit.
+DEFAULT_MAX_MEGAPIXELS = 48.0
+
+
+class OverPixelBudget(Exception):
+    """Raised by `load_upright` for an image larger than the pixel budget."""
+
 
 # What Pillow and its plugins raise for unreadable, truncated or malformed files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -47,20 +66,57 @@ def open_image(source: str | os.PathLike[str] | BinaryIO, target: int | None = N
     embedding (benchmarks/draft_decode.py). Animated and multi-page files give their
     first frame.
     """
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
+    with opened_image(source) as image:
+        return load_upright(image, target)
+
+
+@contextmanager
+def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> Iterator[Image.Image]:
+    """The image with only its header read (size, mode, EXIF), for `load_upright`; whatever
+    Pillow raises meanwhile becomes an `ImageError` naming the file (``name``, else the path).
+    A reader that wants the header too (the size as shown, metadata) reads it here first."""
+    if name is None:
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
     try:
         with Image.open(source) as image:
-            if target:
-                image.draft("RGB", (2 * target, 2 * target))
-            image.load()
-            return to_rgb(_upright(image))
+            yield image
     except FileNotFoundError:
         raise ImageError(f"{name} does not exist; check the path.") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is refused as a possible decompression bomb ({e}); exclude it.") from e
+    except OverPixelBudget as e:
+        raise ImageError(
+            f"{name} is {e} to decode; exclude it, or set CLIPSEARCH_MAX_MEGAPIXELS to a higher limit."
+        ) from None
     except _DECODE_ERRORS as e:
-        detail = str(e).replace(f" '{name}'", "")  # Pillow names the file too
+        # Pillow names the file too, a path as 'path' and an open file by its repr: said once, first.
+        unidentified = isinstance(e, Image.UnidentifiedImageError)
+        detail = "cannot identify image file" if unidentified else str(e).replace(f" '{name}'", "")
         raise ImageError(f"{name} cannot be decoded as an image ({detail}); check the file or exclude it.") from e
+
+
+def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:
+    """The pixels of an image from `opened_image`, upright and RGB, reduced while decoding for
+    `target` where the format allows (see `open_image`)."""
+    halved = 0  # times JPEG 2000 halves the size while decoding (JPEG's draft shrinks `size` itself)
+    if target:
+        image.draft("RGB", (2 * target, 2 * target))
+        if isinstance(image, Jpeg2KImageFile):
+            halved = min(5, int(np.log2(max(1, min(image.size) // (2 * target)))))
+            image.reduce = halved
+    megapixels = (image.width >> halved) * (image.height >> halved) / 1e6
+    if megapixels > max_megapixels():
+        raise OverPixelBudget(f"{megapixels:.0f} megapixels, more than the {max_megapixels():g} allowed")
+    image.load()
+    return to_rgb(_upright(image))
+
+
+def max_megapixels() -> float:
+    """The pixel budget of one decode: CLIPSEARCH_MAX_MEGAPIXELS, else `DEFAULT_MAX_MEGAPIXELS`."""
+    try:
+        return float(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS") or DEFAULT_MAX_MEGAPIXELS)
+    except ValueError:
+        return DEFAULT_MAX_MEGAPIXELS
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -117,9 +173,16 @@ def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
     return resized.crop((left, top, left + resolution, top + resolution))
 
 
-class Preprocess:
-    """PIL image (or image file) → normalised float32 `Tensor[3, R, R]` for CLIP.
+def squash(image: Image.Image, resolution: int) -> Image.Image:
+    """torchvision's `Resize((R, R), BICUBIC)`: the whole image, its aspect ratio not kept."""
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
 
+
+class Preprocess:
+    """PIL image (or image file) → normalised float32 `Tensor[3, R, R]` for the model.
+
+    ``crop=False`` resizes the whole image to the square (`squash`), as SigLIP's
+    preprocessing does, instead of CLIP's resize and centre crop.
     Holds only numbers, so it pickles into decode worker processes.
     """
 
@@ -128,10 +191,12 @@ class Preprocess:
         resolution: int,
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
+        crop: bool = True,
     ):
         self.resolution = resolution
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.crop = crop
 
     def __call__(self, image: Image.Image | str | os.PathLike[str]) -> torch.Tensor:
         import torch
@@ -143,10 +208,12 @@ class Preprocess:
         and never import torch (which cost each worker 1.3 s of start-up)."""
         if not isinstance(image, Image.Image):
             image = open_image(image, target=self.resolution)
-        pixels = np.array(resize_and_crop(to_rgb(image), self.resolution), dtype=np.float32)
+        resize = resize_and_crop if self.crop else squash
+        pixels = np.array(resize(to_rgb(image), self.resolution), dtype=np.float32)
         mean = np.array(self.mean, dtype=np.float32).reshape(3, 1, 1)
         std = np.array(self.std, dtype=np.float32).reshape(3, 1, 1)
         return (np.ascontiguousarray(pixels.transpose(2, 0, 1)) / np.float32(255) - mean) / std
 
     def __repr__(self) -> str:
-        return f"Preprocess(resolution={self.resolution}, mean={self.mean}, std={self.std})"
+        crop = "" if self.crop else ", crop=False"
+        return f"Preprocess(resolution={self.resolution}, mean={self.mean}, std={self.std}{crop})"

@@ -79,6 +79,8 @@ def _loaded(name_or_path: str) -> tuple[CLIP, Preprocess, Tokenizer]:
     """A model to fine-tune or resume, in fp32: one loaded for CUDA inference comes in fp16."""
     model, preprocess = clip.load(name_or_path, device="cpu")
     model.float()
+    if not isinstance(model, CLIP):
+        raise TrainingError(f"{name_or_path} is not a CLIP (training other families is not supported yet)")
     assert isinstance(model.tokenizer, Tokenizer)  # clip.load gives one with every text tower
     return model, preprocess, model.tokenizer
 

@@ -35,7 +35,7 @@ def upgrade() -> None:
         sqlite_autoincrement=True,
     )
     conn = op.get_bind()
-    meta = dict(conn.execute(sa.text("SELECT key, value FROM meta")).fetchall())
+    meta: dict[str, str] = {row[0]: row[1] for row in conn.execute(sa.text("SELECT key, value FROM meta"))}
     # float16 vectors: two bytes a dimension
     dim = conn.execute(sa.text("SELECT length(vector) / 2 FROM vectors LIMIT 1")).scalar()
     if dim is not None:

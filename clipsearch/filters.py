@@ -1,0 +1,181 @@
+"""Which photos a search may return, by what they say about themselves: when, with which
+camera, where, what kind of file, how large; and the orders hits can be listed in.
+
+A `Filters` gives the values of the catalog's one filtered read (`sql_values`), so that the
+catalog hands the vector search the ids that pass and FAISS skips the others
+(`VectorIndex.search`'s ``among``); the one test SQL cannot make exactly, distance on the globe,
+narrows to a bounding box there and finishes in NumPy (`within_radius`).
+
+Dates compare with the local time a photo was taken, as people write them: "2019",
+"2019-06", "2019-06-01", "2019-06-01T10:30". ``after`` starts at the start of what it names,
+``before`` stops at the start of what it names: ``after="2019-06", before="2019-09"`` is June,
+July and August. A photo without a date taken passes no date filter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+import numpy as np
+
+SORTS = ("score", "date", "-date", "path")
+EARTH_RADIUS_KM = 6371.0088
+DEFAULT_NEAR_KM = 10.0
+# Spellings of one format: asking for one finds the other.
+_SAME_EXTENSION = {"jpg": "jpeg", "jpeg": "jpg", "tif": "tiff", "tiff": "tif", "heic": "heif", "heif": "heic"}
+_WHEN = re.compile(r"(\d{4})(?:-(\d{1,2})(?:-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2}))?)?)?)?")
+_EXTENSION = re.compile(r"[a-z0-9]{1,10}")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a hit must have. Every field left at its default lets everything through.
+
+    ``after``/``before`` take dates as people write them (see the module) or `date`/`datetime`
+    objects; ``camera`` is a case-insensitive part of "make model"; ``near`` is (latitude,
+    longitude) or (latitude, longitude, km), 10 km by default; ``extensions`` are file name
+    extensions without the dot; ``min_width`` is in pixels as the photo is shown.
+    """
+
+    after: str | date | None = None
+    before: str | date | None = None
+    camera: str | None = None
+    near: tuple[float, ...] | None = None
+    extensions: tuple[str, ...] = ()
+    min_width: int | None = None
+    # The bounds as the catalog compares them: "YYYY-MM-DDTHH:MM:SS".
+    _after: str | None = field(init=False, repr=False, compare=False, default=None)
+    _before: str | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        """Check everything once, here: a bad value is a ValueError that names it."""
+        object.__setattr__(self, "_after", None if self.after is None else start_of(self.after))
+        object.__setattr__(self, "_before", None if self.before is None else start_of(self.before))
+        if self.near is not None:
+            if len(self.near) not in (2, 3):
+                raise ValueError(f"near: expected LAT,LON or LAT,LON,KM, got {self.near!r}")
+            lat, lon, km = (*self.near, DEFAULT_NEAR_KM)[:3]
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180 and km > 0):
+                raise ValueError(f"near: latitude -90..90, longitude -180..180, km > 0; got {lat}, {lon}, {km}")
+        extensions = (self.extensions,) if isinstance(self.extensions, str) else self.extensions
+        object.__setattr__(self, "extensions", _normalised_extensions(extensions))
+        if self.min_width is not None and self.min_width < 0:
+            raise ValueError(f"min_width must be at least 0, got {self.min_width}")
+
+    def __bool__(self) -> bool:
+        return any(
+            value not in (None, ())
+            for value in (self.after, self.before, self.camera, self.near, self.extensions, self.min_width)
+        )
+
+    @property
+    def radius(self) -> tuple[float, float, float] | None:
+        """(latitude, longitude, km) of ``near``, the default radius filled in."""
+        if self.near is None:
+            return None
+        lat, lon, km = (*self.near, DEFAULT_NEAR_KM)[:3]
+        return float(lat), float(lon), float(km)
+
+    def sql_values(self) -> dict[str, object]:
+        """The values the catalog's filtered read compares its columns with (`Catalog.matching_ids`),
+        None for each filter unset. ``near`` gives its bounding box (west and east None near a
+        pole, west > east across the antimeridian): `within_radius` finishes the job."""
+        wanted = sorted({alias for ext in self.extensions for alias in (ext, _SAME_EXTENSION.get(ext, ext))})
+        south, north, west, east = _bounding_box(*self.radius) if self.radius else (None, None, None, None)
+        return {
+            "taken_from": self._after,
+            "taken_until": self._before,
+            "camera": "%" + re.sub(r"([\\%_])", r"\\\1", self.camera) + "%" if self.camera else None,
+            "min_width": self.min_width,
+            "extensions": json.dumps(wanted) if wanted else None,
+            "south": south,
+            "north": north,
+            "west": west,
+            "east": east,
+        }
+
+    def within_radius(self, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
+        """Which of these positions lie within ``near``'s radius (all, without ``near``)."""
+        if self.radius is None:
+            return np.ones(len(latitudes), dtype=bool)
+        lat, lon, km = self.radius
+        return distance_km(lat, lon, latitudes, longitudes) <= km
+
+
+def start_of(when: str | date) -> str:
+    """The first second of what ``when`` names, as the catalog stores times: "2019-06" →
+    "2019-06-01T00:00:00". Raises ValueError for anything else."""
+    if isinstance(when, datetime):
+        return when.replace(tzinfo=None, microsecond=0).isoformat()
+    if isinstance(when, date):
+        return datetime(when.year, when.month, when.day).isoformat()
+    match = _WHEN.fullmatch(when.strip())
+    if match is None:
+        raise ValueError(f"{when!r} is not a date: write 2019, 2019-06, 2019-06-01 or 2019-06-01T10:30")
+    year, month, day, hour, minute, second = (int(part) if part else None for part in match.groups())
+    try:
+        return datetime(year or 1, month or 1, day or 1, hour or 0, minute or 0, second or 0).isoformat()
+    except ValueError as e:
+        raise ValueError(f"{when!r} is not a date ({e})") from None
+
+
+def parse_near(text: str) -> tuple[float, ...]:
+    """ "LAT,LON" or "LAT,LON,KM" as numbers; ValueError otherwise."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r}: expected LAT,LON or LAT,LON,KM, e.g. 48.8584,2.2945,5") from None
+    if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{text!r}: expected LAT,LON or LAT,LON,KM, e.g. 48.8584,2.2945,5")
+    Filters(near=values)  # checks the ranges
+    return values
+
+
+def parse_extensions(text: str) -> tuple[str, ...]:
+    """ "jpg,.HEIC" → ("jpg", "heic"); ValueError for anything but letters and digits."""
+    return _normalised_extensions(text.split(","))
+
+
+def _normalised_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    found = tuple(ext.strip().lstrip(".").lower() for ext in extensions if ext.strip())
+    for ext in found:
+        if not _EXTENSION.fullmatch(ext):
+            raise ValueError(f"extension {ext!r}: letters and digits only (e.g. jpg)")
+    return found
+
+
+def check_sort(order: str) -> str:
+    if order not in SORTS:
+        raise ValueError(f"{order!r} is not an order; use one of {', '.join(SORTS)}")
+    return order
+
+
+def distance_km(lat: float, lon: float, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
+    """Great-circle distances (haversine) from one point to many, in km."""
+    phi1, phi2 = math.radians(lat), np.radians(np.asarray(latitudes, dtype=np.float64))
+    dphi = phi2 - phi1
+    dlam = np.radians(np.asarray(longitudes, dtype=np.float64) - lon)
+    a = np.sin(dphi / 2) ** 2 + math.cos(phi1) * np.cos(phi2) * np.sin(dlam / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
+
+
+def _bounding_box(lat: float, lon: float, km: float) -> tuple[float, float, float | None, float | None]:
+    """(south, north, west, east) around the circle, for SQL to narrow by before the exact test.
+    Near a pole every longitude qualifies (None); across the antimeridian west > east."""
+    dlat = math.degrees(km / EARTH_RADIUS_KM)
+    if abs(lat) + dlat >= 90:
+        return lat - dlat, lat + dlat, None, None
+    dlon = math.degrees(math.asin(min(1.0, math.sin(km / EARTH_RADIUS_KM) / math.cos(math.radians(lat)))))
+    west, east = lon - dlon, lon + dlon
+    if west < -180 or east > 180:
+        west, east = _wrap(west), _wrap(east)
+    return lat - dlat, lat + dlat, west, east
+
+
+def _wrap(longitude: float) -> float:
+    return (longitude + 180) % 360 - 180

@@ -1,0 +1,276 @@
+"""The web page in a real browser: Debian's Chromium, headless, driven by Playwright, against
+`clipsearch serve` running as its own process on the sample images indexed with the demo model.
+
+Playwright's own browser downloads are never used (`executable_path` names the system's
+Chromium, which .ci/run installs with apt); where /usr/bin/chromium is absent the tests skip
+and say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import select
+import signal
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from reliability_helpers import assert_no_traceback, kill_group, start_cli
+
+from clipsearch.index import Index
+from clipsearch.training.scenes import read_manifest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="no browser: /usr/bin/chromium is missing (apt-get install -y chromium)"
+    ),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+
+
+VISIBLE_IMAGES_LOADED = """[...document.querySelectorAll('#results img')]
+    .filter(image => image.getBoundingClientRect().top < window.innerHeight)
+    .every(image => image.complete && image.naturalWidth > 0)"""
+
+
+def holding(colour: str, shape: str) -> set[str]:
+    """Names of the sample images that hold a ``colour`` ``shape``, from the generator's manifest."""
+    return {
+        Path(record["path"]).name
+        for record in read_manifest(SAMPLE_IMAGES / "manifest.jsonl")
+        if any(o["colour"] == colour and o["shape"] == shape for o in record["objects"])
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`clipsearch serve --port 0` on the sample images; yields its URL."""
+    home = tmp_path_factory.mktemp("browser") / "home"
+    with Index.open(home, model="demo", device="cpu") as index:
+        assert index.add([SAMPLE_IMAGES], workers=0).new == 41
+    process = start_cli("--home", home, "--device", "cpu", "serve", "--port", "0")
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        assert ready, "the server printed no URL within 120 s"
+        url = process.stdout.readline().decode().strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url), url
+        yield url
+    finally:
+        kill_group(process, signal.SIGINT)  # as Ctrl-C in a terminal
+        try:
+            code = process.wait(30)
+        finally:
+            kill_group(process)
+    stderr = process.stderr.read()
+    assert code == 130, stderr  # the CLI's exit status for Ctrl-C, after a clean shutdown
+    assert_no_traceback(stderr)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto(server)
+    yield page
+    context.close()
+    assert errors == [], "the page logged errors"
+
+
+def search(page, text: str) -> list[str]:
+    page.fill("#q", text)
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results li")
+    return names(page)
+
+
+def names(page) -> list[str]:
+    return [Path(p).name for p in page.eval_on_selector_all("#results li", "items => items.map(i => i.dataset.path)")]
+
+
+def params(page) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(page.url).query)
+
+
+def wait_for_first(page, name: str) -> None:
+    page.wait_for_function("name => document.querySelector('#results li')?.dataset.path.endsWith('/' + name)", arg=name)
+
+
+def test_a_description_shows_the_matching_thumbnails_first(page, tmp_path):
+    red_circles = holding("red", "circle")
+    assert len(red_circles) == 3
+    found = search(page, "a red circle")
+    assert set(found[:3]) == red_circles
+    assert params(page)["q"] == ["a red circle"]
+    # The thumbnails are real images, served and decoded; each tile is labelled for screen readers.
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results li:nth-child(-n+3) img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    labels = page.eval_on_selector_all("#results li button", "bs => bs.map(b => b.getAttribute('aria-label'))")[:3]
+    assert all(re.fullmatch(r"scene_\d\d\.png, score 0\.\d{3}", label) for label in labels)
+    scores = [float(s) for s in page.eval_on_selector_all("#results .score", "ss => ss.map(s => s.textContent)")]
+    assert scores == sorted(scores, reverse=True)
+    # Pages of 40: the next one comes as the end of the grid nears the window (or by the "More"
+    # button), so all 41 are shown, and the button goes once there is nothing more.
+    page.wait_for_function("document.querySelectorAll('#results li').length === 41")
+    page.wait_for_selector("#more", state="hidden")
+    page.wait_for_function(VISIBLE_IMAGES_LOADED)
+    page.screenshot(path=tmp_path / "results.png")
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_the_preview_moves_with_the_arrows_and_closes_with_escape(page):
+    found = search(page, "a red circle")
+    page.click("#results li:nth-child(1) button")
+    page.wait_for_selector("#preview[open]")
+    assert page.text_content("#preview-name") == found[0]
+    assert page.text_content("#preview-path").endswith("/sample_images/" + found[0])
+    assert page.text_content("#preview-dimensions") == "48 × 48"
+    first_id = page.get_attribute("#results li:nth-child(1)", "data-id")
+    assert params(page)["view"] == [first_id]
+    page.wait_for_function("document.getElementById('preview-image').naturalWidth === 48")  # the original
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("name => document.getElementById('preview-name').textContent === name", arg=found[1])
+    assert page.text_content("#preview-position").startswith("2 of ")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("name => document.getElementById('preview-name').textContent === name", arg=found[0])
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#preview:not([open])", state="attached")
+    assert "view" not in params(page)
+    assert page.evaluate("document.activeElement.dataset.index") == "0"  # focus back on the tile
+
+
+def test_similar_images_of_a_result(page, server):
+    search(page, "a red circle")
+    source = page.get_attribute("#results li:nth-child(1)", "data-id")
+    page.click("#results li:nth-child(1) button")
+    page.click("#preview-similar")
+    page.wait_for_function("id => new URLSearchParams(location.search).get('similar') === id", arg=source)
+    page.wait_for_selector("#results li")
+    page.wait_for_function("document.querySelectorAll('#results li').length >= 10")
+    assert "q" not in params(page) and page.is_visible("#source")
+    shown = page.eval_on_selector_all("#results li", "items => items.map(i => i.dataset.id)")
+    expected = page.request.get(f"{server}api/similar/{source}?k=40").json()["hits"]
+    assert source not in shown and shown == [str(hit["id"]) for hit in expected]
+
+
+def test_search_by_an_image_picked_or_dropped(page):
+    page.set_input_files("#file", str(SAMPLE_IMAGES / "scene_10.png"))
+    wait_for_first(page, "scene_10.png")
+    assert page.is_visible("#source") and "not stored" in page.text_content("#source-text")
+    dropped = base64.b64encode((SAMPLE_IMAGES / "scene_33.png").read_bytes()).decode()
+    page.evaluate(
+        """data => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+        }""",
+        dropped,
+    )
+    wait_for_first(page, "scene_33.png")
+    score = float(page.text_content("#results li:nth-child(1) .score"))
+    assert score > 0.99
+
+
+def test_the_url_round_trips(page, server, browser):
+    search(page, "a red circle")
+    page.click("summary")
+    page.fill("#min-score", "0.5")
+    page.press("#min-score", "Enter")  # a change event: searches again with the filter
+    page.wait_for_function("new URLSearchParams(location.search).get('min_score') === '0.5'")
+    above = page.request.get(f"{server}api/search?q=a+red+circle&min_score=0.5&k=200").json()["hits"]
+    assert 3 <= len(above) < 41
+    count = f"document.querySelectorAll('#results li').length === {len(above)}"
+    page.wait_for_function(count)
+    page.click("#results li:nth-child(2) button")
+    page.wait_for_selector("#preview[open]")
+    shared = page.url
+    assert set(params(page)) == {"q", "min_score", "view"}
+
+    other = browser.new_page()
+    other.goto(shared)
+    other.wait_for_selector("#preview[open]")
+    assert other.input_value("#q") == "a red circle" and other.input_value("#min-score") == "0.5"
+    assert names(other) == names(page) and other.text_content("#preview-name") == names(page)[1]
+    other.close()
+
+    page.keyboard.press("Escape")
+    search(page, "three blue squares")
+    page.go_back()
+    page.wait_for_function("document.getElementById('q').value === 'a red circle'")
+    page.wait_for_function(count)
+
+
+def test_the_status_panel(page):
+    page.wait_for_function("document.getElementById('status-summary').textContent.includes('41 images')")
+    page.click("#status-button")
+    page.wait_for_selector("#status[open]")
+    page.wait_for_function("document.getElementById('status-fields').textContent.includes('41 indexed')")
+    text = page.text_content("#status-fields")
+    assert "demo" in text and "Flat" in text and "none" in text  # no index run going on
+
+
+def test_keyboard_alone(page):
+    page.keyboard.press("/")
+    page.keyboard.type("a red circle")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#results li")
+    page.focus("#results li:nth-child(1) button")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#preview[open]")
+    assert page.text_content("#preview-name") == names(page)[1]
+
+
+def test_a_phone_sized_window(browser, server, tmp_path):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(server)
+    search(page, "a red circle")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing runs off the side
+    lefts = page.eval_on_selector_all("#results li", "items => items.map(i => i.getBoundingClientRect().left)")[:4]
+    assert len(set(lefts)) >= 3  # several columns of thumbnails
+    page.wait_for_function(VISIBLE_IMAGES_LOADED)
+    page.screenshot(path=tmp_path / "phone-results.png")
+    page.click("#results li:nth-child(1) button")
+    page.wait_for_selector("#preview[open]")
+    page.wait_for_function("document.getElementById('preview-image').naturalWidth > 0")
+    box = page.eval_on_selector("#preview", "d => d.getBoundingClientRect().toJSON()")
+    assert box["width"] <= 390 and page.is_visible("#preview-similar")
+    page.screenshot(path=tmp_path / "phone-preview.png")
+    context.close()
+
+
+def test_no_request_leaves_the_machine(page):
+    """Every resource the page loads comes from the server itself (no CDN, fonts or scripts)."""
+    origins = set()
+    page.on("request", lambda request: origins.add(urlsplit(request.url).netloc))
+    page.reload()
+    search(page, "a red circle")
+    page.wait_for_timeout(300)
+    assert origins == {urlsplit(page.url).netloc}

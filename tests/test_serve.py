@@ -1,0 +1,512 @@
+"""`clipsearch serve`'s JSON API, through Starlette's in-process client: searches, uploads,
+similar images, thumbnails, originals, status, and every error a request can cause."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_library
+from PIL import Image
+from reliability_helpers import blocks, decompression_bomb, encoded_bytes, exif_rotated_jpeg
+
+pytest.importorskip("starlette", reason="the serve extra is not installed")
+pytest.importorskip("httpx", reason="Starlette's test client needs httpx")
+
+from starlette.testclient import TestClient
+
+from clipsearch.catalog import Catalog
+from clipsearch.index import Index
+from clipsearch.serve.app import create_app
+from clipsearch.serve.errors import RequestError
+from clipsearch.serve.refine import parse_query
+from clipsearch.serve.service import Service
+from clipsearch.serve.thumbnails import SHORT_SIDE, Thumbnails
+
+LOCAL = "http://127.0.0.1"
+
+
+def build(root: Path, model: str, count: int = 10) -> tuple[Path, list[Path]]:
+    """A library of ``count`` block images in two folders plus one photo stored on its side
+    with an EXIF orientation (600 x 300 upright: left half red, right half blue), indexed into
+    root/home."""
+    library = make_library(root / "lib", count)
+    upright = Image.new("RGB", (600, 300), (220, 20, 20))
+    upright.paste((20, 20, 220), (300, 0, 600, 300))
+    rotated = root / "lib" / "part0" / "rotated.jpg"
+    rotated.write_bytes(exif_rotated_jpeg(upright))
+    with Index.open(root / "home", model=model, device="cpu") as index:
+        index.add([root / "lib"], workers=0)
+    return root / "home", [*library, rotated]
+
+
+def client_for(service: Service, **options) -> TestClient:
+    return TestClient(create_app(service, **options), base_url=LOCAL, raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("served")
+    home, library = build(root, tiny_model)
+    service = Service.open(home, "cpu")
+    with client_for(service) as client:
+        yield client, service, library
+    service.close()
+
+
+@pytest.fixture
+def fresh(tmp_path, tiny_model):
+    """A library and service of its own, for tests that change files or the index."""
+    home, library = build(tmp_path, tiny_model, count=4)
+    service = Service.open(home, "cpu")
+    yield client_for(service), service, library, home
+    service.close()
+
+
+def ids_by_path(service: Service) -> dict[Path, int]:
+    return {Path(os.fsdecode(path)): state.id for path, state in service._files.file_states().items()}
+
+
+def ok(response) -> dict:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def error(response, status: int) -> str:
+    """The one-line JSON error of a refused request."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and "\n" not in body["error"] and "Traceback" not in body["error"]
+    return body["error"]
+
+
+# --- searches --------------------------------------------------------------------------------
+
+
+def test_text_search_answers_the_libraries_hits_in_the_cli_json_shape(served):
+    client, service, _ = served
+    body = ok(client.get("/api/search", params={"q": "a red circle", "k": 5}))
+    expected = [hit.to_json() for hit in service.index.search("a red circle", k=5)]
+    assert body == {"hits": expected, "offset": 0, "k": 5}
+    assert {"id", "path", "score", "width", "height", "mtime", "size", "taken", "camera_make"} <= set(expected[0])
+    assert [h["score"] for h in body["hits"]] == sorted((h["score"] for h in body["hits"]), reverse=True)
+
+
+def test_refinements_use_the_cli_syntax(served):
+    client, service, _ = served
+    body = ok(client.get("/api/search", params={"q": "a beach +at sunset -0.5:people", "k": 4}))
+    terms = [(1.0, "a beach"), (1.0, "at sunset"), (-0.5, "people")]
+    assert body["hits"] == [hit.to_json() for hit in service.index.search(terms, k=4)]
+    assert body["hits"] != ok(client.get("/api/search", params={"q": "a beach", "k": 4}))["hits"]
+
+
+def test_parse_query():
+    assert parse_query("a t-shirt") == [(1.0, "a t-shirt")]
+    assert parse_query("a - b") == [(1.0, "a - b")]
+    assert parse_query("dogs +2:on grass -0.5:people") == [(1.0, "dogs"), (2.0, "on grass"), (-0.5, "people")]
+    assert parse_query("  note: dogs ") == [(1.0, "note: dogs")]
+    assert parse_query("", required=False) == []
+    for bad in ("", "   ", "dogs -nan:x", "dogs +inf:x", "x" * 1001, " +".join("x" * 17)):
+        with pytest.raises(RequestError):
+            parse_query(bad)
+
+
+def test_pages_follow_each_other(served):
+    client, _, _ = served
+    everything = ok(client.get("/api/search", params={"q": "x", "k": 6}))["hits"]
+    second = ok(client.get("/api/search", params={"q": "x", "k": 3, "offset": 3}))
+    assert second["hits"] == everything[3:6] and second["offset"] == 3
+    assert ok(client.get("/api/search", params={"q": "x", "k": 5, "offset": 50}))["hits"] == []
+
+
+def test_under_and_min_score_filter(served):
+    client, _, library = served
+    folder = library[1].parent
+    hits = ok(client.get("/api/search", params={"q": "x", "k": 50, "under": str(folder)}))["hits"]
+    assert hits and all(Path(h["path"]).parent == folder for h in hits)
+    assert len(hits) == len([p for p in library if p.parent == folder])
+    data = library[2].read_bytes()
+    best = ok(client.post("/api/search/image", params={"min_score": 0.9999}, content=data))["hits"]
+    assert [h["path"] for h in best] == [str(library[2])]
+
+
+def test_an_uploaded_image_finds_itself_and_is_never_stored(served, tmp_path):
+    client, service, library = served
+    before = sorted(p for p in service.index.home.rglob("*") if "thumbnails" not in p.parts)
+    body = ok(client.post("/api/search/image", params={"k": 3}, content=library[4].read_bytes()))
+    assert body["hits"][0]["path"] == str(library[4]) and body["hits"][0]["score"] == pytest.approx(1, abs=3e-3)
+    assert sorted(p for p in service.index.home.rglob("*") if "thumbnails" not in p.parts) == before
+
+
+def test_an_upload_can_be_refined_with_text(served):
+    client, service, library = served
+    vector = service.index.encoder("image").encode_images(
+        service.index.encoder("image").preprocess.array(Image.open(library[4]).convert("RGB"))[None]
+    )[0]
+    body = ok(client.post("/api/search/image", params={"k": 4, "q": "-0.7:a dog"}, content=library[4].read_bytes()))
+    expected = service.index.search([(1.0, vector), (-0.7, "a dog")], k=4)
+    assert [h["id"] for h in body["hits"]] == [hit.id for hit in expected]
+
+
+def test_similar_uses_the_stored_vector_and_leaves_the_image_out(served, encoded):
+    client, service, library = served
+    source = ids_by_path(service)[library[5]]
+    body = ok(client.get(f"/api/similar/{source}", params={"k": 4}))
+    assert encoded == []  # nothing went through the image tower
+    vector = service._files.vectors_by_fingerprint(service.index.model, [service._files.fingerprint(source)])
+    (stored,) = vector.values()
+    expected = [hit.to_json() for hit in service.index.search(stored, k=5) if hit.id != source][:4]
+    assert body["hits"] == expected and len(expected) == 4
+    page_two = ok(client.get(f"/api/similar/{source}", params={"k": 2, "offset": 2}))["hits"]
+    assert page_two == expected[2:4]
+
+
+def test_a_query_term_may_be_a_vector(served):
+    _, service, library = served
+    image_id = ids_by_path(service)[library[3]]
+    key = service._files.fingerprint(image_id)
+    (stored,) = service._files.vectors_by_fingerprint(service.index.model, [key]).values()
+    assert service.index.search([(1.0, stored)], k=1)[0].id == image_id
+    assert service.index.search(stored, k=1)[0].id == image_id
+    assert service._files.fingerprint(10**9) is None
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def test_thumbnails_are_upright_small_cached_and_answer_304(served, monkeypatch):
+    client, service, library = served
+    rotated = ids_by_path(service)[library[-1]]
+    first = client.get(f"/api/thumbnail/{rotated}")
+    assert first.status_code == 200 and first.headers["content-type"] == service.thumbnails.media_type
+    image = Image.open(io.BytesIO(first.content)).convert("RGB")
+    assert image.size == (2 * SHORT_SIDE, SHORT_SIDE)  # stored 300 x 600 on its side, shown 600 x 300
+    left, right = image.getpixel((20, 128)), image.getpixel((490, 128))
+    assert left[0] > 150 > left[2] and right[2] > 150 > right[0]  # red left of blue, as shown upright
+    etag = first.headers["etag"]
+    assert "max-age" in first.headers["cache-control"]
+
+    made = []
+    monkeypatch.setattr(Thumbnails, "make", lambda self, path: made.append(path) or b"")
+    again = client.get(f"/api/thumbnail/{rotated}")
+    assert again.content == first.content and again.headers["etag"] == etag and made == []
+    not_modified = client.get(f"/api/thumbnail/{rotated}", headers={"If-None-Match": etag})
+    assert not_modified.status_code == 304 and not_modified.content == b"" and not_modified.headers["etag"] == etag
+    other = client.get(f"/api/thumbnail/{rotated}", headers={"If-None-Match": '"something-else"'})
+    assert other.status_code == 200
+
+
+def test_a_small_image_keeps_its_size(served):
+    client, service, library = served
+    data = client.get(f"/api/thumbnail/{ids_by_path(service)[library[0]]}").content
+    assert Image.open(io.BytesIO(data)).size == (48, 40)
+
+
+def test_a_moved_file_reuses_its_thumbnail_and_removed_ones_are_pruned(fresh, tiny_model, monkeypatch):
+    client, service, library, home = fresh
+    first_id = ids_by_path(service)[library[0]]
+    made = client.get(f"/api/thumbnail/{first_id}").content
+    client.get(f"/api/thumbnail/{ids_by_path(service)[library[1]]}")
+    assert len(service.thumbnails._files()) == 2
+    service.close()
+    moved = library[0].parent.parent / "moved.png"
+    shutil.move(library[0], moved)
+    library[1].unlink()
+    with Index.open(home, device="cpu") as index:
+        report = index.add([library[0].parent.parent], workers=0)
+    assert report.moved == 1
+    reopened = Service.open(home, "cpu")  # prunes the thumbnail of the removed file
+    try:
+        assert len(reopened.thumbnails._files()) == 1
+        monkeypatch.setattr(Thumbnails, "make", lambda self, path: pytest.fail("made again"))
+        moved_id = ids_by_path(reopened)[moved]
+        assert client_for(reopened).get(f"/api/thumbnail/{moved_id}").content == made
+    finally:
+        reopened.close()
+
+
+def test_originals_are_served_by_id_only_while_the_file_is_the_one_indexed(fresh, tmp_path):
+    client, service, library, _ = fresh
+    ids = ids_by_path(service)
+    response = client.get(f"/api/original/{ids[library[0]]}")
+    assert response.status_code == 200 and response.content == library[0].read_bytes()
+    library[1].unlink()
+    assert "no longer there" in error(client.get(f"/api/original/{ids[library[1]]}"), 404)
+    assert error(client.get(f"/api/thumbnail/{ids[library[1]]}"), 404)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not serve me")
+    library[2].unlink()
+    library[2].symlink_to(secret)  # a photo swapped for a link to something else
+    assert "changed since it was indexed" in error(client.get(f"/api/original/{ids[library[2]]}"), 404)
+    assert "do not serve me" not in client.get(f"/api/thumbnail/{ids[library[2]]}").text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/original/../../../etc/passwd",
+        "/api/original/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/api/original/..%2fcatalog.db",
+        "/api/original/-1",
+        "/api/original/1.5",
+        "/api/thumbnail/%2fetc%2fpasswd",
+        "/static/../catalog.db",
+        "/static/%2e%2e/app.py",
+        "/static/%2e%2e%2f%2e%2e%2fcatalog.py",
+        "/static//etc/passwd",
+        "/api/original/999999",
+    ],
+)
+def test_no_request_can_name_a_path(served, url):
+    client, _, _ = served
+    response = client.get(url)
+    assert response.status_code == 404, (url, response.status_code, response.text[:200])
+    assert "root:" not in response.text and "import" not in response.text
+
+
+def test_an_id_past_sqlites_integers_is_a_bad_request(served):
+    client, _, _ = served
+    assert "not an image id" in error(client.get(f"/api/thumbnail/{2**64}"), 400)
+    assert error(client.get(f"/api/similar/{2**70}"), 400)
+
+
+def test_details_give_the_date_taken_from_exif(fresh):
+    client, service, library, _ = fresh
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = "2021:07:04 18:30:00"  # DateTimeOriginal
+    dated = library[0].parent / "dated.jpg"
+    dated.write_bytes(encoded_bytes(blocks(7), "JPEG", exif=exif))
+    with Index.open(service.index.home, device="cpu") as index:
+        index.add([library[0].parent], workers=0)
+    ids = ids_by_path(service)
+    assert ok(client.get(f"/api/image/{ids[dated]}"))["taken"] == "2021-07-04T18:30:00"
+    undated = ids[library[0]]
+    assert ok(client.get(f"/api/image/{undated}")) == {"id": undated, "path": str(library[0]), "taken": None}
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def test_status(fresh):
+    client, service, library, home = fresh
+    (library[0].parent / "broken.jpg").write_text("not a picture")
+    with Index.open(home, device="cpu") as index:
+        index.add([library[0].parent.parent], workers=0)
+    client.get(f"/api/thumbnail/{ids_by_path(service)[library[0]]}")
+    body = ok(client.get("/api/status"))
+    assert body["counts"] == {"indexed": 5, "failed": 1, "missing": 0}
+    assert body["model"] == service.index.model and body["index_type"] == "Flat" and body["consistent"]
+    assert body["vectors_in_index"] == 5 and body["home"] == str(home) and body["indexing"] is False
+    assert body["failures_total"] == 1 and body["failures"][0]["path"].endswith("broken.jpg")
+    assert body["failures"][0]["reason"] and body["thumbnail_bytes"] > 0
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"q": ""}, "empty"),
+        ({}, "empty"),
+        ({"q": "x", "k": "abc"}, "k must be a whole number"),
+        ({"q": "x", "k": "0"}, "k must be between 1 and 200"),
+        ({"q": "x", "k": "201"}, "k must be between"),
+        ({"q": "x", "offset": "-1"}, "offset must be between"),
+        ({"q": "x", "offset": "1e9"}, "offset must be a whole number"),
+        ({"q": "x", "min_score": "high"}, "min_score must be a number"),
+        ({"q": "x", "min_score": "nan"}, "min_score must be between"),
+        ({"q": "x", "min_score": "2"}, "min_score must be between"),
+        ({"q": "x", "under": "relative/dir"}, "absolute"),
+        ({"q": "x -nan:y"}, "refinement"),
+        ({"q": "x -1:x"}, "cancel out"),
+    ],
+)
+def test_bad_parameters_get_a_one_line_400(served, params, message):
+    client, _, _ = served
+    assert message in error(client.get("/api/search", params=params), 400)
+
+
+def test_bad_uploads(served):
+    client, _, library = served
+    assert "empty" in error(client.post("/api/search/image", content=b""), 400)
+    assert "not an image" in error(client.post("/api/search/image", content=b"hello, world" * 10), 400)
+    truncated = library[-1].read_bytes()[:600]
+    assert error(client.post("/api/search/image", content=truncated), 400)
+    megapixels = decompression_bomb(10_000, 10_000)  # 100 MP: over our cap, under Pillow's own
+    assert "10000 x 10000 pixels" in error(client.post("/api/search/image", content=megapixels), 413)
+    assert "megapixels" in error(client.post("/api/search/image", content=decompression_bomb()), 413)
+    assert error(client.get("/api/search/image"), 405)
+
+
+def test_uploads_are_capped_in_bytes(served):
+    _, service, library = served
+    client = client_for(service, max_bytes=1000)
+    big = library[-1].read_bytes()
+    assert len(big) > 1000
+    assert "larger than" in error(client.post("/api/search/image", content=big), 413)
+
+    def chunks():  # no Content-Length: the cap applies while reading
+        yield big[:800]
+        yield big[800:]
+
+    assert "larger than" in error(client.post("/api/search/image", content=chunks()), 413)
+    assert ok(client.post("/api/search/image", content=library[0].read_bytes()))["hits"]
+
+
+def test_a_bug_is_a_500_without_traceback_and_the_server_goes_on(served, monkeypatch):
+    client, service, _ = served
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("secret internals")
+
+    monkeypatch.setattr(service.index, "status", broken)
+    message = error(client.get("/api/status"), 500)
+    assert "secret" not in message and "ZeroDivisionError" not in message
+    monkeypatch.undo()
+    assert ok(client.get("/api/status"))["counts"]
+    assert error(client.get("/api/nowhere"), 404)
+
+
+def test_the_server_keeps_serving_after_bad_requests(served):
+    client, _, _ = served
+    for _ in range(3):
+        client.post("/api/search/image", content=decompression_bomb())
+        client.get("/api/search", params={"k": "x"})
+        client.get("/api/original/%2e%2e")
+    assert ok(client.get("/api/search", params={"q": "x", "k": 2}))["hits"]
+
+
+# --- access ----------------------------------------------------------------------------------
+
+
+def test_without_a_token_only_loopback_names_are_served(served):
+    _, service, _ = served
+    for base in ("http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765"):
+        assert ok(TestClient(create_app(service), base_url=base).get("/api/status"))
+    rebound = TestClient(create_app(service), base_url="http://attacker.example:8765")
+    assert "127.0.0.1" in error(rebound.get("/api/status"), 400)
+
+
+def test_a_token_is_required_when_set(served):
+    _, service, _ = served
+    client = TestClient(create_app(service, token="s3cret"), base_url="http://192.0.2.7:8765")
+    assert "token" in error(client.get("/api/status"), 401)
+    assert error(client.get("/api/status", params={"token": "wrong"}), 401)
+    assert error(client.get("/"), 401)
+    assert ok(client.get("/api/status", headers={"Authorization": "Bearer s3cret"}))
+    page = client.get("/", params={"token": "s3cret"})  # the printed URL: a cookie carries it on
+    assert page.status_code == 200 and "clipsearch_token" in page.headers["set-cookie"]
+    assert "HttpOnly" in page.headers["set-cookie"]
+    assert ok(client.get("/api/status"))  # the client kept the cookie
+
+
+def test_the_page_and_its_files_are_served(served):
+    client, _, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_requests_at_once_while_an_index_run_commits(tmp_path, tiny_model):
+    from reliability_helpers import kill_group, start_cli, wait_until
+
+    home, _ = build(tmp_path, tiny_model, count=4)
+    service = Service.open(home, "cpu")
+    ids = list(ids_by_path(service).values())
+    extra = make_library(tmp_path / "lib" / "more", 40, start_seed=100)
+    indexer = start_cli(
+        "--home", home, "index", tmp_path / "lib", "--workers", "0", "--batch-size", "4", encode_delay_s=0.05
+    )
+    failures: list[str] = []
+    counts = [0] * 4
+    seen_indexing = []
+
+    def client_loop(n: int) -> None:
+        client = client_for(service)
+        while indexer.poll() is None or counts[n] < 5:
+            for response in (
+                client.get("/api/search", params={"q": f"query {n}", "k": 20}),
+                client.get(f"/api/thumbnail/{ids[n % len(ids)]}"),
+            ):
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+            status = client.get("/api/status")
+            seen_indexing.append(status.json()["indexing"] if status.status_code == 200 else None)
+            counts[n] += 1
+
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert indexer.wait(120) == 0, indexer.stderr.read()
+    finally:
+        kill_group(indexer)
+    assert failures == []
+    assert True in seen_indexing  # the status panel saw the run going on
+    # The new images are found without a restart: the server followed the catalog's generation.
+    client = client_for(service)
+    assert wait_until(lambda: ok(client.get("/api/status"))["counts"]["indexed"] == 45, timeout=10)
+    body = ok(client.post("/api/search/image", params={"k": 1}, content=Path(extra[17]).read_bytes()))
+    assert body["hits"][0]["path"] == str(extra[17])
+    assert ok(client.get("/api/status"))["indexing"] is False
+    service.close()
+
+
+def test_the_writer_lock_shows_as_indexing_without_being_taken(tmp_path, monkeypatch):
+    import fcntl
+
+    from clipsearch.serve.locks import indexing
+
+    home = tmp_path / "home"
+    with Catalog.open(home, create=True) as catalog:
+        assert indexing(home) is False
+        with catalog.writer_lock():
+            calls = []
+            monkeypatch.setattr(fcntl, "flock", lambda *args: calls.append(args))
+            assert indexing(home) is True
+            assert calls == []  # only read: an indexer starting now is never turned away
+            monkeypatch.undo()
+    assert indexing(home) is False
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: `clipsearch serve` needs the web server packages (uvicorn is missing): pip install 'clipsearch[serve]'"
+    ]
+
+
+def test_hit_json_is_the_clis(served):
+    _, service, _ = served
+    hit = service.index.search("x", k=1)[0]
+    assert json.loads(json.dumps(hit.to_json())) == {
+        "id": hit.id,
+        "path": str(hit.path),
+        "score": round(hit.score, 6),
+        "width": hit.width,
+        "height": hit.height,
+        "mtime": hit.mtime,
+        "size": hit.size,
+        **hit.metadata.to_json(),  # the photo's own facts (clipsearch.photo_meta)
+    }
+    assert np.isfinite(hit.score)
