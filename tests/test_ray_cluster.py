@@ -72,11 +72,18 @@ def session_pids(session: int) -> list[int]:
 
 
 def stop_node(node: subprocess.Popen) -> None:
-    for pid in session_pids(node.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    """SIGKILL to every process of the node's session, until none is left (one that a dying
+    parent started meanwhile included)."""
+
+    def killed_all() -> bool:
+        pids = session_pids(node.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return not pids
+
+    assert wait_until(killed_all, timeout=30, poll=0.1)
     node.wait()
-    assert wait_until(lambda: not session_pids(node.pid), timeout=30, poll=0.1)
 
 
 @pytest.fixture
@@ -128,4 +135,5 @@ def test_two_nodes_index_what_one_process_indexes(two_nodes, tmp_path, tiny_mode
 
     local, distributed = catalog_vectors(tmp_path / "local"), catalog_vectors(home)
     assert local.keys() == distributed.keys()
-    assert all(np.array_equal(local[path], distributed[path]) for path in local)
+    for path, vector in local.items():  # equal, but for a float16 rounding the fp32 noise may tip
+        assert np.all(np.abs(distributed[path] - vector) <= np.spacing(np.abs(vector).astype(np.float16)))
