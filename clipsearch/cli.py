@@ -27,6 +27,7 @@ from clipsearch.cli_settings import settings
 if TYPE_CHECKING:
     from clipsearch.index import Index, Status
     from clipsearch.indexer import AddReport
+    from clipsearch.manifest import Manifest
 
 app = typer.Typer(
     name="clipsearch",
@@ -217,7 +218,7 @@ def _model_option(action: str) -> Any:
 @app.command("index")
 @_handle_errors
 def index_command(
-    paths: list[Path] = typer.Argument(..., help="Folders (or single images) to index.", show_default=False),
+    paths: list[Path] = typer.Argument(None, help="Folders (or single images) to index.", show_default=False),
     exclude: list[str] = typer.Option(
         [],
         "--exclude",
@@ -258,6 +259,21 @@ def index_command(
         help="auto, fp32, bf16, fp16 or int8; auto picks the fastest that keeps embeddings within cosine 0.999 "
         "of fp32.",
     ),
+    from_list: Path | None = typer.Option(
+        None,
+        "--from-list",
+        metavar="FILE",
+        help="Index the files FILE lists (one path a line, or a Parquet file's `path` column) instead of "
+        "walking folders; a listed file that no longer exists is marked missing.",
+    ),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS",
+        help="Decode and encode on a Ray cluster (`pip install 'clipsearch[ray]'`): auto (the cluster in "
+        "RAY_ADDRESS or started here, else a local one), local, or an address such as head:6379. Every node "
+        "must see the files at the same paths.",
+    ),
 ) -> None:
     """Index the images under PATH... (a re-run does only what changed).
 
@@ -267,10 +283,16 @@ def index_command(
     Exit status: 0 done; 3 done, but some files could not be read (see `status --failed`);
     130 stopped by Ctrl-C, 143 by SIGTERM (what was finished is kept); 1 error.
     """
+    if bool(paths) == (from_list is not None):
+        raise typer.BadParameter("name folders to index, or list files with --from-list (not both)", param_hint="PATHS")
+    if ray is not None:
+        from clipsearch.ray_index import require_ray
+
+        require_ray()
     stop = threading.Event()
     with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_signals(stop) as stopped:
         report = index.add(
-            paths,
+            _file_list(from_list) if from_list is not None else paths,
             exclude=exclude,
             follow_symlinks=follow_symlinks,
             retry_failed=retry_failed,
@@ -279,6 +301,7 @@ def index_command(
             workers=workers,
             progress=progress,
             should_stop=stop.is_set,
+            ray=ray,
         )
         # The model a person names for a run is the one they mean to search next.
         switched = model is not None and index.make_default_if_encoded()
@@ -291,6 +314,12 @@ def index_command(
         raise typer.Exit(128 + stopped.signum)
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _file_list(path: Path) -> Manifest:
+    from clipsearch.manifest import Manifest
+
+    return Manifest(path)
 
 
 def _summary(report: AddReport, home: Path) -> str:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from clipsearch.clip.model import Towers
     from clipsearch.duplicates import Group
     from clipsearch.encoder import Encoder, TextEncoder
+    from clipsearch.manifest import Manifest
+    from clipsearch.ray_index import RayExecutor
     from clipsearch.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class Index:
 
     def add(
         self,
-        paths: Iterable[str | os.PathLike],
+        paths: Iterable[str | os.PathLike] | Manifest,
         *,
         exclude: Sequence[str] = (),
         follow_symlinks: bool = False,
@@ -133,13 +135,17 @@ class Index:
         workers: int | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
+        ray: str | RayExecutor | None = None,
     ) -> AddReport:
-        """Index new and changed images under ``paths`` with the model; forget those gone from
-        there. Files other models indexed already are only encoded, never walked twice. ``verify``
-        fingerprints unchanged files again, to catch content rewritten with size and mtime kept.
+        """Index new and changed images under ``paths`` (or those a `Manifest` lists) with the
+        model; forget those gone from there. Files other models indexed already are only
+        encoded, never walked twice. ``verify`` fingerprints unchanged files again, to catch
+        content rewritten with size and mtime kept.
 
         ``progress(done, total)`` is called as files are finished; ``should_stop()`` is polled
         and, once true, the run commits what is finished and returns with ``interrupted`` set.
+        ``ray`` (a cluster address, ``"auto"``, or a `RayExecutor`) decodes and encodes on a
+        Ray cluster; this process still plans the run and is the only writer.
         """
         with self.catalog.writer_lock():
             generation = self.catalog.generation
@@ -156,12 +162,22 @@ class Index:
                 workers=workers,
                 progress=progress,
                 should_stop=should_stop or (lambda: False),
+                executor=None if ray is None else self._ray_executor(ray, batch_size, workers),
             )
             if self.catalog.generation != generation:
                 self._update_vectors()
         if report.new + report.changed:
             self._prepare_text_queries()
         return report
+
+    def _ray_executor(self, ray: str | RayExecutor, batch_size: int | None, workers: int | None) -> RayExecutor:
+        from dataclasses import replace
+
+        from clipsearch.ray_index import RayExecutor
+
+        if isinstance(ray, str):
+            ray = RayExecutor(ray, batch_size=batch_size, workers=workers)
+        return replace(ray, device=self.device, precision=self.precision)
 
     def _prepare_text_queries(self) -> None:
         """Export the model's text tower for queries now, at the end of a run that encoded with

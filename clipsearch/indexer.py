@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
 from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
+from clipsearch.manifest import Manifest
 from clipsearch.photo_meta import read_file as read_header
 from clipsearch.records import (
     STATUS_FAILED,
@@ -45,6 +46,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (files done, files to do); first call once the walk is over
+
+
+class Executor(Protocol):
+    """Another way to run a plan's encodes (`clipsearch.ray_index`): decode and encode ``todo``,
+    commit it to ``catalog`` batch by batch (counting in ``report``, calling ``progress``,
+    stopping when ``should_stop``), and return the contents among ``gone`` (fingerprints of the
+    files gone from disk) that it indexed again under another path: those files were moved."""
+
+    def __call__(
+        self,
+        catalog: Catalog,
+        model: str,
+        todo: list[tuple[FoundFile, bool]],
+        gone: set[bytes],
+        report: AddReport,
+        progress: Progress | None,
+        should_stop: Callable[[], bool],
+    ) -> set[bytes]: ...
+
 
 DEFAULT_BATCH_SIZE = 32
 # Files probed (and looked up for reuse) together: one catalog query per chunk, while decoding
@@ -92,7 +112,9 @@ class Plan:
     to_verify: list[tuple[FoundFile, bytes]] = field(default_factory=list)
 
 
-def plan_changes(states: dict[bytes, FileState], walk: Walk, retry_failed: bool = False, verify: bool = False) -> Plan:
+def plan_changes(
+    states: dict[bytes, FileState], walk: Walk | Manifest, retry_failed: bool = False, verify: bool = False
+) -> Plan:
     """Compare the walk with the catalog: which files need work, which are gone.
 
     Only catalog rows under the roots walked now can be gone; rows under a folder that could
@@ -137,7 +159,7 @@ def run_add(
     catalog: Catalog,
     model: str,
     get_encoder: Callable[[], Encoder],
-    roots: Iterable[str | os.PathLike],
+    roots: Iterable[str | os.PathLike] | Manifest,
     *,
     exclude: Sequence[str] = (),
     follow_symlinks: bool = False,
@@ -147,39 +169,40 @@ def run_add(
     workers: int | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    executor: Executor | None = None,
 ) -> AddReport:
-    """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``.
+    """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``
+    (or the files a `Manifest` lists).
 
     A file rewritten with its size and mtime kept (an editor that restores the mtime, a copy
     with ``cp -p`` of a same-size file) is taken as unchanged; ``verify`` fingerprints every
     indexed file again and re-encodes those whose content differs from what was indexed.
 
-    ``get_encoder`` (loading ``model``) is called only if some file needs encoding. ``should_stop``
-    is polled between files; once it returns True the batch not yet encoded is dropped, everything
-    finished is committed, and the report comes back with ``interrupted`` set.
+    ``get_encoder`` (loading ``model``) is called only if some file needs encoding, and not at
+    all when an ``executor`` does the encoding. ``should_stop`` is polled between files; once it
+    returns True the batch not yet encoded is dropped, everything finished is committed, and the
+    report comes back with ``interrupted`` set.
     """
     started = time.perf_counter()
-    root_paths = list(dict.fromkeys(normalise_roots(roots)))
-    for root in root_paths:
-        if not os.path.lexists(root):
-            raise ClipsearchError(
-                f"{os.fsdecode(root)} does not exist; check the path "
-                "(to forget files indexed there, use `clipsearch remove`)."
-            )
+    walk = roots if isinstance(roots, Manifest) else _walk(roots, exclude, follow_symlinks)
     if catalog.default_model is None:
         # Recorded even if nothing gets encoded (an empty folder): the next command without
         # --model must use this model, not the built-in default.
         catalog.set_meta("default_model", model)
     states = catalog.file_states(model)
-    walk = Walk(root_paths, tuple(exclude), follow_symlinks)
     plan = plan_changes(states, walk, retry_failed, verify)
+    if isinstance(walk, Manifest):
+        plan.missing = walk.missing(states)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
     _verify(plan, should_stop)
     report.unchanged = plan.unchanged
     if progress:
         progress(0, len(plan.todo))
     moved_content: set[bytes] = set()
-    if plan.todo and not should_stop():
+    if plan.todo and not should_stop() and executor is not None:
+        gone_content = {fp for fp in (states[path].fingerprint for path in plan.missing) if fp is not None}
+        moved_content = executor(catalog, model, plan.todo, gone_content, report, progress, should_stop)
+    elif plan.todo and not should_stop():
         loading = time.perf_counter()
         encoder = get_encoder()
         report.model_load_s = time.perf_counter() - loading
@@ -203,6 +226,17 @@ def run_add(
         report.metadata = fill_metadata(catalog, walk.roots, walk.unreadable, should_stop)
     report.elapsed = time.perf_counter() - started
     return report
+
+
+def _walk(roots: Iterable[str | os.PathLike], exclude: Sequence[str], follow_symlinks: bool) -> Walk:
+    root_paths = list(dict.fromkeys(normalise_roots(roots)))
+    for root in root_paths:
+        if not os.path.lexists(root):
+            raise ClipsearchError(
+                f"{os.fsdecode(root)} does not exist; check the path "
+                "(to forget files indexed there, use `clipsearch remove`)."
+            )
+    return Walk(root_paths, tuple(exclude), follow_symlinks)
 
 
 def fill_metadata(

@@ -1,0 +1,89 @@
+"""`clipsearch index --from-list` and `--ray` where no cluster is needed: file lists indexed
+locally, usage errors, and the one line a missing Ray extra gets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import make_library
+from reliability_helpers import catalog_rows, run_cli
+from typer.testing import CliRunner
+
+from clipsearch.cli import app
+from clipsearch.errors import ClipsearchError
+from clipsearch.manifest import Manifest
+
+
+@pytest.fixture
+def cli(tmp_path):
+    runner = CliRunner()
+
+    def run(*args, code=0):
+        result = runner.invoke(app, ["--home", str(tmp_path / "home"), *map(str, args)])
+        assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+        return result
+
+    return run
+
+
+def test_a_file_list_indexes_what_it_names_and_marks_listed_files_gone_as_missing(
+    cli, tmp_path, tiny_model, monkeypatch
+):
+    images = make_library(tmp_path / "lib", 6)
+    listed = tmp_path / "files.txt"
+    monkeypatch.chdir(tmp_path)  # relative lines are relative to the current directory
+    listed.write_text(f"{images[0]}\n\nlib/{images[1].relative_to(tmp_path / 'lib')}\r\n{images[2]}\n{images[0]}\n")
+    out = cli("index", "--from-list", listed, "--model", tiny_model, "--workers", "0").stdout
+    assert out.startswith("new 3, changed 0, moved 0, removed 0, failed 0, unchanged 0")
+    assert sorted(catalog_rows(tmp_path / "home")) == sorted(os.fsencode(p) for p in images[:3])
+
+    # The walk indexes the rest; a list naming one file that is gone now leaves the others alone.
+    cli("index", tmp_path / "lib")
+    images[0].unlink()
+    listed.write_text(f"{images[0]}\n{images[3]}\n")
+    out = cli("index", "--from-list", listed).stdout
+    assert out.startswith("new 0, changed 0, moved 0, removed 1, failed 0, unchanged 1")
+    rows = catalog_rows(tmp_path / "home")
+    assert rows[os.fsencode(images[0])][0] == "missing"
+    assert [status for status, _ in rows.values()].count("indexed") == 5
+
+
+def test_a_parquet_file_list(tmp_path, tiny_model):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    images = make_library(tmp_path / "lib", 3)
+    pq.write_table(pa.table({"path": [str(p) for p in images[:2]]}), tmp_path / "files.parquet")
+    assert [os.fsdecode(f.path) for f in Manifest(tmp_path / "files.parquet")] == [str(p) for p in images[:2]]
+    pq.write_table(pa.table({"file": ["x"]}), tmp_path / "other.parquet")
+    with pytest.raises(ClipsearchError, match=r"other.parquet is not a Parquet file with a `path` column"):
+        list(Manifest(tmp_path / "other.parquet"))
+
+
+def test_folders_or_a_file_list_not_both_nor_neither(cli, tmp_path):
+    (tmp_path / "files.txt").write_text("")
+    for args in [(), (tmp_path, "--from-list", tmp_path / "files.txt")]:
+        result = run_cli("--home", tmp_path / "home", "index", *args)
+        assert result.returncode == 2 and result.stderr.count(b"\n") == 1, result.stderr
+        assert b"Error: Invalid value for PATHS: name folders to index, or list files with --from-list" in result.stderr
+    missing = cli("index", "--from-list", tmp_path / "nowhere.txt", code=1)
+    assert missing.output.strip() == f"Error: The file list {tmp_path / 'nowhere.txt'} does not exist; check the path."
+
+
+def test_without_ray_installed_ray_runs_fail_in_one_line_naming_the_extra(tmp_path):
+    make_library(tmp_path / "lib", 1)
+    hide_ray = "import sys; sys.modules['ray'] = None; from clipsearch.cli import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", hide_ray, "--home", tmp_path / "home", "index", tmp_path / "lib", "--ray", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "Error: Indexing on Ray needs Ray Data, which is not installed: pip install 'clipsearch[ray]'.\n"
+    )
+    assert not (tmp_path / "home").exists()  # refused before anything was created
