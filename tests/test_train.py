@@ -202,21 +202,24 @@ def test_positives_mark_every_image_a_caption_describes():
     assert positives(captions, described).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
 
 
+# A CLIP small enough to build in milliseconds, for tests of the optimiser's bookkeeping.
+SMALL = ModelConfig(
+    embed_dim=32,
+    image_resolution=16,
+    vision_layers=1,
+    vision_width=64,
+    vision_patch_size=8,
+    vision_heads=1,
+    context_length=8,
+    vocab_size=20,
+    text_width=64,
+    text_heads=1,
+    text_layers=1,
+)
+
+
 def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
-    config = ModelConfig(
-        embed_dim=32,
-        image_resolution=16,
-        vision_layers=1,
-        vision_width=64,
-        vision_patch_size=8,
-        vision_heads=1,
-        context_length=8,
-        vocab_size=20,
-        text_width=64,
-        text_heads=1,
-        text_layers=1,
-    )
-    model = CLIP(config)
+    model = CLIP(SMALL)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = build.optimizer(model, TrainOptions(output="unused")).param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
@@ -234,20 +237,7 @@ def test_weight_decay_skips_gains_biases_embeddings_and_temperature():
 
 
 def test_logit_scale_is_clamped_after_each_step():
-    config = ModelConfig(
-        embed_dim=32,
-        image_resolution=16,
-        vision_layers=1,
-        vision_width=64,
-        vision_patch_size=8,
-        vision_heads=1,
-        context_length=8,
-        vocab_size=20,
-        text_width=64,
-        text_heads=1,
-        text_layers=1,
-    )
-    model = CLIP(config)
+    model = CLIP(SMALL)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(500))
     options = TrainOptions(output="unused")
