@@ -1,0 +1,123 @@
+"""The large-collection index types: auto's choice by size and memory budget, the two-level
+training of an HNSW coarse quantiser, the tuning, and their way through save, load and update.
+Tiny indexes stand in for millions of vectors: the thresholds are lowered per test."""
+
+import logging
+
+import faiss
+import numpy as np
+import pytest
+from helpers import stored
+from test_vectors import DIM, add_files, assert_answers_like_the_catalog, clustered_unit, recall_at_10, unit_rows
+
+from clipsearch import vectors as vectors_module
+from clipsearch.catalog import Catalog
+from clipsearch.vectors import VectorIndex, choose_index_type, train, train_points, tune
+
+GiB = 1 << 30
+
+
+def test_auto_switches_to_an_hnsw_coarse_quantiser_from_its_threshold():
+    start = vectors_module.HNSW_COARSE_FROM
+    below, at = choose_index_type(start - 1, 512, 8 * GiB), choose_index_type(start, 512, 8 * GiB)
+    assert "HNSW" not in below and below.endswith(",Flat")
+    assert at.startswith("IVF") and "_HNSW32," in at
+    # About 16 sqrt(n) lists (a power of two): far more than the sqrt(n) of a flat quantiser.
+    assert choose_index_type(1_000_000, 512, 4 * GiB) == "IVF16384_HNSW32,Flat"
+    assert choose_index_type(10_000_000, 512, 6 * GiB) == "IVF65536_HNSW32,SQ8"
+    assert choose_index_type(10_000_000, 512, 1 * GiB) == "IVF65536_HNSW32,PQ32"
+
+
+def test_training_wants_a_bounded_sample():
+    flat_coarse = faiss.index_factory(DIM, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    hnsw_coarse = faiss.index_factory(DIM, "IVF64_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert train_points(flat_coarse) == vectors_module.TRAIN_POINTS_PER_LIST * 64
+    assert train_points(hnsw_coarse) == vectors_module.HNSW_TRAIN_POINTS_PER_LIST * 64
+    # 10M vectors: the sample for 65,536 lists stays under 6 GB of float32.
+    assert vectors_module.HNSW_TRAIN_POINTS_PER_LIST * 65536 * 512 * 4 < 6e9
+
+
+def quantisation_error(index: faiss.Index, vectors: np.ndarray) -> float:
+    ivf = faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    _, nearest = faiss.knn(vectors, centroids, 1)
+    return float(np.mean(np.sum((vectors - centroids[nearest[:, 0]]) ** 2, axis=1)))
+
+
+def test_two_level_training_makes_every_list_and_fits_like_one_kmeans():
+    vectors = clustered_unit(256 * 40, clusters=300)
+    two_level = faiss.index_factory(DIM, "IVF256_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    train(two_level, vectors)
+    one_level = faiss.index_factory(DIM, "IVF256,Flat", faiss.METRIC_INNER_PRODUCT)
+    one_level.train(vectors)
+    assert faiss.extract_index_ivf(two_level).quantizer.ntotal == 256
+    assert len(np.unique(faiss.extract_index_ivf(two_level).quantizer.reconstruct_n(0, 256), axis=0)) == 256
+    # Two levels cost a little fit (each list's centroid is drawn from its group only), not much.
+    assert quantisation_error(two_level, vectors) < 1.1 * quantisation_error(one_level, vectors)
+
+
+def test_tuning_stops_at_the_first_setting_that_reaches_the_target():
+    vectors = clustered_unit(6000, clusters=60)
+    index = faiss.index_factory(DIM, "IVF128_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    train(index, vectors)
+    index.add(vectors)
+    queries = unit_rows(vectors[:100] + 0.1 * np.random.default_rng(3).standard_normal((100, DIM)))
+    _, truth = faiss.knn(queries, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    recall = tune(index, queries, truth)
+    ivf = faiss.extract_index_ivf(index)
+    chosen = ivf.nprobe
+    assert recall >= vectors_module.TUNING_RECALL > vectors_module.TARGET_RECALL and chosen > 1
+    assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == max(32, 2 * chosen)
+    # The step below (nprobe climbs 2, 3, 4, 6, 8, 12, ...) falls short.
+    below = max(n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if n < chosen)
+    ivf.nprobe = below
+    found = index.search(queries, 10)[1]
+    assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, truth)]) / 10 < vectors_module.TUNING_RECALL
+
+
+@pytest.fixture
+def hnsw_coarse(monkeypatch):
+    """auto picks an HNSW coarse quantiser from 3,000 vectors (tens of lists) instead of 500,000."""
+    monkeypatch.setattr(vectors_module, "FLAT_LIMIT", 1000)
+    monkeypatch.setattr(vectors_module, "HNSW_COARSE_FROM", 3000)
+    monkeypatch.setattr(vectors_module, "HNSW_LISTS_PER_SQRT", 1)
+
+
+@pytest.mark.parametrize(("budget", "codes"), [(None, "Flat"), (8000 * (DIM + 64), "SQ8")])
+def test_auto_hnsw_coarse_index_reaches_its_recall_on_unseen_queries(hnsw_coarse, budget, codes):
+    vectors = clustered_unit(8000, clusters=80)
+    ids = np.arange(8000, dtype=np.int64) * 3 + 11
+    index = VectorIndex.build(ids, vectors, memory_budget=budget)
+    assert index.index_type == f"IVF64_HNSW32,{codes}"
+    assert index.recall_at_10 >= vectors_module.TARGET_RECALL
+    fresh = unit_rows(vectors[:200] + 0.05 * np.random.default_rng(9).standard_normal((200, DIM)))
+    assert recall_at_10(index, ids, vectors, fresh) >= 0.9
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    with Catalog.open(tmp_path / "home", create=True) as c:
+        yield c
+
+
+def test_hnsw_coarse_index_round_trips_and_takes_updates(hnsw_coarse, catalog, caplog):
+    add_files(catalog, clustered_unit(4000, clusters=40))
+    built = VectorIndex.load(catalog.home, catalog, stored(catalog))
+    assert built.index_type == "IVF64_HNSW32,Flat"
+    queries = clustered_unit(20, clusters=40, seed=4)
+    before = built.search(queries, 10)
+    loaded = VectorIndex.load(catalog.home, catalog, stored(catalog))
+    assert (loaded.index_type, loaded.recall_at_10) == (built.index_type, built.recall_at_10)
+    # The tuned search travels in the file: same nprobe, same quantiser effort, same answers.
+    ivf, loaded_ivf = faiss.extract_index_ivf(built.index), faiss.extract_index_ivf(loaded.index)
+    assert loaded_ivf.nprobe == ivf.nprobe > 1
+    assert faiss.downcast_index(loaded_ivf.quantizer).hnsw.efSearch == faiss.downcast_index(ivf.quantizer).hnsw.efSearch
+    for got, expected in zip(loaded.search(queries, 10), before):
+        np.testing.assert_array_equal(got, expected)
+    # Unlike an HNSW graph of the vectors, its lists take vectors in (and out) without a rebuild.
+    add_files(catalog, clustered_unit(50, clusters=40, seed=7), start=4000)
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"):
+        updated = VectorIndex.load(catalog.home, catalog, stored(catalog))
+    assert "Updated the vector index: 50 vectors in, 0 out" in caplog.text and "Built" not in caplog.text
+    assert updated.ntotal == 4050
+    assert_answers_like_the_catalog(updated, catalog)
