@@ -656,7 +656,7 @@ def _two_level_centroids(sample: np.ndarray, nlist: int) -> np.ndarray:
                 dim, share, niter=_KMEANS_ITERATIONS, seed=1, max_points_per_centroid=256, min_points_per_centroid=16
             )
             kmeans.train(sample[members])
-            centroids.append(kmeans.centroids)
+            centroids.append(np.asarray(kmeans.centroids))
     found = np.concatenate(centroids)
     if len(found) < nlist:  # a group had fewer points than lists: sample points make up the rest
         found = np.concatenate([found, sample[: nlist - len(found)]])
