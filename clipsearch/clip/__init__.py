@@ -11,8 +11,8 @@ models` needs) stay light, and the model, tokenizer and loss are imported on fir
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
