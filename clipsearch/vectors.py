@@ -33,13 +33,11 @@ time on a sample of the vectors as queries, reaches `TUNING_RECALL` (a point abo
 because it builds in seconds instead of minutes (about 2 s vs 120 s for 100k x 512 on two
 cores), and an HNSW graph cannot drop vectors, so every change would mean a rebuild.
 
-From `HNSW_COARSE_FROM` vectors the lists are many more (about 16 sqrt(n): 65,536 at 10M) and
-a query finds the nearest of them through an HNSW graph of their centroids (`IVF<nlist>_HNSW32`)
-instead of comparing itself with every centroid. Shorter lists mean fewer vectors scanned for
-the same recall: at 10M, IVF4096,SQ8 needed nprobe 256 (625k codes, 194 ms on one thread),
-the HNSW quantiser's lists far fewer codes (figures in docs/scale.md). The graph holds only the
-centroids, so vectors still come and go by update. Its k-means runs in two levels (`train`):
-one over all the lists would take hours of two cores at 10M.
+An inverted file whose nearest lists an HNSW graph of their centroids finds (`IVF65536_HNSW32`,
+the usual advice for 10M vectors and more) is a type to ask for, not "auto"'s choice: on the
+clustered vectors of `benchmarks/scale.py` its many short lists needed nprobe 512 of 16,384 at
+1M (31k vectors scanned, 11.5 ms of CPU a query) where 1,024 lists needed 16 (16k vectors).
+Its k-means runs in two levels (`train`): one over all its lists would take hours of two cores.
 """
 
 from __future__ import annotations
@@ -75,11 +73,9 @@ TARGET_RECALL = 0.95
 TUNING_RECALL = 0.96
 RECALL_QUERIES = 200
 TRAIN_POINTS_PER_LIST = 64  # FAISS asks for at least 39; more only slows k-means down
-# From this many vectors, an inverted file of about HNSW_LISTS_PER_SQRT * sqrt(n) lists found
-# through an HNSW graph of their centroids (`choose_index_type`).
-HNSW_COARSE_FROM = 500_000
-HNSW_LISTS_PER_SQRT = 16
-HNSW_TRAIN_POINTS_PER_LIST = 40  # 10M vectors: 65,536 lists, a 2.6M sample (5.4 GB of float32)
+# An inverted file with an HNSW coarse quantiser (`IVF65536_HNSW32,SQ8`, asked for by name) has
+# so many lists that fewer points per list train it: 65,536 lists want a 2.6M sample (5.4 GB).
+HNSW_TRAIN_POINTS_PER_LIST = 40
 _KMEANS_ITERATIONS = 10  # FAISS's own for an inverted file
 _QUANTIZER_EF = 32
 _TRAIN_POINTS = 100_000  # for other trained codecs (PQ, SQ without IVF)
@@ -572,22 +568,20 @@ def choose_index_type(n: int, dim: int, memory_budget: int | None = None) -> str
     """The FAISS factory string "auto" means for `n` vectors of `dim` under a memory budget."""
     if n <= FLAT_LIMIT:
         return "Flat"
-    if n < HNSW_COARSE_FROM:
-        # About sqrt(n) lists of about sqrt(n) vectors: the probes cost about what the list search does.
-        coarse = f"IVF{2 ** round(np.log2(np.sqrt(n)))}"
-    else:
-        # An HNSW graph finds the nearest lists without comparing the query with every centroid,
-        # so many more, shorter lists pay: fewer vectors are scanned for the same recall.
-        coarse = f"IVF{2 ** round(np.log2(HNSW_LISTS_PER_SQRT * np.sqrt(n)))}_HNSW32"
+    # About sqrt(n) lists of about sqrt(n) vectors: the probes cost about what the list search
+    # does. (Many more lists behind an HNSW coarse quantiser, `IVF16384_HNSW32` at 1M, were
+    # measured and lost: clustered vectors spread over more lists, and twice the vectors were
+    # scanned for the same recall. They remain a type to ask for, trained in two levels.)
+    nlist = 2 ** round(np.log2(np.sqrt(n)))
     # Besides its codes, each vector costs ids in the inverted list and both IDMap2 maps.
     budget = (memory_budget or _default_memory_budget()) - n * _ID_BYTES
     if n * dim * 4 <= budget:
-        return f"{coarse},Flat"
+        return f"IVF{nlist},Flat"
     if n * dim <= budget:
-        return f"{coarse},SQ8"
+        return f"IVF{nlist},SQ8"
     # Product quantisation: the most sub-quantisers (bytes per vector) that divide dim and fit.
     fitting = [m for m in range(1, dim // 2 + 1) if dim % m == 0 and n * m <= budget]
-    return f"{coarse},PQ{max(fitting, default=1)}"
+    return f"IVF{nlist},PQ{max(fitting, default=1)}"
 
 
 def _default_memory_budget() -> int:

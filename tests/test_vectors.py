@@ -69,10 +69,10 @@ def test_auto_choice_follows_size_and_memory_budget():
     flat_limit = vectors_module.FLAT_LIMIT
     assert choose_index_type(flat_limit, 512) == "Flat"
     assert choose_index_type(100_000, 512, memory_budget=1 << 30) == "IVF256,Flat"
-    assert choose_index_type(400_000, 512, memory_budget=1 << 30) == "IVF512,SQ8"
-    assert choose_index_type(1_000_000, 512, memory_budget=1 << 30) == "IVF16384_HNSW32,SQ8"
+    assert choose_index_type(1_000_000, 512, memory_budget=4 << 30) == "IVF1024,Flat"
+    assert choose_index_type(1_000_000, 512, memory_budget=1 << 30) == "IVF1024,SQ8"
     # 10M vectors in 1 GiB: PQ with the most bytes per vector that fits (and divides 512).
-    assert choose_index_type(10_000_000, 512, memory_budget=1 << 30) == "IVF65536_HNSW32,PQ32"
+    assert choose_index_type(10_000_000, 512, memory_budget=1 << 30) == "IVF4096,PQ32"
 
 
 @pytest.mark.parametrize("index_type", ["auto", "HNSW16"])
