@@ -74,6 +74,21 @@ def foreign_record(path: Path) -> Path:
     return model_cache_dir() / "verified" / f"{key}.json"
 
 
+def recorded_sha256(path: Path) -> str:
+    """The SHA-256 of `path`, from a record that still describes it where one does (the sidecar
+    of a download, the record of a checked foreign file, or one this function wrote), else
+    hashed now and recorded: what a model's weights fingerprint costs on every run is a stat.
+    Only its own records are written, never those `check` holds files to."""
+    own = model_cache_dir() / "hashed" / foreign_record(path).name
+    for record in (sidecar(path), foreign_record(path), own):
+        marker = _read(record)
+        if marker is not None and all(marker[key] == value for key, value in identity(path).items()):
+            return str(marker["sha256"])
+    digest = sha256_file(path)
+    write(own, path, digest)
+    return digest
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
