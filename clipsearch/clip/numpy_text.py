@@ -270,7 +270,7 @@ def cache_file(model_ref: str) -> Path:
 def load_cached(model_ref: str) -> TextTower | None:
     """The cached text tower of ``model_ref``, or None when there is none or it is stale."""
     path = cache_file(model_ref)
-    source = _source(model_ref)
+    source = checkpoint_state(model_ref)
     if source is None or not path.is_file():
         return None
     try:
@@ -293,7 +293,7 @@ def export(model_ref: str) -> TextTower:
 
     if family(model_ref) != "clip":
         raise ValueError(f"{model_ref} is a {family(model_ref)} model, whose text tower runs in torch only")
-    source = _source(model_ref)  # before loading: a checkpoint replaced meanwhile makes the cache stale
+    source = checkpoint_state(model_ref)  # before loading: a checkpoint replaced meanwhile makes the cache stale
     model, _ = load(model_ref, device="cpu", towers="text")
     if not isinstance(model, CLIP):  # a pickled file is told apart only once loaded
         raise ValueError(f"{model_ref} is not a CLIP, and only a CLIP's text tower runs in NumPy")
@@ -313,7 +313,7 @@ def _canonical(model_ref: str) -> str:
     return entry.name if entry is not None else os.path.abspath(os.path.expanduser(model_ref))
 
 
-def _source(model_ref: str) -> dict | None:
+def checkpoint_state(model_ref: str) -> dict | None:
     """What the checkpoint files of ``model_ref`` look like on disk now, or None when they are
     not there (a registry model not downloaded yet)."""
     entry = registry.find(model_ref)
