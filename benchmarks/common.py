@@ -183,9 +183,13 @@ def fmt(value: float | str | None, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
-def print_table(title: str, rows: Sequence[tuple[str, str, str, str]], notes: Sequence[str] = ()) -> None:
-    """metric | ours | peer | ratio, as a Markdown table that pastes into the README."""
-    header = ("metric", "ours", "peer", "ratio")
+def print_table(
+    title: str,
+    rows: Sequence[tuple[str, str, str, str]],
+    notes: Sequence[str] = (),
+    header: tuple[str, str, str, str] = ("metric", "ours", "peer", "ratio"),
+) -> None:
+    """metric | ours | peer | ratio (or another ``header``), as a Markdown table that pastes into the README."""
     table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     print(f"\n## {title}\n\n{machine()}\n")

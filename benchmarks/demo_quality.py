@@ -8,13 +8,19 @@ script generates 1,000 scenes of another seed and measures, with the generator's
   images that hold an object of that colour and shape, averaged over the 60 colour–shape pairs;
 - zero-shot shape classification of the one-object scenes ("a photo of a {shape}"), for scale.
 
-Usage: python benchmarks/demo_quality.py [--model demo] [--seed 20250] [--count 1000]
+Then the same model on shapes drawn by another program (`tests/drawn_shapes.py`: plain Pillow,
+Pillow's colour names, ten styles), against "a {colour} {shape}" queries: top-1 and precision@5
+over all drawings, and per style, colour and shape.
+
+Usage: python benchmarks/demo_quality.py [--model demo] [--seed 20250] [--count 1000] [--per-pair 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--per-pair", type=int, default=2, help="drawings of each colour-shape pair per style")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -81,7 +88,30 @@ def main() -> None:
     print(f"|{'-' * (width + 2)}|-------|--------|")
     for name, value, target in rows:
         print(f"| {name.ljust(width)} | {value} | {target.ljust(6)} |")
+    drawn_table(model, preprocess, args.per_pair)
     print(f"\n({time.perf_counter() - started:.0f} s on CPU, {args.threads} thread(s))")
+
+
+def drawn_table(model, preprocess, per_pair: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from drawn_shapes import drawings, evaluate
+
+    items = drawings(per_pair=per_pair)
+    scores = evaluate(model, preprocess, items)
+    overall = scores["all"]["all"]
+    print(f"\n## drawn by another renderer: {len(items)} drawings, 60 'a {{colour}} {{shape}}' queries\n")
+    print(f"all drawings: top-1 {overall.top1:.3f}, precision@5 {overall.precision:.3f} (targets ≥ 0.9)\n")
+    for group, title in (
+        ("style", f"style (its {60 * per_pair} drawings only)"),
+        ("colour", "colour"),
+        ("shape", "shape"),
+    ):
+        k = next(iter(scores[group].values())).k
+        print(f"| {title} | top-1 | precision@{k} |")
+        print("|---|---|---|")
+        for name, score in scores[group].items():
+            print(f"| {name} | {score.top1:.3f} | {score.precision:.3f} |")
+        print()
 
 
 if __name__ == "__main__":

@@ -157,6 +157,39 @@ def test_openclip_safetensors(tmp_path, openclip_state_dict):
     assert_same_weights(state_dict, openclip_state_dict)
 
 
+def test_an_image_only_load_reads_no_text_tower_weights(tmp_path, openclip_state_dict, monkeypatch):
+    """Indexing loads the image tower alone: of a safetensors file, only its tensors are read (and
+    the few whose shapes tell the configuration), each into memory of its own, not mapped."""
+    from clipsearch import clip
+    from clipsearch.clip import checkpoints
+
+    save_file(openclip_state_dict, tmp_path / "open_clip_model.safetensors")
+    read: list[str] = []
+    opened = checkpoints.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            assert kwargs.get("backend") == "pread"
+            self.file = opened(*args, **kwargs)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.file.get_tensor(key)
+
+    monkeypatch.setattr(checkpoints, "safe_open", Spy)
+    model, _ = clip.load(tmp_path / "open_clip_model.safetensors", device="cpu", towers="image")
+    visual = {key for key in openclip_state_dict if key.startswith("visual.")}
+    assert visual <= set(read)
+    text_blocks = {key for key in openclip_state_dict if key.startswith("transformer.resblocks.")}
+    assert text_blocks and not text_blocks & set(read)
+    assert model.visual is not None and not hasattr(model, "token_embedding")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, openclip_state_dict[key].float()), key
+
+
 def test_training_checkpoint_with_wrapper_and_module_prefix(tmp_path, openclip_state_dict):
     checkpoint = {
         "epoch": 32,

@@ -213,6 +213,40 @@ def test_cli_import_is_light():
     assert out.strip() == "[]"
 
 
+# Never needed to index local folders: each costs a first index start-up time (issue 16).
+NOT_FOR_INDEXING = {"alembic", "transformers", "huggingface_hub", "pandas", "pyarrow", "ray", "open_clip", "onnx"}
+
+
+def modules_of_cli_run(*args: str | os.PathLike) -> tuple[set[str], str]:
+    """(top-level modules imported, stdout) of one `clipsearch` run in a fresh interpreter."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('MODULES', *sorted({m.split('.')[0] for m in sys.modules}), file=sys.stderr))\n"
+        f"sys.argv = ['clipsearch', *{[str(arg) for arg in args]!r}]\n"
+        "from clipsearch.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("MODULES ")]
+    return set(line.split()[1:]), result.stdout
+
+
+def test_index_help_imports_nothing_heavy():
+    modules, out = modules_of_cli_run("index", "--help")
+    assert "--model" in out
+    assert not modules & (NOT_FOR_INDEXING | {"torch", "numpy", "sqlalchemy", "faiss", "PIL"})
+
+
+def test_a_first_index_imports_only_what_it_uses(tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 3)
+    args = ["--home", tmp_path / "home", "index", tmp_path / "lib", "--model", tiny_model, "--workers", "0"]
+    modules, out = modules_of_cli_run(*args, "--precision", "fp32")
+    assert "new 3" in out
+    assert {"torch", "sqlalchemy", "PIL"} <= modules  # the run did load the model and write the catalog
+    assert not modules & NOT_FOR_INDEXING
+
+
 @pytest.mark.slow
 def test_ctrl_c_commits_what_is_done_and_exits_130(tmp_path, tiny_model):
     make_library(tmp_path / "lib", 150)

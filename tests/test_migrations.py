@@ -1,4 +1,7 @@
+import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,60 @@ def test_head_constant_matches_the_migration_scripts():
 def test_migrations_build_exactly_the_models_schema(tmp_path):
     with Catalog.open(tmp_path, create=True) as c, c.transaction() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def schema_of(db: Path) -> dict:
+    """Everything SQLite knows of a file's layout, in a form that does not depend on how the
+    statements were spelt: per table its columns, indexes (with their columns), foreign keys and
+    CHECK constraints, plus the other objects' names."""
+    conn = sqlite3.connect(db)
+    layout: dict = {}
+    for kind, name, sql in conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name"):
+        if kind != "table":
+            layout[(kind, name)] = None  # indexes: compared with their table below
+            continue
+        indexes = {
+            row[1]: (row[2:], conn.execute(f"PRAGMA index_xinfo('{row[1]}')").fetchall())
+            for row in conn.execute(f"PRAGMA index_list('{name}')")
+        }
+        layout[(kind, name)] = {
+            "columns": conn.execute(f"PRAGMA table_xinfo('{name}')").fetchall(),
+            "indexes": indexes,
+            "foreign keys": conn.execute(f"PRAGMA foreign_key_list('{name}')").fetchall(),
+            "checks": sorted(re.findall(r"CONSTRAINT (\w+) CHECK \((.*?)\)\s*[,)]", sql or "")),
+            "autoincrement": "AUTOINCREMENT" in (sql or ""),
+        }
+    conn.close()
+    return layout
+
+
+def test_a_new_catalog_has_exactly_the_schema_the_migrations_build(tmp_path):
+    """A new catalog is made from the models and stamped, not by replaying the revisions: the
+    two must never drift apart."""
+    with Catalog.open(tmp_path / "new", create=True) as c:
+        settings = {key for (key,) in c._db.execute("SELECT key FROM meta")}
+    (tmp_path / "migrated").mkdir()
+    migrated = tmp_path / "migrated" / "catalog.db"
+    migrate(migrated, "head")
+
+    made = schema_of(tmp_path / "new" / "catalog.db")
+    assert made == schema_of(migrated)
+    assert ("table", "images") in made and made[("table", "images")]["checks"]  # the comparison saw them
+    assert stored_revision(tmp_path / "new" / "catalog.db") == HEAD_REVISION
+    # The revisions' data steps' settings, plus those every new catalog gets.
+    written = {key for (key,) in sqlite3.connect(migrated).execute("SELECT key FROM meta")}
+    assert settings == written | {"created_at", "clipsearch_version", "generation"}
+
+
+def test_a_new_catalog_is_made_without_alembic(tmp_path):
+    code = (
+        "import sys; from clipsearch.catalog import Catalog; "
+        f"Catalog.open({str(tmp_path / 'home')!r}, create=True).close(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
+    assert stored_revision(tmp_path / "home" / "catalog.db") == HEAD_REVISION
 
 
 def make_base_catalog(home: Path) -> Path:

@@ -188,3 +188,144 @@ def test_single_objects_generator_gives_one_object_scenes():
     generator = SceneGenerator(seed=3, single_objects=True)
     assert all(len(generator[i].objects) == 1 for i in range(50))
     assert all(len(generator.hard_negative(i, 2).objects) == 1 for i in range(50))
+
+
+# --- varied scenes -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def varied():
+    return SceneGenerator(seed=11, resolution=64, style="varied").take(300)
+
+
+def test_an_unknown_style_is_refused():
+    with pytest.raises(ValueError, match="style"):
+        SceneGenerator(style="cubist")
+
+
+def test_varied_scenes_are_deterministic_in_any_order():
+    generator = SceneGenerator(seed=3, resolution=64, style="varied")
+    forward = [generator[i] for i in range(6)]
+    backward = [SceneGenerator(seed=3, resolution=64, style="varied")[i] for i in reversed(range(6))][::-1]
+    for a, b in zip(forward, backward):
+        assert a.captions == b.captions and a.objects == b.objects
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def _kept_square(image):
+    """Left, top and side of the central square that CLIP's centre crop keeps."""
+    side = min(image.size)
+    return (image.width - side) / 2, (image.height - side) / 2, side
+
+
+def test_varied_frames_and_objects_span_sizes_places_and_aspects(varied):
+    sizes = {scene.image.size for scene in varied}
+    assert any(w != h for w, h in sizes) and len({min(s) for s in sizes}) == 3
+    sides = []
+    for scene in varied:
+        left, top, side = _kept_square(scene.image)
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            # Inside the part the centre crop keeps (rounding and line width aside).
+            assert left - 3 <= x0 and x1 <= left + side + 3 and top - 3 <= y0 and y1 <= top + side + 3, obj
+        if len(scene.objects) == 1:
+            x0, y0, x1, y1 = scene.objects[0].box
+            sides.append(max(x1 - x0, y1 - y0) / side)
+    assert min(sides) < 0.15 and max(sides) > 0.85
+
+
+def test_varied_position_and_size_words_match_the_drawing(varied):
+    checked = 0
+    for scene in varied:
+        # Shapes whose box is centred on the point they are placed at.
+        if len(scene.objects) != 1 or scene.objects[0].shape not in ("circle", "square", "cross"):
+            continue
+        (obj,) = scene.objects
+        checked += 1
+        left, top, side = _kept_square(scene.image)
+        x = ((obj.box[0] + obj.box[2]) / 2 - left) / side
+        y = ((obj.box[1] + obj.box[3]) / 2 - top) / side
+        dx, dy = x - 0.5, y - 0.5
+        if max(abs(dx), abs(dy)) < 1 / 6 - 0.03:
+            assert obj.position == "centre", (scene.caption, x, y)
+        elif abs(abs(dx) - abs(dy)) > 0.05 and max(abs(dx), abs(dy)) > 1 / 6 + 0.03:
+            expected = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("top" if dy < 0 else "bottom")
+            assert obj.position == expected, (scene.caption, x, y)
+        extent = max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]) / side
+        if extent > 0.5:
+            assert obj.size == "large", scene.caption
+        elif extent < 0.3:
+            assert obj.size == "small", scene.caption
+    assert checked >= 40
+
+
+def test_varied_captions_name_objects_but_no_background(varied):
+    for scene in varied:
+        assert scene.background == "" and "background" not in " ".join(scene.captions)
+        for obj in scene.objects:
+            assert f"{obj.colour} {obj.shape}" in _singular(scene.caption)
+
+
+def test_varied_objects_stand_out_and_are_drawn_in_their_colour(varied):
+    """A filled circle's centre pixel is a rendering of its colour name: nearer to one of that
+    name's renderings than to any other name's."""
+    from clipsearch.training.scenes import PALETTE
+
+    checked = 0
+    for scene in varied:
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            if obj.shape != "circle" or x1 - x0 < 12:
+                continue
+            pixel = np.asarray(scene.image.convert("RGB"))[(y0 + y1) // 2, (x0 + x1) // 2].astype(float)
+            # An outlined circle is hollow: its centre shows the background.
+            centre_is_line = min(np.linalg.norm(pixel - rgb) for rgb in PALETTE[obj.colour]) < 60
+            if centre_is_line:
+                nearest = min(PALETTE, key=lambda name: min(np.linalg.norm(pixel - rgb) for rgb in PALETTE[name]))
+                checked += 1
+                assert nearest == obj.colour or min(np.linalg.norm(pixel - rgb) for rgb in PALETTE[obj.colour]) < 45, (
+                    scene.caption,
+                    pixel,
+                )
+    assert checked >= 20
+
+
+def test_varied_hard_negatives_change_one_respect_on_the_same_background():
+    generator = SceneGenerator(seed=9, resolution=64, style="varied")
+    seen = set()
+    for index in range(200):
+        scene, negative = generator[index], generator.hard_negative(index)
+        change = _changes(scene, negative)
+        assert change, (scene.caption, negative.caption)
+        seen.add(change)
+        assert negative.caption != scene.caption and negative.image.size == scene.image.size
+    assert seen == {"shape", "colour", "size", "position", "places"}
+
+
+def test_a_mixed_stream_holds_both_styles():
+    generator = SceneGenerator(seed=2, resolution=64, style="mixed")
+    classic = sum(generator[i].background != "" for i in range(200))
+    assert 40 <= classic <= 80  # 30% of 200
+
+
+def test_photos_carry_a_date_and_an_orientation_their_pixels_obey(tmp_path):
+    from PIL import ExifTags, ImageOps
+
+    manifest = write_scenes(tmp_path, count=12, seed=1, resolution=64, style="varied", photos=True)
+    generator = SceneGenerator(seed=1, resolution=64, style="varied")
+    orientations = set()
+    for record in read_manifest(manifest):
+        index = int(record["path"].rsplit("_", 1)[1].split(".")[0])
+        with Image.open(record["path"]) as image:
+            if index % 3 != 2:
+                assert image.format == "PNG"
+                continue
+            assert image.format == "JPEG"
+            exif = image.getexif()
+            taken = exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal]
+            assert taken.startswith("2024:05:") or taken.startswith("2024:06:")
+            orientations.add(exif.get(ExifTags.Base.Orientation, 1))
+            upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=float)
+        expected = np.asarray(generator[index].image, dtype=float)
+        assert upright.shape == expected.shape and np.abs(upright - expected).mean() < 12
+    assert orientations == {1, 3, 6, 8}

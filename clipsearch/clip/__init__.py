@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +122,7 @@ def load(
 
 
 def _configuration(
-    state_dict: dict, info: Any, entry: registry.ModelEntry | None, quick_gelu: bool | None, path: Path
+    state_dict: Mapping[str, Any], info: Any, entry: registry.ModelEntry | None, quick_gelu: bool | None, path: Path
 ) -> Any:
     """The model's configuration: the checkpoint's own, else what its weights show; for a CLIP
     the activation an explicit argument, else the registry, else the checkpoint names."""

@@ -556,8 +556,8 @@ class CLIP(SharedSpace):
         return x[torch.arange(x.shape[0], device=x.device), ends] @ self.text_projection
 
 
-def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> dict[str, torch.Tensor]:
-    """The entries of a full state dict that a model with only ``towers`` has. Every family keeps
+def tower_keys(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> list[str]:
+    """The keys of a full state dict that a model with only ``towers`` has. Every family keeps
     its image tower under ``visual.``; the scalars of the scoring go with either tower."""
     check_towers(towers)
 
@@ -570,7 +570,7 @@ def tower_state_dict(state_dict: Mapping[str, torch.Tensor], towers: Towers) -> 
             return key.startswith("visual.") or key in _SCORING_KEYS
         return True
 
-    return {key: value for key, value in state_dict.items() if wanted(key)}
+    return [key for key in state_dict if wanted(key)]
 
 
 def family_of(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -609,11 +609,12 @@ def with_weights(model_class: Any, config: Any, state_dict: Mapping[str, torch.T
     # PyTorch modules, 0.4 s of start-up, only to overwrite them.
     with torch.device("meta"):
         model = model_class(config, towers)
-    # Copies the model owns: a checkpoint's tensors may be read-only maps of the file.
-    weights = {
-        key: value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
-        for key, value in tower_state_dict(state_dict, towers).items()
-    }
+    # Copies the model owns (a checkpoint's tensors may be read-only maps of the file), looked
+    # up one at a time: a lazy state dict then holds one tensor at a time beside the model.
+    weights = {}
+    for key in tower_keys(state_dict, towers):
+        value = state_dict[key]
+        weights[key] = value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
     try:
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:

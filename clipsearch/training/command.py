@@ -45,6 +45,11 @@ def train(
         min=0,
         help="Synthetic scenes: first epochs with one object per scene, where shapes are learned fastest.",
     ),
+    scene_style: str = typer.Option(
+        "mixed",
+        "--scene-style",
+        help="Synthetic scenes: classic (grid, fixed sizes), varied (any size, place, angle, background) or mixed.",
+    ),
     val_size: int = typer.Option(1_000, "--val-size", min=2, help="Held-out pairs evaluated after each epoch."),
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate."),
     weight_decay: float = typer.Option(0.1, "--weight-decay"),
@@ -73,9 +78,12 @@ def train(
     from clipsearch.training.loop import EpochResult, StepInfo
     from clipsearch.training.loop import train as run
     from clipsearch.training.options import TrainOptions
+    from clipsearch.training.scenes import STYLES
 
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise typer.BadParameter("use auto, fp32, fp16 or bf16", param_hint="--precision")
+    if scene_style not in STYLES:
+        raise typer.BadParameter(f"use {', '.join(STYLES)}", param_hint="--scene-style")
     options = TrainOptions(
         output=output,
         data=data,
@@ -86,6 +94,7 @@ def train(
         samples_per_epoch=samples_per_epoch,
         hard_negatives=hard_negatives,
         single_object_epochs=single_object_epochs,
+        scene_style=scene_style,
         val_size=val_size,
         lr=lr,
         weight_decay=weight_decay,

@@ -61,7 +61,9 @@ def read_pairs(path: str | Path) -> list[tuple[Path, str]]:
 def vocabulary_captions(options: TrainOptions) -> list[str]:
     """The captions a new model's BPE vocabulary is learned from."""
     if options.data is None:
-        scenes = SceneGenerator(options.seed, resolution=8)  # captions do not depend on the resolution
+        scenes = SceneGenerator(
+            options.seed, resolution=8, style=options.scene_style
+        )  # captions do not depend on the resolution
         return [caption for i in range(_VOCABULARY_SCENES) for caption in scenes[i].captions]
     return [caption for _, caption in read_pairs(options.data)[:_VOCABULARY_PAIRS]]
 
@@ -165,8 +167,8 @@ def datasets(
         # held-out scenes are the negative indices, which that stream never reaches.
         # A curriculum: shapes are learned many times faster from one-object scenes, and once
         # learned they carry over to scenes of several objects.
-        scenes = SceneGenerator(options.seed, preprocess.resolution)
-        singles = SceneGenerator(options.seed, preprocess.resolution, single_objects=True)
+        scenes = SceneGenerator(options.seed, preprocess.resolution, style=options.scene_style)
+        singles = SceneGenerator(options.seed, preprocess.resolution, single_objects=True, style=options.scene_style)
         group = options.hard_negatives + 1
         n = options.samples_per_epoch - options.samples_per_epoch % group  # a group stays in one epoch
         val = SceneDataset(scenes, -options.val_size, options.val_size, preprocess, tokenizer, context_length, None)

@@ -27,6 +27,7 @@ class TrainOptions:
     samples_per_epoch: int = 20_000  # synthetic scenes only; files are one pass per epoch
     hard_negatives: int = 3  # synthetic scenes only: changed copies of each scene in its batch (0-3)
     single_object_epochs: int = 0  # synthetic scenes only: first epochs with one object per scene
+    scene_style: str = "mixed"  # synthetic scenes only: one of scenes.STYLES
     val_size: int = 1_000  # held-out pairs
     lr: float = 5e-4
     weight_decay: float = 0.1

@@ -1,0 +1,146 @@
+"""Target 3 and 4 of issue 16: how long a first `clipsearch index` takes before its first image is
+encoded, and where its memory peaks.
+
+Each run is a new process, `clipsearch --home NEW index FOLDER --model M`, started through this
+file, which notes (without changing what runs) when the model starts and finishes loading, when
+the first batch reaches the model, and when the text tower is exported for later queries, with
+the resident memory and its high-water mark at each point. Times count from the moment the
+process was launched (the parent's and the child's monotonic clocks are the same clock).
+
+    python benchmarks/startup.py                      # 40 x 640x480, auto and bf16, 3 runs each
+    python benchmarks/startup.py --count 200 --size 4032x3024 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import BENCH_DIR, fmt, median, ours_env, photo_folder, print_table, random_model
+
+ARCH = "ViT-B-32-256"
+_T0 = "CLIPSEARCH_BENCH_T0"
+_OUT = "CLIPSEARCH_BENCH_EVENTS"
+
+
+def _memory() -> tuple[float, float]:
+    """(resident MiB now, high-water mark MiB) of this process."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def child(argv: list[str]) -> None:
+    """Run the CLI in this process with the events noted."""
+    import atexit
+
+    from clipsearch import encoder as encoder_module
+    from clipsearch.clip import numpy_text
+
+    started = float(os.environ[_T0])
+    events: list[tuple[str, float, float, float]] = []
+
+    def note(name: str) -> None:
+        events.append((name, time.perf_counter() - started, *_memory()))
+
+    def noting(owner: object, attribute: str, before: str, after: str | None = None, once: bool = False) -> None:
+        original = getattr(owner, attribute)
+        seen = []
+
+        def wrapper(*args, **kwargs):
+            if not (once and seen):
+                note(before)
+            result = original(*args, **kwargs)
+            if after and not (once and seen):
+                note(after)
+            seen.append(True)
+            return result
+
+        setattr(owner, attribute, wrapper)
+
+    noting(encoder_module.Encoder, "__init__", "model load starts", "model loaded")
+    noting(encoder_module.Encoder, "encode_images", "first batch reaches the model", "first batch encoded", once=True)
+    noting(numpy_text, "export", "text tower export starts", "text tower exported")
+
+    def finish() -> None:
+        note("exit")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(os.environ[_OUT]).write_text(json.dumps({"events": events, "maxrss_mib": peak}))
+
+    atexit.register(finish)
+    sys.argv = ["clipsearch", *argv]
+    from clipsearch.cli import main
+
+    main()
+
+
+def run_once(folder: Path, model: Path, extra: list[str]) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="home-", dir=BENCH_DIR))
+    out = home.with_suffix(".json")
+    try:
+        command = [sys.executable, __file__, "--child", "--home", str(home), "index", str(folder)]
+        command += ["--model", str(model)]
+        env = {**ours_env(), _OUT: str(out)}
+        env[_T0] = str(time.perf_counter())
+        subprocess.run([*command, *extra], env=env, check=True, capture_output=True)
+        return json.loads(out.read_text())
+    finally:
+        shutil.rmtree(home)
+        out.unlink(missing_ok=True)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=40)
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precisions", default="auto,bf16", help="comma-separated --precision values")
+    args = parser.parse_args()
+
+    width, height = (int(side) for side in args.size.split("x"))
+    folder = photo_folder(args.count, width, height)
+    for path in folder.iterdir():
+        path.read_bytes()  # into the page cache
+    model = random_model(ARCH)
+    runs: dict[str, list[dict]] = {precision: [] for precision in args.precisions.split(",")}
+    for _ in range(args.repeats):  # the precisions take turns
+        for precision, done in runs.items():
+            done.append(run_once(folder, model, ["--precision", precision]))
+    rows = []
+    for precision, done in runs.items():
+        names = [name for name, *_ in done[0]["events"]]
+        for i, name in enumerate(names):
+            at = median([run["events"][i][1] for run in done])
+            rss = median([run["events"][i][2] for run in done])
+            peak = median([run["events"][i][3] for run in done])
+            rows.append((f"{precision}: {name}", fmt(at, "s"), fmt(rss, "MiB"), fmt(peak, "MiB")))
+        peak = median([run["maxrss_mib"] for run in done])
+        rows.append((f"{precision}: peak RSS (getrusage)", "", "", fmt(peak, "MiB")))
+    print_table(
+        f"First index, {args.count} x {args.size} (issue 16, targets 3 and 4)",
+        rows,
+        [
+            f"{ARCH} at random weights; new process and new home each run, median of {args.repeats}; "
+            "columns: seconds since launch, RSS then, RSS high-water mark then."
+        ],
+        header=("event", "at", "RSS", "peak so far"),
+    )
+
+
+if __name__ == "__main__":
+    main()
