@@ -152,7 +152,7 @@ class Catalog:
     def models(self) -> list[StoredModel]:
         """Every model that has encoded images into this catalog, oldest first."""
         query = (
-            "SELECT m.id, m.name, m.dim, (SELECT count(*) FROM vectors AS v WHERE v.model_id = m.id) "
+            "SELECT m.id, m.name, m.dim, (SELECT count(*) FROM vectors AS v WHERE v.model_id = m.id), m.weights "
             "FROM models AS m ORDER BY m.id"
         )
         with self.read() as db:
@@ -166,9 +166,32 @@ class Catalog:
             raise IndexStateError(f"The index in {self.home} holds no vectors by {name}; index with it first.")
         self.set_meta("default_model", name)
 
-    def drop_model(self, name: str) -> bool:
+    def model_weights(self, name: str) -> str | None:
+        """The fingerprint of the weights that made the model's vectors; None when unknown or
+        the model has none. One indexed lookup: a search checks it every time."""
+        with self.read() as db:
+            row = db.execute("SELECT weights FROM models WHERE name = ?", (name,)).fetchone()
+        return row[0] if row is not None else None
+
+    def adopt_model_weights(self, name: str, weights: str | None) -> None:
+        """Record ``weights`` as what made the model's vectors where that is unknown (NULL).
+        Looked for first in plain SQL: a run that changes nothing imports no SQLAlchemy."""
+        if (
+            weights is None
+            or self._db.execute("SELECT 1 FROM models WHERE name = ? AND weights IS NULL", (name,)).fetchone() is None
+        ):
+            return
+        from sqlalchemy import update
+
+        from clipsearch.schema import Model
+
+        with self.transaction() as conn:
+            conn.execute(update(Model).where(Model.name == name, Model.weights.is_(None)).values(weights=weights))
+
+    def drop_model(self, name: str, *, keep_default: bool = False) -> bool:
         """Forget a model's vectors (the files stay indexed for the others); False if it had none.
-        The default passes to the oldest model left."""
+        The default passes to the oldest model left, unless ``keep_default`` (the model is about
+        to encode again)."""
         from sqlalchemy import delete
 
         from clipsearch.schema import Model
@@ -177,7 +200,7 @@ class Catalog:
             if not conn.execute(delete(Model).where(Model.name == name)).rowcount:
                 return False
             _bump_generation(conn)
-            if _get_meta(self._db, "default_model") == name:
+            if not keep_default and _get_meta(self._db, "default_model") == name:
                 left = self._db.execute("SELECT name FROM models ORDER BY id LIMIT 1").fetchone()
                 if left is None:
                     conn.exec_driver_sql("DELETE FROM meta WHERE key = 'default_model'")
@@ -408,12 +431,13 @@ class Catalog:
         indexed: Sequence[IndexedFile] = (),
         failed: Sequence[FailedFile] = (),
         missing: Sequence[bytes] = (),
+        weights: str | None = None,
     ) -> None:
         """Record one indexer batch in one transaction: a crash keeps all of it or none of it.
 
         ``indexed`` files carry ``model``'s vectors; the first batch that does records the model
-        (and makes it the default if there is none). A file whose content changed keeps no other
-        model's vector: those models re-encode it when next used.
+        with the fingerprint of its ``weights`` (and makes it the default if there is none). A file
+        whose content changed keeps no other model's vector: those models re-encode it when next used.
         """
         if not (indexed or failed or missing):
             return
@@ -429,7 +453,7 @@ class Catalog:
         id_of = select(Image.id).where(Image.path == bindparam("image_path")).scalar_subquery()
         with self.transaction() as conn:
             generation = _bump_generation(conn)
-            model_id = self._record_model(conn, model, len(indexed[0].vector)) if indexed else None
+            model_id = self._record_model(conn, model, len(indexed[0].vector), weights) if indexed else None
             if indexed:
                 conn.exec_driver_sql(
                     "DELETE FROM vectors WHERE model_id != ? AND image_id IN "
@@ -502,7 +526,7 @@ class Catalog:
                 ],
             )
 
-    def _record_model(self, conn: Connection, name: str | None, dim: int) -> int:
+    def _record_model(self, conn: Connection, name: str | None, dim: int, weights: str | None) -> int:
         """The id of model ``name``, recorded now if this is its first vector."""
         row = self._db.execute("SELECT id, dim FROM models WHERE name = ?", (name,)).fetchone()
         if row is not None:
@@ -517,7 +541,9 @@ class Catalog:
 
         from clipsearch.schema import Model
 
-        inserted = conn.execute(sqlite_insert(Model).values(name=name, dim=dim, created_at=time.time()))
+        inserted = conn.execute(
+            sqlite_insert(Model).values(name=name, dim=dim, created_at=time.time(), weights=weights)
+        )
         if _get_meta(self._db, "default_model") is None and name is not None:
             _set_meta(conn, "default_model", name)
         return int(inserted.inserted_primary_key[0])  # type: ignore[index]  # always set by an INSERT

@@ -306,7 +306,7 @@ def index_command(
         # The model a person names for a run is the one they mean to search next.
         switched = model is not None and index.make_default_if_encoded()
     if not settings.quiet:
-        typer.echo(_summary(report, index.home))
+        typer.echo(_summary(report, index.home, index.model))
         if switched:
             typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
     if report.interrupted:
@@ -322,7 +322,7 @@ def _file_list(path: Path) -> Manifest:
     return Manifest(path)
 
 
-def _summary(report: AddReport, home: Path) -> str:
+def _summary(report: AddReport, home: Path, model: str) -> str:
     load = f", model loaded in {report.model_load_s:.1f} s" if report.model_load_s else ""
     line = (
         f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
@@ -337,6 +337,8 @@ def _summary(report: AddReport, home: Path) -> str:
         line += f"; {report.verified} unchanged-looking file(s) verified"
     if report.metadata:
         line += f"; metadata read for {report.metadata} file(s) indexed before"
+    if report.stale:
+        line += f"; re-encoded {report.stale} images: the weights of {_shown(model)} changed"
     return line
 
 
@@ -697,6 +699,10 @@ def _describe(status: Status) -> str:
         if status.consistent
         else ", NOT consistent with the catalog (run `clipsearch rebuild`)"
     )
+    if status.weights_changed:
+        from clipsearch.index import stale_weights_message
+
+        vectors += f"; {stale_weights_message(_shown(status.model or ''))}"
     return "\n".join(
         [
             f"Index:    {_shown(status.home)}",

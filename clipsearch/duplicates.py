@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 # Cosine similarity at or above which two images are the same picture, per model family: the
 # best recall at precision >= 0.95 in benchmarks/duplicates.py (re-encoded, resized, cropped,
 # retouched, rotated, converted and captioned copies against distractors of the same subject or
-# place). demo: precision 0.976, recall 0.946. "clip" was measured on ViT-B/32 at random weights
+# place). demo: precision 0.994, recall 0.970. "clip" was measured on ViT-B/32 at random weights
 # (precision 0.957, recall 0.876), whose vectors follow colour layout more than content: no
 # trained weights can be downloaded here, and real ones may want a lower threshold.
-DEFAULT_THRESHOLDS = {"demo": 0.95, "clip": 0.991}
+DEFAULT_THRESHOLDS = {"demo": 0.955, "clip": 0.991}
 EXACT_LIMIT = 8192  # below this many vectors, every pair is compared
 PROBES = 2  # clusters each vector is compared within
 _BLOCK = 2048  # query rows per matrix product: bounds memory on one huge cluster

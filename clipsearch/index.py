@@ -29,7 +29,7 @@ from clipsearch.errors import ImageError, IndexStateError
 from clipsearch.filters import Filters
 from clipsearch.indexer import AddReport, Progress, run_add
 from clipsearch.paths import default_home
-from clipsearch.records import decode_path
+from clipsearch.records import StoredModel, decode_path
 from clipsearch.search import Hit, Query, find_hits
 from clipsearch.walk import normalise_roots
 
@@ -71,6 +71,7 @@ class Status:
     vectors_in_index: int
     recall_at_10: float | None  # of an approximate index, measured when it was built
     models: list[ModelCoverage] = field(default_factory=list)
+    weights_changed: bool = False  # the model's vectors were made by other weights than its own now
 
     @property
     def consistent(self) -> bool:
@@ -90,6 +91,7 @@ class Index:
         self.precision = precision
         self.readonly = readonly
         self._encoder: Encoder | TextEncoder | None = None
+        self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
         self._vectors: tuple[int, VectorIndex] | None = None  # (catalog generation, index)
 
     @classmethod
@@ -148,6 +150,7 @@ class Index:
         Ray cluster; this process still plans the run and is the only writer.
         """
         with self.catalog.writer_lock():
+            weights, stale = self._drop_stale_vectors()
             generation = self.catalog.generation
             report = run_add(
                 self.catalog,
@@ -163,12 +166,63 @@ class Index:
                 progress=progress,
                 should_stop=should_stop or (lambda: False),
                 executor=None if ray is None else self._ray_executor(ray, batch_size, workers),
+                weights=weights,
             )
+            report.stale = stale
+            # For vectors a Ray executor recorded, or from weights the run downloaded (checked).
+            self.catalog.adopt_model_weights(self.model, weights or self._current_weights())
             if self.catalog.generation != generation:
                 self._update_vectors()
         if report.new + report.changed:
             self._prepare_text_queries()
         return report
+
+    def _current_weights(self) -> str | None:
+        """The fingerprint of the model's weights on disk now (None while not on this machine);
+        an encoder loaded from other weights is let go, to be loaded again."""
+        from clipsearch.clip.sources import weights_fingerprint
+
+        weights = weights_fingerprint(self.model)
+        if self._encoder is not None and weights != self._encoder_weights:
+            self._encoder = None
+        return weights
+
+    def _drop_stale_vectors(self) -> tuple[str | None, int]:
+        """Before a run, under the writer lock: the fingerprint of the model's weights now, and
+        how many of its vectors were dropped for having been made by other weights (the model
+        was updated or retrained in place), for the run to encode every image again. Mixing the
+        two would make searches compare vectors of two embedding spaces. Vectors of unknown
+        weights (recorded before schema 0006) are taken to be by these."""
+        weights = self._current_weights()
+        stored = self.catalog.model(self.model)
+        if stored is None or weights is None or stored.weights == weights:
+            return weights, 0
+        if stored.weights is None:
+            self.catalog.adopt_model_weights(self.model, weights)
+            return weights, 0
+        log.warning(
+            "The weights of %s changed since its vectors were made (%s, now %s): encoding its %d images again",
+            self.model,
+            stored.weights,
+            weights,
+            stored.vectors,
+        )
+        self._forget_vectors(stored, keep_default=True)
+        return weights, stored.vectors
+
+    def weights_changed(self) -> bool:
+        """Whether the model's vectors here were made by other weights than those on disk now
+        (the model was updated or retrained in place); `add` encodes them again."""
+        recorded = self.catalog.model_weights(self.model)
+        if recorded is None:
+            return False
+        weights = self._current_weights()
+        return weights is not None and weights != recorded
+
+    def _require_current_weights(self) -> None:
+        """A search must not compare a query from these weights with vectors from others."""
+        if self.weights_changed():
+            raise IndexStateError(stale_weights_message(self.model))
 
     def _ray_executor(self, ray: str | RayExecutor, batch_size: int | None, workers: int | None) -> RayExecutor:
         from dataclasses import replace
@@ -206,6 +260,7 @@ class Index:
         where, with what they say. ``sort`` is "score", "date" (oldest first), "-date" or
         "path". With no query (None or []) but filters, the photos they pass are listed,
         newest first unless ``sort`` says otherwise. Ids in ``exclude`` are never returned."""
+        self._require_current_weights()
         return find_hits(
             query, self.encoder, self._vectors_now, self.catalog, k, under, min_score, filters, sort, exclude
         )
@@ -291,13 +346,17 @@ class Index:
     def drop_model(self) -> bool:
         """Forget the model's vectors and FAISS file; the files stay indexed for other models.
         False if it had none."""
-        from clipsearch.vectors import vectors_file
-
         with self.catalog.writer_lock():
             stored = self.catalog.model(self.model)
-            if stored is None or not self.catalog.drop_model(self.model):
-                return False
-            (self.home / vectors_file(stored)).unlink(missing_ok=True)
+            return stored is not None and self._forget_vectors(stored)
+
+    def _forget_vectors(self, stored: StoredModel, keep_default: bool = False) -> bool:
+        """Under the writer lock: drop ``stored``'s vectors and FAISS file."""
+        from clipsearch.vectors import vectors_file
+
+        if not self.catalog.drop_model(stored.name, keep_default=keep_default):
+            return False
+        (self.home / vectors_file(stored)).unlink(missing_ok=True)
         self._vectors = None
         return True
 
@@ -318,6 +377,7 @@ class Index:
             vectors_in_index=vectors.ntotal if vectors else 0,
             recall_at_10=vectors.recall_at_10 if vectors else None,
             models=[ModelCoverage(m.name, m.dim, m.vectors, m.name == default) for m in self.catalog.models()],
+            weights_changed=self.weights_changed(),
         )
 
     def failures(self) -> list[tuple[Path, str]]:
@@ -334,6 +394,7 @@ class Index:
         if self._encoder is None or self._encoder.towers not in ("both", towers):
             if self._encoder is not None:
                 towers = "both"  # text and images are both wanted by now
+            weights = self._current_weights()
             encoder = open_encoder(self.model, self.device, self.precision, towers)
             stored = self.catalog.model(self.model)
             if stored is not None and stored.dim != encoder.dim:
@@ -342,7 +403,7 @@ class Index:
                     f"now makes {encoder.dim}-dimensional ones; the weights at that path changed: drop the old "
                     f"vectors with `clipsearch models drop {self.model}`, then index again."
                 )
-            self._encoder = encoder
+            self._encoder, self._encoder_weights = encoder, weights
         return self._encoder
 
     def _image_encoder(self) -> Encoder:
@@ -387,6 +448,13 @@ class Index:
                 f"The index in {self.home} has no vectors by {self.model}; index with it first "
                 f"(`clipsearch index PATH --model {self.model}`), or use one of: {', '.join(others)}."
             )
+
+
+def stale_weights_message(model: str) -> str:
+    return (
+        f"The vectors of {model} were made by other weights (the model was updated or retrained); "
+        "run `clipsearch index` to re-encode them."
+    )
 
 
 def _size(home: Path, name: str) -> int:

@@ -88,6 +88,9 @@ class AddReport:
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
     verified: int = 0  # unchanged files fingerprinted again (`verify`)
     metadata: int = 0  # files indexed before, whose metadata was read from their header now
+    # Vectors dropped before the run because the model's weights changed since they were made
+    # (the images are encoded again in this run, counted as new).
+    stale: int = 0
     elapsed: float = 0.0
     model_load_s: float = 0.0  # part of elapsed: loading the model, once, if anything needed it
     interrupted: bool = False
@@ -170,6 +173,7 @@ def run_add(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     executor: Executor | None = None,
+    weights: str | None = None,
 ) -> AddReport:
     """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``
     (or the files a `Manifest` lists).
@@ -181,7 +185,8 @@ def run_add(
     ``get_encoder`` (loading ``model``) is called only if some file needs encoding, and not at
     all when an ``executor`` does the encoding. ``should_stop`` is polled between files; once it
     returns True the batch not yet encoded is dropped, everything finished is committed, and the
-    report comes back with ``interrupted`` set.
+    report comes back with ``interrupted`` set. ``weights`` (`sources.weights_fingerprint`) is
+    recorded with the model's first vector.
     """
     started = time.perf_counter()
     walk = roots if isinstance(roots, Manifest) else _walk(roots, exclude, follow_symlinks)
@@ -207,7 +212,7 @@ def run_add(
         encoder = get_encoder()
         report.model_load_s = time.perf_counter() - loading
         sizes = {state.size for state in states.values() if state.encoded}
-        run = _Run(catalog, model, encoder, plan.todo, sizes, report, progress, should_stop)
+        run = _Run(catalog, model, encoder, plan.todo, sizes, report, progress, should_stop, weights)
         run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
         moved_content = run.reused_fingerprints
     if should_stop():
@@ -288,8 +293,10 @@ class _Run:
         report: AddReport,
         progress: Progress | None,
         should_stop: Callable[[], bool],
+        weights: str | None = None,
     ):
         self.catalog = catalog
+        self.weights = weights
         self.model = model
         self.encoder = encoder
         self.todo = todo
@@ -418,7 +425,7 @@ class _Run:
             ]
         if not indexed and not self.failed:
             return
-        self.catalog.commit_batch(self.model, indexed=indexed, failed=self.failed)
+        self.catalog.commit_batch(self.model, indexed=indexed, failed=self.failed, weights=self.weights)
         self.reusable_sizes.update(f.size for f in indexed)
         new = sum(1 for _, is_new, _ in decoded if is_new)
         self.report.new += new

@@ -43,6 +43,7 @@ class StoredModel:
     name: str  # registry name or checkpoint path (`encoder.model_id`)
     dim: int
     vectors: int  # how many images it has a vector for
+    weights: str | None = None  # fingerprint of the weights that made them (None: unknown)
 
 
 class FileState(NamedTuple):

@@ -81,6 +81,9 @@ class Model(Base):
     name: Mapped[str] = mapped_column(Text, unique=True)  # registry name or checkpoint path
     dim: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+    # A fingerprint of the weights that made its vectors ("sha256:<hex>", `weights_fingerprint`;
+    # revision 0006): a name can stand for other weights later. NULL: unknown, adopted by the next run.
+    weights: Mapped[str | None] = mapped_column(Text)
 
 
 class Vector(Base):

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from PIL import Image, ImageOps
 from reliability_helpers import assert_no_traceback, kill_group, start_cli
 
 from clipsearch.index import Index
@@ -131,7 +132,7 @@ def test_a_description_shows_the_matching_thumbnails_first(page, tmp_path):
         "[...document.querySelectorAll('#results li:nth-child(-n+3) img')].every(i => i.complete && i.naturalWidth > 0)"
     )
     labels = page.eval_on_selector_all("#results li button", "bs => bs.map(b => b.getAttribute('aria-label'))")[:3]
-    assert all(re.fullmatch(r"scene_\d\d\.png, score 0\.\d{3}", label) for label in labels)
+    assert all(re.fullmatch(r"scene_\d\d\.(png|jpg), score 0\.\d{3}", label) for label in labels)
     scores = [float(s) for s in page.eval_on_selector_all("#results .score", "ss => ss.map(s => s.textContent)")]
     assert scores == sorted(scores, reverse=True)
     # Pages of 40: the next one comes as the end of the grid nears the window (or by the "More"
@@ -149,10 +150,12 @@ def test_the_preview_moves_with_the_arrows_and_closes_with_escape(page):
     page.wait_for_selector("#preview[open]")
     assert page.text_content("#preview-name") == found[0]
     assert page.text_content("#preview-path").endswith("/sample_images/" + found[0])
-    assert page.text_content("#preview-dimensions") == "48 × 48"
+    with Image.open(SAMPLE_IMAGES / found[0]) as original:
+        width, height = ImageOps.exif_transpose(original).size  # as the camera held it
+    assert page.text_content("#preview-dimensions") == f"{width} × {height}"
     first_id = page.get_attribute("#results li:nth-child(1)", "data-id")
     assert params(page)["view"] == [first_id]
-    page.wait_for_function("document.getElementById('preview-image').naturalWidth === 48")  # the original
+    page.wait_for_function(f"document.getElementById('preview-image').naturalWidth === {width}")  # the original
     page.keyboard.press("ArrowRight")
     page.wait_for_function("name => document.getElementById('preview-name').textContent === name", arg=found[1])
     assert page.text_content("#preview-position").startswith("2 of ")

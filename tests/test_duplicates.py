@@ -190,7 +190,7 @@ def test_the_demo_model_meets_the_targets_at_its_default_threshold(tmp_path):
     """Precision >= 0.95 and recall >= 0.9 on a reduced benchmark (benchmarks/duplicates.py has
     the full one, and the random ViT-B/32)."""
     bench = load_benchmark()
-    truth = bench.write_benchmark(tmp_path / "lib", 12, seed=7)
+    truth = bench.write_benchmark(tmp_path / "lib", 30, seed=7)  # 12 scenes were too few: one hard one moved recall 5%
     with Index.open(tmp_path / "home", model="demo") as index:
         index.add([tmp_path / "lib"], workers=0)
         groups = index.duplicates()

@@ -292,6 +292,12 @@ def test_cli_trains_and_prints_the_recall_table(tmp_path):
     assert again.exit_code == 1 and "--resume" in again.output
 
 
+def test_an_unknown_scene_style_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "out"), "--scene-style", "cubist"])
+    assert result.exit_code == 2 and "classic, varied, mixed" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_only_the_cli_reaches_into_training():
     """Training is a client of the engine and of the bundled CLIP, never a part of them."""
     graph = dependency_graph()

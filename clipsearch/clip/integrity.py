@@ -40,7 +40,7 @@ def check(path: Path, expected: str | None, record: Path) -> None:
     checked against a published hash keeps its record even when it fails, so that listings can
     tell it is damaged without hashing it."""
     marker = _read(record)
-    fresh = marker is not None and all(marker[key] == value for key, value in identity(path).items())
+    fresh = _describes(marker, path)
     digest = marker["sha256"] if marker is not None and fresh else sha256_file(path)
     wanted = expected or (marker or {}).get("sha256")
     if not fresh and (expected is not None or wanted in (None, digest)):
@@ -56,7 +56,7 @@ def known_mismatch(path: Path, expected: str | None, record: Path) -> bool:
     if expected is None or marker is None:
         return False
     try:
-        fresh = all(marker[key] == value for key, value in identity(path).items())
+        fresh = _describes(marker, path)
     except OSError:
         return False
     return fresh and marker["sha256"] != expected
@@ -72,6 +72,21 @@ def foreign_record(path: Path) -> Path:
     file really is (symbolic links resolved, as the hub cache's snapshot files are)."""
     key = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:32]
     return model_cache_dir() / "verified" / f"{key}.json"
+
+
+def recorded_sha256(path: Path) -> str:
+    """The SHA-256 of `path`, from a record that still describes it where one does (the sidecar
+    of a download, the record of a checked foreign file, or one this function wrote), else
+    hashed now and recorded: what a model's weights fingerprint costs on every run is a stat.
+    Only its own records are written, never those `check` holds files to."""
+    own = model_cache_dir() / "hashed" / foreign_record(path).name
+    for record in (sidecar(path), foreign_record(path), own):
+        marker = _read(record)
+        if marker is not None and _describes(marker, path):
+            return str(marker["sha256"])
+    digest = sha256_file(path)
+    write(own, path, digest)
+    return digest
 
 
 def sha256_file(path: Path) -> str:
@@ -105,6 +120,11 @@ def write(record: Path, path: Path, digest: str) -> None:
         record.write_text(json.dumps({"sha256": digest, "path": os.fspath(path), **identity(path)}) + "\n")
     except OSError as err:
         log.info("Could not record the hash of %s in %s (%s)", path, record, err)
+
+
+def _describes(marker: dict | None, path: Path) -> bool:
+    """Whether a record still describes the file: its hash holds."""
+    return marker is not None and all(marker[key] == value for key, value in identity(path).items())
 
 
 def _read(record: Path) -> dict | None:

@@ -10,6 +10,7 @@ model's files changed, imports none of the download machinery.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,6 +66,37 @@ def locate(entry: registry.ModelEntry, download_root: Path | str | None = None) 
     if isinstance(asset, registry.HubDir):
         return Location("huggingface", hub.cached_dir(asset), f"{registry.HF_HUB_PREFIX}{asset.repo}")
     raise AssertionError(f"{entry.name} has no weights to locate")  # every entry is bundled or downloaded
+
+
+# The files of a checkpoint folder that hold weights; the others (config, vocabulary, notes)
+# cannot change what the image tower computes without the weights changing too.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_fingerprint(model: str) -> str | None:
+    """``"sha256:<hex>"`` of the weights behind ``model`` (a registry name or a checkpoint path)
+    as they are on disk now; None while they are not on this machine.
+
+    The catalog records a model's vectors by name, and the weights behind a name can change (a
+    new bundled demo, a checkpoint retrained in place): this tells the vectors of one set of
+    weights from another's. One weights file: its SHA-256; several: the SHA-256 of their names
+    and hashes. Hashes come from `integrity.recorded_sha256`, so a file is hashed once, not on
+    every run."""
+    entry = registry.find(model)
+    root = Path(model).expanduser() if entry is None else locate(entry).path
+    if root is None:
+        return None
+    try:
+        if not root.is_dir():
+            return f"sha256:{integrity.recorded_sha256(root)}"
+        files = sorted(file for file in root.iterdir() if file.is_file())
+        weights = [file for file in files if file.suffix in _WEIGHT_SUFFIXES] or files
+        digests = [(file.name, integrity.recorded_sha256(file)) for file in weights]
+    except OSError:
+        return None
+    if len(digests) == 1:
+        return f"sha256:{digests[0][1]}"
+    return "sha256:" + hashlib.sha256("".join(f"{name} {digest}\n" for name, digest in digests).encode()).hexdigest()
 
 
 def download_dir(download_root: Path | str | None) -> Path:
