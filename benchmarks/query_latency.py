@@ -17,6 +17,9 @@ vector search. recall@10 is against exact search over the same vectors, for held
 With --peer, rclip's cold query over the same number of vectors (`rclip --no-indexing`, its
 database filled the same way) runs alternately with ours.
 
+The text tower alone, per precision, with each one's worst cosine to fp32 over a few hundred
+varied texts and the memory-bandwidth floor: `benchmarks/text_tower.py`.
+
     python benchmarks/query_latency.py
     python benchmarks/query_latency.py --sizes 100000 --peer
 """
@@ -45,6 +48,7 @@ from common import (
     ratio,
     seconds,
 )
+from text_tower import varied_queries
 
 ARCH = "ViT-B-32"
 CHUNK = 100_000
@@ -127,7 +131,7 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
     with Index.open(home, readonly=True) as index:
         index.search(QUERY, k=10)  # loads the text tower and the FAISS file
         vectors = VectorIndex.load(home, index.catalog, index.catalog.model(index.model), save=False)
-        texts = [f"{QUERY} {i}" for i in range(repeats)]  # distinct texts: no cache can help
+        texts = varied_queries(repeats)  # distinct texts of varied length: no remembered vector helps
         full = [seconds(lambda text=text: index.search(text, k=10)) for text in texts]
         again = [seconds(lambda: index.search(QUERY, k=10)) for _ in range(repeats)]  # remembered text
         # The first pass over the held-out queries reads their inverted lists from the memory-

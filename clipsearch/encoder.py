@@ -110,7 +110,9 @@ class Encoder:
         self.device = resolve_device(device)
         self.towers = towers
         model, self.preprocess = clip.load(model_ref, device="cpu", towers=towers)  # fp32, converted below
-        self.model, self.precision, self.input_dtype = prepare_for_inference(model, precision, self.device)
+        self.model, self.precision, self.input_dtype = prepare_for_inference(
+            model, precision, self.device, model_ref=model_ref
+        )
         self.dim: int = model.config.embed_dim
         self.resolution: int = model.config.image_resolution
         self.logit_scale = float(model.logit_scale.detach().exp())

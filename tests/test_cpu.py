@@ -45,13 +45,15 @@ def no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_candidates_follow_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    int8 = ("int8",) if cpu.has_int8_kernels() else ()
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    assert cpu.candidate_precision("cpu") == "bf16"
-    assert cpu.candidate_precision("cpu", image_tower=False) == "fp32"  # queries stay fp32
-    assert cpu.candidate_precision("cuda") == "fp16"
-    assert cpu.candidate_precision("mps") == "fp32"
+    assert cpu.candidate_precisions("cpu") == ("fp32", "bf16", *int8)
+    assert cpu.candidate_precisions("cpu", image_tower=False) == ("fp32",)  # queries stay fp32
+    assert cpu.candidate_precisions("cuda") == ("fp32", "fp16")
+    assert cpu.candidate_precisions("cuda", image_tower=False) == ("fp16",)
+    assert cpu.candidate_precisions("mps") == ("fp32",)
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert cpu.candidate_precision("cpu") == ("int8" if cpu.has_int8_kernels() else "fp32")
+    assert cpu.candidate_precisions("cpu") == ("fp32", *int8)
 
 
 def test_fp32_leaves_the_model_as_it_was(images: torch.Tensor) -> None:
@@ -79,9 +81,41 @@ def test_int8_quantizes_the_image_tower_only_and_keeps_embeddings(images: torch.
         assert torch.equal(model.encode_text(tokens), reference.encode_text(tokens))
 
 
+def precision_of(model: CLIP) -> str:
+    """The precision a prepared model runs in, read from its modules."""
+    if any(isinstance(m, cpu.Int8Linear) for m in model.modules()):
+        return "int8"
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.visual.conv1.weight.dtype]
+
+
+def fake_timings(monkeypatch: pytest.MonkeyPatch, **seconds: float) -> list[str]:
+    """Makes "auto" see ``seconds`` per batch for each precision; returns the precisions timed."""
+    timed: list[str] = []
+
+    def fake(model: CLIP, sample: torch.Tensor) -> float:
+        timed.append(precision_of(model))
+        return seconds[timed[-1]]
+
+    monkeypatch.setattr(cpu, "_seconds_per_batch", fake)
+    return timed
+
+
 @needs_int8
-def test_auto_keeps_int8_when_it_agrees_with_fp32(no_bf16: None) -> None:
-    assert cpu.prepare_for_inference(tiny(), "auto").precision == "int8"
+def test_auto_keeps_int8_when_it_agrees_with_fp32_and_is_faster(no_bf16: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timings(monkeypatch, fp32=2.0, int8=1.0)
+    prepared = cpu.prepare_for_inference(tiny(), "auto")
+    assert (prepared.precision, precision_of(prepared.model)) == ("int8", "int8")
+
+
+@needs_int8
+def test_auto_keeps_fp32_when_int8_is_slower(
+    no_bf16: None, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_timings(monkeypatch, fp32=1.0, int8=1.5)
+    expected = embeddings(tiny(), images)
+    prepared = cpu.prepare_for_inference(tiny(), "auto")
+    assert prepared.precision == "fp32"
+    assert torch.equal(embeddings(prepared.model, images), expected)
 
 
 @needs_int8
@@ -89,11 +123,13 @@ def test_auto_falls_back_to_fp32_when_the_candidate_drifts(
     no_bf16: None, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cpu, "MIN_COSINE", 1.5)  # no quantised model can reach it
+    timed = fake_timings(monkeypatch, fp32=1.0, int8=0.1)
     expected = embeddings(tiny(), images)
     prepared = cpu.prepare_for_inference(tiny(), "auto", sample=images)
     assert prepared.precision == "fp32"
     assert not any(isinstance(m, (cpu.Int8Linear, cpu.Int8SelfAttention)) for m in prepared.model.modules())
     assert torch.equal(embeddings(prepared.model, images), expected)
+    assert timed == ["fp32"]  # a drifting candidate is not worth timing
 
 
 def test_text_only_model_stays_fp32_under_auto(no_bf16: None) -> None:

@@ -125,10 +125,10 @@ def test_text_tower_cache_sees_a_model_in_the_hub_cache(stand_in):
     """A text query's cached text tower is checked against the model's files wherever they are."""
     from clipsearch.clip import numpy_text
 
-    assert numpy_text._source(LAION) is None
+    assert numpy_text.checkpoint_state(LAION) is None
     stand_in.push(LAION_REPO, {WEIGHTS: PAYLOAD})
     download.model_path(LAION)
-    source = numpy_text._source(LAION)
+    source = numpy_text.checkpoint_state(LAION)
     assert source is not None and source["files"][0][:2] == [WEIGHTS, len(PAYLOAD)]
 
 
@@ -159,7 +159,7 @@ def test_text_query_path_finds_a_hub_model_without_huggingface_hubs_download_cod
     code = (
         "import sys\n"
         "from clipsearch.clip import numpy_text\n"
-        f"assert numpy_text._source({LAION!r}) is not None\n"
+        f"assert numpy_text.checkpoint_state({LAION!r}) is not None\n"
         "print(sorted(m for m in sys.modules if m.startswith(('huggingface_hub.file_download', 'httpx'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

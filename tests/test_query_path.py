@@ -255,3 +255,23 @@ def test_a_search_runs_faiss_on_one_thread_and_restores_the_count(tmp_path, tiny
             assert faiss.omp_get_max_threads() == 3
         finally:
             faiss.omp_set_num_threads(before)
+
+
+def test_the_exported_tower_holds_linear_weights_in_by_out(tiny_model):
+    """Format 2: ``x @ W`` weights, the layout OpenBLAS runs fastest at a few tokens; a file of
+    another format is exported again rather than read with the wrong layout."""
+    from clipsearch.clip import numpy_text
+
+    tower = numpy_text.export(tiny_model)
+    width = tower.width
+    block = "transformer.resblocks.0."
+    assert tower.weights[block + "attn.in_proj_weight"].shape == (width, 3 * width)
+    assert tower.weights[block + "mlp.c_fc.weight"].shape == (width, 4 * width)
+    assert tower.weights[block + "mlp.c_fc.weight"].flags.c_contiguous
+    cached = numpy_text.load_cached(tiny_model)
+    assert cached is not None and cached.weights[block + "mlp.c_proj.weight"].shape == (4 * width, width)
+    path = numpy_text.cache_file(tiny_model)
+    data = bytearray(path.read_bytes())
+    data[data.index(b'"format": 2') : data.index(b'"format": 2') + 11] = b'"format": 1'
+    path.write_bytes(bytes(data))
+    assert numpy_text.load_cached(tiny_model) is None

@@ -1,0 +1,116 @@
+"""clip.cpu's "auto" on a CPU: decided by measurement once per checkpoint and machine, then recalled."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import bump_mtime
+from test_cpu import fake_timings, precision_of
+
+from clipsearch import clip
+from clipsearch.clip import cpu, precision_verdicts
+
+pytestmark = pytest.mark.skipif(not cpu.has_int8_kernels(), reason="no int8 kernels: auto has no choice to make")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny batches on one thread: on a loaded two-core machine a second one mostly waits at barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model_dir(tiny_model: str, tmp_path: Path) -> str:
+    """A copy of the tiny model whose files a test may change."""
+    return str(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+@pytest.fixture
+def bf16_and_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both candidates on offer, whatever this CPU has (the timings are faked)."""
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
+
+
+def prepare(model_ref: str) -> cpu.Prepared:
+    model, _ = clip.load(model_ref, device="cpu")
+    return cpu.prepare_for_inference(model, "auto", model_ref=model_ref)
+
+
+@pytest.mark.parametrize("fastest", ["fp32", "bf16", "int8"])
+def test_auto_picks_the_fastest_faithful_candidate(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch, fastest: str
+) -> None:
+    seconds = {"fp32": 3.0, "bf16": 2.0, "int8": 2.5, fastest: 1.0}
+    timed = fake_timings(monkeypatch, **seconds)
+    prepared = prepare(model_dir)
+    assert sorted(timed) == ["bf16", "fp32", "int8"]
+    assert (prepared.precision, precision_of(prepared.model)) == (fastest, fastest)
+
+
+def test_a_second_prepare_recalls_the_verdict(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    with caplog.at_level("INFO", logger="clipsearch.clip.cpu"):
+        assert prepare(model_dir).precision == "int8"
+    assert len(timed) == 3
+    assert "measured in" in caplog.text  # the one-off cost is said
+    files = list((Path(precision_verdicts.verdict_file({}).parent)).iterdir())
+    assert [f.suffix for f in files] == [".json"]  # no temporary file left behind
+    assert json.loads(files[0].read_text())["precision"] == "int8"
+
+    again = prepare(model_dir)
+    assert len(timed) == 3  # nothing timed again
+    assert (again.precision, precision_of(again.model)) == ("int8", "int8")
+
+
+def test_a_changed_checkpoint_is_measured_again(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    assert prepare(model_dir).precision == "int8"
+    for weights in Path(model_dir).iterdir():
+        bump_mtime(weights)
+    timed = fake_timings(monkeypatch, fp32=3.0, bf16=1.0, int8=2.0)
+    assert prepare(model_dir).precision == "bf16"
+    assert len(timed) == 3
+
+
+def test_another_torch_or_cpu_is_measured_again(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    assert prepare(model_dir).precision == "int8"
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    prepare(model_dir)
+    assert len(timed) == 3
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    prepare(model_dir)
+    assert len(timed) == 3
+
+
+def test_a_damaged_verdict_is_measured_again(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    prepare(model_dir)
+    (verdict,) = Path(precision_verdicts.verdict_file({}).parent).iterdir()
+    verdict.write_text('{"precision": ')
+    timed = fake_timings(monkeypatch, fp32=1.0, bf16=2.0, int8=3.0)
+    assert prepare(model_dir).precision == "fp32"
+    assert len(timed) == 3
+
+
+def test_a_named_precision_is_neither_measured_nor_remembered(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    model, _ = clip.load(model_dir, device="cpu")
+    assert cpu.prepare_for_inference(model, "int8", model_ref=model_dir).precision == "int8"
+    assert timed == []
+    assert not precision_verdicts.verdict_file({}).parent.exists()
