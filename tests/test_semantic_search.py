@@ -60,7 +60,7 @@ def test_colour_shape_queries_return_images_holding_that_object(indexed):
             firsts.append(found[0])
     assert len(precisions) >= 25
     # Chance is the share of scenes holding the pair (a few percent). These floors guard the
-    # shipped model's measured quality (precision@5 0.849, first right 0.927 on this seed); the
+    # shipped model's measured quality (precision@5 0.829, first right 0.976 on this seed); the
     # issue's targets are measured and reported by benchmarks/demo_quality.py, not asserted here.
     precision, first = sum(precisions) / len(precisions), sum(firsts) / len(firsts)
     assert precision >= 0.8 and first >= 0.85, f"precision@5 {precision:.3f}, first right {first:.3f}"
