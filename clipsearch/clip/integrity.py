@@ -78,15 +78,27 @@ def recorded_sha256(path: Path) -> str:
     """The SHA-256 of `path`, from a record that still describes it where one does (the sidecar
     of a download, the record of a checked foreign file, or one this function wrote), else
     hashed now and recorded: what a model's weights fingerprint costs on every run is a stat.
-    Only its own records are written, never those `check` holds files to."""
+    Only its own records are written, never those `check` holds files to. Within a process the
+    answer is kept beside the file's identity, so a search that checks its model's weights pays a
+    stat, not the reading of records."""
+    now = identity(path)
+    known = _RECORDED.get(path)
+    if known is not None and known[0] == now:
+        return known[1]
     own = model_cache_dir() / "hashed" / foreign_record(path).name
     for record in (sidecar(path), foreign_record(path), own):
         marker = _read(record)
         if marker is not None and _describes(marker, path):
-            return str(marker["sha256"])
-    digest = sha256_file(path)
-    write(own, path, digest)
+            digest = str(marker["sha256"])
+            break
+    else:
+        digest = sha256_file(path)
+        write(own, path, digest)
+    _RECORDED[path] = (now, digest)
     return digest
+
+
+_RECORDED: dict[Path, tuple[dict[str, int], str]] = {}  # path -> (identity when hashed, SHA-256)
 
 
 def sha256_file(path: Path) -> str:
