@@ -401,11 +401,10 @@ def _mutate(layout: _Layout, rng: random.Random) -> _Layout:
         if layout.backdrop is None:
             items[i] = _replace(items[i], size=size)
         else:  # the object grows or shrinks about its centre, within the frame
-            side = _free_side(rng, layout.kind, size)
             x, y = items[i].centre
             room = 2 * min(x, y, 1 - x, 1 - y) / _reach(items[i].shape, items[i].angle)
-            items[i] = _replace(items[i], side=min(side, room))
-            items[i] = _replace(items[i], size=_size_word(layout.kind, items[i].side))
+            side = min(_free_side(rng, layout.kind, size), room)
+            items[i] = _replace(items[i], size=_size_word(layout.kind, side), side=side)
     elif change == "position":
         position = rng.choice([p for p in POSITIONS if p != items[0].position])
         if layout.backdrop is None:
@@ -442,11 +441,11 @@ def _describe(layout: _Layout) -> tuple[str, tuple[str, ...]]:
         "group": _describe_group,
         "row": _describe_row,
     }[layout.kind](layout.items)
-    if not layout.background:
-        return description, tuple(dict.fromkeys(p for p in paraphrases if p != description))
-    on_background = f"on a {layout.background} background"
-    caption = f"{description} {on_background}"
-    paraphrases = [*paraphrases, f"{paraphrases[0]} {on_background}"]
+    caption = description
+    if layout.background:  # a varied scene's is not named
+        on_background = f"on a {layout.background} background"
+        caption = f"{description} {on_background}"
+        paraphrases = [*paraphrases, f"{paraphrases[0]} {on_background}"]
     return caption, tuple(dict.fromkeys(p for p in paraphrases if p != caption))
 
 
@@ -836,19 +835,23 @@ def _varied_background(rng: random.Random, backdrop: _Backdrop, width: int, heig
         return Image.fromarray(pixels.round().astype(np.uint8))
     image = Image.new("RGB", (width, height), first)
     if backdrop.kind == "noise":
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 255 * backdrop.scale, (height, width, 3))
-        return Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+        return _with_noise(image, rng.getrandbits(32), 255 * backdrop.scale)
     if backdrop.kind != "plain":
         step = max(2, round(min(width, height) * backdrop.scale))
         _texture(image, backdrop.kind, backdrop.colours[1], step, backdrop.angle >= 180)
     return image
 
 
+def _with_noise(image: Image.Image, seed: int, sigma: float) -> Image.Image:
+    """The image with Gaussian noise of ``sigma`` (in 0-255 levels) added to every channel."""
+    noise = np.random.default_rng(seed).normal(0, sigma, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+
+
 def _degraded(rng: random.Random, image: Image.Image) -> Image.Image:
     """What cameras and files do to a picture: sensor noise, JPEG's blocks."""
     if rng.random() < 0.2:
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(3, 10), (image.height, image.width, 3))
-        image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+        image = _with_noise(image, rng.getrandbits(32), rng.uniform(3, 10))
     if rng.random() < 0.25:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=rng.randint(40, 90))
