@@ -103,22 +103,21 @@ class Encoder:
     this device without moving the embeddings (``precision="fp32"`` forces full precision)."""
 
     def __init__(self, model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both"):
-        from clipsearch import clip
-        from clipsearch.clip.cpu import prepare_for_inference
+        from clipsearch.clip.cpu import load_prepared
 
         self.model_id = model_id(model_ref)
         self.device = resolve_device(device)
         self.towers = towers
-        model, self.preprocess = clip.load(model_ref, device="cpu", towers=towers)  # fp32, converted below
-        self.model, self.precision, self.input_dtype = prepare_for_inference(
-            model, precision, self.device, model_ref=model_ref
+        (self.model, self.precision, self.input_dtype), self.preprocess = load_prepared(
+            model_ref, precision, self.device, towers
         )
+        model = self.model
         self.dim: int = model.config.embed_dim
         self.resolution: int = model.config.image_resolution
-        self.logit_scale = float(model.logit_scale.detach().exp())
+        self.logit_scale = float(model.logit_scale.detach().float().exp())
         # Sigmoid families (SigLIP): sigmoid(logit_scale * cos + logit_bias) is a probability.
         bias = getattr(model, "logit_bias", None)
-        self.logit_bias: float | None = None if bias is None else float(bias.detach())
+        self.logit_bias: float | None = None if bias is None else float(bias.detach().float())
         self._texts = TextMemory()
 
     def encode_images(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:

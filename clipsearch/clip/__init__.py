@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipsearch.clip import registry
+from clipsearch.clip import heap, registry
 from clipsearch.clip.registry import available_models
 from clipsearch.errors import CheckpointError
 
@@ -71,6 +71,7 @@ def load(
     download_root: str | Path | None = None,
     *,
     quick_gelu: bool | None = None,
+    precision: str | None = None,
 ) -> tuple[SharedSpace, Preprocess]:
     """A model in eval mode and the preprocessing its images need.
 
@@ -84,6 +85,10 @@ def load(
     weights are float16, as OpenAI's `load` gives them; elsewhere float32. `quick_gelu`
     overrides a CLIP's activation for checkpoint files that do not record it (OpenCLIP models
     trained with exact GELU need False).
+
+    ``precision`` ("fp32", "bf16", "fp16" or "int8", see `clip.cpu`) converts each weight as it
+    is read, so the float32 model never stands whole beside the converted one, and then applies
+    on every device; "int8" (the image tower's projections, for the CPU) needs ``device="cpu"``.
     """
     import torch
 
@@ -107,18 +112,32 @@ def load(
             f"{str(name_or_path)!r} is neither a known model name nor an existing file or directory; "
             f"known models: {', '.join(available_models())}."
         )
+    device = torch.device(device if device is not None else _default_device())
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"int8 runs on the CPU only, not on {device}")
     state_dict, info = read_checkpoint(path)
     config = _configuration(state_dict, info, entry, quick_gelu, path)
-    model = build_model(state_dict, towers=towers, config=config)
+    model = build_model(state_dict, towers=towers, config=config, conversion=_conversion(precision))
+    del state_dict
+    heap.release_free_memory()  # the buffers each weight was read into
     model.tokenizer = _tokenizer(model, info, entry, path) if towers != "image" else None
 
-    device = torch.device(device if device is not None else _default_device())
     model = model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and precision is None:
         model = model.half()
     mean, std, crop = _image_settings(config, info)
     preprocess = Preprocess(model.config.image_resolution, mean, std, crop=crop)
     return model, preprocess
+
+
+def _conversion(precision: str | None) -> Any:
+    from clipsearch.clip.model import FLOAT32
+
+    if precision is None:
+        return FLOAT32
+    from clipsearch.clip.cpu import conversion
+
+    return conversion(precision)
 
 
 def _configuration(

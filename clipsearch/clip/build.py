@@ -10,7 +10,16 @@ from typing import Any
 import torch
 
 from clipsearch.clip import siglip, xlmr
-from clipsearch.clip.model import CLIP, SharedSpace, Towers, config_from_state_dict, family_of, with_weights
+from clipsearch.clip.model import (
+    CLIP,
+    FLOAT32,
+    Conversion,
+    SharedSpace,
+    Towers,
+    config_from_state_dict,
+    family_of,
+    with_weights,
+)
 
 _MODELS: dict[str, Any] = {"clip": CLIP, "siglip": siglip.SigLIP, "xlmr": xlmr.XlmrCLIP}
 
@@ -31,9 +40,11 @@ def build_model(
     towers: Towers = "both",
     quick_gelu: bool | None = None,
     config: Any = None,
+    conversion: Conversion = FLOAT32,
 ) -> SharedSpace:
-    """A float32 model in eval mode holding ``state_dict``'s weights, of the family ``config``
-    (or, without one, the state dict's names) says."""
+    """A model in eval mode holding ``state_dict``'s weights, of the family ``config`` (or,
+    without one, the state dict's names) says; float32 unless ``conversion`` (`clip.cpu.conversion`)
+    converts them as they are read."""
     if config is None:
         config = infer_config(state_dict, quick_gelu)
-    return with_weights(_MODELS[getattr(config, "family", "clip")], config, state_dict, towers)
+    return with_weights(_MODELS[getattr(config, "family", "clip")], config, state_dict, towers, conversion)

@@ -29,18 +29,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import time
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import precision_verdicts
-from .model import SelfAttention, SharedSpace, attend
+from . import heap, precision_verdicts
+from .model import Conversion, SelfAttention, SharedSpace, Towers, attend, replace_submodule
+
+if TYPE_CHECKING:
+    from .preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,27 @@ def candidate_precisions(device: torch.device | str, image_tower: bool = True) -
     return ("fp32", *(["bf16"] if has_native_bf16() else []), *(["int8"] if has_int8_kernels() else []))
 
 
+def load_prepared(
+    model_ref: str, precision: str = "auto", device: torch.device | str = "cpu", towers: Towers = "both"
+) -> tuple[Prepared, Preprocess]:
+    """`clip.load` and `prepare_for_inference` in one: where the precision is known before the
+    weights are read (named, or remembered from an earlier measurement) and the model runs on
+    the CPU, each weight is converted as it is read (`conversion`), so the float32 model never
+    stands whole beside the converted one (ViT-B-32-256's image tower: 350 MB of float32 beside
+    88 MB of int8, and the allocator kept most of the freed 350 MB)."""
+    from clipsearch.clip import load
+
+    _check_precision(precision)
+    device = torch.device(device)
+    known = _known_precision(model_ref, precision, device, towers != "text", towers != "image")
+    if known is None or device.type != "cpu":
+        model, preprocess = load(model_ref, device="cpu", towers=towers)
+        return prepare_for_inference(model, precision, device, model_ref=model_ref), preprocess
+    _warn_if_emulated(known, device)
+    model, preprocess = load(model_ref, device="cpu", towers=towers, precision=known)
+    return Prepared(model, known, _DTYPES[known]), preprocess
+
+
 def prepare_for_inference(
     model: SharedSpace,
     precision: str = "auto",
@@ -120,43 +145,62 @@ def prepare_for_inference(
     With ``"auto"`` and an image tower, each candidate's embeddings of ``sample`` (preprocessed
     images, ``[N, 3, R, R]``; a synthetic photo-like batch when None) are compared with fp32's,
     those below `MIN_COSINE` are dropped, and on a CPU the fastest of the rest is kept (fp32
-    when none passes); the returned model may be a converted copy. The verdict for ``model_ref``
-    (as `clip.load` was given it) is remembered, so later calls convert without measuring.
+    when none passes). The verdict for ``model_ref`` (as `clip.load` was given it) is
+    remembered, so later calls convert without measuring.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    _check_precision(precision)
     device = torch.device(device)
     model = model.to(device).eval()
     visual = getattr(model, "visual", None)
-    candidates = candidate_precisions(device, visual is not None) if precision == "auto" else (precision,)
-    if len(candidates) == 1:
-        chosen = candidates[0]
-        if chosen == "bf16" and device.type == "cpu" and not has_native_bf16():
-            logger.warning("this CPU has no bf16 instructions: bf16 will run several times slower than fp32")
-        _convert(model, chosen)
-        return Prepared(model, chosen, _DTYPES[chosen])
-
-    assert visual is not None  # a text-only model has one candidate
-    key = _verdict_key(model_ref, model, device, candidates)
-    remembered = precision_verdicts.recall(key) if key is not None else None
-    if remembered in candidates:
-        assert remembered is not None
-        logger.debug("running in %s, as measured before for %s", remembered, model_ref)
-        _convert(model, remembered)
-        return Prepared(model, remembered, _DTYPES[remembered])
-
-    if sample is None:
-        sample = calibration_images(visual.input_resolution, count=TIMING_BATCH)
-    started = time.perf_counter()
-    chosen, model, report = _fastest_faithful(model, candidates, sample.to(device), timed=device.type == "cpu")
-    logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
-    if key is not None:
-        precision_verdicts.remember(key, {"precision": chosen, "report": report})
+    text_tower = getattr(model, "towers", "both") != "image"
+    chosen = _known_precision(model_ref, precision, device, visual is not None, text_tower)
+    if chosen is None:
+        assert visual is not None  # a text-only model has one candidate
+        candidates = candidate_precisions(device, image_tower=True)
+        if sample is None:
+            sample = calibration_images(visual.input_resolution, count=TIMING_BATCH)
+        started = time.perf_counter()
+        chosen, report = _fastest_faithful(model, candidates, sample.to(device), timed=device.type == "cpu")
+        logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
+        key = _verdict_key(model_ref, device, candidates, text_tower)
+        if key is not None:
+            precision_verdicts.remember(key, {"precision": chosen, "report": report})
+    _warn_if_emulated(chosen, device)
+    _convert(model, chosen)
+    heap.release_free_memory()  # what the float32 weights held
     return Prepared(model, chosen, _DTYPES[chosen])
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+
+
+def _known_precision(
+    model_ref: str | None, precision: str, device: torch.device, image_tower: bool, text_tower: bool
+) -> str | None:
+    """What ``precision`` comes to without measuring: itself when named; for "auto" the only
+    candidate, or the one measured before on this machine; None when "auto" has to measure."""
+    if precision != "auto":
+        return precision
+    candidates = candidate_precisions(device, image_tower)
+    if len(candidates) == 1:
+        return candidates[0]
+    key = _verdict_key(model_ref, device, candidates, text_tower)
+    remembered = precision_verdicts.recall(key) if key is not None else None
+    if remembered not in candidates:
+        return None
+    logger.debug("running in %s, as measured before for %s", remembered, model_ref)
+    return remembered
+
+
+def _warn_if_emulated(precision: str, device: torch.device) -> None:
+    if precision == "bf16" and device.type == "cpu" and not has_native_bf16():
+        logger.warning("this CPU has no bf16 instructions: bf16 will run several times slower than fp32")
+
+
 def _verdict_key(
-    model_ref: str | None, model: SharedSpace, device: torch.device, candidates: tuple[str, ...]
+    model_ref: str | None, device: torch.device, candidates: tuple[str, ...], text_tower: bool
 ) -> dict | None:
     """What a measured verdict depends on; None when the checkpoint cannot be identified."""
     from .numpy_text import checkpoint_state
@@ -166,7 +210,7 @@ def _verdict_key(
         return None
     return {
         "checkpoint": checkpoint,
-        "text_tower": getattr(model, "transformer", None) is not None,  # both towers convert
+        "text_tower": text_tower,  # both towers convert
         "candidates": list(candidates),
         "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
         "torch": torch.__version__,
@@ -175,29 +219,53 @@ def _verdict_key(
 
 def _fastest_faithful(
     model: SharedSpace, candidates: tuple[str, ...], sample: torch.Tensor, timed: bool
-) -> tuple[str, SharedSpace, str]:
+) -> tuple[str, str]:
     """The fastest candidate within `MIN_COSINE` of fp32 (the first passing one when not
-    ``timed``), the model converted to it, and a line saying what was measured. Each candidate
-    is tried on a copy, so the fp32 model stays intact until one is chosen."""
+    ``timed``), and a line saying what was measured. Each candidate runs on a copy of its own
+    (`_trial`), let go once measured: the float32 model and one trial are the most ever held."""
     with torch.inference_mode():
         reference = model.encode_image(sample).float()
-    best, best_model, best_seconds = "fp32", model, _seconds_per_batch(model, sample) if timed else 0.0
+    best, best_seconds = "fp32", _seconds_per_batch(model, sample) if timed else 0.0
     notes = [f"fp32 {best_seconds * 1e3:.0f} ms"] if timed else []
     for candidate in candidates[1:]:
-        trial = copy.deepcopy(model)
-        _convert(trial, candidate)
-        with torch.inference_mode():
-            cosine = F.cosine_similarity(trial.encode_image(sample).float(), reference).min().item()
+        cosine, seconds = _measured(_trial(model, candidate), sample, reference, timed)
         if cosine < MIN_COSINE:
             notes.append(f"{candidate} drifts (cosine {cosine:.5f} < {MIN_COSINE})")
             continue
         if not timed:  # a GPU's half precision: the fast path wherever it is faithful
-            return candidate, trial, f"cosine {cosine:.5f} to fp32"
-        seconds = _seconds_per_batch(trial, sample)
+            return candidate, f"cosine {cosine:.5f} to fp32"
         notes.append(f"{candidate} {seconds * 1e3:.0f} ms, cosine {cosine:.5f}")
         if seconds < best_seconds:
-            best, best_model, best_seconds = candidate, trial, seconds
-    return best, best_model, f"{'; '.join(notes)} per batch of {len(sample)}"
+            best, best_seconds = candidate, seconds
+    return best, f"{'; '.join(notes)} per batch of {len(sample)}"
+
+
+def _measured(trial: SharedSpace, sample: torch.Tensor, reference: torch.Tensor, timed: bool) -> tuple[float, float]:
+    """The worst cosine of ``trial``'s embeddings of ``sample`` to ``reference``, and (when
+    ``timed`` and faithful) its seconds per batch."""
+    with torch.inference_mode():
+        cosine = F.cosine_similarity(trial.encode_image(sample).float(), reference).min().item()
+    faithful = cosine >= MIN_COSINE
+    return cosine, _seconds_per_batch(trial, sample) if timed and faithful else 0.0
+
+
+def _trial(model: SharedSpace, precision: str) -> SharedSpace:
+    """A copy of ``model`` in ``precision`` that never copies a float32 weight: the copy is
+    handed each tensor already cast, and int8 shares them all (its quantised layers replace the
+    float ones in the copy alone). Its values are those `_convert` gives ``model`` itself."""
+    dtype = _DTYPES[precision]
+    memo: dict[int, Any] = {id(t): _cast(t, dtype) for t in itertools.chain(model.parameters(), model.buffers())}
+    trial = copy.deepcopy(model, memo)
+    if precision == "int8" and trial.visual is not None:
+        _quantize_linears(trial.visual)
+    return trial
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    cast = tensor.detach().to(dtype)
+    return nn.Parameter(cast, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else cast
 
 
 def _seconds_per_batch(model: SharedSpace, sample: torch.Tensor) -> float:
@@ -233,6 +301,17 @@ def _convert(model: SharedSpace, precision: str) -> None:
         model.to(_DTYPES[precision])
     elif model.visual is not None:  # int8 is for the image tower; text stays fp32
         _quantize_linears(model.visual)
+
+
+def conversion(precision: str) -> Conversion:
+    """What `clip.load` does to each weight as it reads it for ``precision``: the model that
+    comes out is the one `_convert` makes of a float32 model, value for value."""
+    _check_precision(precision)
+    if precision == "auto":
+        raise ValueError("'auto' is decided on a loaded model (prepare_for_inference), not while loading one")
+    if precision == "int8":
+        return Conversion(torch.float32, _image_tower_int8_sites)
+    return Conversion(_DTYPES[precision])
 
 
 class Int8Linear(nn.Module):
@@ -287,11 +366,30 @@ class Int8SelfAttention(nn.Module):
         return self.out_proj(attend(self.qkv(x), self.heads, self.causal))
 
 
-def _quantize_linears(module: nn.Module) -> None:
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Linear:
-            setattr(module, name, Int8Linear(child.weight, child.bias))
-        elif type(child) is SelfAttention:
-            setattr(module, name, Int8SelfAttention(child))
+def _int8_sites(module: nn.Module, prefix: str = "") -> dict[str, Callable[[Any], nn.Module]]:
+    """The submodules of ``module`` int8 replaces (names after ``prefix``), each with what makes
+    its replacement: every Linear and `SelfAttention`, but none inside another one replaced."""
+    sites: dict[str, Callable[[Any], nn.Module]] = {}
+    for name, child in module.named_children():
+        make = _INT8_REPLACEMENTS.get(type(child))
+        if make is not None:
+            sites[prefix + name] = make
         else:
-            _quantize_linears(child)
+            sites.update(_int8_sites(child, f"{prefix}{name}."))
+    return sites
+
+
+def _image_tower_int8_sites(model: nn.Module) -> dict[str, Callable[[Any], nn.Module]]:
+    visual = getattr(model, "visual", None)
+    return _int8_sites(visual, "visual.") if visual is not None else {}
+
+
+def _quantize_linears(module: nn.Module) -> None:
+    for name, make in _int8_sites(module).items():
+        replace_submodule(module, name, make(module.get_submodule(name)))
+
+
+_INT8_REPLACEMENTS: dict[type, Callable[[Any], nn.Module]] = {
+    nn.Linear: lambda linear: Int8Linear(linear.weight, linear.bias),
+    SelfAttention: Int8SelfAttention,
+}

@@ -601,22 +601,45 @@ def build_model(
     return with_weights(CLIP, config, state_dict, towers)
 
 
-def with_weights(model_class: Any, config: Any, state_dict: Mapping[str, torch.Tensor], towers: Towers) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """What a model's weights become as they are read, so that a float32 copy of the model never
+    stands whole beside the converted one (`clip.cpu.conversion`): floating tensors are cast to
+    ``dtype`` one at a time, and each module ``sites(model)`` names (its qualified name, with
+    what makes its replacement) is swapped for that replacement as soon as its own weights are in.
+    """
+
+    dtype: torch.dtype = torch.float32
+    sites: Callable[[nn.Module], Mapping[str, Callable[[nn.Module], nn.Module]]] | None = None
+
+
+FLOAT32 = Conversion()
+
+
+def with_weights(
+    model_class: Any,
+    config: Any,
+    state_dict: Mapping[str, torch.Tensor],
+    towers: Towers,
+    conversion: Conversion = FLOAT32,
+) -> Any:
     """``model_class(config, towers)`` in eval mode, holding the weights of ``state_dict`` for
-    those towers, float32."""
+    those towers, float32 unless ``conversion`` says otherwise."""
     # Built without memory or random initialisation, then handed the checkpoint's tensors
     # (``assign``): materialising the meta tensors first (``to_empty``) would import ~500
     # PyTorch modules, 0.4 s of start-up, only to overwrite them.
     with torch.device("meta"):
         model = model_class(config, towers)
-    # Copies the model owns (a checkpoint's tensors may be read-only maps of the file), looked
-    # up one at a time: a lazy state dict then holds one tensor at a time beside the model.
-    weights = {}
-    for key in tower_keys(state_dict, towers):
-        value = state_dict[key]
-        weights[key] = value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
+    keys = tower_keys(state_dict, towers)
     try:
-        model.load_state_dict(weights, assign=True)
+        for name, replacement in (conversion.sites(model) if conversion.sites else {}).items():
+            prefix = name + "."
+            mine = [key for key in keys if key.startswith(prefix)]
+            module = model.get_submodule(name)
+            module.load_state_dict(_owned(state_dict, mine, conversion.dtype, len(prefix)), assign=True)
+            replace_submodule(model, name, replacement(module))
+            keys = [key for key in keys if not key.startswith(prefix)]
+        model.load_state_dict(_owned(state_dict, keys, conversion.dtype), assign=True)
     except RuntimeError as err:
         family = getattr(config, "family", "clip")
         raise CheckpointError(
@@ -624,3 +647,22 @@ def with_weights(model_class: Any, config: Any, state_dict: Mapping[str, torch.T
             "use an unmodified OpenAI, OpenCLIP or Hugging Face checkpoint."
         ) from err
     return model.eval()
+
+
+def replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    """Put ``replacement`` where the submodule of qualified name ``name`` was."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, replacement)
+
+
+def _owned(state_dict: Mapping[str, torch.Tensor], keys: list[str], dtype: torch.dtype, cut: int = 0) -> dict:
+    """Copies the model owns (a checkpoint's tensors may be read-only maps of the file) of
+    ``keys``, floating ones in ``dtype`` by way of float32 (the rounding a float32 model converted
+    afterwards gets), named without their first ``cut`` characters. Looked up one at a time, so a
+    lazy state dict holds one tensor at a time beside the model."""
+    weights = {}
+    for key in keys:
+        value = state_dict[key]
+        floating = value.is_floating_point()
+        weights[key[cut:]] = value.to(torch.float32).to(dtype, copy=True) if floating else value.clone()
+    return weights
