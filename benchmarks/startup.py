@@ -9,6 +9,7 @@ process was launched (the parent's and the child's monotonic clocks are the same
 
     python benchmarks/startup.py                      # 40 x 640x480, auto and bf16, 3 runs each
     python benchmarks/startup.py --count 200 --size 4032x3024 --repeats 1
+    python benchmarks/startup.py --precisions auto --unmeasured   # a machine's first run: auto measures
 """
 
 from __future__ import annotations
@@ -86,18 +87,24 @@ def child(argv: list[str]) -> None:
     main()
 
 
-def run_once(folder: Path, model: Path, extra: list[str]) -> dict:
+def run_once(folder: Path, model: Path, extra: list[str], unmeasured: bool = False) -> dict:
+    """One run in a new home; ``unmeasured``: with a copy of the model cache that has no precision
+    verdicts, so "auto" measures the candidates as on a machine's first run."""
     home = Path(tempfile.mkdtemp(prefix="home-", dir=BENCH_DIR))
-    out = home.with_suffix(".json")
+    out, cache = home.with_suffix(".json"), home.with_suffix(".cache")
     try:
         command = [sys.executable, __file__, "--child", "--home", str(home), "index", str(folder)]
         command += ["--model", str(model)]
         env = {**ours_env(), _OUT: str(out)}
+        if unmeasured:
+            shutil.copytree(env["XDG_CACHE_HOME"], cache, ignore=shutil.ignore_patterns("precision"))
+            env["XDG_CACHE_HOME"] = str(cache)
         env[_T0] = str(time.perf_counter())
         subprocess.run([*command, *extra], env=env, check=True, capture_output=True)
         return json.loads(out.read_text())
     finally:
         shutil.rmtree(home)
+        shutil.rmtree(cache, ignore_errors=True)
         out.unlink(missing_ok=True)
 
 
@@ -110,6 +117,7 @@ def main() -> None:
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precisions", default="auto,bf16", help="comma-separated --precision values")
+    parser.add_argument("--unmeasured", action="store_true", help="no remembered precision verdict (a first run)")
     args = parser.parse_args()
 
     width, height = (int(side) for side in args.size.split("x"))
@@ -120,7 +128,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {precision: [] for precision in args.precisions.split(",")}
     for _ in range(args.repeats):  # the precisions take turns
         for precision, done in runs.items():
-            done.append(run_once(folder, model, ["--precision", precision]))
+            done.append(run_once(folder, model, ["--precision", precision], args.unmeasured))
     rows = []
     for precision, done in runs.items():
         names = [name for name, *_ in done[0]["events"]]
@@ -132,7 +140,8 @@ def main() -> None:
         peak = median([run["maxrss_mib"] for run in done])
         rows.append((f"{precision}: peak RSS (getrusage)", "", "", fmt(peak, "MiB")))
     print_table(
-        f"First index, {args.count} x {args.size} (issue 16, targets 3 and 4)",
+        f"First index, {args.count} x {args.size}{', precision unmeasured' if args.unmeasured else ''}"
+        " (issue 16, targets 3 and 4)",
         rows,
         [
             f"{ARCH} at random weights; new process and new home each run, median of {args.repeats}; "
