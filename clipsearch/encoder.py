@@ -154,7 +154,7 @@ class Encoder:
 
     def prepare_texts(self) -> str:
         """Encode texts from now on with `clip.text_fast`'s tower, for a process that will encode
-        many (its first call measures the kernels once per model and machine, a second or two).
+        many (its first call measures the kernels once per model and machine: seconds).
         On a GPU, or for a tower it cannot copy, the model's own tower stays. The path taken."""
         from clipsearch.clip.text_fast import fast_text_tower
 

@@ -8,7 +8,7 @@ only pays where it has bf16 dot products) and on PyTorch's build, so it is measu
 `clip.cpu` measures the image tower: each usable kernel encodes `CALIBRATION_TEXTS`, those that
 drift below the bar are dropped, the fastest of the rest is kept. The verdict is remembered in
 the model cache (`clip.precision_verdicts`) by checkpoint, CPU flags and torch version, so a
-server measures once per model and machine (a second or two at ViT-B/32).
+server measures once per model and machine (a few seconds at ViT-B/32, at its start).
 
 The tower is a text-only copy of the model, in float32 but for the swapped linears, so layer
 norms, attention and the residual stream run in fp32 whatever precision the image tower was
