@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from clipsearch.clip.model import SharedSpace, Towers
 
 
+# On a CPU a batch goes through the model this many images at a time. ViT-B-32-256 in int8 held
+# 110-225 MiB of activations at peak for 32 images and ~70 for 16, and ran 16 at 20.5 ms an image
+# against 25 for 32 (the operands stay in cache); bf16 ran both at 33 (2-vCPU AVX-512 EPYC).
+CPU_CHUNK = 16
+
+
 def model_id(model_ref: str) -> str:
     """What the catalog records for a model: its registry name, or the absolute path of a
     checkpoint. Computed without loading anything, so a mismatch is refused before the slow part.
@@ -138,8 +144,11 @@ class Encoder:
         if self.device.type == "cuda":
             # Page-locked memory lets the copy run asynchronously, overlapping the last batch.
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+        parts = batch.split(CPU_CHUNK) if self.device.type == "cpu" and len(batch) > CPU_CHUNK else (batch,)
         with torch.inference_mode():
-            return _normalised(self.model.encode_image(batch.to(self.device, self.input_dtype)))
+            return np.concatenate(
+                [_normalised(self.model.encode_image(part.to(self.device, self.input_dtype))) for part in parts]
+            )
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts → ``float32 [N, dim]`` unit vectors. Text longer than the model's context is

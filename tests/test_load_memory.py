@@ -241,3 +241,25 @@ def test_freed_memory_goes_back_to_the_system() -> None:
     heap.release_free_memory()
     assert resident() < start + (8 << 20)  # without the release, 17-64 MB of the 64 stayed
     assert len(kept) == 64
+
+
+def test_a_cpu_batch_goes_through_the_model_in_chunks(tiny_encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Activations grow with the images in one pass (ViT-B-32-256 int8: 110-225 MiB for 32), so
+    a CPU encoder never hands the model more than `encoder.CPU_CHUNK` at once; the vectors are
+    the batch's all the same."""
+    from clipsearch import encoder
+
+    pixels = cpu.calibration_images(tiny_encoder.resolution, count=2 * encoder.CPU_CHUNK + 3).numpy()
+    whole = encoder._normalised(tiny_encoder.model.encode_image(torch.as_tensor(pixels)).detach())
+    seen: list[int] = []
+    real = tiny_encoder.model.encode_image
+
+    def noted(images: torch.Tensor) -> torch.Tensor:
+        seen.append(len(images))
+        return real(images)
+
+    monkeypatch.setattr(tiny_encoder.model, "encode_image", noted)
+    vectors = tiny_encoder.encode_images(pixels)
+    assert seen == [encoder.CPU_CHUNK, encoder.CPU_CHUNK, 3]
+    assert vectors.shape == whole.shape
+    assert abs(vectors - whole).max() <= 1e-5
