@@ -26,8 +26,11 @@ those rows and drops the ids the catalog no longer holds; a stale index would re
 files, an updated one returns what a rebuild would.
 
 "auto" picks exact search up to `FLAT_LIMIT` vectors. Above, an inverted file (`IVF<nlist>`)
-whose codes fit a memory budget: full vectors, else 8-bit scalar quantised, else product
-quantised. Its `nprobe` is raised until recall@10 against exact search, measured at build
+whose codes fit a memory budget: full vectors up to `REFINE_FROM`; from there (or when full
+vectors do not fit) 4-bit fast-scan product codes whose shortlist a float16 copy re-ranks
+(`reranked.py`: a quarter of the CPU a query at 300k, the copy memory-mapped and read only
+for the shortlist); else 8-bit scalar quantised, else product quantised. Its `nprobe` (and a
+refined index's shortlist) is raised until recall@10 against exact search, measured at build
 time on a sample of the vectors as queries, reaches `TUNING_RECALL` (a point above the
 `TARGET_RECALL` promised, which queries never seen must get too). IVF rather than HNSW
 because it builds in seconds instead of minutes (about 2 s vs 120 s for 100k x 512 on two
