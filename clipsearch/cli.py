@@ -302,6 +302,7 @@ def index_command(
             progress=progress,
             should_stop=stop.is_set,
             ray=ray,
+            verify_progress=progress.verify,
         )
         # The model a person names for a run is the one they mean to search next.
         switched = model is not None and index.make_default_if_encoded()
@@ -343,20 +344,34 @@ def _summary(report: AddReport, home: Path, model: str) -> str:
 
 
 class _progress_bar:
-    """A tqdm bar on stderr, created once the walk knows how many files need work; none with
-    --quiet, when stderr is not a terminal, or when there is nothing to do."""
+    """tqdm bars on stderr, each created once the run knows how many files it has: one for the
+    files `--verify` fingerprints (`verify`), then one for the images encoded (calling it). None
+    with --quiet, when stderr is not a terminal, or when there is nothing to do."""
 
-    def __enter__(self) -> Callable[[int, int], None]:
+    def __enter__(self) -> _progress_bar:
         self.bar: Any = None  # a tqdm bar, made on the first update that needs one
-        return self.update
+        self.stage = ""
+        return self
 
-    def update(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int) -> None:
+        self._show("", "img", done, total)
+
+    def verify(self, done: int, total: int) -> None:
+        self._show("verifying", "file", done, total)
+
+    def _show(self, stage: str, unit: str, done: int, total: int) -> None:
+        if self.bar is not None and stage != self.stage:
+            self.bar.close()
+            self.bar = None
         if self.bar is None:
             if settings.quiet or not total or not sys.stderr.isatty():
                 return
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+            self.stage = stage
+            self.bar = tqdm(
+                total=total, desc=stage or None, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1
+            )
         self.bar.update(done - self.bar.n)
 
     def __exit__(self, *exc: object) -> None:

@@ -138,13 +138,15 @@ class Index:
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
         ray: str | RayExecutor | None = None,
+        verify_progress: Progress | None = None,
     ) -> AddReport:
         """Index new and changed images under ``paths`` (or those a `Manifest` lists) with the
         model; forget those gone from there. Files other models indexed already are only
         encoded, never walked twice. ``verify`` fingerprints unchanged files again, to catch
         content rewritten with size and mtime kept.
 
-        ``progress(done, total)`` is called as files are finished; ``should_stop()`` is polled
+        ``progress(done, total)`` is called as files are finished, and ``verify_progress(done,
+        total)`` as ``verify`` fingerprints them, before any is encoded; ``should_stop()`` is polled
         and, once true, the run commits what is finished and returns with ``interrupted`` set.
         ``ray`` (a cluster address, ``"auto"``, or a `RayExecutor`) decodes and encodes on a
         Ray cluster; this process still plans the run and is the only writer.
@@ -167,6 +169,7 @@ class Index:
                 should_stop=should_stop or (lambda: False),
                 executor=None if ray is None else self._ray_executor(ray, batch_size, workers),
                 weights=weights,
+                verify_progress=verify_progress,
             )
             report.stale = stale
             # For vectors a Ray executor recorded, or from weights the run downloaded (checked).

@@ -174,6 +174,7 @@ def run_add(
     should_stop: Callable[[], bool] = lambda: False,
     executor: Executor | None = None,
     weights: str | None = None,
+    verify_progress: Progress | None = None,
 ) -> AddReport:
     """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``
     (or the files a `Manifest` lists).
@@ -199,7 +200,7 @@ def run_add(
     if isinstance(walk, Manifest):
         plan.missing = walk.missing(states)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
-    _verify(plan, should_stop)
+    _verify(plan, should_stop, verify_progress)
     report.unchanged = plan.unchanged
     if progress:
         progress(0, len(plan.todo))
@@ -456,9 +457,10 @@ def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _verify(plan: Plan, should_stop: Callable[[], bool]) -> None:
+def _verify(plan: Plan, should_stop: Callable[[], bool], progress: Progress | None) -> None:
     """Fingerprint the files of ``plan.to_verify`` again: those whose content is not what was
     indexed (or that cannot be read any more) join ``plan.todo`` as changed."""
+    done, total = 0, len(plan.to_verify)
     with ThreadPoolExecutor(_PROBE_THREADS) as threads:
         for chunk in _batched(plan.to_verify, _CHUNK):
             if should_stop():
@@ -468,6 +470,9 @@ def _verify(plan: Plan, should_stop: Callable[[], bool]) -> None:
                     plan.unchanged += 1
                 else:
                     plan.todo.append((found, False))
+            done += len(chunk)
+            if progress:
+                progress(done, total)
 
 
 def _has_fingerprint(item: tuple[FoundFile, bytes]) -> bool:

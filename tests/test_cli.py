@@ -291,3 +291,24 @@ def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
 
 def summary_counts(text):
     return tuple(int(n) for n in SUMMARY.search(text).groups())
+
+
+def test_index_progress_shows_a_bar_for_verifying_then_one_for_encoding(monkeypatch):
+    import io
+
+    from clipsearch import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    with cli._progress_bar() as progress:
+        progress.verify(256, 300)
+        progress.verify(300, 300)
+        progress(0, 2)
+        progress(2, 2)
+    verifying, encoding, after = err.getvalue().split("\n")
+    assert "verifying: 100%" in verifying and "300/300" in verifying and "file/s" in verifying
+    assert "2/2" in encoding and "img/s" in encoding and "verifying" not in encoding and after == ""

@@ -200,6 +200,31 @@ def test_unreachable_hub_says_what_failed_and_where_to_put_the_file(monkeypatch)
     assert str(model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin") in message
 
 
+def test_hub_host_that_cannot_be_resolved_fails_at_once_without_retries(monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    looked_up = []
+
+    def no_dns(host, port, *args, **kwargs):
+        looked_up.append((host, port))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("a download was tried although the hub's host does not resolve")
+
+    _settings(monkeypatch, HF_ENDPOINT="https://hub.example.org")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_request)
+    with pytest.raises(DownloadError) as err:
+        download.model_path(LAION)
+    message = str(err.value)
+    assert looked_up == [("hub.example.org", "https")]
+    assert "\n" not in message and "hub.example.org cannot be resolved (Name or service not known" in message
+    assert str(model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin") in message
+
+
 def test_copy_placed_by_hand_in_clipsearchs_cache_is_used_first(stand_in):
     placed = model_cache_dir() / "ViT-B-32-laion2b_s34b_b79k.bin"
     placed.parent.mkdir(parents=True)

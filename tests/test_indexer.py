@@ -186,6 +186,20 @@ def test_progress_reports_every_file(tmp_path, add):
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+def test_verify_reports_the_files_it_fingerprints_before_any_is_encoded(tmp_path, add):
+    make_library(tmp_path / "lib", 300)  # two chunks of fingerprinting
+    add(tmp_path / "lib")
+    calls = []
+    report = add(
+        tmp_path / "lib",
+        verify=True,
+        progress=lambda done, total: calls.append(("encode", done, total)),
+        verify_progress=lambda done, total: calls.append(("verify", done, total)),
+    )
+    assert (report.verified, report.unchanged) == (300, 300)
+    assert calls == [("verify", 256, 300), ("verify", 300, 300), ("encode", 0, 0)]
+
+
 def test_worker_processes_give_the_same_vectors_as_in_process(tmp_path, catalog, add, tiny_encoder):
     images = make_library(tmp_path / "lib", 6)
     (tmp_path / "lib" / "bad.jpg").write_text("nope")

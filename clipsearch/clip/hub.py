@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from clipsearch.clip import integrity
 from clipsearch.clip.registry import HF_HUB_PREFIX, HubDir, HubFile
@@ -146,10 +148,22 @@ def _download_one_of(model: HubDir, names: tuple[str, ...], revision: str, progr
 
 
 def _require_online(what: str, advice: str) -> None:
+    """Fail at once where no download can work. Without this an unresolvable hub host costs
+    `huggingface_hub`'s five retries, 23 s of "Retrying in 8s" lines, for the same error."""
     if offline():
         raise DownloadError(
             f"{what} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set; {advice}."
         )
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.getaddrinfo(endpoint.hostname, endpoint.port or endpoint.scheme, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise DownloadError(
+            f"{what} is not in the Hugging Face cache ({cache_dir()}) and {endpoint.hostname} cannot be "
+            f"resolved ({err.args[-1] if err.args else err}: no network?); {advice}."
+        ) from None
 
 
 def _download(repo: str, filename: str, revision: str, progress: bool, advice: str, missing_ok: bool = False) -> Path:
