@@ -17,11 +17,15 @@ vector search. recall@10 is against exact search over the same vectors, for held
 With --peer, rclip's cold query over the same number of vectors (`rclip --no-indexing`, its
 database filled the same way) runs alternately with ours.
 
+A fourth warm part opens the index as `clipsearch serve` does (``Index.open(warm=True)``): new
+texts go through the torch text tower with the kernel `clip.text_fast` chose (``--threads``).
+
 The text tower alone, per precision, with each one's worst cosine to fp32 over a few hundred
 varied texts and the memory-bandwidth floor: `benchmarks/text_tower.py`.
 
     python benchmarks/query_latency.py
     python benchmarks/query_latency.py --sizes 100000 --peer
+    python benchmarks/query_latency.py --sizes 100000 --no-cold --threads 2
 """
 
 from __future__ import annotations
@@ -138,15 +142,28 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
         # mapped file; a long-running process has them in memory, which the second pass times.
         first = [seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
         topk = [seconds(lambda q=q: top_k(vectors, index.catalog, q, 10)) for q in queries[:repeats]]
-        return {
-            "search_ms": median(full) * 1e3,
-            "search_p99_ms": percentile(full, 99) * 1e3,
-            "again_ms": median(again) * 1e3,
-            "topk_ms": median(topk) * 1e3,
-            "topk_first_ms": median(first) * 1e3,
-            "index_type": vectors.index_type,
-            "recall": recall_at_10(index.catalog, vectors, queries),
-        }
+        recall = recall_at_10(index.catalog, vectors, queries)
+    with Index.open(home, readonly=True, warm=True) as index:  # as `clipsearch serve` opens it
+        index.search(QUERY, k=10)  # imports torch, prepares the fast text tower
+        text_path = getattr(index.encoder("text"), "text_path", "?")
+        fast, fast_cpu = [], []
+        for text in texts:
+            started_cpu = time.process_time()
+            fast.append(seconds(lambda text=text: index.search(text, k=10)))
+            fast_cpu.append(time.process_time() - started_cpu)
+    return {
+        "fast_ms": median(fast) * 1e3,
+        "fast_p99_ms": percentile(fast, 99) * 1e3,
+        "fast_cpu_ms": median(fast_cpu) * 1e3,
+        "text_path": text_path,
+        "search_ms": median(full) * 1e3,
+        "search_p99_ms": percentile(full, 99) * 1e3,
+        "again_ms": median(again) * 1e3,
+        "topk_ms": median(topk) * 1e3,
+        "topk_first_ms": median(first) * 1e3,
+        "index_type": vectors.index_type,
+        "recall": recall,
+    }
 
 
 def rclip_datadir(count: int) -> tuple[Path, Path]:
@@ -159,18 +176,8 @@ def rclip_datadir(count: int) -> tuple[Path, Path]:
     return datadir, root
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated collection sizes for warm search")
-    parser.add_argument("--cold-size", type=int, default=100_000)
-    parser.add_argument("--cold-repeats", type=int, default=7)
-    parser.add_argument("--warm-repeats", type=int, default=50)
-    parser.add_argument("--peer", action="store_true", help="also time rclip's cold query over the same count")
-    args = parser.parse_args()
-    os.environ.update(ours_env())  # the in-process searches use the same model cache as the CLI
-    model = random_model(ARCH)
-    rows = []
-
+def cold_row(args: argparse.Namespace, model: Path) -> tuple[str, str, str, str]:
+    """A `clipsearch query` in a new process, alternating with rclip's when ``--peer``."""
     home = filled_home(args.cold_size, model)
     cold = {
         "ours": lambda: peers.time_command([*clipsearch_command(), "--home", str(home), "query", QUERY], env=ours_env())
@@ -185,15 +192,33 @@ def main() -> None:
         for name, run in cold.items():
             walls[name].append(run().wall_s)
     peer_cold = median(walls["rclip"]) if "rclip" in walls else None
-    rows.append(
-        (
-            f"cold query p50 s, {args.cold_size:,} images (target <= 1.0)",
-            fmt(median(walls["ours"])),
-            fmt(peer_cold),
-            ratio(median(walls["ours"]), peer_cold, higher_is_better=False),
-        )
+    return (
+        f"cold query p50 s, {args.cold_size:,} images (target <= 1.0)",
+        fmt(median(walls["ours"])),
+        fmt(peer_cold),
+        ratio(median(walls["ours"]), peer_cold, higher_is_better=False),
     )
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated collection sizes for warm search")
+    parser.add_argument("--cold-size", type=int, default=100_000)
+    parser.add_argument("--cold-repeats", type=int, default=7)
+    parser.add_argument("--warm-repeats", type=int, default=50)
+    parser.add_argument("--peer", action="store_true", help="also time rclip's cold query over the same count")
+    parser.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True, help="time the cold CLI query")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for the warm=True search (0: torch's)")
+    args = parser.parse_args()
+    os.environ.update(ours_env())  # the in-process searches use the same model cache as the CLI
+    model = random_model(ARCH)
+    rows = []
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.cold:
+        rows.append(cold_row(args, model))
     for count in (int(size) for size in args.sizes.split(",")):
         result = warm(count, model, args.warm_repeats)
         target = TARGETS.get(count)
@@ -203,6 +228,14 @@ def main() -> None:
             (f"  of which top-k + join p50 ms, {count:,}", fmt(result["topk_ms"]), "-", "-"),
             (f"  top-k + join p50 ms, {count:,}, lists not yet in memory", fmt(result["topk_first_ms"]), "-", "-"),
             (f"warm search() p50 ms, {count:,}, a query asked before", fmt(result["again_ms"]), "-", "-"),
+            (
+                f"warm=True search() p50 ms, {count:,}, new text ({result['text_path']})",
+                fmt(result["fast_ms"]),
+                "-",
+                "-",
+            ),
+            (f"warm=True search() p99 ms, {count:,}", fmt(result["fast_p99_ms"]), "-", "-"),
+            (f"warm=True search() p50 CPU ms, {count:,} (all threads)", fmt(result["fast_cpu_ms"]), "-", "-"),
             (
                 f"recall@10 vs exact, {count:,} ({result['index_type']}; target >= 0.95)",
                 f"{result['recall']:.3f}",

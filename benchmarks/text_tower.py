@@ -3,13 +3,16 @@
 Three parts. The towers as the product runs them, each text of ``--texts`` varied queries
 encoded alone (p50 / p99 wall and CPU milliseconds, interleaved so machine noise lands on all
 alike) with its worst cosine to torch fp32: the NumPy tower (`clipsearch query` and a text-only
-`Index.search`), and the torch tower in fp32 and in bf16 (an `Encoder` holding both towers, as
-`clipsearch serve` does, converts its text tower with the image tower's precision). The products
-alone (``--kernels``): one 512 x 2048 weight at the median query's token count through each
-kernel there is, fp32, bf16 and weight-only int8. The floor: this machine's copy bandwidth times
-the bytes of weights one query reads in each precision.
+`Index.search`), the torch tower in fp32 and in bf16 (an `Encoder` holding both towers converts
+its text tower with the image tower's precision), each weight-only kernel of `clip.weight_only`
+(fp32 activations, bf16 or int8 weights: plain ``F.linear``, oneDNN-prepacked, int8 per channel),
+and the warm `Encoder` of `clipsearch serve` and ``Index.open(warm=True)`` with the kernel
+`clip.text_fast` chose. The products alone (``--kernels``): one 512 x 2048 weight at the median
+query's token count through each kernel there is. The floor: this machine's copy bandwidth
+times the bytes of weights one query reads in each precision.
 
-    python benchmarks/text_tower.py                  # ViT-B-32, 300 texts
+    python benchmarks/text_tower.py                  # ViT-B-32, 300 texts, torch on 1 thread
+    python benchmarks/text_tower.py --threads 2
     python benchmarks/text_tower.py --arch ViT-B-32-256 --kernels
 """
 
@@ -30,7 +33,8 @@ EXTRAS = "blurry|black and white|from above|close-up|with friends|in the rain|vi
 
 
 def varied_queries(count: int, seed: int = 0) -> list[str]:
-    """Search-box texts from one word to a long sentence, all distinct (no remembered vector helps)."""
+    """Search-box texts from one word to a pasted caption longer than the context, all distinct
+    (no remembered vector helps)."""
     rng = np.random.default_rng(seed)
     subjects, actions, places, extras = (words.split("|") for words in (SUBJECTS, ACTIONS, PLACES, EXTRAS))
     texts: dict[str, None] = {}
@@ -45,6 +49,11 @@ def varied_queries(count: int, seed: int = 0) -> list[str]:
             parts += [str(e) for e in rng.choice(extras, size=rng.integers(1, 4), replace=False)]
         if shape == 4:
             parts.insert(0, "a photo of a")
+        if shape == 4 and rng.random() < 0.3:  # a pasted caption, some past the 77-token context
+            clauses = rng.integers(2, 10)
+            parts += [
+                f"and a {rng.choice(subjects)} {rng.choice(actions)} {rng.choice(places)}" for _ in range(clauses)
+            ]
         texts[" ".join(parts) + ("" if rng.random() < 0.5 else f" {rng.integers(1900, 2030)}")] = None
     return list(texts)
 
@@ -63,20 +72,42 @@ def copy_bandwidth() -> float:
 
 def towers(model: str) -> dict[str, Callable[[list[str]], np.ndarray]]:
     """Unit vectors of texts, per tower as the product runs it (no remembered vectors)."""
-    import torch
-
-    from clipsearch.encoder import Encoder, TextEncoder
-
-    torch.set_num_threads(1)  # as the NumPy tower: one query is too little work to share
+    from clipsearch.clip.weight_only import usable_kernels
+    from clipsearch.encoder import Encoder, TextEncoder, open_encoder
 
     numpy_tower = TextEncoder(model)
     torch_fp32 = Encoder(model, "cpu", "fp32", towers="text")
     torch_bf16 = Encoder(model, "cpu", "bf16", towers="text")
-    return {
+    warm = open_encoder(model, "cpu", towers="text", warm=True)
+    assert isinstance(warm, Encoder)
+    found = {
         "numpy fp32 (query CLI, text-only search())": numpy_tower._encode_texts,
         "torch fp32": torch_fp32._encode_texts,
-        "torch bf16 (serve, both towers in bf16)": torch_bf16._encode_texts,
+        "torch bf16, whole tower (serve before, image tower in bf16)": torch_bf16._encode_texts,
     }
+    for kernel in usable_kernels()[1:]:
+        found[f"torch weight-only {kernel}, fp32 activations"] = kernel_tower(torch_fp32, kernel)
+    found[f"warm Encoder (serve, Index.open(warm=True)): {warm.text_path}"] = warm._encode_texts
+    return found
+
+
+def kernel_tower(encoder, kernel: str) -> Callable[[list[str]], np.ndarray]:
+    """``encoder``'s text tower with its linears in ``kernel``, as `clip.text_fast` builds it."""
+    import torch
+
+    from clipsearch.clip.text_fast import text_only_copy
+    from clipsearch.clip.weight_only import swap_linears
+
+    tower = text_only_copy(encoder.model)
+    swap_linears(tower, kernel)
+
+    def run(texts: list[str]) -> np.ndarray:
+        tokens = tower.tokenizer(texts, context_length=tower.context_length, truncate=True)
+        with torch.inference_mode():
+            features = tower.encode_text(tokens).numpy()
+        return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+    return run
 
 
 def time_towers(model: str, texts: list[str]) -> tuple[list[tuple[str, str, str, str]], int]:
@@ -90,9 +121,9 @@ def time_towers(model: str, texts: list[str]) -> tuple[list[tuple[str, str, str,
     vectors: dict[str, list[np.ndarray]] = {name: [] for name in candidates}
     for text in texts:
         for name, run in candidates.items():
-            start, start_cpu = time.perf_counter(), time.thread_time()
+            start, start_cpu = time.perf_counter(), time.process_time()
             vectors[name].append(run([text])[0])
-            cpu[name].append(time.thread_time() - start_cpu)
+            cpu[name].append(time.process_time() - start_cpu)
             wall[name].append(time.perf_counter() - start)
     rows = []
     for name in candidates:
@@ -196,8 +227,12 @@ def main() -> None:
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--texts", type=int, default=300)
     parser.add_argument("--kernels", action="store_true", help="also time each product kernel alone")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the NumPy tower always runs on 1)")
     args = parser.parse_args()
     os.environ.update(ours_env())
+    import torch
+
+    torch.set_num_threads(args.threads)
     model = str(random_model(args.arch))
     rows, tokens = time_towers(model, varied_queries(args.texts))
     rows += floor_rows(model, copy_bandwidth())
@@ -209,7 +244,8 @@ def main() -> None:
         [
             f"{args.texts} distinct generated texts (median {tokens} tokens with start and end), each encoded "
             "alone, the towers taking turns; random weights; NumPy's BLAS on one thread (as queries run it), "
-            "torch on one thread. CPU ms: the thread's CPU time, steadier than wall time on a shared machine."
+            f"torch on {args.threads} thread(s). CPU ms: the process's CPU time (all threads), steadier than "
+            "wall time on a shared machine."
         ],
     )
 

@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from clipsearch.clip.model import Towers
+    from clipsearch.clip.model import SharedSpace, Towers
 
 
 def model_id(model_ref: str) -> str:
@@ -51,15 +51,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 def open_encoder(
-    model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both"
+    model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both", warm: bool = False
 ) -> Encoder | TextEncoder:
     """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
     full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
     machine stays on the CPU too: one query takes milliseconds there, starting CUDA a second.
-    The NumPy text tower is CLIP's: SigLIP and XLM-R models encode text with `Encoder`."""
+    The NumPy text tower is CLIP's: SigLIP and XLM-R models encode text with `Encoder`.
+
+    A ``warm`` process (a server, an app: many texts, one start) gets an `Encoder` whose texts go
+    through `clip.text_fast` (bf16 or int8 weights where they are faithful) with "auto"
+    precision: importing torch and preparing the tower cost it once what a one-shot query
+    process would pay for every query."""
     from clipsearch.clip.families import family
 
-    if towers == "text" and device in ("auto", "cpu") and precision in ("auto", "fp32") and family(model_ref) == "clip":
+    text_on_cpu = towers == "text" and device in ("auto", "cpu")
+    if warm and precision == "auto":
+        encoder = Encoder(model_ref, "cpu" if text_on_cpu else device, precision, towers)
+        encoder.prepare_texts()
+        return encoder
+    if text_on_cpu and precision in ("auto", "fp32") and family(model_ref) == "clip":
         return TextEncoder(model_ref)
     return Encoder(model_ref, device, precision, towers)
 
@@ -137,12 +147,32 @@ class Encoder:
         cut, as a search box should, rather than refused."""
         return self._texts.encode(texts, self._encode_texts)
 
+    # Which text tower `encode_texts` runs: "model" (the loaded one, in the model's precision),
+    # or after `prepare_texts` on a CPU "fast <kernel>" (`clip.text_fast`).
+    text_path = "model"
+    _fast_text: SharedSpace | None = None
+
+    def prepare_texts(self) -> str:
+        """Encode texts from now on with `clip.text_fast`'s tower, for a process that will encode
+        many (its first call measures the kernels once per model and machine: seconds).
+        On a GPU, or for a tower it cannot copy, the model's own tower stays. The path taken."""
+        from clipsearch.clip.text_fast import fast_text_tower
+
+        if self._fast_text is None and self.device.type == "cpu" and self.towers != "image":
+            fast = fast_text_tower(self.model, self.model_id)
+            if fast is not None:
+                self._fast_text, self.text_path = fast.model, f"fast {fast.kernel}"
+                if self.towers == "text":  # the loaded tower has nothing left to do: its memory goes
+                    self.model = fast.model
+        return self.text_path
+
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
         import torch
 
+        model = self.model if self._fast_text is None else self._fast_text
         tokens = self.model.tokenizer(texts, context_length=self.model.context_length, truncate=True)
         with torch.inference_mode():
-            return _normalised(self.model.encode_text(tokens.to(self.device)))
+            return _normalised(model.encode_text(tokens.to(self.device)))
 
 
 class TextEncoder:

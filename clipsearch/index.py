@@ -83,13 +83,14 @@ class Status:
 class Index:
     """An index directory: a catalog of files, and per model that encoded them, their vectors."""
 
-    def __init__(self, catalog: Catalog, model: str, device: str, precision: str, readonly: bool):
+    def __init__(self, catalog: Catalog, model: str, device: str, precision: str, readonly: bool, warm: bool = False):
         self.catalog = catalog
         self.home = catalog.home
         self.model = model
         self.device = device
         self.precision = precision
         self.readonly = readonly
+        self.warm = warm
         self._encoder: Encoder | TextEncoder | None = None
         self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
         self._vectors: tuple[int, VectorIndex] | None = None  # (catalog generation, index)
@@ -104,17 +105,22 @@ class Index:
         precision: str = "auto",
         create: bool = True,
         readonly: bool = False,
+        warm: bool = False,
     ) -> Index:
         """Open the index in ``home``, creating it if ``create`` (and not ``readonly``).
 
         ``model`` is the one that `add` encodes with and `search` searches; by default the
         index's default model (the first one it was built with), else `DEFAULT_MODEL`. Opening
         records nothing: a model is recorded with the first vector it encodes.
+
+        ``warm``: this process will search many times (a server, an app), so text queries go
+        through the torch text tower at its fastest faithful precision (`clip.text_fast`); by
+        default they use the NumPy one, which spares a short-lived process importing torch.
         """
         home = Path(home).expanduser() if home is not None else default_home()
         wanted = model_id(model) if model is not None else None
         catalog = Catalog.open(home, create=create and not readonly, readonly=readonly)
-        return cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, readonly)
+        return cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, readonly, warm)
 
     def close(self) -> None:
         self.catalog.close()
@@ -398,7 +404,7 @@ class Index:
             if self._encoder is not None:
                 towers = "both"  # text and images are both wanted by now
             weights = self._current_weights()
-            encoder = open_encoder(self.model, self.device, self.precision, towers)
+            encoder = open_encoder(self.model, self.device, self.precision, towers, self.warm)
             stored = self.catalog.model(self.model)
             if stored is not None and stored.dim != encoder.dim:
                 raise IndexStateError(

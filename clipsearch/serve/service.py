@@ -55,7 +55,7 @@ class Service:
     def open(cls, home: Path, device: str = "auto", model: str | None = None, max_pixels: int = MAX_PIXELS) -> Service:
         """Open the index in ``home`` read-only and load the model it searches with (``model``,
         else the index's default); drop the cached thumbnails of files it no longer holds."""
-        index = Index.open(home, model, device=device, create=False, readonly=True)
+        index = Index.open(home, model, device=device, create=False, readonly=True, warm=True)
         try:
             files = Catalog.open(home, readonly=True)
         except BaseException:

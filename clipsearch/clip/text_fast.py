@@ -1,0 +1,175 @@
+"""A model's text tower for a process that encodes many texts (a server, an app), with its
+linear weights in the narrowest kernel (`clip.weight_only`) that keeps every embedding within
+cosine `cpu.MIN_COSINE` of fp32.
+
+A new text costs the time to read the tower's weights once: ViT-B/32's 38 M text weights are
+151 MB in fp32, 76 MB in bf16, 38 MB in int8. Which kernel is fastest depends on the CPU (bf16
+only pays where it has bf16 dot products) and on PyTorch's build, so it is measured, as
+`clip.cpu` measures the image tower: each usable kernel encodes `CALIBRATION_TEXTS`, those that
+drift below the bar are dropped, the fastest of the rest is kept. The verdict is remembered in
+the model cache (`clip.precision_verdicts`) by checkpoint, CPU flags and torch version, so a
+server measures once per model and machine (a few seconds at ViT-B/32, at its start).
+
+The tower is a text-only copy of the model, in float32 but for the swapped linears, so layer
+norms, attention and the residual stream run in fp32 whatever precision the image tower was
+given. Every family whose linears are ``nn.Linear`` or `model.SelfAttention` (CLIP, SigLIP,
+XLM-R) is handled; a model that cannot be copied that way gets None, and its caller keeps
+encoding with the model itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import precision_verdicts
+from .cpu import MIN_COSINE, SPEED_FLAGS, cpu_flags, has_native_bf16
+from .model import SharedSpace, with_weights
+from .weight_only import swap_linears, usable_kernels
+
+logger = logging.getLogger(__name__)
+
+# Search-box texts, one word to the whole context, a few in other scripts (multilingual towers):
+# the worst cosine over them decides whether a kernel is faithful.
+CALIBRATION_TEXTS: tuple[str, ...] = (
+    "dog",
+    "sunset",
+    "a red car",
+    "two cats sleeping on a sofa",
+    "a photo of a lighthouse at night",
+    "birthday cake with candles, close-up",
+    "an old man reading a newspaper in a cafe in Paris",
+    "black and white film photo of a crowded train station in the 1950s",
+    "aerial view of a river winding through autumn forest, fog in the valley, early morning light",
+    "a child in a yellow raincoat jumping into a puddle on a rainy street while her father holds "
+    "an umbrella and laughs, shot from a low angle with a wide lens, shallow depth of field",
+    "screenshot of a spreadsheet with quarterly sales figures and a bar chart",
+    "IMG_2041.JPG",
+    "un chien qui court sur la plage",
+    "ein Hund, der am Strand läuft",
+    "海辺を走る犬",
+    "собака бежит по пляжу",
+    " ".join(["very"] * 40) + " long query that is cut at the context length " + " ".join(["again"] * 40),
+)
+# Single-text encodings timed per kernel; the median counts.
+TIMING_RUNS = 9
+
+
+class FastText(NamedTuple):
+    """A text-only model to call ``encode_text`` on, the kernel its linears run, and a line
+    saying what was measured (or that it was remembered)."""
+
+    model: SharedSpace
+    kernel: str
+    report: str
+
+
+def candidate_kernels() -> tuple[str, ...]:
+    """What the measurement chooses among, fp32 first: bf16 only where the CPU has bf16 dot
+    products (elsewhere it is emulated, slower than fp32)."""
+    kernels = usable_kernels()
+    return tuple(k for k in kernels if has_native_bf16() or not k.startswith("bf16"))
+
+
+def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastText | None:
+    """The text tower of ``model`` (any precision; its weights are read, not changed) as the
+    fastest faithful text-only copy on this CPU; None when the model cannot be copied or has
+    no tokenizer to calibrate with. ``model_ref`` (as `clip.load` was given it) keys the
+    remembered verdict."""
+    if getattr(model, "tokenizer", None) is None:
+        return None
+    try:
+        reference = text_only_copy(model)
+    except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as err:  # not a family we know
+        logger.info("the text tower of %s runs as loaded: %s", type(model).__name__, err)
+        return None
+    kernels = candidate_kernels()
+    key = _verdict_key(model_ref, kernels)
+    remembered = precision_verdicts.recall(key) if key is not None else None
+    if remembered in kernels:
+        assert remembered is not None
+        swap_linears(reference, remembered)
+        return FastText(reference, remembered, f"{remembered}, as measured before")
+    started = time.perf_counter()
+    chosen = _fastest_faithful(model, reference, kernels)
+    logger.info(
+        "text tower in %s: %s (measured in %.1f s, once)", chosen.kernel, chosen.report, time.perf_counter() - started
+    )
+    if key is not None:
+        precision_verdicts.remember(key, {"precision": chosen.kernel, "report": chosen.report})
+    return chosen
+
+
+def text_only_copy(model: SharedSpace) -> SharedSpace:
+    """A float32 text-only model of ``model``'s family holding copies of its text weights."""
+    copy = with_weights(type(model), model.config, model.state_dict(), "text")
+    copy.tokenizer = model.tokenizer
+    return copy
+
+
+def calibration_tokens(model: SharedSpace) -> torch.Tensor:
+    return model.tokenizer(list(CALIBRATION_TEXTS), context_length=model.context_length, truncate=True)
+
+
+def _fastest_faithful(source: SharedSpace, fp32: SharedSpace, kernels: tuple[str, ...]) -> FastText:
+    """Each kernel on a fresh copy of ``source``'s text tower, against ``fp32``'s embeddings."""
+    tokens = calibration_tokens(fp32)
+    with torch.inference_mode():
+        reference = fp32.encode_text(tokens)
+    best = FastText(fp32, "fp32", "")
+    best_seconds = _seconds_per_text(fp32, tokens)
+    notes = [f"fp32 {best_seconds * 1e3:.2f} ms CPU"]
+    for kernel in kernels[1:]:
+        trial = text_only_copy(source)
+        swap_linears(trial, kernel)
+        with torch.inference_mode():
+            cosine = F.cosine_similarity(trial.encode_text(tokens), reference).min().item()
+        if cosine < MIN_COSINE:
+            notes.append(f"{kernel} drifts (cosine {cosine:.5f} < {MIN_COSINE})")
+            continue
+        seconds = _seconds_per_text(trial, tokens)
+        notes.append(f"{kernel} {seconds * 1e3:.2f} ms CPU, cosine {cosine:.5f}")
+        if seconds < best_seconds:
+            best, best_seconds = FastText(trial, kernel, ""), seconds
+    return best._replace(report=f"{'; '.join(notes)} per text of {len(tokens)} calibration texts")
+
+
+def _seconds_per_text(model: SharedSpace, tokens: torch.Tensor) -> float:
+    """The median CPU time of `TIMING_RUNS` single-text encodings, cycling through the texts
+    (after one untimed run that pays for first-call allocations), on one thread: the thread's
+    CPU time ranks the kernels even while other processes hold the cores, when wall time (and
+    a second thread waiting at every barrier) would rank the noise."""
+    times = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            model.encode_text(tokens[:1])
+            for run in range(TIMING_RUNS):
+                one = tokens[run % len(tokens)][None]
+                start = time.thread_time()
+                model.encode_text(one)
+                times.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def _verdict_key(model_ref: str | None, kernels: tuple[str, ...]) -> dict[str, Any] | None:
+    """What a text verdict depends on; None when the checkpoint cannot be identified."""
+    from .numpy_text import checkpoint_state
+
+    checkpoint = checkpoint_state(model_ref) if model_ref is not None else None
+    if checkpoint is None:
+        return None
+    return {
+        "checkpoint": checkpoint,
+        "text_kernels": list(kernels),
+        "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
+        "torch": torch.__version__,
+    }
