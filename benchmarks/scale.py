@@ -38,6 +38,16 @@ def status_bytes(field: str) -> int:
     return 0
 
 
+def memory_now() -> np.ndarray:
+    """Resident bytes: the process's own (anonymous) and the mapped file's pages (page cache the
+    kernel can take back, read ahead around each page a query touches)."""
+    return np.array([status_bytes("RssAnon"), status_bytes("RssFile")])
+
+
+def _gb(grown: np.ndarray) -> str:
+    return " / ".join(fmt(value / 1e9) for value in grown)
+
+
 Top = tuple[np.ndarray, np.ndarray]  # (scores, ids), [queries, K]
 
 
@@ -78,18 +88,40 @@ def latency_rows(wall: list[float], cpu: list[float]) -> list[tuple[str, str, st
     ]
 
 
-def time_saved(n: int, dim: int, queries: int) -> None:
-    """Time the queries again on the index the last full run at this count saved (``--reuse``):
-    latency without the build, for when the machine is quieter than it was."""
+def search_setting(index) -> str:
+    """The tuned search: nprobe, and a refined index's shortlist."""
     import faiss
 
+    from clipsearch.reranked import Reranked
+
+    ivf = index.ivf if isinstance(index, Reranked) else faiss.try_extract_index_ivf(index)
+    setting = "-" if ivf is None else f"nprobe {ivf.nprobe} of {ivf.nlist}"
+    return setting + (f", k_factor {index.k_factor:g}" if isinstance(index, Reranked) else "")
+
+
+def time_saved(n: int, dim: int, queries: int) -> None:
+    """Time the queries again on the index the last full run at this count saved (``--reuse``),
+    read as the engine reads it for queries (memory-mapped where FAISS can): latency without the
+    build, for when the machine is quieter than it was, and the memory and time a load costs."""
+    import faiss
+
+    from clipsearch.vectors import read_index
+
     path = bench_dir(f"scale-{n}") / "vectors-1.faiss"
-    index = faiss.read_index(str(path))  # all in memory, as built; FAISS ignores the stamp after its part
-    faiss.omp_set_num_threads(1)
     measuring = clustered_vectors(queries, clusters_for(n), dim, chunk=MEASURE_CHUNK)
-    nprobe = faiss.extract_index_ivf(index).nprobe
+    before, started = memory_now(), time.perf_counter()
+    index = read_index(str(path))
+    load_s, loaded = time.perf_counter() - started, memory_now() - before
+    faiss.omp_set_num_threads(1)
     wall, cpu = time_queries(index, measuring)
-    print_table(f"Latency again, {n:,} x {dim} from {path} (nprobe {nprobe})", latency_rows(wall, cpu))
+    queried = memory_now() - before
+    rows = [
+        ("load s", fmt(load_s), "-", "-"),
+        ("RSS growth GB after the load: own memory / file pages mapped", _gb(loaded), "-", "-"),
+        ("RSS growth GB after the queries: own memory / file pages mapped", _gb(queried), "-", "-"),
+        *latency_rows(wall, cpu),
+    ]
+    print_table(f"Latency again, {n:,} x {dim} from {path} ({search_setting(index)})", rows)
 
 
 def main() -> None:
@@ -108,14 +140,23 @@ def main() -> None:
     import faiss
 
     from clipsearch.records import StoredModel
-    from clipsearch.vectors import FLAT_LIMIT, TUNING_RECALL, VectorIndex, choose_index_type, train, train_points, tune
+    from clipsearch.vectors import (
+        FLAT_LIMIT,
+        TUNING_RECALL,
+        VectorIndex,
+        choose_index_type,
+        new_index,
+        train,
+        train_points,
+        tune,
+    )
 
     n, dim = args.count, args.dim
     if n <= FLAT_LIMIT:
         parser.error(f"up to {FLAT_LIMIT:,} vectors the engine searches exactly: nothing to measure here")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     index_type = choose_index_type(n, dim, budget) if args.index_type == "auto" else args.index_type
-    index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)  # ids in its lists, as the engine
+    index = new_index(index_type, dim)  # catalog ids in its lists, as the engine keeps them
     clusters = clusters_for(n)
     queries = np.concatenate(
         [clustered_vectors(args.queries, clusters, dim, chunk=c) for c in (TUNE_CHUNK, MEASURE_CHUNK)]
@@ -150,8 +191,7 @@ def main() -> None:
     started = time.perf_counter()
     tuned_recall = tune(index, tuning, truth_tuning)
     tune_s = time.perf_counter() - started
-    ivf = faiss.try_extract_index_ivf(index)
-    setting = "-" if ivf is None else f"nprobe {ivf.nprobe}"
+    setting = search_setting(index)
 
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # as clipsearch.search runs one query

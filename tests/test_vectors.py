@@ -11,6 +11,7 @@ from clipsearch import vectors as vectors_module
 from clipsearch.catalog import Catalog
 from clipsearch.errors import IndexStateError
 from clipsearch.records import FailedFile, IndexedFile
+from clipsearch.reranked import Reranked
 from clipsearch.vectors import VectorIndex, choose_index_type
 
 DIM = 32
@@ -69,9 +70,17 @@ def test_auto_choice_follows_size_and_memory_budget():
     flat_limit = vectors_module.FLAT_LIMIT
     assert choose_index_type(flat_limit, 512) == "Flat"
     assert choose_index_type(100_000, 512, memory_budget=1 << 30) == "IVF256,Flat"
-    assert choose_index_type(1_000_000, 512, memory_budget=4 << 30) == "IVF1024,Flat"
-    assert choose_index_type(1_000_000, 512, memory_budget=1 << 30) == "IVF1024,SQ8"
-    # 10M vectors in 1 GiB: PQ with the most bytes per vector that fits (and divides 512).
+    # From REFINE_FROM: fast-scan codes scanned, a float16 copy (memory-mapped) re-ranks them.
+    assert vectors_module.REFINE_FROM == 500_000
+    assert choose_index_type(499_999, 512, memory_budget=4 << 30) == "IVF512,Flat"
+    assert choose_index_type(1_000_000, 512, memory_budget=4 << 30) == "IVF1024,PQ128x4fs,Refine(SQfp16)"
+    assert choose_index_type(1_000_000, 512, memory_budget=1 << 30) == "IVF1024,PQ128x4fs,Refine(SQfp16)"
+    # Below it too when full vectors do not fit; full vectors where 4-bit codes cannot split dim.
+    assert choose_index_type(300_000, 512, memory_budget=100 << 20) == "IVF512,PQ128x4fs,Refine(SQfp16)"
+    assert choose_index_type(1_000_000, 510, memory_budget=4 << 30) == "IVF1024,Flat"
+    assert choose_index_type(1_000_000, 510, memory_budget=1 << 30) == "IVF1024,SQ8"
+    # 10M vectors in 1 GiB: not even the 4-bit codes with ids fit (1.28 GB); PQ with the most
+    # bytes per vector that fits (and divides 512).
     assert choose_index_type(10_000_000, 512, memory_budget=1 << 30) == "IVF4096,PQ32"
 
 
@@ -112,8 +121,13 @@ def add_files(catalog: Catalog, vectors: np.ndarray, start: int = 0) -> None:
 
 
 def assert_answers_like_the_catalog(index: VectorIndex, catalog: Catalog) -> None:
-    """Exact search's answers: an inverted file is made to probe every list for the comparison."""
-    ivf = faiss.try_extract_index_ivf(index.index)
+    """Exact search's answers: an inverted file is made to probe every list for the comparison
+    (and a refined one to re-rank every vector)."""
+    inner = index.index
+    if isinstance(inner, Reranked):
+        inner.k_factor = inner.ntotal
+        inner = inner.base
+    ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
         ivf.nprobe = ivf.nlist
     ids, vectors = catalog.all_vectors(stored(catalog))

@@ -19,8 +19,8 @@ GiB = 1 << 30
 
 def test_auto_keeps_sqrt_n_lists_behind_a_flat_quantiser_at_every_size():
     # An HNSW coarse quantiser with 16 sqrt(n) lists lost at 1M (benchmarks/scale.py): not auto's.
-    assert choose_index_type(1_000_000, 512, 4 * GiB) == "IVF1024,Flat"
-    assert choose_index_type(10_000_000, 512, 6 * GiB) == "IVF4096,SQ8"
+    assert choose_index_type(1_000_000, 512, 4 * GiB) == "IVF1024,PQ128x4fs,Refine(SQfp16)"
+    assert choose_index_type(10_000_000, 512, 6 * GiB) == "IVF4096,PQ128x4fs,Refine(SQfp16)"
     assert all("HNSW" not in choose_index_type(n, 512) for n in (10**5, 10**6, 10**7, 10**8))
 
 
