@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
+import numpy.typing as npt
 
 from clipsearch.errors import IndexStateError
 from clipsearch.migrate import ensure_schema
@@ -265,8 +266,9 @@ class Catalog:
             return None
         return row[0], _vectors_of([row[1]])[0].astype(np.float32), row[2], row[3]
 
-    def all_vectors(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], vectors float32 [n, dim]) of ``model``'s vectors, ordered by image id."""
+    def all_vectors(self, model: StoredModel, dtype: npt.DTypeLike = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], vectors [n, dim]) of ``model``'s vectors, ordered by image id: float32,
+        or float16 as stored (half the memory: 10 GB rather than 20 at 10M vectors of 512)."""
         with self.read() as db:
             n = db.execute("SELECT count(*) FROM vectors WHERE model_id = ?", (model.id,)).fetchone()[0]
             ids = np.empty(n, dtype=np.int64)
@@ -280,12 +282,12 @@ class Catalog:
                 row_ids, blobs = zip(*rows)
                 chunk = _vectors_of(blobs)
                 if vectors is None:
-                    vectors = np.empty((n, chunk.shape[1]), dtype=np.float32)
+                    vectors = np.empty((n, chunk.shape[1]), dtype=dtype)
                 ids[start : start + len(rows)] = row_ids
                 vectors[start : start + len(rows)] = chunk
                 start += len(rows)
             if vectors is None:
-                vectors = np.empty((0, model.dim), dtype=np.float32)
+                vectors = np.empty((0, model.dim), dtype=dtype)
         return ids, vectors
 
     def vector_writes(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -81,6 +81,7 @@ TRAIN_POINTS_PER_LIST = 64  # FAISS asks for at least 39; more only slows k-mean
 # so many lists that fewer points per list train it: 65,536 lists want a 2.6M sample (5.4 GB).
 HNSW_TRAIN_POINTS_PER_LIST = 40
 _KMEANS_ITERATIONS = 10  # FAISS's own for an inverted file
+_CHUNK = 100_000  # vectors converted to float32 at a time while building (200 MB at 512-d)
 _QUANTIZER_EF = 32
 # From this many vectors "auto" scans 4-bit fast-scan codes and re-ranks a shortlist from a
 # float16 copy (`reranked.py`) rather than scanning float32 vectors: at 300k the scan cost a
@@ -159,8 +160,9 @@ class VectorIndex:
         """Index `vectors` [n, dim] (L2-normalised) under the catalog `ids` [n].
 
         `index_type` is "auto" or a FAISS factory string such as "Flat", "HNSW32", "IVF1024,SQ8".
+        The vectors may be float16, as the catalog stores them: FAISS gets float32 a chunk at a
+        time, so a float32 copy of the whole collection (20 GB at 10M) never exists.
         """
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         n, dim = vectors.shape
         if index_type == "auto":
@@ -168,7 +170,10 @@ class VectorIndex:
         index = new_index(index_type, dim)
         if not index.is_trained:
             _train(index, vectors, index_type)
-        index.add_with_ids(vectors, ids)
+        if isinstance(index, Reranked):
+            index.reserve(n)
+        for start in range(0, n, _CHUNK):
+            index.add_with_ids(_float32(vectors[start : start + _CHUNK]), ids[start : start + _CHUNK])
         recall = None if index_type == "Flat" else _tune(index, ids, vectors)
         return cls(index, index_type, recall)
 
@@ -294,7 +299,9 @@ class VectorIndex:
         # Read before the vectors: if a write lands in between, the stamp is older than the
         # catalog and the next load catches up, never the reverse.
         generation = catalog.generation
-        ids, vectors = catalog.all_vectors(model)
+        # Large collections as stored, in float16 (build converts a chunk at a time); small
+        # ones in float32, where one copy costs less than the float16 one beside a chunk's.
+        ids, vectors = catalog.all_vectors(model, np.float16 if model.vectors > _CHUNK else np.float32)
         writes = catalog.vector_writes(model)  # after the vectors: never older than them
         started = time.perf_counter()
         try:
@@ -633,7 +640,7 @@ def _train(index: AnyIndex, vectors: np.ndarray, index_type: str) -> None:
     """Train on a bounded random sample, so that k-means time does not grow with the collection."""
     rng = np.random.default_rng(0)
     wanted = train_points(index)
-    sample = vectors[np.sort(rng.choice(len(vectors), min(wanted, len(vectors)), replace=False))]
+    sample = _float32(vectors[np.sort(rng.choice(len(vectors), min(wanted, len(vectors)), replace=False))])
     try:
         train(index, sample)
     except RuntimeError as e:
@@ -712,10 +719,28 @@ def _tune(index: AnyIndex, ids: np.ndarray, vectors: np.ndarray) -> float:
         return 1.0
     rng = np.random.default_rng(0)
     picked = rng.choice(len(ids), min(RECALL_QUERIES, len(ids)), replace=False)
-    queries, own = vectors[picked], ids[picked]
-    _, rows = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = np.stack(_others(ids[rows], own, k))
+    queries, own = _float32(vectors[picked]), ids[picked]
+    truth = np.stack(_others(ids[_exact_top(queries, vectors, k + 1)], own, k))
     return tune(index, queries, truth, lambda found: np.stack(_others(found, own, k)))
+
+
+def _exact_top(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """Rows of ``vectors`` (float16 or float32) with the k highest inner products per query,
+    best first, from one float32 chunk at a time."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_rows = np.empty((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), _CHUNK):
+        scores, rows = faiss.knn(queries, _float32(vectors[start : start + _CHUNK]), k, faiss.METRIC_INNER_PRODUCT)
+        missing = rows < 0  # a last chunk shorter than k
+        best_scores = np.concatenate([best_scores, np.where(missing, -np.inf, scores)], axis=1)
+        best_rows = np.concatenate([best_rows, np.where(missing, -1, rows + start)], axis=1)
+        keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_rows = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_rows, keep, 1)
+    return best_rows
+
+
+def _float32(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def tune(
