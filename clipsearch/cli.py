@@ -7,6 +7,8 @@ them.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import json
 import logging
@@ -17,7 +19,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import typer
 
@@ -902,4 +904,23 @@ def main() -> None:
         code = err.exit_code
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command (while parsing options)
         code = EXIT_INTERRUPTED
-    sys.exit(code if isinstance(code, int) else 0)
+    exit_now(code if isinstance(code, int) else 0)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once the command is over.
+
+    After torch was imported, the interpreter's teardown frees its objects one by one: 0.5 s and
+    125 MiB more peak memory (`python -c "import torch"`: 2.0 s and 632 MiB, 1.5 s and 507 MiB
+    without). With everything written and closed by now and no other thread left, the exit
+    handlers run (logging, multiprocessing, temporary files) and the process ends without it.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if "torch" not in sys.modules or others:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        # A closed pipe or stream: what it could not take is lost either way.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
+from clipsearch.clip.heap import release_free_memory
 from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
 from clipsearch.errors import ClipsearchError
 from clipsearch.fingerprint import fingerprint
@@ -215,6 +216,10 @@ def run_add(
         sizes = {state.size for state in states.values() if state.encoded}
         run = _Run(catalog, model, encoder, plan.todo, sizes, report, progress, should_stop, weights)
         run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
+        # What decoding and encoding freed goes back to the system before the vector index is
+        # updated, rather than staying with glibc beneath FAISS's allocations (500 photos: peak
+        # RSS 916-930 -> 877-911 MiB).
+        release_free_memory()
         moved_content = run.reused_fingerprints
     if should_stop():
         report.interrupted = True

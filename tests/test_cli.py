@@ -312,3 +312,35 @@ def test_index_progress_shows_a_bar_for_verifying_then_one_for_encoding(monkeypa
     verifying, encoding, after = err.getvalue().split("\n")
     assert "verifying: 100%" in verifying and "300/300" in verifying and "file/s" in verifying
     assert "2/2" in encoding and "img/s" in encoding and "verifying" not in encoding and after == ""
+
+
+@pytest.mark.parametrize(
+    "setup, quick",
+    [
+        ("import torch", True),  # the interpreter's teardown of torch is skipped
+        ("", False),  # nothing to save: a plain exit
+        # a thread still running is waited for, as a plain exit would
+        ("import torch, threading; threading.Thread(target=LATE_PRINT).start()", False),
+    ],
+)
+def test_exit_after_torch_runs_the_exit_handlers_and_keeps_the_code_and_output(setup, quick):
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys, time\n"
+        "LATE_PRINT = lambda: (time.sleep(0.3), print('thread done'))\n"
+        f"{setup}\n"
+        "from clipsearch.cli import exit_now\n"
+        "class Teardown:\n"
+        "    def __del__(self): print('torn down')\n"  # runs only in the interpreter's teardown
+        "kept = Teardown()\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        "sys.stdout.write('unflushed output ')\n"
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (3, "")
+    assert done.stdout.startswith("unflushed output") and "handler ran" in done.stdout
+    assert ("torn down" in done.stdout) == (not quick)
+    assert ("thread done" in done.stdout) == ("threading" in setup)
