@@ -57,7 +57,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def open_encoder(
-    model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both", warm: bool = False
+    model_ref: str,
+    device: str = "auto",
+    precision: str = "auto",
+    towers: Towers = "both",
+    warm: bool = False,
+    images: int | None = None,
 ) -> Encoder | TextEncoder:
     """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
     full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
@@ -67,7 +72,8 @@ def open_encoder(
     A ``warm`` process (a server, an app: many texts, one start) gets an `Encoder` whose texts go
     through `clip.text_fast` (bf16 or int8 weights where they are faithful) with "auto"
     precision: importing torch and preparing the tower cost it once what a one-shot query
-    process would pay for every query."""
+    process would pay for every query. ``images``: how many images it is opened to encode
+    ("auto" precision weighs that against each precision's preparation, `clip.cpu.cheapest_for`)."""
     from clipsearch.clip.families import family
 
     text_on_cpu = towers == "text" and device in ("auto", "cpu")
@@ -77,7 +83,7 @@ def open_encoder(
         return encoder
     if text_on_cpu and precision in ("auto", "fp32") and family(model_ref) == "clip":
         return TextEncoder(model_ref)
-    return Encoder(model_ref, device, precision, towers)
+    return Encoder(model_ref, device, precision, towers, images)
 
 
 class TextMemory:
@@ -118,14 +124,21 @@ class Encoder:
     the image tower is neither built nor read), in the precision `clip.cpu` finds fastest on
     this device without moving the embeddings (``precision="fp32"`` forces full precision)."""
 
-    def __init__(self, model_ref: str, device: str = "auto", precision: str = "auto", towers: Towers = "both"):
+    def __init__(
+        self,
+        model_ref: str,
+        device: str = "auto",
+        precision: str = "auto",
+        towers: Towers = "both",
+        images: int | None = None,
+    ):
         from clipsearch.clip.cpu import load_prepared
 
         self.model_id = model_id(model_ref)
         self.device = resolve_device(device)
         self.towers = towers
         (self.model, self.precision, self.input_dtype), self.preprocess = load_prepared(
-            model_ref, precision, self.device, towers
+            model_ref, precision, self.device, towers, images
         )
         model = self.model
         self.dim: int = model.config.embed_dim

@@ -397,14 +397,14 @@ class Index:
         """Files indexed once and gone from disk since."""
         return [decode_path(path) for path in self.catalog.missing()]
 
-    def encoder(self, towers: Towers = "both") -> Encoder | TextEncoder:
-        """The model, loaded once with at least ``towers``; checked against the dimension its
-        vectors in the catalog have."""
+    def encoder(self, towers: Towers = "both", images: int | None = None) -> Encoder | TextEncoder:
+        """The model, loaded once with at least ``towers`` (for a first use that encodes
+        ``images``); checked against the dimension its vectors in the catalog have."""
         if self._encoder is None or self._encoder.towers not in ("both", towers):
             if self._encoder is not None:
                 towers = "both"  # text and images are both wanted by now
             weights = self._current_weights()
-            encoder = open_encoder(self.model, self.device, self.precision, towers, self.warm)
+            encoder = open_encoder(self.model, self.device, self.precision, towers, self.warm, images)
             stored = self.catalog.model(self.model)
             if stored is not None and stored.dim != encoder.dim:
                 raise IndexStateError(
@@ -415,8 +415,8 @@ class Index:
             self._encoder, self._encoder_weights = encoder, weights
         return self._encoder
 
-    def _image_encoder(self) -> Encoder:
-        return cast("Encoder", self.encoder("image"))  # asked for the image tower: never a TextEncoder
+    def _image_encoder(self, images: int) -> Encoder:
+        return cast("Encoder", self.encoder("image", images))  # asked for the image tower: never a TextEncoder
 
     def _update_vectors(self, index_type: str | None = None) -> None:
         """After a write, under the writer lock: the model's FAISS file follows the catalog,

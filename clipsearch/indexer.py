@@ -162,7 +162,7 @@ def plan_changes(
 def run_add(
     catalog: Catalog,
     model: str,
-    get_encoder: Callable[[], Encoder],
+    get_encoder: Callable[[int], Encoder],
     roots: Iterable[str | os.PathLike] | Manifest,
     *,
     exclude: Sequence[str] = (),
@@ -184,7 +184,7 @@ def run_add(
     with ``cp -p`` of a same-size file) is taken as unchanged; ``verify`` fingerprints every
     indexed file again and re-encodes those whose content differs from what was indexed.
 
-    ``get_encoder`` (loading ``model``) is called only if some file needs encoding, and not at
+    ``get_encoder(files to encode)`` (loading ``model``) is called only if some file needs encoding, and not at
     all when an ``executor`` does the encoding. ``should_stop`` is polled between files; once it
     returns True the batch not yet encoded is dropped, everything finished is committed, and the
     report comes back with ``interrupted`` set. ``weights`` (`sources.weights_fingerprint`) is
@@ -211,7 +211,7 @@ def run_add(
         moved_content = executor(catalog, model, plan.todo, gone_content, report, progress, should_stop)
     elif plan.todo and not should_stop():
         loading = time.perf_counter()
-        encoder = get_encoder()
+        encoder = get_encoder(len(plan.todo))
         report.model_load_s = time.perf_counter() - loading
         sizes = {state.size for state in states.values() if state.encoded}
         run = _Run(catalog, model, encoder, plan.todo, sizes, report, progress, should_stop, weights)

@@ -114,3 +114,52 @@ def test_a_named_precision_is_neither_measured_nor_remembered(model_dir: str, mo
     assert cpu.prepare_for_inference(model, "int8", model_ref=model_dir).precision == "int8"
     assert timed == []
     assert not precision_verdicts.verdict_file({}).parent.exists()
+
+
+def _verdict_path() -> Path:
+    (path,) = Path(precision_verdicts.verdict_file({}).parent).iterdir()
+    return path
+
+
+def test_the_verdict_keeps_what_each_faithful_precision_costs(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    prepare(model_dir)
+    costs = json.loads(_verdict_path().read_text())["costs"]
+    assert sorted(costs) == ["bf16", "fp32", "int8"]
+    per_image = {name: per for name, (_, per) in costs.items()}
+    assert per_image == {name: s / cpu.TIMING_BATCH for name, s in (("fp32", 3.0), ("bf16", 2.0), ("int8", 1.0))}
+    assert costs["fp32"][0] == 0.0 and costs["bf16"][0] > 0 and costs["int8"][0] > 0  # converting takes time
+
+
+@pytest.mark.parametrize("images, expected", [(None, "int8"), (4, "bf16"), (1000, "int8"), (0, "fp32")])
+def test_a_run_of_few_images_takes_the_precision_that_costs_least_with_its_preparation(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch, images: int | None, expected: str
+) -> None:
+    fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)  # per image: 0.375, 0.25, 0.125 s
+    prepare(model_dir)
+    verdict = json.loads(_verdict_path().read_text())
+    verdict["costs"] = {"fp32": [0.0, 0.375], "bf16": [0.1, 0.25], "int8": [5.0, 0.125]}
+    _verdict_path().write_text(json.dumps(verdict))
+    # 4 images: fp32 1.5 s, bf16 1.1 s, int8 5.5 s; 1,000: int8 130 s, bf16 250 s.
+    (prepared, _) = cpu.load_prepared(model_dir, "auto", images=images)
+    assert (prepared.precision, precision_of(prepared.model)) == (expected, expected)
+
+
+def test_a_verdict_without_costs_keeps_its_precision_for_any_run(
+    model_dir: str, bf16_and_int8: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    prepare(model_dir)
+    verdict = json.loads(_verdict_path().read_text())
+    del verdict["costs"]  # as verdicts written before costs were kept
+    _verdict_path().write_text(json.dumps(verdict))
+    assert cpu.load_prepared(model_dir, "auto", images=1)[0].precision == "int8"
+
+
+def test_cheapest_for_never_picks_what_was_not_measured_faithful():
+    costs = {"fp32": (0.0, 0.3), "int8": (0.6, 0.1)}
+    assert cpu.cheapest_for(2, costs, "int8") == "fp32"
+    assert cpu.cheapest_for(10, costs, "int8") == "int8"
+    assert cpu.cheapest_for(2, costs, "bf16") == "bf16"  # costs that do not know the verdict: the verdict

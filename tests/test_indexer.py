@@ -25,8 +25,8 @@ def add(catalog, tiny_encoder):
     loads = []
 
     def add(*roots, **options):
-        def get_encoder():
-            loads.append(1)
+        def get_encoder(images):
+            loads.append(images)
             return tiny_encoder
 
         options.setdefault("workers", 0)

@@ -62,6 +62,10 @@ SPEED_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "a
 TIMING_BATCH = 8
 TIMING_RUNS = 3
 
+# Per faithful precision, measured with the verdict: (seconds to prepare the weights from
+# float32, seconds to encode one image).
+Costs = dict[str, tuple[float, float]]
+
 
 class Prepared(NamedTuple):
     """A model ready for inference, the precision it runs in, and the dtype its inputs should
@@ -112,18 +116,23 @@ def candidate_precisions(device: torch.device | str, image_tower: bool = True) -
 
 
 def load_prepared(
-    model_ref: str, precision: str = "auto", device: torch.device | str = "cpu", towers: Towers = "both"
+    model_ref: str,
+    precision: str = "auto",
+    device: torch.device | str = "cpu",
+    towers: Towers = "both",
+    images: int | None = None,
 ) -> tuple[Prepared, Preprocess]:
     """`clip.load` and `prepare_for_inference` in one: where the precision is known before the
     weights are read (named, or remembered from an earlier measurement) and the model runs on
     the CPU, each weight is converted as it is read (`conversion`), so the float32 model never
     stands whole beside the converted one (ViT-B-32-256's image tower: 350 MB of float32 beside
-    88 MB of int8, and the allocator kept most of the freed 350 MB)."""
+    88 MB of int8, and the allocator kept most of the freed 350 MB). ``images``: how many images
+    the model is loaded to encode, which "auto" weighs against each precision's preparation."""
     from clipsearch.clip import load
 
     _check_precision(precision)
     device = torch.device(device)
-    known = _known_precision(model_ref, precision, device, towers != "text", towers != "image")
+    known = _known_precision(model_ref, precision, device, towers != "text", towers != "image", images)
     if known is None or device.type != "cpu":
         model, preprocess = load(model_ref, device="cpu", towers=towers)
         return prepare_for_inference(model, precision, device, model_ref=model_ref), preprocess
@@ -160,11 +169,11 @@ def prepare_for_inference(
         if sample is None:
             sample = calibration_images(visual.input_resolution, count=TIMING_BATCH)
         started = time.perf_counter()
-        chosen, report = _fastest_faithful(model, candidates, sample.to(device), timed=device.type == "cpu")
+        chosen, report, costs = _fastest_faithful(model, candidates, sample.to(device), timed=device.type == "cpu")
         logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
         key = _verdict_key(model_ref, device, candidates, text_tower)
         if key is not None:
-            precision_verdicts.remember(key, {"precision": chosen, "report": report})
+            precision_verdicts.remember(key, {"precision": chosen, "report": report, "costs": costs})
     _warn_if_emulated(chosen, device)
     _convert(model, chosen)
     heap.release_free_memory()  # what the float32 weights held
@@ -177,21 +186,51 @@ def _check_precision(precision: str) -> None:
 
 
 def _known_precision(
-    model_ref: str | None, precision: str, device: torch.device, image_tower: bool, text_tower: bool
+    model_ref: str | None,
+    precision: str,
+    device: torch.device,
+    image_tower: bool,
+    text_tower: bool,
+    images: int | None = None,
 ) -> str | None:
     """What ``precision`` comes to without measuring: itself when named; for "auto" the only
-    candidate, or the one measured before on this machine; None when "auto" has to measure."""
+    candidate, or the one measured before on this machine (for a run of ``images``, the one
+    `cheapest_for` it); None when "auto" has to measure."""
     if precision != "auto":
         return precision
     candidates = candidate_precisions(device, image_tower)
     if len(candidates) == 1:
         return candidates[0]
     key = _verdict_key(model_ref, device, candidates, text_tower)
-    remembered = precision_verdicts.recall(key) if key is not None else None
+    verdict = precision_verdicts.recall(key) if key is not None else None
+    remembered = verdict.get("precision") if verdict is not None else None
     if remembered not in candidates:
         return None
+    assert verdict is not None and isinstance(remembered, str)
+    costs = _costs(verdict.get("costs"), candidates)
+    if images is not None and costs:
+        cheapest = cheapest_for(images, costs, remembered)
+        if cheapest != remembered:
+            logger.info(
+                "running in %s, not %s: %d images do not earn back its preparation", cheapest, remembered, images
+            )
+        return cheapest
     logger.debug("running in %s, as measured before for %s", remembered, model_ref)
     return remembered
+
+
+def _costs(stored: object, candidates: tuple[str, ...]) -> Costs:
+    """The `Costs` a verdict file holds, what is well-formed of them (none in older verdicts)."""
+    if not isinstance(stored, dict):
+        return {}
+    return {
+        name: (float(pair[0]), float(pair[1]))
+        for name, pair in stored.items()
+        if name in candidates
+        and isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(x, (int, float)) for x in pair)
+    }
 
 
 def _warn_if_emulated(precision: str, device: torch.device) -> None:
@@ -219,25 +258,42 @@ def _verdict_key(
 
 def _fastest_faithful(
     model: SharedSpace, candidates: tuple[str, ...], sample: torch.Tensor, timed: bool
-) -> tuple[str, str]:
+) -> tuple[str, str, Costs]:
     """The fastest candidate within `MIN_COSINE` of fp32 (the first passing one when not
-    ``timed``), and a line saying what was measured. Each candidate runs on a copy of its own
-    (`_trial`), let go once measured: the float32 model and one trial are the most ever held."""
+    ``timed``), a line saying what was measured, and each faithful candidate's `Costs`. Each
+    candidate runs on a copy of its own (`_trial`), let go once measured: the float32 model and
+    one trial are the most ever held."""
     with torch.inference_mode():
         reference = model.encode_image(sample).float()
     best, best_seconds = "fp32", _seconds_per_batch(model, sample) if timed else 0.0
     notes = [f"fp32 {best_seconds * 1e3:.0f} ms"] if timed else []
+    costs: Costs = {"fp32": (0.0, best_seconds / len(sample))}
     for candidate in candidates[1:]:
-        cosine, seconds = _measured(_trial(model, candidate), sample, reference, timed)
+        started = time.perf_counter()
+        trial = _trial(model, candidate)
+        preparing = time.perf_counter() - started
+        cosine, seconds = _measured(trial, sample, reference, timed)
+        del trial
         if cosine < MIN_COSINE:
             notes.append(f"{candidate} drifts (cosine {cosine:.5f} < {MIN_COSINE})")
             continue
         if not timed:  # a GPU's half precision: the fast path wherever it is faithful
-            return candidate, f"cosine {cosine:.5f} to fp32"
+            return candidate, f"cosine {cosine:.5f} to fp32", {}
         notes.append(f"{candidate} {seconds * 1e3:.0f} ms, cosine {cosine:.5f}")
+        costs[candidate] = (preparing, seconds / len(sample))
         if seconds < best_seconds:
             best, best_seconds = candidate, seconds
-    return best, f"{'; '.join(notes)} per batch of {len(sample)}"
+    return best, f"{'; '.join(notes)} per batch of {len(sample)}", costs
+
+
+def cheapest_for(images: int, costs: Costs, fastest: str) -> str:
+    """For a run of ``images``, the faithful precision whose preparation plus encoding costs
+    least. On a VNNI CPU int8 encodes fastest, but quantising and packing its weights takes
+    ~0.6 s more than casting them to bf16, which a run of a few dozen images never earns back:
+    the everyday re-run that finds a handful of new photos."""
+    if fastest not in costs:
+        return fastest
+    return min(costs, key=lambda precision: costs[precision][0] + images * costs[precision][1])
 
 
 def _measured(trial: SharedSpace, sample: torch.Tensor, reference: torch.Tensor, timed: bool) -> tuple[float, float]:

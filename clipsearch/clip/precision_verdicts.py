@@ -25,8 +25,9 @@ def verdict_file(key: dict) -> Path:
     return model_cache_dir() / "precision" / f"{digest}.json"
 
 
-def recall(key: dict) -> str | None:
-    """The precision remembered for ``key``, or None when none was (or the file is unreadable)."""
+def recall(key: dict) -> dict | None:
+    """The verdict remembered for ``key`` (its "precision", and what else `remember` was given),
+    or None when none was, or the file is unreadable."""
     path = verdict_file(key)
     try:
         verdict = json.loads(path.read_text())
@@ -37,8 +38,7 @@ def recall(key: dict) -> str | None:
         return None
     if not isinstance(verdict, dict) or verdict.get("key") != json.loads(json.dumps(key)):
         return None
-    precision = verdict.get("precision")
-    return precision if isinstance(precision, str) else None
+    return verdict if isinstance(verdict.get("precision"), str) else None
 
 
 def remember(key: dict, verdict: dict) -> None:

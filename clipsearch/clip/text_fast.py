@@ -90,7 +90,8 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
         return None
     kernels = candidate_kernels()
     key = _verdict_key(model_ref, kernels)
-    remembered = precision_verdicts.recall(key) if key is not None else None
+    verdict = precision_verdicts.recall(key) if key is not None else None
+    remembered = verdict["precision"] if verdict is not None else None
     if remembered in kernels:
         assert remembered is not None
         swap_linears(reference, remembered)
