@@ -41,7 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import heap, precision_verdicts
-from .model import Conversion, SelfAttention, SharedSpace, Towers, attend, replace_submodule
+from .model import (
+    Conversion,
+    ProjectedAttention,
+    Replacements,
+    SelfAttention,
+    SharedSpace,
+    Towers,
+    replace_modules,
+    replacement_sites,
+)
 
 if TYPE_CHECKING:
     from .preprocess import Preprocess
@@ -290,7 +299,7 @@ def _fastest_faithful(
 def cheapest_for(images: int, costs: Costs, fastest: str) -> str:
     """For a run of ``images``, the faithful precision whose preparation plus encoding costs
     least. On a VNNI CPU int8 encodes fastest, but quantising and packing its weights takes
-    ~0.6 s more than casting them to bf16, which a run of a few dozen images never earns back:
+    about a second more than casting them to bf16, which a run of a few dozen images never earns back:
     the everyday re-run that finds a handful of new photos."""
     if fastest not in costs:
         return fastest
@@ -414,45 +423,24 @@ def _prepack(qweight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         torch.backends.quantized.engine = previous
 
 
-class Int8SelfAttention(nn.Module):
-    """`SelfAttention` with both projections in int8 around the float attention. It keeps no
-    float weights, so the module it replaces is freed once nothing may need it back (ViT-B/32:
-    85 MB of fp32 q/k/v weights)."""
+class Int8SelfAttention(ProjectedAttention):
+    """`SelfAttention` with both projections in int8 around the float attention."""
 
     def __init__(self, attention: SelfAttention):
-        super().__init__()
-        self.heads, self.causal = attention.heads, attention.causal
-        self.qkv = Int8Linear(attention.in_proj_weight, attention.in_proj_bias)
-        self.out_proj = Int8Linear(attention.out_proj.weight, attention.out_proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(attend(self.qkv(x), self.heads, self.causal))
+        super().__init__(attention, Int8Linear)
 
 
-def _int8_sites(module: nn.Module, prefix: str = "") -> dict[str, Callable[[Any], nn.Module]]:
-    """The submodules of ``module`` int8 replaces (names after ``prefix``), each with what makes
-    its replacement: every Linear and `SelfAttention`, but none inside another one replaced."""
-    sites: dict[str, Callable[[Any], nn.Module]] = {}
-    for name, child in module.named_children():
-        make = _INT8_REPLACEMENTS.get(type(child))
-        if make is not None:
-            sites[prefix + name] = make
-        else:
-            sites.update(_int8_sites(child, f"{prefix}{name}."))
-    return sites
-
-
-def _image_tower_int8_sites(model: nn.Module) -> dict[str, Callable[[Any], nn.Module]]:
-    visual = getattr(model, "visual", None)
-    return _int8_sites(visual, "visual.") if visual is not None else {}
-
-
-def _quantize_linears(module: nn.Module) -> None:
-    for name, make in _int8_sites(module).items():
-        replace_submodule(module, name, make(module.get_submodule(name)))
-
-
-_INT8_REPLACEMENTS: dict[type, Callable[[Any], nn.Module]] = {
+# What int8 replaces: every Linear and `SelfAttention` of the image tower.
+_INT8_REPLACEMENTS: Replacements = {
     nn.Linear: lambda linear: Int8Linear(linear.weight, linear.bias),
     SelfAttention: Int8SelfAttention,
 }
+
+
+def _image_tower_int8_sites(model: nn.Module) -> dict[str, Callable]:
+    visual = getattr(model, "visual", None)
+    return replacement_sites(visual, _INT8_REPLACEMENTS, "visual.") if visual is not None else {}
+
+
+def _quantize_linears(module: nn.Module) -> None:
+    replace_modules(module, _INT8_REPLACEMENTS)

@@ -190,6 +190,22 @@ class SelfAttention(nn.Module):
         return self.out_proj(attend(qkv, self.heads, self.causal))
 
 
+class ProjectedAttention(nn.Module):
+    """`SelfAttention` whose two projections are other linear layers (``make_linear(weight,
+    bias)``: int8 in `clip.cpu`, narrow weights in `clip.weight_only`) around the float
+    attention. It keeps no float weights of its own, so the module it replaces is freed once
+    nothing needs it (ViT-B/32: 85 MB of fp32 q/k/v weights)."""
+
+    def __init__(self, attention: SelfAttention, make_linear: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]):
+        super().__init__()
+        self.heads, self.causal = attention.heads, attention.causal
+        self.qkv = make_linear(attention.in_proj_weight, attention.in_proj_bias)
+        self.out_proj = make_linear(attention.out_proj.weight, attention.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(attend(self.qkv(x), self.heads, self.causal))
+
+
 def attend(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
     """Multi-head attention from the fused q/k/v projection ``[N, L, 3W]`` to the heads' outputs
     side by side ``[N, L, W]``, before the output projection. A function of its own so that
@@ -653,6 +669,28 @@ def replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> No
     """Put ``replacement`` where the submodule of qualified name ``name`` was."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, replacement)
+
+
+Replacements = Mapping[type, Callable[[Any], nn.Module]]
+
+
+def replacement_sites(module: nn.Module, replacements: Replacements, prefix: str = "") -> dict[str, Callable]:
+    """The submodules of ``module`` whose exact type ``replacements`` names (qualified names after
+    ``prefix``), each with what makes its replacement; none inside another one replaced."""
+    sites: dict[str, Callable] = {}
+    for name, child in module.named_children():
+        make = replacements.get(type(child))
+        if make is not None:
+            sites[prefix + name] = make
+        else:
+            sites.update(replacement_sites(child, replacements, f"{prefix}{name}."))
+    return sites
+
+
+def replace_modules(module: nn.Module, replacements: Replacements) -> None:
+    """Replace, in place, each submodule `replacement_sites` finds."""
+    for name, make in replacement_sites(module, replacements).items():
+        replace_submodule(module, name, make(module.get_submodule(name)))
 
 
 def _owned(state_dict: Mapping[str, torch.Tensor], keys: list[str], dtype: torch.dtype, cut: int = 0) -> dict:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import SelfAttention, attend
+from .model import ProjectedAttention, SelfAttention, replace_modules
 
 KERNELS: tuple[str, ...] = ("fp32", "bf16-packed", "bf16", "int8")
 # The row count oneDNN's weight layout is chosen for: a typical query's tokens.
@@ -82,20 +82,6 @@ _LINEARS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], nn.Module]] = 
 }
 
 
-class WeightOnlySelfAttention(nn.Module):
-    """`SelfAttention` with both projections in a narrower kernel around the float attention."""
-
-    def __init__(self, attention: SelfAttention, kernel: str):
-        super().__init__()
-        self.heads, self.causal = attention.heads, attention.causal
-        make = _LINEARS[kernel]
-        self.qkv = make(attention.in_proj_weight, attention.in_proj_bias)
-        self.out_proj = make(attention.out_proj.weight, attention.out_proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(attend(self.qkv(x), self.heads, self.causal))
-
-
 def usable_kernels() -> tuple[str, ...]:
     """The kernels this PyTorch build has and that run: each is tried on a small product, since
     the private ops may exist and still refuse (a build without oneDNN, a CPU it does not know)."""
@@ -119,10 +105,10 @@ def swap_linears(module: nn.Module, kernel: str) -> None:
     if kernel == "fp32":
         return
     make = _LINEARS[kernel]
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Linear:
-            setattr(module, name, make(child.weight, child.bias))
-        elif type(child) is SelfAttention:
-            setattr(module, name, WeightOnlySelfAttention(child, kernel))
-        else:
-            swap_linears(child, kernel)
+    replace_modules(
+        module,
+        {
+            nn.Linear: lambda linear: make(linear.weight, linear.bias),
+            SelfAttention: lambda attention: ProjectedAttention(attention, make),
+        },
+    )
