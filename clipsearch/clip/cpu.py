@@ -251,7 +251,7 @@ def _verdict_key(
     model_ref: str | None, device: torch.device, candidates: tuple[str, ...], text_tower: bool
 ) -> dict | None:
     """What a measured verdict depends on; None when the checkpoint cannot be identified."""
-    from .numpy_text import checkpoint_state
+    from .tower_file import checkpoint_state
 
     checkpoint = checkpoint_state(model_ref) if model_ref is not None and device.type == "cpu" else None
     if checkpoint is None:

@@ -1,0 +1,94 @@
+"""The NumPy operations CLIP's towers are made of (`clip.numpy_text`, `clip.numpy_image`), in
+float32 as the torch model computes them, and control over the threads of NumPy's BLAS."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+LN_EPS = 1e-5  # CLIP's LayerNorm epsilon, in both towers
+# The state-dict names of a residual block's linear weights, which the towers store transposed
+# (``[in, out]``, ``x @ W``): OpenBLAS ran small-M products 1.6x faster so (benchmarks/README.md).
+LINEAR_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def stored(key: str, value: np.ndarray) -> np.ndarray:
+    """A state-dict array as the towers hold it: linear weights transposed to ``[in, out]`` (a
+    view: the file writer makes each contiguous as it writes it)."""
+    return value.T if key.endswith(LINEAR_WEIGHTS) else value
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``x @ weight + bias`` with the weight stored ``[in, out]``."""
+    return x @ weight + bias
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = np.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + np.float32(LN_EPS)) * weight + bias
+
+
+def gelu(x: np.ndarray, quick: bool) -> np.ndarray:
+    """QuickGELU (OpenAI's weights) or exact GELU."""
+    if quick:  # x * sigmoid(1.702 x), with sigmoid(z) = (1 + tanh(z / 2)) / 2, which cannot overflow
+        return x * (0.5 + 0.5 * np.tanh(np.float32(0.851) * x))
+    return (0.5 * x * (1 + erf(x / math.sqrt(2)))).astype(np.float32)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """erf to within 1.5e-7 (Abramowitz & Stegun 7.1.26), in float64: NumPy has no erf."""
+    t = 1 / (1 + 0.3275911 * np.abs(x.astype(np.float64)))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return np.sign(x) * (1 - poly * np.exp(-np.square(x.astype(np.float64))))
+
+
+def softmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place (the scores are not needed after)."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+@contextmanager
+def blas_threads(count: int) -> Iterator[None]:
+    """NumPy's BLAS on at most ``count`` threads for a moment (where it is an OpenBLAS that can
+    be told; elsewhere nothing changes)."""
+    set_threads = blas_thread_setter()
+    if set_threads is None:
+        yield
+        return
+    previous = set_threads(count)
+    try:
+        yield
+    finally:
+        set_threads(previous)
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """NumPy's BLAS on one thread for a moment. A few tokens make matrices too small to share:
+    with a second thread on a busy two-core machine, every product waited at a barrier for a
+    thread the OS had not scheduled, and encoding took 5 to 10 times the CPU time."""
+    with blas_threads(1):
+        yield
+
+
+@functools.cache
+def blas_thread_setter() -> Callable[[int], int] | None:
+    """``openblas_set_num_threads_local`` (sets the count, returns the previous one) of the
+    OpenBLAS that NumPy's wheels bundle; None for another BLAS or an OpenBLAS before 0.3.27."""
+    package = Path(np.__file__).parent
+    for library in [*package.parent.glob("numpy.libs/*openblas*"), *package.glob(".dylibs/*openblas*")]:
+        try:
+            return ctypes.CDLL(str(library)).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+    return None

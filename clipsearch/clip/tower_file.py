@@ -1,0 +1,152 @@
+"""The files NumPy towers (`clip.numpy_text`, `clip.numpy_image`) are cached in, and when one is
+stale.
+
+A tower is exported once from a model loaded with torch and memory-mapped by later processes,
+which read only the pages they use. The file: an 8-byte magic naming the tower, the length of
+a JSON header (the tower's settings, what it was exported from, and each array's offset and
+shape), then the float32 arrays, each 64-byte aligned, from the first aligned offset on. It is
+written to a temporary name and renamed into place, so a reader sees a whole file or none.
+
+A cache file is keyed by the model as the user names it (a registry name or a path) and is
+stale once any file of the checkpoint changes size, mtime, ctime or inode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from clipsearch.clip import registry
+from clipsearch.clip.sources import locate
+from clipsearch.paths import model_cache_dir
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<8sQ")  # magic, JSON length
+_ALIGN = 64  # every array starts on a 64-byte boundary of the file
+
+Tower = TypeVar("Tower")
+
+
+def save(path: Path, magic: bytes, header: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` (any layout: each is made contiguous float32 as it is written, one at a
+    time) after ``header`` (JSON: its "format", "source" and settings) to ``path``, atomically."""
+    offsets: dict[str, dict] = {}
+    size = 0
+    for key, value in arrays.items():
+        offsets[key] = {"offset": size, "shape": list(value.shape)}
+        size += _aligned(value.size * 4)
+    encoded = json.dumps({**header, "arrays": offsets}).encode()
+    start = _aligned(_HEADER.size + len(encoded))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_HEADER.pack(magic, len(encoded)) + encoded)
+            for key, value in arrays.items():
+                f.seek(start + offsets[key]["offset"])
+                f.write(np.ascontiguousarray(value, dtype="<f4").tobytes())
+            f.truncate(start + size)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path, magic: bytes, format: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and the memory-mapped arrays of the file at ``path``; ValueError if it is not
+    a ``magic`` file of ``format``."""
+    with open(path, "rb") as f:
+        found, length = _HEADER.unpack(f.read(_HEADER.size))
+        if found != magic:
+            raise ValueError(f"not a {magic.decode(errors='replace')} file")
+        header = json.loads(f.read(length))
+    if header.get("format") != format:
+        raise ValueError(f"format {header.get('format')}, expected {format}")
+    data = np.memmap(path, dtype="<f4", mode="r", offset=_aligned(_HEADER.size + length))
+    arrays = {}
+    for key, spec in header["arrays"].items():
+        first, count = spec["offset"] // 4, math.prod(spec["shape"])
+        if first + count > len(data):
+            raise ValueError("truncated")
+        arrays[key] = data[first : first + count].reshape(spec["shape"])
+    return header, arrays
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def cache_file(folder: str, model_ref: str) -> Path:
+    """Where the tower kept in ``folder`` of the model cache is cached for ``model_ref``."""
+    digest = hashlib.sha256(canonical(model_ref).encode()).hexdigest()[:16]
+    return model_cache_dir() / folder / f"{digest}.bin"
+
+
+def load_cached(path: Path, model_ref: str, read: Callable[[Path], tuple[Tower, dict]]) -> Tower | None:
+    """The tower ``read(path)`` gives (with the ``source`` it records) when it was exported from
+    ``model_ref``'s checkpoint as it is now; None when there is none, or it is damaged or stale."""
+    source = checkpoint_state(model_ref)
+    if source is None or not path.is_file():
+        return None
+    try:
+        tower, recorded = read(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.info("Ignoring the damaged tower cache %s (%s)", path, err)
+        return None
+    if recorded != source:
+        log.info("The tower cache %s is stale: %s has changed", path, model_ref)
+        return None
+    return tower
+
+
+def store(path: Path, write: Callable[[Path], None]) -> bool:
+    """``write(path)`` into the cache; False (logged) when the cache cannot be written, which only
+    costs later processes their speed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as err:
+        log.info("Could not cache the tower in %s (%s)", path, err)
+        return False
+    return True
+
+
+def canonical(model_ref: str) -> str:
+    """The model as a cache key: its registry name, or its checkpoint's absolute path."""
+    entry = registry.find(model_ref)
+    return entry.name if entry is not None else os.path.abspath(os.path.expanduser(model_ref))
+
+
+def checkpoint_state(model_ref: str) -> dict | None:
+    """What the checkpoint files of ``model_ref`` look like on disk now, or None when they are
+    not there (a registry model not downloaded yet)."""
+    entry = registry.find(model_ref)
+    if entry is None:
+        root = Path(model_ref).expanduser()
+    elif (found := locate(entry).path) is not None:
+        root = found
+    else:
+        return None
+    try:
+        files = sorted(root.iterdir()) if root.is_dir() else [root]
+        stats = [(file.name, os.stat(file)) for file in files if file.is_file()]
+    except OSError:
+        return None
+    if not stats:
+        return None
+    return {
+        "model": canonical(model_ref),
+        # ctime and inode too: no tool sets them back, as `cp -p` or `touch -r` can the mtime.
+        "files": [[name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for name, st in stats],
+    }
