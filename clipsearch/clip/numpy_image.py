@@ -1,0 +1,202 @@
+"""CLIP's ViT image tower in NumPy, so that indexing a handful of new photos never imports torch.
+
+The everyday re-run of `clipsearch index` finds a few new photos. With torch it spends over a
+second importing torch and another loading and converting the image tower before the first
+image is encoded; in NumPy the tower is a memory-mapped file, ready in milliseconds, that
+encodes an image about twice as slowly as torch's bf16 or int8 (ViT-B/32 on a two-core
+AVX-512 EPYC: 72-82 ms against 38 and 26). So for a run of up to a few dozen images it finishes
+sooner; `clip.precision_verdicts.image_road` decides from what this machine measured.
+
+`ImageTower.encode_images` repeats `model.VisionTransformer` operation for operation: the
+patch convolution (stride = kernel) as a reshape and one product, the class token and
+positional embedding, ln_pre, pre-LayerNorm blocks with bidirectional attention and QuickGELU
+or GELU, ln_post on the class token, the projection; it matches the torch tower to float32
+rounding. The last block computes its attention output and MLP for the class token alone, the
+only row read. Unlike the text tower's few tokens, a batch of images makes products large
+enough for BLAS to share among its threads.
+
+Exported (`export`) while torch has the float32 model loaded anyway: when "auto" measures the
+precisions on a model's first run on a machine (`clip.cpu`), which times this tower too. The
+linear weights are stored ``[in, out]`` as the text tower's: at 16 images x 50 tokens OpenBLAS
+ran ``x @ W`` and ``x @ W.T`` within noise of each other (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+
+from clipsearch.clip import tower_file
+from clipsearch.clip.numpy_ops import gelu, layer_norm, linear, softmax_rows, stored
+from clipsearch.clip.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from clipsearch.clip.model import SharedSpace
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"CLIPIMAG"
+_FORMAT = 1
+_PREFIX = "visual."
+_SETTINGS = ("quick_gelu", "heads", "patch_size", "logit_scale")  # ImageTower's, besides its preprocessing
+
+
+class ImageTower:
+    """A ViT image tower: float32 arrays under the state-dict names of `model.VisionTransformer`
+    (without ``visual.``), the patch convolution as a ``[3 * patch * patch, width]`` matrix and
+    the blocks' linear weights ``[in, out]``; and the preprocessing its images need."""
+
+    def __init__(
+        self,
+        weights: Mapping[str, np.ndarray],
+        *,
+        quick_gelu: bool,
+        heads: int,
+        patch_size: int,
+        preprocess: Preprocess,
+        logit_scale: float,
+    ):
+        self.weights = dict(weights)
+        self.quick_gelu = quick_gelu
+        self.heads = heads
+        self.patch_size = patch_size
+        self.preprocess = preprocess
+        self.logit_scale = logit_scale  # exp() already applied, as Encoder.logit_scale
+        self.grid = math.isqrt(self.weights["positional_embedding"].shape[0] - 1)
+        self.layers = len({key.split(".")[2] for key in self.weights if key.startswith("transformer.resblocks.")})
+        self.embed_dim = self.weights["proj"].shape[1]
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """Unnormalised image embeddings ``float32 [N, embed_dim]`` of preprocessed images
+        ``[N, 3, R, R]`` (what `Preprocess.array` gives, stacked)."""
+        w = self.weights
+        x = self._patches(np.asarray(pixels, dtype=np.float32)) @ w["conv1.weight"]
+        cls = np.broadcast_to(w["class_embedding"], (len(x), 1, x.shape[2]))
+        x = np.concatenate([cls, x], axis=1) + w["positional_embedding"]
+        x = layer_norm(x, w["ln_pre.weight"], w["ln_pre.bias"])
+        for i in range(self.layers):
+            block = f"transformer.resblocks.{i}."
+            last = i == self.layers - 1  # from its attention output on only the class token is read
+            attended = self._attention(layer_norm(x, w[block + "ln_1.weight"], w[block + "ln_1.bias"]), block, last)
+            x = (x[:, :1] if last else x) + attended
+            h = layer_norm(x, w[block + "ln_2.weight"], w[block + "ln_2.bias"])
+            h = gelu(linear(h, w[block + "mlp.c_fc.weight"], w[block + "mlp.c_fc.bias"]), self.quick_gelu)
+            x = x + linear(h, w[block + "mlp.c_proj.weight"], w[block + "mlp.c_proj.bias"])
+        return (layer_norm(x[:, 0], w["ln_post.weight"], w["ln_post.bias"]) @ w["proj"]).astype(np.float32)
+
+    def _patches(self, pixels: np.ndarray) -> np.ndarray:
+        """``[N, grid * grid, 3 * patch * patch]``: each patch's pixels in the order of the
+        convolution kernel's (channel, row, column); as the convolution, what a grid of whole
+        patches does not cover is left out."""
+        n, p, g = len(pixels), self.patch_size, self.grid
+        patches = pixels[:, :, : g * p, : g * p].reshape(n, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
+        return patches.reshape(n, g * g, 3 * p * p)
+
+    def _attention(self, x: np.ndarray, block: str, class_only: bool) -> np.ndarray:
+        """Bidirectional self-attention of every row of ``x``, or of the class token's alone."""
+        w = self.weights
+        batch, length, width = x.shape
+        qkv = linear(x, w[block + "attn.in_proj_weight"], w[block + "attn.in_proj_bias"])
+        q, k, v = qkv.reshape(batch, length, 3, self.heads, width // self.heads).transpose(2, 0, 3, 1, 4)
+        if class_only:
+            q = q[:, :, :1]
+        scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(1 / math.sqrt(width // self.heads))
+        out = softmax_rows(scores) @ v  # [N, heads, queries, head width]
+        out = out.transpose(0, 2, 1, 3).reshape(batch, -1, width)
+        return linear(out, w[block + "attn.out_proj.weight"], w[block + "attn.out_proj.bias"])
+
+    @classmethod
+    def from_model(cls, model: SharedSpace, preprocess: Preprocess) -> ImageTower | None:
+        """The image tower of a float32 ``model`` in memory, or None when the NumPy tower cannot
+        run it (`export` writes it to the cache instead, without copying it whole first)."""
+        settings = _settings(model)
+        if settings is None:
+            return None
+        weights = {key: np.ascontiguousarray(value) for key, value in _weights(model).items()}
+        return cls(weights, preprocess=preprocess, **settings)
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[ImageTower, dict]:
+        """The tower in `path`, memory-mapped, and its ``source``; ValueError if the file is not one."""
+        header, weights = tower_file.load(path, _MAGIC, _FORMAT)
+        preprocess = Preprocess(header["resolution"], tuple(header["mean"]), tuple(header["std"]), header["crop"])
+        settings = {name: header[name] for name in _SETTINGS}
+        return cls(weights, preprocess=preprocess, **settings), header["source"]
+
+
+def _settings(model: SharedSpace) -> dict | None:
+    """What the file records besides the arrays, read off ``model``'s modules; None unless its
+    image tower is exactly `model.VisionTransformer` in float32, with QuickGELU or exact GELU
+    (not a ResNet, not SigLIP's tower)."""
+    import torch
+    from torch import nn
+
+    from clipsearch.clip.model import QuickGELU, ResidualAttentionBlock, VisionTransformer
+
+    visual = model.visual
+    if type(visual) is not VisionTransformer or visual.proj.dtype != torch.float32:
+        return None
+    first = cast(ResidualAttentionBlock, visual.transformer.resblocks[0])
+    activation = first.mlp.get_submodule("gelu")
+    if not isinstance(activation, QuickGELU) and not (type(activation) is nn.GELU and activation.approximate == "none"):
+        return None
+    return {
+        "quick_gelu": isinstance(activation, QuickGELU),
+        "heads": first.attn.heads,
+        "patch_size": visual.conv1.kernel_size[0],
+        "logit_scale": float(model.logit_scale.detach().float().exp()),
+    }
+
+
+def _weights(model: SharedSpace) -> dict[str, np.ndarray]:
+    """The image tower's arrays as the file holds them, views of ``model``'s tensors."""
+    weights = {
+        key[len(_PREFIX) :]: stored(key, value.detach().cpu().numpy())
+        for key, value in model.state_dict().items()
+        if key.startswith(_PREFIX)
+    }
+    conv = weights["conv1.weight"]  # [width, 3, patch, patch] -> [3 * patch * patch, width]
+    weights["conv1.weight"] = conv.reshape(conv.shape[0], -1).T
+    return weights
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def cache_file(model_ref: str) -> Path:
+    """Where the image tower of ``model_ref`` (as `clip.load` is given it) is cached."""
+    return tower_file.cache_file("image-towers", model_ref)
+
+
+def load_cached(model_ref: str) -> ImageTower | None:
+    """The cached image tower of ``model_ref``, or None when there is none or it is stale."""
+    return tower_file.load_cached(cache_file(model_ref), model_ref, ImageTower.load)
+
+
+def export(model: SharedSpace, model_ref: str, preprocess: Preprocess) -> ImageTower | None:
+    """Write the image tower of ``model`` (float32, loaded from ``model_ref``, whose images
+    ``preprocess`` prepares) to the cache, and map it back; None when the NumPy tower cannot
+    run it, its checkpoint cannot be identified, or the cache cannot be written."""
+    settings = _settings(model)
+    source = tower_file.checkpoint_state(model_ref)
+    if settings is None or source is None:
+        return None
+    weights = _weights(model)
+    header = {
+        "format": _FORMAT,
+        "source": source,
+        **settings,
+        "resolution": preprocess.resolution,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "crop": preprocess.crop,
+    }
+    path = cache_file(model_ref)
+    if not tower_file.store(path, lambda path: tower_file.save(path, _MAGIC, header, weights)):
+        return None
+    return ImageTower.load(path)[0]
