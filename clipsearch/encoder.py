@@ -4,15 +4,20 @@ Everything downstream (catalog, FAISS, search) sees only L2-normalised float32 n
 whatever the device and precision the model ran in.
 
 Text queries take a lighter road (`TextEncoder`): the text tower in NumPy, from a file the
-first query exported, so that a `clipsearch query` process never imports torch.
+first query exported, so that a `clipsearch query` process never imports torch. So do runs that
+index a few images on a CPU (`NumpyImageEncoder`), where what this machine measured says the
+NumPy image tower finishes them before torch would have started.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from clipsearch.clip.model import SharedSpace, Towers
+    from clipsearch.clip.numpy_image import ImageTower
 
 
 # On a CPU a batch goes through the model this many images at a time. ViT-B-32-256 in int8 held
@@ -63,7 +69,7 @@ def open_encoder(
     towers: Towers = "both",
     warm: bool = False,
     images: int | None = None,
-) -> Encoder | TextEncoder:
+) -> Encoder | TextEncoder | NumpyImageEncoder:
     """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
     full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
     machine stays on the CPU too: one query takes milliseconds there, starting CUDA a second.
@@ -73,8 +79,14 @@ def open_encoder(
     through `clip.text_fast` (bf16 or int8 weights where they are faithful) with "auto"
     precision: importing torch and preparing the tower cost it once what a one-shot query
     process would pay for every query. ``images``: how many images it is opened to encode
-    ("auto" precision weighs that against each precision's preparation, `clip.cpu.cheapest_for`)."""
+    ("auto" precision weighs that against each precision's preparation, `clip.cpu.cheapest_for`;
+    for the image tower alone on a CPU, against the NumPy tower's too: `NumpyImageEncoder`)."""
     from clipsearch.clip.families import family
+
+    if towers == "image" and images is not None and precision == "auto" and not warm and _cpu_only(device):
+        numpy_encoder = _numpy_image_encoder(model_ref, images)
+        if numpy_encoder is not None:
+            return numpy_encoder
 
     text_on_cpu = towers == "text" and device in ("auto", "cpu")
     if warm and precision == "auto":
@@ -84,6 +96,27 @@ def open_encoder(
     if text_on_cpu and precision in ("auto", "fp32") and family(model_ref) == "clip":
         return TextEncoder(model_ref)
     return Encoder(model_ref, device, precision, towers, images)
+
+
+def _cpu_only(device: str) -> bool:
+    """Whether ``device`` means the CPU, known without importing torch: "auto" does where no GPU
+    driver (NVIDIA, ROCm, WSL's) or Apple GPU could be there for torch to find."""
+    if device == "cpu":
+        return True
+    gpu_nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+    return device == "auto" and sys.platform != "darwin" and not any(os.path.exists(node) for node in gpu_nodes)
+
+
+def _numpy_image_encoder(model_ref: str, images: int) -> NumpyImageEncoder | None:
+    """A `NumpyImageEncoder` when this machine's measurements say it encodes ``images`` sooner
+    than torch would, and its tower is cached; None otherwise."""
+    from clipsearch.clip import numpy_image
+    from clipsearch.clip.precision_verdicts import numpy_image_wins
+
+    if not numpy_image_wins(model_ref, images):
+        return None
+    tower = numpy_image.load_cached(model_ref)
+    return NumpyImageEncoder(model_ref, tower) if tower is not None else None
 
 
 class TextMemory:
@@ -163,6 +196,18 @@ class Encoder:
                 [_normalised(self.model.encode_image(part.to(self.device, self.input_dtype))) for part in parts]
             )
 
+    @contextmanager
+    def threads(self, count: int) -> Iterator[None]:
+        """The model on ``count`` threads for a moment (decode workers have the other cores)."""
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts → ``float32 [N, dim]`` unit vectors. Text longer than the model's context is
         cut, as a search box should, rather than refused."""
@@ -222,6 +267,46 @@ class TextEncoder:
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
         tokens = self.tower.tokenizer.ids(texts, context_length=self.tower.context_length, truncate=True)
         return _unit(self.tower.encode_text(tokens))
+
+
+class NumpyImageEncoder:
+    """Images to unit vectors without torch: CLIP's ViT image tower in NumPy
+    (`clip.numpy_image`), memory-mapped from the file the model's precision verdict exported.
+    What the indexer uses of an `Encoder` (``encode_images``, ``preprocess``, ``dim``,
+    ``device.type``, ``threads``); it has no text tower, so an `Index` that needs texts too opens
+    an `Encoder`."""
+
+    towers = "image"
+    precision = "fp32-numpy"
+    device = SimpleNamespace(type="cpu")
+    logit_bias: float | None = None
+
+    def __init__(self, model_ref: str, tower: ImageTower):
+        self.model_id = model_id(model_ref)
+        self.tower = tower
+        self.preprocess = tower.preprocess
+        self.resolution: int = tower.preprocess.resolution
+        self.dim: int = tower.embed_dim
+        self.logit_scale = tower.logit_scale
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """``[N, 3, R, R]`` preprocessed images → ``float32 [N, dim]`` unit vectors, as
+        `Encoder.encode_images` gives them in fp32 (`CPU_CHUNK` at a time, to bound the activations)."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        return np.concatenate(
+            [
+                _unit(self.tower.encode_images(pixels[i : i + CPU_CHUNK]))
+                for i in range(0, max(len(pixels), 1), CPU_CHUNK)
+            ]
+        )
+
+    @contextmanager
+    def threads(self, count: int) -> Iterator[None]:
+        """NumPy's BLAS on ``count`` threads for a moment (decode workers have the other cores)."""
+        from clipsearch.clip.numpy_ops import blas_threads
+
+        with blas_threads(count):
+            yield
 
 
 def _normalised(features: torch.Tensor) -> np.ndarray:

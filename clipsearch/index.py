@@ -36,7 +36,7 @@ from clipsearch.walk import normalise_roots
 if TYPE_CHECKING:
     from clipsearch.clip.model import Towers
     from clipsearch.duplicates import Group
-    from clipsearch.encoder import Encoder, TextEncoder
+    from clipsearch.encoder import Encoder, NumpyImageEncoder, TextEncoder
     from clipsearch.manifest import Manifest
     from clipsearch.ray_index import RayExecutor
     from clipsearch.vectors import VectorIndex
@@ -91,7 +91,7 @@ class Index:
         self.precision = precision
         self.readonly = readonly
         self.warm = warm
-        self._encoder: Encoder | TextEncoder | None = None
+        self._encoder: Encoder | TextEncoder | NumpyImageEncoder | None = None
         self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
         self._vectors: tuple[int, VectorIndex] | None = None  # (catalog generation, index)
 
@@ -413,7 +413,9 @@ class Index:
                     f"vectors with `clipsearch models drop {self.model}`, then index again."
                 )
             self._encoder, self._encoder_weights = encoder, weights
-        return self._encoder
+        # A NumpyImageEncoder comes only for a count of images to encode (the indexer's call),
+        # and does all an Encoder does with images.
+        return cast("Encoder | TextEncoder", self._encoder)
 
     def _image_encoder(self, images: int) -> Encoder:
         return cast("Encoder", self.encoder("image", images))  # asked for the image tower: never a TextEncoder

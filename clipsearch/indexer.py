@@ -452,14 +452,8 @@ def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
     if workers == 0 or encoder.device.type != "cpu":
         yield
         return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, usable_cores() - workers))
-    try:
+    with encoder.threads(max(1, usable_cores() - workers)):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _verify(plan: Plan, should_stop: Callable[[], bool], progress: Progress | None) -> None:

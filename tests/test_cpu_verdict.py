@@ -86,7 +86,7 @@ def test_another_torch_or_cpu_is_measured_again(
 ) -> None:
     fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
     assert prepare(model_dir).precision == "int8"
-    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    monkeypatch.setattr(precision_verdicts, "torch_version", lambda: "0.0.1")
     timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
     prepare(model_dir)
     assert len(timed) == 3

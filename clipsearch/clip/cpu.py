@@ -31,6 +31,8 @@ import copy
 import functools
 import itertools
 import logging
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -40,7 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import heap, precision_verdicts
+from . import heap, numpy_image, precision_verdicts
+from .cpu_features import BF16_FLAGS, cpu_flags
+from .cpu_features import SPEED_FLAGS as SPEED_FLAGS  # clip.text_fast's verdicts use it
 from .model import (
     Conversion,
     ProjectedAttention,
@@ -51,6 +55,7 @@ from .model import (
     replace_modules,
     replacement_sites,
 )
+from .precision_verdicts import Costs, cheapest_for
 
 if TYPE_CHECKING:
     from .preprocess import Preprocess
@@ -63,17 +68,9 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 MIN_COSINE = 0.999
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
-# x86 CPU flags meaning bf16 dot products run in hardware.
-_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-# The flags that decide which precision runs fastest: a remembered verdict holds for them only.
-SPEED_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", *_BF16_FLAGS})
 # Images in the batch "auto" times the candidates on, and the timed runs of each (the fastest counts).
 TIMING_BATCH = 8
 TIMING_RUNS = 3
-
-# Per faithful precision, measured with the verdict: (seconds to prepare the weights from
-# float32, seconds to encode one image).
-Costs = dict[str, tuple[float, float]]
 
 
 class Prepared(NamedTuple):
@@ -85,21 +82,8 @@ class Prepared(NamedTuple):
     input_dtype: torch.dtype
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports; empty elsewhere (other systems fall back to fp32)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def has_native_bf16() -> bool:
-    return bool(cpu_flags() & _BF16_FLAGS)
+    return bool(cpu_flags() & BF16_FLAGS)
 
 
 def has_int8_kernels() -> bool:
@@ -143,8 +127,10 @@ def load_prepared(
     device = torch.device(device)
     known = _known_precision(model_ref, precision, device, towers != "text", towers != "image", images)
     if known is None or device.type != "cpu":
+        started = time.perf_counter()
         model, preprocess = load(model_ref, device="cpu", towers=towers)
-        return prepare_for_inference(model, precision, device, model_ref=model_ref), preprocess
+        loading = NumpyTiming(preprocess, time.perf_counter() - started)
+        return prepare_for_inference(model, precision, device, model_ref=model_ref, numpy_timing=loading), preprocess
     _warn_if_emulated(known, device)
     model, preprocess = load(model_ref, device="cpu", towers=towers, precision=known)
     return Prepared(model, known, _DTYPES[known]), preprocess
@@ -156,6 +142,7 @@ def prepare_for_inference(
     device: torch.device | str = "cpu",
     sample: torch.Tensor | None = None,
     model_ref: str | None = None,
+    numpy_timing: NumpyTiming | None = None,
 ) -> Prepared:
     """``model`` (a float32 `CLIP`) on ``device`` in ``precision``; a precision the caller names
     is applied in place, as is.
@@ -164,7 +151,9 @@ def prepare_for_inference(
     images, ``[N, 3, R, R]``; a synthetic photo-like batch when None) are compared with fp32's,
     those below `MIN_COSINE` are dropped, and on a CPU the fastest of the rest is kept (fp32
     when none passes). The verdict for ``model_ref`` (as `clip.load` was given it) is
-    remembered, so later calls convert without measuring.
+    remembered, so later calls convert without measuring. With ``numpy_timing`` (on a CPU), the
+    NumPy image tower is exported and timed too, and what starting torch costs is noted
+    (`precision_verdicts.numpy_image_wins` weighs the two).
     """
     _check_precision(precision)
     device = torch.device(device)
@@ -179,14 +168,65 @@ def prepare_for_inference(
             sample = calibration_images(visual.input_resolution, count=TIMING_BATCH)
         started = time.perf_counter()
         chosen, report, costs = _fastest_faithful(model, candidates, sample.to(device), timed=device.type == "cpu")
-        logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
         key = _verdict_key(model_ref, device, candidates, text_tower)
+        verdict: dict[str, Any] = {"precision": chosen, "report": report, "costs": costs}
+        numpy = _numpy_costs(model, model_ref, sample, numpy_timing) if key and numpy_timing and model_ref else None
+        if numpy is not None:
+            costs[precision_verdicts.NUMPY], verdict["torch_start"] = numpy
+        logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
         if key is not None:
-            precision_verdicts.remember(key, {"precision": chosen, "report": report, "costs": costs})
+            precision_verdicts.remember(key, verdict)
     _warn_if_emulated(chosen, device)
     _convert(model, chosen)
     heap.release_free_memory()  # what the float32 weights held
     return Prepared(model, chosen, _DTYPES[chosen])
+
+
+class NumpyTiming(NamedTuple):
+    """What timing the NumPy image tower beside the torch precisions needs from the loading: the
+    model's preprocessing (the tower's file records it) and the seconds `clip.load` took."""
+
+    preprocess: Preprocess
+    load_s: float
+
+
+def _numpy_costs(
+    model: SharedSpace, model_ref: str, sample: torch.Tensor, timing: NumpyTiming
+) -> tuple[tuple[float, float], float] | None:
+    """The NumPy image tower of ``model``, exported to the cache and timed on ``sample``: its
+    costs (mapping the file and its first batch's extra, seconds per image), and what a new
+    process pays before a torch precision's own preparation (importing torch, loading the
+    float32 weights). None when the tower cannot run ``model`` or cannot be cached."""
+    started = time.perf_counter()
+    if numpy_image.export(model, model_ref, timing.preprocess) is None:
+        return None
+    exported = time.perf_counter()
+    tower = numpy_image.load_cached(model_ref)
+    if tower is None:
+        return None
+    mapping = time.perf_counter() - exported
+    pixels = sample.float().numpy()
+    first = _timed_numpy(tower, pixels)
+    seconds = min(_timed_numpy(tower, pixels) for _ in range(TIMING_RUNS - 1))
+    logger.info(
+        "NumPy image tower exported in %.2f s: %.0f ms per batch of %d", exported - started, seconds * 1e3, len(pixels)
+    )
+    return (mapping + max(0.0, first - seconds), seconds / len(pixels)), _torch_import_s() + timing.load_s
+
+
+def _timed_numpy(tower: numpy_image.ImageTower, pixels: Any) -> float:
+    started = time.perf_counter()
+    tower.encode_images(pixels)
+    return time.perf_counter() - started
+
+
+@functools.cache
+def _torch_import_s() -> float:
+    """What importing torch (and this module) costs a new process, timed in one: this process
+    has imported them already."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {__name__}"], check=False, capture_output=True)
+    return time.perf_counter() - started
 
 
 def _check_precision(precision: str) -> None:
@@ -216,7 +256,7 @@ def _known_precision(
     if remembered not in candidates:
         return None
     assert verdict is not None and isinstance(remembered, str)
-    costs = _costs(verdict.get("costs"), candidates)
+    costs = precision_verdicts.costs_of(verdict.get("costs"), candidates)
     if images is not None and costs:
         cheapest = cheapest_for(images, costs, remembered)
         if cheapest != remembered:
@@ -226,20 +266,6 @@ def _known_precision(
         return cheapest
     logger.debug("running in %s, as measured before for %s", remembered, model_ref)
     return remembered
-
-
-def _costs(stored: object, candidates: tuple[str, ...]) -> Costs:
-    """The `Costs` a verdict file holds, what is well-formed of them (none in older verdicts)."""
-    if not isinstance(stored, dict):
-        return {}
-    return {
-        name: (float(pair[0]), float(pair[1]))
-        for name, pair in stored.items()
-        if name in candidates
-        and isinstance(pair, list)
-        and len(pair) == 2
-        and all(isinstance(x, (int, float)) for x in pair)
-    }
 
 
 def _warn_if_emulated(precision: str, device: torch.device) -> None:
@@ -256,13 +282,7 @@ def _verdict_key(
     checkpoint = checkpoint_state(model_ref) if model_ref is not None and device.type == "cpu" else None
     if checkpoint is None:
         return None
-    return {
-        "checkpoint": checkpoint,
-        "text_tower": text_tower,  # both towers convert
-        "candidates": list(candidates),
-        "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
-        "torch": torch.__version__,
-    }
+    return precision_verdicts.key(checkpoint, text_tower, candidates, cpu_flags())
 
 
 def _fastest_faithful(
@@ -294,16 +314,6 @@ def _fastest_faithful(
         if seconds < best_seconds:
             best, best_seconds = candidate, seconds
     return best, f"{'; '.join(notes)} per batch of {len(sample)}", costs
-
-
-def cheapest_for(images: int, costs: Costs, fastest: str) -> str:
-    """For a run of ``images``, the faithful precision whose preparation plus encoding costs
-    least. On a VNNI CPU int8 encodes fastest, but quantising and packing its weights takes
-    about a second more than casting them to bf16, which a run of a few dozen images never earns back:
-    the everyday re-run that finds a handful of new photos."""
-    if fastest not in costs:
-        return fastest
-    return min(costs, key=lambda precision: costs[precision][0] + images * costs[precision][1])
 
 
 def _measured(

@@ -5,19 +5,56 @@ that decide speed), named by the key's digest: two processes never rewrite each 
 verdicts, and each file is written to a temporary name and renamed into place, so a reader sees
 a whole verdict or none. The key is stored inside too and compared on reading; a changed
 checkpoint changes the key (its files' size, mtime, ctime and inode), so it is measured again.
+
+Nothing here imports torch: before an indexing run imports it (over a second), the verdict says
+whether the NumPy image tower (`clip.numpy_image`) would finish its images sooner
+(`numpy_image_wins`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+from clipsearch.clip.cpu_features import BF16_FLAGS, SPEED_FLAGS, cpu_flags
+from clipsearch.clip.tower_file import checkpoint_state
 from clipsearch.paths import model_cache_dir
 
 log = logging.getLogger(__name__)
+
+# Per faithful precision, measured with the verdict: (seconds to prepare the weights from
+# float32, seconds to encode one image). Under "numpy", the NumPy image tower's: (mapping its
+# file and its first batch's extra, seconds per image).
+Costs = dict[str, tuple[float, float]]
+NUMPY = "numpy"
+
+
+def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: frozenset[str]) -> dict:
+    """What a verdict measured on a CPU depends on: the checkpoint files (`tower_file.checkpoint_state`),
+    whether the text tower converts too, the precisions measured, the CPU ``flags`` that decide
+    speed and torch's version (read without importing it)."""
+    return {
+        "checkpoint": checkpoint,
+        "text_tower": text_tower,
+        "candidates": list(candidates),
+        "cpu_flags": sorted(flags & SPEED_FLAGS),
+        "torch": torch_version(),
+    }
+
+
+@functools.cache
+def torch_version() -> str:
+    """The installed torch's version, from its package metadata: importing torch to ask costs a second."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def verdict_file(key: dict) -> Path:
@@ -54,3 +91,57 @@ def remember(key: dict, verdict: dict) -> None:
         log.info("Could not remember the precision verdict in %s (%s)", path, err)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def costs_of(stored: object, names: Iterable[str]) -> Costs:
+    """The `Costs` of ``names`` a verdict holds, what is well-formed of them (none in older verdicts)."""
+    if not isinstance(stored, dict):
+        return {}
+    return {
+        name: (float(pair[0]), float(pair[1]))
+        for name, pair in stored.items()
+        if name in names
+        and isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(x, (int, float)) for x in pair)
+    }
+
+
+def cheapest_for(images: int, costs: Costs, fastest: str) -> str:
+    """For a run of ``images``, the faithful precision whose preparation plus encoding costs
+    least. On a VNNI CPU int8 encodes fastest, but quantising and packing its weights takes
+    about a second more than casting them to bf16, which a run of a few dozen images never earns back:
+    the everyday re-run that finds a handful of new photos."""
+    if fastest not in costs:
+        return fastest
+    return min(costs, key=lambda precision: costs[precision][0] + images * costs[precision][1])
+
+
+def numpy_image_wins(model_ref: str, images: int) -> bool:
+    """Whether the NumPy image tower encodes ``images`` of ``model_ref`` sooner than torch in any
+    faithful precision would, counting what each costs to start: mapping the tower's file,
+    against importing torch, loading the model and converting it. Decided by the costs this
+    machine measured with its verdict (`clip.cpu`); False where there is none, or it is older
+    than the NumPy tower's costs (torch then runs, as before)."""
+    checkpoint = checkpoint_state(model_ref)
+    if checkpoint is None:
+        return False
+    flags = cpu_flags()
+    bf16 = ("bf16",) if flags & BF16_FLAGS else ()
+    # Whether int8 was a candidate is torch's to say (it may lack the kernels): the one of the
+    # two keys this torch version wrote is the verdict.
+    for candidates in (("fp32", *bf16, "int8"), ("fp32", *bf16)):
+        verdict = recall(key(checkpoint, False, candidates, flags))
+        if verdict is not None:
+            break
+    else:
+        return False
+    start = verdict.get("torch_start")
+    costs = costs_of(verdict.get("costs"), candidates)
+    numpy = costs_of(verdict.get("costs"), (NUMPY,))
+    if not costs or not numpy or not isinstance(start, (int, float)):
+        return False
+    options = {name: (start + preparing, per_image) for name, (preparing, per_image) in costs.items()}
+    winner = cheapest_for(images, {**options, **numpy}, verdict["precision"])
+    log.info("%d images of %s: %s finishes first", images, model_ref, winner)
+    return winner == NUMPY

@@ -1,0 +1,24 @@
+"""What the processor offers that decides which precision runs fastest, read without torch (the
+indexer consults remembered verdicts before deciding whether to import it)."""
+
+from __future__ import annotations
+
+import functools
+
+# x86 CPU flags meaning bf16 dot products run in hardware.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# The flags that decide which precision runs fastest: a remembered verdict holds for them only.
+SPEED_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", *BF16_FLAGS})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports; empty elsewhere (other systems fall back to fp32)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
