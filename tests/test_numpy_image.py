@@ -1,19 +1,23 @@
 """The NumPy image tower (`clip.numpy_image`): the torch tower's embeddings to float32 rounding,
 cached in the model cache and found stale when the checkpoint changes."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import bump_mtime
+from helpers import bump_mtime, make_library
 
 from clipsearch import clip
-from clipsearch.clip import numpy_image
+from clipsearch.clip import cpu, numpy_image, numpy_text, precision_verdicts
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.numpy_image import ImageTower
 from clipsearch.clip.preprocess import Preprocess
+from clipsearch.encoder import Encoder, NumpyImageEncoder, open_encoder
 
 SMALL = dict(
     embed_dim=48,
@@ -116,6 +120,108 @@ def test_a_model_without_a_vit_tower_is_never_exported(model_dir: str):
     model, preprocess = clip.load(model_dir, device="cpu", towers="text")
     assert numpy_image.export(model, model_dir, preprocess) is None
     assert not numpy_image.cache_file(model_dir).exists()
+
+
+# --- choosing it: the verdict's measurements ------------------------------------------------------
+
+needs_a_verdict = pytest.mark.skipif(
+    len(cpu.candidate_precisions("cpu")) == 1, reason="one candidate precision: no verdict is measured here"
+)
+
+
+@pytest.fixture
+def measured(model_dir: str) -> Path:
+    """The tiny model's verdict, measured as an indexing run's first load on this machine does
+    (which ends exporting the text tower for queries, `Index._prepare_text_queries`); its file."""
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
+    numpy_text.export(model_dir)
+    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
+    return path
+
+
+def with_costs(path: Path, costs: dict, torch_start: float | None) -> None:
+    verdict = json.loads(path.read_text())
+    verdict["costs"] = costs
+    verdict.pop("torch_start", None)
+    if torch_start is not None:
+        verdict["torch_start"] = torch_start
+    path.write_text(json.dumps(verdict))
+
+
+# Per image: NumPy 0.5 s, bf16 0.2 s after 1.5 + 0.1 s: NumPy first up to 5 images.
+COSTS = {"fp32": [0.0, 0.4], "bf16": [0.1, 0.2], "int8": [1.0, 0.1], "numpy": [0.01, 0.5]}
+
+
+@needs_a_verdict
+def test_the_first_measurement_exports_and_times_the_numpy_tower(model_dir: str, measured: Path):
+    verdict = json.loads(measured.read_text())
+    preparing, per_image = verdict["costs"]["numpy"]
+    assert 0 <= preparing < verdict["torch_start"] and per_image > 0
+    assert verdict["torch_start"] > 0.05  # importing torch in a new process
+    assert numpy_image.load_cached(model_dir) is not None
+
+
+@needs_a_verdict
+@pytest.mark.parametrize("images, numpy", [(1, True), (5, True), (6, False), (100, False)])
+def test_numpy_encodes_a_run_when_the_measurements_say_it_finishes_first(
+    model_dir: str, measured: Path, images: int, numpy: bool
+):
+    with_costs(measured, COSTS, torch_start=1.5)
+    encoder = open_encoder(model_dir, "cpu", "auto", "image", images=images)
+    assert isinstance(encoder, NumpyImageEncoder) is numpy
+    assert isinstance(encoder, Encoder) is not numpy
+
+
+@needs_a_verdict
+def test_torch_stays_where_the_numpy_tower_was_not_asked_for_or_not_measured(model_dir: str, measured: Path):
+    with_costs(measured, COSTS, torch_start=1.5)
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), NumpyImageEncoder)
+    assert isinstance(open_encoder(model_dir, "cpu", "fp32", "image", images=1), Encoder)  # a named precision
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image"), Encoder)  # how many images: not known
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "both", images=1), Encoder)  # texts too
+    numpy_image.cache_file(model_dir).unlink()
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), Encoder)  # no tower
+    with_costs(measured, {k: v for k, v in COSTS.items() if k != "numpy"}, torch_start=None)  # an older verdict
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), Encoder)
+
+
+@needs_a_verdict
+def test_indexing_a_few_images_with_numpy_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
+    with_costs(measured, COSTS, torch_start=1.5)
+    photos = make_library(tmp_path / "lib", 4)
+    code = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from clipsearch import Index\n"
+        f"with Index.open({str(tmp_path / 'home')!r}, model={model_dir!r}, device='cpu') as index:\n"
+        f"    index.add([{str(tmp_path / 'lib')!r}], workers=1)\n"  # the decode worker's threads too
+        "    encoder = index.encoder('image', 4)\n"
+        f"    pixels = np.stack([encoder.preprocess.array(p) for p in {list(map(str, photos))!r}])\n"
+        "    vectors = encoder.encode_images(pixels).tolist()\n"
+        "print(json.dumps({'precision': encoder.precision, 'torch': 'torch' in sys.modules, 'vectors': vectors}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout)
+    assert (out["precision"], out["torch"]) == ("fp32-numpy", False)
+
+    torch_encoder = Encoder(model_dir, "cpu", "fp32", towers="image")
+    expected = torch_encoder.encode_images(np.stack([torch_encoder.preprocess.array(path) for path in photos]))
+    vectors = np.array(out["vectors"], dtype=np.float32)
+    assert np.abs(vectors - expected).max() <= 1e-5
+    with clip_index(tmp_path / "home", model_dir) as index:
+        _, stored = index.catalog.all_vectors(index.catalog.model(index.model))
+    # The catalog keeps float16: each photo's vector, rounded, within a float16 step of it.
+    rounded = vectors.astype(np.float16)
+    nearest = [int(np.abs(rounded.astype(np.float32) - row).max(axis=1).argmin()) for row in stored]
+    assert sorted(nearest) == list(range(len(photos)))
+    steps = np.spacing(np.abs(rounded[nearest])).astype(np.float32)
+    assert (np.abs(stored - rounded[nearest].astype(np.float32)) <= steps).all()
+
+
+def clip_index(home: Path, model: str):
+    from clipsearch import Index
+
+    return Index.open(home, model=model, readonly=True)
 
 
 def _photo(seed: int):
