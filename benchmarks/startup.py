@@ -3,7 +3,8 @@ encoded, and where its memory peaks.
 
 Each run is a new process, `clipsearch --home NEW index FOLDER --model M`, started through this
 file, which notes (without changing what runs) when the model starts and finishes loading, when
-the first batch reaches the model, and when the text tower is exported for later queries, with
+the first batch reaches the model (or the NumPy image tower, `clip.numpy_image`, which a small
+run may take instead), and when the text tower is exported for later queries, with
 the resident memory and its high-water mark at each point. Times count from the moment the
 process was launched (the parent's and the child's monotonic clocks are the same clock).
 
@@ -48,7 +49,7 @@ def child(argv: list[str]) -> None:
     import atexit
 
     from clipsearch import encoder as encoder_module
-    from clipsearch.clip import numpy_text
+    from clipsearch.clip import numpy_image, numpy_text
 
     started = float(os.environ[_T0])
     events: list[tuple[str, float, float, float]] = []
@@ -74,6 +75,16 @@ def child(argv: list[str]) -> None:
     noting(encoder_module.Encoder, "__init__", "model load starts", "model loaded")
     noting(encoder_module.Encoder, "encode_images", "first batch reaches the model", "first batch encoded", once=True)
     noting(numpy_text, "export", "text tower export starts", "text tower exported")
+    # Small runs on a CPU may encode with the NumPy image tower, never importing torch.
+    noting(encoder_module.NumpyImageEncoder, "__init__", "NumPy image tower mapped")
+    noting(
+        encoder_module.NumpyImageEncoder,
+        "encode_images",
+        "first batch reaches the NumPy tower",
+        "first batch encoded (NumPy)",
+        once=True,
+    )
+    noting(numpy_image, "export", "NumPy image tower export starts", "NumPy image tower exported")
 
     def finish() -> None:
         note("exit")
@@ -131,12 +142,13 @@ def main() -> None:
             done.append(run_once(folder, model, ["--precision", precision], args.unmeasured))
     rows = []
     for precision, done in runs.items():
-        names = [name for name, *_ in done[0]["events"]]
-        for i, name in enumerate(names):
-            at = median([run["events"][i][1] for run in done])
-            rss = median([run["events"][i][2] for run in done])
-            peak = median([run["events"][i][3] for run in done])
-            rows.append((f"{precision}: {name}", fmt(at, "s"), fmt(rss, "MiB"), fmt(peak, "MiB")))
+        # By name: runs of one precision may differ in their events (auto: NumPy or torch).
+        firsts = [{event[0]: event for event in reversed(run["events"])} for run in done]
+        for name in dict.fromkeys(name for run in done for name, *_ in run["events"]):
+            seen = [events[name] for events in firsts if name in events]
+            at, rss, peak = (median([event[i] for event in seen]) for i in (1, 2, 3))
+            runs_seen = "" if len(seen) == len(done) else f" ({len(seen)} of {len(done)} runs)"
+            rows.append((f"{precision}: {name}{runs_seen}", fmt(at, "s"), fmt(rss, "MiB"), fmt(peak, "MiB")))
         peak = median([run["maxrss_mib"] for run in done])
         rows.append((f"{precision}: peak RSS (getrusage)", "", "", fmt(peak, "MiB")))
     print_table(
