@@ -59,7 +59,7 @@ def child(argv: list[str]) -> None:
 
     def noting(owner: object, attribute: str, before: str, after: str | None = None, once: bool = False) -> None:
         original = getattr(owner, attribute)
-        seen = []
+        seen: list[bool] = []
 
         def wrapper(*args, **kwargs):
             if not (once and seen):
