@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -165,13 +166,15 @@ class Encoder:
         towers: Towers = "both",
         images: int | None = None,
     ):
-        from clipsearch.clip.cpu import load_prepared
+        started, fresh = time.perf_counter(), "torch" not in sys.modules
+        from clipsearch.clip.cpu import load_prepared  # imports torch
 
+        importing = time.perf_counter() - started if fresh else None
         self.model_id = model_id(model_ref)
         self.device = resolve_device(device)
         self.towers = towers
         (self.model, self.precision, self.input_dtype), self.preprocess = load_prepared(
-            model_ref, precision, self.device, towers, images
+            model_ref, precision, self.device, towers, images, importing
         )
         model = self.model
         self.dim: int = model.config.embed_dim

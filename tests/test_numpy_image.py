@@ -162,6 +162,15 @@ def test_the_first_measurement_exports_and_times_the_numpy_tower(model_dir: str,
 
 
 @needs_a_verdict
+def test_torch_start_counts_the_import_the_caller_timed(model_dir: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(cpu, "_torch_import_s", lambda: pytest.fail("timed torch's import again"))
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4, torch_import_s=0.75)
+    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
+    start = json.loads(path.read_text())["torch_start"]
+    assert 0.75 < start < 0.75 + 5  # and loading the tiny model
+
+
+@needs_a_verdict
 @pytest.mark.parametrize("images, numpy", [(1, True), (5, True), (6, False), (100, False)])
 def test_numpy_encodes_a_run_when_the_measurements_say_it_finishes_first(
     model_dir: str, measured: Path, images: int, numpy: bool

@@ -114,13 +114,16 @@ def load_prepared(
     device: torch.device | str = "cpu",
     towers: Towers = "both",
     images: int | None = None,
+    torch_import_s: float | None = None,
 ) -> tuple[Prepared, Preprocess]:
     """`clip.load` and `prepare_for_inference` in one: where the precision is known before the
     weights are read (named, or remembered from an earlier measurement) and the model runs on
     the CPU, each weight is converted as it is read (`conversion`), so the float32 model never
     stands whole beside the converted one (ViT-B-32-256's image tower: 350 MB of float32 beside
     88 MB of int8, and the allocator kept most of the freed 350 MB). ``images``: how many images
-    the model is loaded to encode, which "auto" weighs against each precision's preparation."""
+    the model is loaded to encode, which "auto" weighs against each precision's preparation.
+    ``torch_import_s``: what importing torch cost this process, when the caller saw it (a
+    first measurement on this machine counts it against the NumPy image tower's costs)."""
     from clipsearch.clip import load
 
     _check_precision(precision)
@@ -129,7 +132,7 @@ def load_prepared(
     if known is None or device.type != "cpu":
         started = time.perf_counter()
         model, preprocess = load(model_ref, device="cpu", towers=towers)
-        loading = NumpyTiming(preprocess, time.perf_counter() - started)
+        loading = NumpyTiming(preprocess, time.perf_counter() - started, torch_import_s)
         return prepare_for_inference(model, precision, device, model_ref=model_ref, numpy_timing=loading), preprocess
     _warn_if_emulated(known, device)
     model, preprocess = load(model_ref, device="cpu", towers=towers, precision=known)
@@ -184,10 +187,12 @@ def prepare_for_inference(
 
 class NumpyTiming(NamedTuple):
     """What timing the NumPy image tower beside the torch precisions needs from the loading: the
-    model's preprocessing (the tower's file records it) and the seconds `clip.load` took."""
+    model's preprocessing (the tower's file records it), the seconds `clip.load` took, and those
+    importing torch took where the caller saw them (else they are timed in a new process)."""
 
     preprocess: Preprocess
     load_s: float
+    torch_import_s: float | None = None
 
 
 def _numpy_costs(
@@ -211,7 +216,8 @@ def _numpy_costs(
     logger.info(
         "NumPy image tower exported in %.2f s: %.0f ms per batch of %d", exported - started, seconds * 1e3, len(pixels)
     )
-    return (mapping + max(0.0, first - seconds), seconds / len(pixels)), _torch_import_s() + timing.load_s
+    importing = timing.torch_import_s if timing.torch_import_s is not None else _torch_import_s()
+    return (mapping + max(0.0, first - seconds), seconds / len(pixels)), importing + timing.load_s
 
 
 def _timed_numpy(tower: numpy_image.ImageTower, pixels: Any) -> float:
@@ -222,8 +228,8 @@ def _timed_numpy(tower: numpy_image.ImageTower, pixels: Any) -> float:
 
 @functools.cache
 def _torch_import_s() -> float:
-    """What importing torch (and this module) costs a new process, timed in one: this process
-    has imported them already."""
+    """What importing torch (and this module) costs a new process, timed in one, for a process
+    that imported them before anyone could time it."""
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", f"import {__name__}"], check=False, capture_output=True)
     return time.perf_counter() - started
