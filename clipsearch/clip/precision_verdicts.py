@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Per faithful precision, measured with the verdict: (seconds to prepare the weights from
 # float32, seconds to encode one image). Under "numpy", the NumPy image tower's: (mapping its
-# file and its first batch's extra, seconds per image).
+# file and reading its pages in, seconds per image).
 Costs = dict[str, tuple[float, float]]
 NUMPY = "numpy"
 
