@@ -36,9 +36,9 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,25 +200,18 @@ def _numpy_costs(
     model: SharedSpace, model_ref: str, sample: torch.Tensor, timing: NumpyTiming
 ) -> tuple[tuple[float, float], float] | None:
     """The NumPy image tower of ``model``, exported to the cache and timed on ``sample``: its
-    costs (mapping the file and reading its pages in, seconds per image), and what a new
+    costs (reading its file in, seconds per image), and what a new
     process pays before a torch precision's own preparation (importing torch, loading the
     float32 weights). None when the tower cannot run ``model`` or cannot be cached."""
     started = time.perf_counter()
     if numpy_image.export(model, model_ref, timing.preprocess) is None:
         return None
     exported = time.perf_counter()
-    # The pages just written are read once first: faulting them in may wait for their writeback
-    # (seconds for ViT-B/32), which a later process, mapping them from the page cache, does not.
-    written = numpy_image.load_cached(model_ref)
-    if written is None:
-        return None
-    _read_through(written)
-    mapped = time.perf_counter()
-    tower = numpy_image.load_cached(model_ref)
-    if tower is None:
-        return None
-    _read_through(tower)  # what a later process pays for the file before its first batch
-    preparing = time.perf_counter() - mapped
+    preparing = _read_s(numpy_image.cache_file(model_ref))
+    # Timed on views of the float32 weights already in memory: a second copy mapped and read in
+    # would add its size to this first run's peak memory.
+    tower = numpy_image.ImageTower.from_model(model, timing.preprocess, copy=False)
+    assert tower is not None  # exported
     pixels = sample.float().numpy()
     seconds = min(_timed_numpy(tower, pixels) for _ in range(TIMING_RUNS))
     logger.info(
@@ -228,9 +221,15 @@ def _numpy_costs(
     return (preparing, seconds / len(pixels)), importing + timing.load_s
 
 
-def _read_through(tower: numpy_image.ImageTower) -> None:
-    for array in tower.weights.values():
-        np.add.reduce(array, axis=None)
+def _read_s(path: Path) -> float:
+    """What reading ``path`` from the page cache takes: what a later process's first batch pays
+    to fault in the pages of the tower it maps."""
+    started = time.perf_counter()
+    buffer = bytearray(1 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+    return time.perf_counter() - started
 
 
 def _timed_numpy(tower: numpy_image.ImageTower, pixels: Any) -> float:

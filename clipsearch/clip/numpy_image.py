@@ -111,13 +111,16 @@ class ImageTower:
         return linear(out, w[block + "attn.out_proj.weight"], w[block + "attn.out_proj.bias"])
 
     @classmethod
-    def from_model(cls, model: SharedSpace, preprocess: Preprocess) -> ImageTower | None:
+    def from_model(cls, model: SharedSpace, preprocess: Preprocess, copy: bool = True) -> ImageTower | None:
         """The image tower of a float32 ``model`` in memory, or None when the NumPy tower cannot
-        run it (`export` writes it to the cache instead, without copying it whole first)."""
+        run it (`export` writes it to the cache instead, without copying it whole first).
+        ``copy=False``: views of the model's weights, some transposed (as fast, measured)."""
         settings = _settings(model)
         if settings is None:
             return None
-        weights = {key: np.ascontiguousarray(value) for key, value in _weights(model).items()}
+        weights = _weights(model)
+        if copy:
+            weights = {key: np.ascontiguousarray(value) for key, value in weights.items()}
         return cls(weights, preprocess=preprocess, **settings)
 
     @classmethod
