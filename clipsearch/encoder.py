@@ -294,22 +294,19 @@ class NumpyImageEncoder:
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """``[N, 3, R, R]`` preprocessed images → ``float32 [N, dim]`` unit vectors, as
-        `Encoder.encode_images` gives them in fp32 (`CPU_CHUNK` at a time, to bound the activations)."""
-        pixels = np.asarray(pixels, dtype=np.float32)
-        return np.concatenate(
-            [
-                _unit(self.tower.encode_images(pixels[i : i + CPU_CHUNK]))
-                for i in range(0, max(len(pixels), 1), CPU_CHUNK)
-            ]
-        )
+        `Encoder.encode_images` gives them in fp32."""
+        return _unit(self.tower.encode_images(pixels, self._threads))
+
+    _threads: int | None = None  # None: a thread per usable core
 
     @contextmanager
     def threads(self, count: int) -> Iterator[None]:
-        """NumPy's BLAS on ``count`` threads for a moment (decode workers have the other cores)."""
-        from clipsearch.clip.numpy_ops import blas_threads
-
-        with blas_threads(count):
+        """The tower on ``count`` threads for a moment (decode workers have the other cores)."""
+        before, self._threads = self._threads, count
+        try:
             yield
+        finally:
+            self._threads = before
 
 
 def _normalised(features: torch.Tensor) -> np.ndarray:

@@ -54,10 +54,10 @@ def assert_image_parity(model: CLIP, count: int = 5) -> None:
     pixels = torch.randn(count, 3, resolution, resolution, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.encode_image(pixels).numpy()
-    for copy in (True, False):  # False: views of the torch weights, as the verdict times it
+    for copy, threads in ((True, 1), (True, 2), (False, None)):  # views of the torch weights: as the verdict times it
         tower = ImageTower.from_model(model, Preprocess(resolution), copy=copy)
         assert tower is not None
-        got = tower.encode_images(pixels.numpy())
+        got = tower.encode_images(pixels.numpy(), threads)  # 2 threads: chunks of 4 and 1 images
         assert got.dtype == np.float32 and got.shape == expected.shape
         error = np.abs(got - expected).max() / np.abs(expected).max()
         assert error <= 1e-5, error

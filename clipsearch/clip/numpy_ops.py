@@ -58,27 +58,20 @@ def softmax_rows(scores: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def blas_threads(count: int) -> Iterator[None]:
-    """NumPy's BLAS on at most ``count`` threads for a moment (where it is an OpenBLAS that can
-    be told; elsewhere nothing changes)."""
+def one_blas_thread() -> Iterator[None]:
+    """NumPy's BLAS on one thread for a moment, in the calling thread. A few tokens make
+    matrices too small to share: with a second thread on a busy two-core machine, every product
+    waited at a barrier for a thread the OS had not scheduled, and encoding took 5 to 10 times
+    the CPU time (`clip.numpy_image` runs a thread of its own per core instead)."""
     set_threads = blas_thread_setter()
     if set_threads is None:
         yield
         return
-    previous = set_threads(count)
+    previous = set_threads(1)
     try:
         yield
     finally:
         set_threads(previous)
-
-
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """NumPy's BLAS on one thread for a moment. A few tokens make matrices too small to share:
-    with a second thread on a busy two-core machine, every product waited at a barrier for a
-    thread the OS had not scheduled, and encoding took 5 to 10 times the CPU time."""
-    with blas_threads(1):
-        yield
 
 
 @functools.cache
