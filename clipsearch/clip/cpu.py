@@ -388,10 +388,17 @@ def conversion(precision: str) -> Conversion:
 
 class Int8Linear(nn.Module):
     """A Linear whose weight is int8 (per output channel) and whose input is quantised on the
-    fly, per tensor, by oneDNN or fbgemm."""
+    fly, per tensor, by oneDNN or fbgemm.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    ``engine``: which library packs and multiplies (None: oneDNN where PyTorch has it, see
+    `_prepack`). ``reduce_range``: quantise the input to 7 bits, which only a CPU without VNNI
+    needs: its int8 dot products saturate at 16 bits otherwise."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str | None = None, reduce_range: bool = True
+    ):
         super().__init__()
+        self._reduce_range = reduce_range
         weight = weight.detach().float()
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
         bias = None if bias is None else bias.detach().float()
@@ -402,21 +409,24 @@ class Int8Linear(nn.Module):
             qweight = torch.quantize_per_channel(
                 weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8
             )
-            self._packed = _prepack(qweight, bias)
+            self._packed = _prepack(qweight, bias, engine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range: without VNNI, the int8 dot products saturate at 16 bits unless the
-        # activations use 7 of their 8 bits.
-        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, self._reduce_range)
 
 
-def _prepack(qweight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Pack for oneDNN where PyTorch has it: on an AVX2 EPYC its int8 GEMM ran the ViT-B/32 tower
-    ~8% faster than fbgemm's at the same accuracy. The packing engine is process-wide state, so
-    it is restored at once; the packed weight keeps the engine it was packed for."""
+def has_vnni() -> bool:
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
+def _prepack(qweight: torch.Tensor, bias: torch.Tensor | None, engine: str | None) -> torch.Tensor:
+    """Pack for ``engine``, by default oneDNN where PyTorch has it: on an AVX2 EPYC its int8 GEMM
+    ran the ViT-B/32 image tower ~8% faster than fbgemm's at the same accuracy. The packing
+    engine is process-wide state, so it is restored at once; the packed weight keeps the engine
+    it was packed for."""
     engines = torch.backends.quantized.supported_engines
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "onednn" if "onednn" in engines else previous
+    torch.backends.quantized.engine = engine or ("onednn" if "onednn" in engines else previous)
     try:
         return torch.ops.quantized.linear_prepack(qweight, bias)
     finally:
