@@ -92,15 +92,52 @@ class Reranked:
         Without it each chunk grows the codes as a std::vector grows, to twice their size, and
         copies them over: 10 GB of float16 codes at 10M would pass through 30 GB of memory.
         (Growing the codes and shrinking them back keeps the capacity.)"""
-        flat = faiss.downcast_index(self.refine.index)
-        assert isinstance(flat, faiss.IndexFlatCodes), "Reranked.new makes the finer copy flat codes"
+        flat = self._flat()
         if flat.codes.size() == 0:
             flat.codes.resize(n * flat.code_size)
             flat.codes.resize(0)
 
+    def _flat(self) -> faiss.IndexFlatCodes:
+        flat = faiss.downcast_index(self.refine.index)
+        assert isinstance(flat, faiss.IndexFlatCodes), "Reranked.new makes the finer copy flat codes"
+        return flat
+
+    @property
+    def float16_codes(self) -> bool:
+        """Whether the finer copy stores plain float16 vectors (`SQfp16`), the catalog's format."""
+        flat = self._flat()
+        return isinstance(flat, faiss.IndexScalarQuantizer) and flat.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+
+    def float16_rows(self, n: int) -> np.ndarray:
+        """The empty finer copy's own storage, sized for ``n`` vectors, as a float16 array [n, d]
+        to write them into (`float16_codes` only): a rebuild reads the catalog straight into the
+        index, and never holds a second copy of the collection (10 GB at 10M). `hold` then says
+        whose they are."""
+        flat = self._flat()
+        if not self.float16_codes or flat.ntotal:
+            raise RuntimeError("Error: only an empty float16 copy takes vectors written in place")
+        flat.codes.resize(n * flat.code_size)
+        if n == 0:
+            return np.empty((0, self.d), np.float16)
+        # A view of the index's memory: valid while this index is, and until it grows.
+        return faiss.rev_swig_ptr(flat.codes.data(), n * flat.code_size).view(np.float16).reshape(n, self.d)
+
+    def hold(self, ids: np.ndarray) -> None:
+        """Take the vectors written into `float16_rows` as those of ``ids`` (in that order)."""
+        flat = self._flat()
+        if flat.codes.size() != len(ids) * flat.code_size:
+            raise RuntimeError("Error: the vectors written into a refined index do not match their ids")
+        flat.ntotal = self.refine.ntotal = len(ids)
+        faiss.copy_array_to_vector(np.ascontiguousarray(ids, dtype=np.int64), self.refine.id_map)
+        self.refine.construct_rev_map()
+
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self.base.add_with_ids(vectors, ids)
         self.refine.add_with_ids(vectors, ids)
+
+    def add_to_inverted_file(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add to the coarse part alone, the finer copy already holding them (`hold`)."""
+        self.base.add_with_ids(vectors, ids)
 
     def remove_ids(self, selector: faiss.IDSelector) -> int:
         removed = self.base.remove_ids(selector)
