@@ -38,10 +38,14 @@ def heic(path, seed: int = 0, size: tuple[int, int] = (96, 64)) -> np.ndarray:
 def without_heif_opener(monkeypatch):
     """Pillow as it is before pillow-heif registers itself; undone after the test."""
     Image.init()
+    forget_heif(monkeypatch)
+    yield
+    preprocess._heif_registered.cache_clear()
+
+
+def forget_heif(monkeypatch) -> None:
     monkeypatch.delitem(Image.OPEN, "HEIF", raising=False)
     monkeypatch.setattr(Image, "ID", [format for format in Image.ID if format != "HEIF"])
-    preprocess._heif_registered.cache_clear()
-    yield
     preprocess._heif_registered.cache_clear()
 
 
@@ -86,3 +90,17 @@ def test_heic_photos_are_indexed_beside_others_and_found(tmp_path, tiny_model, w
         hits = index.search(tmp_path / "lib" / "IMG_0003.heic", k=1)  # decoded again, here
     assert hits[0].path.name == "IMG_0003.heic" and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert hits[0].metadata.camera_model == "iPhone 15" and (hits[0].width, hits[0].height) == (96, 64)
+
+
+def test_a_heic_dropped_on_the_web_page(tmp_path, without_heif_opener, monkeypatch):
+    pytest.importorskip("starlette")
+    from clipsearch.serve.errors import RequestError
+    from clipsearch.serve.upload import open_upload
+
+    pixels = heic(tmp_path / "IMG_0004.heic", seed=2)
+    data = (tmp_path / "IMG_0004.heic").read_bytes()
+    assert np.abs(np.asarray(open_upload(data)).astype(int) - pixels).mean() < 4
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # not installed
+    forget_heif(monkeypatch)
+    with pytest.raises(RequestError, match=r"^The upload is a HEIF/HEIC photo, which needs the heif extra"):
+        open_upload(data)
