@@ -237,7 +237,7 @@ class VectorIndex:
         """
         path = Path(home) / vectors_file(model)
         try:
-            index, stamp = _read(path, catalog, model, mmap=False)
+            index, stamp = _read(path, catalog, model, mmap=None)
             keys = _read_keys(path, stamp)
         except StaleIndex:
             return cls.rebuild(home, catalog, model, save=save)
@@ -258,9 +258,14 @@ class VectorIndex:
         if reason is not None or changes is None:
             log.info("Rebuilding the vector index: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
-        removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
-        if len(changes.ids):
-            index.add_with_ids(changes.vectors, changes.ids)
+        if isinstance(index, Reranked):
+            refined = split_type(current.index_type)
+            assert refined is not None  # a Reranked is read from a refined type only
+            removed = index.update(outdated, changes.vectors, changes.ids, refined[1])
+        else:
+            removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
+            if len(changes.ids):
+                index.add_with_ids(changes.vectors, changes.ids)
         if index.ntotal != len(changes.held):  # the file held what its stamp did not say
             return cls.rebuild(home, catalog, model, save=save)
         current.changed_since_build += len(changes.ids) + removed
@@ -485,11 +490,12 @@ def vectors_file(model: StoredModel) -> str:
 
 
 def _read(
-    path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool = True, check: bool = False
+    path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool | None = True, check: bool = False
 ) -> tuple[AnyIndex, dict]:
     """The index in ``path`` and its stamp; StaleIndex if it is missing, damaged, or another
     catalog's or model's. Memory-mapped read-only (Flat codes are not copied: a cold query reads
-    only the pages it needs) unless it is to be updated.
+    only the pages it needs) unless it is to be updated in place; ``mmap=None``, for an update:
+    mapped only if it is a refined index (`Reranked.update` writes its finer copy anew).
 
     The checksum of everything before the stamp is compared the first time a version of the file
     is read (a single flipped bit changed a vector while `status` said "consistent"), or always
@@ -503,6 +509,8 @@ def _read(
                 if _crc(f, stamp["payload_bytes"]) != stamp["checksum"]:
                     raise ValueError("its content does not match its checksum")
                 _remember_checked(path, identity)
+            if mmap is None:
+                mmap = split_type(stamp.get("index_type", "")) is not None
             # FAISS reads the file already open, never one renamed into its place meanwhile.
             index = read_index(f"/dev/fd/{f.fileno()}", mmap=mmap)
     except FileNotFoundError:
