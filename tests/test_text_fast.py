@@ -119,19 +119,6 @@ def test_dynamic_int8_encodes_each_text_of_a_batch_alone(text_model):
     assert not np.array_equal(encoded(dynamic.model, tokens), alone)  # what a batch would have given
 
 
-def test_dynamic_int8_uses_all_8_bits_only_with_vnni(monkeypatch):
-    from clipsearch.clip import cpu
-
-    weight, x = torch.randn(16, 32), torch.randn(3, 32)
-    for flags, reduced in ((frozenset({"avx2", "avx512_vnni"}), False), (frozenset({"avx2"}), True)):
-        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
-        linear = weight_only._LINEARS["int8-dynamic"](weight, None)
-        assert linear._reduce_range is reduced
-        with torch.inference_mode():
-            expected = (x @ weight.T).numpy()
-            np.testing.assert_allclose(linear(x).numpy(), expected, atol=0.03 * np.abs(expected).max())
-
-
 def test_missing_private_ops_fall_back(text_model, monkeypatch):
     """oneDNN's linear ops and the int8 weight-only product are private, and PyTorch plans to
     remove the quantized ops that dynamic int8 uses: where a build lacks them, bf16 through

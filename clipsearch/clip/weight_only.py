@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import Int8Linear, has_vnni
+from .cpu import Int8Linear
 from .model import ProjectedAttention, SelfAttention, replace_modules
 
 KERNELS: tuple[str, ...] = ("fp32", "bf16-packed", "bf16", "int8", "int8-dynamic")
@@ -85,7 +85,7 @@ class Int8WeightLinear(nn.Module):
 
 def _int8_dynamic(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     # fbgemm, not oneDNN: at a dozen rows oneDNN's dynamic int8 ran the text tower 1.5x slower.
-    return Int8Linear(weight, bias, engine="fbgemm", reduce_range=not has_vnni())
+    return Int8Linear(weight, bias, engine="fbgemm")
 
 
 # Kernels that quantise a product's whole input with one scale: a text's error would depend on
