@@ -5,10 +5,11 @@ encoded alone (p50 / p99 wall and CPU milliseconds, interleaved so machine noise
 alike) with its worst cosine to torch fp32: the NumPy tower (`clipsearch query` and a text-only
 `Index.search`), the torch tower in fp32 and in bf16 (an `Encoder` holding both towers converts
 its text tower with the image tower's precision), each weight-only kernel of `clip.weight_only`
-(fp32 activations, bf16 or int8 weights: plain ``F.linear``, oneDNN-prepacked, int8 per channel),
-and the warm `Encoder` of `clipsearch serve` and ``Index.open(warm=True)`` with the kernel
-`clip.text_fast` chose. The products alone (``--kernels``): one 512 x 2048 weight at the median
-query's token count through each kernel there is. The floor: this machine's copy bandwidth
+(fp32 activations, bf16 or int8 weights: plain ``F.linear``, oneDNN-prepacked, int8 per channel;
+and fbgemm's dynamic int8, whose activations are quantised too), and the warm `Encoder` of
+`clipsearch serve` and ``Index.open(warm=True)`` with the kernel `clip.text_fast` chose. The
+products alone (``--kernels``): one 512 x 2048 weight at the median query's token count through
+each kernel there is. The floor: this machine's copy bandwidth
 times the bytes of weights one query reads in each precision.
 
     python benchmarks/text_tower.py                  # ViT-B-32, 300 texts, torch on 1 thread
@@ -72,7 +73,7 @@ def copy_bandwidth() -> float:
 
 def towers(model: str) -> dict[str, Callable[[list[str]], np.ndarray]]:
     """Unit vectors of texts, per tower as the product runs it (no remembered vectors)."""
-    from clipsearch.clip.weight_only import usable_kernels
+    from clipsearch.clip.weight_only import PER_TENSOR_INPUT, usable_kernels
     from clipsearch.encoder import Encoder, TextEncoder, open_encoder
 
     numpy_tower = TextEncoder(model)
@@ -86,7 +87,8 @@ def towers(model: str) -> dict[str, Callable[[list[str]], np.ndarray]]:
         "torch bf16, whole tower (serve before, image tower in bf16)": torch_bf16._encode_texts,
     }
     for kernel in usable_kernels()[1:]:
-        found[f"torch weight-only {kernel}, fp32 activations"] = kernel_tower(torch_fp32, kernel)
+        activations = "int8 per tensor" if kernel in PER_TENSOR_INPUT else "fp32"
+        found[f"torch {kernel}, {activations} activations"] = kernel_tower(torch_fp32, kernel)
     found[f"warm Encoder (serve, Index.open(warm=True)): {warm.text_path}"] = warm._encode_texts
     return found
 
@@ -171,6 +173,8 @@ def kernel_rows(tokens: int, repeats: int = 10) -> list[tuple[str, str, str, str
     weights in turn, so they come from memory as a query's would."""
     import torch
 
+    from clipsearch.clip.weight_only import _LINEARS, usable_kernels
+
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal((2048, 512)).astype(np.float32) for _ in range(40)]
@@ -200,6 +204,9 @@ def kernel_rows(tokens: int, repeats: int = 10) -> list[tuple[str, str, str, str
     }
     if int8pack is not None:
         kernels["torch _weight_int8pack_mm, bf16 activations"] = (1, lambda i: int8pack(xb, tq[i], ts[i]))
+    if "int8-dynamic" in usable_kernels():
+        dynamic = [_LINEARS["int8-dynamic"](w, None) for w in tw]
+        kernels["torch fbgemm dynamic int8 (clip.cpu.Int8Linear), int8 activations"] = (1, lambda i: dynamic[i](xt))
     times: dict[str, list[float]] = {name: [] for name in kernels}
     with torch.inference_mode():
         for _ in range(repeats):

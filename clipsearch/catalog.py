@@ -266,28 +266,27 @@ class Catalog:
             return None
         return row[0], _vectors_of([row[1]])[0].astype(np.float32), row[2], row[3]
 
-    def all_vectors(self, model: StoredModel, dtype: npt.DTypeLike = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    def all_vectors(
+        self, model: StoredModel, dtype: npt.DTypeLike = np.float32, into: Callable[[int], np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], vectors [n, dim]) of ``model``'s vectors, ordered by image id: float32,
-        or float16 as stored (half the memory: 10 GB rather than 20 at 10M vectors of 512)."""
+        or float16 as stored (half the memory: 10 GB rather than 20 at 10M vectors of 512).
+        ``into(n)``: the array [n, model.dim] to read them into, instead of a new one (a refined
+        index's own float16 storage, `Reranked.float16_rows`)."""
         with self.read() as db:
             n = db.execute("SELECT count(*) FROM vectors WHERE model_id = ?", (model.id,)).fetchone()[0]
             ids = np.empty(n, dtype=np.int64)
-            vectors = None
+            vectors = into(n) if into is not None else np.empty((n, model.dim), dtype=dtype)
             start = 0
-            # Chunks go straight into the result: peak memory stays near its float32 size.
+            # Chunks go straight into the result: peak memory stays near its own size.
             cursor = db.execute(
                 "SELECT image_id, vector FROM vectors WHERE model_id = ? ORDER BY image_id", (model.id,)
             )
             while rows := cursor.fetchmany(_CHUNK):
                 row_ids, blobs = zip(*rows)
-                chunk = _vectors_of(blobs)
-                if vectors is None:
-                    vectors = np.empty((n, chunk.shape[1]), dtype=dtype)
                 ids[start : start + len(rows)] = row_ids
-                vectors[start : start + len(rows)] = chunk
+                vectors[start : start + len(rows)] = _vectors_of(blobs)
                 start += len(rows)
-            if vectors is None:
-                vectors = np.empty((0, model.dim), dtype=dtype)
         return ids, vectors
 
     def vector_writes(self, model: StoredModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -26,8 +26,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from clipsearch.clip.model import SharedSpace, Towers
+    from clipsearch.clip.model import Towers
     from clipsearch.clip.numpy_image import ImageTower
+    from clipsearch.clip.text_fast import FastText
 
 
 # On a CPU a batch goes through the model this many images at a time. ViT-B-32-256 in int8 held
@@ -219,7 +220,7 @@ class Encoder:
     # Which text tower `encode_texts` runs: "model" (the loaded one, in the model's precision),
     # or after `prepare_texts` on a CPU "fast <kernel>" (`clip.text_fast`).
     text_path = "model"
-    _fast_text: SharedSpace | None = None
+    _fast_text: FastText | None = None
 
     def prepare_texts(self) -> str:
         """Encode texts from now on with `clip.text_fast`'s tower, for a process that will encode
@@ -230,7 +231,7 @@ class Encoder:
         if self._fast_text is None and self.device.type == "cpu" and self.towers != "image":
             fast = fast_text_tower(self.model, self.model_id)
             if fast is not None:
-                self._fast_text, self.text_path = fast.model, f"fast {fast.kernel}"
+                self._fast_text, self.text_path = fast, f"fast {fast.kernel}"
                 if self.towers == "text":  # the loaded tower has nothing left to do: its memory goes
                     self.model = fast.model
         return self.text_path

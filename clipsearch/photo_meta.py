@@ -66,11 +66,10 @@ def read_file(path: str | os.PathLike[str] | bytes) -> Header:
     """The size as shown and the metadata of ``path``, from its header alone (opened as the
     indexer opens files: `open_regular`). Raises OSError (Pillow's UnidentifiedImageError among
     them) when it is not an image that can be opened."""
-    from PIL import Image
-
+    from clipsearch.clip.preprocess import open_pillow
     from clipsearch.fingerprint import open_regular
 
-    with open_regular(path) as f, Image.open(f) as image:
+    with open_regular(path) as f, open_pillow(f, os.fsdecode(path)) as image:
         metadata = read(image)
         width, height = image.size
     if metadata.orientation in _TRANSPOSED:

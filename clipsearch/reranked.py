@@ -26,7 +26,16 @@ import numpy as np
 
 # "IVF4096,PQ128x4fs,Refine(SQfp16)": the coarse index, then the codes the shortlist is scored with.
 _REFINED = re.compile(r"^(?P<base>.+),(?:Refine\((?P<refine>[^()]+)\)|RFlat)$")
+_ROWS_AT_A_TIME = 100_000  # of the finer copy, copied over by `update`
 _QUERIES_PER_RERANK = 32  # bounds the candidates' decoded vectors: 32 x 320 x 512 floats = 21 MB
+
+
+def _code_rows(flat: faiss.IndexFlatCodes, n: int) -> np.ndarray:
+    """The first ``n`` codes of ``flat`` as a uint8 array [n, code_size] over its own memory (a
+    view: valid while ``flat`` is, and until its codes grow)."""
+    if n == 0:
+        return np.empty((0, flat.code_size), np.uint8)
+    return faiss.rev_swig_ptr(flat.codes.data(), n * flat.code_size).reshape(n, flat.code_size)
 
 
 def split_type(index_type: str) -> tuple[str, str] | None:
@@ -92,20 +101,81 @@ class Reranked:
         Without it each chunk grows the codes as a std::vector grows, to twice their size, and
         copies them over: 10 GB of float16 codes at 10M would pass through 30 GB of memory.
         (Growing the codes and shrinking them back keeps the capacity.)"""
-        flat = faiss.downcast_index(self.refine.index)
-        assert isinstance(flat, faiss.IndexFlatCodes), "Reranked.new makes the finer copy flat codes"
+        flat = self._flat()
         if flat.codes.size() == 0:
             flat.codes.resize(n * flat.code_size)
             flat.codes.resize(0)
+
+    def _flat(self) -> faiss.IndexFlatCodes:
+        flat = faiss.downcast_index(self.refine.index)
+        assert isinstance(flat, faiss.IndexFlatCodes), "Reranked.new makes the finer copy flat codes"
+        return flat
+
+    @property
+    def float16_codes(self) -> bool:
+        """Whether the finer copy stores plain float16 vectors (`SQfp16`), the catalog's format."""
+        flat = self._flat()
+        return isinstance(flat, faiss.IndexScalarQuantizer) and flat.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+
+    def float16_rows(self, n: int) -> np.ndarray:
+        """The empty finer copy's own storage, sized for ``n`` vectors, as a float16 array [n, d]
+        to write them into (`float16_codes` only): a rebuild reads the catalog straight into the
+        index, and never holds a second copy of the collection (10 GB at 10M). `hold` then says
+        whose they are."""
+        flat = self._flat()
+        if not self.float16_codes or flat.ntotal:
+            raise RuntimeError("Error: only an empty float16 copy takes vectors written in place")
+        flat.codes.resize(n * flat.code_size)
+        return _code_rows(flat, n).view(np.float16)
+
+    def hold(self, ids: np.ndarray) -> None:
+        """Take the vectors written into `float16_rows` as those of ``ids`` (in that order)."""
+        flat = self._flat()
+        if flat.codes.size() != len(ids) * flat.code_size:
+            raise RuntimeError("Error: the vectors written into a refined index do not match their ids")
+        flat.ntotal = self.refine.ntotal = len(ids)
+        faiss.copy_array_to_vector(np.ascontiguousarray(ids, dtype=np.int64), self.refine.id_map)
+        self.refine.construct_rev_map()
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self.base.add_with_ids(vectors, ids)
         self.refine.add_with_ids(vectors, ids)
 
-    def remove_ids(self, selector: faiss.IDSelector) -> int:
-        removed = self.base.remove_ids(selector)
-        if self.refine.remove_ids(selector) != removed:
+    def add_to_inverted_file(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add to the coarse part alone, the finer copy already holding them (`hold`)."""
+        self.base.add_with_ids(vectors, ids)
+
+    def update(self, outdated: np.ndarray, vectors: np.ndarray, ids: np.ndarray, refine_type: str) -> int:
+        """Remove the ``outdated`` ids and add ``vectors`` under ``ids``; how many were removed.
+
+        The inverted file changes in place. The finer copy (of ``refine_type`` codes) is written
+        anew, the kept rows a chunk at a time, because it is the read-only mapping of the file
+        (`vectors.VectorIndex.refresh` maps it): the old copy stays page cache, which the
+        system can drop, where changing it in memory held it twice at the peak, reading the file
+        and then growing it (2.4 GB for a 1M collection taking 10 photos, ~24 GB at 10M)."""
+        removed = self.base.remove_ids(faiss.IDSelectorBatch(np.asarray(outdated, dtype=np.int64)))
+        held = faiss.vector_to_array(self.refine.id_map)
+        keep = ~np.isin(held, outdated)
+        kept = int(keep.sum())
+        if len(held) - kept != removed:
             raise RuntimeError("Error: the two parts of a refined index held different ids")
+        old = _code_rows(self._flat(), len(held))
+        refine = faiss.IndexIDMap2(faiss.index_factory(self.d, refine_type, faiss.METRIC_INNER_PRODUCT))
+        fresh = Reranked(self.base, refine, self.k_factor)
+        flat = fresh._flat()
+        flat.codes.resize((kept + len(ids)) * flat.code_size)
+        rows = _code_rows(flat, kept + len(ids))
+        at = 0
+        for start in range(0, len(held), _ROWS_AT_A_TIME):
+            part = keep[start : start + _ROWS_AT_A_TIME]
+            count = int(part.sum())
+            np.compress(part, old[start : start + _ROWS_AT_A_TIME], axis=0, out=rows[at : at + count])
+            at += count
+        if len(ids):
+            rows[kept:] = flat.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+            self.base.add_with_ids(vectors, ids)
+        fresh.hold(np.concatenate([held[keep], np.asarray(ids, dtype=np.int64)]))
+        self.refine = refine
         return removed
 
     def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:

@@ -168,14 +168,42 @@ class VectorIndex:
         if index_type == "auto":
             index_type = choose_index_type(n, dim, memory_budget)
         index = new_index(index_type, dim)
-        if not index.is_trained:
-            _train(index, vectors, index_type)
         if isinstance(index, Reranked):
             index.reserve(n)
-        for start in range(0, n, _CHUNK):
-            index.add_with_ids(_float32(vectors[start : start + _CHUNK]), ids[start : start + _CHUNK])
+        return cls._filled(index, index_type, ids, vectors, index.add_with_ids)
+
+    @classmethod
+    def _filled(
+        cls,
+        index: AnyIndex,
+        index_type: str,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        add: Callable[[np.ndarray, np.ndarray], None],
+    ) -> VectorIndex:
+        """`index` trained on, then given (`add`), `vectors`, and tuned."""
+        if not index.is_trained:
+            _train(index, vectors, index_type)
+        for start in range(0, len(ids), _CHUNK):
+            add(_float32(vectors[start : start + _CHUNK]), ids[start : start + _CHUNK])
         recall = None if index_type == "Flat" else _tune(index, ids, vectors)
         return cls(index, index_type, recall)
+
+    @classmethod
+    def _from_catalog(cls, catalog: Catalog, model: StoredModel, index_type: str) -> VectorIndex:
+        """`build` from ``model``'s vectors in the catalog. A refined index with float16 codes
+        reads them into its own storage (`Reranked.float16_rows`) and is built from there."""
+        if index_type == "auto":
+            index_type = choose_index_type(model.vectors, model.dim)
+        index = new_index(index_type, model.dim)
+        if isinstance(index, Reranked) and index.float16_codes:
+            ids, vectors = catalog.all_vectors(model, into=index.float16_rows)
+            index.hold(ids)
+            return cls._filled(index, index_type, ids, vectors, index.add_to_inverted_file)
+        # Large collections as stored, in float16 (build converts a chunk at a time); small
+        # ones in float32, where one copy costs less than the float16 one beside a chunk's.
+        ids, vectors = catalog.all_vectors(model, np.float16 if model.vectors > _CHUNK else np.float32)
+        return cls.build(ids, vectors, index_type)
 
     @classmethod
     def load(cls, home: Path, catalog: Catalog, model: StoredModel, *, save: bool = True) -> VectorIndex:
@@ -209,7 +237,7 @@ class VectorIndex:
         """
         path = Path(home) / vectors_file(model)
         try:
-            index, stamp = _read(path, catalog, model, mmap=False)
+            index, stamp = _read(path, catalog, model, mmap=None)
             keys = _read_keys(path, stamp)
         except StaleIndex:
             return cls.rebuild(home, catalog, model, save=save)
@@ -230,9 +258,14 @@ class VectorIndex:
         if reason is not None or changes is None:
             log.info("Rebuilding the vector index: %s", reason)
             return cls.rebuild(home, catalog, model, save=save)
-        removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
-        if len(changes.ids):
-            index.add_with_ids(changes.vectors, changes.ids)
+        if isinstance(index, Reranked):
+            refined = split_type(current.index_type)
+            assert refined is not None  # a Reranked is read from a refined type only
+            removed = index.update(outdated, changes.vectors, changes.ids, refined[1])
+        else:
+            removed = index.remove_ids(faiss.IDSelectorBatch(outdated))
+            if len(changes.ids):
+                index.add_with_ids(changes.vectors, changes.ids)
         if index.ntotal != len(changes.held):  # the file held what its stamp did not say
             return cls.rebuild(home, catalog, model, save=save)
         current.changed_since_build += len(changes.ids) + removed
@@ -299,18 +332,15 @@ class VectorIndex:
         # Read before the vectors: if a write lands in between, the stamp is older than the
         # catalog and the next load catches up, never the reverse.
         generation = catalog.generation
-        # Large collections as stored, in float16 (build converts a chunk at a time); small
-        # ones in float32, where one copy costs less than the float16 one beside a chunk's.
-        ids, vectors = catalog.all_vectors(model, np.float16 if model.vectors > _CHUNK else np.float32)
-        writes = catalog.vector_writes(model)  # after the vectors: never older than them
         started = time.perf_counter()
         try:
-            built = cls.build(ids, vectors, index_type or catalog.get_meta("index_type") or "auto")
+            built = cls._from_catalog(catalog, model, index_type or catalog.get_meta("index_type") or "auto")
         except IndexStateError as e:
             if index_type is not None:
                 raise
             log.warning("%s Using auto instead.", e)
-            built = cls.build(ids, vectors, "auto")
+            built = cls._from_catalog(catalog, model, "auto")
+        writes = catalog.vector_writes(model)  # after the vectors: never older than them
         built.keys = built._keys_from(writes)
         if index_type is not None:
             catalog.set_meta("index_type", index_type)
@@ -460,11 +490,12 @@ def vectors_file(model: StoredModel) -> str:
 
 
 def _read(
-    path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool = True, check: bool = False
+    path: Path, catalog: Catalog, model: StoredModel, *, mmap: bool | None = True, check: bool = False
 ) -> tuple[AnyIndex, dict]:
     """The index in ``path`` and its stamp; StaleIndex if it is missing, damaged, or another
     catalog's or model's. Memory-mapped read-only (Flat codes are not copied: a cold query reads
-    only the pages it needs) unless it is to be updated.
+    only the pages it needs) unless it is to be updated in place; ``mmap=None``, for an update:
+    mapped only if it is a refined index (`Reranked.update` writes its finer copy anew).
 
     The checksum of everything before the stamp is compared the first time a version of the file
     is read (a single flipped bit changed a vector while `status` said "consistent"), or always
@@ -478,6 +509,8 @@ def _read(
                 if _crc(f, stamp["payload_bytes"]) != stamp["checksum"]:
                     raise ValueError("its content does not match its checksum")
                 _remember_checked(path, identity)
+            if mmap is None:
+                mmap = split_type(stamp.get("index_type", "")) is not None
             # FAISS reads the file already open, never one renamed into its place meanwhile.
             index = read_index(f"/dev/fd/{f.fileno()}", mmap=mmap)
     except FileNotFoundError:

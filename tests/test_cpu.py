@@ -1,5 +1,6 @@
 """clip.cpu: the precision "auto" picks per device, and that what it picks keeps embeddings."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,3 +151,22 @@ def test_bf16_keeps_embeddings_within_the_bar(images: torch.Tensor) -> None:
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision must be one of"):
         cpu.prepare_for_inference(tiny(), "fp8")
+
+
+@pytest.mark.parametrize("engine", ["onednn", "fbgemm"])
+def test_dynamic_int8_uses_all_8_bits_where_the_cpu_has_vnni(monkeypatch, engine):
+    """7-bit inputs only where int8 dot products would saturate (no VNNI); with VNNI, 8 bits
+    halve the rounding error of every product (image and text int8 alike)."""
+    if not cpu.has_int8_kernels() or engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"no {engine} int8 in this PyTorch build")
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(64, 128, generator=generator), torch.randn(8, 128, generator=generator)
+    expected = (x @ weight.T).numpy()
+    errors = {}
+    for flags, reduced in ((frozenset({"avx2", "avx512_vnni"}), False), (frozenset({"avx2"}), True)):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
+        linear = cpu.Int8Linear(weight, None, engine=engine)
+        assert linear._reduce_range is reduced
+        with torch.inference_mode():
+            errors[reduced] = np.abs(linear(x).numpy() - expected).mean()
+    assert errors[False] < 0.7 * errors[True] and errors[True] < 0.02 * np.abs(expected).mean()

@@ -3,6 +3,7 @@ float16 copy re-ranking the shortlist, catalog ids in both parts (`clipsearch.re
 
 import logging
 
+import faiss
 import numpy as np
 import pytest
 from helpers import faiss_file, stored
@@ -111,3 +112,65 @@ def test_refined_file_round_trips_and_takes_additions_and_removals(catalog, capl
     np.testing.assert_array_equal(updated.held_ids(), ids)
     np.testing.assert_allclose(updated.vectors_of(ids), vectors, atol=1e-3)  # each id's own float16 copy
     assert_answers_like_the_catalog(updated, catalog)
+
+
+def test_a_rebuild_reads_the_catalog_into_the_float16_copy_itself(catalog, monkeypatch):
+    """No second copy of the collection while a refined index is rebuilt (10 GB at 10M): the
+    catalog's float16 rows are read straight into the re-rank copy's storage, and the index is
+    the one `build` makes from those rows."""
+    add_files(catalog, clustered_unit(4000, clusters=40))
+    catalog.set_meta("index_type", REFINED)
+    read = []
+    all_vectors = Catalog.all_vectors
+
+    def reading(self, *args, **kwargs):
+        ids, vectors = all_vectors(self, *args, **kwargs)
+        read.append(vectors)
+        return ids, vectors
+
+    monkeypatch.setattr(Catalog, "all_vectors", reading)
+    rebuilt = VectorIndex.rebuild(catalog.home, catalog, stored(catalog), save=False)
+    monkeypatch.undo()
+    codes = faiss.downcast_index(rebuilt.index.refine.index).codes
+    assert len(read) == 1 and read[0].dtype == np.float16 and read[0].ctypes.data == int(codes.data())
+
+    ids, vectors = catalog.all_vectors(stored(catalog), np.float16)
+    built = VectorIndex.build(ids, vectors, REFINED)
+    assert (rebuilt.index_type, rebuilt.recall_at_10) == (built.index_type, built.recall_at_10)
+    serialized = [faiss.serialize_index(index.index.storable()) for index in (rebuilt, built)]
+    np.testing.assert_array_equal(*serialized)
+    np.testing.assert_array_equal(rebuilt.held_ids(), ids)
+    queries = clustered_unit(20, clusters=40, seed=4)
+    for got, expected in zip(rebuilt.search(queries, 10), built.search(queries, 10)):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("index_type", [REFINED, "IVF64,PQ8x4fs,RFlat"])
+def test_an_update_maps_the_old_copy_and_writes_a_new_one(catalog, monkeypatch, index_type):
+    """Changing the finer copy in memory held it twice at the peak (read, then grown); an update
+    reads the file's copy as a read-only mapping (page cache) and writes the kept and new rows
+    into a fresh one, with the same answers as an index built from the catalog."""
+    add_files(catalog, clustered_unit(4000, clusters=40))
+    catalog.set_meta("index_type", index_type)
+    VectorIndex.load(catalog.home, catalog, stored(catalog))
+    add_files(catalog, clustered_unit(30, clusters=40, seed=3), start=100)  # 30 rewritten
+    add_files(catalog, clustered_unit(20, clusters=40, seed=5), start=4000)  # 20 new
+    catalog.remove([b"/p/7.jpg", b"/p/8.jpg"])
+    owned = []
+    update = Reranked.update
+
+    def updating(self, *args):
+        owned.append(faiss.downcast_index(self.refine.index).codes.is_owned)
+        return update(self, *args)
+
+    monkeypatch.setattr(Reranked, "update", updating)
+    updated = VectorIndex.load(catalog.home, catalog, stored(catalog))
+    assert owned == [False]  # the file's copy, mapped
+    assert faiss.downcast_index(updated.index.refine.index).codes.is_owned
+    ids, vectors = catalog.all_vectors(stored(catalog))
+    np.testing.assert_array_equal(updated.held_ids(), ids)
+    np.testing.assert_allclose(updated.vectors_of(ids), vectors, atol=1e-3 if index_type == REFINED else 1e-7)
+    assert_answers_like_the_catalog(updated, catalog)
+    again = VectorIndex.load(catalog.home, catalog, stored(catalog))  # the saved update reads back
+    np.testing.assert_array_equal(again.held_ids(), ids)
+    assert_answers_like_the_catalog(again, catalog)

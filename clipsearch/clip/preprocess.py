@@ -12,6 +12,7 @@ before resizing, not after, so palette images are not resized with nearest-neigh
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -78,7 +79,7 @@ def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = N
     if name is None:
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image data")
     try:
-        with Image.open(source) as image:
+        with open_pillow(source, name) as image:
             yield image
     except FileNotFoundError:
         raise ImageError(f"{name} does not exist; check the path.") from None
@@ -93,6 +94,49 @@ def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = N
         unidentified = isinstance(e, Image.UnidentifiedImageError)
         detail = "cannot identify image file" if unidentified else str(e).replace(f" '{name}'", "")
         raise ImageError(f"{name} cannot be decoded as an image ({detail}); check the file or exclude it.") from e
+
+
+def open_pillow(source: str | os.PathLike[str] | BinaryIO, name: str) -> Image.Image:
+    """``Image.open``, and HEIF too (iPhone photos): Pillow reads it through pillow-heif, the
+    ``heif`` extra, registered the first time a HEIF file is met rather than at import (it costs
+    ~40 ms, which every run would pay). `ImageError` for a HEIF file without the extra."""
+    try:
+        return Image.open(source)
+    except Image.UnidentifiedImageError:
+        if not _is_heif(source):
+            raise
+    if not _heif_registered():
+        raise ImageError(
+            f"{name} is a HEIF/HEIC photo, which needs the heif extra: pip install 'clipsearch[heif]' "
+            "(then index --retry-failed)"
+        )
+    if not isinstance(source, (str, os.PathLike)):
+        source.seek(0)
+    return Image.open(source)
+
+
+# The major brands of ISO media files that are HEIF images (not AVIF, which Pillow reads itself).
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+
+
+def _is_heif(source: str | os.PathLike[str] | BinaryIO) -> bool:
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            head = f.read(12)
+    else:
+        source.seek(0)
+        head = source.read(12)
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+@functools.cache
+def _heif_registered() -> bool:
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:

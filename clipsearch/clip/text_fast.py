@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import precision_verdicts
 from .cpu import MIN_COSINE, SPEED_FLAGS, cpu_flags, has_native_bf16
 from .model import SharedSpace, with_weights
-from .weight_only import swap_linears, usable_kernels
+from .weight_only import PER_TENSOR_INPUT, swap_linears, usable_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,19 @@ TIMING_RUNS = 9
 
 
 class FastText(NamedTuple):
-    """A text-only model to call ``encode_text`` on, the kernel its linears run, and a line
-    saying what was measured (or that it was remembered)."""
+    """A text-only model, the kernel its linears run, and a line saying what was measured (or
+    that it was remembered)."""
 
     model: SharedSpace
     kernel: str
     report: str
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``model.encode_text``, one text at a time where the kernel quantises a whole batch
+        with one scale (`weight_only.PER_TENSOR_INPUT`), as it was measured."""
+        if self.kernel not in PER_TENSOR_INPUT or len(tokens) == 1:
+            return self.model.encode_text(tokens)
+        return torch.cat([self.model.encode_text(row[None]) for row in tokens])
 
 
 def candidate_kernels() -> tuple[str, ...]:
@@ -126,17 +133,17 @@ def _fastest_faithful(source: SharedSpace, fp32: SharedSpace, kernels: tuple[str
     best_seconds = _seconds_per_text(fp32, tokens)
     notes = [f"fp32 {best_seconds * 1e3:.2f} ms CPU"]
     for kernel in kernels[1:]:
-        trial = text_only_copy(source)
-        swap_linears(trial, kernel)
+        trial = FastText(text_only_copy(source), kernel, "")
+        swap_linears(trial.model, kernel)
         with torch.inference_mode():
             cosine = F.cosine_similarity(trial.encode_text(tokens), reference).min().item()
         if cosine < MIN_COSINE:
             notes.append(f"{kernel} drifts (cosine {cosine:.5f} < {MIN_COSINE})")
             continue
-        seconds = _seconds_per_text(trial, tokens)
+        seconds = _seconds_per_text(trial.model, tokens)
         notes.append(f"{kernel} {seconds * 1e3:.2f} ms CPU, cosine {cosine:.5f}")
         if seconds < best_seconds:
-            best, best_seconds = FastText(trial, kernel, ""), seconds
+            best, best_seconds = trial, seconds
     return best._replace(report=f"{'; '.join(notes)} per text of {len(tokens)} calibration texts")
 
 

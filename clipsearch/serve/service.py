@@ -160,10 +160,12 @@ class Service:
 
 def _date_taken(path: Path) -> str | None:
     """EXIF DateTimeOriginal (else DateTime) as ISO 8601, from the header alone."""
-    from PIL import ExifTags, Image
+    from PIL import ExifTags
+
+    from clipsearch.clip.preprocess import open_pillow
 
     try:
-        with Image.open(path) as image:
+        with open_pillow(path, str(path)) as image:
             exif = image.getexif()
             value = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal) or exif.get(
                 ExifTags.Base.DateTime

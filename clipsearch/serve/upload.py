@@ -25,20 +25,22 @@ def open_upload(data: bytes, max_pixels: int = MAX_PIXELS, target: int | None = 
     JPEG decode at a reduced scale); `TooLarge` or `RequestError` when it cannot be used."""
     from PIL import Image, UnidentifiedImageError
 
-    from clipsearch.clip.preprocess import open_image
+    from clipsearch.clip.preprocess import open_image, open_pillow
 
     if not data:
         raise RequestError("The upload is empty; send an image file.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
-            with Image.open(io.BytesIO(data)) as probe:
+            with open_pillow(io.BytesIO(data), "The upload") as probe:
                 width, height = probe.size
     except Image.DecompressionBombError:
         limit = f"{max_pixels / 1e6:.0f} megapixels"
         raise TooLarge(f"The uploaded image has more pixels than the limit of {limit}.") from None
     except UnidentifiedImageError:
         raise RequestError("The upload is not an image this server can read (JPEG, PNG, WebP, GIF, ...).") from None
+    except ImageError as e:  # HEIF without the extra
+        raise RequestError(str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise RequestError(f"The uploaded image cannot be read ({e}).") from None
     if width * height > max_pixels:
