@@ -399,8 +399,9 @@ class Index:
 
     def encoder(self, towers: Towers = "both", images: int | None = None) -> Encoder | TextEncoder:
         """The model, loaded once with at least ``towers`` (for a first use that encodes
-        ``images``); checked against the dimension its vectors in the catalog have."""
-        if self._encoder is None or self._encoder.towers not in ("both", towers):
+        ``images``); checked against the dimension its vectors in the catalog have. The NumPy
+        image tower a few images got is replaced when more come than it is the fastest for."""
+        if self._encoder is None or self._encoder.towers not in ("both", towers) or self._outgrown(images):
             if self._encoder is not None:
                 towers = "both"  # text and images are both wanted by now
             weights = self._current_weights()
@@ -416,6 +417,13 @@ class Index:
         # A NumpyImageEncoder comes only for a count of images to encode (the indexer's call),
         # and does all an Encoder does with images.
         return cast("Encoder | TextEncoder", self._encoder)
+
+    def _outgrown(self, images: int | None) -> bool:
+        from clipsearch.clip.precision_verdicts import numpy_image_wins
+        from clipsearch.encoder import NumpyImageEncoder
+
+        numpy = isinstance(self._encoder, NumpyImageEncoder)
+        return numpy and images is not None and not numpy_image_wins(self.model, images)
 
     def _image_encoder(self, images: int) -> Encoder:
         return cast("Encoder", self.encoder("image", images))  # asked for the image tower: never a TextEncoder

@@ -239,3 +239,19 @@ def _photo(seed: int):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
+
+
+@needs_a_verdict
+def test_an_index_opens_torch_when_a_later_run_is_too_large_for_numpy(model_dir: str, measured: Path, tmp_path: Path):
+    """A library that adds a few photos, then many: the NumPy tower the first run got is not
+    kept for a run it is slower on."""
+    from clipsearch import Index
+
+    with_costs(measured, COSTS, torch_start=1.5)
+    make_library(tmp_path / "few", 3)
+    make_library(tmp_path / "many", 8, start_seed=100)
+    with Index.open(tmp_path / "home", model=model_dir, device="cpu") as index:
+        index.add([tmp_path / "few"], workers=0)
+        assert isinstance(index.encoder("image", 3), NumpyImageEncoder)
+        assert index.add([tmp_path / "many"], workers=0).new == 8
+        assert isinstance(index.encoder("image", 8), Encoder)
