@@ -374,6 +374,16 @@ def test_a_bug_is_a_500_without_traceback_and_the_server_goes_on(served, monkeyp
     assert error(client.get("/api/nowhere"), 404)
 
 
+def test_bad_requests_are_answered_not_raised_to_the_server(served):
+    """A bad request is the client's: answered with its 4xx, never handed on to the server,
+    which would print its traceback on the terminal of `clipsearch serve` each time."""
+    _, service, _ = served
+    client = TestClient(create_app(service), base_url=LOCAL)  # raises whatever reaches the server
+    assert "empty" in error(client.get("/api/search", params={"q": ""}), 400)
+    assert error(client.get("/api/thumbnail/999999"), 404)
+    assert "not an image" in error(client.post("/api/search/image", content=b"hello, world" * 10), 400)
+
+
 def test_the_server_keeps_serving_after_bad_requests(served):
     client, _, _ = served
     for _ in range(3):

@@ -99,7 +99,12 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
         Route("/api/status", status),
         Mount("/static", app=StaticFiles(directory=STATIC)),
     ]
-    app = Starlette(routes=routes, exception_handlers={Exception: _error, HTTPException: _error})
+    # Our own errors and HTTP ones are answered where they are raised; only a bug reaches the
+    # `Exception` handler, whose middleware answers and then re-raises it for the server to log
+    # with its traceback (ours went there too: every empty search printed one on the terminal).
+    app = Starlette(
+        routes=routes, exception_handlers={ClipsearchError: _error, HTTPException: _error, Exception: _error}
+    )
     app.add_middleware(Gate, token=token)
     return app
 
