@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +151,11 @@ def make_photo(
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image.save(path, format=fmt or _format(path), exif=exif)
     return path
+
+
+def python_output(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter (which imports only what it needs: the
+    tests of what a path never imports run there)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -3,14 +3,12 @@ cached in the model cache and found stale when the checkpoint changes."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import bump_mtime, make_library
+from helpers import bump_mtime, make_library, python_output
 
 from clipsearch import clip
 from clipsearch.clip import cpu, numpy_image, numpy_text, precision_verdicts
@@ -210,8 +208,7 @@ def test_indexing_a_few_images_with_numpy_never_imports_torch(model_dir: str, me
         "    vectors = encoder.encode_images(pixels).tolist()\n"
         "print(json.dumps({'precision': encoder.precision, 'torch': 'torch' in sys.modules, 'vectors': vectors}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    out = json.loads(result.stdout)
+    out = json.loads(python_output(code))
     assert (out["precision"], out["torch"]) == ("fp32-numpy", False)
 
     torch_encoder = Encoder(model_dir, "cpu", "fp32", towers="image")

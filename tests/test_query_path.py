@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_library
+from helpers import make_library, python_output
 
 from clipsearch import Index
 from clipsearch.clip.model import CLIP, ModelConfig
@@ -44,8 +42,7 @@ def test_build_model_does_not_import_dynamo():
         "    build_model(state_dict, towers=towers)\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert python_output(code).strip() == "False"
 
 
 def test_model_from_scratch_is_initialised():
@@ -62,9 +59,7 @@ def test_model_from_scratch_is_initialised():
 def modules_after(code: str) -> set[str]:
     """The heavy modules a fresh interpreter has imported after running ``code``."""
     code += "\nimport sys; print(' '.join(sorted({'torch', 'sqlalchemy', 'alembic'} & set(sys.modules))))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return set(result.stdout.split())
+    return set(python_output(code).split())
 
 
 def test_a_rerun_with_nothing_to_do_imports_neither_sqlalchemy_nor_torch(tmp_path, tiny_model):
@@ -224,8 +219,7 @@ def test_a_text_query_after_the_first_imports_no_torch(tmp_path, tiny_model):
         "    hits = [(str(h.path), h.score) for h in index.search('a red circle', k=3)]\n"
         "print(json.dumps({'hits': hits, 'torch': 'torch' in sys.modules}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, check=True)
-    later = json.loads(result.stdout)
+    later = json.loads(python_output(query))
     assert later["torch"] is False
     assert [path for path, _ in later["hits"]] == [str(hit.path) for hit in first]
     np.testing.assert_allclose([score for _, score in later["hits"]], [hit.score for hit in first], atol=1e-6)
