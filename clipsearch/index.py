@@ -402,7 +402,7 @@ class Index:
         ``images``); checked against the dimension its vectors in the catalog have. The NumPy
         image tower a few images got is replaced when more come than it is the fastest for."""
         if self._encoder is None or self._encoder.towers not in ("both", towers) or self._outgrown(images):
-            if self._encoder is not None:
+            if self._encoder is not None and self._encoder.towers != towers:
                 towers = "both"  # text and images are both wanted by now
             weights = self._current_weights()
             encoder = open_encoder(self.model, self.device, self.precision, towers, self.warm, images)
@@ -419,11 +419,19 @@ class Index:
         return cast("Encoder | TextEncoder", self._encoder)
 
     def _outgrown(self, images: int | None) -> bool:
-        from clipsearch.clip.precision_verdicts import numpy_image_wins
-        from clipsearch.encoder import NumpyImageEncoder
+        """Whether the encoder "auto" chose for an earlier, smaller run would now be slower than
+        preparing another: the NumPy image tower, or bf16 where int8 pays for its packing."""
+        from clipsearch.clip.precision_verdicts import numpy_image_wins, worth_switching
+        from clipsearch.encoder import Encoder, NumpyImageEncoder
 
-        numpy = isinstance(self._encoder, NumpyImageEncoder)
-        return numpy and images is not None and not numpy_image_wins(self.model, images)
+        encoder = self._encoder
+        if images is None or self.precision != "auto":
+            return False
+        if isinstance(encoder, NumpyImageEncoder):
+            return not numpy_image_wins(self.model, images)
+        if not isinstance(encoder, Encoder) or encoder.device.type != "cpu" or encoder.towers == "text":
+            return False
+        return worth_switching(self.model, encoder.precision, images)
 
     def _image_encoder(self, images: int) -> Encoder:
         return cast("Encoder", self.encoder("image", images))  # asked for the image tower: never a TextEncoder

@@ -252,3 +252,23 @@ def test_an_index_opens_torch_when_a_later_run_is_too_large_for_numpy(model_dir:
         assert isinstance(index.encoder("image", 3), NumpyImageEncoder)
         assert index.add([tmp_path / "many"], workers=0).new == 8
         assert isinstance(index.encoder("image", 8), Encoder)
+
+
+@needs_a_verdict
+def test_an_index_prepares_int8_when_a_later_run_pays_for_it(model_dir: str, measured: Path, tmp_path: Path):
+    """bf16 for 3 photos (int8's packing would not pay), then 20 in the same process: int8's
+    preparation plus 20 images now costs less than 20 more in bf16, so it is prepared; a run of
+    3 after that keeps int8, already paid for."""
+    from clipsearch import Index
+
+    with_costs(measured, COSTS, torch_start=None)  # no NumPy tower in this verdict
+    make_library(tmp_path / "few", 3)
+    make_library(tmp_path / "many", 20, start_seed=100)
+    make_library(tmp_path / "more", 3, start_seed=200)
+    with Index.open(tmp_path / "home", model=model_dir, device="cpu") as index:
+        index.add([tmp_path / "few"], workers=0)
+        assert index.encoder("image", 3).precision == "bf16"
+        assert index.add([tmp_path / "many"], workers=0).new == 20
+        assert index.encoder("image", 20).precision == "int8"
+        index.add([tmp_path / "more"], workers=0)
+        assert index.encoder("image", 3).precision == "int8"

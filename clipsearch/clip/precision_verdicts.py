@@ -117,15 +117,12 @@ def cheapest_for(images: int, costs: Costs, fastest: str) -> str:
     return min(costs, key=lambda precision: costs[precision][0] + images * costs[precision][1])
 
 
-def numpy_image_wins(model_ref: str, images: int) -> bool:
-    """Whether the NumPy image tower encodes ``images`` of ``model_ref`` sooner than torch in any
-    faithful precision would, counting what each costs to start: mapping the tower's file,
-    against importing torch, loading the model and converting it. Decided by the costs this
-    machine measured with its verdict (`clip.cpu`); False where there is none, or it is older
-    than the NumPy tower's costs (torch then runs, as before)."""
+def image_verdict(model_ref: str) -> tuple[dict, tuple[str, ...]] | None:
+    """The image-tower verdict this machine measured for ``model_ref`` on its CPU, and the
+    precisions it chose among, read without importing torch; None where there is none."""
     checkpoint = checkpoint_state(model_ref)
     if checkpoint is None:
-        return False
+        return None
     flags = cpu_flags()
     bf16 = ("bf16",) if flags & BF16_FLAGS else ()
     # Whether int8 was a candidate is torch's to say (it may lack the kernels): the one of the
@@ -133,9 +130,35 @@ def numpy_image_wins(model_ref: str, images: int) -> bool:
     for candidates in (("fp32", *bf16, "int8"), ("fp32", *bf16)):
         verdict = recall(key(checkpoint, False, candidates, flags))
         if verdict is not None:
-            break
-    else:
+            return verdict, candidates
+    return None
+
+
+def worth_switching(model_ref: str, loaded: str, images: int) -> bool:
+    """Whether a process holding ``model_ref`` in the ``loaded`` precision (on a CPU, chosen by
+    "auto" for a smaller run) finishes ``images`` sooner by preparing another, by the costs this
+    machine measured: the loaded one costs its encoding alone, another its preparation too."""
+    found = image_verdict(model_ref)
+    if found is None:
         return False
+    verdict, candidates = found
+    costs = costs_of(verdict.get("costs"), candidates)
+    if loaded not in costs:
+        return False
+    costs[loaded] = (0.0, costs[loaded][1])
+    return cheapest_for(images, costs, verdict["precision"]) != loaded
+
+
+def numpy_image_wins(model_ref: str, images: int) -> bool:
+    """Whether the NumPy image tower encodes ``images`` of ``model_ref`` sooner than torch in any
+    faithful precision would, counting what each costs to start: mapping the tower's file,
+    against importing torch, loading the model and converting it. Decided by the costs this
+    machine measured with its verdict (`clip.cpu`); False where there is none, or it is older
+    than the NumPy tower's costs (torch then runs, as before)."""
+    found = image_verdict(model_ref)
+    if found is None:
+        return False
+    verdict, candidates = found
     start = verdict.get("torch_start")
     costs = costs_of(verdict.get("costs"), candidates)
     numpy = costs_of(verdict.get("costs"), (NUMPY,))
