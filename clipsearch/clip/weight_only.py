@@ -36,7 +36,6 @@ from torch import nn
 from .cpu import Int8Linear
 from .model import ProjectedAttention, SelfAttention, replace_modules
 
-KERNELS: tuple[str, ...] = ("fp32", "bf16-packed", "bf16", "int8", "int8-dynamic")
 # The row count oneDNN's weight layout is chosen for: a typical query's tokens.
 PACKED_FOR_ROWS = 16
 
