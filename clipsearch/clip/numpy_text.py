@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipsearch.clip import tower_file
-from clipsearch.clip.numpy_ops import gelu, layer_norm, linear, one_blas_thread, stored
+from clipsearch.clip.numpy_ops import gelu, layer_norm, linear, one_blas_thread, softmax_rows, stored
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.clip.tower_file import checkpoint_state as checkpoint_state  # other modules import it from here
 
@@ -121,8 +121,7 @@ class TextTower:
         scores = (q @ k.transpose(0, 1, 3, 2)) / np.float32(math.sqrt(width // self.heads))
         ahead = np.arange(length)[None, None, :] > rows[:, :, None]  # no looking ahead
         scores = np.where(ahead[:, None], np.float32(-np.inf), scores)
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        out = (scores / scores.sum(axis=-1, keepdims=True)) @ v  # [N, heads, queries, head width]
+        out = softmax_rows(scores) @ v  # [N, heads, queries, head width]
         out = out.transpose(0, 2, 1, 3).reshape(batch, -1, width)
         return linear(out, w[block + "attn.out_proj.weight"], w[block + "attn.out_proj.bias"])
 
