@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from clipsearch import photo_meta
+from clipsearch.clip.cpu_features import usable_cores
 from clipsearch.fingerprint import fingerprint, open_regular
 
 if TYPE_CHECKING:
@@ -347,8 +348,3 @@ def best_workers(decode_s: float, encode_s: float, model_uses_cpu: bool, images:
 
 def _speed(threads: int) -> float:
     return 1 + THREAD_GAIN * (threads - 1)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container's or taskset's limit, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,9 +1,11 @@
-"""What the processor offers that decides which precision runs fastest, read without torch (the
-indexer consults remembered verdicts before deciding whether to import it)."""
+"""What the processor offers: the flags that decide which precision runs fastest, and the cores
+this process may use; read without torch (the indexer consults remembered verdicts before
+deciding whether to import it)."""
 
 from __future__ import annotations
 
 import functools
+import os
 
 # x86 CPU flags meaning bf16 dot products run in hardware.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -22,3 +24,8 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -5,7 +5,7 @@ second importing torch and another loading and converting the image tower before
 image is encoded; in NumPy the tower is a memory-mapped file, ready in milliseconds, that
 encodes an image about twice as slowly as torch's bf16 or int8 (ViT-B/32 on a two-core
 AVX-512 EPYC: 72-82 ms against 38 and 26). So for a run of up to a few dozen images it finishes
-sooner; `clip.precision_verdicts.image_road` decides from what this machine measured.
+sooner; `clip.precision_verdicts.numpy_image_wins` decides from what this machine measured.
 
 `ImageTower.encode_images` repeats `model.VisionTransformer` operation for operation: the
 patch convolution (stride = kernel) as a reshape and one product, the class token and
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from clipsearch.clip import tower_file
+from clipsearch.clip.cpu_features import usable_cores
 from clipsearch.clip.numpy_ops import gelu, layer_norm, linear, one_blas_thread, softmax_rows, stored
 from clipsearch.clip.preprocess import Preprocess
 
@@ -190,11 +190,6 @@ def _weights(model: SharedSpace) -> dict[str, np.ndarray]:
     conv = weights["conv1.weight"]  # [width, 3, patch, patch] -> [3 * patch * patch, width]
     weights["conv1.weight"] = conv.reshape(conv.shape[0], -1).T
     return weights
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container's or taskset's limit, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # --- the cache ----------------------------------------------------------------------------------
