@@ -123,12 +123,12 @@ def test_hub_download_progress_on_a_terminal_only_and_when_asked(stand_in, monke
 
 def test_text_tower_cache_sees_a_model_in_the_hub_cache(stand_in):
     """A text query's cached text tower is checked against the model's files wherever they are."""
-    from clipsearch.clip import numpy_text
+    from clipsearch.clip import tower_file
 
-    assert numpy_text.checkpoint_state(LAION) is None
+    assert tower_file.checkpoint_state(LAION) is None
     stand_in.push(LAION_REPO, {WEIGHTS: PAYLOAD})
     download.model_path(LAION)
-    source = numpy_text.checkpoint_state(LAION)
+    source = tower_file.checkpoint_state(LAION)
     assert source is not None and source["files"][0][:2] == [WEIGHTS, len(PAYLOAD)]
 
 
@@ -158,8 +158,8 @@ def test_text_query_path_finds_a_hub_model_without_huggingface_hubs_download_cod
     download.model_path(LAION)
     code = (
         "import sys\n"
-        "from clipsearch.clip import numpy_text\n"
-        f"assert numpy_text.checkpoint_state({LAION!r}) is not None\n"
+        "from clipsearch.clip import numpy_text, tower_file\n"
+        f"assert tower_file.checkpoint_state({LAION!r}) is not None\n"
         "print(sorted(m for m in sys.modules if m.startswith(('huggingface_hub.file_download', 'httpx'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -45,7 +45,6 @@ from torch import nn
 
 from . import heap, numpy_image, precision_verdicts
 from .cpu_features import BF16_FLAGS, cpu_flags
-from .cpu_features import SPEED_FLAGS as SPEED_FLAGS  # clip.text_fast's verdicts use it
 from .model import (
     Conversion,
     ProjectedAttention,

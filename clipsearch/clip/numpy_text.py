@@ -34,7 +34,6 @@ import numpy as np
 from clipsearch.clip import tower_file
 from clipsearch.clip.numpy_ops import gelu, layer_norm, linear, one_blas_thread, softmax_rows, stored
 from clipsearch.clip.tokenizer import Tokenizer
-from clipsearch.clip.tower_file import checkpoint_state as checkpoint_state  # other modules import it from here
 
 if TYPE_CHECKING:
     from clipsearch.clip.model import CLIP
@@ -163,7 +162,8 @@ def export(model_ref: str) -> TextTower:
 
     if family(model_ref) != "clip":
         raise ValueError(f"{model_ref} is a {family(model_ref)} model, whose text tower runs in torch only")
-    source = checkpoint_state(model_ref)  # before loading: a checkpoint replaced meanwhile makes the cache stale
+    # Read before loading: a checkpoint replaced meanwhile makes the cache stale.
+    source = tower_file.checkpoint_state(model_ref)
     model, _ = load(model_ref, device="cpu", towers="text")
     if not isinstance(model, CLIP):  # a pickled file is told apart only once loaded
         raise ValueError(f"{model_ref} is not a CLIP, and only a CLIP's text tower runs in NumPy")

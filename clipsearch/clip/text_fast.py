@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from . import precision_verdicts
-from .cpu import MIN_COSINE, SPEED_FLAGS, cpu_flags, has_native_bf16
+from .cpu import MIN_COSINE, has_native_bf16
+from .cpu_features import SPEED_FLAGS, cpu_flags
 from .model import SharedSpace, with_weights
+from .tower_file import checkpoint_state
 from .weight_only import PER_TENSOR_INPUT, swap_linears, usable_kernels
 
 logger = logging.getLogger(__name__)
@@ -170,8 +172,6 @@ def _seconds_per_text(model: SharedSpace, tokens: torch.Tensor) -> float:
 
 def _verdict_key(model_ref: str | None, kernels: tuple[str, ...]) -> dict[str, Any] | None:
     """What a text verdict depends on; None when the checkpoint cannot be identified."""
-    from .numpy_text import checkpoint_state
-
     checkpoint = checkpoint_state(model_ref) if model_ref is not None else None
     if checkpoint is None:
         return None
