@@ -399,8 +399,9 @@ class Index:
 
     def encoder(self, towers: Towers = "both", images: int | None = None) -> Encoder | TextEncoder:
         """The model, loaded once with at least ``towers`` (for a first use that encodes
-        ``images``); checked against the dimension its vectors in the catalog have. The NumPy
-        image tower a few images got is replaced when more come than it is the fastest for."""
+        ``images``); checked against the dimension its vectors in the catalog have. What "auto"
+        chose for a few images (the NumPy image tower, bf16) is replaced when a larger run
+        would finish sooner with another (`_outgrown`)."""
         if self._encoder is None or self._encoder.towers not in ("both", towers) or self._outgrown(images):
             if self._encoder is not None and self._encoder.towers != towers:
                 towers = "both"  # text and images are both wanted by now

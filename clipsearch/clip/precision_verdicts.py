@@ -117,9 +117,10 @@ def cheapest_for(images: int, costs: Costs, fastest: str) -> str:
     return min(costs, key=lambda precision: costs[precision][0] + images * costs[precision][1])
 
 
-def image_verdict(model_ref: str) -> tuple[dict, tuple[str, ...]] | None:
+def image_verdict(model_ref: str) -> tuple[dict, Costs] | None:
     """The image-tower verdict this machine measured for ``model_ref`` on its CPU, and the
-    precisions it chose among, read without importing torch; None where there is none."""
+    `Costs` of the torch precisions it chose among, read without importing torch; None where
+    there is none."""
     checkpoint = checkpoint_state(model_ref)
     if checkpoint is None:
         return None
@@ -130,7 +131,7 @@ def image_verdict(model_ref: str) -> tuple[dict, tuple[str, ...]] | None:
     for candidates in (("fp32", *bf16, "int8"), ("fp32", *bf16)):
         verdict = recall(key(checkpoint, False, candidates, flags))
         if verdict is not None:
-            return verdict, candidates
+            return verdict, costs_of(verdict.get("costs"), candidates)
     return None
 
 
@@ -141,8 +142,7 @@ def worth_switching(model_ref: str, loaded: str, images: int) -> bool:
     found = image_verdict(model_ref)
     if found is None:
         return False
-    verdict, candidates = found
-    costs = costs_of(verdict.get("costs"), candidates)
+    verdict, costs = found
     if loaded not in costs:
         return False
     costs[loaded] = (0.0, costs[loaded][1])
@@ -158,9 +158,8 @@ def numpy_image_wins(model_ref: str, images: int) -> bool:
     found = image_verdict(model_ref)
     if found is None:
         return False
-    verdict, candidates = found
+    verdict, costs = found
     start = verdict.get("torch_start")
-    costs = costs_of(verdict.get("costs"), candidates)
     numpy = costs_of(verdict.get("costs"), (NUMPY,))
     if not costs or not numpy or not isinstance(start, (int, float)):
         return False
