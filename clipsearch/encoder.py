@@ -19,14 +19,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-    from clipsearch.clip.model import Towers
+    from clipsearch.clip.model import SharedSpace, Towers
     from clipsearch.clip.numpy_image import ImageTower
     from clipsearch.clip.text_fast import FastText
 
@@ -233,7 +233,9 @@ class Encoder:
             if fast is not None:
                 self._fast_text, self.text_path = fast, f"fast {fast.kernel}"
                 if self.towers == "text":  # the loaded tower has nothing left to do: its memory goes
-                    self.model = fast.model
+                    # An OnnxText has all a text-only Encoder reads of its model: the tokenizer,
+                    # the context length and encode_text.
+                    self.model = cast("SharedSpace", fast.model)
         return self.text_path
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:

@@ -30,17 +30,17 @@ TINY_CONFIG = dict(
 )
 
 
-def write_tiny_model(directory: Path, seed: int = 0) -> Path:
+def write_tiny_model(directory: Path, seed: int = 0, **config: object) -> Path:
     """A randomly initialised CLIP small enough to load in milliseconds, in clipsearch's own
-    model-directory format. Its vocabulary has no merges (every word is spelled in bytes): 512
-    byte tokens plus start and end = 514."""
+    model-directory format (``config`` overrides `TINY_CONFIG`). Its vocabulary has no merges
+    (every word is spelled in bytes): 512 byte tokens plus start and end = 514."""
     import torch
 
     from clipsearch.clip.checkpoints import write_model_dir
     from clipsearch.clip.model import CLIP, ModelConfig
 
     torch.manual_seed(seed)
-    model = CLIP(ModelConfig(**TINY_CONFIG))
+    model = CLIP(ModelConfig(**{**TINY_CONFIG, **config}))  # type: ignore[arg-type]
     vocab = directory.parent / f"{directory.name}-vocab.txt.gz"
     with gzip.open(vocab, "wt", encoding="utf-8") as f:
         f.write("#version: 0.2\n")

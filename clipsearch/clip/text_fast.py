@@ -27,10 +27,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import precision_verdicts
+from . import onnx_text, precision_verdicts
 from .cpu import MIN_COSINE, has_native_bf16
 from .cpu_features import SPEED_FLAGS, cpu_flags
-from .model import SharedSpace, with_weights
+from .model import CLIP, SharedSpace, with_weights
+from .numpy_text import TextTower
 from .tower_file import checkpoint_state
 from .weight_only import PER_TENSOR_INPUT, swap_linears, usable_kernels
 
@@ -66,7 +67,7 @@ class FastText(NamedTuple):
     """A text-only model, the kernel its linears run, and a line saying what was measured (or
     that it was remembered)."""
 
-    model: SharedSpace
+    model: SharedSpace | OnnxText
     kernel: str
     report: str
 
@@ -78,11 +79,43 @@ class FastText(NamedTuple):
         return torch.cat([self.model.encode_text(row[None]) for row in tokens])
 
 
+class OnnxText:
+    """A CLIP's text tower as an `clip.onnx_text` graph where `FastText` holds a text-only model:
+    ``encode_text`` of torch token ids, and the tokenizer and context length an `Encoder` reads."""
+
+    def __init__(self, model: SharedSpace, kernel: str, threads: int):
+        if not isinstance(model, CLIP):
+            raise ValueError(f"the text tower of a {type(model).__name__} runs in torch only")
+        self.kernel, self.tokenizer, self.context_length = kernel, model.tokenizer, model.context_length
+        self.graph: bytes | None = onnx_text.build(TextTower.from_model(model, model.tokenizer.bpe_path), kernel)
+        self.tower = onnx_text.OnnxTextTower(self.graph, threads=threads)
+
+    def on_threads(self, threads: int) -> OnnxText:
+        """This tower in a session of ``threads`` (it was measured on one, so that the thread's
+        CPU time is all its work); the graph is let go."""
+        assert self.graph is not None
+        self.tower, self.graph = onnx_text.OnnxTextTower(self.graph, threads=threads), None
+        return self
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.tower.encode_text(tokens.cpu().numpy()))
+
+
 def candidate_kernels() -> tuple[str, ...]:
     """What the measurement chooses among, fp32 first: bf16 only where the CPU has bf16 dot
-    products (elsewhere it is emulated, slower than fp32)."""
-    kernels = usable_kernels()
-    return tuple(k for k in kernels if has_native_bf16() or not k.startswith("bf16"))
+    products (elsewhere it is emulated, slower than fp32); ONNX Runtime's where it is installed."""
+    kernels = tuple(k for k in usable_kernels() if has_native_bf16() or not k.startswith("bf16"))
+    return kernels + (tuple(onnx_text.KERNELS) if onnx_text.available() else ())
+
+
+def with_kernel(model: SharedSpace, kernel: str, threads: int) -> SharedSpace | OnnxText:
+    """A text-only copy of ``model`` whose products run ``kernel``; ValueError when the kernel
+    cannot run this model's family."""
+    if kernel in onnx_text.KERNELS:
+        return OnnxText(model, kernel, threads)
+    copy = text_only_copy(model)
+    swap_linears(copy, kernel)
+    return copy
 
 
 def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastText | None:
@@ -103,10 +136,18 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     remembered = verdict["precision"] if verdict is not None else None
     if remembered in kernels:
         assert remembered is not None
-        swap_linears(reference, remembered)
-        return FastText(reference, remembered, f"{remembered}, as measured before")
+        if remembered in onnx_text.KERNELS:
+            chosen_model: SharedSpace | OnnxText = OnnxText(reference, remembered, torch.get_num_threads())
+        else:
+            chosen_model = reference
+            swap_linears(reference, remembered)
+        return FastText(chosen_model, remembered, f"{remembered}, as measured before")
+    if not onnx_text.available():
+        logger.info("ONNX Runtime is not installed: pip install 'clipsearch[onnx]' measures its text tower too")
     started = time.perf_counter()
     chosen = _fastest_faithful(model, reference, kernels)
+    if isinstance(chosen.model, OnnxText):
+        chosen = chosen._replace(model=chosen.model.on_threads(torch.get_num_threads()))
     logger.info(
         "text tower in %s: %s (measured in %.1f s, once)", chosen.kernel, chosen.report, time.perf_counter() - started
     )
@@ -135,8 +176,11 @@ def _fastest_faithful(source: SharedSpace, fp32: SharedSpace, kernels: tuple[str
     best_seconds = _seconds_per_text(fp32, tokens)
     notes = [f"fp32 {best_seconds * 1e3:.2f} ms CPU"]
     for kernel in kernels[1:]:
-        trial = FastText(text_only_copy(source), kernel, "")
-        swap_linears(trial.model, kernel)
+        try:
+            trial = FastText(with_kernel(fp32 if kernel in onnx_text.KERNELS else source, kernel, 1), kernel, "")
+        except ValueError as err:
+            notes.append(f"{kernel} cannot run it ({err})")
+            continue
         with torch.inference_mode():
             cosine = F.cosine_similarity(trial.encode_text(tokens), reference).min().item()
         if cosine < MIN_COSINE:
@@ -149,7 +193,7 @@ def _fastest_faithful(source: SharedSpace, fp32: SharedSpace, kernels: tuple[str
     return best._replace(report=f"{'; '.join(notes)} per text of {len(tokens)} calibration texts")
 
 
-def _seconds_per_text(model: SharedSpace, tokens: torch.Tensor) -> float:
+def _seconds_per_text(model: SharedSpace | OnnxText, tokens: torch.Tensor) -> float:
     """The median CPU time of `TIMING_RUNS` single-text encodings, cycling through the texts
     (after one untimed run that pays for first-call allocations), on one thread: the thread's
     CPU time ranks the kernels even while other processes hold the cores, when wall time (and
@@ -180,4 +224,5 @@ def _verdict_key(model_ref: str | None, kernels: tuple[str, ...]) -> dict[str, A
         "text_kernels": list(kernels),
         "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
         "torch": torch.__version__,
+        "onnxruntime": onnx_text.version(),
     }

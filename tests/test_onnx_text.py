@@ -1,0 +1,144 @@
+"""CLIP's text tower as an ONNX Runtime graph (`clip.onnx_text`): its weights quantised as the
+operators read them, embeddings within cosine 0.999 of fp32 through every path of the graph
+(masked and last-row attention, QuickGELU and GELU, several heads and layers), measured by
+`clip.text_fast` beside torch's kernels and remembered, and left out cleanly where the
+``onnx`` extra is not installed (or the family is not a CLIP: test_text_fast)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_tiny_model
+
+from clipsearch import clip
+from clipsearch.clip import onnx_text, precision_verdicts, text_fast
+from clipsearch.clip.cpu import MIN_COSINE
+from clipsearch.encoder import Encoder
+
+pytestmark = pytest.mark.skipif(not onnx_text.available(), reason="the onnx extra is not installed")
+
+
+def unit(features: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(features.float(), dim=-1).numpy()
+
+
+def cosines(model, kernel: str) -> np.ndarray:
+    """Each calibration text's cosine between ``kernel``'s graph and the torch model in fp32."""
+    tokens = text_fast.calibration_tokens(model)
+    graph = text_fast.with_kernel(model, kernel, threads=1)
+    with torch.inference_mode():
+        return np.sum(unit(graph.encode_text(tokens)) * unit(model.encode_text(tokens)), axis=1)
+
+
+def test_quantise_stores_each_block_within_half_a_step():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((200, 24)).astype(np.float32)  # 200 inputs: the last block of 64 is partial
+    weight[:64, 3] = 0  # a block of zeros has scale 0 and codes at the zero point
+    codes, scales = onnx_text.quantise(weight, 64)
+    assert codes.shape == (24, 4, 64) and codes.dtype == np.uint8 and scales.shape == (24, 4)
+    restored = ((codes.astype(np.float32) - 128) * scales[..., None]).reshape(24, 256).T
+    step = np.repeat(scales.T, 64, axis=0)  # [256, 24], each input's scale
+    assert np.all(np.abs(restored[:200] - weight) <= step[:200] / 2 + 1e-7)
+    assert np.all(codes[:, 3, 8:] == 128)  # the padding past input 200
+    assert scales[3, 0] == 0 and np.all(codes[3, 0] == 128)
+    np.testing.assert_allclose(np.abs(restored[:200]).max(axis=0), np.abs(weight).max(axis=0), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    """The bundled demo: trained weights (real activation ranges), 2 layers, 2 heads, QuickGELU."""
+    model, _ = clip.load("demo", device="cpu", towers="text")
+    return model
+
+
+@pytest.mark.parametrize("kernel", list(onnx_text.KERNELS))
+def test_each_kernel_is_faithful_on_trained_weights(demo_model, kernel):
+    assert cosines(demo_model, kernel).min() >= MIN_COSINE
+
+
+def test_blocks_are_closer_to_fp32_than_one_scale_per_tensor(demo_model):
+    dynamic, blocks = cosines(demo_model, "onnx-int8-dynamic"), cosines(demo_model, "onnx-int8-blocks")
+    assert 1 - blocks.min() < (1 - dynamic.min()) * 0.8
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_the_graph_is_the_tower_for_gelu_and_quick_gelu(tmp_path, quick_gelu):
+    """Three layers of four heads, random weights, texts of many lengths: a wrong mask, head
+    split, residual bias or last-row shortcut puts cosines far under 0.999. Random weights
+    hardly tell the two activations apart (the demo's trained ones do: the test above), so the
+    graph is also read for the one it runs."""
+    import onnx
+
+    path = write_tiny_model(
+        tmp_path / "model", text_layers=3, text_width=256, text_heads=4, context_length=48, quick_gelu=quick_gelu
+    )
+    model, _ = clip.load(str(path), device="cpu", towers="text")
+    assert len(set(text_fast.calibration_tokens(model).argmax(dim=1).tolist())) > 5
+    assert cosines(model, "onnx-int8-blocks").min() >= MIN_COSINE
+    graph = text_fast.with_kernel(model, "onnx-int8-blocks", threads=1).graph
+    assert graph is not None
+    activations = [n for n in onnx.load_from_string(graph).graph.node if n.op_type in ("Gelu", "QuickGelu")]
+    assert len(activations) == 3
+    assert {n.op_type for n in activations} == {"QuickGelu" if quick_gelu else "Gelu"}
+    if quick_gelu:
+        assert {round(onnx.helper.get_attribute_value(n.attribute[0]), 6) for n in activations} == {1.702}
+
+
+def test_texts_of_a_batch_are_each_encoded_alone(demo_model):
+    tokens = text_fast.calibration_tokens(demo_model)
+    graph = text_fast.with_kernel(demo_model, "onnx-int8-dynamic", threads=1)
+    alone = np.concatenate([graph.encode_text(row[None]).numpy() for row in tokens])
+    np.testing.assert_array_equal(graph.encode_text(tokens).numpy(), alone)
+
+
+def fastest(kernel: str):
+    """`text_fast._seconds_per_text` with ``kernel`` measured fastest, the others by their order."""
+
+    def seconds(model, tokens) -> float:
+        if isinstance(model, text_fast.OnnxText) and model.kernel == kernel:
+            return 1e-6
+        return 1.0
+
+    return seconds
+
+
+def test_text_fast_keeps_an_onnx_kernel_that_measures_fastest(demo_model, monkeypatch):
+    monkeypatch.setattr(text_fast, "_seconds_per_text", fastest("onnx-int8-blocks"))
+    torch_threads = torch.get_num_threads()
+    chosen = text_fast.fast_text_tower(demo_model, "demo")
+    assert chosen is not None and chosen.kernel == "onnx-int8-blocks"
+    assert isinstance(chosen.model, text_fast.OnnxText) and chosen.model.graph is None
+    assert chosen.model.tower.session.get_session_options().intra_op_num_threads == torch_threads
+    assert "onnx-int8-dynamic" in chosen.report and "onnx-int8-blocks" in chosen.report
+    (verdict,) = list(precision_verdicts.verdict_file({}).parent.glob("*.json"))
+    assert '"onnxruntime"' in verdict.read_text()
+
+    again = text_fast.fast_text_tower(demo_model, "demo")
+    assert again is not None and again.kernel == "onnx-int8-blocks" and again.report.endswith("as measured before")
+    assert isinstance(again.model, text_fast.OnnxText)
+    tokens = text_fast.calibration_tokens(demo_model)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(chosen.encode_text(tokens).numpy(), again.encode_text(tokens).numpy())
+
+
+def test_a_warm_encoder_encodes_through_the_graph(monkeypatch):
+    monkeypatch.setattr(text_fast, "_seconds_per_text", fastest("onnx-int8-dynamic"))
+    fp32 = Encoder("demo", "cpu", "fp32", towers="text")
+    warm = Encoder("demo", "cpu", "fp32", towers="text")
+    assert warm.prepare_texts() == "fast onnx-int8-dynamic"
+    assert isinstance(warm.model, text_fast.OnnxText)  # the torch tower is let go
+    texts = list(text_fast.CALIBRATION_TEXTS)
+    ours, reference = warm.encode_texts(texts), fp32.encode_texts(texts)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-6)
+    assert np.sum(ours * reference, axis=1).min() >= MIN_COSINE
+    assert np.argmax(ours @ reference.T, axis=1).tolist() == list(range(len(texts)))
+
+
+def test_without_the_extra_there_are_no_onnx_kernels(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    assert not onnx_text.available() and onnx_text.version() is None
+    assert not set(onnx_text.KERNELS) & set(text_fast.candidate_kernels())
