@@ -1,18 +1,19 @@
 """A model's text tower for a process that encodes many texts (a server, an app), with its
-linear weights in the narrowest kernel (`clip.weight_only`) that keeps every embedding within
-cosine `cpu.MIN_COSINE` of fp32.
+linear weights in the narrowest kernel (`clip.weight_only`, or a CLIP's `clip.onnx_text`
+graph) that keeps every embedding within cosine `cpu.MIN_COSINE` of fp32.
 
 A new text costs the time to read the tower's weights once: ViT-B/32's 38 M text weights are
 151 MB in fp32, 76 MB in bf16, 38 MB in int8. Which kernel is fastest depends on the CPU (bf16
-only pays where it has bf16 dot products) and on PyTorch's build, so it is measured, as
-`clip.cpu` measures the image tower: each usable kernel encodes `CALIBRATION_TEXTS`, those that
-drift below the bar are dropped, the fastest of the rest is kept. The verdict is remembered in
-the model cache (`clip.precision_verdicts`) by checkpoint, CPU flags and torch version, so a
-server measures once per model and machine (a few seconds at ViT-B/32, at its start).
+only pays where it has bf16 dot products), on PyTorch's build and on whether ONNX Runtime is
+installed, so it is measured, as `clip.cpu` measures the image tower: each usable kernel
+encodes `CALIBRATION_TEXTS`, those that drift below the bar are dropped, the fastest of the
+rest is kept. The verdict is remembered in the model cache (`clip.precision_verdicts`) by
+checkpoint, CPU flags, and torch and onnxruntime versions, so a server measures once per model
+and machine (a few seconds at ViT-B/32, at its start).
 
-The tower is a text-only copy of the model, in float32 but for the swapped linears, so layer
-norms, attention and the residual stream run in fp32 whatever precision the image tower was
-given. Every family whose linears are ``nn.Linear`` or `model.SelfAttention` (CLIP, SigLIP,
+The torch tower is a text-only copy of the model, in float32 but for the swapped linears, so
+layer norms, attention and the residual stream run in fp32 whatever precision the image tower
+was given; so does the ONNX graph, but for its quantised products. Every family whose linears are ``nn.Linear`` or `model.SelfAttention` (CLIP, SigLIP,
 XLM-R) is handled; a model that cannot be copied that way gets None, and its caller keeps
 encoding with the model itself.
 """
@@ -64,8 +65,8 @@ TIMING_RUNS = 9
 
 
 class FastText(NamedTuple):
-    """A text-only model, the kernel its linears run, and a line saying what was measured (or
-    that it was remembered)."""
+    """A text-only model (or ONNX graph), the kernel its products run, and a line saying what was
+    measured (or that it was remembered)."""
 
     model: SharedSpace | OnnxText
     kernel: str
@@ -177,7 +178,7 @@ def _fastest_faithful(source: SharedSpace, fp32: SharedSpace, kernels: tuple[str
     notes = [f"fp32 {best_seconds * 1e3:.2f} ms CPU"]
     for kernel in kernels[1:]:
         try:
-            trial = FastText(with_kernel(fp32 if kernel in onnx_text.KERNELS else source, kernel, 1), kernel, "")
+            trial = FastText(with_kernel(source, kernel, threads=1), kernel, "")
         except ValueError as err:
             notes.append(f"{kernel} cannot run it ({err})")
             continue
