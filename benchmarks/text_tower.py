@@ -73,7 +73,7 @@ def copy_bandwidth() -> float:
 
 def towers(model: str) -> dict[str, Callable[[list[str]], np.ndarray]]:
     """Unit vectors of texts, per tower as the product runs it (no remembered vectors)."""
-    from clipsearch.clip import onnx_text
+    from clipsearch.clip import onnx_graph
     from clipsearch.clip.weight_only import PER_TENSOR_INPUT, usable_kernels
     from clipsearch.encoder import Encoder, TextEncoder, open_encoder
 
@@ -90,8 +90,8 @@ def towers(model: str) -> dict[str, Callable[[list[str]], np.ndarray]]:
     for kernel in usable_kernels()[1:]:
         activations = "int8 per tensor" if kernel in PER_TENSOR_INPUT else "fp32"
         found[f"torch {kernel}, {activations} activations"] = kernel_tower(torch_fp32, kernel)
-    if onnx_text.available():
-        for kernel, block in onnx_text.KERNELS.items():
+    if onnx_graph.available():
+        for kernel, block in onnx_graph.KERNELS.items():
             activations = "int8 per tensor" if block is None else f"int8 per {block} inputs of a row"
             found[f"onnxruntime {kernel}, {activations}"] = kernel_tower(torch_fp32, kernel)
     found[f"warm Encoder (serve, Index.open(warm=True)): {warm.text_path}"] = warm._encode_texts

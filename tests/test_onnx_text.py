@@ -14,11 +14,11 @@ import torch
 from helpers import write_tiny_model
 
 from clipsearch import clip
-from clipsearch.clip import onnx_text, precision_verdicts, text_fast
+from clipsearch.clip import onnx_graph, precision_verdicts, text_fast
 from clipsearch.clip.cpu import MIN_COSINE
 from clipsearch.encoder import Encoder
 
-pytestmark = pytest.mark.skipif(not onnx_text.available(), reason="the onnx extra is not installed")
+pytestmark = pytest.mark.skipif(not onnx_graph.available(), reason="the onnx extra is not installed")
 
 
 def unit(features: torch.Tensor) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_quantise_stores_each_block_within_half_a_step():
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((200, 24)).astype(np.float32)  # 200 inputs: the last block of 64 is partial
     weight[:64, 3] = 0  # a block of zeros has scale 0 and codes at the zero point
-    codes, scales = onnx_text.quantise(weight, 64)
+    codes, scales = onnx_graph.quantise(weight, 64)
     assert codes.shape == (24, 4, 64) and codes.dtype == np.uint8 and scales.shape == (24, 4)
     restored = ((codes.astype(np.float32) - 128) * scales[..., None]).reshape(24, 256).T
     step = np.repeat(scales.T, 64, axis=0)  # [256, 24], each input's scale
@@ -54,7 +54,7 @@ def demo_model():
     return model
 
 
-@pytest.mark.parametrize("kernel", list(onnx_text.KERNELS))
+@pytest.mark.parametrize("kernel", list(onnx_graph.KERNELS))
 def test_each_kernel_is_faithful_on_trained_weights(demo_model, kernel):
     assert cosines(demo_model, kernel).min() >= MIN_COSINE
 
@@ -140,5 +140,5 @@ def test_a_warm_encoder_encodes_through_the_graph(monkeypatch):
 
 def test_without_the_extra_there_are_no_onnx_kernels(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    assert not onnx_text.available() and onnx_text.version() is None
-    assert not set(onnx_text.KERNELS) & set(text_fast.candidate_kernels())
+    assert not onnx_graph.available() and onnx_graph.version() is None
+    assert not set(onnx_graph.KERNELS) & set(text_fast.candidate_kernels())

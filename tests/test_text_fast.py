@@ -12,7 +12,7 @@ import torch
 from helpers import make_library
 
 from clipsearch import Index, clip
-from clipsearch.clip import onnx_text, precision_verdicts, text_fast, weight_only
+from clipsearch.clip import onnx_graph, precision_verdicts, text_fast, weight_only
 from clipsearch.clip.cpu import MIN_COSINE
 from clipsearch.clip.siglip import SigLIP, SiglipConfig
 from clipsearch.clip.xlmr import XlmrCLIP, XlmrConfig
@@ -123,7 +123,7 @@ def test_missing_private_ops_fall_back(text_model, monkeypatch):
     """oneDNN's linear ops and the int8 weight-only product are private, and PyTorch plans to
     remove the quantized ops that dynamic int8 uses: where a build lacks them (and the ``onnx``
     extra is not installed), bf16 through F.linear or fp32 runs instead, as faithful."""
-    monkeypatch.setattr(onnx_text, "version", lambda: None)
+    monkeypatch.setattr(onnx_graph, "available", lambda: False)
 
     def gone(*args, **kwargs):
         raise RuntimeError("no such op in this build")
@@ -198,7 +198,7 @@ def test_other_families_are_handled(make):
         assert_faithful(model, kernel_copy(model, kernel), tokens)
     fast = text_fast.fast_text_tower(model)
     assert fast is not None and type(fast.model) is type(model)
-    for kernel in onnx_text.KERNELS if onnx_text.available() else ():  # a CLIP's graph only
+    for kernel in onnx_graph.KERNELS if onnx_graph.available() else ():  # a CLIP's graph only
         assert f"{kernel} cannot run it (the text tower of a {type(model).__name__} runs in torch only)" in fast.report
 
 

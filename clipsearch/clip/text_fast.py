@@ -13,9 +13,9 @@ and machine (a few seconds at ViT-B/32, at its start).
 
 The torch tower is a text-only copy of the model, in float32 but for the swapped linears, so
 layer norms, attention and the residual stream run in fp32 whatever precision the image tower
-was given; so does the ONNX graph, but for its quantised products. Every family whose linears are ``nn.Linear`` or `model.SelfAttention` (CLIP, SigLIP,
-XLM-R) is handled; a model that cannot be copied that way gets None, and its caller keeps
-encoding with the model itself.
+was given; so does the ONNX graph, but for its quantised products. Every family whose linears
+are ``nn.Linear`` or `model.SelfAttention` (CLIP, SigLIP, XLM-R) is handled; a model that
+cannot be copied that way gets None, and its caller keeps encoding with the model itself.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import onnx_text, precision_verdicts
+from . import onnx_graph, onnx_text, precision_verdicts
 from .cpu import MIN_COSINE, has_native_bf16
 from .cpu_features import SPEED_FLAGS, cpu_flags
 from .model import CLIP, SharedSpace, with_weights
@@ -106,13 +106,13 @@ def candidate_kernels() -> tuple[str, ...]:
     """What the measurement chooses among, fp32 first: bf16 only where the CPU has bf16 dot
     products (elsewhere it is emulated, slower than fp32); ONNX Runtime's where it is installed."""
     kernels = tuple(k for k in usable_kernels() if has_native_bf16() or not k.startswith("bf16"))
-    return kernels + (tuple(onnx_text.KERNELS) if onnx_text.available() else ())
+    return kernels + (tuple(onnx_graph.KERNELS) if onnx_graph.available() else ())
 
 
 def with_kernel(model: SharedSpace, kernel: str, threads: int) -> SharedSpace | OnnxText:
     """A text-only copy of ``model`` whose products run ``kernel``; ValueError when the kernel
     cannot run this model's family."""
-    if kernel in onnx_text.KERNELS:
+    if kernel in onnx_graph.KERNELS:
         return OnnxText(model, kernel, threads)
     copy = text_only_copy(model)
     swap_linears(copy, kernel)
@@ -137,13 +137,13 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     remembered = verdict["precision"] if verdict is not None else None
     if remembered in kernels:
         assert remembered is not None
-        if remembered in onnx_text.KERNELS:
+        if remembered in onnx_graph.KERNELS:
             chosen_model: SharedSpace | OnnxText = OnnxText(reference, remembered, torch.get_num_threads())
         else:
             chosen_model = reference
             swap_linears(reference, remembered)
         return FastText(chosen_model, remembered, f"{remembered}, as measured before")
-    if not onnx_text.available():
+    if not onnx_graph.available():
         logger.info("ONNX Runtime is not installed: pip install 'clipsearch[onnx]' measures its text tower too")
     started = time.perf_counter()
     chosen = _fastest_faithful(model, reference, kernels)
@@ -225,5 +225,5 @@ def _verdict_key(model_ref: str | None, kernels: tuple[str, ...]) -> dict[str, A
         "text_kernels": list(kernels),
         "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
         "torch": torch.__version__,
-        "onnxruntime": onnx_text.version(),
+        "onnxruntime": onnx_graph.version(),
     }
