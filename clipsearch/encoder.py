@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from clipsearch.clip.model import SharedSpace, Towers
     from clipsearch.clip.numpy_image import ImageTower
+    from clipsearch.clip.onnx_image import OnnxImageTower
     from clipsearch.clip.text_fast import FastText
 
 
@@ -110,14 +111,15 @@ def _cpu_only(device: str) -> bool:
 
 
 def _numpy_image_encoder(model_ref: str, images: int) -> NumpyImageEncoder | None:
-    """A `NumpyImageEncoder` when this machine's measurements say it encodes ``images`` sooner
-    than torch would, and its tower is cached; None otherwise."""
-    from clipsearch.clip import numpy_image
-    from clipsearch.clip.precision_verdicts import numpy_image_wins
+    """A `NumpyImageEncoder` when this machine's measurements say a tower that runs without
+    torch encodes ``images`` sooner than torch would, and that tower is cached; None otherwise."""
+    from clipsearch.clip import numpy_image, onnx_image
+    from clipsearch.clip.precision_verdicts import NUMPY, torchless_image_tower
 
-    if not numpy_image_wins(model_ref, images):
+    winner = torchless_image_tower(model_ref, images)
+    if winner is None:
         return None
-    tower = numpy_image.load_cached(model_ref)
+    tower = numpy_image.load_cached(model_ref) if winner == NUMPY else onnx_image.load_cached(model_ref)
     return NumpyImageEncoder(model_ref, tower) if tower is not None else None
 
 
@@ -276,20 +278,20 @@ class TextEncoder:
 
 
 class NumpyImageEncoder:
-    """Images to unit vectors without torch: CLIP's ViT image tower in NumPy
-    (`clip.numpy_image`), memory-mapped from the file the model's precision verdict exported.
-    What the indexer uses of an `Encoder` (``encode_images``, ``preprocess``, ``dim``,
-    ``device.type``, ``threads``); it has no text tower, so an `Index` that needs texts too opens
-    an `Encoder`."""
+    """Images to unit vectors without torch: CLIP's ViT image tower in NumPy (`clip.numpy_image`,
+    memory-mapped from the file the model's precision verdict exported) or as ONNX Runtime's
+    graph (`clip.onnx_image`, built from that file). What the indexer uses of an `Encoder`
+    (``encode_images``, ``preprocess``, ``dim``, ``device.type``, ``threads``); it has no text
+    tower, so an `Index` that needs texts too opens an `Encoder`."""
 
     towers = "image"
-    precision = "fp32-numpy"
     device = SimpleNamespace(type="cpu")
     logit_bias: float | None = None
 
-    def __init__(self, model_ref: str, tower: ImageTower):
+    def __init__(self, model_ref: str, tower: ImageTower | OnnxImageTower):
         self.model_id = model_id(model_ref)
         self.tower = tower
+        self.precision: str = tower.precision
         self.preprocess = tower.preprocess
         self.resolution: int = tower.preprocess.resolution
         self.dim: int = tower.embed_dim
@@ -297,7 +299,7 @@ class NumpyImageEncoder:
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """``[N, 3, R, R]`` preprocessed images → ``float32 [N, dim]`` unit vectors, as
-        `Encoder.encode_images` gives them in fp32."""
+        `Encoder.encode_images` gives them (in fp32 from NumPy, in int8 from ONNX Runtime)."""
         return _unit(self.tower.encode_images(pixels, self._threads))
 
     _threads: int | None = None  # None: a thread per usable core

@@ -421,15 +421,16 @@ class Index:
 
     def _outgrown(self, images: int | None) -> bool:
         """Whether the encoder "auto" chose for an earlier, smaller run would now be slower than
-        preparing another: the NumPy image tower, or bf16 where int8 pays for its packing."""
-        from clipsearch.clip.precision_verdicts import numpy_image_wins, worth_switching
+        preparing another: a tower without torch that another one (or torch) now beats, or bf16
+        where int8 pays for its packing."""
+        from clipsearch.clip.precision_verdicts import torchless_image_tower, worth_switching
         from clipsearch.encoder import Encoder, NumpyImageEncoder
 
         encoder = self._encoder
         if images is None or self.precision != "auto":
             return False
         if isinstance(encoder, NumpyImageEncoder):
-            return not numpy_image_wins(self.model, images)
+            return torchless_image_tower(self.model, images) != encoder.tower.kind
         if not isinstance(encoder, Encoder) or encoder.device.type != "cpu" or encoder.towers == "text":
             return False
         return worth_switching(self.model, encoder.precision, images)

@@ -162,7 +162,11 @@ def test_the_first_measurement_exports_and_times_the_numpy_tower(model_dir: str,
 
 @needs_a_verdict
 def test_torch_start_counts_the_import_the_caller_timed(model_dir: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(cpu, "_torch_import_s", lambda: pytest.fail("timed torch's import again"))
+    def import_s(module: str) -> float:
+        assert module != "torch", "timed torch's import again"
+        return 0.1
+
+    monkeypatch.setattr(cpu, "_import_s", import_s)
     cpu.load_prepared(model_dir, "auto", towers="image", images=4, torch_import_s=0.75)
     (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
     start = json.loads(path.read_text())["torch_start"]

@@ -39,11 +39,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import heap, numpy_image, precision_verdicts
+from . import heap, numpy_image, onnx_graph, onnx_image, precision_verdicts
 from .cpu_features import BF16_FLAGS, cpu_flags
 from .model import (
     Conversion,
@@ -155,8 +156,8 @@ def prepare_for_inference(
     those below `MIN_COSINE` are dropped, and on a CPU the fastest of the rest is kept (fp32
     when none passes). The verdict for ``model_ref`` (as `clip.load` was given it) is
     remembered, so later calls convert without measuring. With ``numpy_timing`` (on a CPU), the
-    NumPy image tower is exported and timed too, and what starting torch costs is noted
-    (`precision_verdicts.numpy_image_wins` weighs the two).
+    NumPy image tower and ONNX Runtime's graph are exported and timed too, and what starting
+    torch costs is noted (`precision_verdicts.torchless_image_tower` weighs them).
     """
     _check_precision(precision)
     device = torch.device(device)
@@ -173,9 +174,12 @@ def prepare_for_inference(
         chosen, report, costs = _fastest_faithful(model, candidates, sample.to(device), timed=device.type == "cpu")
         key = _verdict_key(model_ref, device, candidates, text_tower)
         verdict: dict[str, Any] = {"precision": chosen, "report": report, "costs": costs}
-        numpy = _numpy_costs(model, model_ref, sample, numpy_timing) if key and numpy_timing and model_ref else None
-        if numpy is not None:
-            costs[precision_verdicts.NUMPY], verdict["torch_start"] = numpy
+        torchless = (
+            _torchless_costs(model, model_ref, sample, numpy_timing) if key and numpy_timing and model_ref else None
+        )
+        if torchless is not None:
+            verdict["torch_start"] = torchless.pop("torch_start")
+            costs.update(torchless)
         logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
         if key is not None:
             precision_verdicts.remember(key, verdict)
@@ -195,13 +199,15 @@ class NumpyTiming(NamedTuple):
     torch_import_s: float | None = None
 
 
-def _numpy_costs(
+def _torchless_costs(
     model: SharedSpace, model_ref: str, sample: torch.Tensor, timing: NumpyTiming
-) -> tuple[tuple[float, float], float] | None:
-    """The NumPy image tower of ``model``, exported to the cache and timed on ``sample``: its
-    costs (reading its file in, seconds per image), and what a new
+) -> dict[str, Any] | None:
+    """The image towers that run without torch, exported to the cache and timed on ``sample``:
+    their `precision_verdicts.Costs` (the NumPy tower's under `NUMPY`: reading its file in,
+    seconds per image; ONNX Runtime's under `ONNX`, where the extra is installed: importing it
+    and opening a session on the graph, seconds per image), and under "torch_start" what a new
     process pays before a torch precision's own preparation (importing torch, loading the
-    float32 weights). None when the tower cannot run ``model`` or cannot be cached."""
+    float32 weights). None when the NumPy tower cannot run ``model`` or cannot be cached."""
     started = time.perf_counter()
     if numpy_image.export(model, model_ref, timing.preprocess) is None:
         return None
@@ -214,12 +220,42 @@ def _numpy_costs(
     pixels = sample.float().numpy()
     # Once: NumPy's time per image held within 10% from run to run even on a busy machine
     # (0.10-0.11 s here), and each timed batch of a model's first run costs the person waiting.
-    seconds = _timed_numpy(tower, pixels)
+    seconds, reference = _timed_tower(tower, pixels)
     logger.info(
         "NumPy image tower exported in %.2f s: %.0f ms per batch of %d", exported - started, seconds * 1e3, len(pixels)
     )
-    importing = timing.torch_import_s if timing.torch_import_s is not None else _torch_import_s()
-    return (preparing, seconds / len(pixels)), importing + timing.load_s
+    importing = timing.torch_import_s if timing.torch_import_s is not None else _import_s("torch")
+    costs: dict[str, Any] = {precision_verdicts.NUMPY: (preparing, seconds / len(pixels))}
+    if onnx_graph.available():
+        costs.update(_onnx_costs(tower, model_ref, pixels, reference))
+    return {**costs, "torch_start": importing + timing.load_s}
+
+
+def _onnx_costs(tower: numpy_image.ImageTower, model_ref: str, pixels: Any, reference: Any) -> Costs:
+    """ONNX Runtime's graph of ``tower``, written to the cache and timed (after a first run that
+    pays for its allocations); nothing where it cannot be cached or its embeddings of ``pixels``
+    drift from ``reference`` (fp32's) below `MIN_COSINE`."""
+    started = time.perf_counter()
+    if onnx_image.export(tower, model_ref) is None:
+        return {}
+    exported = time.perf_counter()
+    graph = onnx_image.load_cached(model_ref)
+    if graph is None:
+        return {}
+    opened = time.perf_counter()
+    graph.encode_images(pixels[:1])
+    seconds, found = _timed_tower(graph, pixels)
+    cosine = float(np.min(np.sum(_unit_rows(found) * _unit_rows(reference), axis=1)))
+    if cosine < MIN_COSINE:
+        logger.info("ONNX Runtime's image graph drifts (cosine %.5f < %s)", cosine, MIN_COSINE)
+        return {}
+    logger.info(
+        "ONNX Runtime image graph built in %.2f s: %.0f ms per batch of %d",
+        exported - started,
+        seconds * 1e3,
+        len(pixels),
+    )
+    return {precision_verdicts.ONNX: (_import_s("onnxruntime") + opened - exported, seconds / len(pixels))}
 
 
 def _read_s(path: Path) -> float:
@@ -233,18 +269,24 @@ def _read_s(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def _timed_numpy(tower: numpy_image.ImageTower, pixels: Any) -> float:
+def _timed_tower(tower: numpy_image.ImageTower | onnx_image.OnnxImageTower, pixels: Any) -> tuple[float, Any]:
+    """Seconds ``tower`` takes to encode ``pixels``, and the embeddings."""
     started = time.perf_counter()
-    tower.encode_images(pixels)
-    return time.perf_counter() - started
+    found = tower.encode_images(pixels)
+    return time.perf_counter() - started, found
+
+
+def _unit_rows(vectors: Any) -> Any:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 @functools.cache
-def _torch_import_s() -> float:
-    """What importing torch (and this module) costs a new process, timed in one, for a process
-    that imported them before anyone could time it."""
+def _import_s(module: str) -> float:
+    """What importing ``module`` ("torch": torch and this module) costs a new process, timed in
+    one, for a process that imported it before anyone could time it."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {__name__}"], check=False, capture_output=True)
+    imported = __name__ if module == "torch" else module
+    subprocess.run([sys.executable, "-c", f"import {imported}"], check=False, capture_output=True)
     return time.perf_counter() - started
 
 

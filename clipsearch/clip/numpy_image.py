@@ -40,6 +40,7 @@ import numpy as np
 from clipsearch.clip import tower_file
 from clipsearch.clip.cpu_features import usable_cores
 from clipsearch.clip.numpy_ops import gelu, layer_norm, linear, one_blas_thread, softmax_rows, stored
+from clipsearch.clip.precision_verdicts import NUMPY
 from clipsearch.clip.preprocess import Preprocess
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class ImageTower:
     """A ViT image tower: float32 arrays under the state-dict names of `model.VisionTransformer`
     (without ``visual.``), the patch convolution as a ``[3 * patch * patch, width]`` matrix and
     the blocks' linear weights ``[in, out]``; and the preprocessing its images need."""
+
+    precision = "fp32-numpy"
+    kind = NUMPY  # its name among the costs a verdict compares
 
     def __init__(
         self,
@@ -99,7 +103,7 @@ class ImageTower:
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         w = self.weights
-        x = self._patches(pixels) @ w["conv1.weight"]
+        x = self.patches(pixels) @ w["conv1.weight"]
         cls = np.broadcast_to(w["class_embedding"], (len(x), 1, x.shape[2]))
         x = np.concatenate([cls, x], axis=1) + w["positional_embedding"]
         x = layer_norm(x, w["ln_pre.weight"], w["ln_pre.bias"])
@@ -113,7 +117,7 @@ class ImageTower:
             x = x + linear(h, w[block + "mlp.c_proj.weight"], w[block + "mlp.c_proj.bias"])
         return (layer_norm(x[:, 0], w["ln_post.weight"], w["ln_post.bias"]) @ w["proj"]).astype(np.float32)
 
-    def _patches(self, pixels: np.ndarray) -> np.ndarray:
+    def patches(self, pixels: np.ndarray) -> np.ndarray:
         """``[N, grid * grid, 3 * patch * patch]``: each patch's pixels in the order of the
         convolution kernel's (channel, row, column); as the convolution, what a grid of whole
         patches does not cover is left out."""

@@ -148,15 +148,21 @@ def blocks(
     return normed
 
 
-def model(g: Graph, name: str, inputs: list, output: str, output_shape: list) -> bytes:
-    """The serialized ONNX model of ``g``: its ``inputs`` (value infos), ``output`` float32."""
+def model(
+    g: Graph, name: str, inputs: list, output: str, output_shape: list, metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The serialized ONNX model of ``g``: its ``inputs`` (value infos), ``output`` float32, and
+    ``metadata`` (what a session's ``get_modelmeta().custom_metadata_map`` reads back)."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
         g.nodes, name, inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)], g.initializers
     )
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid(CONTRIB, 1)]
-    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    built = helper.make_model(graph, opset_imports=opsets)
+    if metadata:
+        helper.set_model_props(built, dict(metadata))
+    return built.SerializeToString()
 
 
 def session(graph: bytes | str, threads: int):

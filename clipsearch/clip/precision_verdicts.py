@@ -7,8 +7,8 @@ a whole verdict or none. The key is stored inside too and compared on reading; a
 checkpoint changes the key (its files' size, mtime, ctime and inode), so it is measured again.
 
 Nothing here imports torch: before an indexing run imports it (over a second), the verdict says
-whether the NumPy image tower (`clip.numpy_image`) would finish its images sooner
-(`numpy_image_wins`).
+whether the NumPy image tower (`clip.numpy_image`) or ONNX Runtime's (`clip.onnx_image`) would
+finish its images sooner (`torchless_image_tower`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from clipsearch.clip import onnx_graph
 from clipsearch.clip.cpu_features import BF16_FLAGS, SPEED_FLAGS, cpu_flags
 from clipsearch.clip.tower_file import checkpoint_state
 from clipsearch.paths import model_cache_dir
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 
 # Per faithful precision, measured with the verdict: (seconds to prepare the weights from
 # float32, seconds to encode one image). Under "numpy", the NumPy image tower's: (mapping its
-# file and reading its pages in, seconds per image).
+# file and reading its pages in, seconds per image); under "int8-onnx", ONNX Runtime's graph's
+# (importing onnxruntime and opening a session on the cached graph, seconds per image).
 Costs = dict[str, tuple[float, float]]
 NUMPY = "numpy"
+ONNX = "int8-onnx"
 
 
 def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: frozenset[str]) -> dict:
@@ -149,21 +152,22 @@ def worth_switching(model_ref: str, loaded: str, images: int) -> bool:
     return cheapest_for(images, costs, verdict["precision"]) != loaded
 
 
-def numpy_image_wins(model_ref: str, images: int) -> bool:
-    """Whether the NumPy image tower encodes ``images`` of ``model_ref`` sooner than torch in any
-    faithful precision would, counting what each costs to start: mapping the tower's file,
+def torchless_image_tower(model_ref: str, images: int) -> str | None:
+    """Which image tower that runs without torch (`NUMPY`, `ONNX`) encodes ``images`` of
+    ``model_ref`` sooner than torch in any faithful precision would, counting what each costs to
+    start: mapping the NumPy tower's file, or importing onnxruntime and opening its graph,
     against importing torch, loading the model and converting it. Decided by the costs this
-    machine measured with its verdict (`clip.cpu`); False where there is none, or it is older
-    than the NumPy tower's costs (torch then runs, as before)."""
+    machine measured with its verdict (`clip.cpu`); None where torch wins, where there is no
+    verdict, or where it is older than these towers' costs (torch then runs, as before)."""
     found = image_verdict(model_ref)
     if found is None:
-        return False
+        return None
     verdict, costs = found
     start = verdict.get("torch_start")
-    numpy = costs_of(verdict.get("costs"), (NUMPY,))
-    if not costs or not numpy or not isinstance(start, (int, float)):
-        return False
+    torchless = costs_of(verdict.get("costs"), (NUMPY, ONNX) if onnx_graph.available() else (NUMPY,))
+    if not costs or not torchless or not isinstance(start, (int, float)):
+        return None
     options = {name: (start + preparing, per_image) for name, (preparing, per_image) in costs.items()}
-    winner = cheapest_for(images, {**options, **numpy}, verdict["precision"])
+    winner = cheapest_for(images, {**options, **torchless}, verdict["precision"])
     log.info("%d images of %s: %s finishes first", images, model_ref, winner)
-    return winner == NUMPY
+    return winner if winner in torchless else None

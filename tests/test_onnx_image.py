@@ -1,0 +1,174 @@
+"""CLIP's ViT image tower as an ONNX Runtime graph (`clip.onnx_image`): within cosine 0.999 of
+the fp32 tower, built and timed with a model's first verdict, cached and found stale with its
+checkpoint, chosen when this machine's measurements say it finishes a run first, and then
+indexing without ever importing torch."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import bump_mtime, make_library, python_output
+from test_numpy_image import SMALL, image_tower, with_costs
+
+from clipsearch import Index
+from clipsearch.clip import cpu, numpy_image, numpy_text, onnx_graph, onnx_image, precision_verdicts
+from clipsearch.clip.cpu import MIN_COSINE
+from clipsearch.clip.numpy_image import ImageTower
+from clipsearch.clip.preprocess import Preprocess
+from clipsearch.encoder import Encoder, NumpyImageEncoder, open_encoder
+
+pytestmark = pytest.mark.skipif(not onnx_graph.available(), reason="the onnx extra is not installed")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+    return np.sum(a * b, axis=1)
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_the_graph_is_the_tower(quick_gelu):
+    """Three layers of two heads at large random weights (peaked attention, big activations):
+    a wrong patch order, class token, head split, residual bias or class-only last block puts
+    cosines far under 0.999."""
+    model = image_tower({**SMALL, "quick_gelu": quick_gelu})
+    tower = ImageTower.from_model(model, Preprocess(32))
+    assert tower is not None
+    graph = onnx_image.OnnxImageTower(onnx_image.build(tower, {"model": "test"}), tower)
+    pixels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.encode_image(pixels).numpy()
+    for threads in (1, 2):
+        found = graph.encode_images(pixels.numpy(), threads)
+        assert found.shape == expected.shape and found.dtype == np.float32
+        assert cosines(found, expected).min() >= MIN_COSINE
+    shuffled = graph.encode_images(pixels.numpy()[::-1].copy(), 1)[::-1]  # each image alone: order does not matter
+    assert cosines(shuffled, expected).min() >= MIN_COSINE
+
+
+@pytest.fixture
+def model_dir(tiny_model: str, tmp_path: Path) -> str:
+    return str(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+def test_the_cached_graph_is_stale_when_the_checkpoint_changes_and_ignored_when_damaged(model_dir: str):
+    from clipsearch import clip
+
+    model, preprocess = clip.load(model_dir, device="cpu")
+    tower = numpy_image.export(model, model_dir, preprocess)
+    assert tower is not None and onnx_image.load_cached(model_dir) is None  # not built yet
+    path = onnx_image.export(tower, model_dir)
+    assert path == onnx_image.cache_file(model_dir) and path.parent == numpy_image.cache_file(model_dir).parent
+    cached = onnx_image.load_cached(model_dir)
+    assert cached is not None and repr(cached.preprocess) == repr(preprocess)
+    pixels = np.stack([preprocess.array(p) for p in make_library(Path(model_dir).parent / "lib", 3)])
+    with torch.no_grad():
+        expected = model.encode_image(torch.from_numpy(pixels)).numpy()
+    assert cosines(cached.encode_images(pixels), expected).min() >= MIN_COSINE
+
+    bump_mtime(Path(model_dir) / "model.safetensors")
+    numpy_image.export(model, model_dir, preprocess)  # the NumPy tower again, the graph not
+    assert numpy_image.load_cached(model_dir) is not None
+    assert onnx_image.load_cached(model_dir) is None  # built from the checkpoint as it was
+
+    onnx_image.export(tower, model_dir)
+    assert onnx_image.load_cached(model_dir) is not None
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert onnx_image.load_cached(model_dir) is None  # damaged: ignored, never trusted
+
+
+needs_a_verdict = pytest.mark.skipif(
+    len(cpu.candidate_precisions("cpu")) == 1, reason="one candidate precision: no verdict is measured here"
+)
+
+
+@pytest.fixture
+def measured(model_dir: str) -> Path:
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
+    numpy_text.export(model_dir)
+    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
+    return path
+
+
+# Per image: ONNX 0.1 s after 0.6 s, NumPy 0.5 s after 0.01 s, torch 0.1 s (int8) after 2.5 s:
+# NumPy for 1 image, ONNX from 2 on.
+COSTS = {"fp32": [0.0, 0.4], "bf16": [0.1, 0.2], "int8": [1.0, 0.1], "numpy": [0.01, 0.5], "int8-onnx": [0.6, 0.1]}
+
+
+@needs_a_verdict
+def test_the_first_measurement_builds_and_times_the_graph(model_dir: str, measured: Path):
+    verdict = json.loads(measured.read_text())
+    preparing, per_image = verdict["costs"]["int8-onnx"]
+    assert 0 < preparing < verdict["torch_start"] and per_image > 0
+    assert onnx_image.load_cached(model_dir) is not None
+
+
+@needs_a_verdict
+def test_a_drifting_graph_is_not_offered(model_dir: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(cpu, "MIN_COSINE", 1.0 + 1e-9)  # nothing but fp32 passes
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
+    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
+    assert "int8-onnx" not in json.loads(path.read_text())["costs"]
+
+
+@needs_a_verdict
+@pytest.mark.parametrize("images, tower", [(1, "numpy"), (3, "int8-onnx"), (1000, "int8-onnx")])
+def test_the_tower_that_finishes_first_encodes_the_run(model_dir: str, measured: Path, images: int, tower: str):
+    with_costs(measured, COSTS, torch_start=1.5)
+    encoder = open_encoder(model_dir, "cpu", "auto", "image", images=images)
+    assert isinstance(encoder, NumpyImageEncoder) and encoder.tower.kind == tower
+    assert encoder.precision == {"numpy": "fp32-numpy", "int8-onnx": "int8-onnx"}[tower]
+
+
+@needs_a_verdict
+def test_torch_runs_where_the_extra_is_missing_or_the_graph_gone(
+    model_dir: str, measured: Path, monkeypatch: pytest.MonkeyPatch
+):
+    with_costs(measured, COSTS, torch_start=1.5)
+    onnx_image.cache_file(model_dir).unlink()
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=100), Encoder)
+    monkeypatch.setattr(onnx_graph, "available", lambda: False)
+    assert precision_verdicts.torchless_image_tower(model_dir, 100) is None  # int8 in torch, then
+    assert precision_verdicts.torchless_image_tower(model_dir, 1) == "numpy"
+
+
+@needs_a_verdict
+def test_indexing_with_the_graph_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
+    with_costs(measured, COSTS, torch_start=1.5)
+    photos = make_library(tmp_path / "lib", 6)
+    code = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from clipsearch import Index\n"
+        f"with Index.open({str(tmp_path / 'home')!r}, model={model_dir!r}, device='cpu') as index:\n"
+        f"    result = index.add([{str(tmp_path / 'lib')!r}], workers=1)\n"
+        "    encoder = index.encoder('image', 6)\n"
+        "print(json.dumps({'precision': encoder.precision, 'torch': 'torch' in sys.modules, 'new': result.new}))\n"
+    )
+    out = json.loads(python_output(code))
+    assert out == {"precision": "int8-onnx", "torch": False, "new": 6}
+
+    reference = Encoder(model_dir, "cpu", "fp32", towers="image")
+    expected = reference.encode_images(np.stack([reference.preprocess.array(path) for path in photos]))
+    with Index.open(tmp_path / "home", model=model_dir, readonly=True) as index:
+        _, stored = index.catalog.all_vectors(index.catalog.model(index.model))
+    # Each stored vector is its photo's, within the bar (and float16's rounding).
+    best = cosines(stored, expected[np.argmax(stored @ expected.T, axis=1)])
+    assert sorted(np.argmax(stored @ expected.T, axis=1).tolist()) == list(range(len(photos)))
+    assert best.min() >= MIN_COSINE - 1e-4
+
+
+@needs_a_verdict
+def test_an_index_moves_from_numpy_to_the_graph_when_a_later_run_is_larger(
+    model_dir: str, measured: Path, tmp_path: Path
+):
+    with_costs(measured, COSTS, torch_start=1.5)
+    make_library(tmp_path / "few", 1)
+    make_library(tmp_path / "many", 8, start_seed=100)
+    with Index.open(tmp_path / "home", model=model_dir, device="cpu") as index:
+        index.add([tmp_path / "few"], workers=0)
+        assert index.encoder("image", 1).precision == "fp32-numpy"
+        assert index.add([tmp_path / "many"], workers=0).new == 8
+        assert index.encoder("image", 8).precision == "int8-onnx"
