@@ -86,9 +86,14 @@ def test_another_torch_or_cpu_is_measured_again(
 ) -> None:
     fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
     assert prepare(model_dir).precision == "int8"
-    monkeypatch.setattr(precision_verdicts, "torch_version", lambda: "0.0.1")
+    onnx_graph_available = precision_verdicts.onnx_graph.available()
+    monkeypatch.setattr(precision_verdicts, "package_version", lambda name: "0.0.1")
     timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
     prepare(model_dir)
+    assert len(timed) == 3
+    monkeypatch.setattr(precision_verdicts.onnx_graph, "available", lambda: not onnx_graph_available)
+    timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)
+    prepare(model_dir)  # the onnx extra installed, or removed
     assert len(timed) == 3
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
     timed = fake_timings(monkeypatch, fp32=3.0, bf16=2.0, int8=1.0)

@@ -129,9 +129,11 @@ def test_torch_runs_where_the_extra_is_missing_or_the_graph_gone(
     with_costs(measured, COSTS, torch_start=1.5)
     onnx_image.cache_file(model_dir).unlink()
     assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=100), Encoder)
+    # Without the extra the verdict does not apply (its key names onnxruntime's version): the
+    # next load measures again, and until then torch runs.
     monkeypatch.setattr(onnx_graph, "available", lambda: False)
-    assert precision_verdicts.torchless_image_tower(model_dir, 100) is None  # int8 in torch, then
-    assert precision_verdicts.torchless_image_tower(model_dir, 1) == "numpy"
+    assert precision_verdicts.torchless_image_tower(model_dir, 1) is None
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), Encoder)
 
 
 @needs_a_verdict

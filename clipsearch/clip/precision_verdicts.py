@@ -41,21 +41,23 @@ ONNX = "int8-onnx"
 def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: frozenset[str]) -> dict:
     """What a verdict measured on a CPU depends on: the checkpoint files (`tower_file.checkpoint_state`),
     whether the text tower converts too, the precisions measured, the CPU ``flags`` that decide
-    speed and torch's version (read without importing it)."""
+    speed, and torch's and onnxruntime's versions (read without importing them: installing the
+    ``onnx`` extra measures its image graph too)."""
     return {
         "checkpoint": checkpoint,
         "text_tower": text_tower,
         "candidates": list(candidates),
         "cpu_flags": sorted(flags & SPEED_FLAGS),
-        "torch": torch_version(),
+        "torch": package_version("torch"),
+        "onnxruntime": package_version("onnxruntime") if onnx_graph.available() else None,
     }
 
 
 @functools.cache
-def torch_version() -> str:
-    """The installed torch's version, from its package metadata: importing torch to ask costs a second."""
+def package_version(name: str) -> str:
+    """An installed package's version, from its metadata: importing torch to ask costs a second."""
     try:
-        return importlib.metadata.version("torch")
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
