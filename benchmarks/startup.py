@@ -3,8 +3,9 @@ encoded, and where its memory peaks.
 
 Each run is a new process, `clipsearch --home NEW index FOLDER --model M`, started through this
 file, which notes (without changing what runs) when the model starts and finishes loading, when
-the first batch reaches the model (or the NumPy image tower, `clip.numpy_image`, which a small
-run may take instead), and when the text tower is exported for later queries, with
+the first batch reaches the model (or an image tower that runs without torch, which "auto" may
+take instead: NumPy's, `clip.numpy_image`, for a small run; ONNX Runtime's, `clip.onnx_image`,
+with the onnx extra), and when the text tower is exported for later queries, with
 the resident memory and its high-water mark at each point. Times count from the moment the
 process was launched (the parent's and the child's monotonic clocks are the same clock).
 
@@ -48,7 +49,7 @@ def child(argv: list[str]) -> None:
     import atexit
 
     from clipsearch import encoder as encoder_module
-    from clipsearch.clip import numpy_image, numpy_text
+    from clipsearch.clip import numpy_image, numpy_text, onnx_image
 
     started = float(os.environ[_T0])
     events: list[tuple[str, float, float, float]] = []
@@ -74,16 +75,23 @@ def child(argv: list[str]) -> None:
     noting(encoder_module.Encoder, "__init__", "model load starts", "model loaded")
     noting(encoder_module.Encoder, "encode_images", "first batch reaches the model", "first batch encoded", once=True)
     noting(numpy_text, "export", "text tower export starts", "text tower exported")
-    # Small runs on a CPU may encode with the NumPy image tower, never importing torch.
-    noting(encoder_module.NumpyImageEncoder, "__init__", "NumPy image tower mapped")
-    noting(
-        encoder_module.NumpyImageEncoder,
-        "encode_images",
-        "first batch reaches the NumPy tower",
-        "first batch encoded (NumPy)",
-        once=True,
-    )
+    # On a CPU a run may encode with an image tower that never imports torch: NumPy's, or ONNX
+    # Runtime's graph (`NumpyImageEncoder` holds either; its precision says which).
+    noting(encoder_module.NumpyImageEncoder, "__init__", "image tower without torch opened")
+    original_encode = encoder_module.NumpyImageEncoder.encode_images
+
+    def encode_images(self, pixels):
+        first = not any(name.startswith("first batch") for name, *_ in events)
+        if first:
+            note(f"first batch reaches the image tower without torch ({self.precision})")
+        result = original_encode(self, pixels)
+        if first:
+            note(f"first batch encoded ({self.precision})")
+        return result
+
+    encoder_module.NumpyImageEncoder.encode_images = encode_images  # type: ignore[method-assign]
     noting(numpy_image, "export", "NumPy image tower export starts", "NumPy image tower exported")
+    noting(onnx_image, "export", "ONNX image graph build starts", "ONNX image graph built")
 
     def finish() -> None:
         note("exit")
