@@ -1,6 +1,8 @@
 """Fixtures every test module can use without importing them."""
 
 import logging
+import shutil
+from pathlib import Path
 
 import pytest
 from helpers import write_tiny_model
@@ -82,3 +84,21 @@ def clipsearch_logging():
     logger.handlers, logger.propagate = [], True
     yield logger
     logger.handlers, logger.propagate, logger.level = saved
+
+
+@pytest.fixture
+def model_dir(tiny_model: str, tmp_path: Path) -> str:
+    """A copy of the tiny model whose files a test may change."""
+    return str(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+@pytest.fixture
+def measured(model_dir: str) -> Path:
+    """The tiny model's verdict, measured as an indexing run's first load on this machine does
+    (which ends exporting the text tower for queries, `Index._prepare_text_queries`); its file."""
+    from clipsearch.clip import cpu, numpy_text, precision_verdicts
+
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
+    numpy_text.export(model_dir)
+    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
+    return path

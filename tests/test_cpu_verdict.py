@@ -1,7 +1,6 @@
 """clip.cpu's "auto" on a CPU: decided by measurement once per checkpoint and machine, then recalled."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def model_dir(tiny_model: str, tmp_path: Path) -> str:
-    """A copy of the tiny model whose files a test may change."""
-    return str(shutil.copytree(tiny_model, tmp_path / "model"))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 cached in the model cache and found stale when the checkpoint changes."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from helpers import bump_mtime, make_library, python_output
 
 from clipsearch import clip
-from clipsearch.clip import cpu, numpy_image, numpy_text, precision_verdicts
+from clipsearch.clip import cpu, numpy_image, precision_verdicts
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.numpy_image import ImageTower
 from clipsearch.clip.preprocess import Preprocess
@@ -87,12 +86,6 @@ def test_a_tower_it_cannot_run_is_not_offered():
     assert ImageTower.from_model(image_tower(SMALL).to(torch.bfloat16), Preprocess(32)) is None
 
 
-@pytest.fixture
-def model_dir(tiny_model: str, tmp_path: Path) -> str:
-    """A copy of the tiny model whose files a test may change."""
-    return str(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
 def test_export_caches_the_tower_and_a_changed_checkpoint_makes_it_stale(model_dir: str):
     model, preprocess = clip.load(model_dir, device="cpu")
     assert numpy_image.load_cached(model_dir) is None
@@ -126,16 +119,6 @@ def test_a_model_without_a_vit_tower_is_never_exported(model_dir: str):
 needs_a_verdict = pytest.mark.skipif(
     len(cpu.candidate_precisions("cpu")) == 1, reason="one candidate precision: no verdict is measured here"
 )
-
-
-@pytest.fixture
-def measured(model_dir: str) -> Path:
-    """The tiny model's verdict, measured as an indexing run's first load on this machine does
-    (which ends exporting the text tower for queries, `Index._prepare_text_queries`); its file."""
-    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
-    numpy_text.export(model_dir)
-    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
-    return path
 
 
 def with_costs(path: Path, costs: dict, torch_start: float | None) -> None:
@@ -197,23 +180,31 @@ def test_torch_stays_where_the_numpy_tower_was_not_asked_for_or_not_measured(mod
     assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), Encoder)
 
 
-@needs_a_verdict
-def test_indexing_a_few_images_with_numpy_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
-    with_costs(measured, COSTS, torch_start=1.5)
-    photos = make_library(tmp_path / "lib", 4)
+def indexed_in_a_new_process(home: Path, model_dir: str, library: Path, photos: list[Path]) -> dict:
+    """Index ``library`` (holding ``photos``) in a new process, as `clipsearch index` would: the
+    image encoder's precision, whether torch was imported, how many photos were new, and the
+    encoder's vectors of ``photos``."""
     code = (
         "import json, sys\n"
         "import numpy as np\n"
         "from clipsearch import Index\n"
-        f"with Index.open({str(tmp_path / 'home')!r}, model={model_dir!r}, device='cpu') as index:\n"
-        f"    index.add([{str(tmp_path / 'lib')!r}], workers=1)\n"  # the decode worker's threads too
-        "    encoder = index.encoder('image', 4)\n"
+        f"with Index.open({str(home)!r}, model={model_dir!r}, device='cpu') as index:\n"
+        f"    new = index.add([{str(library)!r}], workers=1).new\n"  # the decode worker's threads too
+        f"    encoder = index.encoder('image', {len(photos)})\n"
         f"    pixels = np.stack([encoder.preprocess.array(p) for p in {list(map(str, photos))!r}])\n"
         "    vectors = encoder.encode_images(pixels).tolist()\n"
-        "print(json.dumps({'precision': encoder.precision, 'torch': 'torch' in sys.modules, 'vectors': vectors}))\n"
+        "out = {'precision': encoder.precision, 'torch': 'torch' in sys.modules, 'new': new, 'vectors': vectors}\n"
+        "print(json.dumps(out))\n"
     )
-    out = json.loads(python_output(code))
-    assert (out["precision"], out["torch"]) == ("fp32-numpy", False)
+    return json.loads(python_output(code))
+
+
+@needs_a_verdict
+def test_indexing_a_few_images_with_numpy_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
+    with_costs(measured, COSTS, torch_start=1.5)
+    photos = make_library(tmp_path / "lib", 4)
+    out = indexed_in_a_new_process(tmp_path / "home", model_dir, tmp_path / "lib", photos)
+    assert (out["precision"], out["torch"], out["new"]) == ("fp32-numpy", False, 4)
 
     torch_encoder = Encoder(model_dir, "cpu", "fp32", towers="image")
     expected = torch_encoder.encode_images(np.stack([torch_encoder.preprocess.array(path) for path in photos]))

@@ -4,17 +4,16 @@ checkpoint, chosen when this machine's measurements say it finishes a run first,
 indexing without ever importing torch."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import bump_mtime, make_library, python_output
-from test_numpy_image import SMALL, image_tower, with_costs
+from helpers import bump_mtime, make_library
+from test_numpy_image import SMALL, image_tower, indexed_in_a_new_process, needs_a_verdict, with_costs
 
 from clipsearch import Index
-from clipsearch.clip import cpu, numpy_image, numpy_text, onnx_graph, onnx_image, precision_verdicts
+from clipsearch.clip import cpu, numpy_image, onnx_graph, onnx_image, precision_verdicts
 from clipsearch.clip.cpu import MIN_COSINE
 from clipsearch.clip.numpy_image import ImageTower
 from clipsearch.clip.preprocess import Preprocess
@@ -48,11 +47,6 @@ def test_the_graph_is_the_tower(quick_gelu):
     assert cosines(shuffled, expected).min() >= MIN_COSINE
 
 
-@pytest.fixture
-def model_dir(tiny_model: str, tmp_path: Path) -> str:
-    return str(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
 def test_the_cached_graph_is_stale_when_the_checkpoint_changes_and_ignored_when_damaged(model_dir: str):
     from clipsearch import clip
 
@@ -77,19 +71,6 @@ def test_the_cached_graph_is_stale_when_the_checkpoint_changes_and_ignored_when_
     assert onnx_image.load_cached(model_dir) is not None
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert onnx_image.load_cached(model_dir) is None  # damaged: ignored, never trusted
-
-
-needs_a_verdict = pytest.mark.skipif(
-    len(cpu.candidate_precisions("cpu")) == 1, reason="one candidate precision: no verdict is measured here"
-)
-
-
-@pytest.fixture
-def measured(model_dir: str) -> Path:
-    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
-    numpy_text.export(model_dir)
-    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
-    return path
 
 
 # Per image: ONNX 0.1 s after 0.6 s, NumPy 0.5 s after 0.01 s, torch 0.1 s (int8) after 2.5 s:
@@ -140,26 +121,16 @@ def test_torch_runs_where_the_extra_is_missing_or_the_graph_gone(
 def test_indexing_with_the_graph_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
     with_costs(measured, COSTS, torch_start=1.5)
     photos = make_library(tmp_path / "lib", 6)
-    code = (
-        "import json, sys\n"
-        "import numpy as np\n"
-        "from clipsearch import Index\n"
-        f"with Index.open({str(tmp_path / 'home')!r}, model={model_dir!r}, device='cpu') as index:\n"
-        f"    result = index.add([{str(tmp_path / 'lib')!r}], workers=1)\n"
-        "    encoder = index.encoder('image', 6)\n"
-        "print(json.dumps({'precision': encoder.precision, 'torch': 'torch' in sys.modules, 'new': result.new}))\n"
-    )
-    out = json.loads(python_output(code))
-    assert out == {"precision": "int8-onnx", "torch": False, "new": 6}
+    out = indexed_in_a_new_process(tmp_path / "home", model_dir, tmp_path / "lib", photos)
+    assert (out["precision"], out["torch"], out["new"]) == ("int8-onnx", False, 6)
 
     reference = Encoder(model_dir, "cpu", "fp32", towers="image")
     expected = reference.encode_images(np.stack([reference.preprocess.array(path) for path in photos]))
+    assert cosines(np.array(out["vectors"]), expected).min() >= MIN_COSINE
     with Index.open(tmp_path / "home", model=model_dir, readonly=True) as index:
         _, stored = index.catalog.all_vectors(index.catalog.model(index.model))
-    # Each stored vector is its photo's, within the bar (and float16's rounding).
-    best = cosines(stored, expected[np.argmax(stored @ expected.T, axis=1)])
+    # Each photo's vector is stored (float16), each nearest its own photo's.
     assert sorted(np.argmax(stored @ expected.T, axis=1).tolist()) == list(range(len(photos)))
-    assert best.min() >= MIN_COSINE - 1e-4
 
 
 @needs_a_verdict
