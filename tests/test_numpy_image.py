@@ -180,10 +180,10 @@ def test_torch_stays_where_the_numpy_tower_was_not_asked_for_or_not_measured(mod
     assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), Encoder)
 
 
-def indexed_in_a_new_process(home: Path, model_dir: str, library: Path, photos: list[Path]) -> dict:
+def indexed_in_a_new_process(home: Path, model_dir: str, library: Path, photos: list[Path]) -> tuple[dict, np.ndarray]:
     """Index ``library`` (holding ``photos``) in a new process, as `clipsearch index` would: the
     image encoder's precision, whether torch was imported, how many photos were new, and the
-    encoder's vectors of ``photos``."""
+    encoder's vectors of ``photos``; and torch's fp32 vectors of them, here."""
     code = (
         "import json, sys\n"
         "import numpy as np\n"
@@ -196,18 +196,17 @@ def indexed_in_a_new_process(home: Path, model_dir: str, library: Path, photos: 
         "out = {'precision': encoder.precision, 'torch': 'torch' in sys.modules, 'new': new, 'vectors': vectors}\n"
         "print(json.dumps(out))\n"
     )
-    return json.loads(python_output(code))
+    out = json.loads(python_output(code))
+    reference = Encoder(model_dir, "cpu", "fp32", towers="image")
+    return out, reference.encode_images(np.stack([reference.preprocess.array(path) for path in photos]))
 
 
 @needs_a_verdict
 def test_indexing_a_few_images_with_numpy_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
     with_costs(measured, COSTS, torch_start=1.5)
     photos = make_library(tmp_path / "lib", 4)
-    out = indexed_in_a_new_process(tmp_path / "home", model_dir, tmp_path / "lib", photos)
+    out, expected = indexed_in_a_new_process(tmp_path / "home", model_dir, tmp_path / "lib", photos)
     assert (out["precision"], out["torch"], out["new"]) == ("fp32-numpy", False, 4)
-
-    torch_encoder = Encoder(model_dir, "cpu", "fp32", towers="image")
-    expected = torch_encoder.encode_images(np.stack([torch_encoder.preprocess.array(path) for path in photos]))
     vectors = np.array(out["vectors"], dtype=np.float32)
     assert np.abs(vectors - expected).max() <= 1e-5
     with clip_index(tmp_path / "home", model_dir) as index:
