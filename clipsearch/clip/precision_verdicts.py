@@ -166,7 +166,7 @@ def torchless_image_tower(model_ref: str, images: int) -> str | None:
         return None
     verdict, costs = found
     start = verdict.get("torch_start")
-    torchless = costs_of(verdict.get("costs"), (NUMPY, ONNX) if onnx_graph.available() else (NUMPY,))
+    torchless = costs_of(verdict.get("costs"), (NUMPY, ONNX))  # ONNX only where the key says it is installed
     if not costs or not torchless or not isinstance(start, (int, float)):
         return None
     options = {name: (start + preparing, per_image) for name, (preparing, per_image) in costs.items()}
