@@ -5,8 +5,9 @@ whatever the device and precision the model ran in.
 
 Text queries take a lighter road (`TextEncoder`): the text tower in NumPy, from a file the
 first query exported, so that a `clipsearch query` process never imports torch. So do runs that
-index a few images on a CPU (`NumpyImageEncoder`), where what this machine measured says the
-NumPy image tower finishes them before torch would have started.
+index images on a CPU (`NumpyImageEncoder`) where what this machine measured says a tower
+without torch finishes them first: the NumPy image tower for a few, ONNX Runtime's int8 graph of
+it (the onnx extra) for any number.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def open_encoder(
     precision: importing torch and preparing the tower cost it once what a one-shot query
     process would pay for every query. ``images``: how many images it is opened to encode
     ("auto" precision weighs that against each precision's preparation, `clip.cpu.cheapest_for`;
-    for the image tower alone on a CPU, against the NumPy tower's too: `NumpyImageEncoder`)."""
+    for the image tower alone on a CPU, against the towers without torch too: `NumpyImageEncoder`)."""
     from clipsearch.clip.families import family
 
     if towers == "image" and images is not None and precision == "auto" and not warm and _cpu_only(device):

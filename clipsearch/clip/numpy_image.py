@@ -5,7 +5,8 @@ second importing torch and another loading and converting the image tower before
 image is encoded; in NumPy the tower is a memory-mapped file, ready in milliseconds, that
 encodes an image about twice as slowly as torch's bf16 or int8 (ViT-B/32 on a two-core
 AVX-512 EPYC: 72-82 ms against 38 and 26). So for a run of up to a few dozen images it finishes
-sooner; `clip.precision_verdicts.numpy_image_wins` decides from what this machine measured.
+sooner; `clip.precision_verdicts.torchless_image_tower` decides from what this machine measured
+(against torch, and against ONNX Runtime's int8 graph of this tower, `clip.onnx_image`).
 
 `ImageTower.encode_images` repeats `model.VisionTransformer` operation for operation: the
 patch convolution (stride = kernel) as a reshape and one product, the class token and
