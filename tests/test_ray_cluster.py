@@ -31,30 +31,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_node(temp_dir: Path, *args: str) -> subprocess.Popen:
-    """`ray start --block` in a new session: every Ray process of the node stays in it."""
+def start_node(temp_dir: Path, *args: str, avoid: int) -> subprocess.Popen:
+    """`ray start --block` in a new session: every Ray process of the node stays in it. Its
+    ports are free ones, none inside its worker range nor ``avoid`` (the head's): `ray start`
+    refuses ports that overlap, and the ephemeral ports the OS hands out often lie side by side."""
     ray = Path(sys.executable).parent / "ray"
     workers = free_port()  # a port range of its own per node (both nodes share one address)
-    return subprocess.Popen(
-        [
-            str(ray),
-            "start",
-            *args,
-            "--block",
-            "--num-cpus=1",
-            "--node-ip-address=127.0.0.1",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-            f"--min-worker-port={workers}",
-            f"--max-worker-port={workers + 50}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-        ],
-        env=RAY_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    while avoid in range(workers, workers + 51):
+        workers = free_port()
+    taken = {avoid, *range(workers, workers + 51)}
+
+    def other_port() -> int:
+        while (port := free_port()) in taken:
+            pass
+        taken.add(port)
+        return port
+
+    with open(temp_dir / f"ray-start-{workers}.log", "wb") as log:  # the node keeps its own copy
+        return subprocess.Popen(
+            [
+                str(ray),
+                "start",
+                *args,
+                "--block",
+                "--num-cpus=1",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+                f"--min-worker-port={workers}",
+                f"--max-worker-port={workers + 50}",
+                f"--dashboard-agent-listen-port={other_port()}",
+                f"--metrics-export-port={other_port()}",
+            ],
+            env=RAY_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
 
 
 def session_pids(session: int) -> list[int]:
@@ -91,10 +104,11 @@ def two_nodes(tmp_path_factory) -> Iterator[str]:
     """A head and a worker node of one CPU each; the head's address. (A short temporary folder:
     Ray's socket paths under it must stay within the 107 bytes a Unix socket name may have.)"""
     port, temp_dir = free_port(), tmp_path_factory.mktemp("nodes")
-    nodes = [start_node(temp_dir, "--head", f"--port={port}", "--include-dashboard=false")]
+    nodes = [start_node(temp_dir, "--head", f"--port={port}", "--include-dashboard=false", avoid=port)]
     try:
-        assert wait_until(lambda: _listening(port), timeout=60, poll=0.2, process=nodes[0])
-        nodes.append(start_node(temp_dir, f"--address=127.0.0.1:{port}"))
+        started = wait_until(lambda: _listening(port), timeout=60, poll=0.2, process=nodes[0])
+        assert started, b"".join(log.read_bytes() for log in temp_dir.glob("ray-start-*.log")).decode()[-3000:]
+        nodes.append(start_node(temp_dir, f"--address=127.0.0.1:{port}", avoid=port))
         wait_for_nodes = f"""
 import ray, time
 ray.init(address="127.0.0.1:{port}", logging_level="ERROR")
