@@ -87,12 +87,11 @@ class Graph:
         """``x @ W (+ b)`` of the ``[in, out]`` weight ``name + "weight"``, in 8 bits."""
         weight = weights[name + "weight"]
         b = self.constant(name + "bias", weights[name + "bias"]) if bias else ""
-        if self.block is None:  # int8 per output channel; the input quantised per tensor as it comes
-            scales = np.abs(weight).max(axis=0) / 127
-            codes = np.clip(np.rint(weight / np.where(scales == 0, 1, scales)), -127, 127).astype(np.int8)
-            codes_name = self.constant(name + "codes", codes)
-            scales_name = self.constant(name + "scales", scales.astype(np.float32))
-            (y,) = self.op("DynamicQuantizeMatMul", x, codes_name, scales_name, "", b, domain=CONTRIB)
+        if self.block is None:  # int8 per output channel (one block of every input), signed, [in, out]
+            codes, scales = quantise(weight, len(weight))
+            signed = (codes[:, 0].astype(np.int16) - 128).astype(np.int8).T
+            inputs = [x, self.constant(name + "codes", signed), self.constant(name + "scales", scales[:, 0]), "", b]
+            (y,) = self.op("DynamicQuantizeMatMul", *inputs, domain=CONTRIB)
             return y
         codes, scales = quantise(weight, self.block)
         outputs = len(codes)
