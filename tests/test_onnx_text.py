@@ -118,7 +118,7 @@ def test_text_fast_keeps_an_onnx_kernel_that_measures_fastest(demo_model, monkey
 
     again = text_fast.fast_text_tower(demo_model, "demo")
     assert again is not None and again.kernel == "onnx-int8-blocks" and again.report.endswith("as measured before")
-    assert isinstance(again.model, text_fast.OnnxText)
+    assert isinstance(again.model, text_fast.OnnxText) and again.model.graph is None  # only the session holds it
     tokens = text_fast.calibration_tokens(demo_model)
     with torch.inference_mode():
         np.testing.assert_array_equal(chosen.encode_text(tokens).numpy(), again.encode_text(tokens).numpy())

@@ -84,12 +84,14 @@ class OnnxText:
     """A CLIP's text tower as an `clip.onnx_text` graph where `FastText` holds a text-only model:
     ``encode_text`` of torch token ids, and the tokenizer and context length an `Encoder` reads."""
 
-    def __init__(self, model: SharedSpace, kernel: str, threads: int):
+    def __init__(self, model: SharedSpace, kernel: str, threads: int, *, keep_graph: bool = True):
+        """``keep_graph``: hold the serialized graph (ViT-B/32's: 145 MB) for `on_threads`."""
         if not isinstance(model, CLIP):
             raise ValueError(f"the text tower of a {type(model).__name__} runs in torch only")
         self.kernel, self.tokenizer, self.context_length = kernel, model.tokenizer, model.context_length
-        self.graph: bytes | None = onnx_text.build(TextTower.from_model(model, model.tokenizer.bpe_path), kernel)
-        self.tower = onnx_text.OnnxTextTower(self.graph, threads=threads)
+        graph = onnx_text.build(TextTower.from_model(model, model.tokenizer.bpe_path), kernel)
+        self.tower = onnx_text.OnnxTextTower(graph, threads=threads)
+        self.graph = graph if keep_graph else None
 
     def on_threads(self, threads: int) -> OnnxText:
         """This tower in a session of ``threads`` (it was measured on one, so that the thread's
@@ -138,7 +140,8 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     if remembered in kernels:
         assert remembered is not None
         if remembered in onnx_graph.KERNELS:
-            chosen_model: SharedSpace | OnnxText = OnnxText(reference, remembered, torch.get_num_threads())
+            threads = torch.get_num_threads()
+            chosen_model: SharedSpace | OnnxText = OnnxText(reference, remembered, threads, keep_graph=False)
         else:
             chosen_model = reference
             swap_linears(reference, remembered)
