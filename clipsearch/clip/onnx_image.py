@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +137,5 @@ def _encoded(source: dict | None) -> str:
 
 
 def _write(path: Path, graph: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    with tower_file.replaced(path) as tmp:
         tmp.write_bytes(graph)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -18,13 +18,12 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from clipsearch.clip import onnx_graph
 from clipsearch.clip.cpu_features import BF16_FLAGS, SPEED_FLAGS, cpu_flags
-from clipsearch.clip.tower_file import checkpoint_state
+from clipsearch.clip.tower_file import checkpoint_state, replaced
 from clipsearch.paths import model_cache_dir
 
 log = logging.getLogger(__name__)
@@ -87,15 +86,12 @@ def remember(key: dict, verdict: dict) -> None:
     """Store ``verdict`` (its "precision" and what else explains it) for ``key``; a cache that
     cannot be written only costs the next run the measurement."""
     path = verdict_file(key)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({**verdict, "key": key}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        with replaced(path) as tmp:
+            tmp.write_text(json.dumps({**verdict, "key": key}, indent=1, sort_keys=True))
     except OSError as err:
         log.info("Could not remember the precision verdict in %s (%s)", path, err)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def costs_of(stored: object, names: Iterable[str]) -> Costs:

@@ -5,7 +5,8 @@ A tower is exported once from a model loaded with torch and memory-mapped by lat
 which read only the pages they use. The file: an 8-byte magic naming the tower, the length of
 a JSON header (the tower's settings, what it was exported from, and each array's offset and
 shape), then the float32 arrays, each 64-byte aligned, from the first aligned offset on. It is
-written to a temporary name and renamed into place, so a reader sees a whole file or none.
+written to a temporary name and renamed into place (`replaced`), so a reader sees a whole file
+or none.
 
 A cache file is keyed by the model as the user names it (a registry name or a path) and is
 stale once any file of the checkpoint changes size, mtime, ctime or inode.
@@ -19,7 +20,8 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -47,14 +49,21 @@ def save(path: Path, magic: bytes, header: Mapping[str, object], arrays: Mapping
         size += _aligned(value.size * 4)
     encoded = json.dumps({**header, "arrays": offsets}).encode()
     start = _aligned(_HEADER.size + len(encoded))
+    with replaced(path) as tmp, open(tmp, "wb") as f:
+        f.write(_HEADER.pack(magic, len(encoded)) + encoded)
+        for key, value in arrays.items():
+            f.seek(start + offsets[key]["offset"])
+            f.write(np.ascontiguousarray(value, dtype="<f4").tobytes())
+        f.truncate(start + size)
+
+
+@contextmanager
+def replaced(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write, renamed to ``path`` when the block ends
+    (removed if it raises): a reader sees the whole old file or the whole new one."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(magic, len(encoded)) + encoded)
-            for key, value in arrays.items():
-                f.seek(start + offsets[key]["offset"])
-                f.write(np.ascontiguousarray(value, dtype="<f4").tobytes())
-            f.truncate(start + size)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
