@@ -35,17 +35,6 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
-def version() -> str | None:
-    """The installed onnxruntime's version (a remembered measurement depends on it), or None
-    without the ``onnx`` extra."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-    except ImportError:
-        return None
-    return onnxruntime.__version__
-
-
 def quantise(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """A ``[in, out]`` weight as `MatMulNBits` reads 8-bit weights: ``uint8 [out, blocks,
     block]`` holding ``round(w / scale) + 128`` (symmetric: 128 is the zero point the operator

@@ -54,7 +54,8 @@ def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: fr
 
 @functools.cache
 def package_version(name: str) -> str:
-    """An installed package's version, from its metadata: importing torch to ask costs a second."""
+    """An installed package's version, from its metadata: importing torch to ask costs a second,
+    onnxruntime a tenth."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

@@ -128,24 +128,22 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     remembered verdict."""
     if getattr(model, "tokenizer", None) is None:
         return None
+    kernels = candidate_kernels()
+    key = _verdict_key(model_ref, kernels)
+    verdict = precision_verdicts.recall(key) if key is not None else None
+    remembered = verdict["precision"] if verdict is not None else None
+    again = f"{remembered}, as measured before"
+    if remembered in kernels and remembered in onnx_graph.KERNELS:  # built from the model's weights: no torch copy
+        return FastText(OnnxText(model, remembered, torch.get_num_threads(), keep_graph=False), remembered, again)
     try:
         reference = text_only_copy(model)
     except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as err:  # not a family we know
         logger.info("the text tower of %s runs as loaded: %s", type(model).__name__, err)
         return None
-    kernels = candidate_kernels()
-    key = _verdict_key(model_ref, kernels)
-    verdict = precision_verdicts.recall(key) if key is not None else None
-    remembered = verdict["precision"] if verdict is not None else None
     if remembered in kernels:
         assert remembered is not None
-        if remembered in onnx_graph.KERNELS:
-            threads = torch.get_num_threads()
-            chosen_model: SharedSpace | OnnxText = OnnxText(reference, remembered, threads, keep_graph=False)
-        else:
-            chosen_model = reference
-            swap_linears(reference, remembered)
-        return FastText(chosen_model, remembered, f"{remembered}, as measured before")
+        swap_linears(reference, remembered)
+        return FastText(reference, remembered, again)
     if not onnx_graph.available():
         logger.info("ONNX Runtime is not installed: pip install 'clipsearch[onnx]' measures its text tower too")
     started = time.perf_counter()
@@ -228,5 +226,5 @@ def _verdict_key(model_ref: str | None, kernels: tuple[str, ...]) -> dict[str, A
         "text_kernels": list(kernels),
         "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
         "torch": torch.__version__,
-        "onnxruntime": onnx_graph.version(),
+        "onnxruntime": precision_verdicts.package_version("onnxruntime") if onnx_graph.available() else None,
     }
