@@ -180,10 +180,13 @@ def test_torch_stays_where_the_numpy_tower_was_not_asked_for_or_not_measured(mod
     assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), Encoder)
 
 
-def indexed_in_a_new_process(home: Path, model_dir: str, library: Path, photos: list[Path]) -> tuple[dict, np.ndarray]:
-    """Index ``library`` (holding ``photos``) in a new process, as `clipsearch index` would: the
-    image encoder's precision, whether torch was imported, how many photos were new, and the
-    encoder's vectors of ``photos``; and torch's fp32 vectors of them, here."""
+def indexed_in_a_new_process(tmp_path: Path, model_dir: str, count: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Index a library of ``count`` photos into a new home under ``tmp_path`` in a new process,
+    as `clipsearch index` would: the image encoder's precision, whether torch was imported, how
+    many photos were new, and the encoder's vectors of the photos; then, here, torch's fp32
+    vectors of them and the vectors the catalog stored."""
+    home, library = tmp_path / "home", tmp_path / "lib"
+    photos = make_library(library, count)
     code = (
         "import json, sys\n"
         "import numpy as np\n"
@@ -198,23 +201,23 @@ def indexed_in_a_new_process(home: Path, model_dir: str, library: Path, photos: 
     )
     out = json.loads(python_output(code))
     reference = Encoder(model_dir, "cpu", "fp32", towers="image")
-    return out, reference.encode_images(np.stack([reference.preprocess.array(path) for path in photos]))
+    expected = reference.encode_images(np.stack([reference.preprocess.array(path) for path in photos]))
+    with clip_index(home, model_dir) as index:
+        _, stored = index.catalog.all_vectors(index.catalog.model(index.model))
+    return out, expected, stored
 
 
 @needs_a_verdict
 def test_indexing_a_few_images_with_numpy_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
     with_costs(measured, COSTS, torch_start=1.5)
-    photos = make_library(tmp_path / "lib", 4)
-    out, expected = indexed_in_a_new_process(tmp_path / "home", model_dir, tmp_path / "lib", photos)
+    out, expected, stored = indexed_in_a_new_process(tmp_path, model_dir, 4)
     assert (out["precision"], out["torch"], out["new"]) == ("fp32-numpy", False, 4)
     vectors = np.array(out["vectors"], dtype=np.float32)
     assert np.abs(vectors - expected).max() <= 1e-5
-    with clip_index(tmp_path / "home", model_dir) as index:
-        _, stored = index.catalog.all_vectors(index.catalog.model(index.model))
     # The catalog keeps float16: each photo's vector, rounded, within a float16 step of it.
     rounded = vectors.astype(np.float16)
     nearest = [int(np.abs(rounded.astype(np.float32) - row).max(axis=1).argmin()) for row in stored]
-    assert sorted(nearest) == list(range(len(photos)))
+    assert sorted(nearest) == list(range(4))
     steps = np.spacing(np.abs(rounded[nearest])).astype(np.float32)
     assert (np.abs(stored - rounded[nearest].astype(np.float32)) <= steps).all()
 
@@ -232,20 +235,27 @@ def _photo(seed: int):
     return Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
 
 
+def precisions_of_runs(tmp_path: Path, model_dir: str, counts: list[int]) -> list[str]:
+    """Index a library of each of ``counts`` new photos in turn, all through one `Index` (one
+    process): the precision of the image encoder each run had."""
+    from clipsearch import Index
+
+    precisions = []
+    with Index.open(tmp_path / "home", model=model_dir, device="cpu") as index:
+        for run, count in enumerate(counts):
+            make_library(tmp_path / f"run{run}", count, start_seed=100 * run)
+            assert index.add([tmp_path / f"run{run}"], workers=0).new == count
+            precisions.append(index.encoder("image", count).precision)
+    return precisions
+
+
 @needs_a_verdict
 def test_an_index_opens_torch_when_a_later_run_is_too_large_for_numpy(model_dir: str, measured: Path, tmp_path: Path):
     """A library that adds a few photos, then many: the NumPy tower the first run got is not
     kept for a run it is slower on."""
-    from clipsearch import Index
-
     with_costs(measured, COSTS, torch_start=1.5)
-    make_library(tmp_path / "few", 3)
-    make_library(tmp_path / "many", 8, start_seed=100)
-    with Index.open(tmp_path / "home", model=model_dir, device="cpu") as index:
-        index.add([tmp_path / "few"], workers=0)
-        assert isinstance(index.encoder("image", 3), NumpyImageEncoder)
-        assert index.add([tmp_path / "many"], workers=0).new == 8
-        assert isinstance(index.encoder("image", 8), Encoder)
+    few, many = precisions_of_runs(tmp_path, model_dir, [3, 8])
+    assert few == "fp32-numpy" and many in cpu.candidate_precisions("cpu")  # torch's
 
 
 @needs_a_verdict
@@ -253,16 +263,5 @@ def test_an_index_prepares_int8_when_a_later_run_pays_for_it(model_dir: str, mea
     """bf16 for 3 photos (int8's packing would not pay), then 20 in the same process: int8's
     preparation plus 20 images now costs less than 20 more in bf16, so it is prepared; a run of
     3 after that keeps int8, already paid for."""
-    from clipsearch import Index
-
     with_costs(measured, COSTS, torch_start=None)  # no NumPy tower in this verdict
-    make_library(tmp_path / "few", 3)
-    make_library(tmp_path / "many", 20, start_seed=100)
-    make_library(tmp_path / "more", 3, start_seed=200)
-    with Index.open(tmp_path / "home", model=model_dir, device="cpu") as index:
-        index.add([tmp_path / "few"], workers=0)
-        assert index.encoder("image", 3).precision == "bf16"
-        assert index.add([tmp_path / "many"], workers=0).new == 20
-        assert index.encoder("image", 20).precision == "int8"
-        index.add([tmp_path / "more"], workers=0)
-        assert index.encoder("image", 3).precision == "int8"
+    assert precisions_of_runs(tmp_path, model_dir, [3, 20, 3]) == ["bf16", "int8", "int8"]

@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 from helpers import bump_mtime, make_library
-from test_numpy_image import SMALL, image_tower, indexed_in_a_new_process, needs_a_verdict, with_costs
+from test_numpy_image import (
+    SMALL,
+    image_tower,
+    indexed_in_a_new_process,
+    needs_a_verdict,
+    precisions_of_runs,
+    with_costs,
+)
 
-from clipsearch import Index
 from clipsearch.clip import cpu, numpy_image, onnx_graph, onnx_image, precision_verdicts
 from clipsearch.clip.cpu import MIN_COSINE
 from clipsearch.clip.numpy_image import ImageTower
@@ -120,14 +126,11 @@ def test_torch_runs_where_the_extra_is_missing_or_the_graph_gone(
 @needs_a_verdict
 def test_indexing_with_the_graph_never_imports_torch(model_dir: str, measured: Path, tmp_path: Path):
     with_costs(measured, COSTS, torch_start=1.5)
-    photos = make_library(tmp_path / "lib", 6)
-    out, expected = indexed_in_a_new_process(tmp_path / "home", model_dir, tmp_path / "lib", photos)
+    out, expected, stored = indexed_in_a_new_process(tmp_path, model_dir, 6)
     assert (out["precision"], out["torch"], out["new"]) == ("int8-onnx", False, 6)
     assert cosines(np.array(out["vectors"]), expected).min() >= MIN_COSINE
-    with Index.open(tmp_path / "home", model=model_dir, readonly=True) as index:
-        _, stored = index.catalog.all_vectors(index.catalog.model(index.model))
     # Each photo's vector is stored (float16), each nearest its own photo's.
-    assert sorted(np.argmax(stored @ expected.T, axis=1).tolist()) == list(range(len(photos)))
+    assert sorted(np.argmax(stored @ expected.T, axis=1).tolist()) == list(range(6))
 
 
 @needs_a_verdict
@@ -135,10 +138,4 @@ def test_an_index_moves_from_numpy_to_the_graph_when_a_later_run_is_larger(
     model_dir: str, measured: Path, tmp_path: Path
 ):
     with_costs(measured, COSTS, torch_start=1.5)
-    make_library(tmp_path / "few", 1)
-    make_library(tmp_path / "many", 8, start_seed=100)
-    with Index.open(tmp_path / "home", model=model_dir, device="cpu") as index:
-        index.add([tmp_path / "few"], workers=0)
-        assert index.encoder("image", 1).precision == "fp32-numpy"
-        assert index.add([tmp_path / "many"], workers=0).new == 8
-        assert index.encoder("image", 8).precision == "int8-onnx"
+    assert precisions_of_runs(tmp_path, model_dir, [1, 8]) == ["fp32-numpy", "int8-onnx"]
