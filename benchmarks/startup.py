@@ -58,15 +58,17 @@ def child(argv: list[str]) -> None:
         events.append((name, time.perf_counter() - started, *_memory()))
 
     def noting(owner: object, attribute: str, before: str, after: str | None = None, once: bool = False) -> None:
+        """Note ``before`` and ``after`` a call of ``owner.attribute`` (the names formatted with
+        ``self``, its first argument)."""
         original = getattr(owner, attribute)
         seen: list[bool] = []
 
         def wrapper(*args, **kwargs):
             if not (once and seen):
-                note(before)
+                note(before.format(self=args[0] if args else None))
             result = original(*args, **kwargs)
             if after and not (once and seen):
-                note(after)
+                note(after.format(self=args[0] if args else None))
             seen.append(True)
             return result
 
@@ -78,18 +80,13 @@ def child(argv: list[str]) -> None:
     # On a CPU a run may encode with an image tower that never imports torch: NumPy's, or ONNX
     # Runtime's graph (`NumpyImageEncoder` holds either; its precision says which).
     noting(encoder_module.NumpyImageEncoder, "__init__", "image tower without torch opened")
-    original_encode = encoder_module.NumpyImageEncoder.encode_images
-
-    def encode_images(self, pixels):
-        first = not any(name.startswith("first batch") for name, *_ in events)
-        if first:
-            note(f"first batch reaches the image tower without torch ({self.precision})")
-        result = original_encode(self, pixels)
-        if first:
-            note(f"first batch encoded ({self.precision})")
-        return result
-
-    encoder_module.NumpyImageEncoder.encode_images = encode_images  # type: ignore[method-assign]
+    noting(
+        encoder_module.NumpyImageEncoder,
+        "encode_images",
+        "first batch reaches the image tower without torch ({self.precision})",
+        "first batch encoded ({self.precision})",
+        once=True,
+    )
     noting(numpy_image, "export", "NumPy image tower export starts", "NumPy image tower exported")
     noting(onnx_image, "export", "ONNX image graph build starts", "ONNX image graph built")
 
