@@ -6,7 +6,8 @@ alike) with its worst cosine to torch fp32: the NumPy tower (`clipsearch query` 
 `Index.search`), the torch tower in fp32 and in bf16 (an `Encoder` holding both towers converts
 its text tower with the image tower's precision), each weight-only kernel of `clip.weight_only`
 (fp32 activations, bf16 or int8 weights: plain ``F.linear``, oneDNN-prepacked, int8 per channel;
-and fbgemm's dynamic int8, whose activations are quantised too), and the warm `Encoder` of
+and fbgemm's dynamic int8, whose activations are quantised too), ONNX Runtime's graphs of each
+`clip.onnx_graph` kernel (`clip.onnx_text`, with the onnx extra), and the warm `Encoder` of
 `clipsearch serve` and ``Index.open(warm=True)`` with the kernel `clip.text_fast` chose. The
 products alone (``--kernels``): one 512 x 2048 weight at the median query's token count through
 each kernel there is. The floor: this machine's copy bandwidth
