@@ -53,7 +53,9 @@ def test_the_graph_is_the_tower(quick_gelu):
     assert cosines(shuffled, expected).min() >= MIN_COSINE
 
 
-def test_the_cached_graph_is_stale_when_the_checkpoint_changes_and_ignored_when_damaged(model_dir: str):
+def test_the_cached_graph_is_stale_when_the_checkpoint_or_layout_changes_and_ignored_when_damaged(
+    model_dir: str, monkeypatch: pytest.MonkeyPatch
+):
     from clipsearch import clip
 
     model, preprocess = clip.load(model_dir, device="cpu")
@@ -74,6 +76,10 @@ def test_the_cached_graph_is_stale_when_the_checkpoint_changes_and_ignored_when_
     assert onnx_image.load_cached(model_dir) is None  # built from the checkpoint as it was
 
     onnx_image.export(tower, model_dir)
+    assert onnx_image.load_cached(model_dir) is not None
+    with monkeypatch.context() as patched:
+        patched.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)  # a clipsearch that writes other graphs
+        assert onnx_image.load_cached(model_dir) is None
     assert onnx_image.load_cached(model_dir) is not None
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert onnx_image.load_cached(model_dir) is None  # damaged: ignored, never trusted

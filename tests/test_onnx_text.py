@@ -87,6 +87,23 @@ def test_the_graph_is_the_tower_for_gelu_and_quick_gelu(tmp_path, quick_gelu):
         assert {round(onnx.helper.get_attribute_value(n.attribute[0]), 6) for n in activations} == {1.702}
 
 
+def test_the_session_keeps_residual_adds_and_layer_norms_apart(demo_model, tmp_path, monkeypatch):
+    """ONNX Runtime would fuse them into its SkipLayerNormalization, six times slower here."""
+    import onnx
+    import onnxruntime
+
+    class Options(onnxruntime.SessionOptions):
+        def __init__(self) -> None:
+            super().__init__()
+            self.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # the graph as the session runs it
+
+    monkeypatch.setattr(onnxruntime, "SessionOptions", Options)
+    text_fast.with_kernel(demo_model, "onnx-int8-dynamic", threads=1)
+    ops = [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert "SkipLayerNormalization" not in ops
+    assert ops.count("LayerNormalization") == 2 * 2 + 1  # two per block of the demo's two, and the final one
+
+
 def test_texts_of_a_batch_are_each_encoded_alone(demo_model):
     tokens = text_fast.calibration_tokens(demo_model)
     graph = text_fast.with_kernel(demo_model, "onnx-int8-dynamic", threads=1)
@@ -114,7 +131,7 @@ def test_text_fast_keeps_an_onnx_kernel_that_measures_fastest(demo_model, monkey
     assert chosen.model.tower.session.get_session_options().intra_op_num_threads == torch_threads
     assert "onnx-int8-dynamic" in chosen.report and "onnx-int8-blocks" in chosen.report
     (verdict,) = list(precision_verdicts.verdict_file({}).parent.glob("*.json"))
-    assert '"onnxruntime"' in verdict.read_text()
+    assert f'"onnxruntime": "{precision_verdicts.onnx_runtime()}"' in verdict.read_text()
 
     again = text_fast.fast_text_tower(demo_model, "demo")
     assert again is not None and again.kernel == "onnx-int8-blocks" and again.report.endswith("as measured before")
@@ -122,6 +139,10 @@ def test_text_fast_keeps_an_onnx_kernel_that_measures_fastest(demo_model, monkey
     tokens = text_fast.calibration_tokens(demo_model)
     with torch.inference_mode():
         np.testing.assert_array_equal(chosen.encode_text(tokens).numpy(), again.encode_text(tokens).numpy())
+
+    monkeypatch.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)  # a clipsearch that writes other graphs
+    measured = text_fast.fast_text_tower(demo_model, "demo")
+    assert measured is not None and not measured.report.endswith("as measured before")
 
 
 def test_a_warm_encoder_encodes_through_the_graph(monkeypatch):

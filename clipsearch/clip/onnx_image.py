@@ -127,13 +127,14 @@ def load_cached(model_ref: str) -> OnnxImageTower | None:
         log.info("Ignoring the damaged image graph %s (%s)", path, err)
         return None
     if recorded != _encoded(tower_file.checkpoint_state(model_ref)):
-        log.info("The image graph %s is stale: %s has changed", path, model_ref)
+        log.info("The image graph %s is stale: %s has changed, or was built by an older clipsearch", path, model_ref)
         return None
     return found
 
 
 def _encoded(source: dict | None) -> str:
-    return json.dumps(source, sort_keys=True)
+    """What a graph records of how it was built: the checkpoint state and `onnx_graph.LAYOUT`."""
+    return json.dumps({"checkpoint": source, "layout": onnx_graph.LAYOUT}, sort_keys=True)
 
 
 def _write(path: Path, graph: bytes) -> None:

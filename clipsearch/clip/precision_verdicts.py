@@ -48,8 +48,14 @@ def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: fr
         "candidates": list(candidates),
         "cpu_flags": sorted(flags & SPEED_FLAGS),
         "torch": package_version("torch"),
-        "onnxruntime": package_version("onnxruntime") if onnx_graph.available() else None,
+        "onnxruntime": onnx_runtime(),
     }
+
+
+def onnx_runtime() -> str | None:
+    """What the speed and output of our ONNX graphs depend on besides the checkpoint: onnxruntime's
+    version and the graphs' layout (`onnx_graph.LAYOUT`); None without the ``onnx`` extra."""
+    return f"{package_version('onnxruntime')}, layout {onnx_graph.LAYOUT}" if onnx_graph.available() else None
 
 
 @functools.cache

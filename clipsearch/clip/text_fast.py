@@ -226,5 +226,5 @@ def _verdict_key(model_ref: str | None, kernels: tuple[str, ...]) -> dict[str, A
         "text_kernels": list(kernels),
         "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
         "torch": torch.__version__,
-        "onnxruntime": precision_verdicts.package_version("onnxruntime") if onnx_graph.available() else None,
+        "onnxruntime": precision_verdicts.onnx_runtime(),
     }
