@@ -200,6 +200,29 @@ def test_the_cached_tower_is_used_until_the_checkpoint_changes(tiny_model, tmp_p
     assert numpy_text.load_cached(str(model_dir)) is None  # damaged: ignored, never trusted
 
 
+def test_a_first_run_lets_its_image_encoder_go_before_exporting_the_text_tower(tmp_path, tiny_model, monkeypatch):
+    """The float32 text tower beside the image encoder was a model's first run's peak of memory.
+    It is exported once, so later runs keep their encoder for the next."""
+    from clipsearch.clip import numpy_text
+
+    held_while_exporting = []
+    export = numpy_text.export
+
+    def watched(model_ref: str):
+        held_while_exporting.append(index._encoder)
+        return export(model_ref)
+
+    monkeypatch.setattr(numpy_text, "export", watched)
+    make_library(tmp_path / "lib", 3)
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu") as index:
+        assert index.add([tmp_path / "lib"], workers=0).new == 3
+        assert held_while_exporting == [None] and numpy_text.load_cached(tiny_model) is not None
+        make_library(tmp_path / "more", 2, start_seed=10)
+        assert index.add([tmp_path / "more"], workers=0).new == 2
+        assert held_while_exporting == [None] and index._encoder is not None
+        assert len(index.search("a red circle", k=5)) == 5
+
+
 def test_a_registry_model_not_downloaded_has_no_cached_tower():
     from clipsearch.clip import numpy_text
 
@@ -257,6 +280,7 @@ def test_the_exported_tower_holds_linear_weights_in_by_out(tiny_model):
     from clipsearch.clip import numpy_text
 
     tower = numpy_text.export(tiny_model)
+    assert all(isinstance(value, np.memmap) for value in tower.weights.values())  # mapped back, never copied
     width = tower.width
     block = "transformer.resblocks.0."
     assert tower.weights[block + "attn.in_proj_weight"].shape == (width, 3 * width)
