@@ -234,6 +234,7 @@ def _onnx_costs(tower: numpy_image.ImageTower, model_ref: str, pixels: Any, refe
     """ONNX Runtime's graph of ``tower``, written to the cache and timed (after a first run that
     pays for its allocations); nothing where it cannot be cached or its embeddings of ``pixels``
     drift from ``reference`` (fp32's) below `MIN_COSINE`."""
+    heap.release_free_memory()  # the NumPy tower's activations
     started = time.perf_counter()
     if onnx_image.export(tower, model_ref) is None:
         return {}
@@ -360,6 +361,7 @@ def _fastest_faithful(
         preparing = time.perf_counter() - started
         cosine, seconds, first = _measured(trial, sample, reference, timed)
         del trial
+        heap.release_free_memory()  # else the trials freed stay resident under the graph build
         if cosine < MIN_COSINE:
             notes.append(f"{candidate} drifts (cosine {cosine:.5f} < {MIN_COSINE})")
             continue
