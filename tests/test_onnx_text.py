@@ -1,20 +1,22 @@
 """CLIP's text tower as an ONNX Runtime graph (`clip.onnx_text`): its weights quantised as the
 operators read them, embeddings within cosine 0.999 of fp32 through every path of the graph
 (masked and last-row attention, QuickGELU and GELU, several heads and layers), measured by
-`clip.text_fast` beside torch's kernels and remembered, and left out cleanly where the
-``onnx`` extra is not installed (or the family is not a CLIP: test_text_fast)."""
+`clip.text_fast` beside torch's kernels and remembered, its graph cached for later starts, and
+left out cleanly where the ``onnx`` extra is not installed (or the family is not a CLIP:
+test_text_fast)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import write_tiny_model
+from helpers import bump_mtime, write_tiny_model
 
 from clipsearch import clip
-from clipsearch.clip import onnx_graph, precision_verdicts, text_fast
+from clipsearch.clip import onnx_graph, onnx_text, precision_verdicts, text_fast
 from clipsearch.clip.cpu import MIN_COSINE
 from clipsearch.encoder import Encoder
 
@@ -143,6 +145,36 @@ def test_text_fast_keeps_an_onnx_kernel_that_measures_fastest(demo_model, monkey
     monkeypatch.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)  # a clipsearch that writes other graphs
     measured = text_fast.fast_text_tower(demo_model, "demo")
     assert measured is not None and not measured.report.endswith("as measured before")
+
+
+def test_a_remembered_kernel_builds_its_graph_once_then_opens_it_from_the_cache(tmp_path, monkeypatch):
+    """A server's later starts skip the build (about 2 s at ViT-B/32); a graph of another
+    checkpoint or layout is never opened."""
+    monkeypatch.setattr(text_fast, "_seconds_per_text", fastest("onnx-int8-dynamic"))
+    ref = str(write_tiny_model(tmp_path / "model"))
+    model, _ = clip.load(ref, device="cpu", towers="text")
+    cached = onnx_text.cache_file(ref, "onnx-int8-dynamic")
+    assert text_fast.fast_text_tower(model, ref) is not None and not cached.exists()  # measured
+    built = text_fast.fast_text_tower(model, ref)  # remembered: built and cached
+    assert built is not None and cached.is_file()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(onnx_text, "build", no_build)
+    opened = text_fast.fast_text_tower(model, ref)
+    assert opened is not None and opened.report.endswith("as measured before")
+    tokens = text_fast.calibration_tokens(model)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(opened.encode_text(tokens).numpy(), built.encode_text(tokens).numpy())
+
+    assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is not None
+    assert onnx_text.load_cached(ref, "onnx-int8-blocks", 1) is None  # each kernel its own graph
+    with monkeypatch.context() as patched:
+        patched.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)
+        assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is None
+    bump_mtime(Path(ref) / "model.safetensors")
+    assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is None  # built from the checkpoint as it was
 
 
 def test_a_warm_encoder_encodes_through_the_graph(monkeypatch):

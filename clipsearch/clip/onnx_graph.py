@@ -7,6 +7,10 @@ operators: `MultiHeadAttention` does the heads, scaling, mask and softmax, and t
 int8 (`Graph.linear`). The last block computes its attention output and MLP for the one row the
 tower reads (the text's end-of-text token, the image's class token).
 
+A graph is built once per model and machine and cached as a file (`save`) that records the
+checkpoint it was built from and `LAYOUT`; a later process opens a session on it (`cached_session`)
+unless either has changed.
+
 It needs the ``onnx`` extra (onnxruntime runs a graph, onnx writes it); without it `available`
 is False and the towers run in torch or NumPy.
 """
@@ -15,11 +19,18 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
+import logging
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from clipsearch.clip import tower_file
 from clipsearch.clip.numpy_ops import LN_EPS
+
+log = logging.getLogger(__name__)
 
 # The product kernels, and the inputs per scale each quantises its weights and activations
 # with: None for int8 per output channel with the input quantised per tensor as it comes
@@ -167,3 +178,44 @@ def session(graph: bytes | str, threads: int):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # its warnings are about shapes it infers, not for users
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"], disabled_optimizers=UNFUSED)
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def built_from(model_ref: str) -> dict[str, str] | None:
+    """What a cached graph of ``model_ref`` records (`model`'s metadata): the checkpoint as it is
+    now and `LAYOUT`; None when the checkpoint cannot be identified (nothing is cached then)."""
+    source = tower_file.checkpoint_state(model_ref)
+    if source is None:
+        return None
+    return {"built_from": json.dumps({"checkpoint": source, "layout": LAYOUT}, sort_keys=True)}
+
+
+def save(path: Path, graph: bytes) -> bool:
+    """Write ``graph`` to the cache at ``path`` (whole or not at all); False, logged, when it
+    cannot be written, which only costs later processes the time to build it again."""
+
+    def write(path: Path) -> None:
+        with tower_file.replaced(path) as tmp:
+            tmp.write_bytes(graph)
+
+    return tower_file.store(path, write)
+
+
+def cached_session(path: Path, model_ref: str, threads: int) -> Any | None:
+    """A session on the graph cached at ``path`` when it was built from ``model_ref``'s checkpoint
+    as it is now, with this `LAYOUT`; None when there is none, it is stale or damaged, or the
+    ``onnx`` extra is missing."""
+    expected = built_from(model_ref)
+    if expected is None or not path.is_file() or not available():
+        return None
+    try:
+        opened = session(str(path), threads)
+    except Exception as err:  # onnxruntime raises its own exception types for a damaged file
+        log.info("Ignoring the damaged graph %s (%s)", path, err)
+        return None
+    if opened.get_modelmeta().custom_metadata_map.get("built_from") != expected["built_from"]:
+        log.info("The graph %s is stale: %s has changed, or it was built by an older clipsearch", path, model_ref)
+        return None
+    return opened

@@ -5,7 +5,7 @@ Importing torch costs a process 1.2-1.3 s before its first image; the NumPy towe
 (`clip.numpy_image`) skips that but encodes an image about three times as slowly as torch's
 int8, so it pays only for a few dozen images. ONNX Runtime imports in about a tenth of a second
 and runs this graph about as fast as torch's int8 (ViT-B/32 at 256 px on a two-core AVX-512
-EPYC: 22 ms an image at a batch of 32, cosine 0.9999 to fp32; benchmarks/README.md).
+EPYC: 19 ms an image at a batch of 32, cosine 0.9999 to fp32; benchmarks/README.md).
 `clip.precision_verdicts.torchless_image_tower` weighs the three by what this machine measured.
 
 The graph is built from the NumPy tower's arrays, when "auto" measures the precisions on a
@@ -17,26 +17,23 @@ patch]`` (`numpy_image.ImageTower.patches`), so the patch convolution is one pro
 
 from __future__ import annotations
 
-import json
-import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipsearch.clip import numpy_image, onnx_graph, tower_file
+from clipsearch.clip import numpy_image, onnx_graph
 from clipsearch.clip.cpu_features import usable_cores
 from clipsearch.clip.numpy_ops import LN_EPS
 from clipsearch.clip.precision_verdicts import ONNX
 
-log = logging.getLogger(__name__)
-
 KERNEL = "onnx-int8-dynamic"  # per-tensor activations: as close to fp32 as torch's int8 (cosine 0.9999)
 
 
-def build(tower: numpy_image.ImageTower, source: dict) -> bytes:
-    """The serialized ONNX model of ``tower``'s encoder, recording ``source`` (the checkpoint's
-    `tower_file.checkpoint_state`)."""
+def build(tower: numpy_image.ImageTower, metadata: Mapping[str, str] | None = None) -> bytes:
+    """The serialized ONNX model of ``tower``'s encoder, recording ``metadata``
+    (`onnx_graph.built_from`, for the cache)."""
     from onnx import TensorProto, helper
 
     w = {key: np.asarray(value, dtype=np.float32) for key, value in tower.weights.items()}
@@ -60,9 +57,7 @@ def build(tower: numpy_image.ImageTower, source: dict) -> bytes:
     patches = helper.make_tensor_value_info(
         "patches", TensorProto.FLOAT, ["N", tower.grid**2, w["conv1.weight"].shape[0]]
     )
-    return onnx_graph.model(
-        g, "clip_image", [patches], embedding, ["N", tower.embed_dim], metadata={"source": _encoded(source)}
-    )
+    return onnx_graph.model(g, "clip_image", [patches], embedding, ["N", tower.embed_dim], metadata)
 
 
 class OnnxImageTower:
@@ -73,10 +68,11 @@ class OnnxImageTower:
     precision = "int8-onnx"
     kind = ONNX  # its name among the costs a verdict compares
 
-    def __init__(self, graph: bytes | str, tower: numpy_image.ImageTower):
+    def __init__(self, graph: bytes | str, tower: numpy_image.ImageTower, sessions: dict[int, Any] | None = None):
+        """``sessions``: those already open on ``graph``, by thread count."""
         self.graph, self.tower = graph, tower
         self.preprocess, self.embed_dim, self.logit_scale = tower.preprocess, tower.embed_dim, tower.logit_scale
-        self._sessions: dict[int, Any] = {}
+        self._sessions = sessions or {}
 
     def session(self, threads: int):
         """The session on ``threads`` threads, opened on first use (a tenth of a second)."""
@@ -102,41 +98,20 @@ def cache_file(model_ref: str) -> Path:
 def export(tower: numpy_image.ImageTower, model_ref: str) -> Path | None:
     """Build ``tower``'s graph and write it to the cache; its path, or None when the checkpoint
     cannot be identified or the cache cannot be written."""
-    source = tower_file.checkpoint_state(model_ref)
-    if source is None:
-        return None
-    graph = build(tower, source)
+    metadata = onnx_graph.built_from(model_ref)
     path = cache_file(model_ref)
-    if not tower_file.store(path, lambda path: _write(path, graph)):
+    if metadata is None or not onnx_graph.save(path, build(tower, metadata)):
         return None
     return path
 
 
 def load_cached(model_ref: str) -> OnnxImageTower | None:
     """The cached graph of ``model_ref``'s image tower, its session open, when it was built from
-    the checkpoint as it is now; None when there is none, it is stale or damaged, or the
-    ``onnx`` extra is missing."""
-    path = cache_file(model_ref)
+    the checkpoint as it is now (`onnx_graph.cached_session`), beside its NumPy tower; None
+    otherwise."""
     tower = numpy_image.load_cached(model_ref)
-    if tower is None or not path.is_file() or not onnx_graph.available():
+    if tower is None:
         return None
-    found = OnnxImageTower(str(path), tower)
-    try:
-        recorded = found.session(usable_cores()).get_modelmeta().custom_metadata_map.get("source")
-    except Exception as err:  # onnxruntime raises its own exception types for a damaged file
-        log.info("Ignoring the damaged image graph %s (%s)", path, err)
-        return None
-    if recorded != _encoded(tower_file.checkpoint_state(model_ref)):
-        log.info("The image graph %s is stale: %s has changed, or was built by an older clipsearch", path, model_ref)
-        return None
-    return found
-
-
-def _encoded(source: dict | None) -> str:
-    """What a graph records of how it was built: the checkpoint state and `onnx_graph.LAYOUT`."""
-    return json.dumps({"checkpoint": source, "layout": onnx_graph.LAYOUT}, sort_keys=True)
-
-
-def _write(path: Path, graph: bytes) -> None:
-    with tower_file.replaced(path) as tmp:
-        tmp.write_bytes(graph)
+    threads, path = usable_cores(), cache_file(model_ref)
+    opened = onnx_graph.cached_session(path, model_ref, threads)
+    return OnnxImageTower(str(path), tower, {threads: opened}) if opened is not None else None

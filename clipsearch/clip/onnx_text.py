@@ -6,24 +6,31 @@ A new text of a dozen tokens makes every product a small-M GEMM over all 38 M we
 ViT-B/32's tower. torch's best int8 kernel took 7 ms for one, about a quarter of it outside
 the products: every layer norm, softmax and add is an operator call of its own, and on two
 threads an OpenMP region of its own, so a second thread did not help. The graph runs on ONNX
-Runtime's own thread pool with fused operators: 4.7 ms at two threads (benchmarks/README.md).
+Runtime's own thread pool with fused operators: 4.1 ms at two threads (benchmarks/README.md).
 
 The graph takes one text's ids ``int64 [1, L]``, cut after its end-of-text token (attention is
 causal, so nothing after it matters), and returns its unnormalised embedding
 ``[1, embed_dim]``. It is built from the NumPy tower's arrays (`clip.numpy_text.TextTower`),
-which hold the weights ``[in, out]`` as the products read them.
+which hold the weights ``[in, out]`` as the products read them; building ViT-B/32's takes about
+2 s, so the graph of the kernel a model's verdict chose is cached beside the NumPy tower's file
+and a server's later starts open it (`load_cached`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from clipsearch.clip import onnx_graph
+from clipsearch.clip import numpy_text, onnx_graph
 from clipsearch.clip.numpy_text import TextTower
 
 
-def build(tower: TextTower, kernel: str) -> bytes:
-    """The serialized ONNX model of ``tower``'s encoder, its products in ``kernel`` (of `onnx_graph.KERNELS`)."""
+def build(tower: TextTower, kernel: str, metadata: Mapping[str, str] | None = None) -> bytes:
+    """The serialized ONNX model of ``tower``'s encoder, its products in ``kernel`` (of
+    `onnx_graph.KERNELS`), recording ``metadata`` (`onnx_graph.built_from`, for the cache)."""
     from onnx import TensorProto, helper
 
     w = {key: np.asarray(value, dtype=np.float32) for key, value in tower.weights.items()}
@@ -46,17 +53,41 @@ def build(tower: TextTower, kernel: str) -> bytes:
     (embedding,) = g.op("MatMul", pooled, g.constant("text_projection", w["text_projection"]))
     (embedding,) = g.op("Squeeze", embedding, g.constant("middle", np.array([1])))
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "L"])
-    return onnx_graph.model(g, "clip_text", [ids], embedding, [1, tower.embed_dim])
+    return onnx_graph.model(g, "clip_text", [ids], embedding, [1, tower.embed_dim], metadata)
 
 
 class OnnxTextTower:
     """An ONNX Runtime session on a `build` graph: ``encode_text`` as `TextTower`'s."""
 
-    def __init__(self, model: bytes, *, threads: int):
-        self.session = onnx_graph.session(model, threads)
+    def __init__(self, session: Any):
+        self.session = session
 
     def encode_text(self, ids: np.ndarray) -> np.ndarray:
         """Unnormalised embeddings ``float32 [N, embed_dim]`` of token ids ``[N, context]``,
         each text alone, cut after its end-of-text token (the largest id)."""
         rows = [row[None, : int(row.argmax()) + 1].astype(np.int64) for row in np.asarray(ids)]
         return np.concatenate([self.session.run(None, {"ids": row})[0] for row in rows])
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def cache_file(model_ref: str, kernel: str) -> Path:
+    """Where the graph of ``model_ref``'s text tower in ``kernel`` is cached: beside its NumPy tower."""
+    return numpy_text.cache_file(model_ref).with_suffix(f".{kernel}.onnx")
+
+
+def export(tower: TextTower, model_ref: str, kernel: str) -> bytes:
+    """``tower``'s graph in ``kernel``, written to the cache where the checkpoint can be identified."""
+    metadata = onnx_graph.built_from(model_ref)
+    graph = build(tower, kernel, metadata)
+    if metadata is not None:
+        onnx_graph.save(cache_file(model_ref, kernel), graph)
+    return graph
+
+
+def load_cached(model_ref: str, kernel: str, threads: int) -> OnnxTextTower | None:
+    """The cached graph of ``model_ref``'s text tower in ``kernel`` on ``threads`` threads, when it
+    was built from the checkpoint as it is now (`onnx_graph.cached_session`); None otherwise."""
+    opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, threads)
+    return OnnxTextTower(opened) if opened is not None else None

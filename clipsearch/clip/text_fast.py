@@ -84,20 +84,30 @@ class OnnxText:
     """A CLIP's text tower as an `clip.onnx_text` graph where `FastText` holds a text-only model:
     ``encode_text`` of torch token ids, and the tokenizer and context length an `Encoder` reads."""
 
-    def __init__(self, model: SharedSpace, kernel: str, threads: int, *, keep_graph: bool = True):
-        """``keep_graph``: hold the serialized graph (ViT-B/32's: 145 MB) for `on_threads`."""
+    def __init__(self, model: SharedSpace, kernel: str, threads: int, model_ref: str | None = None):
+        """With ``model_ref`` (the model as `clip.load` was given it: a remembered kernel), the
+        graph cached for it is opened when it is current, else built and cached (about 2 s at
+        ViT-B/32); without (a kernel being measured), it is built and held (145 MB) for `on_threads`."""
         if not isinstance(model, CLIP):
             raise ValueError(f"the text tower of a {type(model).__name__} runs in torch only")
         self.kernel, self.tokenizer, self.context_length = kernel, model.tokenizer, model.context_length
-        graph = onnx_text.build(TextTower.from_model(model, model.tokenizer.bpe_path), kernel)
-        self.tower = onnx_text.OnnxTextTower(graph, threads=threads)
-        self.graph = graph if keep_graph else None
+        self.graph: bytes | None = None
+        cached = onnx_text.load_cached(model_ref, kernel, threads) if model_ref is not None else None
+        if cached is not None:
+            self.tower = cached
+            return
+        tower = TextTower.from_model(model, model.tokenizer.bpe_path, copy=False)
+        if model_ref is not None:
+            graph = onnx_text.export(tower, model_ref, kernel)
+        else:
+            graph = self.graph = onnx_text.build(tower, kernel)
+        self.tower = onnx_text.OnnxTextTower(onnx_graph.session(graph, threads))
 
     def on_threads(self, threads: int) -> OnnxText:
         """This tower in a session of ``threads`` (it was measured on one, so that the thread's
         CPU time is all its work); the graph is let go."""
         assert self.graph is not None
-        self.tower, self.graph = onnx_text.OnnxTextTower(self.graph, threads=threads), None
+        self.tower, self.graph = onnx_text.OnnxTextTower(onnx_graph.session(self.graph, threads)), None
         return self
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,7 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     remembered = verdict["precision"] if verdict is not None else None
     again = f"{remembered}, as measured before"
     if remembered in kernels and remembered in onnx_graph.KERNELS:  # built from the model's weights: no torch copy
-        return FastText(OnnxText(model, remembered, torch.get_num_threads(), keep_graph=False), remembered, again)
+        return FastText(OnnxText(model, remembered, torch.get_num_threads(), model_ref), remembered, again)
     try:
         reference = text_only_copy(model)
     except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as err:  # not a family we know
