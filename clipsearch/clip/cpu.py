@@ -239,6 +239,7 @@ def _onnx_costs(tower: numpy_image.ImageTower, model_ref: str, pixels: Any, refe
     if onnx_image.export(tower, model_ref) is None:
         return {}
     exported = time.perf_counter()
+    heap.release_free_memory()  # what building the graph held, before a session reads it in
     graph = onnx_image.load_cached(model_ref)
     if graph is None:
         return {}
