@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
     from clipsearch.clip.model import SharedSpace, Towers
     from clipsearch.clip.numpy_image import ImageTower
+    from clipsearch.clip.numpy_text import TextTower
     from clipsearch.clip.onnx_image import OnnxImageTower
+    from clipsearch.clip.onnx_text import OnnxTextTower
     from clipsearch.clip.text_fast import FastText
 
 
@@ -82,7 +84,8 @@ def open_encoder(
     A ``warm`` process (a server, an app: many texts, one start) gets an `Encoder` whose texts go
     through `clip.text_fast` (bf16 or int8 weights where they are faithful) with "auto"
     precision: importing torch and preparing the tower cost it once what a one-shot query
-    process would pay for every query. ``images``: how many images it is opened to encode
+    process would pay for every query; once that tower is a cached ONNX graph, a text-only warm
+    process gets a `TextEncoder` on it and never imports torch. ``images``: how many images it is opened to encode
     ("auto" precision weighs that against each precision's preparation, `clip.cpu.cheapest_for`;
     for the image tower alone on a CPU, against the towers without torch too: `NumpyImageEncoder`)."""
     from clipsearch.clip.families import family
@@ -93,6 +96,10 @@ def open_encoder(
             return numpy_encoder
 
     text_on_cpu = towers == "text" and device in ("auto", "cpu")
+    if warm and precision == "auto" and text_on_cpu and family(model_ref) == "clip":
+        graph = _remembered_text_graph(model_ref)
+        if graph is not None:
+            return graph
     if warm and precision == "auto":
         encoder = Encoder(model_ref, "cpu" if text_on_cpu else device, precision, towers)
         encoder.prepare_texts()
@@ -109,6 +116,19 @@ def _cpu_only(device: str) -> bool:
         return True
     gpu_nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
     return device == "auto" and sys.platform != "darwin" and not any(os.path.exists(node) for node in gpu_nodes)
+
+
+def _remembered_text_graph(model_ref: str) -> TextEncoder | None:
+    """A warm text-only `TextEncoder` on the ONNX graph this machine's text verdict chose, when
+    it stands and the graph is cached (`onnx_text.remembered`): torch is never imported, so a
+    server starts in a fraction of a second and holds a third of the memory."""
+    from clipsearch.clip import onnx_graph, onnx_text
+    from clipsearch.clip.cpu_features import usable_cores
+
+    if not onnx_graph.available():
+        return None
+    found = onnx_text.remembered(model_ref, usable_cores())
+    return TextEncoder(model_ref, found) if found is not None else None
 
 
 def _numpy_image_encoder(model_ref: str, images: int) -> NumpyImageEncoder | None:
@@ -251,20 +271,25 @@ class Encoder:
 
 
 class TextEncoder:
-    """Text to unit vectors without torch: CLIP's text tower in NumPy (`clip.numpy_text`).
+    """Text to unit vectors without torch: CLIP's text tower in NumPy (`clip.numpy_text`), or a
+    warm process's ONNX graph of it (`clip.onnx_text`) with its tokenizer.
 
-    Its weights come from the model cache, where the first text query of a model exported them;
-    when they are missing or stale, the model is loaded with torch once more and exported again.
+    The NumPy tower's weights come from the model cache, where the first text query of a model
+    exported them; when they are missing or stale, the model is loaded with torch once more and
+    exported again.
     """
 
     towers = "text"
     logit_bias: float | None = None  # CLIP's scores have no bias
 
-    def __init__(self, model_ref: str):
+    def __init__(self, model_ref: str, graph: tuple[str, OnnxTextTower] | None = None):
+        """``graph``: the kernel and the graph to encode with instead of the NumPy tower."""
         from clipsearch.clip import numpy_text
 
         self.model_id = model_id(model_ref)
         self.tower = numpy_text.load_cached(model_ref) or numpy_text.export(model_ref)
+        self.text_path = "numpy" if graph is None else f"fast {graph[0]}"
+        self._encoder: TextTower | OnnxTextTower = self.tower if graph is None else graph[1]
         self.dim: int = self.tower.embed_dim
         self.logit_scale = self.tower.logit_scale
         self._texts = TextMemory()
@@ -275,7 +300,7 @@ class TextEncoder:
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
         tokens = self.tower.tokenizer.ids(texts, context_length=self.tower.context_length, truncate=True)
-        return _unit(self.tower.encode_text(tokens))
+        return _unit(self._encoder.encode_text(tokens))
 
 
 class NumpyImageEncoder:

@@ -7,18 +7,19 @@ test_text_fast)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import bump_mtime, write_tiny_model
+from helpers import bump_mtime, python_output, write_tiny_model
 
 from clipsearch import clip
 from clipsearch.clip import onnx_graph, onnx_text, precision_verdicts, text_fast
 from clipsearch.clip.cpu import MIN_COSINE
-from clipsearch.encoder import Encoder
+from clipsearch.encoder import Encoder, open_encoder
 
 pytestmark = pytest.mark.skipif(not onnx_graph.available(), reason="the onnx extra is not installed")
 
@@ -175,6 +176,32 @@ def test_a_remembered_kernel_builds_its_graph_once_then_opens_it_from_the_cache(
         assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is None
     bump_mtime(Path(ref) / "model.safetensors")
     assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is None  # built from the checkpoint as it was
+
+
+def test_a_warm_text_encoder_opens_the_remembered_graph_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_fast, "_seconds_per_text", fastest("onnx-int8-dynamic"))
+    ref = str(write_tiny_model(tmp_path / "model"))
+    assert onnx_text.remembered(ref, 1) is None  # nothing measured yet
+    for _ in range(2):  # measures the kernels, then builds and caches the chosen one's graph
+        encoder = open_encoder(ref, "cpu", "auto", "text", warm=True)
+        assert isinstance(encoder, Encoder) and encoder.text_path == "fast onnx-int8-dynamic"
+    texts = ["a red circle", "two blue squares on grass", "x"]
+    expected = encoder.encode_texts(texts)
+    code = (
+        "import json, sys\n"
+        "from clipsearch.encoder import open_encoder\n"
+        f"encoder = open_encoder({ref!r}, 'cpu', 'auto', 'text', warm=True)\n"
+        f"vectors = encoder.encode_texts({texts!r}).tolist()\n"
+        "print(json.dumps([type(encoder).__name__, encoder.text_path, 'torch' in sys.modules, vectors]))\n"
+    )
+    kind, path, imported_torch, vectors = json.loads(python_output(code))
+    assert (kind, path, imported_torch) == ("TextEncoder", "fast onnx-int8-dynamic", False)
+    np.testing.assert_allclose(np.array(vectors, dtype=np.float32), expected, atol=1e-6)
+
+    found = onnx_text.remembered(ref, 1)
+    assert found is not None and found[0] == "onnx-int8-dynamic"
+    monkeypatch.setattr(precision_verdicts, "package_version", lambda name: "another")  # torch upgraded
+    assert onnx_text.remembered(ref, 1) is None  # the verdict no longer stands: torch measures again
 
 
 def test_a_warm_encoder_encodes_through_the_graph(monkeypatch):

@@ -170,8 +170,14 @@ def export(model_ref: str) -> TextTower:
     model, _ = load(model_ref, device="cpu", towers="text")
     if not isinstance(model, CLIP):  # a pickled file is told apart only once loaded
         raise ValueError(f"{model_ref} is not a CLIP, and only a CLIP's text tower runs in NumPy")
-    # Written from views of the model's weights and mapped back: the float32 tower is never in
-    # memory twice (ViT-B/32's: 250 MB).
+    return cached_from(model, model_ref, source)
+
+
+def cached_from(model: CLIP, model_ref: str, source: dict | None) -> TextTower:
+    """The text tower of ``model``, loaded from ``model_ref`` when its checkpoint was ``source``
+    (`tower_file.checkpoint_state`), written to the cache and mapped back; in memory where it
+    cannot be cached. Written from views of the model's weights: the float32 tower is never in
+    memory twice (ViT-B/32's: 250 MB)."""
     views = TextTower.from_model(model, model.tokenizer.bpe_path, copy=False)
     path = cache_file(model_ref)
     if source is not None and tower_file.store(path, lambda path: views.save(path, source)):

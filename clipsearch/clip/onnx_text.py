@@ -18,13 +18,14 @@ and a server's later starts open it (`load_cached`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipsearch.clip import numpy_text, onnx_graph
+from clipsearch.clip import numpy_text, onnx_graph, precision_verdicts
 from clipsearch.clip.numpy_text import TextTower
 
 
@@ -77,12 +78,14 @@ def cache_file(model_ref: str, kernel: str) -> Path:
     return numpy_text.cache_file(model_ref).with_suffix(f".{kernel}.onnx")
 
 
-def export(tower: TextTower, model_ref: str, kernel: str) -> bytes:
-    """``tower``'s graph in ``kernel``, written to the cache where the checkpoint can be identified."""
+def export(tower: TextTower, model_ref: str, kernel: str, chosen_by: dict | None = None) -> bytes:
+    """``tower``'s graph in ``kernel``, written to the cache where the checkpoint can be
+    identified, recording ``chosen_by``: the key of the text verdict that chose ``kernel``."""
     metadata = onnx_graph.built_from(model_ref)
-    graph = build(tower, kernel, metadata)
-    if metadata is not None:
-        onnx_graph.save(cache_file(model_ref, kernel), graph)
+    if metadata is None:
+        return build(tower, kernel)
+    graph = build(tower, kernel, {**metadata, "chosen_by": json.dumps(chosen_by)})
+    onnx_graph.save(cache_file(model_ref, kernel), graph)
     return graph
 
 
@@ -91,3 +94,18 @@ def load_cached(model_ref: str, kernel: str, threads: int) -> OnnxTextTower | No
     was built from the checkpoint as it is now (`onnx_graph.cached_session`); None otherwise."""
     opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, threads)
     return OnnxTextTower(opened) if opened is not None else None
+
+
+def remembered(model_ref: str, threads: int) -> tuple[str, OnnxTextTower] | None:
+    """The kernel this machine's text verdict chose for ``model_ref`` and its cached graph on
+    ``threads`` threads, found without importing torch: a warm process (a server) then starts
+    in a fraction of a second. None unless a graph is cached and current, and the verdict that
+    chose it stands (`precision_verdicts.standing_text_kernel`)."""
+    for kernel in onnx_graph.KERNELS:
+        opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, threads)
+        if opened is None:
+            continue
+        chosen_by = json.loads(opened.get_modelmeta().custom_metadata_map.get("chosen_by", "null"))
+        if precision_verdicts.standing_text_kernel(chosen_by, model_ref) == kernel:
+            return kernel, OnnxTextTower(opened)
+    return None

@@ -52,6 +52,32 @@ def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: fr
     }
 
 
+def text_key(checkpoint: dict, kernels: Iterable[str]) -> dict:
+    """What a text verdict (`clip.text_fast`) depends on: the checkpoint files, the kernels
+    measured (which of torch's run, torch had to try), the CPU flags that decide speed, and torch's
+    and onnxruntime's versions."""
+    return {
+        "checkpoint": checkpoint,
+        "text_kernels": list(kernels),
+        "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
+        "torch": package_version("torch"),
+        "onnxruntime": onnx_runtime(),
+    }
+
+
+def standing_text_kernel(chosen_by: object, model_ref: str) -> str | None:
+    """The text kernel remembered under ``chosen_by`` (the key of the verdict that chose a cached
+    graph) while that key still describes this machine and ``model_ref``'s checkpoint, known
+    without importing torch (the kernels torch has are taken from the key); None otherwise."""
+    checkpoint = checkpoint_state(model_ref)
+    if not isinstance(chosen_by, dict) or checkpoint is None:
+        return None
+    if json.loads(json.dumps(text_key(checkpoint, chosen_by.get("text_kernels", [])))) != chosen_by:
+        return None
+    verdict = recall(chosen_by)
+    return verdict.get("precision") if verdict is not None else None
+
+
 def onnx_runtime() -> str | None:
     """What the speed and output of our ONNX graphs depend on besides the checkpoint: onnxruntime's
     version and the graphs' layout (`onnx_graph.LAYOUT`); None without the ``onnx`` extra."""

@@ -28,9 +28,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import onnx_graph, onnx_text, precision_verdicts
+from . import numpy_text, onnx_graph, onnx_text, precision_verdicts
 from .cpu import MIN_COSINE, has_native_bf16
-from .cpu_features import SPEED_FLAGS, cpu_flags
 from .model import CLIP, SharedSpace, with_weights
 from .numpy_text import TextTower
 from .tower_file import checkpoint_state
@@ -84,10 +83,15 @@ class OnnxText:
     """A CLIP's text tower as an `clip.onnx_text` graph where `FastText` holds a text-only model:
     ``encode_text`` of torch token ids, and the tokenizer and context length an `Encoder` reads."""
 
-    def __init__(self, model: SharedSpace, kernel: str, threads: int, model_ref: str | None = None):
+    def __init__(
+        self, model: SharedSpace, kernel: str, threads: int, model_ref: str | None = None, chosen_by: dict | None = None
+    ):
         """With ``model_ref`` (the model as `clip.load` was given it: a remembered kernel), the
         graph cached for it is opened when it is current, else built and cached (about 2 s at
-        ViT-B/32); without (a kernel being measured), it is built and held (145 MB) for `on_threads`."""
+        ViT-B/32) with ``chosen_by``, the key of the verdict that chose it, from the NumPy tower,
+        cached too (a later warm start reads its tokenizer there, without torch:
+        `onnx_text.remembered`); without (a kernel being measured), the graph is built and held
+        (145 MB) for `on_threads`."""
         if not isinstance(model, CLIP):
             raise ValueError(f"the text tower of a {type(model).__name__} runs in torch only")
         self.kernel, self.tokenizer, self.context_length = kernel, model.tokenizer, model.context_length
@@ -96,10 +100,12 @@ class OnnxText:
         if cached is not None:
             self.tower = cached
             return
-        tower = TextTower.from_model(model, model.tokenizer.bpe_path, copy=False)
         if model_ref is not None:
-            graph = onnx_text.export(tower, model_ref, kernel)
+            source = checkpoint_state(model_ref)
+            tower = numpy_text.load_cached(model_ref) or numpy_text.cached_from(model, model_ref, source)
+            graph = onnx_text.export(tower, model_ref, kernel, chosen_by)
         else:
+            tower = TextTower.from_model(model, model.tokenizer.bpe_path, copy=False)
             graph = self.graph = onnx_text.build(tower, kernel)
         self.tower = onnx_text.OnnxTextTower(onnx_graph.session(graph, threads))
 
@@ -144,7 +150,8 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     remembered = verdict["precision"] if verdict is not None else None
     again = f"{remembered}, as measured before"
     if remembered in kernels and remembered in onnx_graph.KERNELS:  # built from the model's weights: no torch copy
-        return FastText(OnnxText(model, remembered, torch.get_num_threads(), model_ref), remembered, again)
+        onnx = OnnxText(model, remembered, torch.get_num_threads(), model_ref, key)
+        return FastText(onnx, remembered, again)
     try:
         reference = text_only_copy(model)
     except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as err:  # not a family we know
@@ -229,12 +236,4 @@ def _seconds_per_text(model: SharedSpace | OnnxText, tokens: torch.Tensor) -> fl
 def _verdict_key(model_ref: str | None, kernels: tuple[str, ...]) -> dict[str, Any] | None:
     """What a text verdict depends on; None when the checkpoint cannot be identified."""
     checkpoint = checkpoint_state(model_ref) if model_ref is not None else None
-    if checkpoint is None:
-        return None
-    return {
-        "checkpoint": checkpoint,
-        "text_kernels": list(kernels),
-        "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
-        "torch": torch.__version__,
-        "onnxruntime": precision_verdicts.onnx_runtime(),
-    }
+    return precision_verdicts.text_key(checkpoint, kernels) if checkpoint is not None else None
