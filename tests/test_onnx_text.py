@@ -169,13 +169,31 @@ def test_a_remembered_kernel_builds_its_graph_once_then_opens_it_from_the_cache(
     with torch.inference_mode():
         np.testing.assert_array_equal(opened.encode_text(tokens).numpy(), built.encode_text(tokens).numpy())
 
-    assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is not None
-    assert onnx_text.load_cached(ref, "onnx-int8-blocks", 1) is None  # each kernel its own graph
+    found = onnx_text.remembered(ref, 1)
+    assert found is not None and found[0] == "onnx-int8-dynamic"
+    assert not onnx_text.cache_file(ref, "onnx-int8-blocks").exists()  # only the chosen kernel's graph
     with monkeypatch.context() as patched:
         patched.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)
-        assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is None
+        assert onnx_text.remembered(ref, 1) is None
     bump_mtime(Path(ref) / "model.safetensors")
-    assert onnx_text.load_cached(ref, "onnx-int8-dynamic", 1) is None  # built from the checkpoint as it was
+    assert onnx_text.remembered(ref, 1) is None  # built from the checkpoint as it was
+
+
+def test_a_graph_another_verdict_chose_is_built_again(tmp_path, monkeypatch):
+    """After torch is upgraded the verdict is measured again; the graph it chooses must record it,
+    or later warm starts would never find it standing and always import torch."""
+    monkeypatch.setattr(text_fast, "_seconds_per_text", fastest("onnx-int8-dynamic"))
+    ref = str(write_tiny_model(tmp_path / "model"))
+    model, _ = clip.load(ref, device="cpu", towers="text")
+    for _ in range(2):  # measured, then built and cached
+        text_fast.fast_text_tower(model, ref)
+    assert onnx_text.remembered(ref, 1) is not None
+    monkeypatch.setattr(precision_verdicts, "package_version", lambda name: "another")  # torch upgraded
+    assert onnx_text.remembered(ref, 1) is None
+    for _ in range(2):
+        text_fast.fast_text_tower(model, ref)
+    found = onnx_text.remembered(ref, 1)
+    assert found is not None and found[0] == "onnx-int8-dynamic"
 
 
 def test_a_warm_text_encoder_opens_the_remembered_graph_without_torch(tmp_path, monkeypatch):
@@ -198,8 +216,6 @@ def test_a_warm_text_encoder_opens_the_remembered_graph_without_torch(tmp_path, 
     assert (kind, path, imported_torch) == ("TextEncoder", "fast onnx-int8-dynamic", False)
     np.testing.assert_allclose(np.array(vectors, dtype=np.float32), expected, atol=1e-6)
 
-    found = onnx_text.remembered(ref, 1)
-    assert found is not None and found[0] == "onnx-int8-dynamic"
     monkeypatch.setattr(precision_verdicts, "package_version", lambda name: "another")  # torch upgraded
     assert onnx_text.remembered(ref, 1) is None  # the verdict no longer stands: torch measures again
 

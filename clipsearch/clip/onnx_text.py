@@ -89,11 +89,15 @@ def export(tower: TextTower, model_ref: str, kernel: str, chosen_by: dict | None
     return graph
 
 
-def load_cached(model_ref: str, kernel: str, threads: int) -> OnnxTextTower | None:
+def load_cached(model_ref: str, kernel: str, threads: int, chosen_by: dict | None) -> OnnxTextTower | None:
     """The cached graph of ``model_ref``'s text tower in ``kernel`` on ``threads`` threads, when it
-    was built from the checkpoint as it is now (`onnx_graph.cached_session`); None otherwise."""
+    was built from the checkpoint as it is now (`onnx_graph.cached_session`) and chosen by the
+    verdict of key ``chosen_by``; None otherwise (one a verdict of an older torch chose is built
+    again: it would never be `remembered`)."""
     opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, threads)
-    return OnnxTextTower(opened) if opened is not None else None
+    if opened is None or _chosen_by(opened) != json.loads(json.dumps(chosen_by)):
+        return None
+    return OnnxTextTower(opened)
 
 
 def remembered(model_ref: str, threads: int) -> tuple[str, OnnxTextTower] | None:
@@ -103,9 +107,11 @@ def remembered(model_ref: str, threads: int) -> tuple[str, OnnxTextTower] | None
     chose it stands (`precision_verdicts.standing_text_kernel`)."""
     for kernel in onnx_graph.KERNELS:
         opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, threads)
-        if opened is None:
-            continue
-        chosen_by = json.loads(opened.get_modelmeta().custom_metadata_map.get("chosen_by", "null"))
-        if precision_verdicts.standing_text_kernel(chosen_by, model_ref) == kernel:
+        if opened is not None and precision_verdicts.standing_text_kernel(_chosen_by(opened), model_ref) == kernel:
             return kernel, OnnxTextTower(opened)
     return None
+
+
+def _chosen_by(session: Any) -> object:
+    """The key of the verdict that chose a cached graph, as `export` recorded it."""
+    return json.loads(session.get_modelmeta().custom_metadata_map.get("chosen_by", "null"))

@@ -87,8 +87,8 @@ class OnnxText:
         self, model: SharedSpace, kernel: str, threads: int, model_ref: str | None = None, chosen_by: dict | None = None
     ):
         """With ``model_ref`` (the model as `clip.load` was given it: a remembered kernel), the
-        graph cached for it is opened when it is current, else built and cached (about 2 s at
-        ViT-B/32) with ``chosen_by``, the key of the verdict that chose it, from the NumPy tower,
+        graph cached for it is opened when it is current and ``chosen_by`` (the key of the verdict
+        that chose it) chose it, else built and cached (about 2 s at ViT-B/32) from the NumPy tower,
         cached too (a later warm start reads its tokenizer there, without torch:
         `onnx_text.remembered`); without (a kernel being measured), the graph is built and held
         (145 MB) for `on_threads`."""
@@ -96,7 +96,7 @@ class OnnxText:
             raise ValueError(f"the text tower of a {type(model).__name__} runs in torch only")
         self.kernel, self.tokenizer, self.context_length = kernel, model.tokenizer, model.context_length
         self.graph: bytes | None = None
-        cached = onnx_text.load_cached(model_ref, kernel, threads) if model_ref is not None else None
+        cached = onnx_text.load_cached(model_ref, kernel, threads, chosen_by) if model_ref is not None else None
         if cached is not None:
             self.tower = cached
             return
