@@ -78,18 +78,20 @@ def cache_file(model_ref: str, kernel: str) -> Path:
     return numpy_text.cache_file(model_ref).with_suffix(f".{kernel}.onnx")
 
 
-def export(tower: TextTower, model_ref: str, kernel: str, chosen_by: dict | None = None) -> bytes:
-    """``tower``'s graph in ``kernel``, written to the cache where the checkpoint can be
-    identified, recording ``chosen_by``: the key of the text verdict that chose ``kernel``."""
-    metadata = onnx_graph.built_from(model_ref)
-    if metadata is None:
-        return build(tower, kernel)
-    graph = build(tower, kernel, {**metadata, "chosen_by": json.dumps(chosen_by)})
+def provenance(model_ref: str, chosen_by: dict) -> dict[str, str] | None:
+    """What a graph of ``model_ref``'s text tower records for the cache: `onnx_graph.built_from`,
+    and ``chosen_by``, the key of the text verdict that chose (or is measuring) its kernel; None
+    where the checkpoint cannot be identified."""
+    built_from = onnx_graph.built_from(model_ref)
+    return {**built_from, "chosen_by": json.dumps(chosen_by)} if built_from is not None else None
+
+
+def save(model_ref: str, kernel: str, graph: bytes) -> None:
+    """Cache ``graph``, built with `provenance`, as ``model_ref``'s text tower in ``kernel``."""
     onnx_graph.save(cache_file(model_ref, kernel), graph)
-    return graph
 
 
-def load_cached(model_ref: str, kernel: str, threads: int, chosen_by: dict | None) -> OnnxTextTower | None:
+def load_cached(model_ref: str, chosen_by: dict, kernel: str, threads: int) -> OnnxTextTower | None:
     """The cached graph of ``model_ref``'s text tower in ``kernel`` on ``threads`` threads, when it
     was built from the checkpoint as it is now (`onnx_graph.cached_session`) and chosen by the
     verdict of key ``chosen_by``; None otherwise (one a verdict of an older torch chose is built

@@ -79,40 +79,51 @@ class FastText(NamedTuple):
         return torch.cat([self.model.encode_text(row[None]) for row in tokens])
 
 
+# Where a text graph is cached: the model as `clip.load` was given it, and its text verdict's key.
+Cache = tuple[str, dict]
+
+
 class OnnxText:
     """A CLIP's text tower as an `clip.onnx_text` graph where `FastText` holds a text-only model:
     ``encode_text`` of torch token ids, and the tokenizer and context length an `Encoder` reads."""
 
     def __init__(
-        self, model: SharedSpace, kernel: str, threads: int, model_ref: str | None = None, chosen_by: dict | None = None
+        self, model: SharedSpace, kernel: str, threads: int, cache: Cache | None = None, *, measured: bool = False
     ):
-        """With ``model_ref`` (the model as `clip.load` was given it: a remembered kernel), the
-        graph cached for it is opened when it is current and ``chosen_by`` (the key of the verdict
-        that chose it) chose it, else built and cached (about 2 s at ViT-B/32) from the NumPy tower,
-        cached too (a later warm start reads its tokenizer there, without torch:
-        `onnx_text.remembered`); without (a kernel being measured), the graph is built and held
-        (145 MB) for `on_threads`."""
+        """``cache``: the model as `clip.load` was given it and the key of the text verdict that
+        chose ``kernel`` (or is measuring it), which the graph records; the graph is then built
+        from the NumPy tower, cached too (a later warm start reads its tokenizer there, without
+        torch: `onnx_text.remembered`). A remembered kernel's graph is opened from the model cache
+        when it is current, else built (about 2 s at ViT-B/32) and saved there. ``measured``: built
+        to be measured and held (145 MB) for `on_threads`, which saves it."""
         if not isinstance(model, CLIP):
             raise ValueError(f"the text tower of a {type(model).__name__} runs in torch only")
         self.kernel, self.tokenizer, self.context_length = kernel, model.tokenizer, model.context_length
         self.graph: bytes | None = None
-        cached = onnx_text.load_cached(model_ref, kernel, threads, chosen_by) if model_ref is not None else None
-        if cached is not None:
-            self.tower = cached
+        self.cache = cache
+        found = onnx_text.load_cached(*cache, kernel, threads) if cache is not None and not measured else None
+        if found is not None:
+            self.tower = found
             return
-        if model_ref is not None:
+        if cache is None:
+            graph = onnx_text.build(TextTower.from_model(model, model.tokenizer.bpe_path, copy=False), kernel)
+        else:
+            model_ref, chosen_by = cache
             source = checkpoint_state(model_ref)
             tower = numpy_text.load_cached(model_ref) or numpy_text.cached_from(model, model_ref, source)
-            graph = onnx_text.export(tower, model_ref, kernel, chosen_by)
-        else:
-            tower = TextTower.from_model(model, model.tokenizer.bpe_path, copy=False)
-            graph = self.graph = onnx_text.build(tower, kernel)
+            graph = onnx_text.build(tower, kernel, onnx_text.provenance(model_ref, chosen_by))
+        if measured:
+            self.graph = graph
+        elif cache is not None:
+            onnx_text.save(cache[0], kernel, graph)
         self.tower = onnx_text.OnnxTextTower(onnx_graph.session(graph, threads))
 
     def on_threads(self, threads: int) -> OnnxText:
-        """This tower in a session of ``threads`` (it was measured on one, so that the thread's
-        CPU time is all its work); the graph is let go."""
+        """This tower, chosen, in a session of ``threads`` (it was measured on one, so that the
+        thread's CPU time is all its work), its graph saved to the model cache and let go."""
         assert self.graph is not None
+        if self.cache is not None:
+            onnx_text.save(self.cache[0], self.kernel, self.graph)
         self.tower, self.graph = onnx_text.OnnxTextTower(onnx_graph.session(self.graph, threads)), None
         return self
 
@@ -127,11 +138,11 @@ def candidate_kernels() -> tuple[str, ...]:
     return kernels + (tuple(onnx_graph.KERNELS) if onnx_graph.available() else ())
 
 
-def with_kernel(model: SharedSpace, kernel: str, threads: int) -> SharedSpace | OnnxText:
-    """A text-only copy of ``model`` whose products run ``kernel``; ValueError when the kernel
-    cannot run this model's family."""
+def with_kernel(model: SharedSpace, kernel: str, threads: int, cache: Cache | None = None) -> SharedSpace | OnnxText:
+    """A text-only copy of ``model`` whose products run ``kernel``, to be measured; ValueError
+    when the kernel cannot run this model's family. ``cache``: where a graph goes if chosen."""
     if kernel in onnx_graph.KERNELS:
-        return OnnxText(model, kernel, threads)
+        return OnnxText(model, kernel, threads, cache, measured=True)
     copy = text_only_copy(model)
     swap_linears(copy, kernel)
     return copy
@@ -150,8 +161,8 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     remembered = verdict["precision"] if verdict is not None else None
     again = f"{remembered}, as measured before"
     if remembered in kernels and remembered in onnx_graph.KERNELS:  # built from the model's weights: no torch copy
-        onnx = OnnxText(model, remembered, torch.get_num_threads(), model_ref, key)
-        return FastText(onnx, remembered, again)
+        assert model_ref is not None and key is not None  # a verdict was recalled
+        return FastText(OnnxText(model, remembered, torch.get_num_threads(), (model_ref, key)), remembered, again)
     try:
         reference = text_only_copy(model)
     except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as err:  # not a family we know
@@ -164,7 +175,7 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     if not onnx_graph.available():
         logger.info("ONNX Runtime is not installed: pip install 'clipsearch[onnx]' measures its text tower too")
     started = time.perf_counter()
-    chosen = _fastest_faithful(model, reference, kernels)
+    chosen = _fastest_faithful(model, reference, kernels, (model_ref, key) if model_ref and key else None)
     if isinstance(chosen.model, OnnxText):
         chosen = chosen._replace(model=chosen.model.on_threads(torch.get_num_threads()))
     logger.info(
@@ -186,8 +197,11 @@ def calibration_tokens(model: SharedSpace) -> torch.Tensor:
     return model.tokenizer(list(CALIBRATION_TEXTS), context_length=model.context_length, truncate=True)
 
 
-def _fastest_faithful(source: SharedSpace, fp32: SharedSpace, kernels: tuple[str, ...]) -> FastText:
-    """Each kernel on a fresh copy of ``source``'s text tower, against ``fp32``'s embeddings."""
+def _fastest_faithful(
+    source: SharedSpace, fp32: SharedSpace, kernels: tuple[str, ...], cache: Cache | None = None
+) -> FastText:
+    """Each kernel on a fresh copy of ``source``'s text tower, against ``fp32``'s embeddings;
+    ``cache``: where the graph of an ONNX kernel goes if chosen (`OnnxText.on_threads`)."""
     tokens = calibration_tokens(fp32)
     with torch.inference_mode():
         reference = fp32.encode_text(tokens)
@@ -196,7 +210,7 @@ def _fastest_faithful(source: SharedSpace, fp32: SharedSpace, kernels: tuple[str
     notes = [f"fp32 {best_seconds * 1e3:.2f} ms CPU"]
     for kernel in kernels[1:]:
         try:
-            trial = FastText(with_kernel(source, kernel, threads=1), kernel, "")
+            trial = FastText(with_kernel(source, kernel, 1, cache), kernel, "")
         except ValueError as err:
             notes.append(f"{kernel} cannot run it ({err})")
             continue
