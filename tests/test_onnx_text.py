@@ -177,6 +177,22 @@ def test_the_chosen_kernels_graph_is_cached_when_measured_and_opened_by_later_st
     assert onnx_text.remembered(ref, 1) is None  # built from the checkpoint as it was
 
 
+def test_the_graph_of_converted_weights_is_never_cached(tmp_path, monkeypatch):
+    """An `Encoder` in bf16 converts its text tower too: a text-only process, or a cold query
+    through the NumPy tower, would take those weights for the checkpoint's."""
+    from clipsearch.clip import numpy_text
+
+    monkeypatch.setattr(text_fast, "_seconds_per_text", fastest("onnx-int8-blocks"))  # faithful in bf16 too
+    ref = str(write_tiny_model(tmp_path / "model"))
+    model, _ = clip.load(ref, device="cpu", towers="text")
+    for _ in range(2):  # measured, then remembered
+        chosen = text_fast.fast_text_tower(model.to(torch.bfloat16), ref)
+        assert chosen is not None and chosen.kernel == "onnx-int8-blocks"
+    assert not onnx_text.cache_file(ref, "onnx-int8-blocks").exists() and numpy_text.load_cached(ref) is None
+    text_fast.fast_text_tower(model.float(), ref)
+    assert onnx_text.cache_file(ref, "onnx-int8-blocks").is_file() and numpy_text.load_cached(ref) is not None
+
+
 def test_a_graph_another_verdict_chose_is_built_again(tmp_path, monkeypatch):
     """After torch is upgraded the verdict is measured again; the graph it chooses must record it,
     or later warm starts would never find it standing and always import torch."""

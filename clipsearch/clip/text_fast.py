@@ -160,9 +160,9 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     verdict = precision_verdicts.recall(key) if key is not None else None
     remembered = verdict["precision"] if verdict is not None else None
     again = f"{remembered}, as measured before"
+    cache = _cache(model, model_ref, key)
     if remembered in kernels and remembered in onnx_graph.KERNELS:  # built from the model's weights: no torch copy
-        assert model_ref is not None and key is not None  # a verdict was recalled
-        return FastText(OnnxText(model, remembered, torch.get_num_threads(), (model_ref, key)), remembered, again)
+        return FastText(OnnxText(model, remembered, torch.get_num_threads(), cache), remembered, again)
     try:
         reference = text_only_copy(model)
     except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as err:  # not a family we know
@@ -175,7 +175,7 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     if not onnx_graph.available():
         logger.info("ONNX Runtime is not installed: pip install 'clipsearch[onnx]' measures its text tower too")
     started = time.perf_counter()
-    chosen = _fastest_faithful(model, reference, kernels, (model_ref, key) if model_ref and key else None)
+    chosen = _fastest_faithful(model, reference, kernels, cache)
     if isinstance(chosen.model, OnnxText):
         chosen = chosen._replace(model=chosen.model.on_threads(torch.get_num_threads()))
     logger.info(
@@ -184,6 +184,16 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
     if key is not None:
         precision_verdicts.remember(key, {"precision": chosen.kernel, "report": chosen.report})
     return chosen
+
+
+def _cache(model: SharedSpace, model_ref: str | None, key: dict | None) -> Cache | None:
+    """Where ``model``'s text graph is cached, if anywhere: only a graph (and a NumPy tower) of
+    the float32 weights, never of those an `Encoder` converted to bf16 or fp16 with its image
+    tower, which a text-only process or a cold query would then take for the checkpoint's."""
+    text = (p for name, p in model.named_parameters() if not name.startswith("visual."))
+    if model_ref is None or key is None or any(p.dtype != torch.float32 for p in text):
+        return None
+    return model_ref, key
 
 
 def text_only_copy(model: SharedSpace) -> SharedSpace:
