@@ -121,7 +121,8 @@ def _cpu_only(device: str) -> bool:
 def _remembered_text_graph(model_ref: str) -> TextEncoder | None:
     """A warm text-only `TextEncoder` on the ONNX graph this machine's text verdict chose, when
     it stands and the graph is cached (`onnx_text.remembered`): torch is never imported, so a
-    server starts in a fraction of a second and holds a third of the memory."""
+    process that searches by text (an app, a notebook) starts in a fraction of a second and holds
+    a third of the memory. (`clipsearch serve` loads the image tower too, for uploads.)"""
     from clipsearch.clip import onnx_graph, onnx_text
     from clipsearch.clip.cpu_features import usable_cores
 

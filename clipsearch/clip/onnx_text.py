@@ -13,7 +13,7 @@ causal, so nothing after it matters), and returns its unnormalised embedding
 ``[1, embed_dim]``. It is built from the NumPy tower's arrays (`clip.numpy_text.TextTower`),
 which hold the weights ``[in, out]`` as the products read them; building ViT-B/32's takes about
 2 s, so the graph of the kernel a model's verdict chose is cached beside the NumPy tower's file
-and a server's later starts open it (`load_cached`).
+and a warm process's later starts open it (`load_cached`, `remembered`).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def load_cached(model_ref: str, chosen_by: dict, kernel: str, threads: int) -> O
 
 def remembered(model_ref: str, threads: int) -> tuple[str, OnnxTextTower] | None:
     """The kernel this machine's text verdict chose for ``model_ref`` and its cached graph on
-    ``threads`` threads, found without importing torch: a warm process (a server) then starts
+    ``threads`` threads, found without importing torch: a warm text-only process then starts
     in a fraction of a second. None unless a graph is cached and current, and the verdict that
     chose it stands (`precision_verdicts.standing_text_kernel`)."""
     for kernel in onnx_graph.KERNELS:
