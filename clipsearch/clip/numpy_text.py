@@ -71,7 +71,7 @@ class TextTower:
     @classmethod
     def from_model(cls, model: CLIP, vocab_path: str | Path, copy: bool = True) -> TextTower:
         """The text tower of a torch `CLIP`, whose tokenizer reads ``vocab_path``. ``copy=False``:
-        views of the model's weights, the linear ones transposed (what `export` writes)."""
+        views of the model's weights, the linear ones transposed (what `cached_from` writes)."""
         weights = {
             key: stored(key, value.detach().float().cpu().numpy())
             for key, value in model.state_dict().items()
