@@ -144,6 +144,34 @@ def test_an_uploaded_image_finds_itself_and_is_never_stored(served, tmp_path):
     assert sorted(p for p in service.index.home.rglob("*") if "thumbnails" not in p.parts) == before
 
 
+def test_the_image_tower_loads_with_the_first_upload_only(tmp_path, tiny_model, monkeypatch):
+    """A server that is only asked texts never loads the image tower (nor, once its text graph
+    is cached, torch); the first upload loads both towers, once."""
+    import clipsearch.index
+
+    home, library = build(tmp_path, tiny_model, count=4)
+    opened = []
+    real_open = clipsearch.index.open_encoder
+
+    def open_encoder(model, device, precision, towers, *args):
+        opened.append(towers)
+        return real_open(model, device, precision, towers, *args)
+
+    monkeypatch.setattr(clipsearch.index, "open_encoder", open_encoder)
+    service = Service.open(home, "cpu")
+    try:
+        with client_for(service) as client:
+            ok(client.get("/api/search", params={"q": "a red circle", "k": 2}))
+            assert opened == ["text"]
+            for _ in range(2):
+                body = ok(client.post("/api/search/image", params={"k": 1}, content=library[1].read_bytes()))
+                assert body["hits"][0]["path"] == str(library[1])
+            ok(client.get("/api/search", params={"q": "a blue square", "k": 2}))
+            assert opened == ["text", "both"]
+    finally:
+        service.close()
+
+
 def test_an_upload_can_be_refined_with_text(served):
     client, service, library = served
     vector = service.index.encoder("image").encode_images(
