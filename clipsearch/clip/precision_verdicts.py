@@ -42,27 +42,19 @@ def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: fr
     whether the text tower converts too, the precisions measured, the CPU ``flags`` that decide
     speed, and torch's and onnxruntime's versions (read without importing them: installing the
     ``onnx`` extra measures its image graph too)."""
-    return {
-        "checkpoint": checkpoint,
-        "text_tower": text_tower,
-        "candidates": list(candidates),
-        "cpu_flags": sorted(flags & SPEED_FLAGS),
-        "torch": package_version("torch"),
-        "onnxruntime": onnx_runtime(),
-    }
+    return {"checkpoint": checkpoint, "text_tower": text_tower, "candidates": list(candidates), **_machine(flags)}
 
 
 def text_key(checkpoint: dict, kernels: Iterable[str]) -> dict:
     """What a text verdict (`clip.text_fast`) depends on: the checkpoint files, the kernels
-    measured (which of torch's run, torch had to try), the CPU flags that decide speed, and torch's
-    and onnxruntime's versions."""
-    return {
-        "checkpoint": checkpoint,
-        "text_kernels": list(kernels),
-        "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
-        "torch": package_version("torch"),
-        "onnxruntime": onnx_runtime(),
-    }
+    measured (which of torch's run, torch had to try), and as `key`, the machine and packages."""
+    return {"checkpoint": checkpoint, "text_kernels": list(kernels), **_machine(cpu_flags())}
+
+
+def _machine(flags: frozenset[str]) -> dict:
+    """What both verdicts' speed depends on besides the model: the CPU ``flags`` that decide it,
+    and torch's and onnxruntime's versions."""
+    return {"cpu_flags": sorted(flags & SPEED_FLAGS), "torch": package_version("torch"), "onnxruntime": onnx_runtime()}
 
 
 def standing_text_kernel(chosen_by: object, model_ref: str) -> str | None:
