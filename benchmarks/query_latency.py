@@ -18,9 +18,10 @@ With --peer, rclip's cold query over the same number of vectors (`rclip --no-ind
 database filled the same way) runs alternately with ours.
 
 A fourth warm part opens the index as `clipsearch serve` does (``Index.open(warm=True)``), timing
-that start to its first answer (importing torch, preparing the text tower: opening its cached
-ONNX graph, or building it where none is cached yet); new texts then go through the kernel
-`clip.text_fast` chose (``--threads``).
+that start to its first answer (where the text verdict chose an ONNX graph and it is cached,
+opening it without torch; else importing torch and preparing the text tower, measuring the
+kernels on a model's first start); new texts then go through the kernel `clip.text_fast` chose
+(``--threads``).
 
 The text tower alone, per precision, with each one's worst cosine to fp32 over a few hundred
 varied texts and the memory-bandwidth floor: `benchmarks/text_tower.py`.
@@ -148,7 +149,7 @@ def warm(count: int, model: Path, repeats: int) -> dict[str, float | str]:
         recall = recall_at_10(index.catalog, vectors, queries)
     started = time.perf_counter()
     with Index.open(home, readonly=True, warm=True) as index:  # as `clipsearch serve` opens it
-        index.search(QUERY, k=10)  # imports torch, prepares the fast text tower
+        index.search(QUERY, k=10)  # prepares the fast text tower
         warm_start = time.perf_counter() - started
         text_path = getattr(index.encoder("text"), "text_path", "?")
         fast, fast_cpu = [], []

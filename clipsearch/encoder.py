@@ -85,9 +85,10 @@ def open_encoder(
     through `clip.text_fast` (bf16 or int8 weights where they are faithful) with "auto"
     precision: importing torch and preparing the tower cost it once what a one-shot query
     process would pay for every query; once that tower is a cached ONNX graph, a text-only warm
-    process gets a `TextEncoder` on it and never imports torch. ``images``: how many images it is opened to encode
-    ("auto" precision weighs that against each precision's preparation, `clip.cpu.cheapest_for`;
-    for the image tower alone on a CPU, against the towers without torch too: `NumpyImageEncoder`)."""
+    process gets a `TextEncoder` on it and never imports torch. ``images``: how many images it is
+    opened to encode ("auto" precision weighs that against each precision's preparation,
+    `clip.cpu.cheapest_for`; for the image tower alone on a CPU, against the towers without torch
+    too: `NumpyImageEncoder`)."""
     from clipsearch.clip.families import family
 
     if towers == "image" and images is not None and precision == "auto" and not warm and _cpu_only(device):

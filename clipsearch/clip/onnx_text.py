@@ -115,5 +115,5 @@ def remembered(model_ref: str, threads: int) -> tuple[str, OnnxTextTower] | None
 
 
 def _chosen_by(session: Any) -> object:
-    """The key of the verdict that chose a cached graph, as `export` recorded it."""
+    """The key of the verdict that chose a cached graph, as `provenance` recorded it."""
     return json.loads(session.get_modelmeta().custom_metadata_map.get("chosen_by", "null"))
