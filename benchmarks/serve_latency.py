@@ -1,5 +1,6 @@
-"""`clipsearch serve` under load: /api/search latency with 1 and 8 concurrent clients, thumbnail
-latency first and cached, and the server's memory.
+"""`clipsearch serve` under load: /api/search latency with 1 and 8 concurrent clients, searches
+by an uploaded photo (the first loads the image tower), thumbnail latency first and cached, and
+the server's memory.
 
 The server is the real one (`clipsearch serve`, uvicorn on 127.0.0.1, its own process) over the
 index `query_latency.py` builds: ``--images`` generated CLIP-like vectors in the catalog, empty
@@ -116,6 +117,33 @@ def under_load(server: Server, clients: int, requests: int, text_of) -> list[flo
     return [t for per_client in latencies for t in per_client]
 
 
+def timed_upload(connection: http.client.HTTPConnection, photo: bytes) -> float:
+    """Seconds for one search by an uploaded photo; anything but 200 stops the benchmark."""
+    start = time.perf_counter()
+    connection.request("POST", "/api/search/image?k=30", body=photo, headers={"Content-Type": "image/jpeg"})
+    response = connection.getresponse()
+    body = response.read()
+    if response.status != 200:
+        raise SystemExit(f"POST /api/search/image: {response.status} {body[:200]!r}")
+    return time.perf_counter() - start
+
+
+def uploads(server: Server, count: int) -> dict[str, float]:
+    """The first upload (which loads the image tower), a new text sent 0.05 s into it, and
+    ``count`` more uploads of 640x480 JPEGs."""
+    photos = [path.read_bytes() for path in sorted(photo_folder(count + 1, 640, 480).glob("*.jpg"))]
+    text: list[float] = []
+    sender = threading.Timer(
+        0.3, lambda: text.append(timed_get(server.connection(), search_path(f"{QUERY} upload"))[0])
+    )
+    sender.start()
+    first = timed_upload(server.connection(), photos[0])
+    sender.join()
+    connection = server.connection()
+    later = [timed_upload(connection, photo) for photo in photos[1:]]
+    return {"first": first, "text_meanwhile": text[0], "later": median(later), "rss": server.rss_mb()}
+
+
 def photo_home(count: int) -> Path:
     """``count`` 12-MP photos indexed with the demo model (made once and kept)."""
     from clipsearch import Index
@@ -148,6 +176,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000, help="collection size (generated vectors)")
     parser.add_argument("--requests", type=int, default=100, help="searches per client per measurement")
     parser.add_argument("--photos", type=int, default=24, help="12-MP photos for the thumbnail timings")
+    parser.add_argument("--uploads", type=int, default=10, help="searches by an uploaded photo, after the first")
     args = parser.parse_args()
     os.environ.update(ours_env())
     home = filled_home(args.images, random_model(ARCH))
@@ -180,6 +209,23 @@ def main() -> None:
                 )
         rows.append(("server RSS MB, started", fmt(started_mb), "-", "-"))
         rows.append(("server RSS MB, after the searches", fmt(server.rss_mb()), "-", "-"))
+        uploaded = uploads(server, args.uploads)
+        rows += [
+            ("/api/search/image ms, the first upload (loads the image tower)", fmt(uploaded["first"] * 1e3), "-", "-"),
+            (
+                "/api/search ms, a new text sent 0.05 s into the first upload",
+                fmt(uploaded["text_meanwhile"] * 1e3),
+                "-",
+                "-",
+            ),
+            (
+                f"/api/search/image p50 ms, {args.uploads} later uploads (640x480 JPEG)",
+                fmt(uploaded["later"] * 1e3),
+                "-",
+                "-",
+            ),
+            ("server RSS MB, after the uploads", fmt(uploaded["rss"]), "-", "-"),
+        ]
     first, cached, size = thumbnail_latencies(args.photos)
     rows += [
         (f"thumbnail p50 ms, first request ({PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG)", fmt(median(first) * 1e3), "-", "-"),

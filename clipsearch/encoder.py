@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 # 110-225 MiB of activations at peak for 32 images and ~70 for 16, and ran 16 at 20.5 ms an image
 # against 25 for 32 (the operands stay in cache); bf16 ran both at 33 (2-vCPU AVX-512 EPYC).
 CPU_CHUNK = 16
+# How many images a warm process's image tower is chosen for (`open_encoder`) when it does not
+# say: a server's uploads, which come one at a time, a few a visit. Its first upload waits for
+# the tower to start (ViT-B/32 here: ONNX Runtime's graph in 0.4 s, torch's int8 in 2.6 s and
+# 650 MB more), and torch's 3 ms less per image would take some 700 uploads to earn that back.
+WARM_IMAGES = 100
 
 
 def model_id(model_ref: str) -> str:
@@ -88,11 +93,11 @@ def open_encoder(
     process gets a `TextEncoder` on it and never imports torch. ``images``: how many images it is
     opened to encode ("auto" precision weighs that against each precision's preparation,
     `clip.cpu.cheapest_for`; for the image tower alone on a CPU, against the towers without torch
-    too: `NumpyImageEncoder`)."""
+    too: `NumpyImageEncoder`; a warm process's image tower, for `WARM_IMAGES` when it gives no count)."""
     from clipsearch.clip.families import family
 
-    if towers == "image" and images is not None and precision == "auto" and not warm and _cpu_only(device):
-        numpy_encoder = _numpy_image_encoder(model_ref, images)
+    if towers == "image" and precision == "auto" and (images is not None or warm) and _cpu_only(device):
+        numpy_encoder = _numpy_image_encoder(model_ref, images if images is not None else WARM_IMAGES)
         if numpy_encoder is not None:
             return numpy_encoder
 

@@ -116,6 +116,18 @@ def test_the_tower_that_finishes_first_encodes_the_run(model_dir: str, measured:
 
 
 @needs_a_verdict
+def test_a_warm_process_chooses_its_image_tower_for_many_images(model_dir: str, measured: Path):
+    """A server encodes uploads for as long as it runs: the tower fastest per image, not the one
+    that starts first (NumPy's, for one image)."""
+    with_costs(measured, COSTS, torch_start=1.5)
+    encoder = open_encoder(model_dir, "cpu", "auto", "image", warm=True)
+    assert isinstance(encoder, NumpyImageEncoder) and encoder.tower.kind == "int8-onnx"
+    faster_in_torch = {**COSTS, "int8": [1.0, 0.05]}
+    with_costs(measured, faster_in_torch, torch_start=1.5)
+    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", warm=True), Encoder)
+
+
+@needs_a_verdict
 def test_torch_runs_where_the_extra_is_missing_or_the_graph_gone(
     model_dir: str, measured: Path, monkeypatch: pytest.MonkeyPatch
 ):

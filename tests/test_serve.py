@@ -146,7 +146,8 @@ def test_an_uploaded_image_finds_itself_and_is_never_stored(served, tmp_path):
 
 def test_the_image_tower_loads_with_the_first_upload_only(tmp_path, tiny_model, monkeypatch):
     """A server that is only asked texts never loads the image tower (nor, once its text graph
-    is cached, torch); the first upload loads both towers, once."""
+    is cached, torch); the first upload loads the image tower alone, once, and texts keep the
+    text tower they had."""
     import clipsearch.index
 
     home, library = build(tmp_path, tiny_model, count=4)
@@ -163,12 +164,59 @@ def test_the_image_tower_loads_with_the_first_upload_only(tmp_path, tiny_model, 
         with client_for(service) as client:
             ok(client.get("/api/search", params={"q": "a red circle", "k": 2}))
             assert opened == ["text"]
+            text_tower = service.index.encoder("text")
             for _ in range(2):
                 body = ok(client.post("/api/search/image", params={"k": 1}, content=library[1].read_bytes()))
                 assert body["hits"][0]["path"] == str(library[1])
+                assert body["hits"][0]["score"] == pytest.approx(1, abs=3e-3)
             ok(client.get("/api/search", params={"q": "a blue square", "k": 2}))
-            assert opened == ["text", "both"]
+            assert opened == ["text", "image"]
+            assert service.index.encoder("text") is text_tower
     finally:
+        service.close()
+
+
+def test_texts_are_answered_while_the_first_upload_loads_the_image_tower(tmp_path, tiny_model, monkeypatch):
+    """Loading the image tower takes seconds at ViT-B/32 (importing torch); a search by text
+    sent meanwhile is answered at once, not queued behind it."""
+    import clipsearch.index
+
+    home, library = build(tmp_path, tiny_model, count=4)
+    loading, release = threading.Event(), threading.Event()
+    real_open = clipsearch.index.open_encoder
+
+    def open_encoder(model, device, precision, towers, *args):
+        if towers != "text":
+            loading.set()
+            assert release.wait(60)
+        return real_open(model, device, precision, towers, *args)
+
+    monkeypatch.setattr(clipsearch.index, "open_encoder", open_encoder)
+    service = Service.open(home, "cpu")
+    uploaded, searched = [], []
+    try:
+        with client_for(service) as client:
+            upload = threading.Thread(
+                target=lambda: uploaded.append(
+                    client.post("/api/search/image", params={"k": 1}, content=library[2].read_bytes())
+                )
+            )
+            upload.start()
+            assert loading.wait(60)
+            search = threading.Thread(
+                target=lambda: searched.append(client.get("/api/search", params={"q": "a red circle", "k": 2}))
+            )
+            search.start()
+            search.join(20)
+            answered_while_loading = not search.is_alive() and upload.is_alive()
+            release.set()
+            upload.join(60)
+            search.join(60)
+            assert answered_while_loading
+            assert len(ok(searched[0])["hits"]) == 2
+            assert ok(uploaded[0])["hits"][0]["path"] == str(library[2])
+    finally:
+        release.set()
         service.close()
 
 
