@@ -90,6 +90,21 @@ def test_the_graph_is_the_tower_for_gelu_and_quick_gelu(tmp_path, quick_gelu):
         assert {round(onnx.helper.get_attribute_value(n.attribute[0]), 6) for n in activations} == {1.702}
 
 
+def test_the_token_table_is_held_in_half_the_bytes(demo_model):
+    """Two thirds of a graph's bytes at ViT-B/32 (49,408 x 512): float16 halves them; the
+    rows every calibration text reads stay within its rounding of the float32 table."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = text_fast.with_kernel(demo_model, "onnx-int8-dynamic", threads=1).graph
+    assert graph is not None
+    (table,) = [t for t in onnx.load_from_string(graph).graph.initializer if t.name == "token_embedding.weight"]
+    held = numpy_helper.to_array(table)
+    expected = demo_model.token_embedding.weight.detach().numpy()
+    assert held.dtype == np.float16 and held.shape == expected.shape
+    np.testing.assert_allclose(held.astype(np.float32), expected, rtol=2**-11, atol=2**-24)
+
+
 def test_the_session_keeps_residual_adds_and_layer_norms_apart(demo_model, tmp_path, monkeypatch):
     """ONNX Runtime would fuse them into its SkipLayerNormalization, six times slower here."""
     import onnx

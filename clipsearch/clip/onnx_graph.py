@@ -44,7 +44,7 @@ CONTRIB = "com.microsoft"  # the domain of ONNX Runtime's own operators
 UNFUSED = ["SkipLayerNormFusion"]
 # The version of the graphs written here and of what their files record: a cached graph or a
 # remembered measurement of an older one is rebuilt or measured again.
-LAYOUT = 3
+LAYOUT = 4
 
 
 def available() -> bool:

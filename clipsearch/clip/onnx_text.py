@@ -45,7 +45,11 @@ def build(tower: TextTower, kernel: str, metadata: Mapping[str, str] | None = No
     (square,) = g.op("Concat", length, length, axis=0)
     (mask,) = g.op("Slice", g.constant("causal", causal), g.constant("origin", np.array([0, 0])), square)
     (mask,) = g.op("Unsqueeze", mask, g.constant("outer", np.array([0, 1])))  # [1, 1, L, L]
-    (x,) = g.op("Gather", g.constant("token_embedding.weight", w["token_embedding.weight"]), "ids")
+    # The table is two thirds of the graph's bytes, of which a text reads a dozen rows: in
+    # float16 it costs every process that opens the graph 50 MB less (ViT-B/32), for an error
+    # (a 2^-11 relative rounding of each value) far below that of the products' 8 bits.
+    table = g.constant("token_embedding.weight", w["token_embedding.weight"].astype(np.float16))
+    (x,) = g.op("Cast", g.op("Gather", table, "ids")[0], to=TensorProto.FLOAT)
     (x,) = g.op("Add", x, positions)
     # Only the end-of-text token, the last row, is read from the last block on.
     pooled = onnx_graph.blocks(

@@ -95,7 +95,7 @@ class OnnxText:
         from the NumPy tower, cached too (a later warm start reads its tokenizer there, without
         torch: `onnx_text.remembered`). A remembered kernel's graph is opened from the model cache
         when it is current, else built (about 2 s at ViT-B/32) and saved there. ``measured``: built
-        to be measured and held (145 MB) for `on_threads`, which saves it."""
+        to be measured and held (89 MB at ViT-B/32) for `on_threads`, which saves it."""
         if not isinstance(model, CLIP):
             raise ValueError(f"the text tower of a {type(model).__name__} runs in torch only")
         self.kernel, self.tokenizer, self.context_length = kernel, model.tokenizer, model.context_length
