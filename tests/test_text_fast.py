@@ -94,6 +94,35 @@ def test_a_drifting_kernel_is_never_chosen(text_model, monkeypatch):
     assert fast is not None and fast.kernel == "fp32" and "drifts" in fast.report
 
 
+def test_a_kernel_is_timed_in_the_same_moments_as_the_one_it_must_beat(text_model, monkeypatch):
+    """On a shared machine a busy stretch slows whatever runs in it: "fast" (4 units a text)
+    first runs when one begins, lasting 40 encodings, which doubles every encoding in it. Timed
+    alone it would measure 8 against "slow"'s 5 from before; timed in turns with "slow", both
+    are doubled and "fast" wins, as it would on a quiet machine."""
+    clock, busy = [0.0], {"from": None, "calls": 0}
+
+    class Timed:
+        tokenizer, context_length = text_model.tokenizer, text_model.context_length
+
+        def __init__(self, kernel: str, cost: float):
+            self.kernel, self.cost = kernel, cost
+
+        def encode_text(self, tokens):
+            busy["calls"] += 1
+            if self.kernel == "fast" and busy["from"] is None:
+                busy["from"] = busy["calls"]
+            slowed = busy["from"] is not None and busy["calls"] < busy["from"] + 40
+            clock[0] += self.cost * (2 if slowed else 1)
+            return text_model.encode_text(tokens)
+
+    costs = {"fp32": 0.020, "slow": 0.005, "fast": 0.004}  # seconds a text
+    monkeypatch.setattr(text_fast, "time", types.SimpleNamespace(thread_time=lambda: clock[0]))
+    monkeypatch.setattr(text_fast, "with_kernel", lambda source, kernel, *rest: Timed(kernel, costs[kernel]))
+    chosen = text_fast._fastest_faithful(text_model, Timed("fp32", costs["fp32"]), ("fp32", "slow", "fast"))
+    assert chosen.kernel == "fast"
+    assert "slow 5.00 ms CPU" in chosen.report and "fast 8.00 ms CPU" in chosen.report
+
+
 def test_dynamic_int8_is_kept_only_where_it_measures_faithful(text_model):
     """The tiny model's activations lose too much at 8 bits (worst cosine about 0.9986 on the
     calibration texts): the measurement says so and keeps a float-activation kernel."""
