@@ -99,6 +99,24 @@ def test_the_first_measurement_builds_and_times_the_graph(model_dir: str, measur
 
 
 @needs_a_verdict
+def test_the_graph_is_timed_by_its_fastest_batch_as_torch_is(model_dir: str, monkeypatch: pytest.MonkeyPatch):
+    """One slow batch (a busy moment) must not decide against the graph: it gets as many timed
+    batches as each torch precision, and the fastest counts."""
+    timed = cpu._timed_tower
+    slow_first = iter([0.8, 0.08, 0.4])  # seconds per batch of `TIMING_BATCH`, the first caught in a busy moment
+
+    def graph_timed(tower, pixels):
+        seconds, found = timed(tower, pixels)
+        return (next(slow_first) if isinstance(tower, onnx_image.OnnxImageTower) else seconds), found
+
+    monkeypatch.setattr(cpu, "_timed_tower", graph_timed)
+    monkeypatch.setattr(cpu, "TIMING_RUNS", 3)
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
+    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
+    assert json.loads(path.read_text())["costs"]["int8-onnx"][1] == pytest.approx(0.08 / cpu.TIMING_BATCH)
+
+
+@needs_a_verdict
 def test_a_drifting_graph_is_not_offered(model_dir: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(cpu, "MIN_COSINE", 1.0 + 1e-9)  # nothing but fp32 passes
     cpu.load_prepared(model_dir, "auto", towers="image", images=4)

@@ -246,6 +246,10 @@ def _onnx_costs(tower: numpy_image.ImageTower, model_ref: str, pixels: Any, refe
     opened = time.perf_counter()
     graph.encode_images(pixels[:1])
     seconds, found = _timed_tower(graph, pixels)
+    # The fastest of as many batches as a torch precision gets (`_seconds_per_batch`): timed
+    # once, a batch caught in a busy moment put the graph at 28 ms an image against torch int8's
+    # 20 (it runs 19-20), and a run of 500 photos went to torch, with 400 MiB more.
+    seconds = min([seconds, *(_timed_tower(graph, pixels)[0] for _ in range(TIMING_RUNS - 1))])
     cosine = F.cosine_similarity(torch.from_numpy(found), torch.from_numpy(reference)).min().item()
     if cosine < MIN_COSINE:
         logger.info("ONNX Runtime's image graph drifts (cosine %.5f < %s)", cosine, MIN_COSINE)
