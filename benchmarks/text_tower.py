@@ -81,8 +81,8 @@ def towers(model: str) -> dict[str, Callable[[list[str]], np.ndarray]]:
     numpy_tower = TextEncoder(model)
     torch_fp32 = Encoder(model, "cpu", "fp32", towers="text")
     torch_bf16 = Encoder(model, "cpu", "bf16", towers="text")
-    warm = open_encoder(model, "cpu", towers="text", warm=True)
-    assert isinstance(warm, Encoder)
+    warm = open_encoder(model, "cpu", towers="text", warm=True)  # a TextEncoder once its graph is cached
+    assert isinstance(warm, (Encoder, TextEncoder))
     found = {
         "numpy fp32 (query CLI, text-only search())": numpy_tower._encode_texts,
         "torch fp32": torch_fp32._encode_texts,
@@ -95,7 +95,7 @@ def towers(model: str) -> dict[str, Callable[[list[str]], np.ndarray]]:
         for kernel, block in onnx_graph.KERNELS.items():
             activations = "int8 per tensor" if block is None else f"int8 per {block} inputs of a row"
             found[f"onnxruntime {kernel}, {activations}"] = kernel_tower(torch_fp32, kernel)
-    found[f"warm Encoder (serve, Index.open(warm=True)): {warm.text_path}"] = warm._encode_texts
+    found[f"warm {type(warm).__name__} (serve, Index.open(warm=True)): {warm.text_path}"] = warm._encode_texts
     return found
 
 
