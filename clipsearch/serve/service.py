@@ -101,8 +101,8 @@ class Service:
                 self._images = Index.open(
                     index.home, index.model, device=index.device, create=False, readonly=True, warm=True
                 )
-            # The ONNX graph where this machine measured it faithful and fastest (no torch then),
-            # else the model in torch. Not a TextEncoder: asked for the image tower.
+            # The tower this machine measured to encode `encoder.WARM_IMAGES` images soonest:
+            # ONNX Runtime's graph (no torch then) or the model in torch; never a TextEncoder.
             encoder = cast("Encoder | NumpyImageEncoder", self._images.encoder("image"))
         image = open_upload(data, self.max_pixels, target=encoder.resolution)
         vector = encoder.encode_images(encoder.preprocess.array(image)[None])[0]
