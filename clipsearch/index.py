@@ -472,7 +472,7 @@ class Index:
             if stored is None:
                 self._require_model_if_others()
                 return None
-            index = VectorIndex.load(self.home, self.catalog, stored, save=not self.readonly)
+            index = VectorIndex.load(self.home, self.catalog, stored)
             self._vectors = (generation, index)
         return self._vectors[1]
 

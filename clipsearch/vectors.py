@@ -276,7 +276,10 @@ class VectorIndex:
             removed,
             time.perf_counter() - started,
         )
-        if save:
+        # A reader's update (a server's, after an index run beside it) is the writer's to save:
+        # it saved its own, and one more copy of the file per batch it commits would double the
+        # writes. What a reader rebuilds it saves (`rebuild`), or it would rebuild at every start.
+        if save and not catalog.readonly:
             current._save_if_writable(home, catalog, model, changes.generation)
         return current
 
@@ -357,9 +360,10 @@ class VectorIndex:
         return built
 
     def _save_if_writable(self, home: Path, catalog: Catalog, model: StoredModel, generation: int) -> None:
-        """A save that fails (read-only home, full disk) only warns: the index in memory is
-        correct, and the next open builds or updates it again."""
-        if not catalog.readonly:
+        """Saved wherever the home can be written, by a reader of the catalog too (the file is
+        derived, and a save never replaces a file half-written); a save that fails (a full disk)
+        only warns: the index in memory is correct, and the next open builds or updates it again."""
+        if os.access(home, os.W_OK):
             try:
                 self.save(home, catalog.catalog_id, model, generation, catalog.generation_id)
             except IndexStateError as e:

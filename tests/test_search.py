@@ -107,6 +107,27 @@ def test_a_deleted_or_garbage_faiss_file_is_rebuilt(index, tmp_path, library, ca
         caplog.clear()
 
 
+def test_a_reader_saves_what_it_rebuilds_and_leaves_updates_to_the_writer(index, tmp_path, library, caplog):
+    """A read-only `Index` (what `clipsearch serve` opens) that finds the FAISS file missing
+    rebuilds it and saves it, where the home can be written, so that the next start does not
+    rebuild it again; the update of a file an index run left behind it leaves to that run."""
+    home = tmp_path / "home"
+    faiss_file(home).unlink()
+    for start in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="clipsearch.vectors"), Index.open(home, readonly=True) as reader:
+            assert len(reader.search("x", k=20)) == 12
+        assert ("Rebuilding the vector index" in caplog.text) is (start == 0)
+        assert faiss_file(home).exists()
+    saved = faiss_file(home).read_bytes()
+    index.remove([library[0]])
+    faiss_file(home).write_bytes(saved)  # as if the writer had not saved yet
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"), Index.open(home, readonly=True) as reader:
+        assert len(reader.search("x", k=20)) == 11
+    assert "Updated the vector index: 0 vectors in, 1 out" in caplog.text
+    assert faiss_file(home).read_bytes() == saved
+
+
 def test_an_older_faiss_file_put_back_is_brought_up_to_date_not_trusted(index, tmp_path, caplog):
     home = tmp_path / "home"
     old = (faiss_file(home)).read_bytes()

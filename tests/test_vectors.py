@@ -298,13 +298,19 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(catalog, mo
     assert index.ntotal == 105 and "No space left" in caplog.text
 
 
-def test_read_only_catalog_rebuilds_in_memory_only(catalog):
+def test_a_read_only_catalog_saves_what_it_rebuilds_where_the_home_is_writable(catalog, caplog):
+    """A reader (a server) would otherwise rebuild at every start; where the home cannot be
+    written it rebuilds in memory only (test_corruption's read-only home)."""
     add_files(catalog, random_unit(50))
     with Catalog.open(catalog.home, readonly=True) as ro:
         index = VectorIndex.load(ro.home, ro, stored(ro))
         assert index.ntotal == 50
         assert_answers_like_the_catalog(index, ro)
-    assert not list(catalog.home.glob("vectors-*.faiss"))
+    assert len(list(catalog.home.glob("vectors-*.faiss"))) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clipsearch.vectors"), Catalog.open(catalog.home, readonly=True) as ro:
+        assert_answers_like_the_catalog(VectorIndex.load(ro.home, ro, stored(ro)), ro)
+    assert "Rebuilding" not in caplog.text and "Built" not in caplog.text
 
 
 def test_save_clears_temporaries_of_killed_saves_only(catalog):
