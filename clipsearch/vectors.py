@@ -209,7 +209,8 @@ class VectorIndex:
     def load(cls, home: Path, catalog: Catalog, model: StoredModel, *, save: bool = True) -> VectorIndex:
         """``model``'s index in `home` if it matches the catalog; one brought up to date
         (`refresh`) if it is older; one rebuilt from the catalog if it is missing, damaged or not
-        this catalog's. Saved if `save`."""
+        this catalog's. Saved if `save` and the home can be written, but for a read-only
+        catalog's update, which is its writer's to save."""
         generation = catalog.generation
         path = Path(home) / vectors_file(model)
         try:
