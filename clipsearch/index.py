@@ -83,13 +83,12 @@ class Status:
 class Index:
     """An index directory: a catalog of files, and per model that encoded them, their vectors."""
 
-    def __init__(self, catalog: Catalog, model: str, device: str, precision: str, readonly: bool, warm: bool = False):
+    def __init__(self, catalog: Catalog, model: str, device: str, precision: str, warm: bool = False):
         self.catalog = catalog
         self.home = catalog.home
         self.model = model
         self.device = device
         self.precision = precision
-        self.readonly = readonly
         self.warm = warm
         self._encoder: Encoder | TextEncoder | NumpyImageEncoder | None = None
         self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
@@ -120,7 +119,7 @@ class Index:
         home = Path(home).expanduser() if home is not None else default_home()
         wanted = model_id(model) if model is not None else None
         catalog = Catalog.open(home, create=create and not readonly, readonly=readonly)
-        return cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, readonly, warm)
+        return cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, warm)
 
     def close(self) -> None:
         self.catalog.close()
