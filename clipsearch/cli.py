@@ -104,10 +104,19 @@ def _global_options(
     settings.home, settings.device, settings.verbose, settings.quiet = home, device, verbose, quiet
     handler = _StderrHandler()
     handler.setFormatter(_LowercaseLevel("%(levelname)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_warnings_and_notices)
     root = logging.getLogger("clipsearch")
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
+    root.setLevel(logging.ERROR if quiet else logging.INFO)
     root.propagate = False
+
+
+def _warnings_and_notices(record: logging.LogRecord) -> bool:
+    """Without --verbose, warnings and errors, and the few info records the library marks
+    ``extra={"notice": True}``: a wait of many seconds that the user would otherwise watch in
+    silence (a first start measuring this CPU), said before it begins."""
+    return record.levelno > logging.INFO or getattr(record, "notice", False)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -127,6 +136,8 @@ class _LowercaseLevel(logging.Formatter):
     """``warning: ...``, like other command-line tools, rather than logging's ``WARNING:``."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        if getattr(record, "notice", False):
+            return _shown(record.getMessage())  # a plain line, like the summaries commands print
         return _shown(super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1))
 
 

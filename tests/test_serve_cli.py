@@ -55,6 +55,27 @@ def test_loopback_needs_no_token(home, served):
     assert TestClient(config.app, base_url="http://127.0.0.1").get("/api/status").status_code == 200
 
 
+def test_the_first_start_says_before_it_measures_this_cpu(home, served, tmp_path, monkeypatch):
+    first = serve(home)
+    assert first.exit_code == 0, first.output
+    # A plain line before the wait (no "info:"), and none of the info records --verbose shows.
+    (notice,) = first.stderr.strip().splitlines()[:1]
+    assert notice.startswith("Measuring the fastest text kernel for ") and "on this CPU" in notice
+    assert "info:" not in first.stderr and "text tower in" not in first.stderr
+    again = serve(home)  # the verdict is remembered: nothing to wait for, nothing said
+    assert again.exit_code == 0 and "Measuring" not in again.stderr
+
+    def fresh(name: str, *options: str):  # a machine that has measured nothing yet
+        monkeypatch.setenv("CLIPSEARCH_HOME", str(tmp_path / name))  # where verdicts are kept (--home is given)
+        return CliRunner().invoke(app, ["--home", str(home), *options, "--device", "cpu", "serve", "--port", "0"])
+
+    quiet = fresh("quiet-cache", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert list((tmp_path / "quiet-cache").rglob("*.json"))  # it measured, silently
+    verbose = fresh("verbose-cache", "-v")
+    assert verbose.stderr.startswith("Measuring the fastest text kernel") and "\ninfo: text tower in " in verbose.stderr
+
+
 def test_another_host_gets_a_generated_token(home, served):
     result = serve(home, "--host", "203.0.113.5")
     assert result.exit_code == 0, result.output

@@ -174,6 +174,11 @@ def fast_text_tower(model: SharedSpace, model_ref: str | None = None) -> FastTex
         return FastText(reference, remembered, again)
     if not onnx_graph.available():
         logger.info("ONNX Runtime is not installed: pip install 'clipsearch[onnx]' measures its text tower too")
+    logger.info(
+        "Measuring the fastest text kernel for %s on this CPU (once per model and machine; about 10 s for ViT-B/32)...",
+        model_ref or type(model).__name__,
+        extra={"notice": True},  # shown by the CLI without --verbose: a wait it should explain
+    )
     started = time.perf_counter()
     if getattr(model, "towers", None) == "text" and _float32_text(model):
         reference = model  # what the copy is: the measurement holds ViT-B/32's 250 MB once less
