@@ -78,11 +78,29 @@ def test_the_cached_graph_is_stale_when_the_checkpoint_or_layout_changes_and_ign
     onnx_image.export(tower, model_dir)
     assert onnx_image.load_cached(model_dir) is not None
     with monkeypatch.context() as patched:
-        patched.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)  # a clipsearch that writes other graphs
+        patched.setitem(onnx_graph.LAYOUTS, "text", onnx_graph.LAYOUTS["text"] + 1)  # another text graph only
+        assert onnx_image.load_cached(model_dir) is not None
+        patched.setitem(onnx_graph.LAYOUTS, "image", onnx_graph.LAYOUTS["image"] + 1)  # other image graphs
         assert onnx_image.load_cached(model_dir) is None
     assert onnx_image.load_cached(model_dir) is not None
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert onnx_image.load_cached(model_dir) is None  # damaged: ignored, never trusted
+
+
+def test_each_towers_verdicts_follow_its_own_graph_layout(monkeypatch: pytest.MonkeyPatch):
+    """A new text graph measures text kernels again, not the image tower of every model, and
+    the reverse."""
+    checkpoint = {"files": [["model.safetensors", 1, 2, 3, 4]]}
+
+    def keys() -> tuple[dict, dict]:
+        image = precision_verdicts.key(checkpoint, False, ["fp32", "int8"], frozenset())
+        return image, precision_verdicts.text_key(checkpoint, ["fp32", "int8"])
+
+    image, text = keys()
+    monkeypatch.setitem(onnx_graph.LAYOUTS, "text", onnx_graph.LAYOUTS["text"] + 1)
+    assert keys()[0] == image and keys()[1] != text
+    monkeypatch.setitem(onnx_graph.LAYOUTS, "image", onnx_graph.LAYOUTS["image"] + 1)
+    assert keys()[0] != image
 
 
 # Per image: ONNX 0.1 s after 0.6 s, NumPy 0.5 s after 0.01 s, torch 0.1 s (int8) after 2.5 s:

@@ -147,7 +147,7 @@ def test_text_fast_keeps_an_onnx_kernel_that_measures_fastest(demo_model, monkey
     assert chosen.model.tower.session.get_session_options().intra_op_num_threads == torch_threads
     assert "onnx-int8-dynamic" in chosen.report and "onnx-int8-blocks" in chosen.report
     (verdict,) = list(precision_verdicts.verdict_file({}).parent.glob("*.json"))
-    assert f'"onnxruntime": "{precision_verdicts.onnx_runtime()}"' in verdict.read_text()
+    assert f'"onnxruntime": "{precision_verdicts.onnx_runtime("text")}"' in verdict.read_text()
 
     again = text_fast.fast_text_tower(demo_model, "demo")
     assert again is not None and again.kernel == "onnx-int8-blocks" and again.report.endswith("as measured before")
@@ -156,7 +156,10 @@ def test_text_fast_keeps_an_onnx_kernel_that_measures_fastest(demo_model, monkey
     with torch.inference_mode():
         np.testing.assert_array_equal(chosen.encode_text(tokens).numpy(), again.encode_text(tokens).numpy())
 
-    monkeypatch.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)  # a clipsearch that writes other graphs
+    monkeypatch.setitem(onnx_graph.LAYOUTS, "image", onnx_graph.LAYOUTS["image"] + 1)  # another image graph only
+    kept = text_fast.fast_text_tower(demo_model, "demo")
+    assert kept is not None and kept.report.endswith("as measured before")
+    monkeypatch.setitem(onnx_graph.LAYOUTS, "text", onnx_graph.LAYOUTS["text"] + 1)  # other text graphs
     measured = text_fast.fast_text_tower(demo_model, "demo")
     assert measured is not None and not measured.report.endswith("as measured before")
 
@@ -184,7 +187,9 @@ def test_the_chosen_kernels_graph_is_cached_when_measured_and_opened_by_later_st
     assert found is not None and found[0] == "onnx-int8-dynamic"
     assert not onnx_text.cache_file(ref, "onnx-int8-blocks").exists()  # only the chosen kernel's graph
     with monkeypatch.context() as patched:
-        patched.setattr(onnx_graph, "LAYOUT", onnx_graph.LAYOUT + 1)
+        patched.setitem(onnx_graph.LAYOUTS, "image", onnx_graph.LAYOUTS["image"] + 1)
+        assert onnx_text.remembered(ref, 1) is not None
+        patched.setitem(onnx_graph.LAYOUTS, "text", onnx_graph.LAYOUTS["text"] + 1)
         assert onnx_text.remembered(ref, 1) is None
     bump_mtime(Path(ref) / "model.safetensors")
     assert onnx_text.remembered(ref, 1) is None  # built from the checkpoint as it was

@@ -8,8 +8,8 @@ int8 (`Graph.linear`). The last block computes its attention output and MLP for 
 tower reads (the text's end-of-text token, the image's class token).
 
 A graph is built once per model and machine and cached as a file (`save`) that records the
-checkpoint it was built from and `LAYOUT`; a later process opens a session on it (`cached_session`)
-unless either has changed.
+checkpoint it was built from and its tower's `LAYOUTS`; a later process opens a session on it
+(`cached_session`) unless either has changed.
 
 It needs the ``onnx`` extra (onnxruntime runs a graph, onnx writes it); without it `available`
 is False and the towers run in torch or NumPy.
@@ -42,9 +42,10 @@ CONTRIB = "com.microsoft"  # the domain of ONNX Runtime's own operators
 # ``LayerNormalization`` after it into a `SkipLayerNormalization`, which on this CPU (1.32,
 # AVX-512) takes 29 µs for 11 rows of 512 where the two operators take 4.5 µs.
 UNFUSED = ["SkipLayerNormFusion"]
-# The version of the graphs written here and of what their files record: a cached graph or a
-# remembered measurement of an older one is rebuilt or measured again.
-LAYOUT = 4
+# The version of each tower's graph (`onnx_text.build`, `onnx_image.build`, and the `blocks`
+# both write: a change there moves both) and of what its file records: a cached graph or a
+# remembered measurement of an older one is rebuilt or measured again, the other tower's kept.
+LAYOUTS = {"text": 4, "image": 4}
 
 
 def available() -> bool:
@@ -183,13 +184,14 @@ def session(graph: bytes | str, threads: int):
 # --- the cache ----------------------------------------------------------------------------------
 
 
-def built_from(model_ref: str) -> dict[str, str] | None:
-    """What a cached graph of ``model_ref`` records (`model`'s metadata): the checkpoint as it is
-    now and `LAYOUT`; None when the checkpoint cannot be identified (nothing is cached then)."""
+def built_from(model_ref: str, tower: str) -> dict[str, str] | None:
+    """What a cached graph of ``model_ref``'s ``tower`` records (`model`'s metadata): the
+    checkpoint as it is now and the tower's `LAYOUTS`; None when the checkpoint cannot be
+    identified (nothing is cached then)."""
     source = tower_file.checkpoint_state(model_ref)
     if source is None:
         return None
-    return {"built_from": json.dumps({"checkpoint": source, "layout": LAYOUT}, sort_keys=True)}
+    return {"built_from": json.dumps({"checkpoint": source, "layout": LAYOUTS[tower]}, sort_keys=True)}
 
 
 def save(path: Path, graph: bytes) -> bool:
@@ -203,11 +205,11 @@ def save(path: Path, graph: bytes) -> bool:
     return tower_file.store(path, write)
 
 
-def cached_session(path: Path, model_ref: str, threads: int) -> Any | None:
-    """A session on the graph cached at ``path`` when it was built from ``model_ref``'s checkpoint
-    as it is now, with this `LAYOUT`; None when there is none, it is stale or damaged, or the
-    ``onnx`` extra is missing."""
-    expected = built_from(model_ref)
+def cached_session(path: Path, model_ref: str, tower: str, threads: int) -> Any | None:
+    """A session on the graph of ``tower`` cached at ``path`` when it was built from
+    ``model_ref``'s checkpoint as it is now, in the tower's `LAYOUTS`; None when there is none,
+    it is stale or damaged, or the ``onnx`` extra is missing."""
+    expected = built_from(model_ref, tower)
     if expected is None or not path.is_file() or not available():
         return None
     try:

@@ -98,7 +98,7 @@ def cache_file(model_ref: str) -> Path:
 def export(tower: numpy_image.ImageTower, model_ref: str) -> Path | None:
     """Build ``tower``'s graph and write it to the cache; its path, or None when the checkpoint
     cannot be identified or the cache cannot be written."""
-    metadata = onnx_graph.built_from(model_ref)
+    metadata = onnx_graph.built_from(model_ref, "image")
     path = cache_file(model_ref)
     if metadata is None or not onnx_graph.save(path, build(tower, metadata)):
         return None
@@ -113,5 +113,5 @@ def load_cached(model_ref: str) -> OnnxImageTower | None:
     if tower is None:
         return None
     threads, path = usable_cores(), cache_file(model_ref)
-    opened = onnx_graph.cached_session(path, model_ref, threads)
+    opened = onnx_graph.cached_session(path, model_ref, "image", threads)
     return OnnxImageTower(str(path), tower, {threads: opened}) if opened is not None else None

@@ -86,7 +86,7 @@ def provenance(model_ref: str, chosen_by: dict) -> dict[str, str] | None:
     """What a graph of ``model_ref``'s text tower records for the cache: `onnx_graph.built_from`,
     and ``chosen_by``, the key of the text verdict that chose (or is measuring) its kernel; None
     where the checkpoint cannot be identified."""
-    built_from = onnx_graph.built_from(model_ref)
+    built_from = onnx_graph.built_from(model_ref, "text")
     return {**built_from, "chosen_by": json.dumps(chosen_by)} if built_from is not None else None
 
 
@@ -100,7 +100,7 @@ def load_cached(model_ref: str, chosen_by: dict, kernel: str, threads: int) -> O
     was built from the checkpoint as it is now (`onnx_graph.cached_session`) and chosen by the
     verdict of key ``chosen_by``; None otherwise (one a verdict of an older torch chose is built
     again: it would never be `remembered`)."""
-    opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, threads)
+    opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, "text", threads)
     if opened is None or _chosen_by(opened) != json.loads(json.dumps(chosen_by)):
         return None
     return OnnxTextTower(opened)
@@ -112,7 +112,7 @@ def remembered(model_ref: str, threads: int) -> tuple[str, OnnxTextTower] | None
     in a fraction of a second. None unless a graph is cached and current, and the verdict that
     chose it stands (`precision_verdicts.standing_text_kernel`)."""
     for kernel in onnx_graph.KERNELS:
-        opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, threads)
+        opened = onnx_graph.cached_session(cache_file(model_ref, kernel), model_ref, "text", threads)
         if opened is not None and precision_verdicts.standing_text_kernel(_chosen_by(opened), model_ref) == kernel:
             return kernel, OnnxTextTower(opened)
     return None

@@ -42,19 +42,28 @@ def key(checkpoint: dict, text_tower: bool, candidates: Iterable[str], flags: fr
     whether the text tower converts too, the precisions measured, the CPU ``flags`` that decide
     speed, and torch's and onnxruntime's versions (read without importing them: installing the
     ``onnx`` extra measures its image graph too)."""
-    return {"checkpoint": checkpoint, "text_tower": text_tower, "candidates": list(candidates), **_machine(flags)}
+    return {
+        "checkpoint": checkpoint,
+        "text_tower": text_tower,
+        "candidates": list(candidates),
+        **_machine(flags, "image"),
+    }
 
 
 def text_key(checkpoint: dict, kernels: Iterable[str]) -> dict:
     """What a text verdict (`clip.text_fast`) depends on: the checkpoint files, the kernels
     measured (which of torch's run, torch had to try), and as `key`, the machine and packages."""
-    return {"checkpoint": checkpoint, "text_kernels": list(kernels), **_machine(cpu_flags())}
+    return {"checkpoint": checkpoint, "text_kernels": list(kernels), **_machine(cpu_flags(), "text")}
 
 
-def _machine(flags: frozenset[str]) -> dict:
-    """What both verdicts' speed depends on besides the model: the CPU ``flags`` that decide it,
-    and torch's and onnxruntime's versions."""
-    return {"cpu_flags": sorted(flags & SPEED_FLAGS), "torch": package_version("torch"), "onnxruntime": onnx_runtime()}
+def _machine(flags: frozenset[str], tower: str) -> dict:
+    """What a verdict on ``tower``'s speed depends on besides the model: the CPU ``flags`` that
+    decide it, torch's version, and onnxruntime's with that tower's graph layout."""
+    return {
+        "cpu_flags": sorted(flags & SPEED_FLAGS),
+        "torch": package_version("torch"),
+        "onnxruntime": onnx_runtime(tower),
+    }
 
 
 def standing_text_kernel(chosen_by: object, model_ref: str) -> str | None:
@@ -70,10 +79,11 @@ def standing_text_kernel(chosen_by: object, model_ref: str) -> str | None:
     return verdict.get("precision") if verdict is not None else None
 
 
-def onnx_runtime() -> str | None:
-    """What the speed and output of our ONNX graphs depend on besides the checkpoint: onnxruntime's
-    version and the graphs' layout (`onnx_graph.LAYOUT`); None without the ``onnx`` extra."""
-    return f"{package_version('onnxruntime')}, layout {onnx_graph.LAYOUT}" if onnx_graph.available() else None
+def onnx_runtime(tower: str) -> str | None:
+    """What the speed and output of our ONNX graph of ``tower`` depend on besides the checkpoint:
+    onnxruntime's version and the tower's layout (`onnx_graph.LAYOUTS`); None without the ``onnx``
+    extra."""
+    return f"{package_version('onnxruntime')}, layout {onnx_graph.LAYOUTS[tower]}" if onnx_graph.available() else None
 
 
 @functools.cache
