@@ -38,6 +38,17 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """The "clipsearch" logger as each test found it: a CLI run (CliRunner) sets its level,
+    handler and propagation as the command line does, which would otherwise reach every later
+    test (a level of INFO lets a test's caplog see records it did not expect)."""
+    logger = logging.getLogger("clipsearch")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers, logger.propagate, logger.level = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """Path of the tiny model, written once per test session."""
