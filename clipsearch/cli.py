@@ -436,7 +436,7 @@ def query_command(
     top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
     under: Path | None = typer.Option(None, "--under", help="Only results inside this folder."),
     min_score: float | None = typer.Option(
-        None, "--min-score", help="Only results at least this similar (cosine, -1 to 1)."
+        None, "--min-score", min=-1.0, max=1.0, help="Only results at least this similar (cosine, -1 to 1)."
     ),
     add: list[str] = typer.Option(
         [],

@@ -11,6 +11,7 @@ pass, in the order asked for.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -140,9 +141,18 @@ def find_hits(
 
 
 def as_terms(query: Query) -> list[tuple[float, Term]]:
-    if isinstance(query, (str, Path, np.ndarray)):
-        return [(1.0, query)]
-    return [(float(weight), term) for weight, term in query]
+    """The query's (weight, term) pairs, each checked: a blank text would rank every image by
+    the embedding of nothing, and a weight that is not a finite number makes every score NaN;
+    both are mistakes to report, not searches."""
+    terms = [(1.0, query)] if isinstance(query, (str, Path, np.ndarray)) else [(float(w), t) for w, t in query]
+    for weight, term in terms:
+        if isinstance(term, str) and not term.strip():
+            raise ClipsearchError("A text of the query is empty; give a description, e.g. 'a dog on a beach'.")
+        if not math.isfinite(weight):
+            raise ClipsearchError(
+                f"A weight of the query is {weight}; write WEIGHT:TEXT with a number, e.g. 0.5:at night."
+            )
+    return terms
 
 
 def needed_towers(terms: Sequence[tuple[float, Term]]) -> Towers | None:

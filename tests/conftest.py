@@ -89,12 +89,10 @@ def encoded(monkeypatch) -> list[int]:
 def clipsearch_logging():
     """Logging as the library leaves it: an in-process CLI run (CliRunner) points the
     "clipsearch" logger at its own, by then closed, stderr and stops propagation, which hides
-    records from caplog. Restored afterwards."""
+    records from caplog. Restored afterwards (`_logging_as_found`)."""
     logger = logging.getLogger("clipsearch")
-    saved = logger.handlers[:], logger.propagate, logger.level
     logger.handlers, logger.propagate = [], True
-    yield logger
-    logger.handlers, logger.propagate, logger.level = saved
+    return logger
 
 
 @pytest.fixture

@@ -164,6 +164,20 @@ def test_errors_are_one_line_with_exit_1(cli, library, tmp_path, other_tiny_mode
     assert "does not exist" in missing.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["   "], "A text of the query is empty"),
+        (["a dog", "--add", ""], "A text of the query is empty"),
+        (["a dog", "--add", "nan:a cat"], "A weight of the query is nan"),
+        (["a dog", "--subtract", "inf:a cat"], "A weight of the query is -inf"),
+    ],
+)
+def test_a_blank_text_or_a_weight_that_is_no_number_is_an_error_not_a_ranking(cli, library, args, message):
+    result = cli("query", *args, code=1)
+    assert result.stdout == "" and result.stderr.startswith(f"Error: {message}") and result.stderr.count("\n") == 1
+
+
 def test_no_index_yet(tmp_path):
     result = CliRunner().invoke(app, ["--home", str(tmp_path / "none"), "query", "x"])
     assert result.exit_code == 1 and result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
@@ -179,6 +193,7 @@ def test_empty_index_says_no_matches(cli, tiny_model, tmp_path):
 
 def test_usage_errors_exit_2(cli, library):
     assert "give TEXT, --like IMAGE, or a filter" in cli("query", code=2).stderr
+    assert "'--min-score'" in cli("query", "x", "--min-score", "2", code=2).stderr  # a cosine is at most 1
     assert "--labels" in cli("classify", library[0], "--labels", "dog", code=2).stderr
     cli("query", "x", "--top", "0", code=2)
 
