@@ -197,6 +197,11 @@ def _print(line: str) -> None:
     sys.stdout.buffer.write(_shown(line).encode() + b"\n")
 
 
+def _print_json(value: object) -> None:
+    """``--json`` output: indented, ASCII (a path that is not UTF-8 keeps its bytes as escapes)."""
+    sys.stdout.buffer.write((json.dumps(value, indent=2) + "\n").encode())
+
+
 def _open(model: str | None = None, precision: str = "auto", *, create: bool = False, reading: bool = False) -> Index:
     """The index in --home, with ``model`` (default: the index's own). Only ``create`` makes
     one where there is none. For ``reading``, a read-only home is fine (a writable one still
@@ -531,7 +536,7 @@ def query_command(
         hits = index.search(terms, top, under, min_score, filters, sort, exclude)
     out = sys.stdout.buffer
     if as_json:
-        out.write((json.dumps([h.to_json() for h in hits], indent=2) + "\n").encode())
+        _print_json([h.to_json() for h in hits])
     elif paths_only:
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(h.path) + end for h in hits)
@@ -601,7 +606,7 @@ def duplicates_command(
         groups = index.duplicates(threshold, under)
     out = sys.stdout.buffer
     if as_json:
-        out.write((json.dumps([g.to_json() for g in groups], indent=2) + "\n").encode())
+        _print_json([g.to_json() for g in groups])
     elif paths_only:
         end = b"\0" if null else b"\n"
         out.writelines(os.fsencode(d.hit.path) + end for g in groups for d in g.duplicates)
@@ -682,29 +687,45 @@ def status_command(
         False, "--check", help="Also compare each model's vector file with the catalog, row by row (exit 1 if not)."
     ),
     model: str | None = _model_option("describe"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON object: the figures above, or the --failed and --missing lists."
+    ),
 ) -> None:
     """Where the index is, its models and their coverage, how many images it holds, and whether
     the vector file is consistent with the catalog."""
     with _open(model, reading=True) as index:
         if failed or missing:
-            if failed:
-                for path, reason in index.failures():
-                    # Reasons often start with the file's name: it is said once, first.
-                    _print(f"{path}: {reason.removeprefix(f'{path} ')}")
-            if missing:
-                for path in index.missing():
-                    _print(str(path))
+            failures = index.failures() if failed else []
+            gone = index.missing() if missing else []
+            if as_json:
+                lists: dict[str, Any] = (
+                    {"failed": [{"path": str(p), "reason": r} for p, r in failures]} if failed else {}
+                )
+                _print_json(lists | ({"missing": [str(p) for p in gone]} if missing else {}))
+                return
+            for path, reason in failures:
+                # Reasons often start with the file's name: it is said once, first.
+                _print(f"{path}: {reason.removeprefix(f'{path} ')}")
+            for path in gone:
+                _print(str(path))
             return
-        typer.echo(_describe(index.status()))
+        status = index.status()
+        checks = []
         if check:
             from clipsearch.consistency import check as check_vectors
 
             checks = check_vectors(index.home, index.catalog)
+        if as_json:
+            from dataclasses import asdict
+
+            _print_json(status.to_json() | ({"checks": [asdict(c) for c in checks]} if check else {}))
+        else:
+            typer.echo(_describe(status))
             for c in checks:
-                found = "; ".join(c.problems) or f"its vector file matches the catalog's {c.vectors} vectors row by row"
-                _print(f"Check:    {c.model}: {found}")
-            if any(c.problems for c in checks):
-                raise typer.Exit(1)
+                said = "; ".join(c.problems) or f"its vector file matches the catalog's {c.vectors} vectors row by row"
+                _print(f"Check:    {c.model}: {said}")
+        if any(c.problems for c in checks):
+            raise typer.Exit(1)
 
 
 def _describe(status: Status) -> str:

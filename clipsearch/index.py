@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -78,6 +78,10 @@ class Status:
         """The FAISS index holds exactly the catalog's vectors by the model."""
         held = next((m.vectors for m in self.models if m.name == self.model), 0)
         return self.vectors_in_index == held
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, and whether it is `consistent`, as `json.dumps` takes them."""
+        return asdict(self) | {"home": str(self.home), "consistent": self.consistent}
 
 
 class Index:

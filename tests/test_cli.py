@@ -128,6 +128,22 @@ def test_status_and_failed(cli, library, tmp_path, tiny_model):
     assert failed.startswith(f"{tmp_path / 'lib' / 'bad.jpg'}: ") and "cannot be decoded" in failed
 
 
+def test_status_json_says_what_the_text_says(cli, library, tmp_path, tiny_model):
+    library[0].unlink()
+    cli("index", tmp_path / "lib")  # bad.jpg is still failed (not tried again), the deleted one missing
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["counts"] == {"indexed": 7, "failed": 1, "missing": 1} and status["consistent"] is True
+    assert status["models"] == [{"name": tiny_model, "dim": 32, "vectors": 7, "default": True}]
+    assert (status["home"], status["index_type"], status["vectors_in_index"]) == (str(tmp_path / "home"), "Flat", 7)
+    assert "checks" not in status
+    checked = json.loads(cli("status", "--json", "--check").stdout)["checks"]
+    assert checked == [{"model": tiny_model, "vectors": 7, "problems": []}]
+    lists = json.loads(cli("status", "--json", "--failed", "--missing").stdout)
+    assert [f["path"] for f in lists["failed"]] == [str(tmp_path / "lib" / "bad.jpg")]
+    assert "cannot be decoded" in lists["failed"][0]["reason"] and lists["missing"] == [str(library[0])]
+    assert json.loads(cli("status", "--json", "--missing").stdout) == {"missing": [str(library[0])]}
+
+
 def test_deleting_files_and_rerunning(cli, library, tmp_path):
     library[0].unlink()
     assert summary(cli("index", tmp_path / "lib"))[3] == 1

@@ -146,6 +146,9 @@ def test_status_check_compares_the_faiss_file_with_the_catalog_row_by_row(cli, i
     result = cli("status", "--check")
     assert "consistent with the catalog" in result.stdout  # the cheap check is fooled
     assert result.exit_code == 1 and "does not match its checksum); run `clipsearch rebuild`" in result.stdout
+    as_json = cli("status", "--check", "--json")
+    (found,) = json.loads(as_json.stdout)["checks"]
+    assert as_json.exit_code == 1 and "does not match its checksum" in found["problems"][0]
 
 
 def test_status_check_reads_an_inverted_file_index_row_by_row(cli, tmp_path, monkeypatch):

@@ -163,10 +163,7 @@ class Service:
         with self._search_lock:
             status = self.index.status()
             failures = self.index.failures()
-        fields = dataclasses.asdict(status)
-        return fields | {
-            "home": str(status.home),
-            "consistent": status.consistent,
+        return status.to_json() | {
             "thumbnail_bytes": self.thumbnails.disk_bytes(),
             "indexing": indexing(status.home),
             "failures": [{"path": str(path), "reason": reason} for path, reason in failures[:MAX_FAILURES_SHOWN]],
