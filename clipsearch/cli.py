@@ -45,7 +45,7 @@ app.add_typer(models_app, name="models")
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cmd | head` leaves for a Unix tool cut off by its reader
-EXIT_SOME_FAILED = 3  # the run finished, but some files could not be indexed
+EXIT_SOME_FAILED = 3  # the run finished, but some files could not be read (index, classify)
 
 
 def _version(value: bool) -> None:
@@ -645,6 +645,7 @@ def classify_command(
 ) -> None:
     """Zero-shot classification: how likely each label is for each image (no index needed)."""
     from clipsearch.encoder import Encoder
+    from clipsearch.errors import ImageError
     from clipsearch.search import zero_shot
 
     names = [label.strip() for label in labels.split(",") if label.strip()]
@@ -652,11 +653,19 @@ def classify_command(
         raise typer.BadParameter("give at least two labels, separated by commas", param_hint="--labels")
     encoder = Encoder(model or _index_model(), settings.device, towers="both")
     width = max(len(name) for name in names)
+    failed = 0
     for image in images:
-        probabilities = zero_shot(encoder, image, names, template)
+        try:
+            probabilities = zero_shot(encoder, image, names, template)
+        except ImageError as err:  # one unreadable image, said; the others are still classified
+            failed += 1
+            typer.echo(f"error: {_shown(str(err))}", err=True)
+            continue
         _print(str(image))
         for name, p in zip(names, probabilities):
             typer.echo(f"  {name:<{width}}  {p:.4f}")
+    if failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _index_model() -> str:

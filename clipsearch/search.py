@@ -183,8 +183,6 @@ def query_vector(encoder: Encoder | TextEncoder | None, terms: Sequence[tuple[fl
 
 def _encoded(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Term]]) -> list[np.ndarray]:
     """The weighted sum of the texts' and the images' embeddings, one array each kind."""
-    from clipsearch.decode import decode_file
-
     texts = [(weight, term) for weight, term in terms if isinstance(term, str)]
     images = [(weight, term) for weight, term in terms if isinstance(term, Path)]
     found = []
@@ -192,14 +190,19 @@ def _encoded(encoder: Encoder | TextEncoder, terms: Sequence[tuple[float, Term]]
         found.append(np.array([w for w, _ in texts]) @ encoder.encode_texts([t for _, t in texts]))
     if images:
         image_encoder = cast("Encoder", encoder)  # image terms asked for the image tower (`needed_towers`)
-        pixels = []
-        for _, path in images:
-            decoded = decode_file(image_encoder.preprocess, os.fsencode(path))
-            if decoded.pixels is None:
-                raise ImageError(f"Cannot use {path} as a query image: {decoded.error}")
-            pixels.append(decoded.pixels)
+        pixels = [_pixels(image_encoder, path, f"use {path} as a query image") for _, path in images]
         found.append(np.array([w for w, _ in images]) @ image_encoder.encode_images(np.stack(pixels)))
     return found
+
+
+def _pixels(encoder: Encoder, path: Path, doing: str) -> np.ndarray:
+    """``path`` preprocessed for ``encoder``; ImageError "Cannot ``doing``: why" if it cannot be."""
+    from clipsearch.decode import decode_file
+
+    decoded = decode_file(encoder.preprocess, os.fsencode(path))
+    if decoded.pixels is None:
+        raise ImageError(f"Cannot {doing}: {decoded.error}")
+    return decoded.pixels
 
 
 def top_k(
@@ -306,7 +309,7 @@ def zero_shot(encoder: Encoder, image: Path, labels: Sequence[str], template: st
     """Label probabilities for one image, as the model's family classifies: for CLIP a softmax
     over the scaled similarities between the image and one prompt per label; for SigLIP (a
     model with a ``logit_bias``) each label's own sigmoid probability, which need not sum to 1."""
-    image_vector = query_vector(encoder, [(1.0, image)])
+    image_vector = encoder.encode_images(_pixels(encoder, image, f"classify {image}")[None])[0]
     logits = encoder.logit_scale * encoder.encode_texts([template.format(label) for label in labels]) @ image_vector
     if encoder.logit_bias is not None:
         return 1 / (1 + np.exp(-(logits + encoder.logit_bias)))

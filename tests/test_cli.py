@@ -222,6 +222,19 @@ def test_classify_prints_a_probability_per_label(cli, library):
     assert sum(probabilities) == pytest.approx(1, abs=1e-3)
 
 
+def test_classify_says_which_images_it_cannot_read_and_classifies_the_others(cli, library, tmp_path):
+    missing, bad = tmp_path / "gone.jpg", tmp_path / "lib" / "bad.jpg"
+    result = cli("classify", missing, library[0], bad, library[1], "--labels", "dog,cat", code=3)
+    assert [line for line in result.stdout.splitlines() if not line.startswith(" ")] == [
+        str(library[0]),
+        str(library[1]),
+    ]
+    errors = result.stderr.splitlines()
+    assert [e.split(":")[0] for e in errors] == ["error", "error"]
+    assert errors[0].startswith(f"error: Cannot classify {missing}: ") and "No such file" in errors[0]
+    assert errors[1].startswith(f"error: Cannot classify {bad}: ") and "cannot be decoded" in errors[1]
+
+
 def test_version_models_and_help():
     runner = CliRunner()
     assert runner.invoke(app, ["--version"]).stdout.strip() == f"clipsearch {__version__}"
