@@ -161,10 +161,24 @@ def test_jit_is_refused(openclip_file):
         clip.load(openclip_file, jit=True)
 
 
-def test_unknown_name(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a known model name nor an existing") as err:
-        clip.load("ViT-Z/99")
-    assert "ViT-B/32" in str(err.value)
+@pytest.mark.parametrize(
+    "name, guess",
+    [
+        ("vit-b/23", " Did you mean 'ViT-B/32' or "),  # a typo, in another letter case: the closest first
+        ("ViT-B-16-SigLIP2-25", " Did you mean 'ViT-B-16-SigLIP2-256' or "),
+        ("resnet-9000", ""),  # nothing close: no guess, and never the whole list
+    ],
+)
+def test_an_unknown_name_says_what_it_is_close_to(name, guess):
+    with pytest.raises(CheckpointError) as err:
+        clip.load(name)
+    message = str(err.value)
+    assert message.startswith(f"{name!r} is neither a known model nor a checkpoint file or directory.{guess}")
+    assert message.endswith("`clipsearch models` lists the known models (in Python: clip.available_models()).")
+    assert len(message) < 300  # the 40 names took 1,300 characters
+    with pytest.raises(CheckpointError) as got:
+        clip.registry.get(name)
+    assert str(got.value) == message
 
 
 # --- the registry ----------------------------------------------------------------------------

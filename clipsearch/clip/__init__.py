@@ -108,10 +108,7 @@ def load(
     elif Path(name_or_path).expanduser().exists():
         path = Path(name_or_path).expanduser()
     else:
-        raise CheckpointError(
-            f"{str(name_or_path)!r} is neither a known model name nor an existing file or directory; "
-            f"known models: {', '.join(available_models())}."
-        )
+        raise CheckpointError(registry.unknown(str(name_or_path)))
     device = torch.device(device if device is not None else _default_device())
     if precision == "int8" and device.type != "cpu":
         raise ValueError(f"int8 runs on the CPU only, not on {device}")

@@ -24,6 +24,7 @@ This module is plain data and must stay importable without torch.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,8 +358,17 @@ def get(name: str) -> ModelEntry:
     if entry is None and name.strip()[: len(HF_HUB_PREFIX)].lower() == HF_HUB_PREFIX:
         raise CheckpointError(f"{name.strip()!r} does not name a hub repository: write hf-hub:ORG/NAME.")
     if entry is None:
-        raise CheckpointError(
-            f"Unknown model {name!r}: use one of {', '.join(available_models())}, "
-            "or the path of a checkpoint file or directory."
-        )
+        raise CheckpointError(unknown(name))
     return entry
+
+
+def unknown(name: str) -> str:
+    """What to say of a ``name`` that is neither a model nor a checkpoint on disk: the names it
+    is likely a typo of (any letter case), rather than all of them on one line."""
+    names = {key: entry.name for key, entry in _BY_KEY.items()}
+    close = dict.fromkeys(names[key] for key in difflib.get_close_matches(name.strip().lower(), names, n=3))
+    guess = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return (
+        f"{name!r} is neither a known model nor a checkpoint file or directory.{guess} "
+        "`clipsearch models` lists the known models (in Python: clip.available_models())."
+    )
