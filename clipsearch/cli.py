@@ -818,7 +818,12 @@ def rebuild_command(
 
 @models_app.callback(invoke_without_command=True)
 @_handle_errors
-def models_command(ctx: typer.Context) -> None:
+def models_command(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON array: each model's name, figures, family, path on this machine, source."
+    ),
+) -> None:
     """List the models clipsearch knows, with the figures to choose by, and where each is.
 
     dim: embedding width; px: image size; Mparams: parameters, in millions; IN1k: published
@@ -826,9 +831,30 @@ def models_command(ctx: typer.Context) -> None:
     (- where none is published)."""
     if ctx.invoked_subcommand is not None:
         return
+    from dataclasses import asdict, fields
+
     from clipsearch.clip import registry
     from clipsearch.clip.sources import locate
     from clipsearch.index import DEFAULT_MODEL
+
+    if as_json:
+        listed, unknown_figures = [], [f.name for f in fields(registry.Figures)]
+        for entry in registry.MODELS:
+            where = locate(entry)
+            listed.append(
+                {
+                    "name": entry.name,
+                    "default": entry.name == DEFAULT_MODEL,
+                    "family": entry.family,
+                    "multilingual": entry.multilingual,
+                    **(asdict(entry.figures) if entry.figures else dict.fromkeys(unknown_figures)),
+                    "path": str(where.path) if where.path else None,
+                    "cache": where.cache,
+                    "source": where.origin,
+                }
+            )
+        _print_json(listed)
+        return
 
     def figure(value: float | None) -> str:
         return "-" if value is None else f"{value:g}"

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from helpers import faiss_file, make_image, make_library
 from reliability_helpers import cli_command, indexed_count, start_cli
 from typer.testing import CliRunner
 
-from clipsearch import __version__
+from clipsearch import __version__, clip
 from clipsearch.cli import _stop_on_signals, app
 
 SUMMARY = re.compile(
@@ -249,6 +250,19 @@ def test_version_models_and_help():
     help_text = runner.invoke(app, ["--help"]).stdout
     for command in ("index", "query", "classify", "status", "remove", "rebuild", "models"):
         assert command in help_text
+
+
+def test_models_json_lists_what_the_table_does():
+    listed = {m["name"]: m for m in json.loads(CliRunner().invoke(app, ["models", "--json"]).stdout)}
+    assert list(listed) == clip.available_models()
+    assert [name for name, m in listed.items() if m["default"]] == ["ViT-B-32-256/datacomp_s34b_b86k"]
+    vit = listed["ViT-B/32"]
+    assert (vit["embed_dim"], vit["image_size"], vit["imagenet"], vit["coco_r1"]) == (512, 224, 63.32, 30.44)
+    assert vit["path"] is None and vit["source"].startswith("https://openaipublic.azureedge.net/clip/models/")
+    demo = listed["demo"]
+    assert demo["cache"] == "bundled" and Path(demo["path"]).is_dir() and demo["imagenet"] is None
+    assert listed["ViT-B-16-SigLIP2"]["family"] == "siglip"
+    assert {len(m) for m in listed.values()} == {len(vit)}  # the same keys for every model
 
 
 def test_cli_import_is_light():
