@@ -230,6 +230,29 @@ def test_an_upload_can_be_refined_with_text(served):
     assert [h["id"] for h in body["hits"]] == [hit.id for hit in expected]
 
 
+def test_a_form_upload_is_read_as_curl_and_html_forms_send_it(served):
+    """``curl -F image=@photo.jpg -F q=...``: the file part is the image, byte for byte, and a
+    "q" part refines it as the query string's q does (which wins when both are given)."""
+    client, _, library = served
+    data = library[4].read_bytes()
+    as_body = ok(client.post("/api/search/image", params={"k": 4, "q": "-0.7:a dog"}, content=data))
+    form = {"files": {"image": ("photo 4.png", data, "image/png")}, "data": {"q": "-0.7:a dog"}}
+    assert ok(client.post("/api/search/image", params={"k": 4}, **form)) == as_body
+    unrefined = ok(client.post("/api/search/image", params={"k": 4}, content=data))
+    assert ok(client.post("/api/search/image", params={"k": 4, "q": ""}, files=form["files"])) == unrefined
+    overridden = ok(
+        client.post("/api/search/image", params={"k": 4, "q": "-0.7:a dog"}, files=form["files"], data={"q": "x"})
+    )
+    assert overridden == as_body
+    two = {"a": ("a.png", data, "image/png"), "b": ("b.png", data, "image/png")}
+    no_file = {
+        "content": b'--B\r\nContent-Disposition: form-data; name="q"\r\n\r\nx\r\n--B--\r\n',
+        "headers": {"Content-Type": "multipart/form-data; boundary=B"},
+    }
+    for answer in (client.post("/api/search/image", files=two), client.post("/api/search/image", **no_file)):
+        assert answer.status_code == 400 and "Send one image file in the form" in answer.json()["error"]
+
+
 def test_similar_uses_the_stored_vector_and_leaves_the_image_out(served, encoded):
     client, service, library = served
     source = ids_by_path(service)[library[5]]

@@ -29,7 +29,7 @@ from clipsearch.errors import ClipsearchError, ImageError, IndexStateError
 from clipsearch.search import Hit
 from clipsearch.serve.errors import RequestError, TooLarge
 from clipsearch.serve.service import Page, Service
-from clipsearch.serve.upload import MAX_BYTES
+from clipsearch.serve.upload import MAX_BYTES, from_form
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
 
     async def search_image(request: Request) -> Response:
         page = _page(request.query_params)
-        data = await _body(request, max_bytes)
-        return _hits(await run_in_threadpool(service.search_image, data, request.query_params.get("q", ""), page), page)
+        data, text = from_form(request.headers.get("content-type", ""), await _body(request, max_bytes))
+        text = request.query_params.get("q") or text or ""
+        return _hits(await run_in_threadpool(service.search_image, data, text, page), page)
 
     async def similar(request: Request) -> Response:
         page = _page(request.query_params)

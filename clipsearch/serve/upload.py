@@ -20,6 +20,32 @@ MAX_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 64_000_000  # a 64-megapixel photo is fine; Pillow's own bomb limit is ~179 M
 
 
+def from_form(content_type: str, body: bytes) -> tuple[bytes, str | None]:
+    """The image a request carries, and a ``q`` field sent beside it: the body itself, or for
+    ``multipart/form-data`` (an HTML form, ``curl -F image=@photo.jpg -F q=sunset``) its file
+    part and its "q" part. The standard library's MIME parser reads the form byte for byte."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        return body, None
+    from email import policy
+    from email.message import EmailMessage
+    from email.parser import BytesParser
+
+    header = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    form = BytesParser(policy=policy.HTTP).parsebytes(header + body)
+    parts = list(form.iter_parts()) if isinstance(form, EmailMessage) and form.is_multipart() else []
+    files = [part for part in parts if part.get_filename() is not None]
+    if len(files) != 1:
+        raise RequestError("Send one image file in the form (e.g. curl -F image=@photo.jpg), or the image as the body.")
+    data = files[0].get_payload(decode=True)
+    texts = [
+        part.get_payload(decode=True)
+        for part in parts
+        if part.get_filename() is None and part.get_param("name", header="content-disposition") == "q"
+    ]
+    text = texts[0].decode("utf-8", "replace") if texts and isinstance(texts[0], bytes) else None  # as browsers send it
+    return data if isinstance(data, bytes) else b"", text
+
+
 def open_upload(data: bytes, max_pixels: int = MAX_PIXELS, target: int | None = None) -> Image.Image:
     """Upright RGB pixels of an uploaded file (``target``: the model's resolution, which lets a
     JPEG decode at a reduced scale); `TooLarge` or `RequestError` when it cannot be used."""
