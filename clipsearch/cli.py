@@ -242,7 +242,8 @@ def index_command(
         "--exclude",
         "-x",
         metavar="GLOB",
-        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. `*.png` or `*/exports/*`.",
+        help="Skip files and folders whose name or full path matches GLOB (repeatable), e.g. `*.png` or `*/exports/*`; "
+        "those indexed before stay (`clipsearch remove` forgets them).",
     ),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Descend into symlinked folders."),
     retry_failed: bool = typer.Option(

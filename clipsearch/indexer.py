@@ -122,7 +122,8 @@ def plan_changes(
     """Compare the walk with the catalog: which files need work, which are gone.
 
     Only catalog rows under the roots walked now can be gone; rows under a folder that could
-    not be listed are kept, since an unreadable folder is not a deleted one. A file whose size
+    not be listed are kept, since an unreadable folder is not a deleted one, and so are rows an
+    exclude pattern skipped (`Walk.excludes`: `remove` forgets them). A file whose size
     and mtime are as recorded is taken as unchanged, unless ``verify`` asks to fingerprint it.
     """
     plan = Plan()
@@ -151,10 +152,11 @@ def plan_changes(
             plan.unchanged += 1
     plan.unreadable = len(walk.unreadable)
     in_roots, in_unreadable = under(walk.roots), under(walk.unreadable)
+    excluded = walk.excludes if isinstance(walk, Walk) else lambda path: False
     plan.missing = [
         path
         for path, state in unseen.items()
-        if state.status != STATUS_MISSING and in_roots(path) and not in_unreadable(path)
+        if state.status != STATUS_MISSING and in_roots(path) and not in_unreadable(path) and not excluded(path)
     ]
     return plan
 

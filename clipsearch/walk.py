@@ -91,6 +91,23 @@ class Walk:
             elif not _excluded(root, patterns):
                 yield FoundFile(root, st.st_size, st.st_mtime_ns)
 
+    def excludes(self, path: bytes) -> bool:
+        """Whether ``path`` (inside one of the roots) is skipped by an exclude pattern, itself or
+        through a folder of it below its root: what a walk did not see for that reason was not
+        deleted, and is left as it was indexed (as rsync leaves excluded files)."""
+        patterns = [os.fsencode(p) for p in self.exclude]
+        inside = [root for root in self.roots if path == root or path.startswith(root.rstrip(b"/") + b"/")]
+        if not patterns or not inside:
+            return False
+        root = max(inside, key=len)
+        if path == root:  # a file named as a root
+            return _excluded(path, patterns)
+        while path != root:  # the file, then each folder up to the root, as the walk met them
+            if _excluded(path, patterns):
+                return True
+            path = os.path.dirname(path)
+        return False
+
     def _walk_tree(
         self, root: bytes, root_stat: os.stat_result, patterns: list[bytes], visited: set[tuple[int, int]]
     ) -> Iterator[FoundFile]:

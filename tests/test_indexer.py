@@ -115,6 +115,20 @@ def test_deleted_files_are_marked_missing_only_under_the_roots_walked(tmp_path, 
     assert states[os.fsencode(b[0])].status == "indexed"  # b was not walked this time
 
 
+def test_files_excluded_in_a_later_run_stay_as_indexed(tmp_path, catalog, add):
+    """An excluded file was skipped, not deleted: as rsync leaves excluded files, the run leaves
+    its row and vector (`remove` forgets them); a file deleted beside it is still marked missing."""
+    images = make_library(tmp_path / "lib", 4)  # part0: 0 and 2, part1: 1 and 3
+    add(tmp_path / "lib")
+    vector = vector_of(catalog, images[1])
+    os.unlink(images[0])
+    report = add(tmp_path / "lib", exclude=["part1"])
+    assert (report.removed, report.unchanged) == (1, 1)
+    states = catalog.file_states()
+    assert [states[os.fsencode(p)].status for p in images] == ["missing", "indexed", "indexed", "indexed"]
+    np.testing.assert_array_equal(vector_of(catalog, images[1]), vector)
+
+
 def test_a_file_that_comes_back_is_indexed_again(tmp_path, catalog, add):
     (image,) = make_library(tmp_path / "lib", 1)
     add(tmp_path / "lib")

@@ -66,6 +66,21 @@ def test_exclude_matches_names_and_full_paths(tmp_path):
     assert found_paths(tmp_path, exclude=("*.png", "*/exports", "raw")) == [b(keep)]
 
 
+def test_excludes_says_what_a_walk_skipped_for_a_pattern(tmp_path):
+    walk = Walk(normalise_roots([tmp_path / "lib", tmp_path / "one.png"]), exclude=("*.png", "*/exports/*", "raw"))
+    lib = b(tmp_path / "lib")
+    assert walk.excludes(lib + b"/a/b.png")  # its name
+    assert walk.excludes(lib + b"/exports/c.jpg")  # its full path
+    assert walk.excludes(lib + b"/x/raw/deep/d.jpg")  # a folder on its way down from the root
+    assert walk.excludes(b(tmp_path / "one.png"))  # a file named as a root
+    assert not walk.excludes(lib + b"/x/rawer/d.jpg") and not walk.excludes(lib + b"/a/b.jpg")
+    assert not walk.excludes(b(tmp_path / "elsewhere" / "e.png"))  # not under a root walked
+    assert not Walk(normalise_roots([tmp_path / "lib"])).excludes(lib + b"/a/b.png")  # no patterns
+    touch(tmp_path / "lib" / "x" / "raw" / "deep" / "d.jpg")
+    touch(tmp_path / "lib" / "a" / "b.jpg")
+    assert found_paths(tmp_path / "lib", exclude=walk.exclude) == [lib + b"/a/b.jpg"]  # the same verdicts
+
+
 def test_a_single_file_root(tmp_path):
     image = touch(tmp_path / "a.jpg")
     assert found_paths(image) == [b(image)]
