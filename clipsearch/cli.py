@@ -750,14 +750,7 @@ def _describe(status: Status) -> str:
         + (", default" if m.default else "")
         for m in status.models
     ]
-    vectors = f"{status.vectors_in_index} in a {status.index_type} index"
-    if status.recall_at_10 is not None:
-        vectors += f" (recall@10 {status.recall_at_10:.3f})"
-    vectors += (
-        ", consistent with the catalog"
-        if status.consistent
-        else ", NOT consistent with the catalog (run `clipsearch rebuild`)"
-    )
+    vectors = _vector_index(status)
     if status.weights_changed:
         from clipsearch.index import stale_weights_message
 
@@ -771,6 +764,16 @@ def _describe(status: Status) -> str:
             f"On disk:  catalog {_mb(status.catalog_bytes)}, vectors {_mb(status.vectors_bytes)}",
         ]
     )
+
+
+def _vector_index(status: Status) -> str:
+    if status.dim is None:  # the model has no vectors here: none yet, or dropped
+        return "none yet"
+    recall = "" if status.recall_at_10 is None else f" (recall@10 {status.recall_at_10:.3f})"
+    held = f"{status.vectors_in_index} in a {status.index_type} index{recall}"
+    if status.consistent:
+        return f"{held}, consistent with the catalog"
+    return f"{held}, NOT consistent with the catalog (run `clipsearch rebuild`)"
 
 
 def _mb(size: int) -> str:

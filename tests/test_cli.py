@@ -129,6 +129,13 @@ def test_status_and_failed(cli, library, tmp_path, tiny_model):
     assert failed.startswith(f"{tmp_path / 'lib' / 'bad.jpg'}: ") and "cannot be decoded" in failed
 
 
+def test_status_after_the_last_models_vectors_are_dropped(cli, library, tiny_model):
+    cli("models", "drop", tiny_model)
+    lines = cli("status").stdout.splitlines()
+    assert lines[2] == "Models:   none yet (run `clipsearch index PATH`)"
+    assert lines[3].startswith("Vectors:  ") and lines[3].endswith(": none yet")  # not "0 in a none index"
+
+
 def test_status_json_says_what_the_text_says(cli, library, tmp_path, tiny_model):
     library[0].unlink()
     cli("index", tmp_path / "lib")  # bad.jpg is still failed (not tried again), the deleted one missing
