@@ -174,7 +174,7 @@ def write_corpus(root: Path) -> list[Case]:
     good("name with a newline", b"first\nsecond.png", encoded_bytes(blocks(9), "PNG"))
     good("non-UTF-8 name", b"caf\xe9-\xff.png", encoded_bytes(blocks(20), "PNG"))
 
-    bad("zero-byte file", b"empty.jpg", b"", "cannot be decoded")
+    bad("zero-byte file", b"empty.jpg", b"", r"cannot be decoded as an image \(the file is empty\)")
     bad("truncated JPEG (first half)", b"truncated.jpg", jpeg[: len(jpeg) // 2], "truncated")
     bad("text file named .jpg", b"notes.jpg", b"shopping list: eggs, milk\n" * 20, "cannot be decoded")
     bad("PNG with a broken header CRC", b"broken-crc.png", with_broken_header_crc(png), "cannot be decoded")

@@ -93,7 +93,17 @@ def opened_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = N
         # Pillow names the file too, a path as 'path' and an open file by its repr: said once, first.
         unidentified = isinstance(e, Image.UnidentifiedImageError)
         detail = "cannot identify image file" if unidentified else str(e).replace(f" '{name}'", "")
+        if unidentified and _is_empty(source):  # a copy that was cut off, a placeholder
+            detail = "the file is empty"
         raise ImageError(f"{name} cannot be decoded as an image ({detail}); check the file or exclude it.") from e
+
+
+def _is_empty(source: str | os.PathLike[str] | BinaryIO) -> bool:
+    try:
+        size = os.path.getsize(source) if isinstance(source, (str, os.PathLike)) else os.fstat(source.fileno()).st_size
+    except (OSError, ValueError):  # in memory (no file number), or gone: not known to be empty
+        return False
+    return size == 0
 
 
 def open_pillow(source: str | os.PathLike[str] | BinaryIO, name: str) -> Image.Image:
