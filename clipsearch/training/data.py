@@ -183,7 +183,9 @@ def datasets(
     random.Random(options.seed).shuffle(pairs)
     val_size = min(options.val_size, len(pairs) // 5)
     if val_size < 2 or len(pairs) - val_size < 2:
-        raise TrainingError(f"{options.data} holds {len(pairs)} pairs; training needs at least 10.")
+        raise TrainingError(
+            f"{options.data} holds {len(pairs)} pair{'' if len(pairs) == 1 else 's'}; training needs at least 10."
+        )
     training = PairDataset(pairs[val_size:], preprocess, tokenizer, context_length)
     return (lambda epoch: training), PairDataset(pairs[:val_size], preprocess, tokenizer, context_length)
 
