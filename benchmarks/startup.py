@@ -49,7 +49,7 @@ def child(argv: list[str]) -> None:
     import atexit
 
     from clipsearch import encoder as encoder_module
-    from clipsearch.clip import cpu, numpy_image, numpy_text, onnx_graph, onnx_image
+    from clipsearch.clip import numpy_image, numpy_text, onnx_graph, onnx_image  # none imports torch
 
     started = float(os.environ[_T0])
     events: list[tuple[str, float, float, float]] = []
@@ -89,9 +89,8 @@ def child(argv: list[str]) -> None:
     )
     noting(numpy_image, "export", "NumPy image tower export starts", "NumPy image tower exported")
     noting(onnx_image, "export", "ONNX image graph build starts", "ONNX image graph built")
-    # A machine's first run measures: where its memory peaks (the torch precisions' trial
-    # copies, the graph's build and save, the session's open).
-    noting(cpu, "_fastest_faithful", "torch precisions: trials start", "torch precisions: trials done")
+    # Where a machine's first run peaks: its torch trials (before the NumPy export), the graph's
+    # build and save, the session's open.
     noting(onnx_graph, "save", "ONNX graph built, saving", "ONNX graph saved")
     noting(onnx_image, "load_cached", "ONNX session opens", "ONNX session open")
 
