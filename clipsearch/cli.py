@@ -293,6 +293,9 @@ def index_command(
         "RAY_ADDRESS or started here, else a local one), local, or an address such as head:6379. Every node "
         "must see the files at the same paths.",
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run's counts and timings as a JSON object instead of the summary line."
+    ),
 ) -> None:
     """Index the images under PATH... (a re-run does only what changed).
 
@@ -325,10 +328,16 @@ def index_command(
         )
         # The model a person names for a run is the one they mean to search next.
         switched = model is not None and index.make_default_if_encoded()
-    if not settings.quiet:
+    if as_json:
+        from dataclasses import asdict
+
+        _print_json(
+            asdict(report) | {"images_per_s": report.images_per_s, "home": str(index.home), "model": index.model}
+        )
+    elif not settings.quiet:
         typer.echo(_summary(report, index.home, index.model))
-        if switched:
-            typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
+    if switched and not settings.quiet:
+        typer.echo(f"Queries now use {index.model} by default (`clipsearch models default` to change).", err=True)
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
         raise typer.Exit(128 + stopped.signum)

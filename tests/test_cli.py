@@ -60,6 +60,19 @@ def test_index_prints_a_summary_and_reruns_do_nothing(tmp_path, cli, tiny_model)
     assert summary(cli("index", tmp_path / "lib")) == (0, 0, 0, 0, 0, 6)
 
 
+def test_index_json_says_what_the_summary_says(tmp_path, cli, tiny_model):
+    make_library(tmp_path / "lib", 5)
+    (tmp_path / "lib" / "bad.jpg").write_text("nope")
+    first = json.loads(cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", "--json", code=3).stdout)
+    assert {k: first[k] for k in ("new", "changed", "moved", "removed", "failed", "unchanged")} == dict(
+        new=5, changed=0, moved=0, removed=0, failed=1, unchanged=0
+    )
+    assert (first["home"], first["model"], first["interrupted"]) == (str(tmp_path / "home"), tiny_model, False)
+    assert first["images_per_s"] > 0 and first["elapsed"] >= first["model_load_s"] > 0
+    again = json.loads(cli("index", tmp_path / "lib", "--json").stdout)
+    assert (again["unchanged"], again["new"], again["model_load_s"]) == (6, 0, 0)
+
+
 def test_query_prints_scores_and_paths_best_first(cli, library):
     lines = cli("query", library[2], "-k", "3").stdout.splitlines()
     assert len(lines) == 3
