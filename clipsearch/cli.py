@@ -652,6 +652,9 @@ def classify_command(
     model: str | None = typer.Option(
         None, "--model", "-m", help="Model name or checkpoint path (default: the index's model, else ViT-B/32)."
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print a JSON array: {"path", "labels": {label: probability}} per image read.'
+    ),
 ) -> None:
     """Zero-shot classification: how likely each label is for each image (no index needed)."""
     from clipsearch.encoder import Encoder
@@ -663,7 +666,7 @@ def classify_command(
         raise typer.BadParameter("give at least two labels, separated by commas", param_hint="--labels")
     encoder = Encoder(model or _index_model(), settings.device, towers="both")
     width = max(len(name) for name in names)
-    failed = 0
+    failed, classified = 0, []
     for image in images:
         try:
             probabilities = zero_shot(encoder, image, names, template)
@@ -671,9 +674,14 @@ def classify_command(
             failed += 1
             typer.echo(f"error: {_shown(str(err))}", err=True)
             continue
+        if as_json:
+            classified.append({"path": str(image), "labels": dict(zip(names, map(float, probabilities)))})
+            continue
         _print(str(image))
         for name, p in zip(names, probabilities):
             typer.echo(f"  {name:<{width}}  {p:.4f}")
+    if as_json:
+        _print_json(classified)
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 

@@ -243,6 +243,16 @@ def test_classify_prints_a_probability_per_label(cli, library):
     assert sum(probabilities) == pytest.approx(1, abs=1e-3)
 
 
+def test_classify_json_holds_what_the_text_shows(cli, library, tmp_path):
+    text = cli("classify", library[0], "--labels", "dog,cat").stdout.splitlines()
+    shown = {line.split()[0]: float(line.split()[1]) for line in text[1:]}
+    result = cli("classify", library[0], tmp_path / "gone.jpg", "--labels", "dog,cat", "--json", code=3)
+    (found,) = json.loads(result.stdout)
+    assert found["path"] == str(library[0]) and list(found["labels"]) == ["dog", "cat"]
+    assert {k: round(v, 4) for k, v in found["labels"].items()} == shown
+    assert result.stderr.startswith("error: Cannot classify")
+
+
 def test_classify_says_which_images_it_cannot_read_and_classifies_the_others(cli, library, tmp_path):
     missing, bad = tmp_path / "gone.jpg", tmp_path / "lib" / "bad.jpg"
     result = cli("classify", missing, library[0], bad, library[1], "--labels", "dog,cat", code=3)
