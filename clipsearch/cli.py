@@ -115,7 +115,7 @@ def _global_options(
 def _warnings_and_notices(record: logging.LogRecord) -> bool:
     """Without --verbose, warnings and errors, and the few info records the library marks
     ``extra={"notice": True}``: a wait of many seconds that the user would otherwise watch in
-    silence (a first start measuring this CPU), said before it begins."""
+    silence (a model's first run or start measuring this CPU), said before it begins."""
     return record.levelno > logging.INFO or getattr(record, "notice", False)
 
 
@@ -130,6 +130,16 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value: object) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Above an index run's progress bar, not through it: tqdm clears the bar, writes the
+        line and draws the bar again (with no bar, it is a plain line)."""
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 class _LowercaseLevel(logging.Formatter):

@@ -166,6 +166,13 @@ def prepare_for_inference(
     chosen = _known_precision(model_ref, precision, device, visual is not None, text_tower)
     if chosen is None:
         assert visual is not None  # a text-only model has one candidate
+        logger.info(
+            "Measuring which precision runs %s fastest on this %s (once per model and machine; "
+            "about 15 s for ViT-B/32)...",
+            model_ref or type(model).__name__,
+            "CPU" if device.type == "cpu" else "GPU",
+            extra={"notice": True},  # shown by the CLI without --verbose: a wait it should explain
+        )
         candidates = candidate_precisions(device, image_tower=True)
         if sample is None:
             sample = calibration_images(visual.input_resolution, count=TIMING_BATCH)
