@@ -747,6 +747,8 @@ def status_command(
                 _print(str(path))
             return
         status = index.status()
+        if not as_json:
+            typer.echo(_describe(status))  # before --check, which reads every vector file whole
         checks = []
         if check:
             from clipsearch.consistency import check as check_vectors
@@ -757,7 +759,6 @@ def status_command(
 
             _print_json(status.to_json() | ({"checks": [asdict(c) for c in checks]} if check else {}))
         else:
-            typer.echo(_describe(status))
             for c in checks:
                 said = "; ".join(c.problems) or f"its vector file matches the catalog's {c.vectors} vectors row by row"
                 _print(f"Check:    {c.model}: {said}")
