@@ -365,8 +365,8 @@ def get(name: str) -> ModelEntry:
 def unknown(name: str) -> str:
     """What to say of a ``name`` that is neither a model nor a checkpoint on disk: the names it
     is likely a typo of (any letter case), rather than all of them on one line."""
-    names = {key: entry.name for key, entry in _BY_KEY.items()}
-    close = dict.fromkeys(names[key] for key in difflib.get_close_matches(name.strip().lower(), names, n=3))
+    keys = difflib.get_close_matches(name.strip().lower(), _BY_KEY, n=3)  # names and aliases, lower case
+    close = dict.fromkeys(_BY_KEY[key].name for key in keys)
     guess = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     return (
         f"{name!r} is neither a known model nor a checkpoint file or directory.{guess} "
