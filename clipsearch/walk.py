@@ -15,6 +15,7 @@ named ``.jpg`` indexes and a text file named ``.jpg`` is recorded as failed.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import stat
@@ -74,8 +75,13 @@ class Walk:
     follow_symlinks: bool = False
     unreadable: list[bytes] = field(default_factory=list)
 
+    @functools.cached_property
+    def patterns(self) -> list[bytes]:
+        """``exclude`` as the walk matches it, against paths in bytes."""
+        return [os.fsencode(p) for p in self.exclude]
+
     def __iter__(self) -> Iterator[FoundFile]:
-        patterns = [os.fsencode(p) for p in self.exclude]
+        patterns = self.patterns
         visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder listed: no loops
         for root in self.roots:
             try:
@@ -95,7 +101,7 @@ class Walk:
         """Whether ``path`` (inside one of the roots) is skipped by an exclude pattern, itself or
         through a folder of it below its root: what a walk did not see for that reason was not
         deleted, and is left as it was indexed (as rsync leaves excluded files)."""
-        patterns = [os.fsencode(p) for p in self.exclude]
+        patterns = self.patterns
         inside = [root for root in self.roots if path == root or path.startswith(root.rstrip(b"/") + b"/")]
         if not patterns or not inside:
             return False
