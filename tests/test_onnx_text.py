@@ -50,6 +50,57 @@ def test_quantise_stores_each_block_within_half_a_step():
     np.testing.assert_allclose(np.abs(restored[:200]).max(axis=0), np.abs(weight).max(axis=0), rtol=1e-6)
 
 
+def one_product(weight: np.ndarray, bias: np.ndarray):
+    """A session on `Graph.linear` alone: ``x @ weight + bias`` in the per-channel kernel."""
+    from onnx import TensorProto, helper
+
+    g = onnx_graph.Graph("onnx-int8-dynamic")
+    y = g.linear("x", {"p.weight": weight, "p.bias": bias}, "p.")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weight.shape[0]])
+    return onnx_graph.session(onnx_graph.model(g, "one", [x], y, ["N", weight.shape[1]]), threads=1)
+
+
+def exact_product(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """What the per-channel kernel computes, summed exactly: activations quantised per tensor as
+    ONNX Runtime's ``DynamicQuantizeLinear`` does (uint8 over [min(0, x), max(0, x)]), weights
+    per output channel as `onnx_graph.quantise` does."""
+    scale = (max(0.0, x.max()) - min(0.0, x.min())) / 255
+    zero = np.clip(np.rint(-min(0.0, x.min()) / scale), 0, 255)
+    q = np.clip(np.rint(x / np.float32(scale)) + zero, 0, 255) - zero
+    codes, scales = onnx_graph.quantise(weight, len(weight))
+    integer = q.astype(np.int64) @ (codes[:, 0].T.astype(np.int64) - 128)
+    return integer * (np.float64(np.float32(scale)) * scales[:, 0]) + bias
+
+
+def saturating_product() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations near the top of uint8 times weights near +-127, each pair of inputs of one
+    sign: every pair of products (up to 255 x 127 x 2) overflows int16."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.9, 1.0, (4, 64)).astype(np.float32)
+    signs = np.repeat(rng.choice([-1.0, 1.0], (32, 16)), 2, axis=0)  # [64 inputs, 16 outputs]
+    weight = (signs * rng.uniform(0.9, 1.0, (64, 16))).astype(np.float32)
+    return x, weight, rng.standard_normal(16).astype(np.float32)
+
+
+def test_the_per_channel_kernel_sums_exactly_on_this_cpu():
+    """Where the CPU has VNNI the weights are signed, elsewhere unsigned around 128
+    (`onnx_graph.signed_products`): either way every product is summed in full."""
+    x, weight, bias = saturating_product()
+    found = one_product(weight, bias).run(None, {"x": x})[0]
+    np.testing.assert_allclose(found, exact_product(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(onnx_graph.signed_products(), reason="this CPU has VNNI: signed products are exact here")
+def test_signed_weights_would_saturate_on_this_cpu(monkeypatch):
+    """Why a CPU without VNNI gets unsigned weights: ONNX Runtime's u8 x s8 kernel adds pairs of
+    products in saturating int16 there."""
+    x, weight, bias = saturating_product()
+    monkeypatch.setattr(onnx_graph, "signed_products", lambda: True)
+    found = one_product(weight, bias).run(None, {"x": x})[0]
+    expected = exact_product(x, weight, bias)
+    assert np.abs(found - expected).max() > 0.1 * np.abs(expected).max()
+
+
 @pytest.fixture(scope="module")
 def demo_model():
     """The bundled demo: trained weights (real activation ranges), 2 layers, 2 heads, QuickGELU."""
@@ -190,6 +241,10 @@ def test_the_chosen_kernels_graph_is_cached_when_measured_and_opened_by_later_st
         patched.setitem(onnx_graph.LAYOUTS, "image", onnx_graph.LAYOUTS["image"] + 1)
         assert onnx_text.remembered(ref, 1) is not None
         patched.setitem(onnx_graph.LAYOUTS, "text", onnx_graph.LAYOUTS["text"] + 1)
+        assert onnx_text.remembered(ref, 1) is None
+    with monkeypatch.context() as patched:  # a cache shared with a CPU whose products differ
+        other = not onnx_graph.signed_products()
+        patched.setattr(onnx_graph, "signed_products", lambda: other)
         assert onnx_text.remembered(ref, 1) is None
     bump_mtime(Path(ref) / "model.safetensors")
     assert onnx_text.remembered(ref, 1) is None  # built from the checkpoint as it was

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import heap, numpy_image, onnx_graph, onnx_image, precision_verdicts
-from .cpu_features import BF16_FLAGS, cpu_flags
+from .cpu_features import BF16_FLAGS, cpu_flags, has_vnni
 from .model import (
     Conversion,
     ProjectedAttention,
@@ -494,10 +494,6 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self._packed, self._reduce_range)
-
-
-def has_vnni() -> bool:
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def _prepack(qweight: torch.Tensor, bias: torch.Tensor | None, engine: str | None) -> torch.Tensor:

@@ -13,6 +13,14 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 SPEED_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", *BF16_FLAGS})
 
 
+def has_vnni() -> bool:
+    """Whether int8 dot products sum exactly in hardware (VNNI). Without it (AVX2), the fast
+    u8 x s8 instruction adds each pair of products in saturating int16, which torch's int8
+    (`clip.cpu.Int8Linear`) and ONNX Runtime's (`clip.onnx_graph.Graph.linear`) each avoid
+    in their own way."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags Linux reports; empty elsewhere (other systems fall back to fp32)."""

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from clipsearch.clip import tower_file
+from clipsearch.clip.cpu_features import has_vnni
 from clipsearch.clip.numpy_ops import LN_EPS
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,19 @@ UNFUSED = ["SkipLayerNormFusion"]
 # The version of each tower's graph (`onnx_text.build`, `onnx_image.build`, and the `blocks`
 # both write: a change there moves both) and of what its file records: a cached graph or a
 # remembered measurement of an older one is rebuilt or measured again, the other tower's kept.
-LAYOUTS = {"text": 4, "image": 4}
+LAYOUTS = {"text": 5, "image": 5}
+
+
+def signed_products() -> bool:
+    """Whether `Graph.linear`'s per-channel kernel stores its weights signed on this CPU: where
+    it has VNNI, ONNX Runtime multiplies the unsigned activations by signed weights and sums in
+    int32, exactly. Without VNNI (AVX2) that u8 x s8 kernel adds each pair of products in
+    saturating int16 (``vpmaddubsw``), which took ViT-B/32's text tower from cosine 0.99922 to
+    0.99642; weights stored unsigned around 128 run its u8 x u8 kernel, which widens both to
+    int16 first: exact, and as fast there (6.8 and 5.9 ms a text; benchmarks/README.md).
+    A graph records which it holds (`built_from`), so a cache shared by both kinds of CPU never
+    hands one the other's graph."""
+    return has_vnni()
 
 
 def available() -> bool:
@@ -100,10 +113,15 @@ class Graph:
         """``x @ W + b`` of the ``[in, out]`` weight ``name + "weight"``, in 8 bits."""
         weight = weights[name + "weight"]
         b = self.constant(name + "bias", weights[name + "bias"])
-        if self.block is None:  # int8 per output channel (one block of every input), signed, [in, out]
+        if self.block is None:  # int8 per output channel (one block of every input), [in, out]
             codes, scales = quantise(weight, len(weight))
-            signed = (codes[:, 0].astype(np.int16) - 128).astype(np.int8).T
-            inputs = [x, self.constant(name + "codes", signed), self.constant(name + "scales", scales[:, 0]), "", b]
+            codes, scales = codes[:, 0].T, scales[:, 0]
+            if signed_products():
+                signed = (codes.astype(np.int16) - 128).astype(np.int8)
+                inputs = [x, self.constant(name + "codes", signed), self.constant(name + "scales", scales), "", b]
+            else:  # unsigned around 128: see `signed_products`
+                zero = self.constant(name + "zero", np.full(len(scales), 128, dtype=np.uint8))
+                inputs = [x, self.constant(name + "codes", codes), self.constant(name + "scales", scales), zero, b]
             (y,) = self.op("DynamicQuantizeMatMul", *inputs, domain=CONTRIB)
             return y
         codes, scales = quantise(weight, self.block)
@@ -186,12 +204,13 @@ def session(graph: bytes | str, threads: int):
 
 def built_from(model_ref: str, tower: str) -> dict[str, str] | None:
     """What a cached graph of ``model_ref``'s ``tower`` records (`model`'s metadata): the
-    checkpoint as it is now and the tower's `LAYOUTS`; None when the checkpoint cannot be
-    identified (nothing is cached then)."""
+    checkpoint as it is now, the tower's `LAYOUTS` and whether its products are
+    `signed_products`; None when the checkpoint cannot be identified (nothing is cached then)."""
     source = tower_file.checkpoint_state(model_ref)
     if source is None:
         return None
-    return {"built_from": json.dumps({"checkpoint": source, "layout": LAYOUTS[tower]}, sort_keys=True)}
+    built = {"checkpoint": source, "layout": LAYOUTS[tower], "signed_products": signed_products()}
+    return {"built_from": json.dumps(built, sort_keys=True)}
 
 
 def save(path: Path, graph: bytes) -> bool:
