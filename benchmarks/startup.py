@@ -92,7 +92,7 @@ def child(argv: list[str]) -> None:
     # Where a machine's first run peaks: its torch trials (before the NumPy export), the graph's
     # build and save, the session's open.
     noting(onnx_graph, "save", "ONNX graph built, saving", "ONNX graph saved")
-    noting(onnx_image, "load_cached", "ONNX session opens", "ONNX session open")
+    noting(onnx_graph, "session", "ONNX session opens", "ONNX session open")  # on a thread of its own
 
     def finish() -> None:
         note("exit")

@@ -193,3 +193,71 @@ def test_an_index_moves_from_numpy_to_the_graph_when_a_later_run_is_larger(
 ):
     with_costs(measured, COSTS, torch_start=1.5)
     assert precisions_of_runs(tmp_path, model_dir, [1, 8]) == ["fp32-numpy", "int8-onnx"]
+
+
+@needs_a_verdict
+def test_the_graph_file_says_what_it_was_built_from_without_a_session(model_dir: str, measured: Path):
+    """`onnx_graph.recorded` steps over the graph's bytes to its metadata, as onnx reads it; a
+    file cut short, or not a graph at all, is damaged, never current."""
+    import onnx
+
+    path = onnx_image.cache_file(model_dir)
+    expected = {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
+    assert "built_from" in expected and onnx_graph.recorded(path) == expected
+    assert onnx_graph.current(path, model_dir, "image")
+    whole = path.read_bytes()
+    for damaged in (whole[:-1], whole[: len(whole) // 2], b"not a graph" * 100):
+        path.write_bytes(damaged)
+        assert onnx_graph.recorded(path) is None and not onnx_graph.current(path, model_dir, "image")
+    assert onnx_graph.recorded(path.with_name("missing.onnx")) is None
+
+
+def pixels_of(model_dir: str) -> np.ndarray:
+    tower = numpy_image.load_cached(model_dir)
+    assert tower is not None
+    return cpu.calibration_images(tower.preprocess.resolution, count=3).numpy()
+
+
+@needs_a_verdict
+def test_the_session_opens_while_the_run_decodes(model_dir: str, measured: Path, monkeypatch: pytest.MonkeyPatch):
+    """`load_cached` returns before ONNX Runtime has read the graph (a run decodes its first
+    batch meanwhile); the first batch waits for the session."""
+    import threading
+
+    released, opening = threading.Event(), onnx_graph.session
+
+    def held(*args, **kwargs):
+        assert released.wait(10), "load_cached waited for the session"
+        return opening(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_graph, "session", held)
+    cached = onnx_image.load_cached(model_dir)
+    assert cached is not None
+    released.set()
+    tower = numpy_image.load_cached(model_dir)
+    assert tower is not None
+    pixels = pixels_of(model_dir)
+    assert cosines(cached.encode_images(pixels), tower.encode_images(pixels)).min() >= MIN_COSINE
+
+
+@needs_a_verdict
+def test_a_graph_damaged_inside_leaves_the_numpy_tower_to_encode(
+    model_dir: str, measured: Path, caplog: pytest.LogCaptureFixture
+):
+    """Its metadata whole, its graph not: the session fails on its thread, the run goes on with
+    the NumPy tower's fp32 embeddings, said once."""
+    path = onnx_image.cache_file(model_dir)
+    recorded = onnx_graph.recorded(path)
+    whole = bytearray(path.read_bytes())
+    start = whole.index(b"DynamicQuantizeMatMul")  # an operator's name, inside the graph
+    whole[start : start + 21] = b"NoSuchOperatorAtAll!!"
+    path.write_bytes(bytes(whole))
+    assert onnx_graph.recorded(path) == recorded
+    cached = onnx_image.load_cached(model_dir)
+    tower = numpy_image.load_cached(model_dir)
+    assert cached is not None and tower is not None
+    pixels = pixels_of(model_dir)
+    with caplog.at_level("WARNING", logger="clipsearch.clip.onnx_image"):
+        for _ in range(2):
+            np.testing.assert_array_equal(cached.encode_images(pixels), tower.encode_images(pixels))
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"Cannot read the cached graph {path}"]

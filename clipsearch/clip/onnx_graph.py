@@ -18,12 +18,14 @@ is False and the towers run in torch or NumPy.
 from __future__ import annotations
 
 import importlib.util
+import io
 import itertools
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -225,18 +227,92 @@ def save(path: Path, graph: bytes) -> bool:
 
 
 def cached_session(path: Path, model_ref: str, tower: str, threads: int) -> Any | None:
-    """A session on the graph of ``tower`` cached at ``path`` when it was built from
-    ``model_ref``'s checkpoint as it is now, in the tower's `LAYOUTS`; None when there is none,
-    it is stale or damaged, or the ``onnx`` extra is missing."""
-    expected = built_from(model_ref, tower)
-    if expected is None or not path.is_file() or not available():
+    """A session on the graph of ``tower`` cached at ``path`` when it is `current`; None when
+    it is not, or ONNX Runtime cannot read it."""
+    if not current(path, model_ref, tower):
         return None
     try:
-        opened = session(str(path), threads)
+        return session(str(path), threads)
     except Exception as err:  # onnxruntime raises its own exception types for a damaged file
         log.info("Ignoring the damaged graph %s (%s)", path, err)
         return None
-    if opened.get_modelmeta().custom_metadata_map.get("built_from") != expected["built_from"]:
+
+
+def current(path: Path, model_ref: str, tower: str) -> bool:
+    """Whether the graph of ``tower`` cached at ``path`` was built from ``model_ref``'s
+    checkpoint as it is now, in the tower's `LAYOUTS` (`built_from`), as its file says
+    (`recorded`, which needs no session); False when there is none, it is stale or not whole, or
+    the ``onnx`` extra is missing."""
+    expected = built_from(model_ref, tower)
+    if expected is None or not path.is_file() or not available():
+        return False
+    found = recorded(path)
+    if found is None:
+        log.info("Ignoring the damaged graph %s", path)
+        return False
+    if found.get("built_from") != expected["built_from"]:
         log.info("The graph %s is stale: %s has changed, or it was built by an older clipsearch", path, model_ref)
+        return False
+    return True
+
+
+# The field of an ONNX ModelProto that holds its metadata, and those of each entry's key and value.
+_METADATA_PROPS, _KEY, _VALUE = 14, 1, 2
+
+
+def recorded(path: Path) -> dict[str, str] | None:
+    """The metadata a graph file records (`model`'s ``metadata``), read without ONNX Runtime:
+    the file's top-level protobuf fields are stepped over by their lengths, so the graph and its
+    weights (nearly all of the file) are never read. None for a file that is not a whole model:
+    cut short, or not protobuf."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            fields = _fields(f, size, wanted=_METADATA_PROPS)
+    except (OSError, ValueError):
         return None
-    return opened
+    if fields is None:
+        return None
+    entries = {}
+    for entry in fields:
+        parts = _fields(io.BytesIO(entry), len(entry))
+        if parts is None:
+            return None
+        named = dict(parts)
+        entries[named.get(_KEY, b"").decode()] = named.get(_VALUE, b"").decode()
+    return entries
+
+
+def _fields(f: BinaryIO, size: int, wanted: int | None = None) -> list | None:
+    """The length-delimited fields of the protobuf message in the first ``size`` bytes of
+    ``f``: with ``wanted``, the values of that field (others skipped unread); else (field,
+    value) pairs. None where the bytes do not parse as a message of exactly that size."""
+    found: list = []
+    while f.tell() < size:
+        field, wire = divmod(_varint(f), 8)
+        if wire == 0:  # a number (ModelProto's versions)
+            _varint(f)
+            continue
+        if wire != 2:  # no fixed-width or group fields in what `model` writes
+            return None
+        length = _varint(f)
+        if length > size - f.tell():
+            return None
+        if wanted is None or field == wanted:
+            value = f.read(length)
+            found.append(value if wanted is not None else (field, value))
+        else:
+            f.seek(length, os.SEEK_CUR)
+    return found if f.tell() == size else None
+
+
+def _varint(f: BinaryIO) -> int:
+    value = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte or shift > 63:
+            raise ValueError("not a protobuf varint")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
