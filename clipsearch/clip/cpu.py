@@ -250,7 +250,8 @@ def _onnx_costs(tower: numpy_image.ImageTower, model_ref: str, pixels: Any, refe
     graph = onnx_image.load_cached(model_ref)
     if graph is None:
         return {}
-    graph.session(usable_cores())  # opening on another thread: counted whole, as if nothing overlapped it
+    if graph.session(usable_cores()) is None:  # opening on another thread: counted whole, as if nothing overlapped it
+        return {}
     opened = time.perf_counter()
     graph.encode_images(pixels[:1])
     seconds, found = _timed_tower(graph, pixels)

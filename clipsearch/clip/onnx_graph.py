@@ -267,20 +267,19 @@ def recorded(path: Path) -> dict[str, str] | None:
     cut short, or not protobuf."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            fields = _fields(f, size, wanted=_METADATA_PROPS)
-    except (OSError, ValueError):
-        return None
-    if fields is None:
-        return None
-    entries = {}
-    for entry in fields:
-        parts = _fields(io.BytesIO(entry), len(entry))
-        if parts is None:
+            fields = _fields(f, os.fstat(f.fileno()).st_size, wanted=_METADATA_PROPS)
+        if fields is None:
             return None
-        named = dict(parts)
-        entries[named.get(_KEY, b"").decode()] = named.get(_VALUE, b"").decode()
-    return entries
+        entries = {}
+        for entry in fields:
+            parts = _fields(io.BytesIO(entry), len(entry))
+            if parts is None:
+                return None
+            named = dict(parts)
+            entries[named.get(_KEY, b"").decode()] = named.get(_VALUE, b"").decode()
+        return entries
+    except (OSError, ValueError):  # ValueError: a varint past the end, or text that is not UTF-8
+        return None
 
 
 def _fields(f: BinaryIO, size: int, wanted: int | None = None) -> list | None:

@@ -11,8 +11,9 @@ EPYC: 19 ms an image at a batch of 32, cosine 0.9999 to fp32; benchmarks/README.
 The graph is built from the NumPy tower's arrays, when "auto" measures the precisions on a
 model's first run (`clip.cpu`), and cached beside the NumPy tower's file, with the checkpoint
 state it was built from in its metadata: a later process reads that from the file
-(`onnx_graph.current`) and opens ONNX Runtime's session on it while it decodes (`load_cached`). It takes the images' patches ``float32 [N, grid * grid, 3 * patch *
-patch]`` (`numpy_image.ImageTower.patches`), so the patch convolution is one product.
+(`onnx_graph.current`) and opens ONNX Runtime's session on it while it decodes (`load_cached`).
+It takes the images' patches ``float32 [N, grid * grid, 3 * patch * patch]``
+(`numpy_image.ImageTower.patches`), so the patch convolution is one product.
 """
 
 from __future__ import annotations
