@@ -87,7 +87,10 @@ def test_the_per_channel_kernel_sums_exactly_on_this_cpu():
     (`onnx_graph.signed_products`): either way every product is summed in full."""
     x, weight, bias = saturating_product()
     found = one_product(weight, bias).run(None, {"x": x})[0]
-    np.testing.assert_allclose(found, exact_product(x, weight, bias), rtol=1e-5, atol=1e-5)
+    # Within two steps of one input's rounding (x / scale may round a tie the other way where
+    # ONNX Runtime multiplies by the reciprocal): saturated pairs miss by whole units.
+    step = (x.max() / 255) * np.abs(weight).max()
+    np.testing.assert_allclose(found, exact_product(x, weight, bias), rtol=1e-5, atol=2 * step)
 
 
 @pytest.mark.skipif(onnx_graph.signed_products(), reason="this CPU has VNNI: signed products are exact here")
