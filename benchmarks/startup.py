@@ -93,12 +93,13 @@ def child(argv: list[str]) -> None:
     # build and save, the session's open.
     noting(onnx_graph, "save", "ONNX graph built, saving", "ONNX graph saved")
     noting(onnx_graph, "session", "ONNX session opens", "ONNX session open")  # on a thread of its own
-    # The graph's first batch may reach it before its session is open, and waits: encoding starts here.
+    # The graph's first batch may reach it before its session is open, and waits: encoding starts
+    # here. (On a machine's first run, the first use is the measurement's, not the run's.)
     noting(
         onnx_image.OnnxImageTower,
         "session",
-        "first batch waits for the session",
-        "first batch's session ready",
+        "graph's session awaited (first use)",
+        "graph's session ready (first use)",
         once=True,
     )
 
