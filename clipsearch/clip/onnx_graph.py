@@ -267,12 +267,12 @@ def recorded(path: Path) -> dict[str, str] | None:
     cut short, or not protobuf."""
     try:
         with open(path, "rb") as f:
-            fields = _fields(f, os.fstat(f.fileno()).st_size, wanted=_METADATA_PROPS)
+            fields = _fields(f, os.fstat(f.fileno()).st_size, {_METADATA_PROPS})
         if fields is None:
             return None
         entries = {}
-        for entry in fields:
-            parts = _fields(io.BytesIO(entry), len(entry))
+        for _, entry in fields:
+            parts = _fields(io.BytesIO(entry), len(entry), {_KEY, _VALUE})
             if parts is None:
                 return None
             named = dict(parts)
@@ -282,11 +282,11 @@ def recorded(path: Path) -> dict[str, str] | None:
         return None
 
 
-def _fields(f: BinaryIO, size: int, wanted: int | None = None) -> list | None:
-    """The length-delimited fields of the protobuf message in the first ``size`` bytes of
-    ``f``: with ``wanted``, the values of that field (others skipped unread); else (field,
-    value) pairs. None where the bytes do not parse as a message of exactly that size."""
-    found: list = []
+def _fields(f: BinaryIO, size: int, wanted: set[int]) -> list[tuple[int, bytes]] | None:
+    """The ``wanted`` length-delimited fields of the protobuf message in the first ``size``
+    bytes of ``f``, as (field, value) pairs; the others are stepped over unread. None where the
+    bytes do not parse as a message of exactly that size."""
+    found: list[tuple[int, bytes]] = []
     while f.tell() < size:
         field, wire = divmod(_varint(f), 8)
         if wire == 0:  # a number (ModelProto's versions)
@@ -297,9 +297,8 @@ def _fields(f: BinaryIO, size: int, wanted: int | None = None) -> list | None:
         length = _varint(f)
         if length > size - f.tell():
             return None
-        if wanted is None or field == wanted:
-            value = f.read(length)
-            found.append(value if wanted is not None else (field, value))
+        if field in wanted:
+            found.append((field, f.read(length)))
         else:
             f.seek(length, os.SEEK_CUR)
     return found if f.tell() == size else None
