@@ -212,10 +212,8 @@ def test_the_graph_file_says_what_it_was_built_from_without_a_session(model_dir:
     assert onnx_graph.recorded(path.with_name("missing.onnx")) is None
 
 
-def pixels_of(model_dir: str) -> np.ndarray:
-    tower = numpy_image.load_cached(model_dir)
-    assert tower is not None
-    return cpu.calibration_images(tower.preprocess.resolution, count=3).numpy()
+def pixels_for(graph: onnx_image.OnnxImageTower) -> np.ndarray:
+    return cpu.calibration_images(graph.preprocess.resolution, count=3).numpy()
 
 
 @needs_a_verdict
@@ -234,10 +232,8 @@ def test_the_session_opens_while_the_run_decodes(model_dir: str, measured: Path,
     cached = onnx_image.load_cached(model_dir)
     assert cached is not None
     released.set()
-    tower = numpy_image.load_cached(model_dir)
-    assert tower is not None
-    pixels = pixels_of(model_dir)
-    assert cosines(cached.encode_images(pixels), tower.encode_images(pixels)).min() >= MIN_COSINE
+    pixels = pixels_for(cached)
+    assert cosines(cached.encode_images(pixels), cached.tower.encode_images(pixels)).min() >= MIN_COSINE
 
 
 @needs_a_verdict
@@ -254,10 +250,9 @@ def test_a_graph_damaged_inside_leaves_the_numpy_tower_to_encode(
     path.write_bytes(bytes(whole))
     assert onnx_graph.recorded(path) == recorded
     cached = onnx_image.load_cached(model_dir)
-    tower = numpy_image.load_cached(model_dir)
-    assert cached is not None and tower is not None
-    pixels = pixels_of(model_dir)
+    assert cached is not None
+    pixels = pixels_for(cached)
     with caplog.at_level("WARNING", logger="clipsearch.clip.onnx_image"):
         for _ in range(2):
-            np.testing.assert_array_equal(cached.encode_images(pixels), tower.encode_images(pixels))
+            np.testing.assert_array_equal(cached.encode_images(pixels), cached.tower.encode_images(pixels))
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"Cannot read the cached graph {path}"]
