@@ -3,7 +3,8 @@
 Opening a 12-megapixel JPEG costs more than encoding it with a small CLIP, so decoding runs in
 separate processes (the GIL would serialise threads) while the main process encodes the
 previous batch. Small images are the other way round: decoding them in the main process leaves
-the model every core (`best_workers` decides from the run's first batch). Workers are started
+a model on torch's threads every core; ONNX Runtime's share them with the workers
+(`best_workers` decides from the run's first batch). Workers are started
 with ``forkserver``/``spawn``, never ``fork``: forking a process that has already started
 torch's thread pools can deadlock.
 
@@ -322,24 +323,35 @@ WORKER_START_S = 0.3
 THREAD_GAIN = 0.85
 
 
-def best_workers(decode_s: float, encode_s: float, model_uses_cpu: bool, images: int, batch: int) -> int:
+def best_workers(
+    decode_s: float, encode_s: float, model_uses_cpu: bool, images: int, batch: int, shares_cores: bool = False
+) -> int:
     """How many decode processes index ``images`` more images fastest, given what one image
     costs to decode and to encode (measured on the run's first batch, decoded in-process with
     the model on every core).
 
     In-process, an image costs decode + encode. With W workers decoding beside the model, the
-    slower side sets the pace: decode / W, or the encode slowed to the cores the workers leave
-    the model (`THREAD_GAIN`; a model on a GPU is not slowed); and the model waits once for the
-    workers to start and fill a first ``batch``. A 640x480 JPEG decodes in ~7 ms while
-    ViT-B/32 wants both cores for ~45 ms: in-process (17.8 images/s against 11.1 with a
-    worker). A 12-megapixel JPEG, even with reduced decoding, takes ~52 ms: a worker beside a
-    one-thread model (~75 ms an image) wins on all but short runs.
+    slower side sets the pace: decode / W, or the model; and the model waits once for the
+    workers to start and fill a first ``batch``. A model on a GPU is not slowed by them. One on
+    the CPU either gives the workers their cores (`THREAD_GAIN` says what that costs it: a
+    640x480 JPEG decodes in ~7 ms while ViT-B/32 wants both cores for ~45 ms, so in-process
+    wins; a 12-megapixel JPEG takes ~52 ms even with reduced decoding, and a worker beside a
+    one-thread model, ~75 ms an image, wins on all but short runs), or, where its thread pool
+    ``shares_cores`` with busy processes, keeps them all and loses only the CPU time the
+    workers' decoding takes: encode + decode / cores an image.
     """
     cores = usable_cores()
     best, best_s = 0, images * (decode_s + encode_s)
-    for workers in range(1, cores):  # the main process keeps a core: it encodes, or feeds the GPU
-        slowdown = _speed(cores) / _speed(cores - workers) if model_uses_cpu else 1.0
-        per_image = max(decode_s / workers, encode_s * slowdown)
+    # The main process keeps a core (it encodes, or feeds the GPU) unless the model shares them.
+    most = cores if model_uses_cpu and shares_cores else cores - 1
+    for workers in range(1, most + 1):
+        if not model_uses_cpu:
+            model_s = encode_s
+        elif shares_cores:
+            model_s = encode_s + decode_s / cores
+        else:
+            model_s = encode_s * _speed(cores) / _speed(cores - workers)
+        per_image = max(decode_s / workers, model_s)
         total_s = WORKER_START_S + batch * decode_s / workers + images * per_image
         if total_s < best_s:
             best, best_s = workers, total_s

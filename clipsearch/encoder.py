@@ -189,6 +189,8 @@ class Encoder:
     the image tower is neither built nor read), in the precision `clip.cpu` finds fastest on
     this device without moving the embeddings (``precision="fp32"`` forces full precision)."""
 
+    shares_cores = False  # torch's OpenMP threads want their cores to themselves (`decode.best_workers`)
+
     def __init__(
         self,
         model_ref: str,
@@ -329,6 +331,7 @@ class NumpyImageEncoder:
         self.resolution: int = tower.preprocess.resolution
         self.dim: int = tower.embed_dim
         self.logit_scale = tower.logit_scale
+        self.shares_cores: bool = tower.shares_cores
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """``[N, 3, R, R]`` preprocessed images → ``float32 [N, dim]`` unit vectors, as

@@ -329,8 +329,9 @@ class _Run:
                 return
             encoded = max(self.report.new + self.report.changed, 1)
             decode_s, encode_s = self.decode_s / encoded, self.encode_s / encoded
+            on_cpu = self.encoder.device.type == "cpu"
             workers = best_workers(
-                decode_s, encode_s, self.encoder.device.type == "cpu", len(self.todo) - self.done, batch_size
+                decode_s, encode_s, on_cpu, len(self.todo) - self.done, batch_size, self.encoder.shares_cores
             )
             log.info(
                 "An image takes %.0f ms to decode and %.0f ms to encode: decoding %s",
@@ -448,10 +449,10 @@ class _Run:
 
 @contextmanager
 def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
-    """While decode workers keep ``workers`` cores busy, the model's thread pool gets the rest.
-    OpenMP threads that share a core with a busy process stall at every barrier: a small matmul
-    on 2 threads ran 20x slower than on 1 when the other core was taken."""
-    if workers == 0 or encoder.device.type != "cpu":
+    """While decode workers keep ``workers`` cores busy, the model's thread pool gets the rest,
+    unless it `shares_cores`. OpenMP threads that share a core with a busy process stall at every
+    barrier: a small matmul on 2 threads ran 20x slower than on 1 when the other core was taken."""
+    if workers == 0 or encoder.device.type != "cpu" or encoder.shares_cores:
         yield
         return
     with encoder.threads(max(1, usable_cores() - workers)):

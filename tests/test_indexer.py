@@ -235,34 +235,59 @@ def test_by_default_the_first_batch_decides_the_decode_workers(tmp_path, catalog
     report = add(tmp_path / "lib", workers=None, batch_size=3)
     assert (report.new, report.failed) == (7, 1)
     assert pools == [0, 2]  # the first batch in this process, the rest in two workers
-    ((decode_s, encode_s, on_cpu, left, batch),) = probes
+    ((decode_s, encode_s, on_cpu, left, batch, shares_cores),) = probes
     assert batch == 3
     assert decode_s > 0 and encode_s > 0 and on_cpu is True  # seconds per image, measured
+    assert shares_cores is False  # torch's threads
     assert left == 8 - 3  # eight files to do, the first batch of three done
     expected = tiny_encoder.encode_images(np.stack([tiny_encoder.preprocess(str(p)).numpy() for p in images]))
     for image, vector in zip(images, expected):
         np.testing.assert_allclose(vector_of(catalog, image), vector, atol=2e-3)  # stored as float16
 
 
+@pytest.mark.parametrize("shares_cores, model_threads", [(False, [1]), (True, [])])
+def test_decode_workers_take_the_model_s_cores_unless_it_shares_them(
+    tmp_path, add, tiny_encoder, monkeypatch, shares_cores, model_threads
+):
+    from clipsearch import indexer
+
+    make_library(tmp_path / "lib", 3)
+    monkeypatch.setattr(indexer, "usable_cores", lambda: 2)
+    monkeypatch.setattr(tiny_encoder, "shares_cores", shares_cores)
+    calls, real = [], tiny_encoder.threads
+    monkeypatch.setattr(tiny_encoder, "threads", lambda count: calls.append(count) or real(count))
+    report = add(tmp_path / "lib", workers=1)
+    assert report.new == 3
+    assert calls == model_threads  # one core left beside the worker, or both kept
+
+
 @pytest.mark.parametrize(
-    "cores, decode_s, encode_s, on_cpu, images, workers",
+    "cores, decode_s, encode_s, on_cpu, shares, images, workers",
     [
-        (2, 0.007, 0.045, True, 10_000, 0),  # 640x480 JPEGs, ViT-B/32: the model wants both cores
-        (2, 0.052, 0.045, True, 168, 1),  # 12 MP JPEGs: max(52, 83) ms an image with a worker against 97
-        (2, 0.052, 0.045, True, 20, 0),  # ... which does not pay for starting and filling it on a short run
-        (2, 0.030, 0.045, True, 1000, 0),  # 83 ms with a worker against 75 in-process
-        (8, 0.120, 0.045, True, 1000, 2),  # two workers (60 ms an image) keep pace with six cores (60 ms)
-        (2, 0.010, 0.002, False, 1000, 1),  # a GPU encodes: decoding beside it pays
-        (1, 0.500, 0.010, True, 1000, 0),  # one core: nothing to run beside the model
+        (2, 0.007, 0.045, True, False, 10_000, 0),  # 640x480 JPEGs, ViT-B/32: the model wants both cores
+        (2, 0.052, 0.045, True, False, 168, 1),  # 12 MP: max(52, 83) ms an image with a worker against 97
+        (2, 0.052, 0.045, True, False, 20, 0),  # ... which does not pay for starting and filling it on a short run
+        (2, 0.030, 0.045, True, False, 1000, 0),  # 83 ms with a worker against 75 in-process
+        (8, 0.120, 0.045, True, False, 1000, 2),  # two workers (60 ms an image) keep pace with six cores (60 ms)
+        (2, 0.010, 0.002, False, False, 1000, 1),  # a GPU encodes: decoding beside it pays
+        (2, 0.010, 0.002, False, True, 1000, 1),  # ... and keeps a core to feed it, whatever its threads
+        (1, 0.500, 0.010, True, False, 1000, 0),  # one core: nothing to run beside the model
+        # A model whose threads share the cores keeps them all and pays for the decoding's CPU time:
+        (2, 0.007, 0.045, True, True, 500, 2),  # 48.5 ms an image against 52 in-process
+        (2, 0.007, 0.045, True, True, 100, 0),  # ... not worth starting them for a hundred
+        (2, 0.071, 0.051, True, True, 200, 2),  # 12 MP: 86.5 ms against 122
+        (4, 0.120, 0.045, True, True, 1000, 4),  # 75 ms (the model's 45 + 30): a worker a core
+        (4, 0.010, 0.045, True, True, 1000, 4),  # 47.5 ms against 55
+        (1, 0.500, 0.010, True, True, 1000, 0),  # one core: 510 ms either way, and a worker to start
     ],
 )
 def test_best_workers_balances_decoding_against_the_model(
-    monkeypatch, cores, decode_s, encode_s, on_cpu, images, workers
+    monkeypatch, cores, decode_s, encode_s, on_cpu, shares, images, workers
 ):
     from clipsearch import decode
 
     monkeypatch.setattr(decode, "usable_cores", lambda: cores)
-    assert decode.best_workers(decode_s, encode_s, on_cpu, images, batch=32) == workers
+    assert decode.best_workers(decode_s, encode_s, on_cpu, images, batch=32, shares_cores=shares) == workers
 
 
 def test_a_file_that_crashes_a_worker_fails_alone(tmp_path, tiny_encoder):

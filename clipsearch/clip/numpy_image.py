@@ -64,6 +64,7 @@ class ImageTower:
 
     precision = "fp32-numpy"
     kind = NUMPY  # its name among the costs a verdict compares
+    shares_cores = False  # see `onnx_image.OnnxImageTower`: NumPy's BLAS threads were not measured so
 
     def __init__(
         self,
