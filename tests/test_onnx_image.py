@@ -34,14 +34,15 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("quick_gelu", [True, False])
-def test_the_graph_is_the_tower(quick_gelu):
+@pytest.mark.parametrize("codes", onnx_graph.weight_codes("image"))
+def test_the_graph_is_the_tower(quick_gelu, codes):
     """Three layers of two heads at large random weights (peaked attention, big activations):
     a wrong patch order, class token, head split, residual bias or class-only last block puts
-    cosines far under 0.999."""
+    cosines far under 0.999. In each of the weights' codes this CPU may build it with."""
     model = image_tower({**SMALL, "quick_gelu": quick_gelu})
     tower = ImageTower.from_model(model, Preprocess(32))
     assert tower is not None
-    graph = onnx_image.OnnxImageTower(onnx_image.build(tower, {"model": "test"}), tower)
+    graph = onnx_image.OnnxImageTower(onnx_image.build(tower, codes, {"model": "test"}), tower)
     pixels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.encode_image(pixels).numpy()
@@ -61,7 +62,8 @@ def test_the_cached_graph_is_stale_when_the_checkpoint_or_layout_changes_and_ign
     model, preprocess = clip.load(model_dir, device="cpu")
     tower = numpy_image.export(model, model_dir, preprocess)
     assert tower is not None and onnx_image.load_cached(model_dir) is None  # not built yet
-    path = onnx_image.export(tower, model_dir)
+    codes = onnx_graph.weight_codes("image")[0]
+    path = onnx_image.export(tower, model_dir, codes)
     assert path == onnx_image.cache_file(model_dir) and path.parent == numpy_image.cache_file(model_dir).parent
     cached = onnx_image.load_cached(model_dir)
     assert cached is not None and repr(cached.preprocess) == repr(preprocess)
@@ -75,8 +77,12 @@ def test_the_cached_graph_is_stale_when_the_checkpoint_or_layout_changes_and_ign
     assert numpy_image.load_cached(model_dir) is not None
     assert onnx_image.load_cached(model_dir) is None  # built from the checkpoint as it was
 
-    onnx_image.export(tower, model_dir)
+    onnx_image.export(tower, model_dir, codes)
     assert onnx_image.load_cached(model_dir) is not None
+    with monkeypatch.context() as patched:  # a cache shared with a CPU whose products differ
+        other = not onnx_graph.has_vnni()
+        patched.setattr(onnx_graph, "has_vnni", lambda: other)
+        assert onnx_image.load_cached(model_dir) is None
     with monkeypatch.context() as patched:
         patched.setitem(onnx_graph.LAYOUTS, "text", onnx_graph.LAYOUTS["text"] + 1)  # another text graph only
         assert onnx_image.load_cached(model_dir) is not None
@@ -140,6 +146,35 @@ def test_a_drifting_graph_is_not_offered(model_dir: str, monkeypatch: pytest.Mon
     cpu.load_prepared(model_dir, "auto", towers="image", images=4)
     (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
     assert "int8-onnx" not in json.loads(path.read_text())["costs"]
+
+
+def built_with(model_dir: str) -> str:
+    """The weights' codes the cached image graph of ``model_dir`` records."""
+    recorded = onnx_graph.recorded(onnx_image.cache_file(model_dir))
+    assert recorded is not None
+    return json.loads(recorded["built_from"])["codes"]
+
+
+@needs_a_verdict
+def test_a_graph_whose_codes_drift_is_built_again_in_the_next(model_dir: str, monkeypatch: pytest.MonkeyPatch):
+    """A CPU without VNNI tries 7-bit weights first, then 8: here the 7-bit codes are cut to
+    -1..1, which no graph survives."""
+    monkeypatch.setattr(onnx_graph, "weight_codes", lambda tower: ("s7", "u8"))
+    monkeypatch.setitem(onnx_graph.CODES, "s7", 1)
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
+    (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
+    assert "int8-onnx" in json.loads(path.read_text())["costs"]
+    assert built_with(model_dir) == "u8"
+    assert onnx_image.load_cached(model_dir) is not None  # either codes of this CPU is current
+
+
+@needs_a_verdict
+def test_the_first_codes_that_keep_to_fp32_are_kept(model_dir: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(onnx_graph, "weight_codes", lambda tower: ("s7", "u8"))
+    cpu.load_prepared(model_dir, "auto", towers="image", images=4)
+    assert built_with(model_dir) == "s7"
+    monkeypatch.setattr(onnx_graph, "weight_codes", lambda tower: ("u8",))  # a CPU that never builds it
+    assert onnx_image.load_cached(model_dir) is None
 
 
 @needs_a_verdict

@@ -50,25 +50,26 @@ def test_quantise_stores_each_block_within_half_a_step():
     np.testing.assert_allclose(np.abs(restored[:200]).max(axis=0), np.abs(weight).max(axis=0), rtol=1e-6)
 
 
-def one_product(weight: np.ndarray, bias: np.ndarray):
-    """A session on `Graph.linear` alone: ``x @ weight + bias`` in the per-channel kernel."""
+def one_product(weight: np.ndarray, bias: np.ndarray, codes: str):
+    """A session on `Graph.linear` alone: ``x @ weight + bias`` in the per-channel kernel, the
+    weights in ``codes``."""
     from onnx import TensorProto, helper
 
-    g = onnx_graph.Graph("onnx-int8-dynamic")
+    g = onnx_graph.Graph("onnx-int8-dynamic", codes)
     y = g.linear("x", {"p.weight": weight, "p.bias": bias}, "p.")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weight.shape[0]])
     return onnx_graph.session(onnx_graph.model(g, "one", [x], y, ["N", weight.shape[1]]), threads=1)
 
 
-def exact_product(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def exact_product(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, codes: str) -> np.ndarray:
     """What the per-channel kernel computes, summed exactly: activations quantised per tensor as
     ONNX Runtime's ``DynamicQuantizeLinear`` does (uint8 over [min(0, x), max(0, x)]), weights
-    per output channel as `onnx_graph.quantise` does."""
+    per output channel as `onnx_graph.quantise` does for ``codes``."""
     scale = (max(0.0, x.max()) - min(0.0, x.min())) / 255
     zero = np.clip(np.rint(-min(0.0, x.min()) / scale), 0, 255)
     q = np.clip(np.rint(x / np.float32(scale)) + zero, 0, 255) - zero
-    codes, scales = onnx_graph.quantise(weight, len(weight))
-    integer = q.astype(np.int64) @ (codes[:, 0].T.astype(np.int64) - 128)
+    stored, scales = onnx_graph.quantise(weight, len(weight), onnx_graph.CODES[codes])
+    integer = q.astype(np.int64) @ (stored[:, 0].T.astype(np.int64) - 128)
     return integer * (np.float64(np.float32(scale)) * scales[:, 0]) + bias
 
 
@@ -82,25 +83,25 @@ def saturating_product() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, weight, rng.standard_normal(16).astype(np.float32)
 
 
-def test_the_per_channel_kernel_sums_exactly_on_this_cpu():
-    """Where the CPU has VNNI the weights are signed, elsewhere unsigned around 128
-    (`onnx_graph.signed_products`): either way every product is summed in full."""
+@pytest.mark.parametrize("codes", sorted(set(onnx_graph.weight_codes("image") + onnx_graph.weight_codes("text"))))
+def test_the_per_channel_kernel_sums_exactly_on_this_cpu(codes):
+    """Where the CPU has VNNI the weights are signed, elsewhere unsigned around 128 or signed in
+    7 bits (`onnx_graph.CODES`): each way every product is summed in full."""
     x, weight, bias = saturating_product()
-    found = one_product(weight, bias).run(None, {"x": x})[0]
+    found = one_product(weight, bias, codes).run(None, {"x": x})[0]
     # Within two steps of one input's rounding (x / scale may round a tie the other way where
     # ONNX Runtime multiplies by the reciprocal): saturated pairs miss by whole units.
     step = (x.max() / 255) * np.abs(weight).max()
-    np.testing.assert_allclose(found, exact_product(x, weight, bias), rtol=1e-5, atol=2 * step)
+    np.testing.assert_allclose(found, exact_product(x, weight, bias, codes), rtol=1e-5, atol=2 * step)
 
 
-@pytest.mark.skipif(onnx_graph.signed_products(), reason="this CPU has VNNI: signed products are exact here")
-def test_signed_weights_would_saturate_on_this_cpu(monkeypatch):
-    """Why a CPU without VNNI gets unsigned weights: ONNX Runtime's u8 x s8 kernel adds pairs of
-    products in saturating int16 there."""
+@pytest.mark.skipif(onnx_graph.has_vnni(), reason="this CPU has VNNI: signed products are exact here")
+def test_signed_weights_would_saturate_on_this_cpu():
+    """Why a CPU without VNNI never gets 8-bit signed weights: ONNX Runtime's u8 x s8 kernel adds
+    pairs of products in saturating int16 there."""
     x, weight, bias = saturating_product()
-    monkeypatch.setattr(onnx_graph, "signed_products", lambda: True)
-    found = one_product(weight, bias).run(None, {"x": x})[0]
-    expected = exact_product(x, weight, bias)
+    found = one_product(weight, bias, "s8").run(None, {"x": x})[0]
+    expected = exact_product(x, weight, bias, "s8")
     assert np.abs(found - expected).max() > 0.1 * np.abs(expected).max()
 
 
@@ -246,8 +247,8 @@ def test_the_chosen_kernels_graph_is_cached_when_measured_and_opened_by_later_st
         patched.setitem(onnx_graph.LAYOUTS, "text", onnx_graph.LAYOUTS["text"] + 1)
         assert onnx_text.remembered(ref, 1) is None
     with monkeypatch.context() as patched:  # a cache shared with a CPU whose products differ
-        other = not onnx_graph.signed_products()
-        patched.setattr(onnx_graph, "signed_products", lambda: other)
+        other = not onnx_graph.has_vnni()
+        patched.setattr(onnx_graph, "has_vnni", lambda: other)
         assert onnx_text.remembered(ref, 1) is None
     bump_mtime(Path(ref) / "model.safetensors")
     assert onnx_text.remembered(ref, 1) is None  # built from the checkpoint as it was

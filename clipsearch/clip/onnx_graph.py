@@ -8,8 +8,8 @@ int8 (`Graph.linear`). The last block computes its attention output and MLP for 
 tower reads (the text's end-of-text token, the image's class token).
 
 A graph is built once per model and machine and cached as a file (`save`) that records the
-checkpoint it was built from and its tower's `LAYOUTS`; a later process opens a session on it
-(`cached_session`) unless either has changed.
+checkpoint it was built from, its tower's `LAYOUTS` and its weights' `CODES`; a later process
+opens a session on it (`cached_session`) unless one has changed.
 
 It needs the ``onnx`` extra (onnxruntime runs a graph, onnx writes it); without it `available`
 is False and the towers run in torch or NumPy.
@@ -48,19 +48,28 @@ UNFUSED = ["SkipLayerNormFusion"]
 # The version of each tower's graph (`onnx_text.build`, `onnx_image.build`, and the `blocks`
 # both write: a change there moves both) and of what its file records: a cached graph or a
 # remembered measurement of an older one is rebuilt or measured again, the other tower's kept.
-LAYOUTS = {"text": 5, "image": 5}
+LAYOUTS = {"text": 5, "image": 6}
+
+# How `Graph.linear`'s per-channel kernel stores its weights, and the largest code: ONNX Runtime
+# multiplies the unsigned activations by them with a kernel chosen by the weights' type.
+# - "s8": signed. Its u8 x s8 kernel sums in int32 where the CPU has VNNI, exactly. Without VNNI
+#   (AVX2) it adds each pair of products in saturating int16 (``vpmaddubsw``), which took
+#   ViT-B/32's text tower from cosine 0.99922 to 0.99642.
+# - "u8": unsigned around 128. Its u8 x u8 kernel widens both to int16 first: exact anywhere.
+# - "s7": signed within +-63, so that no pair of products (at most 255 x 63 x 2 = 32,130) leaves
+#   int16: the u8 x s8 kernel again, exact on AVX2 too and there 12% faster than "u8" for the
+#   image graph, for twice the rounding step (ViT-B/32, random weights: image cosine 0.99987
+#   against 0.99992; text 0.99816 against 0.99922, too far; benchmarks/README.md).
+CODES = {"s8": 127, "u8": 127, "s7": 63}
 
 
-def signed_products() -> bool:
-    """Whether `Graph.linear`'s per-channel kernel stores its weights signed on this CPU: where
-    it has VNNI, ONNX Runtime multiplies the unsigned activations by signed weights and sums in
-    int32, exactly. Without VNNI (AVX2) that u8 x s8 kernel adds each pair of products in
-    saturating int16 (``vpmaddubsw``), which took ViT-B/32's text tower from cosine 0.99922 to
-    0.99642; weights stored unsigned around 128 run its u8 x u8 kernel, which widens both to
-    int16 first: exact, and as fast there (6.8 and 5.9 ms a text; benchmarks/README.md).
-    A graph records which it holds (`built_from`), so a cache shared by both kinds of CPU never
-    hands one the other's graph."""
-    return has_vnni()
+def weight_codes(tower: str) -> tuple[str, ...]:
+    """The `CODES` a graph of ``tower`` may hold on this CPU, the fastest first: one that drifts
+    from fp32 is built again in the next (`clip.cpu`). A graph records which it holds
+    (`built_from`), so a cache shared by both kinds of CPU never hands one the other's graph."""
+    if has_vnni():
+        return ("s8",)
+    return ("s7", "u8") if tower == "image" else ("u8",)
 
 
 def available() -> bool:
@@ -68,18 +77,18 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
-def quantise(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+def quantise(weight: np.ndarray, block: int, top: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """A ``[in, out]`` weight as `MatMulNBits` reads 8-bit weights: ``uint8 [out, blocks,
     block]`` holding ``round(w / scale) + 128`` (symmetric: 128 is the zero point the operator
     assumes when given none; inputs past the last whole block are zeros), and the scales
     ``float32 [out, blocks]``, one per block of ``block`` inputs of an output: its largest
-    magnitude over 127."""
+    magnitude over ``top``, the largest code."""
     inputs, outputs = weight.shape
     blocks = -(-inputs // block)
     padded = np.zeros((blocks * block, outputs), dtype=np.float32)
     padded[:inputs] = weight
     grouped = padded.T.reshape(outputs, blocks, block)
-    scales = np.abs(grouped).max(axis=-1) / 127
+    scales = np.abs(grouped).max(axis=-1) / top
     codes = np.rint(grouped / np.where(scales == 0, 1, scales)[..., None]) + 128
     return codes.astype(np.uint8), scales.astype(np.float32)
 
@@ -91,11 +100,13 @@ class Graph:
     `make_graph` and `make_model` would each copy them all, and a first run building
     ViT-B/32's image graph peaked at 1.45 GB for holding its weights four times."""
 
-    def __init__(self, kernel: str) -> None:
+    def __init__(self, kernel: str, codes: str) -> None:
+        """``codes``: of `CODES`, for ``kernel``'s per-channel products."""
         from onnx import ModelProto, helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
         self.block = KERNELS[kernel]
+        self.codes = codes
         self.nodes: list = []
         self.proto = ModelProto()
         self._ids = itertools.count()
@@ -116,14 +127,14 @@ class Graph:
         weight = weights[name + "weight"]
         b = self.constant(name + "bias", weights[name + "bias"])
         if self.block is None:  # int8 per output channel (one block of every input), [in, out]
-            codes, scales = quantise(weight, len(weight))
+            codes, scales = quantise(weight, len(weight), CODES[self.codes])
             codes, scales = codes[:, 0].T, scales[:, 0]
-            if signed_products():
-                signed = (codes.astype(np.int16) - 128).astype(np.int8)
-                inputs = [x, self.constant(name + "codes", signed), self.constant(name + "scales", scales), "", b]
-            else:  # unsigned around 128: see `signed_products`
+            if self.codes == "u8":
                 zero = self.constant(name + "zero", np.full(len(scales), 128, dtype=np.uint8))
                 inputs = [x, self.constant(name + "codes", codes), self.constant(name + "scales", scales), zero, b]
+            else:
+                signed = (codes.astype(np.int16) - 128).astype(np.int8)
+                inputs = [x, self.constant(name + "codes", signed), self.constant(name + "scales", scales), "", b]
             (y,) = self.op("DynamicQuantizeMatMul", *inputs, domain=CONTRIB)
             return y
         codes, scales = quantise(weight, self.block)
@@ -204,14 +215,14 @@ def session(graph: bytes | str, threads: int):
 # --- the cache ----------------------------------------------------------------------------------
 
 
-def built_from(model_ref: str, tower: str) -> dict[str, str] | None:
-    """What a cached graph of ``model_ref``'s ``tower`` records (`model`'s metadata): the
-    checkpoint as it is now, the tower's `LAYOUTS` and whether its products are
-    `signed_products`; None when the checkpoint cannot be identified (nothing is cached then)."""
+def built_from(model_ref: str, tower: str, codes: str) -> dict[str, str] | None:
+    """What a cached graph of ``model_ref``'s ``tower`` with weights in ``codes`` records
+    (`model`'s metadata): the checkpoint as it is now, the tower's `LAYOUTS` and the codes; None
+    when the checkpoint cannot be identified (nothing is cached then)."""
     source = tower_file.checkpoint_state(model_ref)
     if source is None:
         return None
-    built = {"checkpoint": source, "layout": LAYOUTS[tower], "signed_products": signed_products()}
+    built = {"checkpoint": source, "layout": LAYOUTS[tower], "codes": codes}
     return {"built_from": json.dumps(built, sort_keys=True)}
 
 
@@ -240,17 +251,17 @@ def cached_session(path: Path, model_ref: str, tower: str, threads: int) -> Any 
 
 def current(path: Path, model_ref: str, tower: str) -> bool:
     """Whether the graph of ``tower`` cached at ``path`` was built from ``model_ref``'s
-    checkpoint as it is now, in the tower's `LAYOUTS` (`built_from`), as its file says
-    (`recorded`, which needs no session); False when there is none, it is stale or not whole, or
-    the ``onnx`` extra is missing."""
-    expected = built_from(model_ref, tower)
-    if expected is None or not path.is_file() or not available():
+    checkpoint as it is now, in the tower's `LAYOUTS`, with `weight_codes` of this CPU
+    (`built_from`), as its file says (`recorded`, which needs no session); False when there is
+    none, it is stale or not whole, or the ``onnx`` extra is missing."""
+    expected = [built_from(model_ref, tower, codes) for codes in weight_codes(tower)]
+    if None in expected or not path.is_file() or not available():
         return False
     found = recorded(path)
     if found is None:
         log.info("Ignoring the damaged graph %s", path)
         return False
-    if found.get("built_from") != expected["built_from"]:
+    if {"built_from": found.get("built_from")} not in expected:
         log.info("The graph %s is stale: %s has changed, or it was built by an older clipsearch", path, model_ref)
         return False
     return True

@@ -36,15 +36,15 @@ log = logging.getLogger(__name__)
 KERNEL = "onnx-int8-dynamic"  # per-tensor activations: as close to fp32 as torch's int8 (cosine 0.9999)
 
 
-def build(tower: numpy_image.ImageTower, metadata: Mapping[str, str] | None = None) -> bytes:
-    """The serialized ONNX model of ``tower``'s encoder, recording ``metadata``
-    (`onnx_graph.built_from`, for the cache)."""
+def build(tower: numpy_image.ImageTower, codes: str, metadata: Mapping[str, str] | None = None) -> bytes:
+    """The serialized ONNX model of ``tower``'s encoder, its weights in ``codes`` (of
+    `onnx_graph.weight_codes`), recording ``metadata`` (`onnx_graph.built_from`, for the cache)."""
     from onnx import TensorProto, helper
 
     w = {key: np.asarray(value, dtype=np.float32) for key, value in tower.weights.items()}
     w["final.weight"], w["final.bias"] = w["ln_post.weight"], w["ln_post.bias"]
     width = w["class_embedding"].shape[0]
-    g = onnx_graph.Graph(KERNEL)
+    g = onnx_graph.Graph(KERNEL, codes)
     (x,) = g.op("MatMul", "patches", g.constant("conv1.weight", w["conv1.weight"]))  # the patch convolution
     (count,) = g.op("Shape", "patches", start=0, end=1)
     (shape,) = g.op("Concat", count, g.constant("one_row", np.array([1, width])), axis=0)
@@ -121,12 +121,12 @@ def cache_file(model_ref: str) -> Path:
     return numpy_image.cache_file(model_ref).with_suffix(".onnx")
 
 
-def export(tower: numpy_image.ImageTower, model_ref: str) -> Path | None:
-    """Build ``tower``'s graph and write it to the cache; its path, or None when the checkpoint
-    cannot be identified or the cache cannot be written."""
-    metadata = onnx_graph.built_from(model_ref, "image")
+def export(tower: numpy_image.ImageTower, model_ref: str, codes: str) -> Path | None:
+    """Build ``tower``'s graph with weights in ``codes`` and write it to the cache; its path, or
+    None when the checkpoint cannot be identified or the cache cannot be written."""
+    metadata = onnx_graph.built_from(model_ref, "image", codes)
     path = cache_file(model_ref)
-    if metadata is None or not onnx_graph.save(path, build(tower, metadata)):
+    if metadata is None or not onnx_graph.save(path, build(tower, codes, metadata)):
         return None
     return path
 

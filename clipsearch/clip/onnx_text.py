@@ -36,7 +36,7 @@ def build(tower: TextTower, kernel: str, metadata: Mapping[str, str] | None = No
 
     w = {key: np.asarray(value, dtype=np.float32) for key, value in tower.weights.items()}
     w["final.weight"], w["final.bias"] = w["ln_final.weight"], w["ln_final.bias"]
-    g = onnx_graph.Graph(kernel)
+    g = onnx_graph.Graph(kernel, onnx_graph.weight_codes("text")[0])  # one choice: 7 bits drift
     # The rows of the positional embedding and of the causal mask that a text of L tokens uses.
     (length,) = g.op("Shape", "ids", start=1, end=2)
     zero = g.constant("zero", np.array([0]))
@@ -86,7 +86,7 @@ def provenance(model_ref: str, chosen_by: dict) -> dict[str, str] | None:
     """What a graph of ``model_ref``'s text tower records for the cache: `onnx_graph.built_from`,
     and ``chosen_by``, the key of the text verdict that chose (or is measuring) its kernel; None
     where the checkpoint cannot be identified."""
-    built_from = onnx_graph.built_from(model_ref, "text")
+    built_from = onnx_graph.built_from(model_ref, "text", onnx_graph.weight_codes("text")[0])
     return {**built_from, "chosen_by": json.dumps(chosen_by)} if built_from is not None else None
 
 
