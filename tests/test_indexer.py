@@ -245,6 +245,19 @@ def test_by_default_the_first_batch_decides_the_decode_workers(tmp_path, catalog
         np.testing.assert_allclose(vector_of(catalog, image), vector, atol=2e-3)  # stored as float16
 
 
+def test_the_first_batch_that_chooses_the_workers_is_small(tmp_path, add, encoded, monkeypatch):
+    from clipsearch import indexer
+
+    make_library(tmp_path / "lib", 12)
+    probes = []
+    monkeypatch.setattr(indexer, "best_workers", lambda *probe: probes.append(probe) or 0)
+    report = add(tmp_path / "lib", workers=None, batch_size=32)
+    assert report.new == 12
+    assert encoded == [8, 4]  # measured on 8 in this process, then the rest in batches of 32
+    ((_, _, _, left, batch, _),) = probes
+    assert (left, batch) == (4, 32)
+
+
 @pytest.mark.parametrize("shares_cores, model_threads", [(False, [1]), (True, [])])
 def test_decode_workers_take_the_model_s_cores_unless_it_shares_them(
     tmp_path, add, tiny_encoder, monkeypatch, shares_cores, model_threads
