@@ -123,7 +123,8 @@ class Graph:
         return names
 
     def linear(self, x: str, weights: Mapping[str, np.ndarray], name: str) -> str:
-        """``x @ W + b`` of the ``[in, out]`` weight ``name + "weight"``, in 8 bits."""
+        """``x @ W + b`` of the ``[in, out]`` weight ``name + "weight"``, in 8-bit products (per
+        output channel in the graph's `CODES`, or per block)."""
         weight = weights[name + "weight"]
         b = self.constant(name + "bias", weights[name + "bias"])
         if self.block is None:  # int8 per output channel (one block of every input), [in, out]

@@ -5,7 +5,8 @@ Importing torch costs a process 1.2-1.3 s before its first image; the NumPy towe
 (`clip.numpy_image`) skips that but encodes an image about three times as slowly as torch's
 int8, so it pays only for a few dozen images. ONNX Runtime imports in about a tenth of a second
 and runs this graph about as fast as torch's int8 (ViT-B/32 at 256 px on a two-core AVX-512
-EPYC: 19 ms an image at a batch of 32, cosine 0.9999 to fp32; benchmarks/README.md).
+EPYC: 19 ms an image at a batch of 32, cosine 0.9999 to fp32; on an AVX2-only one, with 7-bit
+weights, 60 ms against torch int8's 72 in the same verdict; benchmarks/README.md).
 `clip.precision_verdicts.torchless_image_tower` weighs the three by what this machine measured.
 
 The graph is built from the NumPy tower's arrays, when "auto" measures the precisions on a
