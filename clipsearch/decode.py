@@ -338,7 +338,8 @@ def best_workers(
     wins; a 12-megapixel JPEG takes ~52 ms even with reduced decoding, and a worker beside a
     one-thread model, ~75 ms an image, wins on all but short runs), or, where its thread pool
     ``shares_cores`` with busy processes, keeps them all and loses only the CPU time the
-    workers' decoding takes: encode + decode / cores an image.
+    workers take: encode + decode / cores an image, and each worker's start. That start is what
+    keeps a many-core machine from starting a worker a core (16 cores, 640x480: 3 workers).
     """
     cores = usable_cores()
     best, best_s = 0, images * (decode_s + encode_s)
@@ -353,6 +354,8 @@ def best_workers(
             model_s = encode_s * _speed(cores) / _speed(cores - workers)
         per_image = max(decode_s / workers, model_s)
         total_s = WORKER_START_S + batch * decode_s / workers + images * per_image
+        if model_uses_cpu and shares_cores:
+            total_s += workers * WORKER_START_S / cores
         if total_s < best_s:
             best, best_s = workers, total_s
     return best

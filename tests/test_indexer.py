@@ -286,11 +286,12 @@ def test_decode_workers_take_the_model_s_cores_unless_it_shares_them(
         (2, 0.010, 0.002, False, True, 1000, 1),  # ... and keeps a core to feed it, whatever its threads
         (1, 0.500, 0.010, True, False, 1000, 0),  # one core: nothing to run beside the model
         # A model whose threads share the cores keeps them all and pays for the decoding's CPU time:
-        (2, 0.007, 0.045, True, True, 500, 2),  # 48.5 ms an image against 52 in-process
-        (2, 0.007, 0.045, True, True, 100, 0),  # ... not worth starting them for a hundred
+        (2, 0.007, 0.045, True, True, 500, 1),  # 48.5 ms an image against 52 in-process: one keeps pace
+        (2, 0.007, 0.045, True, True, 100, 0),  # ... not worth starting for a hundred
         (2, 0.071, 0.051, True, True, 200, 2),  # 12 MP: 86.5 ms against 122
         (4, 0.120, 0.045, True, True, 1000, 4),  # 75 ms (the model's 45 + 30): a worker a core
-        (4, 0.010, 0.045, True, True, 1000, 4),  # 47.5 ms against 55
+        (4, 0.010, 0.045, True, True, 1000, 2),  # 47.5 ms against 55; a second halves the first wait
+        (16, 0.007, 0.005, True, True, 1000, 3),  # not a worker a core: each one's start costs the model
         (1, 0.500, 0.010, True, True, 1000, 0),  # one core: 510 ms either way, and a worker to start
     ],
 )
