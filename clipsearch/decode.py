@@ -339,7 +339,8 @@ def best_workers(
     one-thread model, ~75 ms an image, wins on all but short runs), or, where its thread pool
     ``shares_cores`` with busy processes, keeps them all and loses only the CPU time the
     workers take: encode + decode / cores an image, and each worker's start. That start is what
-    keeps a many-core machine from starting a worker a core (16 cores, 640x480: 3 workers).
+    keeps a many-core machine from starting a worker a core (16 cores, an image 7 ms to decode
+    and 5 to encode: 3 workers).
     """
     cores = usable_cores()
     best, best_s = 0, images * (decode_s + encode_s)
