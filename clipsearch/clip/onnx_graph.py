@@ -221,10 +221,12 @@ def built_from(model_ref: str, tower: str, codes: str) -> dict[str, str] | None:
     (`model`'s metadata): the checkpoint as it is now, the tower's `LAYOUTS` and the codes; None
     when the checkpoint cannot be identified (nothing is cached then)."""
     source = tower_file.checkpoint_state(model_ref)
-    if source is None:
-        return None
-    built = {"checkpoint": source, "layout": LAYOUTS[tower], "codes": codes}
-    return {"built_from": json.dumps(built, sort_keys=True)}
+    return None if source is None else {"built_from": _built_from(source, tower, codes)}
+
+
+def _built_from(source: dict, tower: str, codes: str) -> str:
+    """`built_from`'s record for the checkpoint state ``source``."""
+    return json.dumps({"checkpoint": source, "layout": LAYOUTS[tower], "codes": codes}, sort_keys=True)
 
 
 def save(path: Path, graph: bytes) -> bool:
@@ -255,14 +257,14 @@ def current(path: Path, model_ref: str, tower: str) -> bool:
     checkpoint as it is now, in the tower's `LAYOUTS`, with `weight_codes` of this CPU
     (`built_from`), as its file says (`recorded`, which needs no session); False when there is
     none, it is stale or not whole, or the ``onnx`` extra is missing."""
-    expected = [built_from(model_ref, tower, codes) for codes in weight_codes(tower)]
-    if None in expected or not path.is_file() or not available():
+    source = tower_file.checkpoint_state(model_ref)  # once, for each codes this CPU may hold
+    if source is None or not path.is_file() or not available():
         return False
     found = recorded(path)
     if found is None:
         log.info("Ignoring the damaged graph %s", path)
         return False
-    if {"built_from": found.get("built_from")} not in expected:
+    if found.get("built_from") not in {_built_from(source, tower, codes) for codes in weight_codes(tower)}:
         log.info("The graph %s is stale: %s has changed, or it was built by an older clipsearch", path, model_ref)
         return False
     return True
