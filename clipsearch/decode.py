@@ -344,18 +344,18 @@ def best_workers(
     """
     cores = usable_cores()
     best, best_s = 0, images * (decode_s + encode_s)
+    sharing = model_uses_cpu and shares_cores
     # The main process keeps a core (it encodes, or feeds the GPU) unless the model shares them.
-    most = cores if model_uses_cpu and shares_cores else cores - 1
-    for workers in range(1, most + 1):
+    for workers in range(1, cores + 1 if sharing else cores):
         if not model_uses_cpu:
             model_s = encode_s
-        elif shares_cores:
+        elif sharing:
             model_s = encode_s + decode_s / cores
         else:
             model_s = encode_s * _speed(cores) / _speed(cores - workers)
         per_image = max(decode_s / workers, model_s)
         total_s = WORKER_START_S + batch * decode_s / workers + images * per_image
-        if model_uses_cpu and shares_cores:
+        if sharing:
             total_s += workers * WORKER_START_S / cores
         if total_s < best_s:
             best, best_s = workers, total_s
