@@ -102,12 +102,32 @@ class TextTower:
             attended = self._attention(layer_norm(x, w[block + "ln_1.weight"], w[block + "ln_1.bias"]), block, last)
             if last is not None:  # from here on only the end-of-text rows are read
                 x = x[np.arange(len(x)), last][:, None]
-            x = x + attended
-            h = layer_norm(x, w[block + "ln_2.weight"], w[block + "ln_2.bias"])
-            h = gelu(linear(h, w[block + "mlp.c_fc.weight"], w[block + "mlp.c_fc.bias"]), self.quick_gelu)
-            x = x + linear(h, w[block + "mlp.c_proj.weight"], w[block + "mlp.c_proj.bias"])
+            x = self._mlp(x + attended, block)
         pooled = layer_norm(x[:, -1], w["ln_final.weight"], w["ln_final.bias"])
         return (pooled @ w["text_projection"]).astype(np.float32)
+
+    def _mlp(self, x: np.ndarray, block: str) -> np.ndarray:
+        """``x`` plus the MLP of ``block`` on its second LayerNorm."""
+        w = self.weights
+        h = layer_norm(x, w[block + "ln_2.weight"], w[block + "ln_2.bias"])
+        h = gelu(linear(h, w[block + "mlp.c_fc.weight"], w[block + "mlp.c_fc.bias"]), self.quick_gelu)
+        return x + linear(h, w[block + "mlp.c_proj.weight"], w[block + "mlp.c_proj.bias"])
+
+    def start_keys_values(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each block's attention key and value ``[1, width]`` of the start-of-text token. Every
+        text begins with it, and attention is causal, so they are the same for every text: a
+        graph holds them (`clip.onnx_text`) and computes one row fewer per text, in float32."""
+        w = self.weights
+        x = w["token_embedding.weight"][[self.tokenizer.sot_id]] + w["positional_embedding"][:1]
+        found = []
+        for i in range(self.layers):
+            block = f"transformer.resblocks.{i}."
+            h = layer_norm(x, w[block + "ln_1.weight"], w[block + "ln_1.bias"])
+            _, key, value = np.split(linear(h, w[block + "attn.in_proj_weight"], w[block + "attn.in_proj_bias"]), 3, -1)
+            found.append((key, value))
+            # Alone in its attention, a token's attention output is its own value.
+            x = self._mlp(x + linear(value, w[block + "attn.out_proj.weight"], w[block + "attn.out_proj.bias"]), block)
+        return found
 
     def _attention(self, x: np.ndarray, block: str, last: np.ndarray | None) -> np.ndarray:
         """Causal self-attention of every row of ``x``, or of the row ``last[n]`` of each text n."""

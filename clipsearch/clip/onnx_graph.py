@@ -5,7 +5,8 @@ A transformer block is pre-LayerNorm: ``x + attention(ln_1(x))``, then ``x + mlp
 `blocks` writes it with plain ``Add`` and ``LayerNormalization`` and two of ONNX Runtime's own
 operators: `MultiHeadAttention` does the heads, scaling, mask and softmax, and the products are
 int8 (`Graph.linear`). The last block computes its attention output and MLP for the one row the
-tower reads (the text's end-of-text token, the image's class token).
+tower reads (the text's end-of-text token, the image's class token). Tokens that begin every
+sequence alike (the text's start token) come as their keys and values, not computed again.
 
 A graph is built once per model and machine and cached as a file (`save`) that records the
 checkpoint it was built from, its tower's `LAYOUTS` and its weights' `CODES`; a later process
@@ -23,7 +24,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,7 +49,7 @@ UNFUSED = ["SkipLayerNormFusion"]
 # The version of each tower's graph (`onnx_text.build`, `onnx_image.build`, and the `blocks`
 # both write: a change there moves both) and of what its file records: a cached graph or a
 # remembered measurement of an older one is rebuilt or measured again, the other tower's kept.
-LAYOUTS = {"text": 5, "image": 6}
+LAYOUTS = {"text": 6, "image": 6}
 
 # How `Graph.linear`'s per-channel kernel stores its weights, and the largest code: ONNX Runtime
 # multiplies the unsigned activations by them with a kernel chosen by the weights' type.
@@ -154,25 +155,41 @@ class Graph:
 
 
 def blocks(
-    g: Graph, w: Mapping[str, np.ndarray], x: str, *, layers: int, heads: int, quick_gelu: bool, mask: str, keep: int
+    g: Graph,
+    w: Mapping[str, np.ndarray],
+    x: str,
+    *,
+    layers: int,
+    heads: int,
+    quick_gelu: bool,
+    mask: str,
+    keep: int,
+    before: Sequence[tuple[np.ndarray, np.ndarray]] = (),
 ) -> str:
     """The residual stream after ``layers`` blocks of the weights ``w`` (state-dict names under
     ``transformer.resblocks.``, linear weights ``[in, out]``), for row ``keep`` of each sequence
     alone in the last block (its output: ``[N, 1, width]``), normalised by ``ln_final`` or
     ``ln_post``'s weights, which the caller passes as ``w["final.weight"]``, ``w["final.bias"]``.
-    ``mask``: an additive attention bias ``[1, 1, L, L]`` for every block but the last (whose
-    one row sees every token), or "" for none."""
+    ``mask``: an additive attention bias ``[1, 1, L, P + L]`` for every block but the last
+    (whose one row sees every token), or "" for none. ``before``: each block's attention keys
+    and values ``[P, width]`` of P tokens that come before every sequence (the same for all),
+    which its rows attend to first."""
     kept = g.constant("kept", np.array([keep]))
     for i in range(layers):
         b = f"transformer.resblocks.{i}."
         qkv = g.linear(g.norm(x, w, b + "ln_1."), w, b + "attn.in_proj_")
         q, k, v = g.op("Split", qkv, outputs=3, axis=-1, num_outputs=3)
-        if i < layers - 1:
-            (attended,) = g.op("MultiHeadAttention", q, k, v, "", "", mask, domain=CONTRIB, num_heads=heads)
-        else:
+        past = [g.constant(f"{b}before.{j}", _per_head(a, heads)) for j, a in enumerate(before[i])] if before else []
+        if i == layers - 1:
             (q,) = g.op("Gather", q, kept, axis=1)
             (x,) = g.op("Gather", x, kept, axis=1)
-            (attended,) = g.op("MultiHeadAttention", q, k, v, domain=CONTRIB, num_heads=heads)
+            mask = ""
+        # ONNX Runtime's CPU kernel reads a past key and value only when asked for the present
+        # ones too (1.32: without them it attended to what was left in memory).
+        attended = g.op(
+            "MultiHeadAttention", q, k, v, "", "", mask, *past, outputs=3 if past else 1, domain=CONTRIB,
+            num_heads=heads,
+        )[0]  # fmt: skip
         (x,) = g.op("Add", x, g.linear(attended, w, b + "attn.out_proj."))
         y = g.linear(g.norm(x, w, b + "ln_2."), w, b + "mlp.c_fc.")
         if quick_gelu:
@@ -181,6 +198,12 @@ def blocks(
             (y,) = g.op("Gelu", y, domain=CONTRIB)
         (x,) = g.op("Add", x, g.linear(y, w, b + "mlp.c_proj."))
     return g.norm(x, w, "final.")
+
+
+def _per_head(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Keys or values ``[P, width]`` as `MultiHeadAttention` takes a past's: ``[1, heads, P, head width]``."""
+    count, width = rows.shape
+    return rows.reshape(1, count, heads, width // heads).transpose(0, 2, 1, 3).astype(np.float32)
 
 
 def model(
