@@ -80,6 +80,7 @@ def open_encoder(
     towers: Towers = "both",
     warm: bool = False,
     images: int | None = None,
+    begun: OnnxImageTower | None = None,
 ) -> Encoder | TextEncoder | NumpyImageEncoder:
     """The cheapest encoder that can do the job: `TextEncoder` for text alone on the CPU in
     full precision (what "auto" means for a text tower), else `Encoder`. A text query on a GPU
@@ -93,11 +94,12 @@ def open_encoder(
     process gets a `TextEncoder` on it and never imports torch. ``images``: how many images it is
     opened to encode ("auto" precision weighs that against each precision's preparation,
     `clip.cpu.cheapest_for`; for the image tower alone on a CPU, against the towers without torch
-    too: `NumpyImageEncoder`; a warm process's image tower, for `WARM_IMAGES` when it gives no count)."""
+    too: `NumpyImageEncoder`; a warm process's image tower, for `WARM_IMAGES` when it gives no count).
+    ``begun``: the graph `begin_image_tower` began to open, used if that is the tower chosen."""
     from clipsearch.clip.families import family
 
     if towers == "image" and precision == "auto" and (images is not None or warm) and _cpu_only(device):
-        numpy_encoder = _numpy_image_encoder(model_ref, images if images is not None else WARM_IMAGES)
+        numpy_encoder = _numpy_image_encoder(model_ref, images if images is not None else WARM_IMAGES, begun)
         if numpy_encoder is not None:
             return numpy_encoder
 
@@ -138,17 +140,34 @@ def _remembered_text_graph(model_ref: str) -> TextEncoder | None:
     return TextEncoder(model_ref, found) if found is not None else None
 
 
-def _numpy_image_encoder(model_ref: str, images: int) -> NumpyImageEncoder | None:
+def _numpy_image_encoder(model_ref: str, images: int, begun: OnnxImageTower | None) -> NumpyImageEncoder | None:
     """A `NumpyImageEncoder` when this machine's measurements say a tower that runs without
-    torch encodes ``images`` sooner than torch would, and that tower is cached; None otherwise."""
+    torch encodes ``images`` sooner than torch would, and that tower is cached (``begun``, for
+    ONNX Runtime's graph, when one is); None otherwise."""
     from clipsearch.clip import numpy_image, onnx_image
     from clipsearch.clip.precision_verdicts import NUMPY, torchless_image_tower
 
     winner = torchless_image_tower(model_ref, images)
     if winner is None:
         return None
-    tower = numpy_image.load_cached(model_ref) if winner == NUMPY else onnx_image.load_cached(model_ref)
+    tower = numpy_image.load_cached(model_ref) if winner == NUMPY else begun or onnx_image.load_cached(model_ref)
     return NumpyImageEncoder(model_ref, tower) if tower is not None else None
+
+
+def begin_image_tower(model_ref: str, device: str = "auto", precision: str = "auto") -> OnnxImageTower | None:
+    """ONNX Runtime's graph of ``model_ref``'s image tower, its session opening on a thread of
+    its own (`onnx_image.load_cached`), where that is the tower "auto" takes on this CPU for a
+    run of unknown size (`WARM_IMAGES`); None otherwise. An `Index` made in a new home, which a
+    run fills next, begins it before creating its catalog: the session (0.3-0.5 s for ViT-B/32
+    on two AVX2 cores, with the GIL let go) then opens meanwhile, not after the folders are
+    walked with the first batch waiting for it. `open_encoder` takes it up, or lets it go for
+    another tower (a run of a few images: NumPy's)."""
+    from clipsearch.clip import onnx_image
+    from clipsearch.clip.precision_verdicts import ONNX, torchless_image_tower
+
+    if precision != "auto" or not _cpu_only(device) or torchless_image_tower(model_ref, WARM_IMAGES) != ONNX:
+        return None
+    return onnx_image.load_cached(model_ref)
 
 
 class TextMemory:

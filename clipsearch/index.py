@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from clipsearch.catalog import CATALOG_FILE, Catalog
-from clipsearch.encoder import model_id, open_encoder
+from clipsearch.encoder import begin_image_tower, model_id, open_encoder
 from clipsearch.errors import ImageError, IndexStateError
 from clipsearch.filters import Filters
 from clipsearch.indexer import AddReport, Progress, run_add
@@ -35,6 +35,7 @@ from clipsearch.walk import normalise_roots
 
 if TYPE_CHECKING:
     from clipsearch.clip.model import Towers
+    from clipsearch.clip.onnx_image import OnnxImageTower
     from clipsearch.duplicates import Group
     from clipsearch.encoder import Encoder, NumpyImageEncoder, TextEncoder
     from clipsearch.manifest import Manifest
@@ -97,6 +98,7 @@ class Index:
         self._encoder: Encoder | TextEncoder | NumpyImageEncoder | None = None
         self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
         self._vectors: tuple[int, VectorIndex] | None = None  # (catalog generation, index)
+        self._begun: OnnxImageTower | None = None  # `open` began it, for the first image encoder
 
     @classmethod
     def open(
@@ -122,8 +124,13 @@ class Index:
         """
         home = Path(home).expanduser() if home is not None else default_home()
         wanted = model_id(model) if model is not None else None
+        new = create and not readonly and not (home / CATALOG_FILE).exists()
+        # A new index is filled next: its image tower opens while the catalog is created.
+        begun = begin_image_tower(wanted or DEFAULT_MODEL, device, precision) if new else None
         catalog = Catalog.open(home, create=create and not readonly, readonly=readonly)
-        return cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, warm)
+        index = cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, warm)
+        index._begun = begun
+        return index
 
     def close(self) -> None:
         self.catalog.close()
@@ -416,7 +423,8 @@ class Index:
             if self._encoder is not None and self._encoder.towers != towers:
                 towers = "both"  # text and images are both wanted by now
             weights = self._current_weights()
-            encoder = open_encoder(self.model, self.device, self.precision, towers, self.warm, images)
+            encoder = open_encoder(self.model, self.device, self.precision, towers, self.warm, images, self._begun)
+            self._begun = None  # taken up, or let go for another tower
             stored = self.catalog.model(self.model)
             if stored is not None and stored.dim != encoder.dim:
                 raise IndexStateError(

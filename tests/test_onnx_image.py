@@ -272,6 +272,41 @@ def test_the_session_opens_while_the_run_decodes(model_dir: str, measured: Path,
 
 
 @needs_a_verdict
+@pytest.mark.parametrize("images, tower", [(3, "int8-onnx"), (1, "numpy")])
+def test_a_new_index_opens_its_graph_while_its_catalog_is_created(
+    model_dir: str, measured: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: int, tower: str
+):
+    """`Index.open` of a new home begins opening the graph a run of unknown size would take
+    before the catalog exists; the run encodes with that very tower, or lets it go for NumPy's
+    (a single photo, by `COSTS`). A home that has a catalog begins nothing: its run may have
+    nothing to encode."""
+    from clipsearch import Index
+    from clipsearch.catalog import CATALOG_FILE
+
+    with_costs(measured, COSTS, torch_start=1.5)
+    home, opening, catalog_there = tmp_path / "home", onnx_graph.session, []
+
+    def noted(*args, **kwargs):
+        catalog_there.append((home / CATALOG_FILE).exists())
+        return opening(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_graph, "session", noted)
+    make_library(tmp_path / "lib", images)
+    with Index.open(home, model=model_dir, device="cpu") as index:
+        begun = index._begun
+        assert isinstance(begun, onnx_image.OnnxImageTower) and catalog_there == [False]
+        assert index.add([tmp_path / "lib"], workers=0).new == images
+        encoder = index.encoder("image", images)
+        assert isinstance(encoder, NumpyImageEncoder) and encoder.tower.kind == tower
+        assert (encoder.tower is begun) == (tower == "int8-onnx") and index._begun is None
+    assert catalog_there == [False]  # one session, opened early; none again for the run
+    with Index.open(home, model=model_dir, device="cpu") as again:
+        assert again._begun is None
+    with Index.open(tmp_path / "other", model=model_dir, device="cpu", precision="int8") as named:
+        assert named._begun is None
+
+
+@needs_a_verdict
 def test_a_graph_damaged_inside_leaves_the_numpy_tower_to_encode(
     model_dir: str, measured: Path, caplog: pytest.LogCaptureFixture
 ):
