@@ -12,9 +12,10 @@ The graph takes one text's ids ``int64 [1, L]`` after its start-of-text token, c
 end-of-text token (attention is causal, so nothing after it matters), and returns its
 unnormalised embedding ``[1, embed_dim]``. The start token's keys and values are the same for
 every text: the graph holds them, computed in float32 (`TextTower.start_keys_values`). That
-cut a median query's (11 tokens) CPU time by 6%, and with that token's activations left out of
-the products' one scale, the worst cosine of 300 texts went from 0.99919 to 0.99928 (ViT-B/32,
-random weights, AVX2; on the demo's trained weights the error fell from 2.4e-4 to 1.3e-4).
+saves a median query (11 tokens) a row of products, 1-3% of its time, and with that token's
+activations left out of the products' one scale, the worst cosine of 300 texts went from
+0.99919 to 0.99928 (ViT-B/32, random weights, AVX2; on the demo's trained weights the error fell
+from 2.4e-4 to 1.3e-4).
 
 The graph is built from the NumPy tower's arrays (`clip.numpy_text.TextTower`), which hold the
 weights ``[in, out]`` as the products read them; building ViT-B/32's takes about 2 s, so the
