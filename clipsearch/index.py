@@ -124,10 +124,11 @@ class Index:
         """
         home = Path(home).expanduser() if home is not None else default_home()
         wanted = model_id(model) if model is not None else None
-        new = create and not readonly and not (home / CATALOG_FILE).exists()
+        creating = create and not readonly
         # A new index is filled next: its image tower opens while the catalog is created.
+        new = creating and not (home / CATALOG_FILE).exists()
         begun = begin_image_tower(wanted or DEFAULT_MODEL, device, precision) if new else None
-        catalog = Catalog.open(home, create=create and not readonly, readonly=readonly)
+        catalog = Catalog.open(home, create=creating, readonly=readonly)
         index = cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, warm)
         index._begun = begun
         return index
