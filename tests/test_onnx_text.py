@@ -7,6 +7,7 @@ test_text_fast)."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -55,10 +56,12 @@ def one_product(weight: np.ndarray, bias: np.ndarray, codes: str):
     weights in ``codes``."""
     from onnx import TensorProto, helper
 
-    g = onnx_graph.Graph("onnx-int8-dynamic", codes)
+    out = io.BytesIO()
+    g = onnx_graph.Graph("onnx-int8-dynamic", codes, out)
     y = g.linear("x", {"p.weight": weight, "p.bias": bias}, "p.")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weight.shape[0]])
-    return onnx_graph.session(onnx_graph.model(g, "one", [x], y, ["N", weight.shape[1]]), threads=1)
+    onnx_graph.model(g, "one", [x], y, ["N", weight.shape[1]])
+    return onnx_graph.session(out.getvalue(), threads=1)
 
 
 def exact_product(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, codes: str) -> np.ndarray:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -37,15 +37,17 @@ log = logging.getLogger(__name__)
 KERNEL = "onnx-int8-dynamic"  # per-tensor activations: as close to fp32 as torch's int8 (cosine 0.9999)
 
 
-def build(tower: numpy_image.ImageTower, codes: str, metadata: Mapping[str, str] | None = None) -> bytes:
-    """The serialized ONNX model of ``tower``'s encoder, its weights in ``codes`` (of
+def build(
+    tower: numpy_image.ImageTower, codes: str, out: BinaryIO, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write the ONNX model of ``tower``'s encoder to ``out``, its weights in ``codes`` (of
     `onnx_graph.weight_codes`), recording ``metadata`` (`onnx_graph.built_from`, for the cache)."""
     from onnx import TensorProto, helper
 
     w = {key: np.asarray(value, dtype=np.float32) for key, value in tower.weights.items()}
     w["final.weight"], w["final.bias"] = w["ln_post.weight"], w["ln_post.bias"]
     width = w["class_embedding"].shape[0]
-    g = onnx_graph.Graph(KERNEL, codes)
+    g = onnx_graph.Graph(KERNEL, codes, out)
     (x,) = g.op("MatMul", "patches", g.constant("conv1.weight", w["conv1.weight"]))  # the patch convolution
     (count,) = g.op("Shape", "patches", start=0, end=1)
     (shape,) = g.op("Concat", count, g.constant("one_row", np.array([1, width])), axis=0)
@@ -63,7 +65,7 @@ def build(tower: numpy_image.ImageTower, codes: str, metadata: Mapping[str, str]
     patches = helper.make_tensor_value_info(
         "patches", TensorProto.FLOAT, ["N", tower.grid**2, w["conv1.weight"].shape[0]]
     )
-    return onnx_graph.model(g, "clip_image", [patches], embedding, ["N", tower.embed_dim], metadata)
+    onnx_graph.model(g, "clip_image", [patches], embedding, ["N", tower.embed_dim], metadata)
 
 
 class OnnxImageTower:
@@ -127,7 +129,7 @@ def export(tower: numpy_image.ImageTower, model_ref: str, codes: str) -> Path | 
     None when the checkpoint cannot be identified or the cache cannot be written."""
     metadata = onnx_graph.built_from(model_ref, "image", codes)
     path = cache_file(model_ref)
-    if metadata is None or not onnx_graph.save(path, build(tower, codes, metadata)):
+    if metadata is None or not onnx_graph.save(path, lambda out: build(tower, codes, out, metadata)):
         return None
     return path
 

@@ -25,6 +25,7 @@ process's later starts open it (`load_cached`, `remembered`).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +44,8 @@ def build(tower: TextTower, kernel: str, metadata: Mapping[str, str] | None = No
 
     w = {key: np.asarray(value, dtype=np.float32) for key, value in tower.weights.items()}
     w["final.weight"], w["final.bias"] = w["ln_final.weight"], w["ln_final.bias"]
-    g = onnx_graph.Graph(kernel, onnx_graph.weight_codes("text")[0])  # one choice: 7 bits drift
+    out = io.BytesIO()  # measured before it is cached (`clip.text_fast`)
+    g = onnx_graph.Graph(kernel, onnx_graph.weight_codes("text")[0], out)  # one choice: 7 bits drift
     # The rows of the positional embedding and of the causal mask that the L tokens after the
     # start token use: positions 1 to L, seeing positions 0 to L.
     (length,) = g.op("Shape", "ids", start=1, end=2)
@@ -68,7 +70,8 @@ def build(tower: TextTower, kernel: str, metadata: Mapping[str, str] | None = No
     (embedding,) = g.op("MatMul", pooled, g.constant("text_projection", w["text_projection"]))
     (embedding,) = g.op("Squeeze", embedding, g.constant("middle", np.array([1])))
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "L"])
-    return onnx_graph.model(g, "clip_text", [ids], embedding, [1, tower.embed_dim], metadata)
+    onnx_graph.model(g, "clip_text", [ids], embedding, [1, tower.embed_dim], metadata)
+    return out.getvalue()
 
 
 class OnnxTextTower:
@@ -102,7 +105,7 @@ def provenance(model_ref: str, chosen_by: dict) -> dict[str, str] | None:
 
 def save(model_ref: str, kernel: str, graph: bytes) -> None:
     """Cache ``graph``, built with `provenance`, as ``model_ref``'s text tower in ``kernel``."""
-    onnx_graph.save(cache_file(model_ref, kernel), graph)
+    onnx_graph.save(cache_file(model_ref, kernel), lambda out: out.write(graph))
 
 
 def load_cached(model_ref: str, chosen_by: dict, kernel: str, threads: int) -> OnnxTextTower | None:
