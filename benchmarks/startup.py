@@ -48,6 +48,7 @@ def child(argv: list[str]) -> None:
     """Run the CLI in this process with the events noted."""
     import atexit
 
+    from clipsearch import clip as clip_package
     from clipsearch import encoder as encoder_module
     from clipsearch.clip import numpy_image, numpy_text, onnx_graph, onnx_image  # none imports torch
 
@@ -89,9 +90,10 @@ def child(argv: list[str]) -> None:
     )
     noting(numpy_image, "export", "NumPy image tower export starts", "NumPy image tower exported")
     noting(onnx_image, "export", "ONNX image graph build starts", "ONNX image graph built")
-    # Where a machine's first run peaks: its torch trials (before the NumPy export), the graph's
-    # build and save, the session's open.
-    noting(onnx_graph, "save", "ONNX graph built, saving", "ONNX graph saved")
+    # A machine's first run measures the precisions before it opens its tower: the float32
+    # model (timed, then the NumPy tower's export), each torch trial, the graph's build, its session.
+    noting(encoder_module, "_measured_now", "precisions: measurement starts", "precisions: measured")
+    noting(clip_package, "load", "a torch model load starts", "a torch model loaded")
     noting(onnx_graph, "session", "ONNX session opens", "ONNX session open")  # on a thread of its own
     # The graph's first batch may reach it before its session is open, and waits: encoding starts
     # here. (On a machine's first run, the first use is the measurement's, not the run's.)

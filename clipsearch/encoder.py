@@ -99,7 +99,10 @@ def open_encoder(
     from clipsearch.clip.families import family
 
     if towers == "image" and precision == "auto" and (images is not None or warm) and _cpu_only(device):
-        numpy_encoder = _numpy_image_encoder(model_ref, images if images is not None else WARM_IMAGES, begun)
+        count = images if images is not None else WARM_IMAGES
+        numpy_encoder = _numpy_image_encoder(model_ref, count, begun)
+        if numpy_encoder is None and _measured_now(model_ref):  # a model's first run on this machine
+            numpy_encoder = _numpy_image_encoder(model_ref, count, None)
         if numpy_encoder is not None:
             return numpy_encoder
 
@@ -124,6 +127,16 @@ def _cpu_only(device: str) -> bool:
         return True
     gpu_nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
     return device == "auto" and sys.platform != "darwin" and not any(os.path.exists(node) for node in gpu_nodes)
+
+
+def _measured_now(model_ref: str) -> bool:
+    """Measure the image tower's precisions on this CPU unless they were (`clip.cpu.measure`);
+    True when it measured now. The run then takes the tower the measurement found fastest for
+    it, which is often one without torch: the measurement let go of every model torch held."""
+    started, fresh = time.perf_counter(), "torch" not in sys.modules
+    from clipsearch.clip import cpu  # imports torch
+
+    return cpu.measure(model_ref, "image", time.perf_counter() - started if fresh else None)
 
 
 def _remembered_text_graph(model_ref: str) -> TextEncoder | None:

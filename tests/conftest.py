@@ -71,17 +71,19 @@ def tiny_encoder(tiny_model):
 
 @pytest.fixture
 def encoded(monkeypatch) -> list[int]:
-    """Counts images sent through the image tower (in this process), one entry per batch."""
-    from clipsearch.encoder import Encoder
+    """Counts images sent through the image tower (in this process), one entry per batch:
+    torch's (`Encoder`) or one without torch (`NumpyImageEncoder`, which a model's first run on
+    this machine takes where its measurement found one faster)."""
+    from clipsearch.encoder import Encoder, NumpyImageEncoder
 
     batches: list[int] = []
-    real = Encoder.encode_images
+    for kind in (Encoder, NumpyImageEncoder):
 
-    def counting(self, pixels):
-        batches.append(len(pixels))
-        return real(self, pixels)
+        def counting(self, pixels, real=kind.encode_images):
+            batches.append(len(pixels))
+            return real(self, pixels)
 
-    monkeypatch.setattr(Encoder, "encode_images", counting)
+        monkeypatch.setattr(kind, "encode_images", counting)
     return batches
 
 

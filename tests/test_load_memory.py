@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_cpu import fake_timings, precision_of
@@ -190,6 +191,31 @@ def test_measuring_holds_one_trial_at_a_time(tiny_model: str, monkeypatch: pytes
 
 
 @needs_int8
+def test_a_first_measurement_holds_one_model_at_a_time(tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cpu.measure` loads the float32 model and then each trial from the checkpoint: none is
+    loaded while an earlier one is still held, so a first run never holds two image towers."""
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
+    fake_timings(monkeypatch, fp32=3.0, bf16=1.0, int8=2.0)  # the first trial is the fastest: kept longest before
+    real, models, loads = clip.load, [], []
+
+    def noted(*args, precision=None, **kwargs):
+        gc.collect()
+        assert [m() for m in models] == [None] * len(models), "an earlier model is still held"
+        loaded = real(*args, precision=precision, **kwargs)
+        models.append(weakref.ref(loaded[0]))
+        loads.append(precision)
+        return loaded
+
+    monkeypatch.setattr(clip, "load", noted)
+    assert cpu.measure(tiny_model, "image")
+    assert loads == [None, "bf16", "int8"]
+    assert not cpu.measure(tiny_model, "image")  # remembered: nothing is loaded again
+    assert loads == [None, "bf16", "int8"]
+    prepared, _ = cpu.load_prepared(tiny_model, "auto", "cpu", "image")
+    assert (prepared.precision, precision_of(prepared.model), loads[-1]) == ("bf16", "bf16", "bf16")
+
+
+@needs_int8
 def test_a_trial_copies_no_float32_weight(tiny_model: str) -> None:
     model, _ = clip.load(tiny_model, device="cpu", towers="image")
     weights = {p.data_ptr() for p in model.parameters()}
@@ -203,7 +229,8 @@ def test_a_trial_copies_no_float32_weight(tiny_model: str) -> None:
 @needs_int8
 def test_a_remembered_verdict_converts_while_loading(tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second run of "auto" knows its precision before reading a weight, so it loads
-    straight into it (the first measured, from a float32 model)."""
+    straight into it. The first measured: a float32 model, then the int8 trial loaded converted,
+    then the model it runs."""
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
     fake_timings(monkeypatch, fp32=2.0, int8=1.0)
     loads: list[str | None] = []
@@ -217,9 +244,33 @@ def test_a_remembered_verdict_converts_while_loading(tiny_model: str, monkeypatc
     first, _ = cpu.load_prepared(tiny_model, "auto", "cpu", "image")
     second, _ = cpu.load_prepared(tiny_model, "auto", "cpu", "image")
     named, _ = cpu.load_prepared(tiny_model, "bf16", "cpu", "image")
-    assert loads == [None, "int8", "bf16"]
+    assert loads == [None, "int8", "int8", "int8", "bf16"]
     assert (first.precision, second.precision, named.precision) == ("int8", "int8", "bf16")
     assert precision_of(second.model) == "int8"
+
+
+def _resident_file_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_a_mapped_arrays_pages_leave_the_process_once_read(tmp_path: Path) -> None:
+    """`heap.release_mapped` drops what reading a mapped file brought into this process's memory
+    and nothing else: the array reads the same afterwards, and arrays in memory of the process's
+    own are left alone."""
+    values = np.arange(16 << 20, dtype=np.float32)  # 64 MiB
+    values.tofile(tmp_path / "weights")
+    mapped = np.memmap(tmp_path / "weights", dtype=np.float32, mode="r")
+    before = _resident_file_kib()
+    total = float(mapped[::1024].sum())  # a read of every page
+    assert _resident_file_kib() - before > 60 << 10
+    heap.release_mapped(mapped[1000:].reshape(-1, 8).T)  # a view, transposed, as a tower holds one
+    assert _resident_file_kib() - before < 4 << 10
+    assert float(mapped[::1024].sum()) == total
+    own = values.copy()
+    heap.release_mapped(own)
+    assert np.array_equal(own, values)
 
 
 @needs_glibc

@@ -96,6 +96,33 @@ def test_the_cached_graph_is_stale_when_the_checkpoint_or_layout_changes_and_ign
     assert onnx_image.load_cached(model_dir) is None  # damaged: ignored, never trusted
 
 
+def test_the_graph_is_written_weight_by_weight_and_read_as_one_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Each weight reaches the file as it is added, so a build never holds the graph's weights
+    together; ONNX (and the session, `test_the_graph_is_the_tower`) read the pieces as one model."""
+    import onnx
+
+    tower = ImageTower.from_model(image_tower(SMALL), Preprocess(32))
+    assert tower is not None
+    out, written = io.BytesIO(), []
+    constant = onnx_graph.Graph.constant
+
+    def noted(self, name, value):
+        before = out.tell()
+        found = constant(self, name, value)
+        written.append((name, out.tell() - before, np.asarray(value).nbytes))
+        return found
+
+    monkeypatch.setattr(onnx_graph.Graph, "constant", noted)
+    onnx_image.build(tower, onnx_graph.weight_codes("image")[0], out, {"model": "test"})
+    assert all(grown >= size for _, grown, size in written)  # each weight written when added
+    model = onnx.load_from_string(out.getvalue())
+    assert [t.name for t in model.graph.initializer] == [name for name, _, _ in written]
+    assert model.graph.name == "clip_image" and len(model.graph.node) > 0
+    assert {p.key: p.value for p in model.metadata_props} == {"model": "test"}
+    (tmp_path / "graph.onnx").write_bytes(out.getvalue())
+    assert onnx_graph.recorded(tmp_path / "graph.onnx") == {"model": "test"}  # read past the pieces
+
+
 def test_each_towers_verdicts_follow_its_own_graph_layout(monkeypatch: pytest.MonkeyPatch):
     """A new text graph measures text kernels again, not the image tower of every model, and
     the reverse."""
@@ -202,6 +229,25 @@ def test_a_warm_process_chooses_its_image_tower_for_many_images(model_dir: str, 
 
 
 @needs_a_verdict
+def test_a_models_first_run_measures_then_opens_the_tower_it_found_fastest(model_dir: str):
+    """A first run on this machine measures before it opens its image tower, and then takes the
+    one the measurement found fastest for it, without torch where one of those wins: the
+    measurement has let go of every model it loaded."""
+    assert precision_verdicts.image_verdict(model_dir) is None
+    opened = open_encoder(model_dir, "cpu", "auto", "image", images=100)
+    assert precision_verdicts.image_verdict(model_dir) is not None  # measured, and remembered
+    winner = precision_verdicts.torchless_image_tower(model_dir, 100)
+    if winner is None:
+        assert isinstance(opened, Encoder)
+    else:
+        assert isinstance(opened, NumpyImageEncoder) and opened.tower.kind == winner
+    pixels = np.stack([opened.preprocess.array(p) for p in make_library(Path(model_dir).parent / "lib", 2)])
+    with torch.no_grad():
+        expected = Encoder(model_dir, "cpu", "fp32", "image").encode_images(pixels)
+    assert cosines(opened.encode_images(pixels), expected).min() >= MIN_COSINE
+
+
+@needs_a_verdict
 def test_torch_runs_where_the_extra_is_missing_or_the_graph_gone(
     model_dir: str, measured: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -209,10 +255,13 @@ def test_torch_runs_where_the_extra_is_missing_or_the_graph_gone(
     onnx_image.cache_file(model_dir).unlink()
     assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=100), Encoder)
     # Without the extra the verdict does not apply (its key names onnxruntime's version): the
-    # next load measures again, and until then torch runs.
+    # next run measures again before it opens its tower, and takes what that found fastest
+    # among those it has (for one image, the NumPy tower).
     monkeypatch.setattr(onnx_graph, "available", lambda: False)
     assert precision_verdicts.torchless_image_tower(model_dir, 1) is None
-    assert isinstance(open_encoder(model_dir, "cpu", "auto", "image", images=1), Encoder)
+    opened = open_encoder(model_dir, "cpu", "auto", "image", images=1)
+    assert precision_verdicts.torchless_image_tower(model_dir, 1) == precision_verdicts.NUMPY
+    assert isinstance(opened, NumpyImageEncoder) and opened.precision == "fp32-numpy"
 
 
 @needs_a_verdict

@@ -117,23 +117,25 @@ def load_prepared(
     torch_import_s: float | None = None,
 ) -> tuple[Prepared, Preprocess]:
     """`clip.load` and `prepare_for_inference` in one: where the precision is known before the
-    weights are read (named, or remembered from an earlier measurement) and the model runs on
-    the CPU, each weight is converted as it is read (`conversion`), so the float32 model never
-    stands whole beside the converted one (ViT-B-32-256's image tower: 350 MB of float32 beside
-    88 MB of int8, and the allocator kept most of the freed 350 MB). ``images``: how many images
-    the model is loaded to encode, which "auto" weighs against each precision's preparation.
-    ``torch_import_s``: what importing torch cost this process, when the caller saw it (a
-    first measurement on this machine counts it against the NumPy image tower's costs)."""
+    weights are read (named, or remembered from an earlier measurement, which a first run on a
+    CPU makes now: `measure`) and the model runs on the CPU, each weight is converted as it is
+    read (`conversion`), so the float32 model never stands whole beside the converted one
+    (ViT-B-32-256's image tower: 350 MB of float32 beside 88 MB of int8, and the allocator kept
+    most of the freed 350 MB). ``images``: how many images the model is loaded to encode, which
+    "auto" weighs against each precision's preparation. ``torch_import_s``: what importing torch
+    cost this process, when the caller saw it (a first measurement counts it against the image
+    towers that run without torch)."""
     from clipsearch.clip import load
 
     _check_precision(precision)
     device = torch.device(device)
-    known = _known_precision(model_ref, precision, device, towers != "text", towers != "image", images)
+    image_tower, text_tower = towers != "text", towers != "image"
+    known = _known_precision(model_ref, precision, device, image_tower, text_tower, images)
+    if known is None and device.type == "cpu" and measure(model_ref, towers, torch_import_s):
+        known = _known_precision(model_ref, precision, device, image_tower, text_tower, images)
     if known is None or device.type != "cpu":
-        started = time.perf_counter()
         model, preprocess = load(model_ref, device="cpu", towers=towers)
-        loading = NumpyTiming(preprocess, time.perf_counter() - started, torch_import_s)
-        return prepare_for_inference(model, precision, device, model_ref=model_ref, numpy_timing=loading), preprocess
+        return prepare_for_inference(model, precision, device, model_ref=model_ref), preprocess
     _warn_if_emulated(known, device)
     model, preprocess = load(model_ref, device="cpu", towers=towers, precision=known)
     return Prepared(model, known, _DTYPES[known]), preprocess
@@ -145,7 +147,6 @@ def prepare_for_inference(
     device: torch.device | str = "cpu",
     sample: torch.Tensor | None = None,
     model_ref: str | None = None,
-    numpy_timing: NumpyTiming | None = None,
 ) -> Prepared:
     """``model`` (a float32 `CLIP`) on ``device`` in ``precision``; a precision the caller names
     is applied in place, as is.
@@ -153,10 +154,10 @@ def prepare_for_inference(
     With ``"auto"`` and an image tower, each candidate's embeddings of ``sample`` (preprocessed
     images, ``[N, 3, R, R]``; a synthetic photo-like batch when None) are compared with fp32's,
     those below `MIN_COSINE` are dropped, and on a CPU the fastest of the rest is kept (fp32
-    when none passes). The verdict for ``model_ref`` (as `clip.load` was given it) is
-    remembered, so later calls convert without measuring. With ``numpy_timing`` (on a CPU), the
-    NumPy image tower and ONNX Runtime's graph are exported and timed too, and what starting
-    torch costs is noted (`precision_verdicts.torchless_image_tower` weighs them).
+    when none passes). Each candidate is a copy of ``model`` (`_trial`), so the float32 model
+    and one trial are held at once; `measure`, which loads each from the checkpoint instead,
+    holds less. The verdict for ``model_ref`` (as `clip.load` was given it) is remembered, so
+    later calls convert without measuring.
     """
     _check_precision(precision)
     device = torch.device(device)
@@ -166,81 +167,119 @@ def prepare_for_inference(
     chosen = _known_precision(model_ref, precision, device, visual is not None, text_tower)
     if chosen is None:
         assert visual is not None  # a text-only model has one candidate
-        logger.info(
-            "Measuring which precision runs %s fastest on this %s (once per model and machine; "
-            "about 15 s for ViT-B/32)...",
-            model_ref or type(model).__name__,
-            "CPU" if device.type == "cpu" else "GPU",
-            extra={"notice": True},  # shown by the CLI without --verbose: a wait it should explain
-        )
+        _announce(model_ref or type(model).__name__, device)
         candidates = candidate_precisions(device, image_tower=True)
         if sample is None:
             sample = calibration_images(visual.input_resolution, count=TIMING_BATCH)
-        started = time.perf_counter()
-        chosen, report, costs = _fastest_faithful(model, candidates, sample.to(device), timed=device.type == "cpu")
-        key = _verdict_key(model_ref, device, candidates, text_tower)
-        verdict: dict[str, Any] = {"precision": chosen, "report": report, "costs": costs}
-        torchless = (
-            _torchless_costs(model, model_ref, sample, numpy_timing) if key and numpy_timing and model_ref else None
-        )
-        if torchless is not None:
-            verdict["torch_start"] = torchless.pop("torch_start")
-            costs.update(torchless)
+        started, timed = time.perf_counter(), device.type == "cpu"
+        sample = sample.to(device)
+        fp32 = _reference(model, sample, timed)
+
+        def copied(candidate: str) -> tuple[SharedSpace, float]:
+            begun = time.perf_counter()
+            return _trial(model, candidate), time.perf_counter() - begun
+
+        chosen, report, costs = _fastest_faithful(fp32, candidates, sample, timed, copied)
         logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
+        key = _verdict_key(model_ref, device, candidates, text_tower)
         if key is not None:
-            precision_verdicts.remember(key, verdict)
+            precision_verdicts.remember(key, {"precision": chosen, "report": report, "costs": costs})
     _warn_if_emulated(chosen, device)
     _convert(model, chosen)
     heap.release_free_memory()  # what the float32 weights held
     return Prepared(model, chosen, _DTYPES[chosen])
 
 
-class NumpyTiming(NamedTuple):
-    """What timing the NumPy image tower beside the torch precisions needs from the loading: the
-    model's preprocessing (the tower's file records it), the seconds `clip.load` took, and those
-    importing torch took where the caller saw them (else they are timed in a new process)."""
+def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | None = None) -> bool:
+    """Measure which precision "auto" runs ``model_ref``'s image tower in on this CPU and
+    remember it, unless that is remembered already; True when it measured now. The towers that
+    run without torch are exported and timed too: the NumPy tower, and ONNX Runtime's graph
+    where the extra is installed, with what starting torch costs a new process
+    (`precision_verdicts.torchless_image_tower` weighs them). False where the checkpoint cannot
+    be identified (nothing could be remembered: `prepare_for_inference` measures the loaded model).
 
-    preprocess: Preprocess
-    load_s: float
-    torch_import_s: float | None = None
+    Nothing is held beside the float32 model but a batch's activations: it is timed, gives the
+    reference embeddings and the NumPy tower, and is let go; each torch precision is then loaded
+    converted as it is read (`clip.load`), timed and let go, and the graph is built from the
+    NumPy tower's file and opened last. A first run of ViT-B/32 used to hold the float32 model
+    beside each trial and the graph, and peaked at 1.29 GB where a later run stays under 0.6 GB.
+    """
+    from clipsearch.clip import load
 
-
-def _torchless_costs(
-    model: SharedSpace, model_ref: str, sample: torch.Tensor, timing: NumpyTiming
-) -> dict[str, Any] | None:
-    """The image towers that run without torch, exported to the cache and timed on ``sample``:
-    their `precision_verdicts.Costs` (the NumPy tower's under `NUMPY`: reading its file in,
-    seconds per image; ONNX Runtime's under `ONNX`, where the extra is installed: importing it
-    and opening a session on the graph, seconds per image), and under "torch_start" what a new
-    process pays before a torch precision's own preparation (importing torch, loading the
-    float32 weights). None when the NumPy tower cannot run ``model`` or cannot be cached."""
+    device = torch.device("cpu")
+    candidates = candidate_precisions(device, image_tower=True)
+    text_tower = towers != "image"
+    if towers == "text" or _known_precision(model_ref, "auto", device, True, text_tower) is not None:
+        return False
+    key = _verdict_key(model_ref, device, candidates, text_tower)
+    if key is None:
+        return False
     started = time.perf_counter()
-    if numpy_image.export(model, model_ref, timing.preprocess) is None:
+    model, preprocess = load(model_ref, device="cpu", towers=towers)
+    load_s = time.perf_counter() - started
+    _announce(model_ref, device)  # once the model has proved loadable: a bad one's error stands alone
+    sample = calibration_images(model.config.image_resolution, count=TIMING_BATCH)
+    numpy_costs = _numpy_costs(model, model_ref, preprocess, sample)
+    heap.release_free_memory()  # each timing's activations, before the next's (here: 70-80 MB)
+    fp32 = _reference(model, sample, timed=True)
+    del model
+    heap.release_free_memory()
+
+    def loaded(candidate: str) -> tuple[SharedSpace, float]:
+        begun = time.perf_counter()
+        trial, _ = load(model_ref, device="cpu", towers=towers, precision=candidate)
+        return trial, max(0.0, time.perf_counter() - begun - load_s)  # beyond what fp32's load costs
+
+    chosen, report, costs = _fastest_faithful(fp32, candidates, sample, True, loaded)
+    verdict: dict[str, Any] = {"precision": chosen, "report": report, "costs": costs}
+    if numpy_costs is not None:
+        if onnx_graph.available():
+            costs.update(_onnx_costs(model_ref, sample.numpy(), fp32.embeddings.numpy()))
+        costs.update(numpy_costs)
+        verdict["torch_start"] = (torch_import_s if torch_import_s is not None else _import_s("torch")) + load_s
+    logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
+    precision_verdicts.remember(key, verdict)
+    heap.release_free_memory()  # what the graph's session held, before the run opens its tower
+    return True
+
+
+def _announce(model: str, device: torch.device) -> None:
+    logger.info(
+        "Measuring which precision runs %s fastest on this %s (once per model and machine; about 15 s for ViT-B/32)...",
+        model,
+        "CPU" if device.type == "cpu" else "GPU",
+        extra={"notice": True},  # shown by the CLI without --verbose: a wait it should explain
+    )
+
+
+def _numpy_costs(model: SharedSpace, model_ref: str, preprocess: Preprocess, sample: torch.Tensor) -> Costs | None:
+    """The NumPy image tower, exported to the cache and timed on ``sample``: its
+    `precision_verdicts.Costs` under `NUMPY` (reading its file in, seconds per image). None when
+    it cannot run ``model`` or cannot be cached."""
+    started = time.perf_counter()
+    if numpy_image.export(model, model_ref, preprocess) is None:
         return None
     exported = time.perf_counter()
     preparing = _read_s(numpy_image.cache_file(model_ref))
     # Timed on views of the float32 weights already in memory: a second copy mapped and read in
     # would add its size to this first run's peak memory.
-    tower = numpy_image.ImageTower.from_model(model, timing.preprocess, copy=False)
+    tower = numpy_image.ImageTower.from_model(model, preprocess, copy=False)
     assert tower is not None  # exported
     pixels = sample.float().numpy()
     # Once: NumPy's time per image held within 10% from run to run even on a busy machine
     # (0.10-0.11 s here), and each timed batch of a model's first run costs the person waiting.
-    seconds, reference = _timed_tower(tower, pixels)
+    seconds, _ = _timed_tower(tower, pixels)
     logger.info(
         "NumPy image tower exported in %.2f s: %.0f ms per batch of %d", exported - started, seconds * 1e3, len(pixels)
     )
-    importing = timing.torch_import_s if timing.torch_import_s is not None else _import_s("torch")
-    costs: dict[str, Any] = {precision_verdicts.NUMPY: (preparing, seconds / len(pixels))}
-    if onnx_graph.available():
-        costs.update(_onnx_costs(tower, model_ref, pixels, reference))
-    return {**costs, "torch_start": importing + timing.load_s}
+    return {precision_verdicts.NUMPY: (preparing, seconds / len(pixels))}
 
 
-def _onnx_costs(tower: numpy_image.ImageTower, model_ref: str, pixels: Any, reference: Any) -> Costs:
-    """ONNX Runtime's graph of ``tower`` (`_faithful_graph`), timed; nothing where it cannot be
-    cached or drifts."""
-    found = _faithful_graph(tower, model_ref, pixels, reference)
+def _onnx_costs(model_ref: str, pixels: Any, reference: Any) -> Costs:
+    """ONNX Runtime's graph of the cached NumPy tower (`_faithful_graph`), timed: importing
+    onnxruntime and opening a session on the graph, seconds per image; nothing where it cannot
+    be cached or drifts."""
+    found = _faithful_graph(model_ref, pixels, reference)
     if found is None:
         return {}
     graph, opening, seconds = found
@@ -253,19 +292,22 @@ def _onnx_costs(tower: numpy_image.ImageTower, model_ref: str, pixels: Any, refe
 
 
 def _faithful_graph(
-    tower: numpy_image.ImageTower, model_ref: str, pixels: Any, reference: Any
+    model_ref: str, pixels: Any, reference: Any
 ) -> tuple[onnx_image.OnnxImageTower, float, float] | None:
-    """The graph of ``tower`` with its weights in the first of `onnx_graph.weight_codes` whose
-    embeddings of ``pixels`` stay within `MIN_COSINE` of ``reference`` (fp32's), written to the
-    cache; what opening its session took, and its seconds for ``pixels`` (after a first image
-    that pays for its allocations). None where it cannot be cached or each drifts."""
+    """The graph of ``model_ref``'s cached NumPy tower with its weights in the first of
+    `onnx_graph.weight_codes` whose embeddings of ``pixels`` stay within `MIN_COSINE` of
+    ``reference`` (fp32's), written to the cache; what opening its session took, and its seconds
+    for ``pixels`` (after a first image that pays for its allocations). None where it cannot be
+    cached or each drifts."""
     for codes in onnx_graph.weight_codes("image"):
-        heap.release_free_memory()  # the NumPy tower's activations, or the graph that drifted
+        heap.release_free_memory()  # the graph that drifted
+        tower = numpy_image.load_cached(model_ref)
         started = time.perf_counter()
-        if onnx_image.export(tower, model_ref, codes) is None:
+        if tower is None or onnx_image.export(tower, model_ref, codes) is None:
             return None
         exported = time.perf_counter()
-        heap.release_free_memory()  # what building the graph held, before a session reads it in
+        del tower  # its file's pages, read in for the build, before the session reads the graph
+        heap.release_free_memory()  # what building the graph held
         graph = onnx_image.load_cached(model_ref)
         # Opening on another thread: counted whole, as if nothing overlapped it.
         if graph is None or graph.session(usable_cores()) is None:
@@ -371,24 +413,37 @@ def _verdict_key(
     return precision_verdicts.key(checkpoint, text_tower, candidates, cpu_flags())
 
 
+class Reference(NamedTuple):
+    """fp32's embeddings of the calibration batch, and its seconds for it (0 where not timed)."""
+
+    embeddings: torch.Tensor
+    seconds: float
+
+
+def _reference(model: SharedSpace, sample: torch.Tensor, timed: bool) -> Reference:
+    with torch.inference_mode():
+        embeddings = model.encode_image(sample).float()
+    return Reference(embeddings, _seconds_per_batch(model, sample) if timed else 0.0)
+
+
 def _fastest_faithful(
-    model: SharedSpace, candidates: tuple[str, ...], sample: torch.Tensor, timed: bool
+    fp32: Reference,
+    candidates: tuple[str, ...],
+    sample: torch.Tensor,
+    timed: bool,
+    trial: Callable[[str], tuple[SharedSpace, float]],
 ) -> tuple[str, str, Costs]:
     """The fastest candidate within `MIN_COSINE` of fp32 (the first passing one when not
     ``timed``), a line saying what was measured, and each faithful candidate's `Costs`. Each
-    candidate runs on a copy of its own (`_trial`), let go once measured: the float32 model and
-    one trial are the most ever held."""
-    with torch.inference_mode():
-        reference = model.encode_image(sample).float()
-    best, best_seconds = "fp32", _seconds_per_batch(model, sample) if timed else 0.0
+    candidate is a model of its own, ``trial(candidate)`` with the seconds its preparation took,
+    let go once measured: one trial is held at a time."""
+    best, best_seconds = "fp32", fp32.seconds
     notes = [f"fp32 {best_seconds * 1e3:.0f} ms"] if timed else []
     costs: Costs = {"fp32": (0.0, best_seconds / len(sample))}
     for candidate in candidates[1:]:
-        started = time.perf_counter()
-        trial = _trial(model, candidate)
-        preparing = time.perf_counter() - started
-        cosine, seconds, first = _measured(trial, sample, reference, timed)
-        del trial
+        model, preparing = trial(candidate)
+        cosine, seconds, first = _measured(model, sample, fp32.embeddings, timed)
+        del model
         heap.release_free_memory()  # else the trials freed stay resident under the graph build
         if cosine < MIN_COSINE:
             notes.append(f"{candidate} drifts (cosine {cosine:.5f} < {MIN_COSINE})")
@@ -477,7 +532,7 @@ def conversion(precision: str) -> Conversion:
     comes out is the one `_convert` makes of a float32 model, value for value."""
     _check_precision(precision)
     if precision == "auto":
-        raise ValueError("'auto' is decided on a loaded model (prepare_for_inference), not while loading one")
+        raise ValueError("'auto' is decided by measuring (prepare_for_inference, measure), not while loading")
     if precision == "int8":
         return Conversion(torch.float32, _image_tower_int8_sites)
     return Conversion(_DTYPES[precision])

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from clipsearch.clip import tower_file
+from clipsearch.clip import heap, tower_file
 from clipsearch.clip.cpu_features import has_vnni
 from clipsearch.clip.numpy_ops import LN_EPS
 
@@ -134,6 +134,7 @@ class Graph:
         b = self.constant(name + "bias", weights[name + "bias"])
         if self.block is None:  # int8 per output channel (one block of every input), [in, out]
             codes, scales = quantise(weight, len(weight), CODES[self.codes])
+            heap.release_mapped(weight)  # a tower file's pages, read: only the codes are kept
             codes, scales = codes[:, 0].T, scales[:, 0]
             if self.codes == "u8":
                 zero = self.constant(name + "zero", np.full(len(scales), 128, dtype=np.uint8))
@@ -144,6 +145,7 @@ class Graph:
             (y,) = self.op("DynamicQuantizeMatMul", *inputs, domain=CONTRIB)
             return y
         codes, scales = quantise(weight, self.block)
+        heap.release_mapped(weight)
         inputs = [x, self.constant(name + "codes", codes), self.constant(name + "scales", scales), "", "", b]
         (y,) = self.op(
             "MatMulNBits", *inputs, domain=CONTRIB, K=len(weight), N=len(codes), bits=8, block_size=self.block,
@@ -255,7 +257,7 @@ def _built_from(source: dict, tower: str, codes: str) -> str:
     return json.dumps({"checkpoint": source, "layout": LAYOUTS[tower], "codes": codes}, sort_keys=True)
 
 
-def save(path: Path, write: Callable[[BinaryIO], None]) -> bool:
+def save(path: Path, write: Callable[[BinaryIO], object]) -> bool:
     """Write the graph ``write`` writes to the file it is given into the cache at ``path`` (whole
     or not at all); False, logged, when it cannot be written, which only costs later processes
     the time to build it again."""

@@ -37,9 +37,7 @@ log = logging.getLogger(__name__)
 KERNEL = "onnx-int8-dynamic"  # per-tensor activations: as close to fp32 as torch's int8 (cosine 0.9999)
 
 
-def build(
-    tower: numpy_image.ImageTower, codes: str, out: BinaryIO, metadata: Mapping[str, str] | None = None
-) -> None:
+def build(tower: numpy_image.ImageTower, codes: str, out: BinaryIO, metadata: Mapping[str, str] | None = None) -> None:
     """Write the ONNX model of ``tower``'s encoder to ``out``, its weights in ``codes`` (of
     `onnx_graph.weight_codes`), recording ``metadata`` (`onnx_graph.built_from`, for the cache)."""
     from onnx import TensorProto, helper
