@@ -201,8 +201,9 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
     Nothing is held beside the float32 model but a batch's activations: it is timed, gives the
     reference embeddings and the NumPy tower, and is let go; each torch precision is then loaded
     converted as it is read (`clip.load`), timed and let go, and the graph is built from the
-    NumPy tower's file and opened last. A first run of ViT-B/32 used to hold the float32 model
-    beside each trial and the graph, and peaked at 1.29 GB where a later run stays under 0.6 GB.
+    NumPy tower's file and opened last. A first run of ViT-B/32 that held the float32 model
+    beside each trial and the graph peaked at 1.29 GB; now 0.99 GB, of which importing torch
+    (its CUDA build) is 0.52 (with its CPU build: 0.70 and 0.22; benchmarks/README.md).
     """
     from clipsearch.clip import load
 
