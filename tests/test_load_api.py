@@ -322,6 +322,27 @@ def test_load_by_name_downloads_verifies_and_uses_registry_settings(monkeypatch,
         assert torch.equal(loaded.encode_text(tokens), build_model(model.state_dict()).encode_text(tokens))
 
 
+def test_a_named_models_first_run_measures_the_towers_without_torch_too(monkeypatch, file_server, tiny_model):
+    """A model named from the registry is fetched by the first run's measurement, which then
+    knows its checkpoint and times the NumPy tower (and ONNX Runtime's graph) beside torch's
+    precisions: a verdict without them would keep every later run in torch."""
+    from clipsearch.clip import cpu, precision_verdicts
+
+    if len(cpu.candidate_precisions("cpu")) == 1:
+        pytest.skip("one candidate precision: no verdict is measured here")
+    root, base = file_server
+    tiny, _ = clip.load(tiny_model, device="cpu")
+    torch.save(tiny.state_dict(), root / "weights.pt")
+    digest = hashlib.sha256((root / "weights.pt").read_bytes()).hexdigest()
+    _point(monkeypatch, "ViT-B/32", f"{base}/weights.pt", digest)
+    assert not (model_cache_dir() / "ViT-B-32.pt").exists()
+    assert cpu.measure("ViT-B/32", "image")
+    assert (model_cache_dir() / "ViT-B-32.pt").exists()
+    verdict, _ = precision_verdicts.image_verdict("ViT-B/32")
+    assert precision_verdicts.NUMPY in verdict["costs"] and verdict["torch_start"] > 0
+    assert precision_verdicts.torchless_image_tower("ViT-B/32", 1) is not None  # one image: no torch
+
+
 def test_bundled_demo_model_loads():
     model, preprocess = clip.load("demo", device="cpu")
     assert model.tokenizer.bpe_path == registry.get("demo").bundled / "vocab.txt.gz"

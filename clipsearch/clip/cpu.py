@@ -208,16 +208,17 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
     from clipsearch.clip import load
 
     device = torch.device("cpu")
-    candidates = candidate_precisions(device, image_tower=True)
     text_tower = towers != "image"
     if towers == "text" or _known_precision(model_ref, "auto", device, True, text_tower) is not None:
         return False
-    key = _verdict_key(model_ref, device, candidates, text_tower)
-    if key is None:
-        return False
     started = time.perf_counter()
-    model, preprocess = load(model_ref, device="cpu", towers=towers)
+    model, preprocess = load(model_ref, device="cpu", towers=towers)  # a model named: fetched on first use
     load_s = time.perf_counter() - started
+    # Identified once its files are here (a named model's first use has just fetched them).
+    candidates = candidate_precisions(device, image_tower=True)
+    key = _verdict_key(model_ref, device, candidates, text_tower)
+    if key is None or _known_precision(model_ref, "auto", device, True, text_tower) is not None:
+        return False
     _announce(model_ref, device)  # once the model has proved loadable: a bad one's error stands alone
     sample = calibration_images(model.config.image_resolution, count=TIMING_BATCH)
     numpy_costs = _numpy_costs(model, model_ref, preprocess, sample)
