@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from clipsearch.clip.checkpoints import read_checkpoint, write_model_dir
+from clipsearch import clip
+from clipsearch.clip.checkpoints import _ArchiveUnpickler, _module_tensors, read_checkpoint, write_model_dir
 from clipsearch.clip.model import CLIP, ModelConfig, build_model
 from clipsearch.errors import CheckpointError
 
@@ -105,6 +106,40 @@ def test_openai_archive_matches_torch_jit_load(tmp_path):
     for name in ("input_resolution", "context_length", "vocab_size"):
         jit_state.pop(name)
     assert_same_weights(read_checkpoint(path)[0], dict(jit_state))
+
+
+def test_an_openai_archive_is_read_tensor_by_tensor(tmp_path, monkeypatch):
+    """Nothing of the weights is read until a tensor is looked up, and then only its storage:
+    loading the image tower alone reads none of the text tower's blocks, as from a safetensors
+    file (its shapes are read off a few of its other tensors)."""
+    model = tiny_model()
+    path = openai_archive(model, tmp_path / "model.pt")
+    with zipfile.ZipFile(path) as archive:
+        (pickled,) = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        stored = dict(_module_tensors(_ArchiveUnpickler(archive, pickled.split("/")[0]).load()))
+    text_blocks = {tensor.storage.name for key, tensor in stored.items() if key.startswith("transformer.")}
+    read: list[str] = []
+    real = zipfile.ZipFile.read
+
+    def noted(self, name, *args, **kwargs):
+        member = str(getattr(name, "filename", name))
+        if "/data/" in member:
+            read.append(member)
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", noted)
+    state_dict, _ = read_checkpoint(path)
+    assert read == []
+    state_dict["visual.conv1.weight"]
+    assert read == [stored["visual.conv1.weight"].storage.name]
+    read.clear()
+    image_only, _ = clip.load(str(path), device="cpu", towers="image")
+    assert text_blocks and not text_blocks & set(read)
+    whole = dict(read_checkpoint(path)[0])  # every tensor looked up: every storage read
+    assert text_blocks <= set(read)
+    with torch.no_grad():
+        pixels = torch.randn(2, 3, model.config.image_resolution, model.config.image_resolution)
+        assert torch.equal(image_only.encode_image(pixels), build_model(whole).encode_image(pixels))
 
 
 def test_hostile_archive_is_refused_without_running_it(tmp_path):
