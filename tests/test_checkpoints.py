@@ -119,7 +119,7 @@ def test_an_openai_archive_is_read_tensor_by_tensor(tmp_path, monkeypatch):
         stored = dict(_module_tensors(_ArchiveUnpickler(archive, pickled.split("/")[0]).load()))
     text_blocks = {tensor.storage.name for key, tensor in stored.items() if key.startswith("transformer.")}
     read: list[str] = []
-    real = zipfile.ZipFile.read
+    real = zipfile.ZipFile.open
 
     def noted(self, name, *args, **kwargs):
         member = str(getattr(name, "filename", name))
@@ -127,7 +127,7 @@ def test_an_openai_archive_is_read_tensor_by_tensor(tmp_path, monkeypatch):
             read.append(member)
         return real(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(zipfile.ZipFile, "read", noted)
+    monkeypatch.setattr(zipfile.ZipFile, "open", noted)
     state_dict, _ = read_checkpoint(path)
     assert read == []
     state_dict["visual.conv1.weight"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_checkpoints import openai_archive
 from test_cpu import fake_timings, precision_of
 
 from clipsearch import clip
@@ -133,6 +134,21 @@ def test_a_converting_load_never_holds_the_float32_image_tower(
     # oneDNN keeps the unpacked int8 weight beside its packed one; the patch embedding and
     # norms stay float32), plus the float32 weights of the one layer being read (0.08).
     assert peak_while_loading(monkeypatch, wide_model, precision) < 0.75 * tower
+
+
+@needs_glibc
+def test_an_openai_archive_is_loaded_without_its_weights_standing_whole_beside_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI's archives hold float16: read whole, they stood beside the float32 model as it was
+    built (half its size again, and the text tower's); read a tensor at a time, the model and the
+    one tensor being read are what a load holds."""
+    torch.manual_seed(0)
+    archive = str(openai_archive(CLIP(ModelConfig(**WIDE)), tmp_path / "ViT-wide.pt"))
+    tower = image_tower_bytes(archive)
+    # Here 1.16 of the tower: the model, the tensor being read and the 1 MiB the reads go
+    # through. Read whole, the archive took it to 1.59.
+    assert peak_while_loading(monkeypatch, archive, "fp32") < 1.3 * tower
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", pytest.param("int8", marks=needs_int8)])

@@ -41,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -279,17 +279,41 @@ def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> Mapping[str, torc
         raise CheckpointError(f"{path} is a TorchScript archive that holds no module.")
     stored = dict(_module_tensors(module))
     opened = zipfile.ZipFile(path)  # for the reads to come; closed with the state dict
+    buffer = bytearray(_CHUNK)  # one for every read: allocated between a tensor and its copy, it kept holes open
 
     def read(key: str) -> torch.Tensor:
         tensor = stored[key]
         try:
-            data = bytearray(opened.read(tensor.storage.name))
-            storage = torch.frombuffer(data, dtype=tensor.storage.dtype) if data else torch.empty(0)
+            storage = _float32_storage(opened, tensor.storage, buffer)
             return storage.as_strided(tensor.size, tensor.stride, tensor.offset)
         except Exception as err:  # a damaged member (zlib, CRC) or a view past its storage
             raise _unreadable(path, err) from None
 
     return _Lazy(stored, read)
+
+
+_CHUNK = 1 << 20
+
+
+def _float32_storage(archive: zipfile.ZipFile, storage: _Storage, buffer: bytearray) -> torch.Tensor:
+    """The storage's elements, floats widened to float32 a megabyte at a time as they are read:
+    the float16 weights of OpenAI's archives never stand whole in memory, where glibc would keep
+    their freed pages among the model's until the load ends (125 MB more at ViT-B/32's peak)."""
+    itemsize = storage.dtype.itemsize
+    count = archive.getinfo(storage.name).file_size // itemsize
+    out = torch.empty(count, dtype=torch.float32 if storage.dtype.is_floating_point else storage.dtype)
+    window = memoryview(buffer)[: len(buffer) - len(buffer) % itemsize]
+    done = 0
+    with archive.open(storage.name) as opened:
+        member = cast(zipfile.ZipExtFile, opened)  # the reader of a member read from the start
+        while done < count:
+            size = member.readinto(window)
+            if not size:
+                raise EOFError(f"{storage.name} ends after {done} of its {count} elements")
+            piece = torch.frombuffer(window, dtype=storage.dtype, count=size // itemsize)
+            out[done : done + len(piece)] = piece
+            done += len(piece)
+    return out
 
 
 def _module_tensors(module: _ScriptObject, prefix: str = ""):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipsearch.clip.heap import release_free_memory
 from clipsearch.errors import CheckpointError
 
 Towers = Literal["both", "text", "image"]
@@ -693,14 +694,23 @@ def replace_modules(module: nn.Module, replacements: Replacements) -> None:
         replace_submodule(module, name, make(module.get_submodule(name)))
 
 
+_TRIM_EVERY = 64 << 20  # bytes read between two `heap.release_free_memory` (a few ms each)
+
+
 def _owned(state_dict: Mapping[str, torch.Tensor], keys: list[str], dtype: torch.dtype, cut: int = 0) -> dict:
     """Copies the model owns (a checkpoint's tensors may be read-only maps of the file) of
     ``keys``, floating ones in ``dtype`` by way of float32 (the rounding a float32 model converted
     afterwards gets), named without their first ``cut`` characters. Looked up one at a time, so a
     lazy state dict holds one tensor at a time beside the model."""
-    weights = {}
+    weights, since_trim = {}, 0
     for key in keys:
         value = state_dict[key]
         floating = value.is_floating_point()
         weights[key[cut:]] = value.to(torch.float32).to(dtype, copy=True) if floating else value.clone()
+        since_trim += value.nbytes
+        if since_trim > _TRIM_EVERY:
+            # Each tensor read and let go after its copy leaves a hole glibc rarely fills with
+            # the next (OpenAI's ViT-B/32: 125 MB of them by the end of its image tower).
+            release_free_memory()
+            since_trim = 0
     return weights
