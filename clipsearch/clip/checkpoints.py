@@ -266,8 +266,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
 def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> Mapping[str, torch.Tensor]:
     """The archive's tensors, each read when it is looked up, as from a safetensors file: a
     run that loads the image tower alone never reads the text tower's, and the weights are
-    never all in memory beside the model they go into (OpenAI's ViT-B/32: 300 MB of float16,
-    which took a load of its image tower from 0.87 to 1.27 GB)."""
+    never all in memory beside the model they go into. Read whole, OpenAI's ViT-B/32 (300 MB of
+    float16) took a load of its image tower to a peak of 1.27 GB; read so, 0.87."""
     roots = {name.split("/")[0] for name in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", name)}
     if len(roots) != 1:
         raise CheckpointError(f"{path} is a TorchScript archive without a single data.pkl.")
@@ -279,7 +279,7 @@ def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> Mapping[str, torc
         raise CheckpointError(f"{path} is a TorchScript archive that holds no module.")
     stored = dict(_module_tensors(module))
     opened = zipfile.ZipFile(path)  # for the reads to come; closed with the state dict
-    buffer = bytearray(_CHUNK)  # one for every read: allocated between a tensor and its copy, it kept holes open
+    buffer = bytearray(_CHUNK)  # what every read goes through
 
     def read(key: str) -> torch.Tensor:
         tensor = stored[key]
@@ -297,8 +297,8 @@ _CHUNK = 1 << 20
 
 def _float32_storage(archive: zipfile.ZipFile, storage: _Storage, buffer: bytearray) -> torch.Tensor:
     """The storage's elements, floats widened to float32 a megabyte at a time as they are read:
-    the float16 weights of OpenAI's archives never stand whole in memory, where glibc would keep
-    their freed pages among the model's until the load ends (125 MB more at ViT-B/32's peak)."""
+    a whole float16 storage and its float32 copy never stand side by side (ViT-B/32's image
+    tower loaded into int8 peaked at 1,016 MiB widening whole storages, 851 so)."""
     itemsize = storage.dtype.itemsize
     count = archive.getinfo(storage.name).file_size // itemsize
     out = torch.empty(count, dtype=torch.float32 if storage.dtype.is_floating_point else storage.dtype)

@@ -710,7 +710,7 @@ def _owned(state_dict: Mapping[str, torch.Tensor], keys: list[str], dtype: torch
         since_trim += value.nbytes
         if since_trim > _TRIM_EVERY:
             # Each tensor read and let go after its copy leaves a hole glibc rarely fills with
-            # the next (OpenAI's ViT-B/32: 125 MB of them by the end of its image tower).
+            # the next: loading OpenAI's ViT-B/32 image tower peaked ~100 MB higher without this.
             release_free_memory()
             since_trim = 0
     return weights
