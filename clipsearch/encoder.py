@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -133,10 +133,18 @@ def _measured_now(model_ref: str) -> bool:
     """Measure the image tower's precisions on this CPU unless they were (`clip.cpu.measure`);
     True when it measured now. The run then takes the tower the measurement found fastest for
     it, which is often one without torch: the measurement let go of every model torch held."""
-    started, fresh = time.perf_counter(), "torch" not in sys.modules
-    from clipsearch.clip import cpu  # imports torch
+    cpu, importing = _cpu_module()
+    return cpu.measure(model_ref, "image", importing)
 
-    return cpu.measure(model_ref, "image", time.perf_counter() - started if fresh else None)
+
+def _cpu_module() -> tuple[ModuleType, float | None]:
+    """`clip.cpu`, which imports torch, and the seconds importing torch took when this call did
+    it (None when it was imported already): a first measurement weighs them against the towers
+    that run without torch."""
+    started, fresh = time.perf_counter(), "torch" not in sys.modules
+    from clipsearch.clip import cpu
+
+    return cpu, time.perf_counter() - started if fresh else None
 
 
 def _remembered_text_graph(model_ref: str) -> TextEncoder | None:
@@ -231,14 +239,11 @@ class Encoder:
         towers: Towers = "both",
         images: int | None = None,
     ):
-        started, fresh = time.perf_counter(), "torch" not in sys.modules
-        from clipsearch.clip.cpu import load_prepared  # imports torch
-
-        importing = time.perf_counter() - started if fresh else None
+        cpu, importing = _cpu_module()
         self.model_id = model_id(model_ref)
         self.device = resolve_device(device)
         self.towers = towers
-        (self.model, self.precision, self.input_dtype), self.preprocess = load_prepared(
+        (self.model, self.precision, self.input_dtype), self.preprocess = cpu.load_prepared(
             model_ref, precision, self.device, towers, images, importing
         )
         model = self.model

@@ -213,10 +213,12 @@ class _ScriptObject(dict):
 
 
 class _Storage(NamedTuple):
-    """Where one storage of the archive lies, and its element type: read when a tensor on it is."""
+    """Where one storage of the archive lies, its element type and count: read when a tensor
+    on it is."""
 
     name: str
     dtype: torch.dtype
+    elements: int
 
 
 class _Stored(NamedTuple):
@@ -260,7 +262,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         size = self.archive.getinfo(name).file_size  # checked before a byte of it is inflated
         if size != numel * dtype.itemsize:
             raise pickle.UnpicklingError(f"storage {key} has {size} bytes, not {numel} elements")
-        return _Storage(name, dtype)
+        return _Storage(name, dtype, numel)
 
 
 def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> Mapping[str, torch.Tensor]:
@@ -299,8 +301,7 @@ def _float32_storage(archive: zipfile.ZipFile, storage: _Storage, buffer: bytear
     """The storage's elements, floats widened to float32 a megabyte at a time as they are read:
     a whole float16 storage and its float32 copy never stand side by side (ViT-B/32's image
     tower loaded into int8 peaked at 1,016 MiB widening whole storages, 851 so)."""
-    itemsize = storage.dtype.itemsize
-    count = archive.getinfo(storage.name).file_size // itemsize
+    itemsize, count = storage.dtype.itemsize, storage.elements
     out = torch.empty(count, dtype=torch.float32 if storage.dtype.is_floating_point else storage.dtype)
     window = memoryview(buffer)[: len(buffer) - len(buffer) % itemsize]
     done = 0

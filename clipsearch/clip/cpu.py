@@ -180,10 +180,8 @@ def prepare_for_inference(
             return _trial(model, candidate), time.perf_counter() - begun
 
         chosen, report, costs = _fastest_faithful(fp32, candidates, sample, timed, copied)
-        logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
-        key = _verdict_key(model_ref, device, candidates, text_tower)
-        if key is not None:
-            precision_verdicts.remember(key, {"precision": chosen, "report": report, "costs": costs})
+        verdict = {"precision": chosen, "report": report, "costs": costs}
+        _conclude(_verdict_key(model_ref, device, candidates, text_tower), verdict, started)
     _warn_if_emulated(chosen, device)
     _convert(model, chosen)
     heap.release_free_memory()  # what the float32 weights held
@@ -239,10 +237,22 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
             costs.update(_onnx_costs(model_ref, sample.numpy(), fp32.embeddings.numpy()))
         costs.update(numpy_costs)
         verdict["torch_start"] = (torch_import_s if torch_import_s is not None else _import_s("torch")) + load_s
-    logger.info("running in %s: %s (measured in %.1f s, once)", chosen, report, time.perf_counter() - started)
-    precision_verdicts.remember(key, verdict)
+    _conclude(key, verdict, started)
     heap.release_free_memory()  # what the graph's session held, before the run opens its tower
     return True
+
+
+def _conclude(key: dict | None, verdict: dict[str, Any], started: float) -> None:
+    """Say what a measurement begun at ``started`` chose, and remember it under ``key`` (none: a
+    checkpoint that cannot be identified is measured again next time)."""
+    logger.info(
+        "running in %s: %s (measured in %.1f s, once)",
+        verdict["precision"],
+        verdict["report"],
+        time.perf_counter() - started,
+    )
+    if key is not None:
+        precision_verdicts.remember(key, verdict)
 
 
 def _announce(model: str, device: torch.device) -> None:
