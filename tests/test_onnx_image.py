@@ -96,6 +96,48 @@ def test_the_cached_graph_is_stale_when_the_checkpoint_or_layout_changes_and_ign
     assert onnx_image.load_cached(model_dir) is None  # damaged: ignored, never trusted
 
 
+def test_the_cached_graphs_weights_lie_beside_it_in_a_file_each_build_names_anew(model_dir: str):
+    """The graph names its weights file and its size; a build replaces both and removes the
+    weights it replaced; the session reads the same weights as a graph holding them inside it
+    would; a graph whose weights file is gone or cut short is not current."""
+    import onnx
+
+    from clipsearch import clip
+
+    model, preprocess = clip.load(model_dir, device="cpu", towers="image")
+    tower = numpy_image.export(model, model_dir, preprocess)
+    assert tower is not None
+    codes = onnx_graph.weight_codes("image")[0]
+    names = []
+    for _ in range(2):
+        path = onnx_image.export(tower, model_dir, codes)
+        assert path is not None
+        recorded = onnx_graph.recorded(path)
+        assert recorded is not None
+        (weights,) = path.parent.glob("*.weights")  # the replaced build's removed
+        assert recorded["weights"] == weights.name and recorded["weights_bytes"] == str(weights.stat().st_size)
+        graph = onnx.load(str(path), load_external_data=False)
+        outside = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert outside and all(len(t.raw_data) < 4096 for t in graph.graph.initializer)
+        names.append(weights.name)
+    assert names[0] != names[1]
+    inside = io.BytesIO()
+    onnx_image.build(tower, codes, inside)
+    cached = onnx_image.load_cached(model_dir)
+    assert cached is not None
+    pixels = pixels_for(cached)
+    np.testing.assert_array_equal(
+        cached.encode_images(pixels), onnx_image.OnnxImageTower(inside.getvalue(), tower).encode_images(pixels)
+    )
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-64])
+    assert not onnx_graph.current(path, model_dir, "image") and onnx_image.load_cached(model_dir) is None
+    weights.unlink()
+    assert not onnx_graph.current(path, model_dir, "image")
+    weights.write_bytes(whole)
+    assert onnx_graph.current(path, model_dir, "image")
+
+
 def test_the_graph_is_written_weight_by_weight_and_read_as_one_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Each weight reaches the file as it is added, so a build never holds the graph's weights
     together; ONNX (and the session, `test_the_graph_is_the_tower`) read the pieces as one model."""

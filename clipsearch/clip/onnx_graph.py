@@ -10,7 +10,9 @@ sequence alike (the text's start token) come as their keys and values, not compu
 
 A graph is built once per model and machine and cached as a file (`save`) that records the
 checkpoint it was built from, its tower's `LAYOUTS` and its weights' `CODES`; a later process
-opens a session on it (`cached_session`) unless one has changed.
+opens a session on it (`cached_session`) unless one has changed. The image graph keeps its
+weights in a second file beside it (`Graph`'s ``weights``), which ONNX Runtime reads without
+holding a parsed copy: a session on ViT-B/32's image graph held 165 MB so, 220 with them inside.
 
 It needs the ``onnx`` extra (onnxruntime runs a graph, onnx writes it); without it `available`
 is False and the towers run in torch or NumPy.
@@ -24,7 +26,9 @@ import itertools
 import json
 import logging
 import os
+import secrets
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -49,7 +53,7 @@ UNFUSED = ["SkipLayerNormFusion"]
 # The version of each tower's graph (`onnx_text.build`, `onnx_image.build`, and the `blocks`
 # both write: a change there moves both) and of what its file records: a cached graph or a
 # remembered measurement of an older one is rebuilt or measured again, the other tower's kept.
-LAYOUTS = {"text": 6, "image": 6}
+LAYOUTS = {"text": 6, "image": 7}
 
 # How `Graph.linear`'s per-channel kernel stores its weights, and the largest code: ONNX Runtime
 # multiplies the unsigned activations by them with a kernel chosen by the weights' type.
@@ -103,22 +107,36 @@ class Graph:
     the nodes), so the file is one model, and the weights are never held together in memory. A
     first run building ViT-B/32's image graph added 340 MB to its peak while the graph was held
     as one message and then serialized whole (`onnx.helper`'s `make_graph` and `make_model`,
-    before that, copied every weight twice more)."""
+    before that, copied every weight twice more).
 
-    def __init__(self, kernel: str, codes: str, out: BinaryIO) -> None:
+    With ``weights`` (a file `save` names ``weights_name``, beside the graph's), the values of
+    all but the smallest initializers go there instead, as ONNX's external data: ONNX Runtime
+    parsed the ones inside the graph into a copy it kept beside the packed weights it runs."""
+
+    def __init__(self, kernel: str, codes: str, out: BinaryIO, weights: BinaryIO | None = None, weights_name: str = ""):
         """``codes``: of `CODES`, for ``kernel``'s per-channel products."""
-        from onnx import GraphProto, ModelProto, helper, numpy_helper
+        from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
-        self._model, self._graph = ModelProto, GraphProto
+        self._model, self._graph, self._external = ModelProto, GraphProto, TensorProto.EXTERNAL
         self.block = KERNELS[kernel]
         self.codes = codes
         self.out = out
+        self.weights, self.weights_name = weights, weights_name
         self.nodes: list = []
         self._ids = itertools.count()
 
     def constant(self, name: str, value: np.ndarray) -> str:
         tensor = self.numpy_helper.from_array(np.require(value, requirements="C"), name)
+        if self.weights is not None and len(tensor.raw_data) >= _EXTERNAL_BYTES:
+            offset = self.weights.seek(-self.weights.tell() % _ALIGN, os.SEEK_CUR)
+            self.weights.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = self._external
+            length = self.weights.tell() - offset
+            for key, text in (("location", self.weights_name), ("offset", offset), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(text)
         self.out.write(self._model(graph=self._graph(initializer=[tensor])).SerializeToString())
         return name
 
@@ -158,6 +176,10 @@ class Graph:
         scale, shift = (self.constant(name + p, weights[name + p]) for p in ("weight", "bias"))
         (y,) = self.op("LayerNormalization", x, scale, shift, axis=-1, epsilon=LN_EPS)
         return y
+
+
+_EXTERNAL_BYTES = 4096  # smaller initializers (LayerNorms' and biases) stay inside the graph
+_ALIGN = 64  # each value in a weights file starts on a 64-byte boundary
 
 
 def blocks(
@@ -225,6 +247,8 @@ def model(
     built.graph.node.extend(g.nodes)
     built.graph.input.extend(inputs)
     built.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape))
+    if g.weights is not None:  # what `current` checks the weights file against
+        metadata = {**(metadata or {}), "weights": g.weights_name, "weights_bytes": str(g.weights.tell())}
     if metadata:
         helper.set_model_props(built, dict(metadata))
     g.out.write(built.SerializeToString())
@@ -269,6 +293,27 @@ def save(path: Path, write: Callable[[BinaryIO], object]) -> bool:
     return tower_file.store(path, store)
 
 
+def save_with_weights(path: Path, write: Callable[[BinaryIO, BinaryIO, str], object]) -> bool:
+    """`save` for a graph whose weights ``write(out, weights, weights_name)`` writes to a file
+    of their own (`Graph`): named anew for each build, in place before the graph that names
+    it, so that no graph is ever read with another build's weights; the weights of graphs
+    replaced are removed."""
+    name = f"{path.name}.{secrets.token_hex(8)}.weights"
+
+    def store(path: Path) -> None:
+        with ExitStack() as stack:  # left in reverse: the weights renamed into place first
+            graph = stack.enter_context(tower_file.replaced(path))
+            weights = stack.enter_context(tower_file.replaced(path.with_name(name)))
+            with open(graph, "wb") as out, open(weights, "wb") as data:
+                write(out, data, name)
+        kept = (recorded(path) or {}).get("weights")  # the last build's, where two ran at once
+        for old in path.parent.glob(f"{path.name}.*.weights"):
+            if old.name != kept:
+                old.unlink(missing_ok=True)
+
+    return tower_file.store(path, store)
+
+
 def cached_session(path: Path, model_ref: str, tower: str, threads: int) -> Any | None:
     """A session on the graph of ``tower`` cached at ``path`` when it is `current`; None when
     it is not, or ONNX Runtime cannot read it."""
@@ -296,7 +341,17 @@ def current(path: Path, model_ref: str, tower: str) -> bool:
     if found.get("built_from") not in {_built_from(source, tower, codes) for codes in weight_codes(tower)}:
         log.info("The graph %s is stale: %s has changed, or it was built by an older clipsearch", path, model_ref)
         return False
+    if "weights" in found and not _whole(path.with_name(found["weights"]), found.get("weights_bytes")):
+        log.info("Ignoring the graph %s: its weights file %s is missing or cut short", path, found["weights"])
+        return False
     return True
+
+
+def _whole(weights: Path, size: str | None) -> bool:
+    try:
+        return str(weights.stat().st_size) == size
+    except OSError:
+        return False
 
 
 # The field of an ONNX ModelProto that holds its metadata, and those of each entry's key and value.

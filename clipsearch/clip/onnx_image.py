@@ -37,15 +37,23 @@ log = logging.getLogger(__name__)
 KERNEL = "onnx-int8-dynamic"  # per-tensor activations: as close to fp32 as torch's int8 (cosine 0.9999)
 
 
-def build(tower: numpy_image.ImageTower, codes: str, out: BinaryIO, metadata: Mapping[str, str] | None = None) -> None:
+def build(
+    tower: numpy_image.ImageTower,
+    codes: str,
+    out: BinaryIO,
+    metadata: Mapping[str, str] | None = None,
+    weights: BinaryIO | None = None,
+    weights_name: str = "",
+) -> None:
     """Write the ONNX model of ``tower``'s encoder to ``out``, its weights in ``codes`` (of
-    `onnx_graph.weight_codes`), recording ``metadata`` (`onnx_graph.built_from`, for the cache)."""
+    `onnx_graph.weight_codes`), recording ``metadata`` (`onnx_graph.built_from`, for the cache);
+    with ``weights``, the weights' values there (`onnx_graph.Graph`)."""
     from onnx import TensorProto, helper
 
     w = {key: np.asarray(value, dtype=np.float32) for key, value in tower.weights.items()}
     w["final.weight"], w["final.bias"] = w["ln_post.weight"], w["ln_post.bias"]
     width = w["class_embedding"].shape[0]
-    g = onnx_graph.Graph(KERNEL, codes, out)
+    g = onnx_graph.Graph(KERNEL, codes, out, weights, weights_name)
     (x,) = g.op("MatMul", "patches", g.constant("conv1.weight", w["conv1.weight"]))  # the patch convolution
     (count,) = g.op("Shape", "patches", start=0, end=1)
     (shape,) = g.op("Concat", count, g.constant("one_row", np.array([1, width])), axis=0)
@@ -127,7 +135,9 @@ def export(tower: numpy_image.ImageTower, model_ref: str, codes: str) -> Path | 
     None when the checkpoint cannot be identified or the cache cannot be written."""
     metadata = onnx_graph.built_from(model_ref, "image", codes)
     path = cache_file(model_ref)
-    if metadata is None or not onnx_graph.save(path, lambda out: build(tower, codes, out, metadata)):
+    if metadata is None or not onnx_graph.save_with_weights(
+        path, lambda out, weights, name: build(tower, codes, out, metadata, weights, name)
+    ):
         return None
     return path
 
