@@ -89,9 +89,11 @@ def child(argv: list[str]) -> None:
         once=True,
     )
     noting(numpy_image, "export", "NumPy image tower export starts", "NumPy image tower exported")
+    noting(numpy_image, "export_checkpoint", "NumPy image tower export starts", "NumPy image tower exported")
     noting(onnx_image, "export", "ONNX image graph build starts", "ONNX image graph built")
-    # A machine's first run measures the precisions before it opens its tower: the float32
-    # model (timed, then the NumPy tower's export), each torch trial, the graph's build, its session.
+    # A machine's first run measures the precisions before it opens its tower: the NumPy
+    # tower's export from the checkpoint, float32 timed on its file, each torch trial, the
+    # graph's build, its session.
     noting(encoder_module, "_measured_now", "precisions: measurement starts", "precisions: measured")
     noting(clip_package, "load", "a torch model load starts", "a torch model loaded")
     noting(onnx_graph, "session", "ONNX session opens", "ONNX session open")  # on a thread of its own

@@ -208,8 +208,9 @@ def test_measuring_holds_one_trial_at_a_time(tiny_model: str, monkeypatch: pytes
 
 @needs_int8
 def test_a_first_measurement_holds_one_model_at_a_time(tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`cpu.measure` loads the float32 model and then each trial from the checkpoint: none is
-    loaded while an earlier one is still held, so a first run never holds two image towers."""
+    """`cpu.measure` times float32 on the NumPy tower's mapped file (never loaded whole) and then
+    loads each trial from the checkpoint: none is loaded while an earlier one is still held, so
+    a first run never holds two image towers."""
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
     fake_timings(monkeypatch, fp32=3.0, bf16=1.0, int8=2.0)  # the first trial is the fastest: kept longest before
     real, models, loads = clip.load, [], []
@@ -224,9 +225,9 @@ def test_a_first_measurement_holds_one_model_at_a_time(tiny_model: str, monkeypa
 
     monkeypatch.setattr(clip, "load", noted)
     assert cpu.measure(tiny_model, "image")
-    assert loads == [None, "bf16", "int8"]
+    assert loads == ["bf16", "int8"]
     assert not cpu.measure(tiny_model, "image")  # remembered: nothing is loaded again
-    assert loads == [None, "bf16", "int8"]
+    assert loads == ["bf16", "int8"]
     prepared, _ = cpu.load_prepared(tiny_model, "auto", "cpu", "image")
     assert (prepared.precision, precision_of(prepared.model), loads[-1]) == ("bf16", "bf16", "bf16")
 
@@ -245,8 +246,8 @@ def test_a_trial_copies_no_float32_weight(tiny_model: str) -> None:
 @needs_int8
 def test_a_remembered_verdict_converts_while_loading(tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second run of "auto" knows its precision before reading a weight, so it loads
-    straight into it. The first measured: a float32 model, then the int8 trial loaded converted,
-    then the model it runs."""
+    straight into it. The first measured: float32 on the NumPy tower's file, then the int8
+    trial loaded converted, then the model it runs."""
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
     fake_timings(monkeypatch, fp32=2.0, int8=1.0)
     loads: list[str | None] = []
@@ -260,7 +261,7 @@ def test_a_remembered_verdict_converts_while_loading(tiny_model: str, monkeypatc
     first, _ = cpu.load_prepared(tiny_model, "auto", "cpu", "image")
     second, _ = cpu.load_prepared(tiny_model, "auto", "cpu", "image")
     named, _ = cpu.load_prepared(tiny_model, "bf16", "cpu", "image")
-    assert loads == [None, "int8", "int8", "int8", "bf16"]
+    assert loads == ["int8", "int8", "int8", "bf16"]
     assert (first.precision, second.precision, named.precision) == ("int8", "int8", "bf16")
     assert precision_of(second.model) == "int8"
 

@@ -114,6 +114,103 @@ def test_a_model_without_a_vit_tower_is_never_exported(model_dir: str):
     assert not numpy_image.cache_file(model_dir).exists()
 
 
+def test_the_tower_is_written_from_the_checkpoint_reading_each_image_weight_once(
+    model_dir: str, monkeypatch: pytest.MonkeyPatch
+):
+    """`export_checkpoint` builds no model: it reads each image-tower tensor of the checkpoint
+    once (none of the text tower's) and writes the file `export` writes from a loaded model."""
+    model, preprocess = clip.load(model_dir, device="cpu")
+    from_model = numpy_image.export(model, model_dir, preprocess)
+    assert from_model is not None
+    expected = {key: np.array(value) for key, value in from_model.weights.items()}
+    real, looked_up = clip.open_checkpoint, []
+
+    class Counted(dict):
+        def __getitem__(self, key):
+            looked_up.append(key)
+            return super().__getitem__(key)
+
+    def counted(*args, **kwargs):
+        opened = real(*args, **kwargs)
+        return opened._replace(state_dict=Counted({key: opened.state_dict[key] for key in opened.state_dict}))
+
+    monkeypatch.setattr(clip, "open_checkpoint", counted)
+    exported = numpy_image.export_checkpoint(model_dir)
+    assert exported is not None and exported.config == model.config and exported.reading_s > 0
+    weights = sorted(f"visual.{key}" for key in expected)
+    assert sorted(key for key in looked_up if key != "logit_scale") == weights  # each once, the image tower's alone
+    assert exported.tower.weights.keys() == expected.keys()
+    for key, value in exported.tower.weights.items():
+        assert isinstance(value, np.memmap) and np.array_equal(value, expected[key]), key
+    assert exported.tower.logit_scale == from_model.logit_scale
+    assert repr(exported.tower.preprocess) == repr(preprocess)
+
+
+def test_a_float32_model_on_the_exported_file_holds_no_weight_of_its_own(
+    model_dir: str, monkeypatch: pytest.MonkeyPatch
+):
+    """`cpu.measure`'s float32 model: each weight a view of the mapped file, the loaded
+    model's embeddings to float32 rounding, and each block's pages let go once it has run."""
+    model, preprocess = clip.load(model_dir, device="cpu", towers="image")
+    exported = numpy_image.export_checkpoint(model_dir)
+    assert exported is not None
+    let_go: list[int] = []
+    monkeypatch.setattr(exported.tower, "let_go", let_go.append)
+    on_file = cpu._on_the_file(exported)
+    mapped = exported.tower.weights["proj"]._mmap  # the whole file's mapping
+    start = np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+    for name, parameter in on_file.visual.named_parameters():  # all but the scalar logit_scale
+        offset = parameter.data_ptr() - start
+        assert 0 <= offset < len(mapped), f"{name} is not a view of the file"
+    pixels = torch.from_numpy(np.stack([preprocess.array(_photo(seed)) for seed in range(3)]))
+    with torch.inference_mode():
+        found, expected = on_file.encode_image(pixels), model.encode_image(pixels)
+    assert (found - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert let_go == list(range(exported.tower.layers))
+
+
+def test_a_checkpoint_the_tower_cannot_run_is_not_written(tmp_path: Path):
+    from helpers import write_tiny_model
+
+    resnet = write_tiny_model(tmp_path / "resnet", vision_layers=(1, 1, 1, 1), vision_width=64)
+    assert numpy_image.export_checkpoint(str(resnet)) is None
+    assert not numpy_image.cache_file(str(resnet)).exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_a_transient_tower_holds_one_block_of_its_file_at_a_time(model_dir: str):
+    """A transient tower reads each block's weights from the mapped file and lets them go once
+    the block has run (`ImageTower.let_go`): the process then holds little more of the file
+    than the weights outside the blocks (the patch embedding, the projection)."""
+    tower = ImageTower.from_model(image_tower(VIT_B32, scale=None), Preprocess(224))
+    assert tower is not None
+    path = numpy_image.cache_file(model_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    numpy_image.tower_file.save(path, numpy_image._MAGIC, {"format": numpy_image._FORMAT, "source": {}, **{
+        "quick_gelu": True, "heads": 12, "patch_size": 32, "logit_scale": 100.0, "resolution": 224,
+        "mean": [0.5] * 3, "std": [0.5] * 3, "crop": True,
+    }}, tower.weights)  # fmt: skip
+    mapped, _ = ImageTower.load(path)
+    blocks = sum(value.nbytes for key, value in mapped.weights.items() if key.startswith("transformer."))
+    outside = sum(value.nbytes for key, value in mapped.weights.items() if not key.startswith("transformer."))
+    assert blocks > 300 << 20
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    mapped.transient = True
+    before = _resident_file_bytes()
+    found = mapped.encode_images(pixels, threads=1)
+    held = _resident_file_bytes() - before
+    assert held < outside + blocks / 12 + (8 << 20), f"{held >> 20} MiB of the file held"
+    np.testing.assert_allclose(found, tower.encode_images(pixels, threads=1), rtol=0, atol=1e-5)
+    mapped.transient = False  # a run's own tower keeps what it read
+    mapped.encode_images(pixels, threads=1)
+    assert _resident_file_bytes() - before > blocks
+
+
+def _resident_file_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:")) << 10
+
+
 # --- choosing it: the verdict's measurements ------------------------------------------------------
 
 needs_a_verdict = pytest.mark.skipif(

@@ -14,7 +14,7 @@ import importlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from clipsearch.clip import heap, registry
 from clipsearch.clip.registry import available_models
@@ -93,15 +93,55 @@ def load(
     import torch
 
     from clipsearch.clip.build import build_model
-    from clipsearch.clip.checkpoints import read_checkpoint
-    from clipsearch.clip.download import model_path
-    from clipsearch.clip.preprocess import Preprocess
 
     if jit:
         raise CheckpointError(
             "jit=True is not supported: clipsearch never runs the TorchScript code inside a checkpoint; "
             "call load() without it."
         )
+    opened = open_checkpoint(name_or_path, download_root, quick_gelu=quick_gelu)
+    device = torch.device(device if device is not None else _default_device())
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"int8 runs on the CPU only, not on {device}")
+    info, entry, path = opened.info, opened.entry, opened.path
+    model = build_model(opened.state_dict, towers=towers, config=opened.config, conversion=_conversion(precision))
+    preprocess = opened.preprocess()
+    del opened  # and with it the state dict
+    heap.release_free_memory()  # the buffers each weight was read into
+    model.tokenizer = _tokenizer(model, info, entry, path) if towers != "image" else None
+
+    model = model.to(device)
+    if device.type == "cuda" and precision is None:
+        model = model.half()
+    return model, preprocess
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint opened (`open_checkpoint`): its state dict, whose tensors are read as they
+    are looked up where its format allows (safetensors, OpenAI's archives), and what it says."""
+
+    state_dict: Mapping[str, torch.Tensor]
+    config: Any
+    info: Any
+    entry: registry.ModelEntry | None
+    path: Path
+
+    def preprocess(self) -> Preprocess:
+        """The preprocessing the model's images need."""
+        from clipsearch.clip.preprocess import Preprocess
+
+        mean, std, crop = _image_settings(self.config, self.info)
+        return Preprocess(self.config.image_resolution, mean, std, crop=crop)
+
+
+def open_checkpoint(
+    name_or_path: str | Path, download_root: str | Path | None = None, *, quick_gelu: bool | None = None
+) -> Checkpoint:
+    """The checkpoint `load` builds a model from (downloaded on a named model's first use),
+    configured; for what reads its weights without building the model (`clip.numpy_image`)."""
+    from clipsearch.clip.checkpoints import read_checkpoint
+    from clipsearch.clip.download import model_path
+
     entry = registry.find(str(name_or_path))
     if entry is not None:
         path = model_path(entry.name, download_root)
@@ -109,22 +149,8 @@ def load(
         path = Path(name_or_path).expanduser()
     else:
         raise CheckpointError(registry.unknown(str(name_or_path)))
-    device = torch.device(device if device is not None else _default_device())
-    if precision == "int8" and device.type != "cpu":
-        raise ValueError(f"int8 runs on the CPU only, not on {device}")
     state_dict, info = read_checkpoint(path)
-    config = _configuration(state_dict, info, entry, quick_gelu, path)
-    model = build_model(state_dict, towers=towers, config=config, conversion=_conversion(precision))
-    del state_dict
-    heap.release_free_memory()  # the buffers each weight was read into
-    model.tokenizer = _tokenizer(model, info, entry, path) if towers != "image" else None
-
-    model = model.to(device)
-    if device.type == "cuda" and precision is None:
-        model = model.half()
-    mean, std, crop = _image_settings(config, info)
-    preprocess = Preprocess(model.config.image_resolution, mean, std, crop=crop)
-    return model, preprocess
+    return Checkpoint(state_dict, _configuration(state_dict, info, entry, quick_gelu, path), info, entry, path)
 
 
 def _conversion(precision: str | None) -> Any:

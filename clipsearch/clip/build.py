@@ -35,6 +35,13 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool | None
     return config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
 
 
+def skeleton(config: Any, towers: Towers = "both") -> SharedSpace:
+    """The model ``config`` describes, without weights (on the meta device): its modules and the
+    shapes of its weights, for what reads a checkpoint without building it (`clip.numpy_image`)."""
+    with torch.device("meta"):
+        return _MODELS[getattr(config, "family", "clip")](config, towers)
+
+
 def build_model(
     state_dict: Mapping[str, torch.Tensor],
     towers: Towers = "both",

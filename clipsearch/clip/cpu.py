@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -196,12 +196,17 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
     (`precision_verdicts.torchless_image_tower` weighs them). False where the checkpoint cannot
     be identified (nothing could be remembered: `prepare_for_inference` measures the loaded model).
 
-    Nothing is held beside the float32 model but a batch's activations: it is timed, gives the
-    reference embeddings and the NumPy tower, and is let go; each torch precision is then loaded
-    converted as it is read (`clip.load`), timed and let go, and the graph is built from the
-    NumPy tower's file and opened last. A first run of ViT-B/32 that held the float32 model
-    beside each trial and the graph peaked at 1.29 GB; now 0.99 GB, of which importing torch
-    (its CUDA build) is 0.52 (with its CPU build: 0.70 and 0.22; benchmarks/README.md).
+    One tower is held at a time. For the image tower alone (what `index` loads), the NumPy
+    tower is written from the checkpoint a tensor at a time (`numpy_image.export_checkpoint`),
+    and float32 is timed, and gives the reference embeddings, on a torch model whose weights
+    are views of that file, which holds one block of it in memory at a time (`_on_the_file`):
+    ViT-B/32's float32 model is never whole in memory. Elsewhere (both towers; a tower the
+    NumPy tower cannot run) the float32 model is loaded, timed and let go. Each torch precision
+    is then loaded converted as it is read (`clip.load`), timed and let go, and the graph is
+    built from the NumPy tower's file and opened last. A first run of ViT-B/32 that held the
+    float32 model beside each trial and the graph peaked at 1.29 GB; then 0.98 with the
+    float32 model loaded whole; now 0.87, of which importing torch (its CUDA build) is 0.52
+    (benchmarks/README.md).
     """
     from clipsearch.clip import load
 
@@ -210,8 +215,15 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
     if towers == "text" or _known_precision(model_ref, "auto", device, True, text_tower) is not None:
         return False
     started = time.perf_counter()
-    model, preprocess = load(model_ref, device="cpu", towers=towers)  # a model named: fetched on first use
-    load_s = time.perf_counter() - started
+    # A named model is fetched on its first use by either.
+    exported = numpy_image.export_checkpoint(model_ref) if towers == "image" else None
+    tower: numpy_image.ImageTower | None
+    if exported is not None:
+        model, tower, load_s = _on_the_file(exported), exported.tower, exported.reading_s
+    else:
+        model, preprocess = load(model_ref, device="cpu", towers=towers)
+        load_s = time.perf_counter() - started
+        tower = numpy_image.export(model, model_ref, preprocess)
     # Identified once its files are here (a named model's first use has just fetched them).
     candidates = candidate_precisions(device, image_tower=True)
     key = _verdict_key(model_ref, device, candidates, text_tower)
@@ -219,10 +231,10 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
         return False
     _announce(model_ref, device)  # once the model has proved loadable: a bad one's error stands alone
     sample = calibration_images(model.config.image_resolution, count=TIMING_BATCH)
-    numpy_costs = _numpy_costs(model, model_ref, preprocess, sample)
+    numpy_costs = None if tower is None else _numpy_costs(tower, model_ref, sample)
     heap.release_free_memory()  # each timing's activations, before the next's (here: 70-80 MB)
     fp32 = _reference(model, sample, timed=True)
-    del model
+    del model, tower
     heap.release_free_memory()
 
     def loaded(candidate: str) -> tuple[SharedSpace, float]:
@@ -240,6 +252,22 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
     _conclude(key, verdict, started)
     heap.release_free_memory()  # what the graph's session held, before the run opens its tower
     return True
+
+
+def _on_the_file(exported: numpy_image.Exported) -> SharedSpace:
+    """The float32 image model whose weights are views of ``exported``'s mapped NumPy tower,
+    each block's pages let go once it has run (`numpy_image.ImageTower.let_go`): running it
+    holds one block of the file in memory. Its embeddings are the loaded model's to float32
+    rounding; its speed, with each block read back from the system's cache, within ~1%."""
+    from clipsearch.clip.build import build_model
+    from clipsearch.clip.model import Conversion, VisionTransformer
+
+    tower = exported.tower
+    model = build_model(tower.state_dict(), towers="image", config=exported.config, conversion=Conversion(shared=True))
+    visual = cast(VisionTransformer, model.visual)  # the NumPy tower runs no other
+    for i, block in enumerate(visual.transformer.resblocks):
+        block.register_forward_hook(lambda *_, i=i: tower.let_go(i))
+    return model
 
 
 def _conclude(key: dict | None, verdict: dict[str, Any], started: float) -> None:
@@ -264,26 +292,16 @@ def _announce(model: str, device: torch.device) -> None:
     )
 
 
-def _numpy_costs(model: SharedSpace, model_ref: str, preprocess: Preprocess, sample: torch.Tensor) -> Costs | None:
-    """The NumPy image tower, exported to the cache and timed on ``sample``: its
-    `precision_verdicts.Costs` under `NUMPY` (reading its file in, seconds per image). None when
-    it cannot run ``model`` or cannot be cached."""
-    started = time.perf_counter()
-    if numpy_image.export(model, model_ref, preprocess) is None:
-        return None
-    exported = time.perf_counter()
+def _numpy_costs(tower: numpy_image.ImageTower, model_ref: str, sample: torch.Tensor) -> Costs:
+    """The NumPy image tower, exported to the cache, timed on ``sample``: its
+    `precision_verdicts.Costs` under `NUMPY` (reading its file in, seconds per image)."""
     preparing = _read_s(numpy_image.cache_file(model_ref))
-    # Timed on views of the float32 weights already in memory: a second copy mapped and read in
-    # would add its size to this first run's peak memory.
-    tower = numpy_image.ImageTower.from_model(model, preprocess, copy=False)
-    assert tower is not None  # exported
     pixels = sample.float().numpy()
+    tower.transient = True  # beside torch, one block of the file at a time
     # Once: NumPy's time per image held within 10% from run to run even on a busy machine
     # (0.10-0.11 s here), and each timed batch of a model's first run costs the person waiting.
     seconds, _ = _timed_tower(tower, pixels)
-    logger.info(
-        "NumPy image tower exported in %.2f s: %.0f ms per batch of %d", exported - started, seconds * 1e3, len(pixels)
-    )
+    logger.info("NumPy image tower: %.0f ms per batch of %d", seconds * 1e3, len(pixels))
     return {precision_verdicts.NUMPY: (preparing, seconds / len(pixels))}
 
 

@@ -628,6 +628,9 @@ class Conversion:
 
     dtype: torch.dtype = torch.float32
     sites: Callable[[nn.Module], Mapping[str, Callable[[nn.Module], nn.Module]]] | None = None
+    # The model holds the state dict's tensors themselves, not copies: float32 views of a file
+    # mapped read-only (`clip.numpy_image.ImageTower.state_dict`), never written.
+    shared: bool = False
 
 
 FLOAT32 = Conversion()
@@ -648,15 +651,17 @@ def with_weights(
     with torch.device("meta"):
         model = model_class(config, towers)
     keys = tower_keys(state_dict, towers)
+    trims = _Trims()
     try:
         for name, replacement in (conversion.sites(model) if conversion.sites else {}).items():
             prefix = name + "."
             mine = [key for key in keys if key.startswith(prefix)]
             module = model.get_submodule(name)
-            module.load_state_dict(_owned(state_dict, mine, conversion.dtype, len(prefix)), assign=True)
+            module.load_state_dict(_owned(state_dict, mine, conversion.dtype, trims, len(prefix)), assign=True)
             replace_submodule(model, name, replacement(module))
             keys = [key for key in keys if not key.startswith(prefix)]
-        model.load_state_dict(_owned(state_dict, keys, conversion.dtype), assign=True)
+        shared = {key: state_dict[key] for key in keys} if conversion.shared else None
+        model.load_state_dict(shared or _owned(state_dict, keys, conversion.dtype, trims), assign=True)
     except RuntimeError as err:
         family = getattr(config, "family", "clip")
         raise CheckpointError(
@@ -697,20 +702,33 @@ def replace_modules(module: nn.Module, replacements: Replacements) -> None:
 _TRIM_EVERY = 64 << 20  # bytes read between two `heap.release_free_memory` (a few ms each)
 
 
-def _owned(state_dict: Mapping[str, torch.Tensor], keys: list[str], dtype: torch.dtype, cut: int = 0) -> dict:
+class _Trims:
+    """Hands freed memory back once every `_TRIM_EVERY` bytes a load has read, counted across
+    the calls of `_owned` one load makes (an int8 load makes one per layer it quantises)."""
+
+    def __init__(self) -> None:
+        self.since = 0
+
+    def read(self, size: int) -> None:
+        self.since += size
+        if self.since > _TRIM_EVERY:
+            # Each tensor read and let go after its copy leaves a hole glibc rarely fills with
+            # the next: loading OpenAI's ViT-B/32 image tower peaked ~100 MB higher without this.
+            release_free_memory()
+            self.since = 0
+
+
+def _owned(
+    state_dict: Mapping[str, torch.Tensor], keys: list[str], dtype: torch.dtype, trims: _Trims, cut: int = 0
+) -> dict:
     """Copies the model owns (a checkpoint's tensors may be read-only maps of the file) of
     ``keys``, floating ones in ``dtype`` by way of float32 (the rounding a float32 model converted
     afterwards gets), named without their first ``cut`` characters. Looked up one at a time, so a
     lazy state dict holds one tensor at a time beside the model."""
-    weights, since_trim = {}, 0
+    weights = {}
     for key in keys:
         value = state_dict[key]
         floating = value.is_floating_point()
         weights[key[cut:]] = value.to(torch.float32).to(dtype, copy=True) if floating else value.clone()
-        since_trim += value.nbytes
-        if since_trim > _TRIM_EVERY:
-            # Each tensor read and let go after its copy leaves a hole glibc rarely fills with
-            # the next: loading OpenAI's ViT-B/32 image tower peaked ~100 MB higher without this.
-            release_free_memory()
-            since_trim = 0
+        trims.read(value.nbytes)
     return weights

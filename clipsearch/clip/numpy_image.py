@@ -31,20 +31,25 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+import time
+import warnings
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
 from clipsearch.clip import tower_file
 from clipsearch.clip.cpu_features import usable_cores
+from clipsearch.clip.heap import release_mapped
 from clipsearch.clip.numpy_ops import gelu, layer_norm, linear, one_blas_thread, softmax_rows, stored
 from clipsearch.clip.precision_verdicts import NUMPY
 from clipsearch.clip.preprocess import Preprocess
 
 if TYPE_CHECKING:
+    import torch
+
     from clipsearch.clip.model import SharedSpace
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,11 @@ class ImageTower:
     precision = "fp32-numpy"
     kind = NUMPY  # its name among the costs a verdict compares
     shares_cores = False  # see `onnx_image.OnnxImageTower`: NumPy's BLAS threads were not measured so
+    # Whether each block's weights are let go once it has run (`let_go`), so that the tower
+    # holds one block of its mapped file at a time: ViT-B/32's 28 MB rather than 350. A model's
+    # first run sets it while it measures, beside torch; every chunk of images reads the file
+    # again then, which cost 9% of the time of 16 images (benchmarks/README.md).
+    transient = False
 
     def __init__(
         self,
@@ -88,6 +98,10 @@ class ImageTower:
         self.grid = math.isqrt(self.weights["positional_embedding"].shape[0] - 1)
         self.layers = len({key.split(".")[2] for key in self.weights if key.startswith("transformer.resblocks.")})
         self.embed_dim = self.weights["proj"].shape[1]
+        self._blocks = [
+            [value for key, value in self.weights.items() if key.startswith(f"transformer.resblocks.{i}.")]
+            for i in range(self.layers)
+        ]
 
     def encode_images(self, pixels: np.ndarray, threads: int | None = None) -> np.ndarray:
         """Unnormalised image embeddings ``float32 [N, embed_dim]`` of preprocessed images
@@ -120,7 +134,16 @@ class ImageTower:
             h = layer_norm(x, w[block + "ln_2.weight"], w[block + "ln_2.bias"])
             h = gelu(linear(h, w[block + "mlp.c_fc.weight"], w[block + "mlp.c_fc.bias"]), self.quick_gelu)
             x = x + linear(h, w[block + "mlp.c_proj.weight"], w[block + "mlp.c_proj.bias"])
+            if self.transient:
+                self.let_go(i)
         return (layer_norm(x[:, 0], w["ln_post.weight"], w["ln_post.bias"]) @ w["proj"]).astype(np.float32)
+
+    def let_go(self, block: int) -> None:
+        """Drop block ``block``'s weights from this process's memory until they are read again,
+        where they are mapped from the tower's file (`heap.release_mapped`; views of a model's
+        tensors are left alone): they come back from the system's cache when read again."""
+        for array in self._blocks[block]:
+            release_mapped(array)
 
     def patches(self, pixels: np.ndarray) -> np.ndarray:
         """``[N, grid * grid, 3 * patch * patch]``: each patch's pixels in the order of the
@@ -156,6 +179,22 @@ class ImageTower:
             weights = {key: np.ascontiguousarray(value) for key, value in weights.items()}
         return cls(weights, preprocess=preprocess, **settings)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The image model's state dict (``towers="image"``), its tensors views of this tower's
+        arrays: a float32 model built on it (`clip.model.Conversion`'s ``shared``) holds no copy
+        of its weights, and running it reads the mapped file (`clip.cpu.measure`)."""
+        import torch
+
+        weights = {}
+        with warnings.catch_warnings():  # the mapped file is read-only; the model never writes it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for key, value in self.weights.items():
+                if key == "conv1.weight":  # [3 * patch * patch, width] -> [width, 3, patch, patch]
+                    value = value.T.reshape(value.shape[1], 3, self.patch_size, self.patch_size)
+                weights[_PREFIX + key] = torch.from_numpy(stored(key, value))  # stored: its own inverse
+        weights["logit_scale"] = torch.tensor(math.log(self.logit_scale))
+        return weights
+
     @classmethod
     def load(cls, path: Path) -> tuple[ImageTower, dict]:
         """The tower in `path`, memory-mapped, and its ``source``; ValueError if the file is not one."""
@@ -165,10 +204,11 @@ class ImageTower:
         return cls(weights, preprocess=preprocess, **settings), header["source"]
 
 
-def _settings(model: SharedSpace) -> dict | None:
-    """What the file records besides the arrays, read off ``model``'s modules; None unless its
-    image tower is exactly `model.VisionTransformer` in float32, with QuickGELU or exact GELU
-    (not a ResNet, not SigLIP's tower)."""
+def _settings(model: SharedSpace, logit_scale: torch.Tensor | None = None) -> dict | None:
+    """What the file records besides the arrays, read off ``model``'s modules (and its
+    ``logit_scale``, unless given: that of a model without weights); None unless its image
+    tower is exactly `model.VisionTransformer` in float32, with QuickGELU or exact GELU (not a
+    ResNet, not SigLIP's tower)."""
     import torch
     from torch import nn
 
@@ -185,20 +225,47 @@ def _settings(model: SharedSpace) -> dict | None:
         "quick_gelu": isinstance(activation, QuickGELU),
         "heads": first.attn.heads,
         "patch_size": visual.conv1.kernel_size[0],
-        "logit_scale": float(model.logit_scale.detach().float().exp()),
+        "logit_scale": float((model.logit_scale if logit_scale is None else logit_scale).detach().float().exp()),
     }
 
 
 def _weights(model: SharedSpace) -> dict[str, np.ndarray]:
     """The image tower's arrays as the file holds them, views of ``model``'s tensors."""
-    weights = {
-        key[len(_PREFIX) :]: stored(key, value.detach().cpu().numpy())
+    return {
+        key[len(_PREFIX) :]: _as_stored(key, value.detach().cpu().numpy())
         for key, value in model.state_dict().items()
         if key.startswith(_PREFIX)
     }
-    conv = weights["conv1.weight"]  # [width, 3, patch, patch] -> [3 * patch * patch, width]
-    weights["conv1.weight"] = conv.reshape(conv.shape[0], -1).T
-    return weights
+
+
+def _as_stored(key: str, value: np.ndarray) -> np.ndarray:
+    """A state dict's array of the image tower as the file holds it (a view)."""
+    if key == _PREFIX + "conv1.weight":  # [width, 3, patch, patch] -> [3 * patch * patch, width]
+        return value.reshape(value.shape[0], -1).T
+    return stored(key, value)
+
+
+class _Checkpointed(Mapping[str, np.ndarray]):
+    """The image tower's arrays as the file holds them, each read from the checkpoint when
+    looked up (`tower_file.save` looks each up once), and the time spent reading them."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], keys: list[str]):
+        self.state_dict, self.keys_ = state_dict, keys
+        self.reading_s = 0.0
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        value = self.state_dict[_PREFIX + key].to(torch.float32).numpy()
+        self.reading_s += time.perf_counter() - started
+        return _as_stored(_PREFIX + key, value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -214,6 +281,62 @@ def load_cached(model_ref: str) -> ImageTower | None:
     return tower_file.load_cached(cache_file(model_ref), model_ref, ImageTower.load)
 
 
+class Exported(NamedTuple):
+    """`export_checkpoint`'s tower, mapped; the checkpoint's configuration; and the seconds its
+    weights took to read, about what `clip.load` spends on them in a float32 model."""
+
+    tower: ImageTower
+    config: Any
+    reading_s: float
+
+
+def export_checkpoint(model_ref: str) -> Exported | None:
+    """Write the image tower of ``model_ref``'s checkpoint to the cache a tensor at a time, as
+    read, and map it: the float32 model is never built whole (where the checkpoint's format
+    reads a tensor when it is looked up: safetensors, OpenAI's archives), so a model's first
+    run measures its precisions holding one block of it at a time (`clip.cpu.measure`). None
+    where `export` would give none, or the weights do not fit the model they imply (`clip.load`
+    says why)."""
+    from clipsearch.clip import open_checkpoint
+    from clipsearch.clip.build import skeleton
+
+    checkpoint = open_checkpoint(model_ref)  # a named model: downloaded on its first use
+    source = tower_file.checkpoint_state(model_ref)
+    if "logit_scale" not in checkpoint.state_dict or source is None:
+        return None
+    model = skeleton(checkpoint.config, "image")
+    settings = _settings(model, checkpoint.state_dict["logit_scale"])
+    if settings is None:
+        return None
+    shapes = {
+        key[len(_PREFIX) :]: _as_stored(key, np.broadcast_to(np.float32(0), value.shape)).shape  # no memory
+        for key, value in model.state_dict().items()
+        if key.startswith(_PREFIX)
+    }
+    weights = _Checkpointed(checkpoint.state_dict, list(shapes))
+    path = cache_file(model_ref)
+    header = _header(source, settings, checkpoint.preprocess())
+    try:
+        saved = tower_file.store(path, lambda path: tower_file.save(path, _MAGIC, header, weights, shapes))
+    except (ValueError, KeyError):  # a weight missing or of another shape
+        return None
+    if not saved:
+        return None
+    return Exported(ImageTower.load(path)[0], checkpoint.config, weights.reading_s)
+
+
+def _header(source: dict, settings: dict, preprocess: Preprocess) -> dict:
+    return {
+        "format": _FORMAT,
+        "source": source,
+        **settings,
+        "resolution": preprocess.resolution,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "crop": preprocess.crop,
+    }
+
+
 def export(model: SharedSpace, model_ref: str, preprocess: Preprocess) -> ImageTower | None:
     """Write the image tower of ``model`` (float32, loaded from ``model_ref``, whose images
     ``preprocess`` prepares) to the cache, and map it back; None when the NumPy tower cannot
@@ -223,15 +346,7 @@ def export(model: SharedSpace, model_ref: str, preprocess: Preprocess) -> ImageT
     if settings is None or source is None:
         return None
     weights = _weights(model)
-    header = {
-        "format": _FORMAT,
-        "source": source,
-        **settings,
-        "resolution": preprocess.resolution,
-        "mean": list(preprocess.mean),
-        "std": list(preprocess.std),
-        "crop": preprocess.crop,
-    }
+    header = _header(source, settings, preprocess)
     path = cache_file(model_ref)
     if not tower_file.store(path, lambda path: tower_file.save(path, _MAGIC, header, weights)):
         return None

@@ -39,19 +39,31 @@ _ALIGN = 64  # every array starts on a 64-byte boundary of the file
 Tower = TypeVar("Tower")
 
 
-def save(path: Path, magic: bytes, header: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+def save(
+    path: Path,
+    magic: bytes,
+    header: Mapping[str, object],
+    arrays: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
     """Write ``arrays`` (any layout: each is made contiguous float32 as it is written, one at a
-    time) after ``header`` (JSON: its "format", "source" and settings) to ``path``, atomically."""
+    time) after ``header`` (JSON: its "format", "source" and settings) to ``path``, atomically.
+    With ``shapes`` (each array's), each array is looked up once, as it is written: ``arrays``
+    may read it then (a checkpoint's tensors, `clip.numpy_image.export_checkpoint`)."""
+    shapes = shapes if shapes is not None else {key: value.shape for key, value in arrays.items()}
     offsets: dict[str, dict] = {}
     size = 0
-    for key, value in arrays.items():
-        offsets[key] = {"offset": size, "shape": list(value.shape)}
-        size += _aligned(value.size * 4)
+    for key, shape in shapes.items():
+        offsets[key] = {"offset": size, "shape": list(shape)}
+        size += _aligned(math.prod(shape) * 4)
     encoded = json.dumps({**header, "arrays": offsets}).encode()
     start = _aligned(_HEADER.size + len(encoded))
     with replaced(path) as tmp, open(tmp, "wb") as f:
         f.write(_HEADER.pack(magic, len(encoded)) + encoded)
-        for key, value in arrays.items():
+        for key, shape in shapes.items():
+            value = arrays[key]
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"{key} has the shape {tuple(value.shape)}, not {tuple(shape)}")
             f.seek(start + offsets[key]["offset"])
             f.write(np.ascontiguousarray(value, dtype="<f4").tobytes())
         f.truncate(start + size)
