@@ -204,9 +204,9 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
     NumPy tower cannot run) the float32 model is loaded, timed and let go. Each torch precision
     is then loaded converted as it is read (`clip.load`), timed and let go, and the graph is
     built from the NumPy tower's file and opened last. A first run of ViT-B/32 that held the
-    float32 model beside each trial and the graph peaked at 1.29 GB; then 0.98 with the
-    float32 model loaded whole; now 0.87, of which importing torch (its CUDA build) is 0.52
-    (benchmarks/README.md).
+    float32 model beside each trial and the graph peaked at 1.29 GB; 0.98 with the float32
+    model loaded whole; now 0.85 (0.90 from OpenAI's archive), of which importing torch (its
+    CUDA build) is 0.52 (benchmarks/README.md).
     """
     from clipsearch.clip import load
 
@@ -257,8 +257,8 @@ def measure(model_ref: str, towers: Towers = "both", torch_import_s: float | Non
 def _on_the_file(exported: numpy_image.Exported) -> SharedSpace:
     """The float32 image model whose weights are views of ``exported``'s mapped NumPy tower,
     each block's pages let go once it has run (`numpy_image.ImageTower.let_go`): running it
-    holds one block of the file in memory. Its embeddings are the loaded model's to float32
-    rounding; its speed, with each block read back from the system's cache, within ~1%."""
+    holds one block of the file in memory. ViT-B-32-256: the loaded model's embeddings exactly,
+    and its speed within 1-1.5%, each block read back from the system's page cache."""
     from clipsearch.clip.build import build_model
     from clipsearch.clip.model import Conversion, VisionTransformer
 

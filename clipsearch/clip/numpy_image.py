@@ -139,9 +139,9 @@ class ImageTower:
         return (layer_norm(x[:, 0], w["ln_post.weight"], w["ln_post.bias"]) @ w["proj"]).astype(np.float32)
 
     def let_go(self, block: int) -> None:
-        """Drop block ``block``'s weights from this process's memory until they are read again,
-        where they are mapped from the tower's file (`heap.release_mapped`; views of a model's
-        tensors are left alone): they come back from the system's cache when read again."""
+        """Drop block ``block``'s weights from this process's memory, where they are mapped
+        from the tower's file (`heap.release_mapped`; views of a model's tensors are left
+        alone): read again, they come back from the system's page cache."""
         for array in self._blocks[block]:
             release_mapped(array)
 
@@ -283,7 +283,10 @@ def load_cached(model_ref: str) -> ImageTower | None:
 
 class Exported(NamedTuple):
     """`export_checkpoint`'s tower, mapped; the checkpoint's configuration; and the seconds its
-    weights took to read, about what `clip.load` spends on them in a float32 model."""
+    weights took to read. That stands for a float32 load in the verdict (`clip.cpu.measure`),
+    though `clip.load` took longer (ViT-B-32-256 from the page cache: 0.07-0.10 s read, 0.35-0.37
+    s loaded): each converted precision's start is counted whole either way (the verdict's
+    ``torch_start`` plus its preparation beyond that figure), and only fp32's comes out short."""
 
     tower: ImageTower
     config: Any
