@@ -206,7 +206,7 @@ def torchless_image_tower(model_ref: str, images: int) -> str | None:
     log.info("%d images of %s: %s finishes first", images, model_ref, winner)
     if winner in torchless:
         return winner
-    closest = cheapest_for(images, torchless, next(iter(torchless)))
+    closest = min(torchless, key=lambda name: _total(torchless[name], images))
     if _total(torchless[closest], images) <= (1 + TORCHLESS_MARGIN) * _total(options[winner], images):
         log.info("%s is within %.0f%% of it, without torch's memory", closest, TORCHLESS_MARGIN * 100)
         return closest
