@@ -255,9 +255,9 @@ class Index:
 
     def _prepare_text_queries(self) -> None:
         """Export the model's text tower for queries now, at the end of a run that encoded with
-        it, rather than in the user's first query (~3 s and 1.4 GB for ViT-B/32 there). The
-        image encoder is let go first, this once per model: beside the float32 text tower it
-        made a model's first run peak at 1.45 GB where the run itself needs 1.06."""
+        it, rather than in the user's first query (~3 s for ViT-B/32 there). The image encoder
+        is let go first, this once per model: a model's first run then holds one tensor of the
+        text tower at a time beside what it still has (`numpy_text.export`)."""
         from clipsearch.clip import numpy_text
         from clipsearch.clip.families import family
         from clipsearch.clip.heap import release_free_memory

@@ -293,3 +293,55 @@ def test_the_exported_tower_holds_linear_weights_in_by_out(tiny_model):
     data[data.index(b'"format": 2') : data.index(b'"format": 2') + 11] = b'"format": 1'
     path.write_bytes(bytes(data))
     assert numpy_text.load_cached(tiny_model) is None
+
+
+def test_the_text_tower_is_written_from_the_checkpoint_without_a_torch_model(model_dir, monkeypatch):
+    """`numpy_text.export` builds no model: it reads each text-tower tensor of the checkpoint
+    once, in the order the file holds them (none of the image tower's), and writes what
+    `cached_from` writes from a loaded model; where the cache cannot be written, the same
+    arrays stay in memory."""
+    from clipsearch import clip
+    from clipsearch.clip import numpy_text, tower_file
+
+    model, _ = clip.load(model_dir, device="cpu", towers="text")
+    expected = numpy_text.TextTower.from_model(model, model.tokenizer.bpe_path)
+    real, looked_up = clip.open_checkpoint, []
+
+    class Counted(dict):
+        def __getitem__(self, key):
+            looked_up.append(key)
+            return super().__getitem__(key)
+
+    def counted(*args, **kwargs):
+        opened = real(*args, **kwargs)
+        return opened._replace(state_dict=Counted({key: opened.state_dict[key] for key in opened.state_dict}))
+
+    monkeypatch.setattr(clip, "open_checkpoint", counted)
+    monkeypatch.setattr(clip, "load", lambda *args, **kwargs: pytest.fail("a torch model was built"))
+    written = numpy_text.export(model_dir)
+    assert looked_up == ["logit_scale", *expected.weights]  # each once, the text tower's alone
+    monkeypatch.setattr(tower_file, "store", lambda path, write: False)  # a cache that cannot be written
+    in_memory = numpy_text.export(model_dir)
+    for tower in (written, in_memory):
+        assert tower.weights.keys() == expected.weights.keys()
+        for key, value in tower.weights.items():
+            assert value.flags.c_contiguous and np.array_equal(value, expected.weights[key]), key
+        assert (tower.quick_gelu, tower.logit_scale) == (expected.quick_gelu, expected.logit_scale)
+        assert tower.vocab_path == expected.vocab_path
+    assert all(isinstance(value, np.memmap) for value in written.weights.values())
+    assert not any(isinstance(value, np.memmap) for value in in_memory.weights.values())
+
+
+def test_a_text_tower_whose_weights_do_not_fit_is_refused_with_the_loaders_error(model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from clipsearch.clip import numpy_text
+    from clipsearch.errors import CheckpointError
+
+    weights_file = os.path.join(model_dir, "model.safetensors")
+    weights = load_file(weights_file)
+    del weights["transformer.resblocks.0.ln_2.bias"]
+    save_file(weights, weights_file)
+    with pytest.raises(CheckpointError, match="do not fit a clip model"):
+        numpy_text.export(model_dir)
+    assert numpy_text.load_cached(model_dir) is None

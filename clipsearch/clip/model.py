@@ -663,12 +663,16 @@ def with_weights(
         shared = {key: state_dict[key] for key in keys} if conversion.shared else None
         model.load_state_dict(shared or _owned(state_dict, keys, conversion.dtype, trims), assign=True)
     except RuntimeError as err:
-        family = getattr(config, "family", "clip")
-        raise CheckpointError(
-            f"The weights do not fit a {family} model of the shape they imply; "
-            "use an unmodified OpenAI, OpenCLIP or Hugging Face checkpoint."
-        ) from err
+        raise misfit(config) from err
     return model.eval()
+
+
+def misfit(config: Any) -> CheckpointError:
+    """The error of a checkpoint whose weights do not fit the model ``config`` (what they imply)."""
+    return CheckpointError(
+        f"The weights do not fit a {getattr(config, 'family', 'clip')} model of the shape they imply; "
+        "use an unmodified OpenAI, OpenCLIP or Hugging Face checkpoint."
+    )
 
 
 def replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:

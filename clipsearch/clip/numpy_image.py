@@ -21,19 +21,19 @@ run on every core too, and no product waits at a barrier for a thread the OS has
 ViT-B/32 at 256 px on the two-core EPYC at load ~2: 85-95 ms an image so, 191-626 ms with
 OpenBLAS's two threads on the whole batch, 207-278 ms on one thread (benchmarks/README.md).
 
-Exported (`export`) while torch has the float32 model loaded anyway: when "auto" measures the
-precisions on a model's first run on a machine (`clip.cpu`), which times this tower too. The
-linear weights are stored ``[in, out]`` as the text tower's: at 16 images x 50 tokens OpenBLAS
-ran ``x @ W`` and ``x @ W.T`` within noise of each other (benchmarks/README.md).
+Written when "auto" measures the precisions on a model's first run on a machine (`clip.cpu`),
+which times this tower too: from the checkpoint a tensor at a time (`export_checkpoint`), or from
+the float32 model where one is loaded anyway (`export`). The linear weights are stored
+``[in, out]`` as the text tower's: at 16 images x 50 tokens OpenBLAS ran ``x @ W`` and
+``x @ W.T`` within noise of each other (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -245,29 +245,6 @@ def _as_stored(key: str, value: np.ndarray) -> np.ndarray:
     return stored(key, value)
 
 
-class _Checkpointed(Mapping[str, np.ndarray]):
-    """The image tower's arrays as the file holds them, each read from the checkpoint when
-    looked up (`tower_file.save` looks each up once), and the time spent reading them."""
-
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], keys: list[str]):
-        self.state_dict, self.keys_ = state_dict, keys
-        self.reading_s = 0.0
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        import torch
-
-        started = time.perf_counter()
-        value = self.state_dict[_PREFIX + key].to(torch.float32).numpy()
-        self.reading_s += time.perf_counter() - started
-        return _as_stored(_PREFIX + key, value)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys_)
-
-    def __len__(self) -> int:
-        return len(self.keys_)
-
-
 # --- the cache ----------------------------------------------------------------------------------
 
 
@@ -311,16 +288,12 @@ def export_checkpoint(model_ref: str) -> Exported | None:
     settings = _settings(model, checkpoint.state_dict["logit_scale"])
     if settings is None:
         return None
-    shapes = {
-        key[len(_PREFIX) :]: _as_stored(key, np.broadcast_to(np.float32(0), value.shape)).shape  # no memory
-        for key, value in model.state_dict().items()
-        if key.startswith(_PREFIX)
-    }
-    weights = _Checkpointed(checkpoint.state_dict, list(shapes))
+    shapes = {key[len(_PREFIX) :]: value.shape for key, value in model.state_dict().items() if key.startswith(_PREFIX)}
+    weights = tower_file.Checkpointed(checkpoint.state_dict, shapes, _as_stored, _PREFIX)
     path = cache_file(model_ref)
     header = _header(source, settings, checkpoint.preprocess())
     try:
-        saved = tower_file.store(path, lambda path: tower_file.save(path, _MAGIC, header, weights, shapes))
+        saved = tower_file.store(path, lambda path: tower_file.save(path, _MAGIC, header, weights, weights.shapes))
     except (ValueError, KeyError):  # a weight missing or of another shape
         return None
     if not saved:

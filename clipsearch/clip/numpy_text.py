@@ -2,9 +2,10 @@
 
 A `clipsearch query` is a new process that encodes one text of a few tokens. Importing torch
 costs it a second or more of CPU and building the model another half second; the forward pass
-itself, in NumPy, takes milliseconds. So the first query of a model loads it with torch and
-exports its text tower (`export`) into one file of float32 arrays in the model cache, and later
-queries memory-map that file (`load_cached`), reading only the pages they use.
+itself, in NumPy, takes milliseconds. So the text tower is written once (`export`, at the end of
+a model's first index run or by its first query), from the checkpoint a tensor at a time, into
+one file of float32 arrays in the model cache, and later queries memory-map that file
+(`load_cached`), reading only the pages they use.
 
 `TextTower.encode_text` repeats `model.CLIP.encode_text` operation for operation (pre-LayerNorm
 blocks, causal attention, QuickGELU or GELU, the end-of-text token's features projected); it
@@ -149,8 +150,8 @@ class TextTower:
 
     def save(self, path: Path, source: Mapping[str, object]) -> None:
         """Write the tower to `path` (`clip.tower_file`); `source` identifies what it was exported from."""
-        settings = {"quick_gelu": self.quick_gelu, "logit_scale": self.logit_scale, "vocab_path": str(self.vocab_path)}
-        tower_file.save(path, _MAGIC, {"format": _FORMAT, "source": dict(source), **settings}, self.weights)
+        settings = {"quick_gelu": self.quick_gelu, "logit_scale": self.logit_scale, "vocab_path": self.vocab_path}
+        _save(path, source, settings, self.weights)
 
     @classmethod
     def load(cls, path: Path) -> tuple[TextTower, dict]:
@@ -160,6 +161,20 @@ class TextTower:
             weights, quick_gelu=header["quick_gelu"], logit_scale=header["logit_scale"], vocab_path=header["vocab_path"]
         )
         return tower, header["source"]
+
+
+def _save(
+    path: Path,
+    source: Mapping[str, object],
+    settings: Mapping[str, object],
+    weights: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Write a text tower's ``weights`` and the ``settings`` `TextTower` takes, exported from
+    ``source``, to ``path`` (`tower_file.save`: with ``shapes``, each weight is read as it is
+    written)."""
+    header = {"format": _FORMAT, "source": dict(source), **settings, "vocab_path": str(settings["vocab_path"])}
+    tower_file.save(path, _MAGIC, header, weights, shapes)
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -177,20 +192,44 @@ def load_cached(model_ref: str) -> TextTower | None:
 
 
 def export(model_ref: str) -> TextTower:
-    """The text tower of ``model_ref``, loaded with torch (`clip.load`) and written to the cache
-    when possible. ValueError, before anything is loaded, for a model that is not a CLIP."""
-    from clipsearch.clip import load
+    """The text tower of ``model_ref``'s checkpoint, written to the cache a tensor at a time as
+    it is read (`tower_file.Checkpointed`) and mapped back; in memory where it cannot be cached.
+    No torch model is built: loading ViT-B/32's float32 text model to write it added 370 MiB at
+    the end of a model's first index run, its peak (1,081 MiB); read as written, 27 MiB (peak
+    856; benchmarks/README.md). ValueError,
+    before anything is read, for a model that is not a CLIP; `CheckpointError` for weights that
+    do not fit the model they imply."""
+    from clipsearch.clip import open_checkpoint
+    from clipsearch.clip.build import skeleton
+    from clipsearch.clip.download import vocab_path
     from clipsearch.clip.families import family
-    from clipsearch.clip.model import CLIP
+    from clipsearch.clip.model import misfit
 
     if family(model_ref) != "clip":
         raise ValueError(f"{model_ref} is a {family(model_ref)} model, whose text tower runs in torch only")
-    # Read before loading: a checkpoint replaced meanwhile makes the cache stale.
+    # Read before the checkpoint: one replaced meanwhile makes the cache stale.
     source = tower_file.checkpoint_state(model_ref)
-    model, _ = load(model_ref, device="cpu", towers="text")
-    if not isinstance(model, CLIP):  # a pickled file is told apart only once loaded
+    checkpoint = open_checkpoint(model_ref)  # a named model: downloaded on its first use
+    config = checkpoint.config
+    if getattr(config, "family", "clip") != "clip":  # a pickled file is told apart only once read
         raise ValueError(f"{model_ref} is not a CLIP, and only a CLIP's text tower runs in NumPy")
-    return cached_from(model, model_ref, source)
+    shapes = {key: value.shape for key, value in skeleton(config, "text").state_dict().items() if key != "logit_scale"}
+    weights = tower_file.Checkpointed(checkpoint.state_dict, shapes, stored)
+    try:
+        settings = {
+            "quick_gelu": config.quick_gelu,
+            "logit_scale": float(checkpoint.state_dict["logit_scale"].exp()),
+            "vocab_path": checkpoint.info.vocab_path or vocab_path(),
+        }
+        path = cache_file(model_ref)
+        written = source is not None and tower_file.store(
+            path, lambda path: _save(path, source, settings, weights, weights.shapes)
+        )
+        if written:
+            return TextTower.load(path)[0]
+        return TextTower({key: np.ascontiguousarray(weights[key]) for key in weights}, **settings)
+    except (KeyError, ValueError) as err:  # a weight missing or of another shape
+        raise misfit(config) from err
 
 
 def cached_from(model: CLIP, model_ref: str, source: dict | None) -> TextTower:

@@ -1,12 +1,12 @@
 """The files NumPy towers (`clip.numpy_text`, `clip.numpy_image`) are cached in, and when one is
 stale.
 
-A tower is exported once from a model loaded with torch and memory-mapped by later processes,
-which read only the pages they use. The file: an 8-byte magic naming the tower, the length of
-a JSON header (the tower's settings, what it was exported from, and each array's offset and
-shape), then the float32 arrays, each 64-byte aligned, from the first aligned offset on. It is
-written to a temporary name and renamed into place (`replaced`), so a reader sees a whole file
-or none.
+A tower is exported once, from the checkpoint a tensor at a time as it is read (`Checkpointed`)
+or from a model loaded with torch, and memory-mapped by later processes, which read only the
+pages they use. The file: an 8-byte magic naming the tower, the length of a JSON header (the
+tower's settings, what it was exported from, and each array's offset and shape), then the
+float32 arrays, each 64-byte aligned, from the first aligned offset on. It is written to a
+temporary name and renamed into place (`replaced`), so a reader sees a whole file or none.
 
 A cache file is keyed by the model as the user names it (a registry name or a path) and is
 stale once any file of the checkpoint changes size, mtime, ctime or inode.
@@ -20,16 +20,20 @@ import logging
 import math
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from clipsearch.clip import registry
 from clipsearch.clip.sources import locate
 from clipsearch.paths import model_cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ def save(
     """Write ``arrays`` (any layout: each is made contiguous float32 as it is written, one at a
     time) after ``header`` (JSON: its "format", "source" and settings) to ``path``, atomically.
     With ``shapes`` (each array's), each array is looked up once, as it is written: ``arrays``
-    may read it then (a checkpoint's tensors, `clip.numpy_image.export_checkpoint`)."""
+    may read it then (`Checkpointed`)."""
     shapes = shapes if shapes is not None else {key: value.shape for key, value in arrays.items()}
     offsets: dict[str, dict] = {}
     size = 0
@@ -67,6 +71,44 @@ def save(
             f.seek(start + offsets[key]["offset"])
             f.write(np.ascontiguousarray(value, dtype="<f4").tobytes())
         f.truncate(start + size)
+
+
+class Checkpointed(Mapping[str, np.ndarray]):
+    """A tower's arrays as its file holds them, each read from a checkpoint's state dict (one
+    that reads a tensor when it is looked up: `clip.open_checkpoint`) when `save` asks for it:
+    the float32 tower is never in memory whole. Keys are the file's, the state dict's without
+    ``prefix``; ``as_stored(state-dict key, array)`` lays an array out as the file holds it (a
+    view). ``shapes``: each array's shape in the file, for `save`, from the ``checkpoint_shapes``
+    of a model built without weights (`clip.build.skeleton`). ``reading_s``: the seconds spent
+    reading them."""
+
+    def __init__(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        checkpoint_shapes: Mapping[str, tuple[int, ...]],
+        as_stored: Callable[[str, np.ndarray], np.ndarray],
+        prefix: str = "",
+    ):
+        self.state_dict, self.as_stored, self.prefix = state_dict, as_stored, prefix
+        self.shapes = {
+            key: as_stored(prefix + key, np.broadcast_to(np.float32(0), shape)).shape  # no memory
+            for key, shape in checkpoint_shapes.items()
+        }
+        self.reading_s = 0.0
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        value = self.state_dict[self.prefix + key].to(torch.float32).numpy()
+        self.reading_s += time.perf_counter() - started
+        return self.as_stored(self.prefix + key, value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 @contextmanager
