@@ -14,6 +14,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -341,6 +342,24 @@ def test_a_named_models_first_run_measures_the_towers_without_torch_too(monkeypa
     verdict, _ = precision_verdicts.image_verdict("ViT-B/32")
     assert precision_verdicts.NUMPY in verdict["costs"] and verdict["torch_start"] > 0
     assert precision_verdicts.torchless_image_tower("ViT-B/32", 1) is not None  # one image: no torch
+
+
+def test_a_named_models_first_query_caches_the_text_tower_it_writes(monkeypatch, file_server, tiny_model):
+    """The first query of a model named from the registry fetches it, then writes its text
+    tower: to the cache, for the queries after it, not into its own memory alone."""
+    from clipsearch.clip import numpy_text
+
+    root, base = file_server
+    tiny, _ = clip.load(tiny_model, device="cpu")
+    torch.save(tiny.state_dict(), root / "weights.pt")
+    digest = hashlib.sha256((root / "weights.pt").read_bytes()).hexdigest()
+    _point(monkeypatch, "ViT-B/32", f"{base}/weights.pt", digest)
+    assert numpy_text.load_cached("ViT-B/32") is None
+    tower = numpy_text.export("ViT-B/32")
+    assert (model_cache_dir() / "ViT-B-32.pt").exists()
+    assert all(isinstance(value, np.memmap) for value in tower.weights.values())
+    cached = numpy_text.load_cached("ViT-B/32")
+    assert cached is not None and cached.weights.keys() == tower.weights.keys()
 
 
 def test_bundled_demo_model_loads():

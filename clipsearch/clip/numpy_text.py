@@ -207,9 +207,11 @@ def export(model_ref: str) -> TextTower:
 
     if family(model_ref) != "clip":
         raise ValueError(f"{model_ref} is a {family(model_ref)} model, whose text tower runs in torch only")
-    # Read before the checkpoint: one replaced meanwhile makes the cache stale.
+    # Read before the checkpoint: one replaced meanwhile makes the cache stale. A named model
+    # is downloaded on its first use, renamed into place whole: known once it is there.
     source = tower_file.checkpoint_state(model_ref)
-    checkpoint = open_checkpoint(model_ref)  # a named model: downloaded on its first use
+    checkpoint = open_checkpoint(model_ref)
+    source = source or tower_file.checkpoint_state(model_ref)
     config = checkpoint.config
     if getattr(config, "family", "clip") != "clip":  # a pickled file is told apart only once read
         raise ValueError(f"{model_ref} is not a CLIP, and only a CLIP's text tower runs in NumPy")
