@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,45 @@ _HUB_SETTINGS = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """The environment `_isolated_home` gives each test, for the whole session: session and
+    module fixtures (a model's verdict and towers, a served index, the browser) run before any
+    test's, and wrote to the real ~/.cache and ~/.config without it."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _isolate(monkeypatch, tmp_path_factory.mktemp("session-home"))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _interruptible():
+    """Tests send Ctrl-C (SIGINT) to the CLIs they start, as a terminal does to its foreground
+    job. A shell without job control starts a background command with SIGINT ignored, and a
+    child inherits that: `clipsearch serve` then stopped on SIGINT (uvicorn catches it anyway)
+    but exited 0, not 130, whenever pytest itself ran as such a command."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own CLIPSEARCH_HOME and XDG dirs: nothing is written outside tmp. The
     caches of other tools are its own too (HOME for OpenAI's ~/.cache/clip, HF_HOME for the hub
     cache), no test reaches the real hub, and none inherits the hub settings of the machine."""
     root = tmp_path_factory.mktemp("home")
+    _isolate(monkeypatch, root)
+    return root
+
+
+def _isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     monkeypatch.setenv("CLIPSEARCH_HOME", str(root / "clipsearch"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))
     monkeypatch.setenv("XDG_DATA_HOME", str(root / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(root / "config"))
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("HOME", str(root / "user"))
     monkeypatch.setenv("HF_HOME", str(root / "huggingface"))
@@ -35,7 +66,6 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     for name in _HUB_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     refresh_hub_settings(monkeypatch)
-    return root
 
 
 @pytest.fixture(autouse=True)
