@@ -159,3 +159,23 @@ def python_output(code: str) -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def checkpoint_lookups(monkeypatch) -> list[str]:
+    """The keys looked up, in order, in the state dict of every checkpoint `clip.open_checkpoint`
+    opens from now on: what a writer that reads each tensor once, as it writes it, read."""
+    from clipsearch import clip
+
+    real, looked_up = clip.open_checkpoint, []
+
+    class Counted(dict):
+        def __getitem__(self, key):
+            looked_up.append(key)
+            return super().__getitem__(key)
+
+    def counted(*args, **kwargs):
+        opened = real(*args, **kwargs)
+        return opened._replace(state_dict=Counted({key: opened.state_dict[key] for key in opened.state_dict}))
+
+    monkeypatch.setattr(clip, "open_checkpoint", counted)
+    return looked_up

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import bump_mtime, make_library, python_output
+from helpers import bump_mtime, checkpoint_lookups, make_library, python_output
 
 from clipsearch import clip
 from clipsearch.clip import cpu, numpy_image, precision_verdicts
@@ -123,18 +123,7 @@ def test_the_tower_is_written_from_the_checkpoint_reading_each_image_weight_once
     from_model = numpy_image.export(model, model_dir, preprocess)
     assert from_model is not None
     expected = {key: np.array(value) for key, value in from_model.weights.items()}
-    real, looked_up = clip.open_checkpoint, []
-
-    class Counted(dict):
-        def __getitem__(self, key):
-            looked_up.append(key)
-            return super().__getitem__(key)
-
-    def counted(*args, **kwargs):
-        opened = real(*args, **kwargs)
-        return opened._replace(state_dict=Counted({key: opened.state_dict[key] for key in opened.state_dict}))
-
-    monkeypatch.setattr(clip, "open_checkpoint", counted)
+    looked_up = checkpoint_lookups(monkeypatch)
     exported = numpy_image.export_checkpoint(model_dir)
     assert exported is not None and exported.config == model.config and exported.reading_s > 0
     weights = sorted(f"visual.{key}" for key in expected)

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import make_library, python_output
+from helpers import checkpoint_lookups, make_library, python_output
 
 from clipsearch import Index
 from clipsearch.clip.model import CLIP, ModelConfig
@@ -305,18 +305,7 @@ def test_the_text_tower_is_written_from_the_checkpoint_without_a_torch_model(mod
 
     model, _ = clip.load(model_dir, device="cpu", towers="text")
     expected = numpy_text.TextTower.from_model(model, model.tokenizer.bpe_path)
-    real, looked_up = clip.open_checkpoint, []
-
-    class Counted(dict):
-        def __getitem__(self, key):
-            looked_up.append(key)
-            return super().__getitem__(key)
-
-    def counted(*args, **kwargs):
-        opened = real(*args, **kwargs)
-        return opened._replace(state_dict=Counted({key: opened.state_dict[key] for key in opened.state_dict}))
-
-    monkeypatch.setattr(clip, "open_checkpoint", counted)
+    looked_up = checkpoint_lookups(monkeypatch)
     monkeypatch.setattr(clip, "load", lambda *args, **kwargs: pytest.fail("a torch model was built"))
     written = numpy_text.export(model_dir)
     assert looked_up == ["logit_scale", *expected.weights]  # each once, the text tower's alone
