@@ -660,8 +660,11 @@ def with_weights(
             module.load_state_dict(_owned(state_dict, mine, conversion.dtype, trims, len(prefix)), assign=True)
             replace_submodule(model, name, replacement(module))
             keys = [key for key in keys if not key.startswith(prefix)]
-        shared = {key: state_dict[key] for key in keys} if conversion.shared else None
-        model.load_state_dict(shared or _owned(state_dict, keys, conversion.dtype, trims), assign=True)
+        if conversion.shared:
+            weights = {key: state_dict[key] for key in keys}
+        else:
+            weights = _owned(state_dict, keys, conversion.dtype, trims)
+        model.load_state_dict(weights, assign=True)
     except RuntimeError as err:
         raise misfit(config) from err
     return model.eval()

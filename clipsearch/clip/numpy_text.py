@@ -150,7 +150,7 @@ class TextTower:
 
     def save(self, path: Path, source: Mapping[str, object]) -> None:
         """Write the tower to `path` (`clip.tower_file`); `source` identifies what it was exported from."""
-        settings = {"quick_gelu": self.quick_gelu, "logit_scale": self.logit_scale, "vocab_path": self.vocab_path}
+        settings = {"quick_gelu": self.quick_gelu, "logit_scale": self.logit_scale, "vocab_path": str(self.vocab_path)}
         _save(path, source, settings, self.weights)
 
     @classmethod
@@ -173,7 +173,7 @@ def _save(
     """Write a text tower's ``weights`` and the ``settings`` `TextTower` takes, exported from
     ``source``, to ``path`` (`tower_file.save`: with ``shapes``, each weight is read as it is
     written)."""
-    header = {"format": _FORMAT, "source": dict(source), **settings, "vocab_path": str(settings["vocab_path"])}
+    header = {"format": _FORMAT, "source": dict(source), **settings}
     tower_file.save(path, _MAGIC, header, weights, shapes)
 
 
@@ -221,7 +221,7 @@ def export(model_ref: str) -> TextTower:
         settings = {
             "quick_gelu": config.quick_gelu,
             "logit_scale": float(checkpoint.state_dict["logit_scale"].exp()),
-            "vocab_path": checkpoint.info.vocab_path or vocab_path(),
+            "vocab_path": str(checkpoint.info.vocab_path or vocab_path()),
         }
         path = cache_file(model_ref)
         written = source is not None and tower_file.store(
