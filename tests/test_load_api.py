@@ -24,6 +24,7 @@ from PIL import Image
 from clipsearch import clip
 from clipsearch.clip import registry
 from clipsearch.clip.checkpoints import write_model_dir
+from clipsearch.clip.tokenizer import TextTooLongError
 from clipsearch.clip.model import CLIP, ModelConfig, build_model
 from clipsearch.errors import CheckpointError, DownloadError
 from clipsearch.paths import model_cache_dir
@@ -366,3 +367,20 @@ def test_bundled_demo_model_loads():
     model, preprocess = clip.load("demo", device="cpu")
     assert model.tokenizer.bpe_path == registry.get("demo").bundled / "vocab.txt.gz"
     assert preprocess.resolution == model.config.image_resolution
+
+
+def test_a_models_own_tokenizer_fits_its_context():
+    """The demo's context is 32 tokens: its tokenizer refuses a text that does not fit, or cuts
+    it to 32 with truncate=True, which the model then runs (it had made 77-token rows, a
+    shape error inside the text tower)."""
+    model, preprocess = clip.load("demo", device="cpu")
+    assert model.context_length == 32
+    with pytest.raises(TextTooLongError, match="at most 30 fit in the context length of 32"):
+        model.tokenizer(["red " * 31])
+    tokens = model.tokenizer(["red " * 100, "a red circle"], truncate=True)
+    assert tokens.shape == (2, 32) and tokens[0, -1].item() == model.tokenizer.eot_id
+    image = preprocess(Image.new("RGB", (64, 64), "red"))[None]
+    with torch.no_grad():
+        logits_per_image, logits_per_text = model(image, tokens)
+    assert logits_per_image.shape == (1, 2) and logits_per_text.shape == (2, 1)
+    assert clip.tokenize(["a red circle"]).shape == (1, 77)  # OpenAI's default stays

@@ -193,7 +193,7 @@ def _tokenizer(model: Any, info: Any, entry: registry.ModelEntry | None, path: P
 
     family = getattr(model.config, "family", "clip")
     if family == "clip":
-        tokenizer: Any = Tokenizer(info.vocab_path or vocab_path())
+        tokenizer: Any = Tokenizer(info.vocab_path or vocab_path(), model.context_length)
     else:
         directory = info.tokenizer_dir or (tokenizer_dir(entry) if entry is not None else None)
         if directory is None:

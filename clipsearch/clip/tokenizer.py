@@ -164,10 +164,15 @@ def read_merges(path: str | Path) -> list[tuple[str, str]]:
 
 
 class Tokenizer:
-    """Token ids from text and back, for one merges file (CLIP's or one we trained)."""
+    """Token ids from text and back, for one merges file (CLIP's or one we trained).
 
-    def __init__(self, bpe_path: str | Path):
+    ``context_length`` is the rows' length when a call names none: a model's own tokenizer
+    (``model.tokenizer``) has its model's, so that text too long for the model raises (or, with
+    ``truncate=True``, is cut to fit) here and not as a shape error in its text tower."""
+
+    def __init__(self, bpe_path: str | Path, context_length: int = DEFAULT_CONTEXT_LENGTH):
         self.bpe_path = Path(bpe_path)
+        self.context_length = context_length
         merges = read_merges(self.bpe_path)
         bytes_ = list(byte_symbols().values())
         vocab = [*bytes_, *(b + END_OF_WORD for b in bytes_), *("".join(m) for m in merges), SOT, EOT]
@@ -221,7 +226,7 @@ class Tokenizer:
     def __call__(
         self,
         texts: str | Sequence[str],
-        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        context_length: int | None = None,
         truncate: bool = False,
     ) -> torch.LongTensor:
         """Rows of `[SOT, ids..., EOT, 0...]`, one per text, as CLIP's text tower expects.
@@ -237,12 +242,13 @@ class Tokenizer:
     def ids(
         self,
         texts: str | Sequence[str],
-        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        context_length: int | None = None,
         truncate: bool = False,
     ) -> np.ndarray:
         """What `__call__` returns, as an int64 NumPy array: the query path runs without torch."""
         if isinstance(texts, str):
             texts = [texts]
+        context_length = context_length or self.context_length
         rows = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             ids = [self.sot_id, *self.encode(text), self.eot_id]
