@@ -83,6 +83,7 @@ class Catalog:
         self.readonly = readonly
         self._db = db
         self._sqlalchemy: Connection | None = None
+        self._closed = False
 
     @classmethod
     def open(cls, home: str | os.PathLike[str], *, create: bool = False, readonly: bool = False) -> Catalog:
@@ -118,6 +119,7 @@ class Catalog:
         return catalog
 
     def close(self) -> None:
+        self._closed = True
         if self._sqlalchemy is not None:
             self._sqlalchemy.close()
             self._sqlalchemy.engine.dispose()  # closes the sqlite3 connection it was lent
@@ -656,6 +658,8 @@ class Catalog:
         before anything is read, so a write never fails half-way on a lock upgrade. Reads use a
         deferred BEGIN, which in WAL mode never waits for a writer and sees one snapshot.
         """
+        if self._closed:
+            raise IndexStateError(f"The index in {self.home} has been closed; open it again to use it.")
         with sqlite_errors(self.path):
             execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:

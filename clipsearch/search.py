@@ -98,9 +98,11 @@ def parse_term(term: str) -> tuple[float, Term]:
 
 
 def split_weight(term: str) -> tuple[float, str]:
-    """``WEIGHT:REST`` → (WEIGHT, REST) when WEIGHT is a number, else (1.0, term)."""
+    """``WEIGHT:REST`` → (WEIGHT, REST) when WEIGHT is a number, else (1.0, term). "0.5:" is
+    (0.5, ""): a weight with nothing to weigh, which the caller refuses as an empty text (it
+    had been searched as the text "0.5:")."""
     weight, sep, rest = term.partition(":")
-    if sep and rest:
+    if sep:
         try:
             return float(weight), rest
         except ValueError:
@@ -126,6 +128,10 @@ def find_hits(
     listed, newest first unless ``sort`` says otherwise. ``exclude`` names ids never returned."""
     filters = filters or Filters()
     check_sort(sort)
+    if k < 1:
+        raise ValueError(f"k is {k}; ask for at least 1 hit.")
+    if min_score is not None and math.isnan(min_score):
+        raise ValueError("min_score is NaN; give a cosine from -1 to 1, or None.")
     terms = as_terms(query) if query is not None else []
     if not terms:
         if not filters and under is None:
@@ -134,6 +140,11 @@ def find_hits(
     index = vectors()
     if index is None or index.ntotal == 0:
         return []
+    for _, term in terms:
+        if isinstance(term, np.ndarray) and term.size != index.dim:
+            raise ClipsearchError(
+                f"A query vector has {term.size} values, but the vectors of this model have {index.dim}."
+            )
     needs = needed_towers(terms)
     vector = query_vector(encoder(needs) if needs else None, terms)
     among = catalog.matching_ids(filters, _folder(under)) if filters else None
@@ -142,9 +153,10 @@ def find_hits(
 
 def as_terms(query: Query) -> list[tuple[float, Term]]:
     """The query's (weight, term) pairs, each checked: a blank text would rank every image by
-    the embedding of nothing, and a weight that is not a finite number makes every score NaN;
-    both are mistakes to report, not searches."""
-    terms = [(1.0, query)] if isinstance(query, (str, Path, np.ndarray)) else [(float(w), t) for w, t in query]
+    the embedding of nothing, and a weight or a vector value that is not a finite number makes
+    every score NaN; both are mistakes to report, not searches. A query of another shape (a
+    list of texts, a term of another type) is a TypeError that shows the shape to use."""
+    terms = [(1.0, query)] if isinstance(query, Term) else [_pair(entry) for entry in query]
     for weight, term in terms:
         if isinstance(term, str) and not term.strip():
             raise ClipsearchError("A text of the query is empty; give a description, e.g. 'a dog on a beach'.")
@@ -152,7 +164,22 @@ def as_terms(query: Query) -> list[tuple[float, Term]]:
             raise ClipsearchError(
                 f"A weight of the query is {weight}; write WEIGHT:TEXT with a number, e.g. 0.5:at night."
             )
+        if isinstance(term, np.ndarray) and not np.isfinite(term).all():
+            raise ClipsearchError("A query vector holds values that are not finite numbers (NaN or infinity).")
     return terms
+
+
+def _pair(entry: object) -> tuple[float, Term]:
+    """One (weight, term) pair of a combined query, checked for its shape."""
+    shape = "a query combines (weight, term) pairs, e.g. [(1.0, 'a beach'), (-0.5, 'people')]"
+    if not isinstance(entry, tuple | list) or len(entry) != 2:
+        raise TypeError(f"{shape}; got {entry!r}.")
+    weight, term = entry
+    if isinstance(weight, bool) or not isinstance(weight, int | float | np.number):
+        raise TypeError(f"{shape}; the weight {weight!r} is not a number.")
+    if not isinstance(term, Term):
+        raise TypeError(f"{shape}; a term is a str (text), a Path (an image) or a vector, not {term!r}.")
+    return float(weight), term
 
 
 def needed_towers(terms: Sequence[tuple[float, Term]]) -> Towers | None:
@@ -169,6 +196,10 @@ def query_vector(encoder: Encoder | TextEncoder | None, terms: Sequence[tuple[fl
     these need no ``encoder``)."""
     if not terms:
         raise ClipsearchError("The query is empty; give some text or an image path.")
+    # The weights scaled to at most 1, which leaves the direction as it is: weights near the
+    # largest float had overflowed the sum, and every score was 0.
+    largest = max(abs(weight) for weight, _ in terms)
+    terms = [(weight / largest if largest else 0.0, term) for weight, term in terms]
     weighted = [weight * term.astype(np.float64) for weight, term in terms if isinstance(term, np.ndarray)]
     if len(weighted) < len(terms):
         if encoder is None:

@@ -149,6 +149,10 @@ class VectorIndex:
     def ntotal(self) -> int:
         return self.index.ntotal
 
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
     @classmethod
     def build(
         cls,

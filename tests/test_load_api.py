@@ -24,8 +24,8 @@ from PIL import Image
 from clipsearch import clip
 from clipsearch.clip import registry
 from clipsearch.clip.checkpoints import write_model_dir
-from clipsearch.clip.tokenizer import TextTooLongError
 from clipsearch.clip.model import CLIP, ModelConfig, build_model
+from clipsearch.clip.tokenizer import TextTooLongError
 from clipsearch.errors import CheckpointError, DownloadError
 from clipsearch.paths import model_cache_dir
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import bump_mtime, faiss_file, make_image, make_library
 
 from clipsearch import Hit, Index
-from clipsearch.errors import IndexStateError
+from clipsearch.errors import ClipsearchError, IndexStateError
 from clipsearch.search import parse_term
 
 
@@ -266,3 +266,47 @@ def test_parse_term(tmp_path):
     assert parse_term("note: dogs") == (1.0, "note: dogs")
     assert parse_term(str(image)) == (1.0, image)
     assert parse_term(f"2:{image}") == (2.0, image)
+    assert parse_term("0.5:") == (0.5, "")  # a weight with nothing after it: refused as empty
+
+
+def test_a_weight_without_a_term_is_refused_not_searched_as_text(index):
+    with pytest.raises(ClipsearchError, match="empty"):
+        index.search([(1.0, "x"), parse_term("-0.5:")])
+
+
+def test_queries_of_the_wrong_shape_say_the_right_one(index):
+    """Each had been a bare error from deep inside (an unpacking, float(), an AssertionError
+    from FAISS), or a term quietly left out, or a NaN bound quietly ignored."""
+    dim = index.catalog.model(index.model).dim
+    cases = [
+        (["a dog", "a cat"], TypeError, "pairs"),
+        ([("x", "a dog")], TypeError, "not a number"),
+        ([(1.0, "a dog"), (1.0, 5)], TypeError, "not 5"),
+        (np.ones(dim + 1, np.float32), ClipsearchError, f"has {dim + 1} values, but the vectors of this model have"),
+        (np.full(dim, np.nan, np.float32), ClipsearchError, "not finite"),
+        ([(1.0, "a dog"), (1.0, np.full(dim, np.inf, np.float32))], ClipsearchError, "not finite"),
+    ]
+    for query, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            index.search(query)
+    for bad in ({"k": 0}, {"k": -3}, {"min_score": float("nan")}):
+        with pytest.raises(ValueError, match=r"k is|NaN"):
+            index.search("x", **bad)
+
+
+def test_a_huge_weight_ranks_like_weight_one(index):
+    """The sum of 1e300 x a unit vector with another had overflowed: every score 0, any order."""
+    expected = index.search([(1.0, "a dog"), (0.5, "grass")], k=12)
+    hits = index.search([(1e300, "a dog"), (5e299, "grass")], k=12)
+    assert [h.id for h in hits] == [h.id for h in expected]
+    np.testing.assert_allclose([h.score for h in hits], [h.score for h in expected], atol=1e-6)
+    assert len({h.score for h in hits}) > 1
+
+
+def test_a_closed_index_says_so(tmp_path, tiny_model, library):
+    index = Index.open(tmp_path / "home", model=tiny_model, device="cpu", precision="fp32")
+    index.add([tmp_path / "lib"], workers=0)
+    index.close()
+    for use in (lambda: index.search("x"), index.status, lambda: index.add([tmp_path / "lib"], workers=0)):
+        with pytest.raises(IndexStateError, match="has been closed; open it again"):
+            use()

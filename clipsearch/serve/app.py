@@ -58,7 +58,9 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
 
     async def search_image(request: Request) -> Response:
         page = _page(request.query_params)
-        data, text = from_form(request.headers.get("content-type", ""), await _body(request, max_bytes))
+        body = await _body(request, max_bytes)
+        # Parsing a form of 30 MB takes a second: in a thread, so that other requests go on.
+        data, text = await run_in_threadpool(from_form, request.headers.get("content-type", ""), body)
         text = request.query_params.get("q") or text or ""
         return _hits(await run_in_threadpool(service.search_image, data, text, page), page)
 
@@ -242,9 +244,14 @@ def _bearer(headers: Headers) -> str | None:
 
 
 def _loopback(host_header: str) -> bool:
+    """Whether a Host header names a loopback host, with a port or none: ``localhost``,
+    ``LOCALHOST:8765``, ``[::1]:8765``; not ``localhost:evil.example``."""
     if host_header.startswith("["):  # [::1]:8765
-        return is_loopback(host_header[1:].partition("]")[0])
-    return is_loopback(host_header.rpartition(":")[0] if ":" in host_header else host_header)
+        host, _, port = host_header[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = host_header.partition(":")
+    return (port == "" or (port.isascii() and port.isdigit())) and is_loopback(host.lower())
 
 
 def is_loopback(host: str) -> bool:
