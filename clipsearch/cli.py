@@ -45,7 +45,7 @@ app.add_typer(models_app, name="models")
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cmd | head` leaves for a Unix tool cut off by its reader
-EXIT_SOME_FAILED = 3  # the run finished, but some files could not be read (index, classify)
+EXIT_SOME_FAILED = 3  # the run finished, but some files or folders could not be read (index, classify)
 
 
 def _version(value: bool) -> None:
@@ -279,7 +279,7 @@ def index_command(
         "-m",
         help="Model name (see `clipsearch models`) or checkpoint path. An index holds vectors by each model "
         "it was run with (files already indexed by another model are only encoded), and the model named "
-        "here becomes the one queries use (default: the index's default model, else ViT-B/32).",
+        "here becomes the one queries use (default: the index's default model, else ViT-B-32-256/datacomp_s34b_b86k).",
     ),
     precision: str = typer.Option(
         "auto",
@@ -292,8 +292,8 @@ def index_command(
         None,
         "--from-list",
         metavar="FILE",
-        help="Index the files FILE lists (one path a line, or a Parquet file's `path` column) instead of "
-        "walking folders; a listed file that no longer exists is marked missing.",
+        help="Index the files FILE lists (one path a line, or a Parquet file's `path` column; - reads the lines "
+        "from stdin) instead of walking folders; a listed file that no longer exists is marked missing.",
     ),
     ray: str | None = typer.Option(
         None,
@@ -351,14 +351,14 @@ def index_command(
     if report.interrupted:
         typer.echo("Interrupted: everything finished so far is saved; run the same command again to go on.", err=True)
         raise typer.Exit(128 + stopped.signum)
-    if report.failed:
+    if report.failed or report.unreadable:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _file_list(path: Path) -> Manifest:
     from clipsearch.manifest import Manifest
 
-    return Manifest(path)
+    return Manifest("/dev/stdin" if str(path) == "-" else path)
 
 
 def _summary(report: AddReport, home: Path, model: str) -> str:
@@ -660,7 +660,10 @@ def classify_command(
     ),
     template: str = typer.Option("a photo of a {}", "--template", help="Prompt each label is put into."),
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Model name or checkpoint path (default: the index's model, else ViT-B/32)."
+        None,
+        "--model",
+        "-m",
+        help="Model name or checkpoint path (default: the index's model, else ViT-B-32-256/datacomp_s34b_b86k).",
     ),
     as_json: bool = typer.Option(
         False, "--json", help='Print a JSON array: {"path", "labels": {label: probability}} per image read.'
@@ -828,12 +831,22 @@ def remove_command(
         typer.echo(f"Removed {removed} file(s) from the index.")
 
 
+def _check_index_type(value: str) -> str:
+    from clipsearch.vectors import check_index_type
+
+    try:
+        return check_index_type(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @app.command("rebuild")
 @_handle_errors
 def rebuild_command(
     index_type: str = typer.Option(
         "auto",
         "--index-type",
+        callback=_check_index_type,
         help="FAISS index: auto (exact while small, approximate when large), Flat, HNSW32, 'IVF4096,PQ64', ...",
     ),
     model: str | None = _model_option("rebuild the vector index of"),

@@ -26,6 +26,7 @@ import numpy as np
 SORTS = ("score", "date", "-date", "path")
 EARTH_RADIUS_KM = 6371.0088
 DEFAULT_NEAR_KM = 10.0
+_SQLITE_LARGEST = 2**63 - 1  # the largest integer SQLite binds
 # Spellings of one format: asking for one finds the other.
 _SAME_EXTENSION = {"jpg": "jpeg", "jpeg": "jpg", "tif": "tiff", "tiff": "tif", "heic": "heif", "heif": "heic"}
 _WHEN = re.compile(r"(\d{4})(?:-(\d{1,2})(?:-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2}))?)?)?)?")
@@ -66,6 +67,8 @@ class Filters:
         object.__setattr__(self, "extensions", _normalised_extensions(extensions))
         if self.min_width is not None and self.min_width < 0:
             raise ValueError(f"min_width must be at least 0, got {self.min_width}")
+        if self.min_width is not None and self.min_width > _SQLITE_LARGEST:  # as wide passes as few: none
+            object.__setattr__(self, "min_width", _SQLITE_LARGEST)
 
     def __bool__(self) -> bool:
         return any(

@@ -29,7 +29,7 @@ from clipsearch.errors import ImageError, IndexStateError
 from clipsearch.filters import Filters
 from clipsearch.indexer import AddReport, Progress, run_add
 from clipsearch.paths import default_home
-from clipsearch.records import StoredModel, decode_path
+from clipsearch.records import STATUS_INDEXED, StoredModel, decode_path
 from clipsearch.search import Hit, Query, find_hits
 from clipsearch.walk import normalise_roots
 
@@ -289,7 +289,7 @@ class Index:
         newest first unless ``sort`` says otherwise. Ids in ``exclude`` are never returned."""
         self._require_current_weights()
         return find_hits(
-            query, self.encoder, self._vectors_now, self.catalog, k, under, min_score, filters, sort, exclude
+            query, self.encoder, self._searched_vectors, self.catalog, k, under, min_score, filters, sort, exclude
         )
 
     def similar(
@@ -353,7 +353,10 @@ class Index:
     def rebuild(self, index_type: str = "auto") -> Status:
         """Rebuild the model's FAISS index from the catalog's vectors, e.g. with another
         ``index_type`` (a FAISS factory string such as ``"Flat"`` or ``"HNSW32"``), which later
-        rebuilds keep."""
+        rebuilds keep. ValueError for a type it does not search (`vectors.check_index_type`)."""
+        from clipsearch.vectors import check_index_type
+
+        check_index_type(index_type)
         with self.catalog.writer_lock():
             self._update_vectors(index_type)
         return self.status()
@@ -496,6 +499,17 @@ class Index:
                 f"The index in {self.home} has no vectors by {self.model}; index with it first "
                 f"(`clipsearch index PATH --model {self.model}`), or use one of: {', '.join(others)}."
             )
+
+    def _searched_vectors(self) -> VectorIndex | None:
+        """`_vectors_now` for a search, which is a mistake too in an index that holds images but
+        no vectors by any model (each dropped): an index with nothing in it yet has no hits."""
+        found = self._vectors_now()
+        if found is None and self.catalog.counts()[STATUS_INDEXED]:
+            raise IndexStateError(
+                f"The index in {self.home} holds images but no vectors by any model; index them with one "
+                f"(`clipsearch index PATH --model {self.model}`)."
+            )
+        return found
 
 
 def stale_weights_message(model: str) -> str:

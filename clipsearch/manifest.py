@@ -32,8 +32,13 @@ class Manifest:
     """
 
     def __init__(self, path: str | os.PathLike):
+        """``path``: a file, or a pipe (``/dev/stdin``, a shell's ``<(find ...)``), read once."""
         self.path = Path(path).expanduser()
-        if not self.path.is_file():
+        if self.path.is_dir():
+            raise ClipsearchError(
+                f"The file list {self.path} is a folder; index a folder by naming it, without --from-list."
+            )
+        if not self.path.exists():
             raise ClipsearchError(f"The file list {self.path} does not exist; check the path.")
         self.roots: list[bytes] = []
         self.unreadable: list[bytes] = []

@@ -77,6 +77,8 @@ def as_term(text: str) -> Term:
     for it as text (add a word)."""
     if os.path.isfile(text):
         return Path(text)
+    if os.path.isdir(text):
+        raise ImageError(f"{text} is a folder; to search inside it, add --under {text} to a description.")
     parent = os.path.dirname(text)
     extension = os.fsencode(os.path.splitext(text)[1].lower())
     one_word = not any(c.isspace() for c in text)

@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import struct
 import time
@@ -630,6 +631,27 @@ def _remember_checked(path: Path, identity: list[int] | None = None) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# The FAISS factory strings clipsearch builds and searches by cosine: exact, scalar or product
+# quantised codes, alone, in an HNSW graph or in an inverted file (refined or not). FAISS's
+# factory takes many more, which broke here: HNSW1 crashed the process, PCA64,Flat changed the
+# scores (a cosine of 1.08), SQ0 kept nothing of the vectors, IDMap and NSG failed to build.
+_CODES = r"Flat|SQ(?:4|6|8|fp16|bf16)|PQ[1-9]\d*(?:x[1-9]\d*)?(?:fs)?"
+_HNSW = r"HNSW(?:[2-9]|[1-9]\d+)"
+_INDEX_TYPE = re.compile(
+    rf"auto|{_CODES}|{_HNSW}(?:,(?:{_CODES}))?|IVF[1-9]\d*(?:_{_HNSW})?,(?:{_CODES})(?:,RFlat|,Refine\((?:{_CODES})\))?"
+)
+
+
+def check_index_type(index_type: str) -> str:
+    """``index_type``, or ValueError when it is not one of the kinds clipsearch searches."""
+    if _INDEX_TYPE.fullmatch(index_type) is None:
+        raise ValueError(
+            f"{index_type!r} is not an index type clipsearch searches; use auto, or a FAISS factory string "
+            "of these kinds: Flat, SQ8, HNSW32, IVF1024,Flat, IVF1024,SQ8, IVF1024,PQ128x4fs,Refine(SQfp16)"
+        )
+    return index_type
+
+
 def new_index(index_type: str, dim: int) -> AnyIndex:
     """An empty index of ``index_type`` that keeps catalog ids: in its inverted lists, in both
     parts of a refined one (`Reranked`), else in an `IndexIDMap2` around it."""
@@ -843,7 +865,11 @@ def tune(
             reranked.k_factor = min(K_FACTORS[-1], K_FACTOR_MARGIN * reranked.k_factor)
             recall = measured()
     if recall < TARGET_RECALL:
-        log.warning("The vector index reaches only %.2f recall@10; consider a larger memory budget", recall)
+        log.warning(
+            "The vector index reaches only %.2f recall@10 at its widest search; a finer index type finds more "
+            "(rebuild it with auto or Flat)",
+            recall,
+        )
     return recall
 
 

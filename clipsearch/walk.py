@@ -133,7 +133,13 @@ class Walk:
                         name = entry.name
                         if name[:1] == b"." or (patterns and _excluded(entry.path, patterns, name)):
                             continue
-                        if entry.is_dir(follow_symlinks=follow):
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=follow)
+                        except OSError as err:  # a link to itself, followed: not the whole folder lost
+                            log.warning("cannot read %s: %s", os.fsdecode(entry.path), err.strerror)
+                            self.unreadable.append(entry.path)
+                            continue
+                        if is_dir:
                             if name not in JUNK_DIRS:
                                 subfolders.append(entry)
                             continue

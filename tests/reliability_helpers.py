@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -315,8 +316,9 @@ def start_index(home, lib, model: str, *extra: str, batch: int = 4, encode_delay
     return start_cli("--home", home, "index", lib, *options, encode_delay_s=encode_delay_s)
 
 
-def run_cli(*args: str | os.PathLike, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), capture_output=True, timeout=timeout)
+def run_cli(*args: str | os.PathLike, timeout: float = 120, **options: Any) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own; ``options`` are `subprocess.run`'s."""
+    return subprocess.run(cli_command(*args), capture_output=True, timeout=timeout, **options)
 
 
 def wait_until(condition, timeout: float, poll: float = 0.02, process: subprocess.Popen | None = None) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import faiss_file, make_image, make_library
-from reliability_helpers import cli_command, indexed_count, start_cli
+from reliability_helpers import cli_command, indexed_count, run_cli, start_cli
 from typer.testing import CliRunner
 
 from clipsearch import __version__, clip
@@ -193,6 +193,36 @@ def test_remove_and_rebuild(cli, library, tmp_path):
     out = cli("rebuild", "--index-type", "Flat").stdout
     assert "4 in a Flat index, consistent" in out
     assert len(cli("query", "x", "--paths-only").stdout.splitlines()) == 4
+
+
+def test_rebuild_refuses_index_types_it_does_not_search(cli, library, tmp_path):
+    """FAISS's factory builds these, and each had gone wrong after it: a crash (HNSW1: signal
+    11, nothing said), scores that are no cosine (PCA), no vector kept (SQ0), a failed build
+    reported as a bug (IDMap, NSG)."""
+    for bad in ("HNSW1", "HNSW0", "PCA64,Flat", "SQ0", "IVF4,SQ0", "IDMap,Flat", "NSG0", "IVF0,Flat"):
+        cli("rebuild", "--index-type", bad, code=2)
+    result = run_cli("--home", tmp_path / "home", "rebuild", "--index-type", "HNSW1")
+    assert result.returncode == 2 and result.stderr.count(b"\n") == 1, result.stderr
+    assert b"Invalid value for '--index-type': 'HNSW1' is not an index type clipsearch searches" in result.stderr
+    assert "in a Flat index" in cli("status").stdout  # nothing remembered, nothing rebuilt
+    assert "8 in a HNSW2 index (recall@10 1.000), consistent" in cli("rebuild", "--index-type", "HNSW2").stdout
+    scores = [float(line.split()[0]) for line in cli("query", "x", "-k", "3").stdout.splitlines()]
+    assert len(scores) == 3 and all(-1 <= s <= 1 for s in scores)
+
+
+def test_a_folder_that_cannot_be_read_makes_the_run_exit_3(cli, tmp_path, tiny_model):
+    make_library(tmp_path / "lib", 2)
+    (tmp_path / "lib" / "self").symlink_to("self")
+    result = cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", "--follow-symlinks", code=3)
+    assert summary(result)[0] == 2 and "1 folder(s) could not be read" in result.stdout
+
+
+def test_a_query_after_every_models_vectors_were_dropped_says_so(cli, library, tiny_model, tmp_path):
+    cli("models", "drop", tiny_model)
+    result = cli("query", "x", code=1)
+    assert "holds images but no vectors by any model; index them with one" in result.output
+    assert len(cli("query", "--after", "1900", "--paths-only").stdout.splitlines()) == 0  # listing needs none
+    assert "8 indexed" in cli("status").stdout
 
 
 def test_a_deleted_faiss_file_is_rebuilt_with_a_warning(cli, library, tmp_path):

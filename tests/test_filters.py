@@ -150,6 +150,7 @@ def test_extensions_and_width(photos):
     ]
     assert matching(photos, extensions=("png", "webp")) == ["bare.png", "may.webp", "september.png"]
     assert matching(photos, min_width=80) == ["august.JPG", "new.jpg"]
+    assert matching(photos, min_width=10**20) == []  # past what SQLite binds: it had raised OverflowError
 
 
 def test_filters_combine_with_each_other_with_under_min_score_and_k(photos, tmp_path):

@@ -71,6 +71,30 @@ def test_folders_or_a_file_list_not_both_nor_neither(cli, tmp_path):
         assert b"Error: Invalid value for PATHS: name folders to index, or list files with --from-list" in result.stderr
     missing = cli("index", "--from-list", tmp_path / "nowhere.txt", code=1)
     assert missing.output.strip() == f"Error: The file list {tmp_path / 'nowhere.txt'} does not exist; check the path."
+    folder = cli("index", "--from-list", tmp_path, code=1)
+    assert (
+        folder.output.strip()
+        == f"Error: The file list {tmp_path} is a folder; index a folder by naming it, without --from-list."
+    )
+
+
+def test_a_file_list_read_from_a_pipe(tmp_path, tiny_model):
+    """``find ... | clipsearch index --from-list -`` and ``--from-list <(find ...)``: a pipe
+    is no regular file, and had been refused as one that "does not exist"."""
+    images = make_library(tmp_path / "lib", 3)
+    listed = "".join(f"{p}\n" for p in images[:2]).encode()
+    home = tmp_path / "home"
+    result = run_cli("--home", home, "index", "--from-list", "-", "--model", tiny_model, "--workers", "0", input=listed)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"new 2, changed 0")
+    read, write = os.pipe()
+    os.write(write, f"{images[2]}\n".encode())
+    os.close(write)
+    piped = run_cli("--home", home, "index", "--from-list", f"/dev/fd/{read}", "--workers", "0", pass_fds=(read,))
+    os.close(read)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith(b"new 1, changed 0")
+    assert sorted(catalog_rows(home)) == sorted(os.fsencode(p) for p in images)
 
 
 def test_without_ray_installed_ray_runs_fail_in_one_line_naming_the_extra(tmp_path):

@@ -266,6 +266,8 @@ def test_parse_term(tmp_path):
     assert parse_term("note: dogs") == (1.0, "note: dogs")
     assert parse_term(str(image)) == (1.0, image)
     assert parse_term(f"2:{image}") == (2.0, image)
+    with pytest.raises(ClipsearchError, match=f"{tmp_path} is a folder; to search inside it, add --under"):
+        parse_term(str(tmp_path))
     assert parse_term("0.5:") == (0.5, "")  # a weight with nothing after it: refused as empty
 
 

@@ -97,6 +97,24 @@ def test_approximate_index_reaches_target_recall(monkeypatch, index_type):
     assert recall_at_10(index, ids, vectors, fresh) >= 0.9
 
 
+@pytest.mark.parametrize(
+    "index_type",
+    ["auto", "Flat", "SQ8", "SQfp16", "PQ16x4fs", "HNSW32", "HNSW16,SQ8", "IVF1024,Flat", "IVF64_HNSW32,SQ8",
+     "IVF4096,PQ64", "IVF64,PQ8x4fs,RFlat", "IVF1024,PQ128x4fs,Refine(SQfp16)"],
+)  # fmt: skip
+def test_the_index_types_clipsearch_searches(index_type):
+    assert vectors_module.check_index_type(index_type) == index_type
+
+
+@pytest.mark.parametrize(
+    "index_type", ["HNSW1", "PCA64,Flat", "OPQ16,IVF64,PQ16", "SQ0", "IDMap,Flat", "NSG32", "LSH", "IVF0,Flat",
+                   "Refine(Flat)", "IVF64,Flat,RFlat,RFlat", "flat"],
+)  # fmt: skip
+def test_other_factory_strings_are_refused(index_type):
+    with pytest.raises(ValueError, match="is not an index type clipsearch searches"):
+        vectors_module.check_index_type(index_type)
+
+
 def test_untrainable_or_unknown_types_are_clear_errors():
     with pytest.raises(IndexStateError, match="cannot be trained on 10 vectors"):
         VectorIndex.build(np.arange(10), random_unit(10), "IVF64,Flat")

@@ -110,6 +110,16 @@ def test_symlink_loops_end(tmp_path):
     assert found_paths(tmp_path) == [b(tmp_path / "a" / "x.jpg")]
 
 
+def test_a_link_to_itself_costs_only_itself(tmp_path):
+    """Followed, a link to itself cannot be stat'ed (ELOOP): that had dropped the rest of its
+    folder's listing, and with it every file the listing had not reached yet."""
+    files = [touch(tmp_path / f"{name}.jpg") for name in "abcdefgh"]
+    (tmp_path / "self").symlink_to("self")
+    walk = Walk(normalise_roots([tmp_path]), follow_symlinks=True)
+    assert sorted(f.path for f in walk) == [b(f) for f in files]
+    assert walk.unreadable == [b(tmp_path / "self")]
+
+
 def test_file_symlinks_are_listed_and_broken_ones_reported(tmp_path):
     target = touch(tmp_path / "real.jpg", b"abc")
     (tmp_path / "alias.jpg").symlink_to(target)
