@@ -154,6 +154,9 @@ def plan_changes(
             plan.to_verify.append((found, state.fingerprint))
         else:
             plan.unchanged += 1
+    if isinstance(walk, Walk):
+        for root in walk.empty_roots:
+            _keep_if_unmounted(root, unseen, walk)
     plan.unreadable = len(walk.unreadable)
     in_roots, in_unreadable = under(walk.roots), under(walk.unreadable)
     excluded = walk.excludes if isinstance(walk, Walk) else lambda path: False
@@ -163,6 +166,23 @@ def plan_changes(
         if state.status != STATUS_MISSING and in_roots(path) and not in_unreadable(path) and not excluded(path)
     ]
     return plan
+
+
+def _keep_if_unmounted(root: bytes, unseen: dict[bytes, FileState], walk: Walk) -> None:
+    """A root folder that is empty now but had files indexed is taken for unreadable, not for
+    emptied: an unmounted drive leaves just that, and marking its files missing would drop
+    their vectors, so that mounting it again re-encoded them all."""
+    inside = under([root])
+    held = sum(1 for path, state in unseen.items() if state.status != STATUS_MISSING and inside(path))
+    if held:
+        log.warning(
+            "%s is empty, but %d file(s) under it are indexed; they are kept as they are (is it a drive that is "
+            "not mounted?). If they were deleted, `clipsearch remove %s` forgets them.",
+            os.fsdecode(root),
+            held,
+            os.fsdecode(root),
+        )
+        walk.unreadable.append(root)
 
 
 def run_add(

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,26 @@ def test_a_folder_that_cannot_be_read_makes_the_run_exit_3(cli, tmp_path, tiny_m
     (tmp_path / "lib" / "self").symlink_to("self")
     result = cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", "--follow-symlinks", code=3)
     assert summary(result)[0] == 2 and "1 folder(s) could not be read" in result.stdout
+
+
+def test_an_emptied_root_is_taken_for_an_unmounted_drive(cli, tmp_path, tiny_model):
+    """Its files had been marked missing and their vectors dropped, so that mounting the drive
+    again re-encoded every one; an emptied subfolder is still a deletion."""
+    images = make_library(tmp_path / "drive", 6)
+    cli("index", tmp_path / "drive", "--model", tiny_model, "--workers", "0")
+    shutil.move(tmp_path / "drive", tmp_path / "unplugged")
+    (tmp_path / "drive").mkdir()
+    result = cli("index", tmp_path / "drive", code=3)
+    assert summary(result) == (0, 0, 0, 0, 0, 0) and "1 folder(s) could not be read" in result.stdout
+    assert "is empty, but 6 file(s) under it are indexed; they are kept as they are" in result.stderr
+    assert "6 indexed, 0 failed, 0 missing" in cli("status").stdout
+    (tmp_path / "drive").rmdir()
+    shutil.move(tmp_path / "unplugged", tmp_path / "drive")
+    assert summary(cli("index", tmp_path / "drive")) == (0, 0, 0, 0, 0, 6)  # nothing encoded again
+    for image in images:  # part0, emptied
+        if image.parent.name == "part0":
+            image.unlink()
+    assert summary(cli("index", tmp_path / "drive")) == (0, 0, 0, 3, 0, 3)
 
 
 def test_a_query_after_every_models_vectors_were_dropped_says_so(cli, library, tiny_model, tmp_path):
