@@ -733,9 +733,14 @@ def status_command(
 ) -> None:
     """Where the index is, its models and their coverage, how many images it holds, and whether
     the vector file is consistent with the catalog."""
+    if check and (failed or missing):
+        raise typer.BadParameter(
+            "it compares the vector files; list --failed or --missing without it", param_hint="--check"
+        )
     with _open(model, reading=True) as index:
         if failed or missing:
-            failures = index.failures() if failed else []
+            # Reasons often start with the file's name: it is said once, as the path.
+            failures = [(p, r.removeprefix(f"{p} ")) for p, r in index.failures()] if failed else []
             gone = index.missing() if missing else []
             if as_json:
                 lists: dict[str, Any] = (
@@ -744,8 +749,7 @@ def status_command(
                 _print_json(lists | ({"missing": [str(p) for p in gone]} if missing else {}))
                 return
             for path, reason in failures:
-                # Reasons often start with the file's name: it is said once, first.
-                _print(f"{path}: {reason.removeprefix(f'{path} ')}")
+                _print(f"{path}: {reason}")
             for path in gone:
                 _print(str(path))
             return
