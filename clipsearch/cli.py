@@ -645,10 +645,18 @@ def duplicates_command(
 
 def _described(label: str, hit: Any) -> bytes:
     """One line of a group: a label in 8 columns, the path as human output shows it, the size."""
-    return _shown(f"{label:<8}{hit.path}  {hit.width}x{hit.height}").encode() + b"\n"
+    return _shown(f"{label:<7} {hit.path}  {hit.width}x{hit.height}").encode() + b"\n"
 
 
 # --- classify --------------------------------------------------------------------------------
+
+
+def _one_slot(template: str) -> bool:
+    """Whether ``template`` puts a label in one place, as `str.format` reads it."""
+    try:
+        return template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError, AttributeError):
+        return False
 
 
 @app.command("classify")
@@ -677,6 +685,14 @@ def classify_command(
     names = [label.strip() for label in labels.split(",") if label.strip()]
     if len(names) < 2:
         raise typer.BadParameter("give at least two labels, separated by commas", param_hint="--labels")
+    if len(set(names)) < len(names):  # one label twice splits its probability, and --json kept one half
+        twice = next(name for name in names if names.count(name) > 1)
+        raise typer.BadParameter(f"{twice!r} is given twice; give each label once", param_hint="--labels")
+    if not _one_slot(template):  # every prompt the same, or a format error reported as a bug
+        raise typer.BadParameter(
+            f"{template!r} must hold {{}} once, where each label goes, e.g. 'a photo of a {{}}'",
+            param_hint="--template",
+        )
     encoder = Encoder(model or _index_model(), settings.device, towers="both")
     width = max(len(name) for name in names)
     failed, classified = 0, []

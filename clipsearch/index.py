@@ -335,7 +335,10 @@ class Index:
         if threshold is None:
             threshold = default_threshold(self.model)
         folder = normalise_roots([under])[0] if under is not None else None
-        return find_duplicates(self.catalog, self.catalog.model(self.model), threshold, folder)
+        stored = self.catalog.model(self.model)
+        if stored is None:
+            self._searched_vectors()  # an error where vectors are wanted; none in an empty index
+        return find_duplicates(self.catalog, stored, threshold, folder)
 
     def remove(self, paths: Iterable[str | os.PathLike]) -> int:
         """Forget the files at or under ``paths`` (the files themselves are not touched)."""

@@ -301,6 +301,11 @@ def test_usage_errors_exit_2(cli, library):
     assert "give TEXT, --like IMAGE, or a filter" in cli("query", code=2).stderr
     assert "'--min-score'" in cli("query", "x", "--min-score", "2", code=2).stderr  # a cosine is at most 1
     assert "--labels" in cli("classify", library[0], "--labels", "dog", code=2).stderr
+    assert "'dog' is given twice" in cli("classify", library[0], "--labels", "dog,cat,dog", code=2).stderr
+    for template in ("{} {}", "a {x}", "a {", "shape", "{0.real}", "{{}}"):  # errors "as a bug", or one prompt
+        assert (
+            "must hold {} once" in cli("classify", library[0], "--labels", "a,b", "--template", template, code=2).stderr
+        )
     cli("query", "x", "--top", "0", code=2)
 
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from clipsearch import duplicates
 from clipsearch.cli import app
 from clipsearch.duplicates import components, default_threshold, find_duplicates, similar_pairs
+from clipsearch.errors import IndexStateError
 from clipsearch.index import Index
 from clipsearch.records import ImageRow, PhotoMeta
 
@@ -125,6 +126,14 @@ def test_near_duplicates_group_by_their_stored_vectors(tmp_path, library, encode
     (near,) = [g for g in above if g.keeper.path.name in ("b.png", "c.png")]
     assert {near.keeper.path.name, near.duplicates[0].hit.path.name} == {"b.png", "c.png"}
     assert not near.duplicates[0].exact and near.duplicates[0].hit.score == pytest.approx(similarity, abs=1e-5)
+
+
+def test_a_model_without_vectors_is_an_error_not_exact_copies_alone(tmp_path, library, other_tiny_model):
+    with (
+        Index.open(tmp_path / "home", model=other_tiny_model) as index,
+        pytest.raises(IndexStateError, match="no vectors by"),
+    ):
+        index.duplicates()  # had given the byte-identical copies alone, as if they were all
 
 
 def test_under_and_deleted_files_narrow_the_groups(tmp_path, library):

@@ -142,6 +142,40 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
         train(tiny(tmp_path / "x", init=str(tmp_path / "run")))
 
 
+def test_refuses_an_output_that_holds_anything_else(tmp_path):
+    """A model's folder named as the output had lost its vocabulary to the run's, even when the
+    run then failed: the model still loaded, and classified wrongly."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "vocab.txt.gz").write_bytes(b"its own")
+    with pytest.raises(TrainingError, match="is not empty; a run writes a model there"):
+        train(tiny(model))
+    assert [p.name for p in model.iterdir()] == ["vocab.txt.gz"] and (model / "vocab.txt.gz").read_bytes() == b"its own"
+    (tmp_path / "file.txt").write_text("x")
+    for output in (tmp_path / "file.txt", tmp_path / "file.txt" / "out"):
+        with pytest.raises(TrainingError, match=r"file\.txt is a file; choose a new or empty output directory"):
+            train(tiny(output))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("lr", -1.0), ("lr", 0.0), ("lr", math.nan), ("grad_clip", -1.0), ("grad_clip", math.inf), ("weight_decay", -5.0)],
+)
+def test_refuses_rates_and_norms_that_cannot_train(tmp_path, option, value):
+    """A negative clip norm had turned every step uphill; the others trained nothing."""
+    with pytest.raises(TrainingError, match=f"--{option.replace('_', '-')} must be a number"):
+        train(tiny(tmp_path / "out", **{option: value}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_and_saves_nothing(tmp_path):
+    """At lr=inf the weights become NaN, whose recall had come out perfect (1.0) and been saved."""
+    output = tmp_path / "out"
+    with pytest.raises(TrainingError, match="The run diverged: the loss became nan at step 2"):
+        train(tiny(output, lr=1e30, warmup_steps=0, grad_clip=1e30))
+    assert not (output / "model.safetensors").exists() and not (output / "metrics.jsonl").exists()
+
+
 def test_read_pairs_from_csv_jsonl_and_folder(tmp_path):
     manifest = write_scenes(tmp_path / "scenes", count=6, seed=2)
     records = [json.loads(line) for line in manifest.read_text().splitlines()]

@@ -24,14 +24,24 @@ OPTIONS_FILE = "train_options.json"
 
 
 def check_output(options: TrainOptions) -> None:
-    """Refuse to start a run over another one, or to resume one that is not there."""
-    has_run = (options.output / STATE_FILE).is_file()
+    """Refuse to start a run over another one or over anything else already in its folder (a
+    run writes its vocabulary there first: a model's folder named by mistake had lost its own),
+    or to resume one that is not there."""
+    output = options.output
+    has_run = (output / STATE_FILE).is_file()
     if options.resume and not has_run:
-        raise TrainingError(f"{options.output} holds no training run to resume; drop --resume to start one.")
+        raise TrainingError(f"{output} holds no training run to resume; drop --resume to start one.")
     if not options.resume and has_run:
         raise TrainingError(
-            f"{options.output} already holds a training run; pass --resume to continue it "
-            "or choose another output directory."
+            f"{output} already holds a training run; pass --resume to continue it or choose another output directory."
+        )
+    existing = next((p for p in (output, *output.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise TrainingError(f"{existing} is a file; choose a new or empty output directory.")
+    if not options.resume and existing == output and any(output.iterdir()):
+        raise TrainingError(
+            f"{output} is not empty; a run writes a model there, so choose a new or empty output directory "
+            "(to fine-tune the model in it, give it as --init)."
         )
 
 

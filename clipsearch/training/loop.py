@@ -15,6 +15,7 @@ so a resumed run sees exactly the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -28,7 +29,7 @@ from clipsearch.clip.model import CLIP
 from clipsearch.clip.preprocess import Preprocess
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.training import build, checkpoint, data
-from clipsearch.training.options import Precision, TrainOptions, check
+from clipsearch.training.options import Precision, TrainingError, TrainOptions, check
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,14 @@ def train(
                 model, images.to(device), texts.to(device), positives, optimizer, scaler, autocast_dtype, options
             )
             schedule.step()
+            if not math.isfinite(loss):
+                raise _diverged(options, f"the loss became {loss} at step {step}")
             losses.append(loss)
             if on_step is not None:
                 lr = float(schedule.get_last_lr()[0])
                 on_step(StepInfo(epoch + 1, step, total_steps, loss, lr, model.logit_scale.exp().item()))
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise _diverged(options, f"its weights hold NaN or infinity after epoch {epoch + 1}")
         recall = evaluate(model, data.loader(val_set, options, shuffle=False, seed=0), device, autocast_dtype)
         result = EpochResult(epoch + 1, step, sum(losses) / len(losses), recall, time.perf_counter() - started)
         _save(options, model, preprocess, tokenizer, optimizer, schedule, scaler, result)
@@ -115,6 +120,15 @@ def train(
         if on_epoch is not None:
             on_epoch(result)
     return results
+
+
+def _diverged(options: TrainOptions, what: str) -> TrainingError:
+    """The error for a run that left finite numbers: nothing of it is saved, and a NaN model had
+    scored a perfect recall (every comparison with NaN is false, so every rank was 0)."""
+    return TrainingError(
+        f"The run diverged: {what}. Lower --lr (it is {options.lr:g}) or --grad-clip; the last complete "
+        f"epoch saved in {options.output}, if any, is kept."
+    )
 
 
 def _save(

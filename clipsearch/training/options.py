@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,6 +53,12 @@ def check(options: TrainOptions) -> None:
     """Raise `TrainingError` for options that contradict each other or name missing data."""
     if options.config and options.init:
         raise TrainingError("Give either --config (train from scratch) or --init (fine-tune), not both.")
+    # A negative clip norm had turned every step uphill, and NaN or a negative rate trained nothing.
+    for flag, value, least in (("--lr", options.lr, 0.0), ("--grad-clip", options.grad_clip, 0.0)):
+        if not (math.isfinite(value) and value > least):
+            raise TrainingError(f"{flag} must be a number above {least:g}, not {value}.")
+    if not (math.isfinite(options.weight_decay) and options.weight_decay >= 0):
+        raise TrainingError(f"--weight-decay must be a number of 0 or more, not {options.weight_decay}.")
     if options.lock_image and options.lock_text:
         raise TrainingError("Locking both towers leaves nothing to train; drop --lock-image or --lock-text.")
     if options.data is not None and not options.data.exists():
