@@ -104,6 +104,6 @@ def test_log_messages_escape_names(cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "scandir", refusing)
     result = cli("index", tmp_path / "lib")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 3, result.stderr  # finished, a folder not read
     assert_escaped(result.stderr_bytes)
     assert rb"warning: cannot list " in result.stderr_bytes and rb"sub\x1b]0;pwned" in result.stderr_bytes
