@@ -110,6 +110,8 @@ def _global_options(
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.INFO)
     root.propagate = False
+    if quiet:  # no bars either, a model's download included (tqdm's own switch, which the library reads)
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def _warnings_and_notices(record: logging.LogRecord) -> bool:

@@ -297,6 +297,13 @@ def test_empty_index_says_no_matches(cli, tiny_model, tmp_path):
     assert json.loads(cli("query", "anything", "--json").stdout) == []
 
 
+def test_quiet_turns_every_progress_bar_off(cli, library, monkeypatch):
+    """A model's download bar too, which the library draws: tqdm's own switch is set for it."""
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # put back as it was after the test
+    cli("-q", "status")
+    assert os.environ["TQDM_DISABLE"] == "1"
+
+
 def test_usage_errors_exit_2(cli, library):
     assert "give TEXT, --like IMAGE, or a filter" in cli("query", code=2).stderr
     assert "'--min-score'" in cli("query", "x", "--min-score", "2", code=2).stderr  # a cosine is at most 1

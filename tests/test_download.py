@@ -190,6 +190,46 @@ def test_progress_bar_off_when_asked_or_not_a_terminal(server, tmp_path, monkeyp
     assert quiet_err.getvalue() == ""
 
 
+def test_tqdm_disable_turns_the_bar_off(server, tmp_path, monkeypatch):
+    """tqdm's own switch, which `clipsearch --quiet` sets: its download bar had shown anyway."""
+    fake_err = _Terminal()
+    monkeypatch.setattr("sys.stderr", fake_err)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    download.fetch(server.url, DIGEST, tmp_path / "a.bin")
+    assert fake_err.getvalue() == ""
+
+
+def test_a_cache_that_cannot_be_written_is_one_clear_error(server, tmp_path):
+    """Each had been an OSError, which the CLI reports as a bug."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DownloadError, match=r"Cannot write .*file/model\.bin in the model cache \(.*\); make"):
+        download.fetch(server.url, DIGEST, tmp_path / "file" / "model.bin")
+    (tmp_path / "folder.bin").mkdir()  # where the file should be
+    with pytest.raises(DownloadError, match=r"Cannot read the cached file .*folder\.bin \(.*\); remove it"):
+        download.fetch(server.url, DIGEST, tmp_path / "folder.bin")
+    assert server.hits == 0
+
+
+def test_a_download_is_readable_as_the_umask_says_and_old_parts_go(server, tmp_path):
+    """mkstemp's 0600 had stayed with the checkpoint; a download killed outright (SIGTERM,
+    SIGKILL) had left its .part for good."""
+    import os
+    import time
+
+    stale, fresh = tmp_path / "model.bin.old.part", tmp_path / "model.bin.new.part"
+    for part in (stale, fresh):
+        part.write_bytes(b"half")
+    hour_ago = time.time() - 3700
+    os.utime(stale, (hour_ago, hour_ago))
+    previous = os.umask(0o022)
+    try:
+        dest = download.fetch(server.url, DIGEST, tmp_path / "model.bin")
+    finally:
+        os.umask(previous)
+    assert dest.stat().st_mode & 0o777 == 0o644
+    assert _leftovers(tmp_path) == ["model.bin", "model.bin.new.part", "model.bin.sha256"]  # another's, live
+
+
 def test_corrupted_cache_file_is_detected(server, tmp_path):
     dest = download.fetch(server.url, DIGEST, tmp_path / "model.bin")
     dest.write_bytes(b"x" + PAYLOAD[1:])

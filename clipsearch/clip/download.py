@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 30
+_STALE_PART_S = 3600
 
 
 def fetch(url: str, sha256: str | None, dest: Path, *, size: int | None = None, progress: bool = True) -> Path:
@@ -49,7 +51,11 @@ def fetch(url: str, sha256: str | None, dest: Path, *, size: int | None = None, 
     if dest.exists():
         _check_cached(dest, sha256)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(dest, exc) from None
+    _remove_stale_parts(dest)
     log.info("Downloading %s to %s", url, dest)
     part, digest = _download(url, dest, progress)
     try:
@@ -148,14 +154,18 @@ def _openai_copy_is_intact(path: Path, asset: registry.Asset) -> bool:
 def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
     """Stream `url` into a fresh `.part` file beside `dest`, hashing on the way; the caller
     verifies the hash and renames the file."""
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+        os.fchmod(fd, 0o666 & ~_umask())  # as any file the user makes: mkstemp's is theirs alone
+    except OSError as exc:
+        raise _unwritable(dest, exc) from None
     part = Path(name)
     hasher = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             expected = int(length) if length is not None else None
-            show = progress and sys.stderr.isatty()
+            show = shows_progress(progress)
             with tqdm(
                 total=expected,
                 unit="B",
@@ -187,6 +197,37 @@ def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
     return part, hasher.hexdigest()
 
 
+def shows_progress(progress: bool) -> bool:
+    """Whether a download shows its bar: when asked, on a terminal, unless ``TQDM_DISABLE`` (tqdm's
+    own switch, which ``clipsearch --quiet`` sets) turns bars off."""
+    return progress and sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")
+
+
+def _unwritable(dest: Path, exc: OSError) -> DownloadError:
+    return DownloadError(
+        f"Cannot write {dest} in the model cache ({exc.strerror or exc}); make {dest.parent} a writable "
+        "folder, or point CLIPSEARCH_HOME elsewhere."
+    )
+
+
+def _remove_stale_parts(dest: Path) -> None:
+    """Remove what downloads of ``dest`` killed without a chance to clean up (SIGKILL, SIGTERM, a
+    power cut) left: `.part` files nothing has written to for an hour. A download going on in
+    another process writes to its own every second."""
+    for part in dest.parent.glob(f"{dest.name}.*.part"):
+        try:
+            if time.time() - part.stat().st_mtime > _STALE_PART_S:
+                part.unlink()
+        except OSError:  # gone already, or not ours to remove: it costs only disk
+            pass
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting it: there is no other way; set back at once
+    os.umask(mask)
+    return mask
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         text = f"HTTP {exc.code} {exc.reason}"
@@ -203,6 +244,10 @@ def _check_cached(path: Path, sha256: str | None) -> None:
     """Accept a file in clipsearch's cache only if it hashes to `sha256` (or to its own first-download record)."""
     try:
         integrity.check(path, sha256, integrity.sidecar(path))
+    except OSError as exc:  # a folder where the file should be, or unreadable
+        raise DownloadError(
+            f"Cannot read the cached file {path} ({exc.strerror or exc}); remove it and try again."
+        ) from None
     except integrity.Mismatch as bad:
         raise DownloadError(
             f"The cached file {path} is corrupt (SHA-256 {bad.digest}, expected {bad.expected}); "

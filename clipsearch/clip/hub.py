@@ -216,7 +216,9 @@ def _bar_class(progress: bool) -> type[tqdm]:
     """A progress bar like `download.fetch`'s: on stderr, only for a terminal and when asked."""
     from tqdm import tqdm
 
-    show = progress and sys.stderr.isatty()
+    from clipsearch.clip.download import shows_progress
+
+    show = shows_progress(progress)
 
     class Bar(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
