@@ -223,7 +223,7 @@ def _remove_stale_parts(dest: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # read by setting it: there is no other way; set back at once
+    mask = os.umask(0o077)  # read by setting it (there is no other way), to the strictest, and set back
     os.umask(mask)
     return mask
 
