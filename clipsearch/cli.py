@@ -167,9 +167,9 @@ def _handle_errors(command: Callable) -> Callable:
             if settings.verbose:
                 raise
             _error(str(err))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             typer.echo("Interrupted.", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(128 + err.signum if isinstance(err, _Stopped) else EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`| head`): stop quietly, and keep Python's own flush of
             # stdout at exit from failing again.
@@ -324,7 +324,11 @@ def index_command(
 
         require_ray()
     stop = threading.Event()
-    with _open(model, precision, create=True) as index, _progress_bar() as progress, _stop_on_signals(stop) as stopped:
+    with (
+        _open(model, precision, create=True) as index,
+        _progress_bar() as progress,
+        _stop_on_signals(stop, lambda: progress.begun) as stopped,
+    ):
         report = index.add(
             _file_list(from_list) if from_list is not None else paths,
             exclude=exclude,
@@ -391,6 +395,7 @@ class _progress_bar:
     def __enter__(self) -> _progress_bar:
         self.bar: Any = None  # a tqdm bar, made on the first update that needs one
         self.stage = ""
+        self.begun = False  # whether any file is done: before that, a stop has nothing to wait for
         return self
 
     def __call__(self, done: int, total: int) -> None:
@@ -400,6 +405,7 @@ class _progress_bar:
         self._show("verifying", "file", done, total)
 
     def _show(self, stage: str, unit: str, done: int, total: int) -> None:
+        self.begun = self.begun or done > 0
         if self.bar is not None and stage != self.stage:
             self.bar.close()
             self.bar = None
@@ -419,15 +425,27 @@ class _progress_bar:
             self.bar.close()
 
 
+class _Stopped(KeyboardInterrupt):
+    """A run stopped at once by signal ``signum``: it exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _stop_on_signals:
     """The first Ctrl-C or SIGTERM (`kill PID`, a service manager) asks the run to stop after
     committing what is finished; a second one interrupts at once (the open transaction rolls
-    back, nothing committed is lost)."""
+    back, nothing committed is lost). Before ``begun()``, while nothing is finished yet (the
+    walk, a model's first download), the first one interrupts at once: there is nothing to
+    wait for, and a 600 MB download had gone on to its end after "Stopping after the current
+    batch"."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, stop: threading.Event):
+    def __init__(self, stop: threading.Event, begun: Callable[[], bool] = lambda: True):
         self.stop = stop
+        self.begun = begun
         self.signum: int = signal.SIGINT
 
     def __enter__(self) -> _stop_on_signals:
@@ -437,6 +455,8 @@ class _stop_on_signals:
     def _handler(self, signum: int, frame: object) -> None:
         if self.stop.is_set():
             raise KeyboardInterrupt
+        if not self.begun():
+            raise _Stopped(signum)
         self.stop.set()
         self.signum = signum
         typer.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)

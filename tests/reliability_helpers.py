@@ -275,16 +275,21 @@ def indexed_count(home: Path) -> int:
 # Run as `python -c`: the CLI, optionally with each image batch made to take at least
 # ENCODE_DELAY_S seconds, as a real model on a CPU does. The tiny test model encodes a batch in a
 # millisecond, so without this a run ends before a signal sent "in the middle" lands.
+# RELIABILITY_LOAD_DELAY_S makes loading the model take that long first, as a first download does.
 _CLI_MAIN = """
 import os, time
 delay = float(os.environ.get("RELIABILITY_ENCODE_DELAY_S") or 0)
-if delay:
+load_delay = float(os.environ.get("RELIABILITY_LOAD_DELAY_S") or 0)
+if delay or load_delay:
     from clipsearch.encoder import Encoder
-    real = Encoder.encode_images
+    real, real_init = Encoder.encode_images, Encoder.__init__
     def encode_images(self, pixels):
         time.sleep(delay)
         return real(self, pixels)
-    Encoder.encode_images = encode_images
+    def init(self, *args, **kwargs):
+        time.sleep(load_delay)
+        real_init(self, *args, **kwargs)
+    Encoder.encode_images, Encoder.__init__ = encode_images, init
 from clipsearch.cli import main
 main()
 """
@@ -298,10 +303,13 @@ def cli_command(*args: str | os.PathLike) -> list[str]:
     return [sys.executable, "-c", _CLI_MAIN, *map(os.fsdecode, args)]
 
 
-def start_cli(*args: str | os.PathLike, encode_delay_s: float = 0.0, env: dict | None = None) -> subprocess.Popen:
+def start_cli(
+    *args: str | os.PathLike, encode_delay_s: float = 0.0, load_delay_s: float = 0.0, env: dict | None = None
+) -> subprocess.Popen:
     """Start `clipsearch ...` in its own session (so a signal can go to its whole group, as
     Ctrl-C in a terminal does), with output captured as bytes."""
-    env = {**os.environ, **(env or {}), "RELIABILITY_ENCODE_DELAY_S": str(encode_delay_s)}
+    delays = {"RELIABILITY_ENCODE_DELAY_S": str(encode_delay_s), "RELIABILITY_LOAD_DELAY_S": str(load_delay_s)}
+    env = {**os.environ, **(env or {}), **delays}
     if "RELIABILITY_SWAP_FOR_FIFO" in env:  # hooks/sitecustomize.py, in every process of the run
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), env.get("PYTHONPATH")]))
     return subprocess.Popen(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import faiss_file, make_image, make_library
-from reliability_helpers import cli_command, indexed_count, run_cli, start_cli
+from reliability_helpers import cli_command, indexed_count, run_cli, start_cli, wait_until
 from typer.testing import CliRunner
 
 from clipsearch import __version__, clip
@@ -435,6 +435,28 @@ def test_ctrl_c_commits_what_is_done_and_exits_130(tmp_path, tiny_model):
     command = cli_command(*args)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and summary_counts(rerun.stdout)[:1] == (150 - done,)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_anything_is_finished_stops_at_once(tmp_path, tiny_model, signum):
+    """Nothing to commit yet (the walk, a model's first download, the first batch): the first
+    Ctrl-C had said "Stopping after the current batch" and let a download run to its end."""
+    make_library(tmp_path / "lib", 6)
+    home = tmp_path / "home"
+    args = ["--home", home, "index", tmp_path / "lib", "--model", tiny_model, "--workers", "0"]
+    process = start_cli(*args, "--precision", "fp32", load_delay_s=60)
+    try:
+        assert wait_until(lambda: (home / "catalog.db").exists(), timeout=60, poll=0.05, process=process)
+        time.sleep(1.0)  # past opening the index, into loading the model (60 s)
+        process.send_signal(signum)
+        sent = time.monotonic()
+        stderr = process.communicate(timeout=30)[1].decode()
+    finally:
+        process.kill()
+    assert time.monotonic() - sent < 15, stderr  # not the load's 60 s
+    assert process.returncode == 128 + signum, stderr
+    assert stderr.strip().splitlines()[-1] == "Interrupted." and "Stopping after" not in stderr
+    assert indexed_count(home) == 0
 
 
 def test_a_ctrl_c_after_the_run_stopped_cannot_kill_the_exit():
