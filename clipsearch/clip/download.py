@@ -165,7 +165,7 @@ def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             expected = int(length) if length is not None else None
-            show = shows_progress(progress)
+            show = hub.shows_progress(progress)
             with tqdm(
                 total=expected,
                 unit="B",
@@ -195,12 +195,6 @@ def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
         part.unlink(missing_ok=True)
         raise
     return part, hasher.hexdigest()
-
-
-def shows_progress(progress: bool) -> bool:
-    """Whether a download shows its bar: when asked, on a terminal, unless ``TQDM_DISABLE`` (tqdm's
-    own switch, which ``clipsearch --quiet`` sets) turns bars off."""
-    return progress and sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")
 
 
 def _unwritable(dest: Path, exc: OSError) -> DownloadError:

@@ -212,11 +212,16 @@ def _reason(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def shows_progress(progress: bool) -> bool:
+    """Whether a download (a hub file, or `download.fetch`'s) shows its bar: when asked, on a
+    terminal, unless ``TQDM_DISABLE`` (tqdm's own switch, which ``clipsearch --quiet`` sets)
+    turns bars off."""
+    return progress and sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")
+
+
 def _bar_class(progress: bool) -> type[tqdm]:
     """A progress bar like `download.fetch`'s: on stderr, only for a terminal and when asked."""
     from tqdm import tqdm
-
-    from clipsearch.clip.download import shows_progress
 
     show = shows_progress(progress)
 
