@@ -144,7 +144,7 @@ class Index:
 
     def add(
         self,
-        paths: Iterable[str | os.PathLike] | Manifest,
+        paths: Iterable[str | os.PathLike] | str | os.PathLike | Manifest,
         *,
         exclude: Sequence[str] = (),
         follow_symlinks: bool = False,
@@ -168,6 +168,10 @@ class Index:
         ``ray`` (a cluster address, ``"auto"``, or a `RayExecutor`) decodes and encodes on a
         Ray cluster; this process still plans the run and is the only writer.
         """
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size is {batch_size}; give 1 or more, or None for the default.")
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers is {workers}; give 0 (decode in this process) or more, or None for auto.")
         with self.catalog.writer_lock():
             weights, stale = self._drop_stale_vectors()
             generation = self.catalog.generation
@@ -340,7 +344,7 @@ class Index:
             self._searched_vectors()  # an error where vectors are wanted; none in an empty index
         return find_duplicates(self.catalog, stored, threshold, folder)
 
-    def remove(self, paths: Iterable[str | os.PathLike]) -> int:
+    def remove(self, paths: Iterable[str | os.PathLike] | str | os.PathLike) -> int:
         """Forget the files at or under ``paths`` (the files themselves are not touched)."""
         with self.catalog.writer_lock():
             removed = self.catalog.remove(normalise_roots(paths))

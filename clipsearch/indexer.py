@@ -189,7 +189,7 @@ def run_add(
     catalog: Catalog,
     model: str,
     get_encoder: Callable[[int], Encoder],
-    roots: Iterable[str | os.PathLike] | Manifest,
+    roots: Iterable[str | os.PathLike] | str | os.PathLike | Manifest,
     *,
     exclude: Sequence[str] = (),
     follow_symlinks: bool = False,
@@ -265,7 +265,9 @@ def run_add(
     return report
 
 
-def _walk(roots: Iterable[str | os.PathLike], exclude: Sequence[str], follow_symlinks: bool) -> Walk:
+def _walk(
+    roots: Iterable[str | os.PathLike] | str | os.PathLike, exclude: Sequence[str], follow_symlinks: bool
+) -> Walk:
     root_paths = list(dict.fromkeys(normalise_roots(roots)))
     for root in root_paths:
         if not os.path.lexists(root):
@@ -273,7 +275,8 @@ def _walk(roots: Iterable[str | os.PathLike], exclude: Sequence[str], follow_sym
                 f"{os.fsdecode(root)} does not exist; check the path "
                 "(to forget files indexed there, use `clipsearch remove`)."
             )
-    return Walk(root_paths, tuple(exclude), follow_symlinks)
+    # One pattern alone is one pattern: "*.png" had been taken for its characters, "*" among them.
+    return Walk(root_paths, (exclude,) if isinstance(exclude, str) else tuple(exclude), follow_symlinks)
 
 
 def fill_metadata(

@@ -213,10 +213,13 @@ def _excluded(path: bytes, patterns: list[bytes], name: bytes | None = None) -> 
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def normalise_roots(paths: Iterable[str | os.PathLike]) -> list[bytes]:
+def normalise_roots(paths: Iterable[str | os.PathLike] | str | bytes | os.PathLike) -> list[bytes]:
     """Absolute, normalised bytes paths, as the catalog stores them (not resolved through
-    symlinks: a library reached through a link keeps the paths the user knows)."""
-    return [os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(p)))) for p in paths]
+    symlinks: a library reached through a link keeps the paths the user knows). One path
+    alone is one path: a str had been taken for its characters, and ``Index.remove("a.jpg")``
+    had forgotten everything under "/"."""
+    listed: Iterable[str | bytes | os.PathLike] = [paths] if isinstance(paths, str | bytes | os.PathLike) else paths
+    return [os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(p)))) for p in listed]
 
 
 def under(roots: Iterable[bytes]) -> Callable[[bytes], bool]:

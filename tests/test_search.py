@@ -232,6 +232,22 @@ def test_remove_forgets_files_under_a_path(index, tmp_path):
     assert index.status().counts["indexed"] == 6 and index.status().consistent
 
 
+def test_one_path_alone_is_one_path_not_its_characters(index, tmp_path, library):
+    """``remove("a.png")`` had removed "/" among its characters: every file of the index."""
+    assert index.remove(str(library[0])) == 1 and index.remove(library[1]) == 1
+    assert index.status().counts["indexed"] == 10
+    report = index.add(str(tmp_path / "lib"), exclude="part0", workers=0)  # its letters had excluded nothing
+    assert library[0].parent.name == "part0" and (report.new, report.unchanged) == (1, 5)
+    assert index.add(str(tmp_path / "lib"), workers=0).new == 1
+
+
+def test_batch_size_and_workers_out_of_range_are_value_errors(index, tmp_path):
+    """They had been errors from deep inside (islice, ProcessPoolExecutor), or a silent default."""
+    for bad in ({"batch_size": 0}, {"batch_size": -1}, {"workers": -1}):
+        with pytest.raises(ValueError, match=r"batch_size is|workers is"):
+            index.add([tmp_path / "lib"], **bad)
+
+
 def test_rebuild_with_another_index_type_keeps_results(index, library):
     before = [h.path for h in index.search(library[2], k=4)]
     status = index.rebuild("Flat")
