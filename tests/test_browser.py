@@ -90,16 +90,21 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, server):
+def logged() -> list[str]:
+    """What the page logs as errors; a test that provokes some takes those out."""
+    return []
+
+
+@pytest.fixture
+def page(browser, server, logged):
     context = browser.new_context(viewport={"width": 1280, "height": 860})
     page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: logged.append(str(error)))
+    page.on("console", lambda message: logged.append(message.text) if message.type == "error" else None)
     page.goto(server)
     yield page
     context.close()
-    assert errors == [], "the page logged errors"
+    assert logged == [], "the page logged errors"
 
 
 def search(page, text: str) -> list[str]:
@@ -168,6 +173,48 @@ def test_the_preview_moves_with_the_arrows_and_closes_with_escape(page):
     page.wait_for_function("!new URLSearchParams(location.search).has('view')")
     assert "view" not in params(page)
     assert page.evaluate("document.activeElement.dataset.index") == "0"  # focus back on the tile
+
+
+def test_the_arrows_still_work_at_the_ends_of_the_results(page):
+    """The → button clicked up to the last result is disabled there, which had dropped the
+    focus to the page: ← and → then did nothing."""
+    search(page, "a red circle")
+    page.wait_for_function("document.querySelectorAll('#results li').length === 41")
+    page.click("#results li:nth-child(40) button")
+    page.wait_for_selector("#preview[open]")
+    page.click("#preview-next")
+    page.wait_for_function("document.getElementById('preview-position').textContent === '41 of 41'")
+    assert page.is_disabled("#preview-next")
+    assert page.evaluate("document.activeElement.id") == "preview-prev"  # kept inside the dialog
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("document.getElementById('preview-position').textContent === '40 of 41'")
+    page.keyboard.press("Escape")
+
+
+def test_a_file_changed_since_indexing_says_so_instead_of_a_broken_image(page, logged):
+    """The server refuses such a file (404, it was changed or deleted on disk): its tile and its
+    preview had shown the browser's broken-image icon with no word of why."""
+    found = search(page, "a red circle")
+    refused = page.get_attribute("#results li:nth-child(2)", "data-id")
+    gone = f"**/api/*/{refused}"
+    page.route(gone, lambda route: route.fulfill(status=404, json={"error": "changed since it was indexed"}))
+    search(page, "a red circle")  # the grid again, its second thumbnail refused now
+    page.wait_for_selector("#results li:nth-child(2) .gone")
+    assert page.text_content("#results li:nth-child(2) .gone") == "Changed or deleted since it was indexed"
+    label = page.get_attribute("#results li:nth-child(2) button", "aria-label")
+    assert label == f"{found[1]}, changed or deleted since it was indexed"
+    assert page.query_selector("#results li:nth-child(1) .gone") is None  # the others as they were
+    page.click("#results li:nth-child(2) button")
+    page.wait_for_selector("#preview-gone:not([hidden])")
+    assert page.is_hidden("#preview-image")
+    page.keyboard.press("ArrowLeft")  # a file the server serves shows again
+    page.wait_for_selector("#preview-gone", state="hidden")
+    assert page.is_visible("#preview-image")
+    page.keyboard.press("Escape")
+    page.unroute(gone)
+    refusals = [line for line in logged if "status of 404 (Not Found)" in line]  # the browser's own lines
+    assert refusals and len(refusals) <= 3
+    logged[:] = [line for line in logged if line not in refusals]
 
 
 def test_similar_images_of_a_result(page, server):

@@ -120,6 +120,7 @@ async function fetchPage(mine) {
     body.hits.forEach((hit, i) => ui.results.append(tile(hit, first + i)));
     done = body.hits.length < PAGE;
     ui.more.hidden = done;
+    if (ui.preview.open) showPosition(); // "39 of 40+" had stayed after the last page came
     say(hits.length ? `${hits.length}${done ? "" : "+"} results` : "No matches.");
   } catch (error) {
     if (mine === generation) {
@@ -127,6 +128,21 @@ async function fetchPage(mine) {
       say("The server cannot be reached; is `clipsearch serve` still running?", true);
     }
   }
+}
+
+// A tile reached with Tab scrolls into view below the sticky header, not under it.
+const header = document.querySelector("header");
+new ResizeObserver(() => {
+  document.documentElement.style.scrollPaddingTop = `${header.offsetHeight + 8}px`;
+}).observe(header);
+
+const GONE = "Changed or deleted since it was indexed";
+
+function unavailable() {
+  const note = document.createElement("span");
+  note.className = "gone";
+  note.textContent = GONE;
+  return note;
 }
 
 function tile(hit, index) {
@@ -144,6 +160,11 @@ function tile(hit, index) {
   image.alt = name;
   image.loading = "lazy";
   image.decoding = "async";
+  // The server refuses a file changed or deleted since it was indexed: say so, not a broken icon.
+  image.addEventListener("error", () => {
+    image.replaceWith(unavailable());
+    button.setAttribute("aria-label", `${name}, ${GONE.toLowerCase()}`);
+  }, { once: true });
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = hit.score.toFixed(3);
@@ -214,14 +235,22 @@ const preview = {
   size: $("preview-size"), dimensions: $("preview-dimensions"), taken: $("preview-taken"),
   modified: $("preview-modified"), similar: $("preview-similar"), original: $("preview-original"),
   copy: $("preview-copy"), prev: $("preview-prev"), next: $("preview-next"), close: $("preview-close"),
-  position: $("preview-position"),
+  position: $("preview-position"), gone: $("preview-gone"),
 };
+
+preview.image.addEventListener("error", () => {
+  if (!preview.image.getAttribute("src")) return; // let go of on closing
+  preview.image.hidden = true;
+  preview.gone.hidden = false;
+});
 
 // The preview changes the URL in place (view=ID): Back leaves the search, not the image.
 function openPreview(index) {
   if (index < 0 || index >= hits.length) return;
   current = index;
   const hit = hits[index];
+  preview.image.hidden = false;
+  preview.gone.hidden = true;
   preview.image.src = `/api/original/${hit.id}`;
   preview.image.alt = baseName(hit.path);
   preview.name.textContent = baseName(hit.path);
@@ -232,9 +261,7 @@ function openPreview(index) {
   preview.modified.textContent = new Date(hit.mtime * 1000).toLocaleString();
   preview.taken.textContent = "…";
   preview.original.href = `/api/original/${hit.id}`;
-  preview.position.textContent = `${index + 1} of ${hits.length}${done ? "" : "+"}`;
-  preview.prev.disabled = index === 0;
-  preview.next.disabled = done && index === hits.length - 1;
+  showPosition();
   fetch(`/api/image/${hit.id}`).then((r) => (r.ok ? r.json() : null)).then((details) => {
     if (current === index) preview.taken.textContent = details && details.taken ? new Date(details.taken).toLocaleString() : "unknown";
   }).catch(() => { preview.taken.textContent = "unknown"; });
@@ -242,6 +269,20 @@ function openPreview(index) {
   state.view = String(hit.id);
   writeUrl(false);
   if (!done && index >= hits.length - 3) loadMore();
+}
+
+// The preview's place in the results, and its ← → buttons. A button disabled while it has the
+// focus drops the focus out of the dialog, where ← and → no longer reach it: it moves first.
+function showPosition() {
+  const atStart = current === 0;
+  const atEnd = done && current === hits.length - 1;
+  preview.position.textContent = `${current + 1} of ${hits.length}${done ? "" : "+"}`;
+  const focused = document.activeElement;
+  if ((atStart && focused === preview.prev) || (atEnd && focused === preview.next)) {
+    (atStart && atEnd ? preview.close : atStart ? preview.next : preview.prev).focus();
+  }
+  preview.prev.disabled = atStart;
+  preview.next.disabled = atEnd;
 }
 
 async function move(step) {
