@@ -791,9 +791,21 @@ def status_command(
             for path in gone:
                 _print(str(path))
             return
+        from clipsearch.errors import IndexStateError
+        from clipsearch.serve.locks import indexing
+
+        # While an index run writes, the vector file lags the catalog by design: not a damage
+        # to report (it had said "NOT consistent, run `clipsearch rebuild`", which the run's lock
+        # refuses), nor one that a row-by-row check can tell from one.
+        running = indexing(index.home)
+        if check and running:
+            raise IndexStateError(
+                f"An index run is writing {index.home}; check it once the run has ended (its vector files "
+                "catch up with the catalog as it ends)."
+            )
         status = index.status()
         if not as_json:
-            typer.echo(_describe(status))  # before --check, which reads every vector file whole
+            typer.echo(_describe(status, bool(running)))  # before --check, which reads every vector file whole
         checks = []
         if check:
             from clipsearch.consistency import check as check_vectors
@@ -802,7 +814,8 @@ def status_command(
         if as_json:
             from dataclasses import asdict
 
-            _print_json(status.to_json() | ({"checks": [asdict(c) for c in checks]} if check else {}))
+            found = status.to_json() | {"indexing": running}
+            _print_json(found | ({"checks": [asdict(c) for c in checks]} if check else {}))
         else:
             for c in checks:
                 said = "; ".join(c.problems) or f"its vector file matches the catalog's {c.vectors} vectors row by row"
@@ -811,7 +824,7 @@ def status_command(
             raise typer.Exit(1)
 
 
-def _describe(status: Status) -> str:
+def _describe(status: Status, indexing: bool = False) -> str:
     from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUSES
 
     counts = status.counts
@@ -823,7 +836,7 @@ def _describe(status: Status) -> str:
         + (", default" if m.default else "")
         for m in status.models
     ]
-    vectors = _vector_index(status)
+    vectors = _vector_index(status, indexing)
     if status.weights_changed:
         from clipsearch.index import stale_weights_message
 
@@ -839,13 +852,15 @@ def _describe(status: Status) -> str:
     )
 
 
-def _vector_index(status: Status) -> str:
+def _vector_index(status: Status, indexing: bool = False) -> str:
     if status.dim is None:  # the model has no vectors here: none yet, or dropped
         return "none yet"
     recall = "" if status.recall_at_10 is None else f" (recall@10 {status.recall_at_10:.3f})"
     held = f"{status.vectors_in_index} in a {status.index_type} index{recall}"
     if status.consistent:
         return f"{held}, consistent with the catalog"
+    if indexing:
+        return f"{held}, catching up with an index run going on now"
     return f"{held}, NOT consistent with the catalog (run `clipsearch rebuild`)"
 
 

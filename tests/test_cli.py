@@ -248,6 +248,23 @@ def test_a_query_after_every_models_vectors_were_dropped_says_so(cli, library, t
     assert "8 indexed" in cli("status").stdout
 
 
+def test_status_during_an_index_run_says_it_is_catching_up(cli, library, tmp_path, monkeypatch):
+    """It had said "NOT consistent (run `clipsearch rebuild`)", which the run's lock refuses, and
+    --check exited 1 over the lag every run has until it ends."""
+    from clipsearch.catalog import Catalog
+    from clipsearch.index import Status
+
+    # What a batch committed between status's two reads (the vector file, the counts) shows.
+    monkeypatch.setattr(Status, "consistent", property(lambda self: False))
+    assert "NOT consistent with the catalog (run `clipsearch rebuild`)" in cli("status").stdout  # no run: damage
+    with Catalog.open(tmp_path / "home") as catalog, catalog.writer_lock():
+        status = cli("status").stdout
+        assert "catching up with an index run going on now" in status and "NOT consistent" not in status
+        assert json.loads(cli("status", "--json").stdout)["indexing"] is True
+        assert "An index run is writing" in cli("status", "--check", code=1).output
+    assert json.loads(cli("status", "--json").stdout)["indexing"] is False
+
+
 def test_a_deleted_faiss_file_is_rebuilt_with_a_warning(cli, library, tmp_path):
     faiss_file(tmp_path / "home").unlink()
     result = cli("query", library[3], "--paths-only", "-k", "1")
