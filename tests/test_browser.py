@@ -229,6 +229,21 @@ def test_similar_images_of_a_result(page, server):
     shown = page.eval_on_selector_all("#results li", "items => items.map(i => i.dataset.id)")
     expected = page.request.get(f"{server}api/similar/{source}?k=40").json()["hits"]
     assert source not in shown and shown == [str(hit["id"]) for hit in expected]
+    page.wait_for_function("document.activeElement.classList.contains('hit')")  # it had fallen to the page
+    assert page.evaluate("document.activeElement.dataset.index") == "0"
+
+
+def test_an_empty_search_clears_the_last_error(page, logged):
+    page.fill("#q", "a red circle -0.5:")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#message.error")
+    page.fill("#q", "")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#message.error", state="detached")
+    assert page.text_content("#message") == "" and page.evaluate("document.activeElement.id") == "q"
+    refused = [line for line in logged if "status of 400 (Bad Request)" in line]  # the browser's own line
+    assert len(refused) == 1
+    logged.remove(refused[0])
 
 
 def test_search_by_an_image_picked_or_dropped(page):

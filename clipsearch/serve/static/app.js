@@ -324,9 +324,11 @@ ui.preview.addEventListener("click", (event) => {
 preview.prev.addEventListener("click", () => move(-1));
 preview.next.addEventListener("click", () => move(1));
 preview.close.addEventListener("click", () => closePreview());
-preview.similar.addEventListener("click", () => {
+preview.similar.addEventListener("click", async () => {
   const hit = hits[current];
-  if (hit) search({ q: "", similar: String(hit.id) });
+  if (!hit) return;
+  await search({ q: "", similar: String(hit.id) });
+  ui.results.querySelector("button.hit")?.focus(); // its tile is gone: the focus had fallen to the page
 });
 preview.copy.addEventListener("click", async () => {
   const hit = hits[current];
@@ -452,6 +454,7 @@ ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const q = ui.q.value.trim();
   if (!q) {
+    if (ui.message.classList.contains("error")) say(""); // the last search's error, under an empty box
     ui.q.focus();
     return;
   }
