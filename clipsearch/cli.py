@@ -600,15 +600,15 @@ def _first_column(hit: Any) -> str:
     return f"{hit.score:.4f}" if hit.score is not None else (hit.metadata.taken or "(no date)")
 
 
-def _checked(value: str | None, parser: str) -> Any:
-    """An option's ``value`` through `clipsearch.filters`'s ``parser``; its ValueError becomes
-    the option's usage error (exit 2)."""
+def _checked(value: str | None, parser: str, module: str = "clipsearch.filters") -> Any:
+    """An option's ``value`` through ``module``'s ``parser``, imported only then; its ValueError
+    becomes the option's usage error (exit 2)."""
     if value is None:
         return None
-    from clipsearch import filters
+    import importlib
 
     try:
-        return getattr(filters, parser)(value)
+        return getattr(importlib.import_module(module), parser)(value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
@@ -888,22 +888,13 @@ def remove_command(
         typer.echo(f"Removed {removed} file(s) from the index.")
 
 
-def _check_index_type(value: str) -> str:
-    from clipsearch.vectors import check_index_type
-
-    try:
-        return check_index_type(value)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-
-
 @app.command("rebuild")
 @_handle_errors
 def rebuild_command(
     index_type: str = typer.Option(
         "auto",
         "--index-type",
-        callback=_check_index_type,
+        callback=lambda value: _checked(value, "check_index_type", "clipsearch.vectors"),
         help="FAISS index: auto (exact while small, approximate when large), Flat, HNSW32, 'IVF4096,PQ64', ...",
     ),
     model: str | None = _model_option("rebuild the vector index of"),
