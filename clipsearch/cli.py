@@ -792,7 +792,7 @@ def status_command(
                 _print(str(path))
             return
         from clipsearch.errors import IndexStateError
-        from clipsearch.serve.locks import indexing
+        from clipsearch.locks import indexing
 
         # While an index run writes, the vector file lags the catalog by design: not a damage
         # to report (it had said "NOT consistent, run `clipsearch rebuild`", which the run's lock

@@ -607,7 +607,7 @@ def test_requests_at_once_while_an_index_run_commits(tmp_path, tiny_model):
 def test_the_writer_lock_shows_as_indexing_without_being_taken(tmp_path, monkeypatch):
     import fcntl
 
-    from clipsearch.serve.locks import indexing
+    from clipsearch.locks import indexing
 
     home = tmp_path / "home"
     with Catalog.open(home, create=True) as catalog:

@@ -10,7 +10,6 @@ in one line before anything else is loaded.
 - `refine.py`: the search box's syntax, the CLI's (`+at sunset`, `-0.5:people`);
 - `upload.py`: an uploaded image, decoded in memory within byte and pixel caps;
 - `thumbnails.py`: the on-disk thumbnail cache, keyed by content fingerprint;
-- `locks.py`: whether an index run holds the home's writer lock, seen without touching it;
 - `static/`: the page itself (HTML, CSS, JavaScript; nothing from the network).
 """
 

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from clipsearch.catalog import Catalog
 from clipsearch.index import Index
+from clipsearch.locks import indexing
 from clipsearch.records import STATUS_INDEXED, decode_path
 from clipsearch.search import Hit, Term
 from clipsearch.serve.errors import NotFound
-from clipsearch.serve.locks import indexing
 from clipsearch.serve.refine import parse_query
 from clipsearch.serve.thumbnails import Thumbnails
 from clipsearch.serve.upload import MAX_PIXELS, open_upload

@@ -1,8 +1,9 @@
 """Whether an index run is going on in a home, without ever taking its writer lock.
 
 Trying the lock, even for a moment, could make an indexer that starts in that moment give up
-("another process is indexing"): the server must never get in its way. So the kernel's table of
-held locks is read instead (Linux's /proc/locks); elsewhere the answer is "unknown".
+("another process is indexing"): a server or `status` must never get in its way. So the
+kernel's table of held locks is read instead (Linux's /proc/locks); elsewhere the answer is
+"unknown".
 """
 
 from __future__ import annotations
