@@ -155,7 +155,7 @@ def plan_changes(
         else:
             plan.unchanged += 1
     if isinstance(walk, Walk):
-        for root in walk.empty_roots:
+        for root in walk.roots:
             _keep_if_unmounted(root, unseen, walk)
     plan.unreadable = len(walk.unreadable)
     in_roots, in_unreadable = under(walk.roots), under(walk.unreadable)
@@ -169,12 +169,13 @@ def plan_changes(
 
 
 def _keep_if_unmounted(root: bytes, unseen: dict[bytes, FileState], walk: Walk) -> None:
-    """A root folder that is empty now but had files indexed is taken for unreadable, not for
-    emptied: an unmounted drive leaves just that, and marking its files missing would drop
-    their vectors, so that mounting it again re-encoded them all."""
+    """A root folder that is empty now (nothing in it at all) but had files indexed that the
+    walk did not see is taken for unreadable, not for emptied: an unmounted drive's mount point
+    looks just so, and marking its files missing would drop their vectors, so that mounting it
+    again re-encoded them all."""
     inside = under([root])
     held = sum(1 for path, state in unseen.items() if state.status != STATUS_MISSING and inside(path))
-    if held:
+    if held and _empty(root):
         log.warning(
             "%s is empty, but %d file(s) under it are indexed; they are kept as they are (is it a drive that is "
             "not mounted?). If they were deleted, `clipsearch remove %s` forgets them.",
@@ -183,6 +184,14 @@ def _keep_if_unmounted(root: bytes, unseen: dict[bytes, FileState], walk: Walk) 
             os.fsdecode(root),
         )
         walk.unreadable.append(root)
+
+
+def _empty(folder: bytes) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:  # a file, or a folder that could not be listed (said when it was walked)
+        return False
 
 
 def run_add(

@@ -68,15 +68,12 @@ class FoundFile(NamedTuple):
 @dataclass
 class Walk:
     """One scan of some roots. Iterate it for the files; afterwards ``unreadable`` lists the
-    folders that could not be listed, whose catalog rows must not be taken for deleted, and
-    ``empty_roots`` the root folders that hold nothing at all (a drive's mount point, the drive
-    not mounted, looks just so)."""
+    folders that could not be listed, whose catalog rows must not be taken for deleted."""
 
     roots: list[bytes]
     exclude: tuple[str, ...] = ()
     follow_symlinks: bool = False
     unreadable: list[bytes] = field(default_factory=list)
-    empty_roots: list[bytes] = field(default_factory=list)
 
     @functools.cached_property
     def patterns(self) -> list[bytes]:
@@ -95,8 +92,6 @@ class Walk:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 yield from self._walk_tree(root, st, patterns, visited)
-                if _empty(root):
-                    self.empty_roots.append(root)
             elif not _is_candidate(os.path.basename(root)):
                 log.warning("%s is not an image file (by its name); skipped", os.fsdecode(root))
             elif not _excluded(root, patterns):
@@ -173,14 +168,6 @@ class Walk:
                     self.unreadable.append(entry.path)
                     continue
                 stack.append((entry.path, (st.st_dev, st.st_ino)))
-
-
-def _empty(folder: bytes) -> bool:
-    try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is None
-    except OSError:  # said when it was walked
-        return False
 
 
 def _found_link(entry: os.DirEntry) -> FoundFile | None:

@@ -54,9 +54,9 @@ def check(options: TrainOptions) -> None:
     if options.config and options.init:
         raise TrainingError("Give either --config (train from scratch) or --init (fine-tune), not both.")
     # A negative clip norm had turned every step uphill, and NaN or a negative rate trained nothing.
-    for flag, value, least in (("--lr", options.lr, 0.0), ("--grad-clip", options.grad_clip, 0.0)):
-        if not (math.isfinite(value) and value > least):
-            raise TrainingError(f"{flag} must be a number above {least:g}, not {value}.")
+    for flag, value in (("--lr", options.lr), ("--grad-clip", options.grad_clip)):
+        if not (math.isfinite(value) and value > 0):
+            raise TrainingError(f"{flag} must be a number above 0, not {value}.")
     if not (math.isfinite(options.weight_decay) and options.weight_decay >= 0):
         raise TrainingError(f"--weight-decay must be a number of 0 or more, not {options.weight_decay}.")
     if options.lock_image and options.lock_text:
