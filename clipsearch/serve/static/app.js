@@ -136,15 +136,6 @@ new ResizeObserver(() => {
   document.documentElement.style.scrollPaddingTop = `${header.offsetHeight + 8}px`;
 }).observe(header);
 
-const GONE = "Changed or deleted since it was indexed";
-
-function unavailable() {
-  const note = document.createElement("span");
-  note.className = "gone";
-  note.textContent = GONE;
-  return note;
-}
-
 function tile(hit, index) {
   const item = document.createElement("li");
   item.dataset.id = hit.id;
@@ -162,8 +153,11 @@ function tile(hit, index) {
   image.decoding = "async";
   // The server refuses a file changed or deleted since it was indexed: say so, not a broken icon.
   image.addEventListener("error", () => {
-    image.replaceWith(unavailable());
-    button.setAttribute("aria-label", `${name}, ${GONE.toLowerCase()}`);
+    const note = document.createElement("span");
+    note.className = "gone";
+    note.textContent = "Changed or deleted since it was indexed";
+    image.replaceWith(note);
+    button.setAttribute("aria-label", `${name}, changed or deleted since it was indexed`);
   }, { once: true });
   const score = document.createElement("span");
   score.className = "score";
