@@ -459,7 +459,8 @@ class _stop_on_signals:
             raise _Stopped(signum)
         self.stop.set()
         self.signum = signum
-        typer.echo("\nStopping after the current batch (Ctrl-C again to stop at once)...", err=True)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+        typer.echo(f"\nStopping after the current batch ({again} to stop at once)...", err=True)
 
     def __exit__(self, *exc: object) -> None:
         # Once stopping, the command is only reporting and exiting: a second signal that lands
@@ -855,8 +856,8 @@ def _describe(status: Status, indexing: bool = False) -> str:
 def _vector_index(status: Status, indexing: bool = False) -> str:
     if status.dim is None:  # the model has no vectors here: none yet, or dropped
         return "none yet"
-    recall = "" if status.recall_at_10 is None else f" (recall@10 {status.recall_at_10:.3f})"
-    held = f"{status.vectors_in_index} in a {status.index_type} index{recall}"
+    recall = "" if status.recall_at_10 is None else f", recall@10 {status.recall_at_10:.3f}"
+    held = f"{status.vectors_in_index} in the index ({status.index_type}{recall})"
     if status.consistent:
         return f"{held}, consistent with the catalog"
     if indexing:

@@ -52,6 +52,10 @@ class Hit:
 
     @classmethod
     def of(cls, row: ImageRow, score: float | None) -> Hit:
+        # Stored vectors are unit length only to their float16 (or coarser) rounding: an image
+        # compared with itself or a copy can come out at 1.0005, which no cosine can be.
+        if score is not None:
+            score = min(max(score, -1.0), 1.0)
         return cls(
             decode_path(row.path), score, row.width, row.height, row.mtime_ns / 1e9, row.size, row.id, row.metadata
         )

@@ -194,7 +194,7 @@ def test_deleting_files_and_rerunning(cli, library, tmp_path):
 def test_remove_and_rebuild(cli, library, tmp_path):
     assert cli("remove", tmp_path / "lib" / "part0").stdout.strip() == "Removed 4 file(s) from the index."
     out = cli("rebuild", "--index-type", "Flat").stdout
-    assert "4 in a Flat index, consistent" in out
+    assert "4 in the index (Flat), consistent" in out
     assert len(cli("query", "x", "--paths-only").stdout.splitlines()) == 4
 
 
@@ -207,8 +207,8 @@ def test_rebuild_refuses_index_types_it_does_not_search(cli, library, tmp_path):
     result = run_cli("--home", tmp_path / "home", "rebuild", "--index-type", "HNSW1")
     assert result.returncode == 2 and result.stderr.count(b"\n") == 1, result.stderr
     assert b"Invalid value for '--index-type': 'HNSW1' is not an index type clipsearch searches" in result.stderr
-    assert "in a Flat index" in cli("status").stdout  # nothing remembered, nothing rebuilt
-    assert "8 in a HNSW2 index (recall@10 1.000), consistent" in cli("rebuild", "--index-type", "HNSW2").stdout
+    assert "in the index (Flat)" in cli("status").stdout  # nothing remembered, nothing rebuilt
+    assert "8 in the index (HNSW2, recall@10 1.000), consistent" in cli("rebuild", "--index-type", "HNSW2").stdout
     scores = [float(line.split()[0]) for line in cli("query", "x", "-k", "3").stdout.splitlines()]
     assert len(scores) == 3 and all(-1 <= s <= 1 for s in scores)
 

@@ -159,7 +159,7 @@ def test_status_check_reads_an_inverted_file_index_row_by_row(cli, tmp_path, mon
     make_library(tmp_path / "lib", 40)
     assert cli("index", tmp_path / "lib").exit_code == 0
     result = cli("status", "--check")
-    assert "in a IVF" in result.stdout and "matches the catalog's 40 vectors row by row" in result.stdout
+    assert "in the index (IVF" in result.stdout and "matches the catalog's 40 vectors row by row" in result.stdout
     assert result.exit_code == 0, result.stdout
 
 

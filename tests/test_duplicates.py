@@ -89,6 +89,14 @@ def test_the_keeper_has_most_pixels_then_most_metadata_then_is_oldest():
     assert group.keeper.id == 4 and group.duplicates[0].exact and group.duplicates[0].hit.score == 1.0  # older
 
 
+def test_a_similarity_is_a_cosine_even_past_float16_rounding():
+    stored = np.full(15, 15**-0.5).astype(np.float16).astype(np.float32)  # unit only to float16's rounding
+    near = unit(stored + np.eye(15, dtype=np.float32)[0] * 1e-3)
+    assert stored @ stored > 1.0005 and stored @ near > 1  # what the products give
+    group = duplicates._group([row(1, 80, 60, 1), row(2, 80, 60, 2)], {1: b"a", 2: b"b"}, {1: stored, 2: near})
+    assert group.duplicates[0].hit.score == 1.0 and group.duplicates[0].hit.to_json()["score"] == 1.0
+
+
 # --- through the index ------------------------------------------------------------------------
 
 

@@ -97,7 +97,8 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path, tiny_model):
     out, err = output_when_all_gone(process, others)
     stderr = err.decode()
     assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert "Stopping after the current batch" in stderr and "run the same command again" in stderr
+    assert "Stopping after the current batch (a second SIGTERM to stop at once)" in stderr
+    assert "Ctrl-C" not in stderr and "run the same command again" in stderr
     assert_no_traceback(out, err)
     assert time.monotonic() - sent < GONE_WITHIN_S
     committed = indexed_count(home)
