@@ -30,3 +30,11 @@ def model_cache_dir() -> Path:
     if env:
         return Path(env).expanduser() / "models"
     return _xdg("XDG_CACHE_HOME", ".cache") / "clipsearch" / "models"
+
+
+def new_file_mode() -> int:
+    """The permissions of a file the user creates (0o666 narrowed by their umask), for the files
+    that tools create private (mkstemp, safetensors) but that are as much the user's as any."""
+    mask = os.umask(0o077)  # read by setting it (there is no other way), to the strictest, and set back
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 
@@ -268,6 +269,16 @@ def test_own_directory_round_trip(tmp_path):
     config = json.loads((directory / "config.json").read_text())
     del config["image_mean"], config["image_std"]
     assert ModelConfig.from_dict(config) == model.config
+
+
+def test_own_directory_files_are_as_readable_as_the_umask_says(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        directory = write_model_dir(tmp_path / "mine", tiny_model(), VOCAB, mean=(0, 0, 0), std=(1, 1, 1))
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", "vocab.txt.gz"], 0o640)
 
 
 def test_own_directory_missing_vocab(tmp_path):

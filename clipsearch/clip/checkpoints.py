@@ -52,7 +52,7 @@ from clipsearch.clip.hf_names import check_placed, fuse
 from clipsearch.clip.model import CLIP, config_from_state_dict, family_of
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.errors import CheckpointError
-from clipsearch.paths import model_cache_dir
+from clipsearch.paths import model_cache_dir, new_file_mode
 
 Mean = tuple[float, float, float]
 
@@ -101,6 +101,7 @@ def write_model_dir(
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     save_file(weights, directory / "model.safetensors")
+    os.chmod(directory / "model.safetensors", new_file_mode())  # safetensors makes it the owner's alone
     shutil.copyfile(vocab_path, directory / "vocab.txt.gz")
     return directory
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from clipsearch.clip import hub, integrity, registry
 from clipsearch.clip.sources import download_dir, locate
 from clipsearch.errors import DownloadError
-from clipsearch.paths import model_cache_dir
+from clipsearch.paths import model_cache_dir, new_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _download(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
     verifies the hash and renames the file."""
     try:
         fd, name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-        os.fchmod(fd, 0o666 & ~_umask())  # as any file the user makes: mkstemp's is theirs alone
+        os.fchmod(fd, new_file_mode())  # as any file the user makes: mkstemp's is theirs alone
     except OSError as exc:
         raise _unwritable(dest, exc) from None
     part = Path(name)
@@ -214,12 +214,6 @@ def _remove_stale_parts(dest: Path) -> None:
                 part.unlink()
         except OSError:  # gone already, or not ours to remove: it costs only disk
             pass
-
-
-def _umask() -> int:
-    mask = os.umask(0o077)  # read by setting it (there is no other way), to the strictest, and set back
-    os.umask(mask)
-    return mask
 
 
 def _reason(exc: BaseException) -> str:
