@@ -219,8 +219,9 @@ def run_add(
     with ``cp -p`` of a same-size file) is taken as unchanged; ``verify`` fingerprints every
     indexed file again and re-encodes those whose content differs from what was indexed.
 
-    ``get_encoder(files to encode)`` (loading ``model``) is called only if some file needs encoding, and not at
-    all when an ``executor`` does the encoding. ``should_stop`` is polled between files; once it
+    ``get_encoder(files to encode)`` (loading ``model``) is called only once some file needs decoding
+    (a folder moved or copied whole reuses its vectors and never loads it), and not at all when an
+    ``executor`` does the encoding. ``should_stop`` is polled between files; once it
     returns True the batch not yet encoded is dropped, everything finished is committed, and the
     report comes back with ``interrupted`` set. ``weights`` (`sources.weights_fingerprint`) is
     recorded with the model's first vector.
@@ -245,11 +246,8 @@ def run_add(
         gone_content = {fp for fp in (states[path].fingerprint for path in plan.missing) if fp is not None}
         moved_content = executor(catalog, model, plan.todo, gone_content, report, progress, should_stop)
     elif plan.todo and not should_stop():
-        loading = time.perf_counter()
-        encoder = get_encoder(len(plan.todo))
-        report.model_load_s = time.perf_counter() - loading
         sizes = {state.size for state in states.values() if state.encoded}
-        run = _Run(catalog, model, encoder, plan.todo, sizes, report, progress, should_stop, weights)
+        run = _Run(catalog, model, get_encoder, plan.todo, sizes, report, progress, should_stop, weights)
         run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
         # What decoding and encoding freed goes back to the system before the vector index is
         # updated, rather than staying with glibc beneath FAISS's allocations (500 photos: peak
@@ -331,7 +329,7 @@ class _Run:
         self,
         catalog: Catalog,
         model: str,
-        encoder: Encoder,
+        get_encoder: Callable[[int], Encoder],
         todo: list[tuple[FoundFile, bool]],
         reusable_sizes: set[int],
         report: AddReport,
@@ -342,7 +340,8 @@ class _Run:
         self.catalog = catalog
         self.weights = weights
         self.model = model
-        self.encoder = encoder
+        self.get_encoder = get_encoder
+        self.loaded: Encoder | None = None
         self.todo = todo
         self.report = report
         self.progress = progress
@@ -356,14 +355,22 @@ class _Run:
         self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
+    @property
+    def encoder(self) -> Encoder:
+        if self.loaded is None:
+            loading = time.perf_counter()
+            self.loaded = self.get_encoder(len(self.todo))
+            self.report.model_load_s = time.perf_counter() - loading
+        return self.loaded
+
     def run(self, batch_size: int, workers: int | None) -> None:
         """Decode in ``workers`` processes; None decides after a first small batch, decoded in this
         process, shows what decoding and encoding an image cost (`decode.best_workers`)."""
         items = self._to_decode()
         if workers is None:
             first = min(batch_size, _FIRST_BATCH)
-            if not self._index_batches(itertools.islice(items, first), first, 0):
-                return
+            if not self._index_batches(itertools.islice(items, first), first, 0) or self.loaded is None:
+                return  # stopped, or nothing needed decoding: every file was reused or unreadable
             encoded = max(self.report.new + self.report.changed, 1)
             decode_s, encode_s = self.decode_s / encoded, self.encode_s / encoded
             on_cpu = self.encoder.device.type == "cpu"
@@ -380,6 +387,11 @@ class _Run:
 
     def _index_batches(self, items: Iterator[Job[tuple[FoundFile, bool]]], batch_size: int, workers: int) -> bool:
         """Decode, encode and commit ``items`` batch by batch; False if told to stop."""
+        first = next(items, None)  # probing for vectors to reuse runs until a file needs decoding
+        if first is None:
+            self._encode_and_commit([])
+            return not self.should_stop()
+        items = itertools.chain([first], items)
         decoded: list[tuple[FoundFile, bool, Decoded]] = []
         pool = DecodePool(self.encoder.preprocess, workers, window=max(2 * batch_size, 4 * workers))
         with pool, _model_threads(self.encoder, workers):

@@ -92,14 +92,30 @@ def test_moved_and_copied_files_reuse_their_vector_without_encoding(tmp_path, ca
     os.rename(images[0], moved)
     shutil.copy(images[1], tmp_path / "lib" / "copy.png")
     encoded.clear()
+    add.loads.clear()
     report = add(tmp_path / "lib")
     # A rename is a move, not a move and a removal: the old path's row goes.
     assert counts(report) == dict(new=0, changed=0, moved=2, removed=0, failed=0, unchanged=3)
-    assert encoded == []
+    assert encoded == [] and add.loads == [] and report.model_load_s == 0  # the model was never needed
     np.testing.assert_array_equal(vector_of(catalog, moved), vector)
     assert os.fsencode(images[0]) not in catalog.file_states()
     row = catalog.rows([catalog.file_states()[os.fsencode(moved)].id])
     assert (row[next(iter(row))].width, row[next(iter(row))].height) == (48, 40)
+
+
+@pytest.mark.parametrize("workers", [0, None])
+def test_the_model_loads_once_a_file_needs_encoding_after_reused_ones(tmp_path, catalog, add, encoded, workers):
+    images = make_library(tmp_path / "lib", 3)
+    add(tmp_path / "lib")
+    shutil.copytree(tmp_path / "lib", tmp_path / "copy")  # the copies come first in the walk
+    make_image(tmp_path / "lib" / "zz new.png", seed=99)
+    shutil.copy(images[0], tmp_path / "lib" / "zz copy.png")
+    encoded.clear()
+    add.loads.clear()
+    report = add(tmp_path / "copy", tmp_path / "lib", workers=workers)
+    assert (report.new, report.moved, report.unchanged) == (1, 4, 3)
+    assert add.loads == [5] and sum(encoded) == 1
+    assert catalog.counts() == {"indexed": 8, "failed": 0, "missing": 0}
 
 
 def test_deleted_files_are_marked_missing_only_under_the_roots_walked(tmp_path, catalog, add):
