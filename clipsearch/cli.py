@@ -910,6 +910,19 @@ def rebuild_command(
 # --- models ----------------------------------------------------------------------------------
 
 
+def _index_default_model() -> str:
+    """The model that query and status use without --model: the default of the index in --home
+    (`models default` changes it), else the one a new index starts with."""
+    from clipsearch.errors import ClipsearchError
+    from clipsearch.index import DEFAULT_MODEL
+
+    try:
+        with _open(reading=True) as index:
+            return index.model
+    except ClipsearchError:  # no index there yet, or one that status has to explain
+        return DEFAULT_MODEL
+
+
 @models_app.callback(invoke_without_command=True)
 @_handle_errors
 def models_command(
@@ -918,7 +931,8 @@ def models_command(
         False, "--json", help="Print a JSON array: each model's name, figures, family, path on this machine, source."
     ),
 ) -> None:
-    """List the models clipsearch knows, with the figures to choose by, and where each is.
+    """List the models clipsearch knows, with the figures to choose by, and where each is;
+    (default) marks the model query and status use here without --model.
 
     dim: embedding width; px: image size; Mparams: parameters, in millions; IN1k: published
     ImageNet zero-shot top-1 and COCO: text-to-image recall@1, both from open_clip's results
@@ -929,8 +943,8 @@ def models_command(
 
     from clipsearch.clip import registry
     from clipsearch.clip.sources import locate
-    from clipsearch.index import DEFAULT_MODEL
 
+    default = _index_default_model()
     if as_json:
         listed, unknown_figures = [], [f.name for f in fields(registry.Figures)]
         for entry in registry.MODELS:
@@ -938,7 +952,7 @@ def models_command(
             listed.append(
                 {
                     "name": entry.name,
-                    "default": entry.name == DEFAULT_MODEL,
+                    "default": entry.name == default,
                     "family": entry.family,
                     "multilingual": entry.multilingual,
                     **(asdict(entry.figures) if entry.figures else dict.fromkeys(unknown_figures)),
@@ -968,7 +982,7 @@ def models_command(
                 figure(numbers.coco_r1),
             )
         )
-        name = entry.name + (" (default)" if entry.name == DEFAULT_MODEL else "")
+        name = entry.name + (" (default)" if entry.name == default else "")
         rows.append((name, *stats, where.describe(), _origin(where.origin)))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:

@@ -393,6 +393,18 @@ def test_models_json_lists_what_the_table_does():
     assert {len(m) for m in listed.values()} == {len(vit)}  # the same keys for every model
 
 
+def test_models_marks_the_index_s_own_default(tmp_path):
+    from clipsearch.catalog import Catalog
+
+    runner, home = CliRunner(), str(tmp_path / "home")
+    with Catalog.open(home, create=True) as catalog:
+        catalog.set_meta("default_model", "ViT-B/32")  # as `models default ViT-B/32` leaves it
+    table = runner.invoke(app, ["--home", home, "models"]).stdout
+    assert re.search(r"^ViT-B/32 \(default\) ", table, re.M) and table.count("(default)") == 1
+    listed = json.loads(runner.invoke(app, ["--home", home, "models", "--json"]).stdout)
+    assert [m["name"] for m in listed if m["default"]] == ["ViT-B/32"]
+
+
 def test_cli_import_is_light():
     code = "import sys, clipsearch.cli; print(sorted({'torch', 'faiss', 'sqlalchemy', 'numpy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
