@@ -237,19 +237,28 @@ class Catalog:
         return {row[0]: FileState._make(row[1:]) for row in rows}
 
     def vectors_by_fingerprint(self, model: str, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
-        """``model``'s vectors of rows with these fingerprints, so moved or copied files skip encoding."""
+        """``model``'s vectors of rows with these fingerprints: "similar images" by content."""
+        return {key: vector for key, (vector, _) in self.copies_by_fingerprint(model, fingerprints).items()}
+
+    def copies_by_fingerprint(
+        self, model: str, fingerprints: Iterable[bytes]
+    ) -> dict[bytes, tuple[np.ndarray, ImageRow]]:
+        """``model``'s vector and an indexed row of each of these fingerprints, so that moved or
+        copied files skip encoding and take the size and metadata their bytes gave when decoded
+        (a header alone can miss them: a PNG's EXIF after its pixels)."""
         # One indexed lookup each: SQLite has no array parameter for blobs, and these are the
         # few files about to be decoded anyway.
+        columns = ", ".join(f"images.{column}" for column in _ROW_COLUMNS.split(", "))
         query = (
-            "SELECT v.vector FROM images JOIN vectors AS v ON v.image_id = images.id "
+            f"SELECT v.vector, {columns} FROM images JOIN vectors AS v ON v.image_id = images.id "
             "JOIN models AS m ON m.id = v.model_id WHERE images.fingerprint = ? AND m.name = ? LIMIT 1"
         )
-        found: dict[bytes, np.ndarray] = {}
+        found: dict[bytes, tuple[np.ndarray, ImageRow]] = {}
         with self.read() as db:
             for fingerprint in set(fingerprints):
                 row = db.execute(query, (fingerprint, model)).fetchone()
                 if row is not None:
-                    found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32)
+                    found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32), _image_row(row[1:])
         return found
 
     def stored_vector(

@@ -370,7 +370,8 @@ def _file_list(path: Path) -> Manifest:
 def _summary(report: AddReport, home: Path, model: str) -> str:
     load = f", model loaded in {report.model_load_s:.1f} s" if report.model_load_s else ""
     line = (
-        f"new {report.new}, changed {report.changed}, moved {report.moved}, removed {report.removed}, "
+        f"new {report.new}, changed {report.changed}, moved {report.moved}, copied {report.copied}, "
+        f"removed {report.removed}, "
         f"failed {report.failed}, unchanged {report.unchanged} in {report.elapsed:.1f} s "
         f"({report.images_per_s:.1f} images/s{load}); index: {_shown(home)}"
     )

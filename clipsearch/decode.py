@@ -40,8 +40,6 @@ from clipsearch.clip.cpu_features import usable_cores
 from clipsearch.fingerprint import fingerprint, open_regular
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from clipsearch.clip.preprocess import Preprocess
     from clipsearch.records import PhotoMeta
 
@@ -71,26 +69,14 @@ class Probe:
 
     fingerprint: bytes
     identity: tuple[int, int, int]
-    size: tuple[int, int] | None  # as shown; None if the header could not be read
-    metadata: PhotoMeta | None = None  # None if the header could not be read
 
 
 def probe_file(path: bytes) -> Probe:
-    """Fingerprint a file and read its size from its header, from one open of it (`open_regular`:
-    never blocking, never anything but a regular file). Raises OSError when it cannot be read."""
-    from clipsearch.clip.preprocess import opened_image
-
+    """Fingerprint a file (`open_regular`: never blocking, never anything but a regular file).
+    Its pixels are not looked at: a copy of indexed bytes takes the size and metadata that
+    decoding them found. Raises OSError when it cannot be read."""
     with open_regular(path) as f:
-        identity = _identity(os.fstat(f.fileno()))
-        digest = fingerprint(f)
-        f.seek(0)
-        try:
-            with warnings.catch_warnings(), opened_image(f, os.fsdecode(path)) as image:
-                warnings.simplefilter("ignore")  # the decoder, if it runs, logs them
-                size, metadata = upright_size(image), photo_meta.read(image)
-        except Exception:  # not an image it can read: the decoder records why, if it gets it
-            size, metadata = None, None
-    return Probe(digest, identity, size, metadata)
+        return Probe(fingerprint(f), _identity(os.fstat(f.fileno())))
 
 
 def decode_file(preprocess: Preprocess, path: bytes, probe: Probe | None = None) -> Decoded:
@@ -153,21 +139,6 @@ def _printable(message: str) -> str:
     """A message safe to store and print: a non-UTF-8 file name inside it is escaped."""
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
-
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """Width and height as the photo is shown (EXIF rotation applied), from its header alone: a
-    PNG whose EXIF follows its pixels counts as upright (Pillow would decode them to find it)."""
-    width, height = image.size
-    try:
-        in_header = image.format != "PNG" or "exif" in image.info
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if in_header else 1
-    except Exception:  # malformed EXIF: the pixels are fine, shown as stored
-        orientation = 1
-    return (height, width) if orientation in _TRANSPOSED else (width, height)
-
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 
 _worker_preprocess: Preprocess | None = None
 

@@ -35,6 +35,7 @@ from clipsearch.records import (
     STATUS_MISSING,
     FailedFile,
     FileState,
+    ImageRow,
     IndexedFile,
     PhotoMeta,
 )
@@ -81,12 +82,14 @@ _FIRST_BATCH = 8
 
 @dataclass
 class AddReport:
-    """What one run did. ``moved`` counts files whose vector was reused from an identical file
-    already indexed (moved, renamed or copied); ``removed`` counts files gone from disk."""
+    """What one run did. ``moved`` and ``copied`` count files that took the vector of an identical
+    file already indexed, without encoding: moved (or renamed) where that content left its old
+    path, else copied. ``removed`` counts files gone from disk."""
 
     new: int = 0
     changed: int = 0
     moved: int = 0
+    copied: int = 0
     removed: int = 0
     failed: int = 0
     unchanged: int = 0
@@ -254,13 +257,16 @@ def run_add(
         # RSS 916-930 -> 877-911 MiB).
         release_free_memory()
         moved_content = run.reused_fingerprints
+    renamed = [path for path in plan.missing if states[path].fingerprint in moved_content]
+    # Each old path whose content turned up again is one move; the other reuses were copies.
+    report.copied = report.moved - min(report.moved, len(renamed))
+    report.moved -= report.copied
     if should_stop():
         report.interrupted = True
     elif plan.missing:
         # Gone files are dealt with last: until now their vectors could be reused by the files
         # they moved to. A file whose content reappeared elsewhere was moved (renamed): its old
         # row goes. The others are marked missing. A stopped run leaves them for the next one.
-        renamed = [path for path in plan.missing if states[path].fingerprint in moved_content]
         gone = [path for path in plan.missing if states[path].fingerprint not in moved_content]
         if renamed:
             catalog.remove(renamed)
@@ -420,7 +426,7 @@ class _Run:
                 if self.should_stop():
                     return
                 probes = self._probe(chunk, threads)
-                known = self.catalog.vectors_by_fingerprint(self.model, (p.fingerprint for p in probes.values()))
+                known = self.catalog.copies_by_fingerprint(self.model, (p.fingerprint for p in probes.values()))
                 unreadable = {f.path for f in self.failed}
                 for found, is_new in chunk:
                     if found.path in unreadable:
@@ -447,12 +453,16 @@ class _Run:
                 self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, failure_reason(err)))
         return probes
 
-    def _reuse(self, found: FoundFile, probe: Probe, vector: np.ndarray | None) -> bool:
-        if vector is None or probe.size is None:  # nothing to reuse, or a header the decoder must judge
+    def _reuse(self, found: FoundFile, probe: Probe, copy: tuple[np.ndarray, ImageRow] | None) -> bool:
+        """Take the vector of an indexed copy of these bytes, and the size and metadata that
+        decoding them found."""
+        if copy is None:
             return False
-        width, height = probe.size
+        vector, row = copy
+        if row.width is None or row.height is None:
+            return False
         reused = IndexedFile(
-            found.path, found.size, found.mtime_ns, probe.fingerprint, width, height, vector, probe.metadata
+            found.path, found.size, found.mtime_ns, probe.fingerprint, row.width, row.height, vector, row.metadata
         )
         self.reused.append(reused)
         self.reused_fingerprints.add(probe.fingerprint)

@@ -22,7 +22,7 @@ from clipsearch import __version__, clip
 from clipsearch.cli import _stop_on_signals, app
 
 SUMMARY = re.compile(
-    r"new (\d+), changed (\d+), moved (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
+    r"new (\d+), changed (\d+), moved (\d+), copied (\d+), removed (\d+), failed (\d+), unchanged (\d+)"
     r" in [\d.]+ s \([\d.]+ images/s[^)]*\); index: "
 )
 
@@ -56,9 +56,9 @@ def test_index_prints_a_summary_and_reruns_do_nothing(tmp_path, cli, tiny_model)
     make_library(tmp_path / "lib", 5)
     (tmp_path / "lib" / "bad.jpg").write_text("nope")
     first = cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", code=3)
-    assert summary(first) == (5, 0, 0, 0, 1, 0)
+    assert summary(first) == (5, 0, 0, 0, 0, 1, 0)
     assert "status --failed" in first.stdout
-    assert summary(cli("index", tmp_path / "lib")) == (0, 0, 0, 0, 0, 6)
+    assert summary(cli("index", tmp_path / "lib")) == (0, 0, 0, 0, 0, 0, 6)
 
 
 def test_a_models_first_run_says_before_it_measures_this_cpu(tmp_path, cli, tiny_model):
@@ -81,8 +81,8 @@ def test_index_json_says_what_the_summary_says(tmp_path, cli, tiny_model):
     make_library(tmp_path / "lib", 5)
     (tmp_path / "lib" / "bad.jpg").write_text("nope")
     first = json.loads(cli("index", tmp_path / "lib", "--model", tiny_model, "--workers", "0", "--json", code=3).stdout)
-    assert {k: first[k] for k in ("new", "changed", "moved", "removed", "failed", "unchanged")} == dict(
-        new=5, changed=0, moved=0, removed=0, failed=1, unchanged=0
+    assert {k: first[k] for k in ("new", "changed", "moved", "copied", "removed", "failed", "unchanged")} == dict(
+        new=5, changed=0, moved=0, copied=0, removed=0, failed=1, unchanged=0
     )
     assert (first["home"], first["model"], first["interrupted"]) == (str(tmp_path / "home"), tiny_model, False)
     assert first["images_per_s"] > 0 and first["elapsed"] >= first["model_load_s"] > 0
@@ -186,7 +186,7 @@ def test_status_json_says_what_the_text_says(cli, library, tmp_path, tiny_model)
 
 def test_deleting_files_and_rerunning(cli, library, tmp_path):
     library[0].unlink()
-    assert summary(cli("index", tmp_path / "lib"))[3] == 1
+    assert summary(cli("index", tmp_path / "lib"))[4] == 1
     assert "7 indexed, 1 failed, 1 missing" in cli("status").stdout
     assert str(library[0]) not in cli("query", "x", "--paths-only", "-k", "20").stdout
 
@@ -228,16 +228,16 @@ def test_an_emptied_root_is_taken_for_an_unmounted_drive(cli, tmp_path, tiny_mod
     shutil.move(tmp_path / "drive", tmp_path / "unplugged")
     (tmp_path / "drive").mkdir()
     result = cli("index", tmp_path / "drive", code=3)
-    assert summary(result) == (0, 0, 0, 0, 0, 0) and "1 folder(s) could not be read" in result.stdout
+    assert summary(result) == (0, 0, 0, 0, 0, 0, 0) and "1 folder(s) could not be read" in result.stdout
     assert "is empty, but 6 file(s) under it are indexed; they are kept as they are" in result.stderr
     assert "6 indexed, 0 failed, 0 missing" in cli("status").stdout
     (tmp_path / "drive").rmdir()
     shutil.move(tmp_path / "unplugged", tmp_path / "drive")
-    assert summary(cli("index", tmp_path / "drive")) == (0, 0, 0, 0, 0, 6)  # nothing encoded again
+    assert summary(cli("index", tmp_path / "drive")) == (0, 0, 0, 0, 0, 0, 6)  # nothing encoded again
     for image in images:  # part0, emptied
         if image.parent.name == "part0":
             image.unlink()
-    assert summary(cli("index", tmp_path / "drive")) == (0, 0, 0, 3, 0, 3)
+    assert summary(cli("index", tmp_path / "drive")) == (0, 0, 0, 0, 3, 0, 3)
 
 
 def test_a_query_after_every_models_vectors_were_dropped_says_so(cli, library, tiny_model, tmp_path):

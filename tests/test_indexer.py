@@ -37,7 +37,7 @@ def add(catalog, tiny_encoder):
 
 
 def counts(report):
-    return {k: getattr(report, k) for k in ("new", "changed", "moved", "removed", "failed", "unchanged")}
+    return {k: getattr(report, k) for k in ("new", "changed", "moved", "copied", "removed", "failed", "unchanged")}
 
 
 def vector_of(catalog, path):
@@ -50,7 +50,7 @@ def test_first_run_indexes_everything_and_records_a_bad_file(tmp_path, catalog, 
     make_library(tmp_path / "lib", 6)
     (tmp_path / "lib" / "bad.jpg").write_text("this is not a JPEG")
     report = add(tmp_path / "lib")
-    assert counts(report) == dict(new=6, changed=0, moved=0, removed=0, failed=1, unchanged=0)
+    assert counts(report) == dict(new=6, changed=0, moved=0, copied=0, removed=0, failed=1, unchanged=0)
     assert sum(encoded) == 6
     assert catalog.counts() == {"indexed": 6, "failed": 1, "missing": 0}
     ((path, reason),) = catalog.failures()
@@ -65,7 +65,7 @@ def test_an_unchanged_rerun_loads_no_model_and_encodes_nothing(tmp_path, catalog
     add.loads.clear()
     encoded.clear()
     report = add(tmp_path / "lib")
-    assert counts(report) == dict(new=0, changed=0, moved=0, removed=0, failed=0, unchanged=6)
+    assert counts(report) == dict(new=0, changed=0, moved=0, copied=0, removed=0, failed=0, unchanged=6)
     assert add.loads == [] and encoded == []
     assert catalog.generation == generation  # nothing written, so FAISS stays valid
 
@@ -78,7 +78,7 @@ def test_changed_files_are_re_encoded(tmp_path, catalog, add, encoded):
     bump_mtime(images[0])
     encoded.clear()
     report = add(tmp_path / "lib")
-    assert counts(report) == dict(new=0, changed=1, moved=0, removed=0, failed=0, unchanged=3)
+    assert counts(report) == dict(new=0, changed=1, moved=0, copied=0, removed=0, failed=0, unchanged=3)
     assert sum(encoded) == 1
     assert not np.allclose(vector_of(catalog, images[0]), before)
 
@@ -95,7 +95,7 @@ def test_moved_and_copied_files_reuse_their_vector_without_encoding(tmp_path, ca
     add.loads.clear()
     report = add(tmp_path / "lib")
     # A rename is a move, not a move and a removal: the old path's row goes.
-    assert counts(report) == dict(new=0, changed=0, moved=2, removed=0, failed=0, unchanged=3)
+    assert counts(report) == dict(new=0, changed=0, moved=1, copied=1, removed=0, failed=0, unchanged=3)
     assert encoded == [] and add.loads == [] and report.model_load_s == 0  # the model was never needed
     np.testing.assert_array_equal(vector_of(catalog, moved), vector)
     assert os.fsencode(images[0]) not in catalog.file_states()
@@ -113,7 +113,7 @@ def test_the_model_loads_once_a_file_needs_encoding_after_reused_ones(tmp_path, 
     encoded.clear()
     add.loads.clear()
     report = add(tmp_path / "copy", tmp_path / "lib", workers=workers)
-    assert (report.new, report.moved, report.unchanged) == (1, 4, 3)
+    assert (report.new, report.moved, report.copied, report.unchanged) == (1, 0, 4, 3)
     assert add.loads == [5] and sum(encoded) == 1
     assert catalog.counts() == {"indexed": 8, "failed": 0, "missing": 0}
 

@@ -3,6 +3,7 @@ rows indexed before it was recorded without re-encoding anything."""
 
 import os
 import sqlite3
+import struct
 
 import pytest
 from alembic import command
@@ -154,8 +155,35 @@ def test_a_copy_that_reuses_a_vector_still_gets_its_own_metadata(tmp_path, tiny_
         (tmp_path / "lib" / "copy.jpg").write_bytes((tmp_path / "lib" / "a.jpg").read_bytes())
         report = index.add([tmp_path / "lib"], workers=0)
         rows = index.catalog.rows([1, 2])
-    assert report.moved == 1 and sum(encoded) == 1
+    assert (report.moved, report.copied) == (0, 1) and sum(encoded) == 1
     assert rows[2].path.endswith(b"copy.jpg") and rows[2].metadata.taken == "2019-07-04T10:30:00"
+
+
+def png_with_exif_after_its_pixels(path):
+    """A PNG whose eXIf chunk follows its IDAT, as some editors write it: only decoding finds it."""
+    make_photo(path, 0, size=(48, 40), taken="2014:04:04 04:04:04", make="Fujifilm", orientation=6, fmt="PNG")
+    data = path.read_bytes()
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks.append(data[at : at + 12 + length])
+        at += 12 + length
+    exif = next(c for c in chunks if c[4:8] == b"eXIf")
+    rest = [c for c in chunks if c is not exif]
+    path.write_bytes(data[:8] + b"".join(rest[:-1]) + exif + rest[-1])  # before IEND
+    assert photo_meta.read_file(path).metadata.taken is None  # the header alone does not show it
+
+
+def test_a_copy_takes_what_decoding_its_bytes_found_not_what_its_header_says(tmp_path, tiny_model, encoded):
+    png_with_exif_after_its_pixels(tmp_path / "lib" / "a.png")
+    with Index.open(tmp_path / "home", model=tiny_model) as index:
+        index.add([tmp_path / "lib"], workers=0)
+        (tmp_path / "lib" / "copy.png").write_bytes((tmp_path / "lib" / "a.png").read_bytes())
+        report = index.add([tmp_path / "lib"], workers=0)
+        original, copy = index.catalog.rows([1, 2]).values()
+    assert (report.moved, report.copied) == (0, 1) and sum(encoded) == 1
+    assert (original.width, original.height, original.metadata.taken) == (40, 48, "2014-04-04T04:04:04")
+    assert (copy.width, copy.height, copy.metadata) == (original.width, original.height, original.metadata)
 
 
 def test_an_index_from_before_metadata_gains_it_without_reencoding(tmp_path, tiny_model, encoded):

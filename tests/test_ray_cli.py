@@ -37,7 +37,7 @@ def test_a_file_list_indexes_what_it_names_and_marks_listed_files_gone_as_missin
     monkeypatch.chdir(tmp_path)  # relative lines are relative to the current directory
     listed.write_text(f"{images[0]}\n\nlib/{images[1].relative_to(tmp_path / 'lib')}\r\n{images[2]}\n{images[0]}\n")
     out = cli("index", "--from-list", listed, "--model", tiny_model, "--workers", "0").stdout
-    assert out.startswith("new 3, changed 0, moved 0, removed 0, failed 0, unchanged 0")
+    assert out.startswith("new 3, changed 0, moved 0, copied 0, removed 0, failed 0, unchanged 0")
     assert sorted(catalog_rows(tmp_path / "home")) == sorted(os.fsencode(p) for p in images[:3])
 
     # The walk indexes the rest; a list naming one file that is gone now leaves the others alone.
@@ -45,7 +45,7 @@ def test_a_file_list_indexes_what_it_names_and_marks_listed_files_gone_as_missin
     images[0].unlink()
     listed.write_text(f"{images[0]}\n{images[3]}\n")
     out = cli("index", "--from-list", listed).stdout
-    assert out.startswith("new 0, changed 0, moved 0, removed 1, failed 0, unchanged 1")
+    assert out.startswith("new 0, changed 0, moved 0, copied 0, removed 1, failed 0, unchanged 1")
     rows = catalog_rows(tmp_path / "home")
     assert rows[os.fsencode(images[0])][0] == "missing"
     assert [status for status, _ in rows.values()].count("indexed") == 5

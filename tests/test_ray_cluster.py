@@ -143,7 +143,7 @@ def test_two_nodes_index_what_one_process_indexes(two_nodes, tmp_path, tiny_mode
     result = run_cli(*args, "--precision", "fp32", "--ray", two_nodes, timeout=300)
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
-    assert result.stdout.startswith(b"new 40, changed 0, moved 0, removed 0, failed 0, unchanged 0")
+    assert result.stdout.startswith(b"new 40, changed 0, moved 0, copied 0, removed 0, failed 0, unchanged 0")
     # One CPU each: the encoder actor takes one node's, decoding the other's.
     assert "Ray cluster: 2 node(s), 2 CPU(s), 0 GPU(s); encoding in 1 actor(s) of 1 CPU(s)" in stderr
 

@@ -117,7 +117,7 @@ def test_a_ray_run_gives_the_catalog_of_a_local_run_and_a_rerun_starts_nothing(
     # Nothing changed: the run must not even connect (nothing listens at that address).
     rerun = run_cli("--home", home, "index", library, "--ray", "127.0.0.1:9")
     assert rerun.returncode == 0, rerun.stderr
-    assert b"new 0, changed 0, moved 0, removed 0, failed 0, unchanged 162" in rerun.stdout
+    assert b"new 0, changed 0, moved 0, copied 0, removed 0, failed 0, unchanged 162" in rerun.stdout
 
 
 def test_the_cluster_computes_the_local_encoders_fp32_vectors(cluster, library, tiny_model, tiny_encoder):

@@ -82,7 +82,7 @@ def test_a_moved_file_swapped_for_a_fifo_after_its_fingerprint_does_not_hang_the
     code, out, err = index_with_swap(home, lib, tiny_model, "copy.png", "fingerprint", "--workers", "0")
     assert code is not None, f"the run hung on a FIFO (stderr: {err.decode(errors='replace')})"
     assert_no_traceback(out, err)
-    assert code == 0 and b"moved 1" in out, (out, err)
+    assert code == 0 and b"moved 0, copied 1" in out, (out, err)
 
 
 # --- each file opened once, fingerprinted once ---------------------------------------------
