@@ -102,10 +102,28 @@ def find_duplicates(
     rows = catalog.rows(member_ids.tolist())
     groups = []
     for positions in members:
-        present = [rows[i] for i in ids[positions].tolist() if i in rows and os.path.exists(rows[i].path)]
+        present = _distinct_files([rows[i] for i in ids[positions].tolist() if i in rows])
         if len(present) >= 2:
             groups.append(_group(present, dict(zip(ids[positions].tolist(), fingerprints[positions])), by_id))
     return sorted(groups, key=lambda g: os.fsencode(g.keeper.path))
+
+
+def _distinct_files(rows: list[ImageRow]) -> list[ImageRow]:
+    """One row per file on disk, of those still there. Paths that reach one file (a symlink, a
+    hard link, a folder indexed again through a link to it) are not copies of each other:
+    deleting one "duplicate" would delete the other, or leave it dangling. The path without a
+    link in it stands for the file."""
+    chosen: dict[tuple[int, int], tuple[bool, bytes, ImageRow]] = {}
+    for row in rows:
+        try:
+            st = os.stat(row.path)
+        except OSError:  # deleted since it was indexed
+            continue
+        candidate = (os.path.realpath(row.path) != row.path, row.path, row)
+        key = (st.st_dev, st.st_ino)
+        if key not in chosen or candidate[:2] < chosen[key][:2]:
+            chosen[key] = candidate
+    return [row for _, _, row in chosen.values()]
 
 
 def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

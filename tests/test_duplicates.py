@@ -152,6 +152,21 @@ def test_under_and_deleted_files_narrow_the_groups(tmp_path, library):
         assert index.duplicates(1.0) == []
 
 
+def test_paths_that_reach_one_file_are_not_duplicates_of_it(tmp_path, library, tiny_model):
+    """Deleting the "duplicates" must never delete the only copy: a symlink's target, a hard
+    link's other name, or a folder indexed once more through a link to it."""
+    os.symlink("b.png", library / "b link.png")
+    os.link(library / "c.png", library / "c hard link.png")
+    os.symlink(library / "other", tmp_path / "other through a link")
+    with Index.open(tmp_path / "home", model=tiny_model) as index:
+        index.add([library], workers=0)
+        index.add([tmp_path / "other through a link"], workers=0)  # a run of its own: not merged with lib
+        assert index.catalog.counts()["indexed"] == 7
+        (group,) = index.duplicates(threshold=1.0)
+    assert group.keeper.path == library / "a.jpg"
+    assert [d.hit.path for d in group.duplicates] == [library / "other" / "a copy.jpg"]
+
+
 @pytest.fixture
 def cli(tmp_path):
     def run(*args, code=0):
