@@ -31,7 +31,7 @@ from clipsearch.indexer import AddReport, Progress, run_add
 from clipsearch.paths import default_home
 from clipsearch.records import STATUS_INDEXED, StoredModel, decode_path
 from clipsearch.search import Hit, Query, find_hits
-from clipsearch.walk import normalise_roots
+from clipsearch.walk import normalise_roots, stored_mtime_ns
 
 if TYPE_CHECKING:
     from clipsearch.clip.model import Towers
@@ -325,7 +325,7 @@ class Index:
             st = os.stat(path)
         except OSError as e:
             raise ImageError(f"Cannot use {os.fsdecode(path)} as an example: {e.strerror}.") from None
-        if found is not None and (found[2], found[3]) == (st.st_size, st.st_mtime_ns):
+        if found is not None and (found[2], found[3]) == (st.st_size, stored_mtime_ns(st)):
             return found[1], found[0]
         return Path(os.fsdecode(path)), found[0] if found is not None else None
 

@@ -58,7 +58,7 @@ class Manifest:
             if stat.S_ISDIR(st.st_mode):
                 log.warning("%s is a folder; a file list names files (index folders by naming them)", os.fsdecode(path))
                 continue
-            yield FoundFile(path, st.st_size, st.st_mtime_ns)
+            yield FoundFile.of(path, st)
 
     def missing(self, states: dict[bytes, FileState]) -> list[bytes]:
         """Catalog rows of listed files that no longer exist (call after iterating)."""

@@ -62,7 +62,18 @@ JUNK_DIRS = frozenset(
 class FoundFile(NamedTuple):
     path: bytes  # absolute, normalised, not resolved through symlinks
     size: int
-    mtime_ns: int
+    mtime_ns: int  # as the catalog stores it: `stored_mtime_ns`
+
+    @classmethod
+    def of(cls, path: bytes, st: os.stat_result) -> FoundFile:
+        return cls(path, st.st_size, stored_mtime_ns(st))
+
+
+def stored_mtime_ns(st: os.stat_result) -> int:
+    """A file's mtime as the catalog records it and compares it with: within SQLite's 64-bit
+    integers (years 1677 to 2262), beyond which a file's clock is wrong anyway; one file dated
+    2300 had stopped every index run."""
+    return min(max(st.st_mtime_ns, -(2**63)), 2**63 - 1)
 
 
 @dataclass
@@ -95,7 +106,7 @@ class Walk:
             elif not _is_candidate(os.path.basename(root)):
                 log.warning("%s is not an image file (by its name); skipped", os.fsdecode(root))
             elif not _excluded(root, patterns):
-                yield FoundFile(root, st.st_size, st.st_mtime_ns)
+                yield FoundFile.of(root, st)
 
     def excludes(self, path: bytes) -> bool:
         """Whether ``path`` (inside one of the roots) is skipped by an exclude pattern, itself or
@@ -155,7 +166,7 @@ class Walk:
                             st = entry.stat()
                         except OSError:  # deleted since the listing
                             continue
-                        yield FoundFile(entry.path, st.st_size, st.st_mtime_ns)
+                        yield FoundFile.of(entry.path, st)
             except OSError as err:
                 log.warning("cannot list %s: %s", os.fsdecode(folder), err.strerror)
                 self.unreadable.append(folder)
@@ -183,7 +194,7 @@ def _found_link(entry: os.DirEntry) -> FoundFile | None:
             return None
     if stat.S_ISDIR(st.st_mode):  # a link to a folder while not following links
         return None
-    return FoundFile(entry.path, st.st_size, st.st_mtime_ns)
+    return FoundFile.of(entry.path, st)
 
 
 def _is_candidate(name: bytes) -> bool:

@@ -118,6 +118,16 @@ def test_the_model_loads_once_a_file_needs_encoding_after_reused_ones(tmp_path, 
     assert catalog.counts() == {"indexed": 8, "failed": 0, "missing": 0}
 
 
+def test_a_file_dated_past_2262_is_indexed_and_then_unchanged(tmp_path, catalog, add):
+    images = make_library(tmp_path / "lib", 3)
+    year_2300 = 10_413_792_000 * 10**9  # nanoseconds: past SQLite's largest integer
+    os.utime(images[1], ns=(year_2300, year_2300))
+    assert os.stat(images[1]).st_mtime_ns == year_2300
+    assert add(tmp_path / "lib").new == 3
+    assert catalog.counts() == {"indexed": 3, "failed": 0, "missing": 0}
+    assert counts(add(tmp_path / "lib"))["unchanged"] == 3  # the same clamped time, compared alike
+
+
 def test_deleted_files_are_marked_missing_only_under_the_roots_walked(tmp_path, catalog, add):
     a = make_library(tmp_path / "a", 2)
     b = make_library(tmp_path / "b", 2, start_seed=10)

@@ -30,6 +30,7 @@ from clipsearch.serve.errors import NotFound
 from clipsearch.serve.refine import parse_query
 from clipsearch.serve.thumbnails import Thumbnails
 from clipsearch.serve.upload import MAX_PIXELS, open_upload
+from clipsearch.walk import stored_mtime_ns
 
 if TYPE_CHECKING:
     from clipsearch.encoder import Encoder, NumpyImageEncoder
@@ -140,7 +141,7 @@ class Service:
             st = os.stat(path)
         except OSError:
             raise NotFound(f"{path} is no longer there.") from None
-        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, stored_mtime_ns(st)) != (row.size, row.mtime_ns):
             raise NotFound(f"{path} changed since it was indexed; run `clipsearch index` again to see it.")
         return path
 
