@@ -565,8 +565,10 @@ def query_command(
     from clipsearch.filters import Filters
     from clipsearch.search import as_term, parse_term
 
-    # The callbacks checked and converted the options: near and ext are tuples by now.
-    filters = Filters(after, before, camera, near, ext or (), min_width)  # type: ignore[arg-type]
+    try:  # the callbacks checked and converted each option (near and ext are tuples by now)...
+        filters = Filters(after, before, camera, near, ext or (), min_width)  # type: ignore[arg-type]
+    except ValueError as e:  # ...and this checks them together
+        raise typer.BadParameter(str(e)) from None
     terms = [(1.0, as_term(text))] if text is not None else []
     terms += [parse_term(t) for t in add] + [(-w, t) for w, t in map(parse_term, subtract)]
     if not terms and like is None and not filters and under is None:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import cast
 
 import numpy as np
 
@@ -54,9 +55,18 @@ class Filters:
     _before: str | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        """Check everything once, here: a bad value is a ValueError that names it."""
+        """Check everything once, here: a bad value is a ValueError that names it, a value of
+        the wrong type a TypeError."""
         object.__setattr__(self, "_after", None if self.after is None else start_of(self.after))
         object.__setattr__(self, "_before", None if self.before is None else start_of(self.before))
+        if self._after is not None and self._before is not None and self._after >= self._before:
+            raise ValueError(f"after ({self.after}) is not earlier than before ({self.before}): no photo can pass")
+        if self.camera is not None:
+            if not isinstance(self.camera, str):
+                raise TypeError(f"camera is a part of a make or model, a str; got {self.camera!r}")
+            if not self.camera.strip():
+                raise ValueError("camera is blank; give a part of a camera's make or model, e.g. pixel")
+            object.__setattr__(self, "camera", self.camera.strip())
         if self.near is not None:
             if len(self.near) not in (2, 3):
                 raise ValueError(f"near: expected LAT,LON or LAT,LON,KM, got {self.near!r}")
@@ -65,6 +75,8 @@ class Filters:
                 raise ValueError(f"near: latitude -90..90, longitude -180..180, km > 0; got {lat}, {lon}, {km}")
         extensions = (self.extensions,) if isinstance(self.extensions, str) else self.extensions
         object.__setattr__(self, "extensions", _normalised_extensions(extensions))
+        if self.min_width is not None and (not isinstance(self.min_width, int) or isinstance(self.min_width, bool)):
+            raise TypeError(f"min_width is a number of pixels, an int; got {self.min_width!r}")
         if self.min_width is not None and self.min_width < 0:
             raise ValueError(f"min_width must be at least 0, got {self.min_width}")
         if self.min_width is not None and self.min_width > _SQLITE_LARGEST:  # as wide passes as few: none
@@ -114,15 +126,26 @@ def start_of(when: str | date) -> str:
     """The first second of what ``when`` names, as the catalog stores times: "2019-06" →
     "2019-06-01T00:00:00". Raises ValueError for anything else."""
     if isinstance(when, datetime):
-        return when.replace(tzinfo=None, microsecond=0).isoformat()
+        if when.utcoffset() is not None:  # photos' times are their own local times, many without a zone
+            raise ValueError(f"{when} has a time zone; dates compare with the local time a photo was taken")
+        return when.replace(microsecond=0).isoformat()
     if isinstance(when, date):
         return datetime(when.year, when.month, when.day).isoformat()
+    if not isinstance(when, str):
+        raise TypeError(f"a date is a str such as '2019-06', a date or a datetime; got {when!r}")
     match = _WHEN.fullmatch(when.strip())
     if match is None:
         raise ValueError(f"{when!r} is not a date: write 2019, 2019-06, 2019-06-01 or 2019-06-01T10:30")
     year, month, day, hour, minute, second = (int(part) if part else None for part in match.groups())
-    try:
-        return datetime(year or 1, month or 1, day or 1, hour or 0, minute or 0, second or 0).isoformat()
+    try:  # what is left out starts at its first (month 1, day 1, 00:00); a 0 written is refused
+        return datetime(
+            cast(int, year),
+            1 if month is None else month,
+            1 if day is None else day,
+            hour or 0,
+            minute or 0,
+            second or 0,
+        ).isoformat()
     except ValueError as e:
         raise ValueError(f"{when!r} is not a date ({e})") from None
 

@@ -3,7 +3,7 @@ this", through the library, FAISS and the CLI."""
 
 import json
 import os
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 
 import faiss
 import numpy as np
@@ -73,7 +73,9 @@ def test_dates_as_people_write_them_start_what_they_name(text, start):
     assert start_of(text) == start
 
 
-@pytest.mark.parametrize("text", ["19", "2019-13", "2019-02-30", "June 2019", "2019-06-01T25:00", ""])
+@pytest.mark.parametrize(
+    "text", ["19", "2019-13", "2019-02-30", "June 2019", "2019-06-01T25:00", "", "0000", "2023-00", "2023-06-00"]
+)
 def test_impossible_dates_are_refused(text):
     with pytest.raises(ValueError, match="is not a date"):
         Filters(after=text)
@@ -95,6 +97,22 @@ def test_option_parsers():
     with pytest.raises(ValueError, match="score, date, -date, path"):
         check_sort("size")
     assert not Filters() and Filters(min_width=0) and Filters(extensions=("jpg",))
+
+
+def test_filters_that_no_photo_could_pass_or_of_the_wrong_type_are_refused():
+    with pytest.raises(ValueError, match="not earlier than before"):
+        Filters(after="2024", before="2019")
+    with pytest.raises(ValueError, match="not earlier than before"):
+        Filters(after="2019-06", before="2019-06-01")
+    with pytest.raises(ValueError, match="has a time zone"):
+        Filters(after=datetime(2023, 6, 16, 6, tzinfo=timezone.utc))
+    for blank in ("", "  "):
+        with pytest.raises(ValueError, match="camera is blank"):
+            Filters(camera=blank)
+    assert Filters(camera=" r5 ").sql_values()["camera"] == "%r5%"
+    for wrong in (dict(after=2019), dict(camera=5), dict(min_width=2.5), dict(min_width=True)):
+        with pytest.raises(TypeError):
+            Filters(**wrong)
 
 
 def test_distances_on_the_globe():
@@ -362,6 +380,8 @@ def test_cli_more_like_this(cli, tmp_path):
         (["--ext", "j.pg"], "letters and digits"),
         (["--sort", "size"], "not an order"),
         (["--min-width", "0"], "--min-width"),
+        (["--after", "2024", "--before", "2019"], "not earlier than before"),
+        (["--camera", " "], "camera is blank"),
     ],
 )
 def test_cli_bad_filters_are_usage_errors(cli, args, says):
