@@ -11,6 +11,7 @@ else unknown: never the file's mtime, which says when it was copied, not when it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ _GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON = 1, 2, 3, 4
 _TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 _MAX_TEXT = 128  # a camera name longer than this is garbage, not a name
 _DATE = re.compile(r"\s*(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
-_OFFSET = re.compile(r"\s*([+-])(\d{2}):?(\d{2})\s*$")
+_OFFSET = re.compile(r"\s*(?:([+-])(\d{1,2}):?(\d{2})|Z)\s*$")
 
 
 class Header(NamedTuple):
@@ -125,11 +126,12 @@ def _datetime(value: object) -> str | None:
 
 
 def _offset(value: object) -> int | None:
-    """ "+02:00" as minutes east of UTC; None for anything else, or beyond ±14 hours."""
+    """ "+02:00" (or "+2:00", "+0200", "Z") as minutes east of UTC; None for anything else, or
+    beyond ±14 hours."""
     match = _OFFSET.match(_text(value) or "")
     if match is None:
         return None
-    sign, hours, minutes = match.groups()
+    sign, hours, minutes = match.groups("0")  # "Z": UTC
     total = int(hours) * 60 + int(minutes)
     if int(minutes) >= 60 or total > 14 * 60:
         return None
@@ -153,9 +155,12 @@ def _degrees(value: object, ref: object, negative: str, limit: float) -> float |
     if not 1 <= len(parts) <= 3:
         return None
     try:
-        total = sum(float(part) / 60**i for i, part in enumerate(parts))
+        numbers = [float(part) for part in parts]
     except (TypeError, ValueError, ZeroDivisionError):
         return None
+    if any(not 0 <= number < 60 for number in numbers[1:]):  # minutes and seconds
+        return None
+    total = sum(number / 60**i for i, number in enumerate(numbers))
     if not math.isfinite(total) or abs(total) > limit:
         return None
     if (_text(ref) or "").upper().startswith(negative):
@@ -164,10 +169,18 @@ def _degrees(value: object, ref: object, negative: str, limit: float) -> float |
 
 
 def _text(value: object) -> str | None:
-    """An EXIF string, trimmed of the NULs and spaces writers pad with; None when empty."""
+    """An EXIF string, trimmed of the NULs and spaces writers pad with, its tabs and line ends
+    made spaces; None when empty or not text. EXIF says ASCII and Pillow reads Latin-1, but
+    phones and editors write UTF-8 ("Zé", "Ⅲ"): bytes that are valid UTF-8 are read as such."""
+    if isinstance(value, str):
+        with contextlib.suppress(UnicodeEncodeError):  # else more than Latin-1: decoded by one who knew
+            value = value.encode("latin-1")
     if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            value = value.decode("latin-1")
     if not isinstance(value, str):
         return None
-    value = value.replace("\x00", " ").strip()
+    value = " ".join(value.replace("\x00", " ").split())
     return value[:_MAX_TEXT] if value and value.isprintable() else None

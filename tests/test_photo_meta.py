@@ -55,6 +55,9 @@ def test_exif_in_png_and_webp_is_read(tmp_path, fmt):
         ("-05:30", -330),
         ("+00:00", 0),
         ("+14:00", 840),
+        ("+5:30", 330),
+        ("+0530", 330),
+        ("Z", 0),
         ("+25:00", None),
         ("+02:75", None),
         ("x", None),
@@ -89,6 +92,26 @@ def test_a_file_without_metadata_has_only_its_format(tmp_path):
 def test_gps_signs_follow_the_references_and_no_fix_is_absent(tmp_path, gps, expected):
     m = meta(make_photo(tmp_path / "a.jpg", gps=gps))
     assert (m.latitude, m.longitude) == tuple(pytest.approx(v, abs=1e-5) if v is not None else None for v in expected)
+
+
+def test_camera_names_in_utf8_or_with_tabs_read_as_written(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "EOS\t5D  ", "Ricoh GR Ⅲ".encode()  # Pillow reads bytes as Latin-1
+    exif.get_ifd(0x8769)[0xA434] = "Zé".encode("latin-1")  # not UTF-8: Latin-1 it stays
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg", exif=exif)
+    m = meta(tmp_path / "a.jpg")
+    assert (m.camera_make, m.camera_model, m.lens) == ("EOS 5D", "Ricoh GR Ⅲ", "Zé")
+
+
+def test_gps_minutes_or_seconds_of_60_or_more_are_absent(tmp_path):
+    assert meta(make_photo(tmp_path / "a.jpg", gps=(48.5, 2.25))).latitude == pytest.approx(48.5, abs=1e-5)
+    from PIL.TiffImagePlugin import IFDRational
+
+    exif = Image.Exif()
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2], gps[3], gps[4] = "N", (IFDRational(48), IFDRational(75), IFDRational(0)), "E", (IFDRational(2),)
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg", exif=exif)
+    assert (meta(tmp_path / "b.jpg").latitude, meta(tmp_path / "b.jpg").longitude) == (None, None)
 
 
 def test_gps_with_a_zero_denominator_is_absent_and_the_rest_is_kept(tmp_path):
