@@ -176,10 +176,11 @@ def _text(value: object) -> str | None:
         with contextlib.suppress(UnicodeEncodeError):  # else more than Latin-1: decoded by one who knew
             value = value.encode("latin-1")
     if isinstance(value, bytes):
+        raw = value
         try:
-            value = value.decode("utf-8")
+            value = raw.decode("utf-8")
         except UnicodeDecodeError:
-            value = value.decode("latin-1")
+            value = raw.decode("latin-1")
     if not isinstance(value, str):
         return None
     value = " ".join(value.replace("\x00", " ").split())
