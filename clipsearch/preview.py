@@ -15,6 +15,7 @@ import io
 import itertools
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("kitty", "iterm", "sixel")
-COLUMNS = 16  # how wide a preview is, in terminal cells (kitty, iTerm2)
+COLUMNS = 16  # the box a preview fits in, in terminal cells (kitty, iTerm2), narrowed to the terminal's
+ROWS = 8  # a cell is about twice as tall as wide: 16 x 8 cells is a square
 SIXEL_PIXELS = 160  # sixel has no cell sizing: the long side in pixels
 SIXEL_COLOURS = 64
 _KITTY_CHUNK = 4096  # the protocol's limit on base64 bytes per escape sequence
@@ -38,6 +40,8 @@ def detect(env: Mapping[str, str] | None = None, tty: bool = True) -> str | None
     env = os.environ if env is None else env
     forced = env.get("CLIPSEARCH_PREVIEW", "").lower()
     if forced:
+        if forced not in (*PROTOCOLS, "none"):
+            log.warning("CLIPSEARCH_PREVIEW=%s is not one of %s, none: paths only", forced, ", ".join(PROTOCOLS))
         return forced if forced in PROTOCOLS else None
     if not tty:
         return None
@@ -60,30 +64,43 @@ def inline_image(path: Path, protocol: str) -> bytes:
     try:
         if protocol == "sixel":
             return sixel(shrunk(path, SIXEL_PIXELS, SIXEL_PIXELS)) + b"\n"
-        png = _png(shrunk(path, 256, 256))
+        image = shrunk(path, 256, 256)
     except (ClipsearchError, OSError) as e:
         log.debug("no preview of %s: %s", path, e)
         return b""
-    return (kitty(png) if protocol == "kitty" else iterm(png)) + b"\n"
+    columns, rows = cells(image.size, min(COLUMNS, shutil.get_terminal_size().columns))
+    return (kitty if protocol == "kitty" else iterm)(_png(image), columns, rows) + b"\n"
 
 
-def kitty(png: bytes, columns: int = COLUMNS) -> bytes:
+def cells(size: tuple[int, int], columns: int = COLUMNS, rows: int = ROWS) -> tuple[int, int | None]:
+    """(columns, None) for an image that fills the box's width, (columns, rows) for one as tall
+    as the box: a phone's screenshot fitted to 16 columns had run to some 70 rows."""
+    width, height = size
+    if columns * height <= 2 * rows * width:
+        return max(1, columns), None
+    return max(1, min(columns, round(2 * rows * width / height))), rows
+
+
+def kitty(png: bytes, columns: int = COLUMNS, rows: int | None = None) -> bytes:
     """kitty's graphics protocol: transmit and show a PNG (``a=T,f=100``) scaled to ``columns``
-    cells, in base64 chunks (``m=1`` while more follow), with replies turned off (``q=2``) so
-    that none lands on the shell's input."""
+    cells, or to ``rows`` (the aspect kept), in base64 chunks (``m=1`` while more follow), with
+    replies turned off (``q=2``) so that none lands on the shell's input."""
     data = base64.standard_b64encode(png)
     chunks = [data[i : i + _KITTY_CHUNK] for i in range(0, len(data), _KITTY_CHUNK)] or [b""]
+    scale = f"c={columns}" if rows is None else f"r={rows}"
     out = []
     for i, chunk in enumerate(chunks):
         more = int(i < len(chunks) - 1)
-        keys = f"a=T,f=100,q=2,c={columns},m={more}" if i == 0 else f"m={more}"
+        keys = f"a=T,f=100,q=2,{scale},m={more}" if i == 0 else f"m={more}"
         out.append(b"\x1b_G" + keys.encode() + b";" + chunk + b"\x1b\\")
     return b"".join(out)
 
 
-def iterm(png: bytes, columns: int = COLUMNS) -> bytes:
-    """iTerm2's inline image: an OSC 1337 ``File=`` sequence carrying the file in base64."""
-    header = f"\x1b]1337;File=inline=1;size={len(png)};width={columns};preserveAspectRatio=1:"
+def iterm(png: bytes, columns: int = COLUMNS, rows: int | None = None) -> bytes:
+    """iTerm2's inline image: an OSC 1337 ``File=`` sequence carrying the file in base64, fitted
+    in ``columns`` (and ``rows``) cells."""
+    height = "" if rows is None else f"height={rows};"
+    header = f"\x1b]1337;File=inline=1;size={len(png)};width={columns};{height}preserveAspectRatio=1:"
     return header.encode() + base64.standard_b64encode(png) + b"\x07"
 
 

@@ -39,8 +39,33 @@ from clipsearch.index import Index
         ({"CLIPSEARCH_PREVIEW": "bogus"}, True, None),
     ],
 )
-def test_which_terminal_gets_which_protocol(env, tty, expected):
+def test_which_terminal_gets_which_protocol(env, tty, expected, caplog):
     assert preview.detect(env, tty=tty) == expected
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == (
+        ["CLIPSEARCH_PREVIEW=bogus is not one of kitty, iterm, sixel, none: paths only"] if "bogus" in str(env) else []
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "columns", "box"),
+    [
+        ((256, 256), 16, (16, None)),  # a square: 16 x 8 cells, as wide as the box
+        ((256, 128), 16, (16, None)),
+        ((144, 256), 16, (9, 8)),  # a portrait photo: as tall as the box
+        ((28, 256), 16, (2, 8)),  # a phone's screenshot had run to ~70 rows
+        ((1, 256), 16, (1, 8)),
+        ((256, 256), 6, (6, None)),  # a terminal 6 columns wide
+    ],
+)
+def test_a_preview_fits_a_box_of_16_by_8_cells_and_the_terminal(size, columns, box):
+    assert preview.cells(size, columns) == box
+
+
+def test_a_tall_preview_is_scaled_by_its_rows():
+    png = png_of((28, 256))
+    assert preview.kitty(png, 2, 8).startswith(b"\x1b_Ga=T,f=100,q=2,r=8,m=")
+    assert b";width=2;height=8;preserveAspectRatio=1:" in preview.iterm(png, 2, 8)
 
 
 def png_of(size: tuple[int, int], seed: int = 0) -> bytes:
@@ -140,6 +165,12 @@ def test_inline_images_are_upright_and_small(indexed):
     assert (width, height) == (preview.SIXEL_PIXELS, preview.SIXEL_PIXELS // 2)  # 300 x 150 as shown
     png = base64.b64decode(re.findall(rb";([A-Za-z0-9+/=]+)\x1b\\", preview.inline_image(library[-1], "kitty"))[0])
     assert Image.open(io.BytesIO(png)).size == (256, 128)  # the terminal scales it to COLUMNS cells
+
+
+def test_a_narrow_terminal_narrows_the_preview(indexed, monkeypatch):
+    _, library = indexed
+    monkeypatch.setenv("COLUMNS", "8")
+    assert preview.inline_image(library[-1], "kitty").startswith(b"\x1b_Ga=T,f=100,q=2,c=8,m=")
 
 
 def test_an_unreadable_image_gets_no_preview(tmp_path):
