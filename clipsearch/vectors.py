@@ -361,7 +361,9 @@ class VectorIndex:
             time.perf_counter() - started,
             recall,
         )
-        if save:
+        if save and index_type is not None:  # asked for (`clipsearch rebuild`): not saved is not done
+            built.save(home, catalog.catalog_id, model, generation, catalog.generation_id)
+        elif save:
             built._save_if_writable(home, catalog, model, generation)
         return built
 
@@ -414,10 +416,12 @@ class VectorIndex:
             _remember_checked(home / name)
         except (OSError, RuntimeError) as e:  # FAISS reports its write errors as RuntimeError
             tmp.unlink(missing_ok=True)
-            raise IndexStateError(
-                f"Could not save the vector index in {home} ({_brief(e)}); "
-                "free some space or fix the folder's permissions."
-            ) from e
+            advice = (
+                f"move the folder {home / name} out of the way"
+                if (home / name).is_dir()
+                else "free some space or fix the folder's permissions"
+            )
+            raise IndexStateError(f"Could not save the vector index in {home} ({_brief(e)}); {advice}.") from e
         _remove_orphans(home)
         (home / LEGACY_FILE).unlink(missing_ok=True)
 
@@ -934,5 +938,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _brief(error: Exception) -> str:
-    """FAISS errors start with the C++ function and source line; keep the part after them."""
-    return str(error).strip().splitlines()[0].rpartition("Error: ")[2]
+    """FAISS errors start with the C++ function and source line; keep the part after them, and
+    of a failed write's assertion ("'ret == (size * 4)' failed: write error in ...: (File too
+    large)") the system's reason."""
+    text = str(error).strip().splitlines()[0].rpartition("Error: ")[2]
+    reason = re.search(r"\(([^()]+)\)\s*$", text)
+    return f"write error: {reason[1]}" if "' failed: write error" in text and reason else text

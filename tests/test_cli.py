@@ -213,6 +213,18 @@ def test_rebuild_refuses_index_types_it_does_not_search(cli, library, tmp_path):
     assert len(scores) == 3 and all(-1 <= s <= 1 for s in scores)
 
 
+def test_a_rebuild_that_cannot_save_its_file_fails(cli, library, tmp_path):
+    """It had warned and exited 0, and status --check then sent the user back to rebuild."""
+    (file,) = (tmp_path / "home").glob("vectors-*.faiss")
+    file.unlink()
+    file.mkdir()  # in the file's place: nothing can replace it
+    result = run_cli("--home", tmp_path / "home", "rebuild")
+    assert result.returncode == 1 and result.stderr.count(b"\n") == 1, result.stderr
+    assert b"Could not save the vector index" in result.stderr and f"move the folder {file}".encode() in result.stderr
+    file.rmdir()
+    assert "consistent with the catalog" in cli("rebuild").stdout and file.is_file()
+
+
 def test_a_folder_that_cannot_be_read_makes_the_run_exit_3(cli, tmp_path, tiny_model):
     make_library(tmp_path / "lib", 2)
     (tmp_path / "lib" / "self").symlink_to("self")
