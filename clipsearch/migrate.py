@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from clipsearch import __version__
 from clipsearch.errors import IndexStateError
-from clipsearch.sqlite_errors import SQLITE_ERROR, error_code
+from clipsearch.sqlite_errors import SQLITE_ERROR, error_code, restore_advice
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -120,9 +120,7 @@ def _upgrade(catalog: Catalog, revision: str) -> None:
 
 
 def _damaged(catalog: Catalog, what: str) -> IndexStateError:
-    return IndexStateError(
-        f"{catalog.path} {what}; it was left untouched: restore it from a backup, or move it away and index again."
-    )
+    return IndexStateError(f"{catalog.path} {what}; it was left untouched: {restore_advice(catalog.path)}")
 
 
 def alembic_config() -> Config:

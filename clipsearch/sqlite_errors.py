@@ -27,6 +27,15 @@ _CODES_BY_MESSAGE = {
 }
 
 
+def restore_advice(db: Path) -> str:
+    """What to do about a damaged catalog. SQLite's journal beside it would be played into a
+    backup copied over it, and undo the restore."""
+    return (
+        f"restore it from a backup and delete {db.name}-wal and {db.name}-shm beside it (they belong to "
+        "the damaged file), or move all three away and index again."
+    )
+
+
 def error_code(error: sqlite3.Error) -> int | None:
     code = getattr(error, "sqlite_errorcode", None)
     if code is not None:
@@ -49,10 +58,7 @@ def sqlite_errors(db: Path) -> Iterator[None]:
             raise
         code = error_code(error)
         if code in (SQLITE_CORRUPT, SQLITE_NOTADB):
-            message = (
-                f"{db} is damaged ({error}); it was left untouched: restore it from a backup, "
-                "or move it away and index again."
-            )
+            message = f"{db} is damaged ({error}); it was left untouched: {restore_advice(db)}"
         elif code == SQLITE_FULL:
             message = (
                 f"The disk holding {db} is full; free some space and run the command again "
