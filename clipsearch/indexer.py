@@ -245,6 +245,7 @@ def run_add(
     if progress:
         progress(0, len(plan.todo))
     moved_content: set[bytes] = set()
+    left: set[bytes] = set()  # indexed paths, outside the folders walked, whose content moved here
     if plan.todo and not should_stop() and executor is not None:
         gone_content = {fp for fp in (states[path].fingerprint for path in plan.missing) if fp is not None}
         moved_content = executor(catalog, model, plan.todo, gone_content, report, progress, should_stop)
@@ -257,20 +258,24 @@ def run_add(
         # RSS 916-930 -> 877-911 MiB).
         release_free_memory()
         moved_content = run.reused_fingerprints
+        left = run.left - set(plan.missing)
     renamed = [path for path in plan.missing if states[path].fingerprint in moved_content]
     # Each old path whose content turned up again is one move; the other reuses were copies.
-    report.copied = report.moved - min(report.moved, len(renamed))
+    report.copied = report.moved - min(report.moved, len(renamed) + len(left))
     report.moved -= report.copied
     if should_stop():
         report.interrupted = True
-    elif plan.missing:
+    else:
         # Gone files are dealt with last: until now their vectors could be reused by the files
         # they moved to. A file whose content reappeared elsewhere was moved (renamed): its old
-        # row goes. The others are marked missing. A stopped run leaves them for the next one.
+        # row goes, wherever it was (a folder renamed and indexed under its new name had left
+        # every old row "indexed"). The others are marked missing. A stopped run leaves them
+        # for the next one.
         gone = [path for path in plan.missing if states[path].fingerprint not in moved_content]
-        if renamed:
-            catalog.remove(renamed)
-        catalog.commit_batch(missing=gone)
+        if renamed or left:
+            catalog.remove(sorted({*renamed, *left}))
+        if gone:
+            catalog.commit_batch(missing=gone)
         report.removed = len(gone)
     if not report.interrupted:
         report.metadata = fill_metadata(catalog, walk.roots, walk.unreadable, should_stop)
@@ -359,6 +364,7 @@ class _Run:
         # copy of one, so it goes to the decoder without being probed for a vector to reuse.
         self.reusable_sizes = reusable_sizes
         self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
+        self.left: set[bytes] = set()  # the paths, gone from disk, whose rows' vectors were reused
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
     @property
@@ -461,6 +467,8 @@ class _Run:
         vector, row = copy
         if row.width is None or row.height is None:
             return False
+        if not os.path.exists(row.path):  # its content left that path for this one
+            self.left.add(row.path)
         reused = IndexedFile(
             found.path, found.size, found.mtime_ns, probe.fingerprint, row.width, row.height, vector, row.metadata
         )

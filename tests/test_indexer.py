@@ -103,6 +103,23 @@ def test_moved_and_copied_files_reuse_their_vector_without_encoding(tmp_path, ca
     assert (row[next(iter(row))].width, row[next(iter(row))].height) == (48, 40)
 
 
+def test_a_folder_renamed_and_indexed_under_its_new_name_leaves_no_old_rows(tmp_path, catalog, add, encoded):
+    """The old name is not walked, so its rows were never found missing: they had stayed
+    "indexed" for ever, counted by status and out of reach of remove --missing."""
+    make_library(tmp_path / "lib" / "2019", 3)
+    make_library(tmp_path / "lib" / "2020", 2)
+    add(tmp_path / "lib" / "2019")
+    add(tmp_path / "lib" / "2020")
+    os.rename(tmp_path / "lib" / "2019", tmp_path / "lib" / "summer 2019")
+    shutil.copy(next((tmp_path / "lib" / "2020").rglob("*.png")), tmp_path / "lib" / "summer 2019" / "copy.png")
+    encoded.clear()
+    report = add(tmp_path / "lib" / "summer 2019")
+    assert counts(report) == dict(new=0, changed=0, moved=3, copied=1, removed=0, failed=0, unchanged=0)
+    assert encoded == [] and catalog.counts() == {"indexed": 6, "failed": 0, "missing": 0}
+    assert not [p for p in catalog.file_states() if b"/2019/" in p]
+    assert len([p for p in catalog.file_states() if b"/2020/" in p]) == 2  # a copy's original stays
+
+
 @pytest.mark.parametrize("workers", [0, None])
 def test_the_model_loads_once_a_file_needs_encoding_after_reused_ones(tmp_path, catalog, add, encoded, workers):
     images = make_library(tmp_path / "lib", 3)
