@@ -518,6 +518,13 @@ class Catalog:
                     [{"image_path": path} for path in [f.path for f in failed] + list(missing)],
                 )
 
+    def set_mtimes(self, items: Sequence[tuple[bytes, int]]) -> None:
+        """Record new mtimes (ns) of files whose content is as indexed (touched, copied without
+        keeping times, shifted an hour on a FAT drive); like metadata, no vector changes."""
+        if items:
+            with self.transaction() as conn:
+                conn.exec_driver_sql("UPDATE images SET mtime_ns = ? WHERE path = ?", [(m, p) for p, m in items])
+
     def set_metadata(self, items: Sequence[tuple[bytes, PhotoMeta]]) -> None:
         """Fill in rows' metadata, read from their files' headers. Vectors are untouched, so
         the generation stays: no FAISS file has anything to catch up with."""

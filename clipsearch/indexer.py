@@ -121,6 +121,9 @@ class Plan:
     unreadable: int = 0
     # With `verify`: indexed files whose size and mtime are as recorded, with their fingerprints.
     to_verify: list[tuple[FoundFile, bytes]] = field(default_factory=list)
+    # Indexed files of the recorded size but another mtime, with their fingerprints: the same
+    # content is only re-timed, not encoded again.
+    retimed: list[tuple[FoundFile, bytes]] = field(default_factory=list)
 
 
 def plan_changes(
@@ -145,12 +148,13 @@ def plan_changes(
             plan.todo.append((found, True))
         elif state.status == STATUS_MISSING:
             plan.todo.append((found, True))
-        elif (
-            state.size != found.size
-            or state.mtime_ns != found.mtime_ns
-            or (state.status == STATUS_FAILED and retry_failed)
-        ):
+        elif (state.status == STATUS_FAILED and retry_failed) or state.size != found.size:
             plan.todo.append((found, False))
+        elif state.mtime_ns != found.mtime_ns:
+            if state.status == STATUS_INDEXED and state.encoded and state.fingerprint is not None:
+                plan.retimed.append((found, state.fingerprint))
+            else:
+                plan.todo.append((found, False))
         elif state.status == STATUS_INDEXED and not state.encoded:
             plan.todo.append((found, True))  # indexed by other models: new to this one
         elif verify and state.status == STATUS_INDEXED and state.fingerprint is not None:
@@ -240,7 +244,19 @@ def run_add(
     if isinstance(walk, Manifest):
         plan.missing = walk.missing(states)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
-    _verify(plan, should_stop, verify_progress)
+    for found, same in _fingerprinted_again(plan.to_verify, should_stop, verify_progress):
+        if same:
+            plan.unchanged += 1
+        else:
+            plan.todo.append((found, False))
+    same_content = []
+    for found, same in _fingerprinted_again(plan.retimed, should_stop, None):
+        if same:
+            same_content.append((found.path, found.mtime_ns))
+        else:
+            plan.todo.append((found, False))
+    catalog.set_mtimes(same_content)
+    plan.unchanged += len(same_content)
     report.unchanged = plan.unchanged
     if progress:
         progress(0, len(plan.todo))
@@ -526,19 +542,18 @@ def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
         yield
 
 
-def _verify(plan: Plan, should_stop: Callable[[], bool], progress: Progress | None) -> None:
-    """Fingerprint the files of ``plan.to_verify`` again: those whose content is not what was
-    indexed (or that cannot be read any more) join ``plan.todo`` as changed."""
-    done, total = 0, len(plan.to_verify)
+def _fingerprinted_again(
+    files: list[tuple[FoundFile, bytes]], should_stop: Callable[[], bool], progress: Progress | None
+) -> Iterator[tuple[FoundFile, bool]]:
+    """Each file with whether its content is still the fingerprint recorded (False where it
+    cannot be read any more: the decoder will say why)."""
+    done, total = 0, len(files)
     with ThreadPoolExecutor(_PROBE_THREADS) as threads:
-        for chunk in _batched(plan.to_verify, _CHUNK):
+        for chunk in _batched(files, _CHUNK):
             if should_stop():
                 return
             for (found, _), same in zip(chunk, threads.map(_has_fingerprint, chunk)):
-                if same:
-                    plan.unchanged += 1
-                else:
-                    plan.todo.append((found, False))
+                yield found, same
             done += len(chunk)
             if progress:
                 progress(done, total)

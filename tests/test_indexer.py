@@ -83,6 +83,27 @@ def test_changed_files_are_re_encoded(tmp_path, catalog, add, encoded):
     assert not np.allclose(vector_of(catalog, images[0]), before)
 
 
+def test_a_new_mtime_on_the_same_content_is_recorded_without_encoding(tmp_path, catalog, add, encoded):
+    """`cp -r` without -p, a restore, a FAT drive's hour at a clock change: every file of a
+    library had been encoded again."""
+    images = make_library(tmp_path / "lib", 4)
+    add(tmp_path / "lib")
+    generation = catalog.generation
+    for image in images:
+        bump_mtime(image)
+    data = bytearray(images[0].read_bytes())
+    data[-20] ^= 0xFF  # the same size, other content (damaged: it fails to decode)
+    images[0].write_bytes(bytes(data))
+    encoded.clear()
+    report = add(tmp_path / "lib")
+    assert counts(report) == dict(new=0, changed=0, moved=0, copied=0, removed=0, failed=1, unchanged=3)
+    assert encoded == []
+    states = catalog.file_states()
+    assert all(states[os.fsencode(i)].mtime_ns == os.stat(i).st_mtime_ns for i in images[1:])
+    assert catalog.generation == generation + 1  # the damaged file's write; re-timing writes no vector
+    assert counts(add(tmp_path / "lib"))["unchanged"] == 4
+
+
 def test_moved_and_copied_files_reuse_their_vector_without_encoding(tmp_path, catalog, add, encoded):
     images = make_library(tmp_path / "lib", 4)
     add(tmp_path / "lib")
