@@ -96,7 +96,7 @@ class Catalog:
         home = Path(home)
         db = home / CATALOG_FILE
         if not db.exists():
-            if not create or readonly:
+            if not create or readonly or (home.exists() and not home.is_dir()):
                 raise _no_index(home)
             try:
                 home.mkdir(parents=True, exist_ok=True)
@@ -811,6 +811,8 @@ def _metadata_columns(metadata: PhotoMeta | None) -> dict[str, object]:
 
 
 def _no_index(home: Path) -> IndexStateError:
+    if home.exists() and not home.is_dir():
+        return IndexStateError(f"{home} is a file, not an index folder; choose another --home.")
     return IndexStateError(f"There is no index in {home}; create one with `clipsearch index PATH`.")
 
 

@@ -84,11 +84,18 @@ def _check_precision(value: str) -> str:
     return value
 
 
+def _check_home(value: str | None) -> str | None:
+    if value is not None and not value.strip():  # Path("") is ".": the index would land wherever the shell is
+        raise typer.BadParameter("is empty; give the index folder's path, or leave --home out")
+    return value
+
+
 @app.callback()
 def _global_options(
-    home: Path | None = typer.Option(
+    home: str | None = typer.Option(
         None,
         "--home",
+        callback=_check_home,
         help="Index folder (default: $CLIPSEARCH_HOME, else ~/.local/share/clipsearch).",
         show_default=False,
     ),
@@ -101,7 +108,8 @@ def _global_options(
         False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
-    settings.home, settings.device, settings.verbose, settings.quiet = home, device, verbose, quiet
+    settings.home = None if home is None else Path(home)
+    settings.device, settings.verbose, settings.quiet = device, verbose, quiet
     handler = _StderrHandler()
     handler.setFormatter(_LowercaseLevel("%(levelname)s: %(message)s"))
     if not verbose:

@@ -417,6 +417,19 @@ def test_models_marks_the_index_s_own_default(tmp_path):
     assert [m["name"] for m in listed if m["default"]] == ["ViT-B/32"]
 
 
+def test_an_empty_or_file_home_is_refused_by_every_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["--home", "", "status"])
+    assert result.exit_code == 2 and "'--home': is empty" in result.stderr
+    (tmp_path / "a file").write_text("not a folder")
+    for args in (["status"], ["query", "x"], ["index", str(tmp_path)], ["rebuild"]):
+        result = runner.invoke(app, ["--home", str(tmp_path / "a file"), *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr == f"Error: {tmp_path / 'a file'} is a file, not an index folder; choose another --home.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]  # no index in the current folder
+
+
 def test_cli_import_is_light():
     code = "import sys, clipsearch.cli; print(sorted({'torch', 'faiss', 'sqlalchemy', 'numpy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
