@@ -1046,11 +1046,23 @@ def default_model_command(
 @_handle_errors
 def drop_model_command(
     name: str = typer.Argument(..., help="A model the index holds vectors by.", show_default=False),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Drop without asking (needed where stdin is no terminal)."),
 ) -> None:
-    """Forget NAME's vectors in the index (the files stay indexed for the other models)."""
+    """Forget NAME's vectors in the index (the files stay indexed for the other models); it
+    asks first, since only encoding every image again brings them back."""
     with _open(name) as index:
-        if not index.drop_model():
+        stored = index.catalog.model(index.model)
+        if stored is None:
             _error(f"The index in {index.home} holds no vectors by {index.model}.")
+        elif not yes:
+            if not sys.stdin.isatty():
+                message = "drop asks before it forgets vectors; pass it to drop them"
+                raise typer.BadParameter(message, param_hint="--yes")
+            model = _shown(index.model)
+            question = f"Drop the {stored.vectors} vectors by {model}? Only encoding again brings them back"
+            if not typer.confirm(question, err=True):
+                raise typer.Exit(1)
+        index.drop_model()
     if not settings.quiet:
         typer.echo(f"Dropped the vectors by {index.model} from {index.home}.")
 

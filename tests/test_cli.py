@@ -160,7 +160,11 @@ def test_status_and_failed(cli, library, tmp_path, tiny_model):
 
 
 def test_status_after_the_last_models_vectors_are_dropped(cli, library, tiny_model):
-    cli("models", "drop", tiny_model)
+    result = cli("models", "drop", tiny_model, code=2)  # stdin is no terminal: nobody to ask
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())  # as rich boxed and wrapped it
+    assert "Invalid value for --yes: drop asks before it forgets vectors; pass it to drop them" in said
+    assert f"Models:   {tiny_model} (32-d): 8 of 8 images" in cli("status").stdout  # nothing dropped
+    assert cli("models", "drop", tiny_model, "--yes").stdout.startswith(f"Dropped the vectors by {tiny_model}")
     lines = cli("status").stdout.splitlines()
     assert lines[2] == "Models:   none yet (run `clipsearch index PATH`)"
     assert lines[3].startswith("Vectors:  ") and lines[3].endswith(": none yet")  # not "0 in a none index"
@@ -253,7 +257,7 @@ def test_an_emptied_root_is_taken_for_an_unmounted_drive(cli, tmp_path, tiny_mod
 
 
 def test_a_query_after_every_models_vectors_were_dropped_says_so(cli, library, tiny_model, tmp_path):
-    cli("models", "drop", tiny_model)
+    cli("models", "drop", tiny_model, "-y")
     result = cli("query", "x", code=1)
     assert "holds images but no vectors by any model; index them with one" in result.output
     assert len(cli("query", "--after", "1900", "--paths-only").stdout.splitlines()) == 0  # listing needs none
