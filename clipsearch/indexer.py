@@ -244,20 +244,10 @@ def run_add(
     if isinstance(walk, Manifest):
         plan.missing = walk.missing(states)
     report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
-    for found, same in _fingerprinted_again(plan.to_verify, should_stop, verify_progress):
-        if same:
-            plan.unchanged += 1
-        else:
-            plan.todo.append((found, False))
-    same_content = []
-    for found, same in _fingerprinted_again(plan.retimed, should_stop, None):
-        if same:
-            same_content.append((found.path, found.mtime_ns))
-        else:
-            plan.todo.append((found, False))
-    catalog.set_mtimes(same_content)
-    plan.unchanged += len(same_content)
-    report.unchanged = plan.unchanged
+    plan.unchanged += len(_as_indexed(plan, plan.to_verify, should_stop, verify_progress))
+    retimed = _as_indexed(plan, plan.retimed, should_stop, None)
+    catalog.set_mtimes([(found.path, found.mtime_ns) for found in retimed])
+    report.unchanged = plan.unchanged + len(retimed)
     if progress:
         progress(0, len(plan.todo))
     moved_content: set[bytes] = set()
@@ -542,21 +532,27 @@ def _model_threads(encoder: Encoder, workers: int) -> Iterator[None]:
         yield
 
 
-def _fingerprinted_again(
-    files: list[tuple[FoundFile, bytes]], should_stop: Callable[[], bool], progress: Progress | None
-) -> Iterator[tuple[FoundFile, bool]]:
-    """Each file with whether its content is still the fingerprint recorded (False where it
-    cannot be read any more: the decoder will say why)."""
+def _as_indexed(
+    plan: Plan, files: list[tuple[FoundFile, bytes]], should_stop: Callable[[], bool], progress: Progress | None
+) -> list[FoundFile]:
+    """Fingerprint ``files`` again: those whose content is still the fingerprint recorded come
+    back; the others (or those that cannot be read any more: the decoder will say why) join
+    ``plan.todo`` as changed."""
+    same: list[FoundFile] = []
     done, total = 0, len(files)
     with ThreadPoolExecutor(_PROBE_THREADS) as threads:
         for chunk in _batched(files, _CHUNK):
             if should_stop():
-                return
-            for (found, _), same in zip(chunk, threads.map(_has_fingerprint, chunk)):
-                yield found, same
+                break
+            for (found, _), unchanged in zip(chunk, threads.map(_has_fingerprint, chunk)):
+                if unchanged:
+                    same.append(found)
+                else:
+                    plan.todo.append((found, False))
             done += len(chunk)
             if progress:
                 progress(done, total)
+    return same
 
 
 def _has_fingerprint(item: tuple[FoundFile, bytes]) -> bool:
