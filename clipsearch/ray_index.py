@@ -29,6 +29,9 @@ import dataclasses
 import json
 import logging
 import os
+import queue
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +58,8 @@ DECODE_MEMORY = 256 * 2**20  # bytes a decode task reserves: a 12-megapixel JPEG
 CRASHED = "decoding this file crashed a Ray worker process"
 MAX_BLOCKS = 50_000  # past this many files / DECODE_BATCH, tasks take more files each
 INSTALL_HINT = "pip install 'clipsearch[ray]'"
+CONNECT_TIMEOUT_S = 5.0  # to reach a cluster's head before Ray is asked to
+STALL_S = 60.0  # no batch for this long after a node left: the run is stuck, not slow
 
 
 def require_ray() -> Any:
@@ -121,16 +126,10 @@ class RayExecutor:
             spec = EncoderSpec(model, self.device, self.precision)
             batches = _encoded_batches(todo, preprocess, spec, pool, self.workers)
             try:
-                for batch in batches:
+                for batch in _watched(batches, should_stop, _alive_nodes):
                     run.commit(batch)
-                    if should_stop():
-                        break
             except Exception as err:
                 raise _run_failed(err, run.done, len(todo)) from err
-            finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()  # stops the pipeline when the run stopped early
         return run.moved_content
 
 
@@ -183,6 +182,9 @@ def _connected(address: str | None) -> Iterator[None]:
         yield
         return
     started = time.perf_counter()
+    _check_reachable(os.environ.get("RAY_ADDRESS", "") if address in (None, "auto") else address)
+    # Ray's own C++ logs (retries, actor notes) would land in the middle of the progress bar.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         ray.init(address=None if address == "auto" else address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as err:
@@ -193,6 +195,23 @@ def _connected(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail in seconds where nothing answers at a cluster's HOST:PORT: Ray would retry for some
+    14 minutes, deaf to Ctrl-C meanwhile. Other addresses ("local", "ray://...") go to Ray."""
+    address = address or ""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise ClipsearchError(
+            f"Cannot connect to the Ray cluster at {address}: nothing answers there ({reason}); "
+            "is `ray start --head` running, and is the address right?"
+        ) from None
 
 
 @contextmanager
@@ -432,6 +451,75 @@ class _Commits:
         self.done += len(indexed) + len(failed)
         if self.progress:
             self.progress(self.done, self.total)
+
+
+class _Stalled(RuntimeError):
+    pass
+
+
+_DONE = object()
+
+
+def _watched(
+    batches: Iterator[dict[str, np.ndarray]], should_stop: Callable[[], bool], alive_nodes: Callable[[], int]
+) -> Iterator[dict[str, np.ndarray]]:
+    """``batches`` as they come, read by a thread of their own, so that this one keeps watching:
+    a stop (Ctrl-C) is obeyed within a second even while no batch comes, and a run that a node's
+    loss left stuck (its encoders holding the CPUs that remain, no decode task can start) ends
+    with an error after `STALL_S`, instead of waiting for ever."""
+    out: queue.Queue[object] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def hand(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                if not hand(batch):
+                    break
+            else:
+                hand(_DONE)
+        except BaseException as err:  # handed over, to be raised where the run is
+            hand(err)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops the pipeline when the run stopped early
+
+    threading.Thread(target=pump, name="ray-batches", daemon=True).start()
+    nodes, last = alive_nodes(), time.monotonic()
+    try:
+        while not should_stop():
+            try:
+                item = out.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() - last > STALL_S and alive_nodes() < nodes:
+                    raise _Stalled(
+                        f"a node left the cluster and no batch came for {STALL_S:.0f} s since; "
+                        "the nodes left may lack the CPUs to decode beside the encoders"
+                    ) from None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            last = time.monotonic()
+            yield cast("dict[str, np.ndarray]", item)
+    finally:
+        stop.set()
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"])
 
 
 def _run_failed(err: Exception, done: int, total: int) -> Exception:

@@ -111,3 +111,55 @@ def test_without_ray_installed_ray_runs_fail_in_one_line_naming_the_extra(tmp_pa
         "Error: Indexing on Ray needs Ray Data, which is not installed: pip install 'clipsearch[ray]'.\n"
     )
     assert not (tmp_path / "home").exists()  # refused before anything was created
+
+
+def test_a_cluster_address_where_nothing_answers_fails_in_seconds(tmp_path, tiny_model):
+    """Ray retries such an address for some 14 minutes, deaf to Ctrl-C meanwhile."""
+    pytest.importorskip("ray", reason="the Ray tests need the [ray] extra")
+    import socket
+    import time
+
+    make_library(tmp_path / "lib", 2)
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = run_cli(
+        "--home", tmp_path / "home", "index", tmp_path / "lib", "--model", tiny_model, "--ray", f"127.0.0.1:{port}"
+    )
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode() == (
+        f"Error: Cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers there (Connection refused); "
+        "is `ray start --head` running, and is the address right?\n"
+    )
+
+
+def test_a_run_waiting_on_the_cluster_stops_when_told_or_when_a_lost_node_left_it_stuck(monkeypatch):
+    """`ray_index._watched`: Ctrl-C had waited for a batch that never came (a node lost)."""
+    pytest.importorskip("ray", reason="the Ray tests need the [ray] extra")
+    import threading
+    import time
+
+    from clipsearch import ray_index
+
+    never = threading.Event()
+
+    def stuck():
+        yield {"batch": 1}
+        never.wait(60)  # the cluster sends nothing more
+        yield {"batch": 2}
+
+    asked = time.monotonic() + 0.5
+    started = time.monotonic()
+    got = list(ray_index._watched(stuck(), lambda: time.monotonic() > asked, lambda: 2))
+    assert got == [{"batch": 1}] and time.monotonic() - started < 2.5
+    monkeypatch.setattr(ray_index, "STALL_S", 0.5)
+    nodes = iter([2, 1, 1, 1, 1, 1])  # one of two nodes left
+    with pytest.raises(ray_index._Stalled, match="a node left the cluster and no batch came for 0 s since"):
+        list(ray_index._watched(stuck(), lambda: False, lambda: next(nodes)))
+    failed = ray_index._run_failed(ray_index._Stalled("a node left"), 32, 410)
+    assert str(failed) == (
+        "The Ray run stopped after 32 of 410 files, which are saved (run the same command again to go on): a node left"
+    )
+    never.set()
