@@ -309,6 +309,7 @@ def index_command(
         None,
         "--ray",
         metavar="ADDRESS",
+        callback=lambda value: _checked(value, "check_address", "clipsearch.ray_index"),
         help="Decode and encode on a Ray cluster (`pip install 'clipsearch[ray]'`): auto (the cluster in "
         "RAY_ADDRESS or started here, else a local one), local, or an address such as head:6379. Every node "
         "must see the files at the same paths.",
@@ -330,6 +331,9 @@ def index_command(
     if ray is not None:
         from clipsearch.ray_index import require_ray
 
+        if workers == 0:
+            message = "0 decodes in this process; a Ray run decodes on the cluster"
+            raise typer.BadParameter(message, param_hint="--workers")
         require_ray()
     stop = threading.Event()
     with (

@@ -88,7 +88,8 @@ class RayExecutor:
 
     ``address``: ``None`` or ``"auto"`` joins the cluster in ``RAY_ADDRESS`` or the one ``ray
     start`` made on this machine, else starts one for the run; ``"local"`` always starts one;
-    otherwise a cluster address (``head:6379``, ``ray://head:10001``). A process that has called
+    otherwise a cluster address (``head:6379``, or ``ray://head:10001`` where ``ray[client]`` is
+    installed too; `check_address`). ``workers`` is 1 or more. A process that has called
     ``ray.init`` already keeps its connection. ``encoders``/``encoder_cpus`` override the actor
     pool (default: one actor per GPU; without GPUs, half the CPUs, in actors of half a node).
     ``batch_size`` is images per encoder call and per commit (default by device);
@@ -105,6 +106,10 @@ class RayExecutor:
 
     def __post_init__(self) -> None:
         require_ray()  # the missing extra is found before the walk, not after it
+        if self.address is not None:
+            check_address(self.address)
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers is {self.workers}; a Ray run decodes on the cluster: give 1 or more, or None")
 
     def __call__(
         self,
@@ -195,6 +200,19 @@ def _connected(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def check_address(address: str) -> str:
+    """``address`` if it can name a cluster (auto, local, HOST:PORT, ray://HOST:PORT); ValueError
+    otherwise, before anything is walked or loaded."""
+    scheme, _, place = address.rpartition("://")
+    host, colon, port = place.rpartition(":")
+    named = scheme in ("", "ray") and colon and host.strip() and port.isdigit() and 0 < int(port) < 65536
+    if address in ("auto", "local") or named:
+        return address
+    raise ValueError(
+        f"{address!r} is not a Ray cluster's address: give auto, local, HOST:PORT (e.g. head:6379) or ray://HOST:PORT"
+    )
 
 
 def _check_reachable(address: str | None) -> None:

@@ -163,3 +163,21 @@ def test_a_run_waiting_on_the_cluster_stops_when_told_or_when_a_lost_node_left_i
         "The Ray run stopped after 32 of 410 files, which are saved (run the same command again to go on): a node left"
     )
     never.set()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--ray", ""], "'' is not a Ray cluster's address"),
+        (["--ray", "garbage::x"], "'garbage::x' is not a Ray cluster's address"),
+        (["--ray", "http://head:6379"], "give auto, local, HOST:PORT"),
+        (["--ray", "auto", "--workers", "0"], "0 decodes in this process; a Ray run decodes on the cluster"),
+    ],
+)
+def test_a_ray_address_or_workers_that_cannot_work_are_usage_errors(cli, tmp_path, args, says):
+    """They had failed only after the walk and the model's load, as errors of the cluster."""
+    pytest.importorskip("ray", reason="the Ray tests need the [ray] extra")
+    make_library(tmp_path / "lib", 1)
+    result = cli("index", tmp_path / "lib", *args, code=2)
+    assert says in " ".join(result.stderr.replace("│", " ").split())
+    assert not (tmp_path / "home").exists()
