@@ -383,8 +383,13 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, attempts
             ray.get(attempts.decoding.remote(paths[0], path))  # recorded before the decoder can crash
         results.append(decode_file(preprocess, path))
     attempts.finish.remote(paths[0])
+    node = ray.get_runtime_context()
+    here = f"{ray.util.get_node_ip_address()} {node.get_node_id()[:8]}"
     return {
         **batch,
+        # The node, where a file failed because it cannot be read there: the driver tells a
+        # node that does not see the files from a file that cannot be read at all.
+        "unread_on": _objects([here if r.error and _read_reason(p) else "" for p, r in zip(paths, results)]),
         "fingerprint": _objects([r.fingerprint or b"" for r in results]),
         "width": np.array([r.width for r in results], np.int32),
         "height": np.array([r.height for r in results], np.int32),
@@ -439,8 +444,12 @@ class _Commits:
     def commit(self, batch: dict[str, np.ndarray]) -> None:
         indexed, failed = [], []
         rows = zip(batch["path"], batch["size"], batch["mtime_ns"], batch["fingerprint"], batch["error"], batch["new"])
+        unseen = None
         for i, (path, size, mtime_ns, fingerprint, error, is_new) in enumerate(rows):
             path, size, mtime_ns, fingerprint = bytes(path), int(size), int(mtime_ns), bytes(fingerprint)
+            if error and batch["unread_on"][i] and _read_reason(path) is None:
+                unseen = unseen or (batch["unread_on"][i], path, str(error))
+                continue  # a node's view, not the file's fault: never recorded as failed
             if error:
                 failed.append(FailedFile(path, size, mtime_ns, fingerprint or None, str(error)))
                 continue
@@ -469,9 +478,19 @@ class _Commits:
         self.done += len(indexed) + len(failed)
         if self.progress:
             self.progress(self.done, self.total)
+        if unseen is not None:  # the files of this batch that were read are saved first
+            node, path, reason = unseen
+            raise _NodeCannotRead(
+                f"Ray workers on node {node} cannot read {os.fsdecode(path)} ({reason}), which this machine reads; "
+                "every node must see the files at the same paths as this machine (a shared mount)"
+            )
 
 
 class _Stalled(RuntimeError):
+    pass
+
+
+class _NodeCannotRead(RuntimeError):
     pass
 
 

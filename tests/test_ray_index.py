@@ -153,6 +153,30 @@ def test_a_worker_that_cannot_read_the_files_stops_the_run_before_any_work(clust
     assert indexed_count(tmp_path / "home") == 0
 
 
+def test_a_file_that_only_the_workers_cannot_read_stops_the_run_and_is_not_recorded_failed(
+    cluster, library, tiny_model, tmp_path
+):
+    """The first file is read everywhere, so the run starts; a later one that the workers cannot
+    read, though the driver can, is a node that does not see the files, not a bad file: it had
+    been recorded as failed, and a plain re-run never tried it again."""
+    image = next(library.rglob("img*.png"))
+    fd = os.open(image, os.O_RDONLY)
+    os.dup2(fd, 987)
+    os.close(fd)
+    try:
+        listed = tmp_path / "files.txt"
+        listed.write_text(f"{image}\n/proc/self/fd/987\n")
+        with open_index(tmp_path / "home", tiny_model) as index, pytest.raises(ClipsearchError) as raised:
+            index.add(Manifest(listed), ray=RayExecutor(batch_size=8))
+    finally:
+        os.close(987)
+    message = str(raised.value)
+    assert message.startswith("The Ray run stopped after 1 of 2 files, which are saved") and "\n" not in message
+    assert "Ray workers on node " in message and "cannot read /proc/self/fd/987 (" in message
+    assert "which this machine reads; every node must see the files at the same paths" in message
+    assert catalog_rows(tmp_path / "home").keys() == {os.fsencode(image)}  # the one read; no failed row
+
+
 def encoder_actors() -> list[dict]:
     """The encoder actors Ray knows of in this job (from the GCS: the state API needs the dashboard)."""
     job = ray.get_runtime_context().get_job_id()
