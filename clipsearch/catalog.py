@@ -236,10 +236,6 @@ class Catalog:
             rows = db.execute(query, (model,)).fetchall()
         return {row[0]: FileState._make(row[1:]) for row in rows}
 
-    def vectors_by_fingerprint(self, model: str, fingerprints: Iterable[bytes]) -> dict[bytes, np.ndarray]:
-        """``model``'s vectors of rows with these fingerprints: "similar images" by content."""
-        return {key: vector for key, (vector, _) in self.copies_by_fingerprint(model, fingerprints).items()}
-
     def copies_by_fingerprint(
         self, model: str, fingerprints: Iterable[bytes]
     ) -> dict[bytes, tuple[np.ndarray, ImageRow]]:
@@ -383,11 +379,14 @@ class Catalog:
 
     def fingerprints(self, under: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64, fingerprints object: bytes or None) of the indexed rows under a folder,
-        by id: which files are byte-identical copies of each other."""
+        by id: which files are byte-identical copies of each other (None where a fingerprint
+        cannot tell: `fingerprint.identifies`)."""
+        from clipsearch.fingerprint import identifies
+
         with self.read() as db:
             rows = db.execute(_FINGERPRINTS, _folder_values(under) | {"status": STATUS_INDEXED}).fetchall()
         fingerprints = np.empty(len(rows), dtype=object)
-        fingerprints[:] = [row[1] for row in rows]
+        fingerprints[:] = [print_ if identifies(path, size) else None for _, print_, path, size in rows]
         return np.array([row[0] for row in rows], dtype=np.int64), fingerprints
 
     def without_metadata(self) -> list[bytes]:
@@ -398,7 +397,7 @@ class Catalog:
 
     def fingerprint(self, image_id: int) -> bytes | None:
         """The content fingerprint of an indexed row, None when there is no such row: the web
-        page's thumbnails are cached by it, and its `vectors_by_fingerprint` is "similar images"."""
+        page's thumbnails are cached by it."""
         query = "SELECT fingerprint FROM images WHERE id = ? AND status = ?"
         with self.read() as db:
             row = db.execute(query, (image_id, STATUS_INDEXED)).fetchone()
@@ -778,7 +777,7 @@ _FILTERED = {
 _TAKEN_BETWEEN = "SELECT id FROM images WHERE taken >= :taken_from AND taken < :taken_until"
 _LATITUDE_BETWEEN = "SELECT id FROM images WHERE latitude BETWEEN :south AND :north"
 _LAST_ID = "SELECT max(id) FROM images"
-_FINGERPRINTS = f"SELECT id, fingerprint FROM images WHERE +status = :status AND {_UNDER} ORDER BY id"
+_FINGERPRINTS = f"SELECT id, fingerprint, path, size FROM images WHERE +status = :status AND {_UNDER} ORDER BY id"
 _LISTED_ROWS = f"SELECT {_ROW_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(:ids)) AND status = :status"
 _LISTED = {
     "date": _LISTED_ROWS + " ORDER BY taken IS NULL, taken, path LIMIT :limit OFFSET :offset",

@@ -17,6 +17,11 @@ from typing import BinaryIO
 
 HEAD_BYTES = 1 << 20
 TAIL_BYTES = 1 << 10
+# Formats whose head and tail change with any change to the picture: a compressed stream, where
+# an edit moves every byte after it (JPEG, WebP, HEIF, AVIF, GIF), or a checksum of every pixel
+# at the end (PNG's Adler-32). An uncompressed one (BMP, most TIFF, PPM) changes in the middle
+# alone: an edit there, or two scans with the same margins, left the fingerprint as it was.
+_WHOLE_BY_ENDS = {b"jpg", b"jpeg", b"jpe", b"jfif", b"png", b"webp", b"heic", b"heif", b"avif", b"gif"}
 
 
 def open_regular(path: bytes | str | os.PathLike) -> BinaryIO:
@@ -51,3 +56,10 @@ def fingerprint(source: BinaryIO | bytes | str | os.PathLike) -> bytes:
         source.seek(max(size - TAIL_BYTES, HEAD_BYTES))
         digest.update(source.read(TAIL_BYTES))
     return digest.digest()
+
+
+def identifies(path: bytes, size: int) -> bool:
+    """Whether two files with this fingerprint are the same picture: always for a file read
+    whole, else by its format (`_WHOLE_BY_ENDS`). Where not, a file is encoded rather than given
+    another's vector, and never called an exact copy."""
+    return size <= HEAD_BYTES + TAIL_BYTES or os.path.splitext(path)[1][1:].lower() in _WHOLE_BY_ENDS

@@ -26,7 +26,7 @@ import numpy as np
 from clipsearch.clip.heap import release_free_memory
 from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
 from clipsearch.errors import ClipsearchError
-from clipsearch.fingerprint import fingerprint
+from clipsearch.fingerprint import fingerprint, identifies
 from clipsearch.manifest import Manifest
 from clipsearch.photo_meta import read_file as read_header
 from clipsearch.records import (
@@ -151,14 +151,22 @@ def plan_changes(
         elif (state.status == STATUS_FAILED and retry_failed) or state.size != found.size:
             plan.todo.append((found, False))
         elif state.mtime_ns != found.mtime_ns:
-            if state.status == STATUS_INDEXED and state.encoded and state.fingerprint is not None:
+            if (
+                state.status == STATUS_INDEXED
+                and state.encoded
+                and state.fingerprint is not None
+                and identifies(found.path, found.size)
+            ):
                 plan.retimed.append((found, state.fingerprint))
             else:
                 plan.todo.append((found, False))
         elif state.status == STATUS_INDEXED and not state.encoded:
             plan.todo.append((found, True))  # indexed by other models: new to this one
         elif verify and state.status == STATUS_INDEXED and state.fingerprint is not None:
-            plan.to_verify.append((found, state.fingerprint))
+            if identifies(found.path, found.size):
+                plan.to_verify.append((found, state.fingerprint))
+            else:  # its fingerprint cannot tell an edit in its middle: encoded again to be sure
+                plan.todo.append((found, False))
         else:
             plan.unchanged += 1
     if isinstance(walk, Walk):
@@ -455,7 +463,7 @@ class _Run:
         probing = {
             found: threads.submit(probe_file, found.path)
             for found, is_new in chunk
-            if is_new and found.size in self.reusable_sizes
+            if is_new and found.size in self.reusable_sizes and identifies(found.path, found.size)
         }
         probes = {}
         for found, future in probing.items():

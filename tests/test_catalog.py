@@ -139,12 +139,13 @@ def test_rows_returns_indexed_rows_only(catalog):
     assert catalog.rows([a, b, 999]) == {a: ImageRow(a, b"/p/a.jpg", 7, 8, 640, 480)}
 
 
-def test_vectors_by_fingerprint_reuses_indexed_vectors_only(catalog):
+def test_copies_by_fingerprint_reuses_indexed_vectors_only(catalog):
     catalog.commit_batch(TEST_MODEL, [indexed(b"/p/a.jpg", seed=5, fingerprint=b"A")], [failed(b"/p/b.jpg")])
-    found = catalog.vectors_by_fingerprint(TEST_MODEL, [b"A", b"bad/p/b.jpg", b"unknown"])
+    found = catalog.copies_by_fingerprint(TEST_MODEL, [b"A", b"bad/p/b.jpg", b"unknown"])
     assert list(found) == [b"A"]
-    assert found[b"A"].dtype == np.float32
-    np.testing.assert_allclose(found[b"A"], unit(5), atol=1e-3)
+    vector, row = found[b"A"]
+    assert vector.dtype == np.float32 and row.path == b"/p/a.jpg"
+    np.testing.assert_allclose(vector, unit(5), atol=1e-3)
 
 
 def test_remove_takes_the_folder_and_its_contents_only(catalog):

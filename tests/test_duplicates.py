@@ -167,6 +167,21 @@ def test_paths_that_reach_one_file_are_not_duplicates_of_it(tmp_path, library, t
     assert [d.hit.path for d in group.duplicates] == [library / "other" / "a copy.jpg"]
 
 
+def test_uncompressed_pictures_of_one_fingerprint_are_not_exact_copies(tmp_path, tiny_model):
+    """Two scans with the same margins: the same size, first MiB and last KiB, other pictures.
+    `duplicates --paths-only | xargs rm` would have deleted one as an exact copy of the other."""
+    from test_indexer import bmp_differing_in_the_middle
+
+    from clipsearch.fingerprint import fingerprint
+
+    a, b = (bmp_differing_in_the_middle(tmp_path / "lib" / f"{n}.bmp", seed) for n, seed in (("a", 1), ("b", 2)))
+    assert fingerprint(a) == fingerprint(b)
+    with Index.open(tmp_path / "home", model=tiny_model) as index:
+        index.add([tmp_path / "lib"], workers=0)
+        assert index.duplicates(threshold=1.0) == []
+        assert not any(d.exact for g in index.duplicates(threshold=0.0) for d in g.duplicates)
+
+
 @pytest.fixture
 def cli(tmp_path):
     def run(*args, code=0):

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 from helpers import TEST_MODEL, CrashingPreprocess, bump_mtime, make_image, make_library, stored
+from PIL import Image
 
 from clipsearch.catalog import Catalog
 from clipsearch.decode import DecodePool
@@ -102,6 +103,34 @@ def test_a_new_mtime_on_the_same_content_is_recorded_without_encoding(tmp_path, 
     assert all(states[os.fsencode(i)].mtime_ns == os.stat(i).st_mtime_ns for i in images[1:])
     assert catalog.generation == generation + 1  # the damaged file's write; re-timing writes no vector
     assert counts(add(tmp_path / "lib"))["unchanged"] == 4
+
+
+def bmp_differing_in_the_middle(path, seed):
+    """An uncompressed 800x800 BMP (1.9 MB): pictures that differ only in their middle rows have
+    the same size, first MiB and last KiB, so the same fingerprint."""
+    pixels = np.full((800, 800, 3), 255, np.uint8)
+    pixels[100:300, 200:600] = np.random.default_rng(seed).integers(0, 256, 3, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_an_uncompressed_picture_edited_in_its_middle_is_never_taken_for_the_same(tmp_path, catalog, add, encoded):
+    from clipsearch.fingerprint import fingerprint
+
+    a = bmp_differing_in_the_middle(tmp_path / "lib" / "a.bmp", 1)
+    add(tmp_path / "lib")
+    before = vector_of(catalog, a)
+    b = bmp_differing_in_the_middle(tmp_path / "lib" / "b.bmp", 2)
+    bmp_differing_in_the_middle(a, 3)  # edited in place: same size, new mtime
+    bump_mtime(a)
+    assert fingerprint(a) == fingerprint(b) == catalog.file_states()[os.fsencode(a)].fingerprint
+    encoded.clear()
+    report = add(tmp_path / "lib")
+    assert (report.new, report.changed, report.copied, report.unchanged) == (1, 1, 0, 0) and sum(encoded) == 2
+    assert not np.allclose(vector_of(catalog, a), before)
+    encoded.clear()
+    assert counts(add(tmp_path / "lib", verify=True))["changed"] == 2  # --verify cannot tell: encoded again
 
 
 def test_moved_and_copied_files_reuse_their_vector_without_encoding(tmp_path, catalog, add, encoded):

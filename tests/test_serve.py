@@ -282,8 +282,7 @@ def test_similar_uses_the_stored_vector_and_leaves_the_image_out(served, encoded
     source = ids_by_path(service)[library[5]]
     body = ok(client.get(f"/api/similar/{source}", params={"k": 4}))
     assert encoded == []  # nothing went through the image tower
-    vector = service._files.vectors_by_fingerprint(service.index.model, [service._files.fingerprint(source)])
-    (stored,) = vector.values()
+    stored = service._files.stored_vector(service.index.model, image_id=source)[1]
     expected = [hit.to_json() for hit in service.index.search(stored, k=5) if hit.id != source][:4]
     assert body["hits"] == expected and len(expected) == 4
     page_two = ok(client.get(f"/api/similar/{source}", params={"k": 2, "offset": 2}))["hits"]
@@ -293,8 +292,7 @@ def test_similar_uses_the_stored_vector_and_leaves_the_image_out(served, encoded
 def test_a_query_term_may_be_a_vector(served):
     _, service, library = served
     image_id = ids_by_path(service)[library[3]]
-    key = service._files.fingerprint(image_id)
-    (stored,) = service._files.vectors_by_fingerprint(service.index.model, [key]).values()
+    stored = service._files.stored_vector(service.index.model, image_id=image_id)[1]
     assert service.index.search([(1.0, stored)], k=1)[0].id == image_id
     assert service.index.search(stored, k=1)[0].id == image_id
     assert service._files.fingerprint(10**9) is None

@@ -112,10 +112,10 @@ class Service:
     def similar(self, image_id: int, text: str, page: Page) -> list[Hit]:
         """Nearest to an indexed image's stored vector (nothing re-encoded), itself left out."""
         with self._files_lock:
-            key = self._files.fingerprint(image_id)
-            vector = self._files.vectors_by_fingerprint(self.index.model, [key]).get(key) if key else None
-        if vector is None:
+            stored = self._files.stored_vector(self.index.model, image_id=image_id)
+        if stored is None:
             raise NotFound(f"No indexed image has id {image_id}.")
+        vector = stored[1]
         # One more than asked for: the image itself is among its own nearest.
         wider = dataclasses.replace(page, k=page.offset + page.k + 1, offset=0)
         hits = self._search([(1.0, vector), *parse_query(text, required=False)], wider)
