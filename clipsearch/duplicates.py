@@ -30,6 +30,7 @@ import numpy as np
 
 from clipsearch.records import ImageRow
 from clipsearch.search import Hit
+from clipsearch.walk import stored_mtime_ns
 
 if TYPE_CHECKING:
     import torch
@@ -109,17 +110,20 @@ def find_duplicates(
 
 
 def _distinct_files(rows: list[ImageRow]) -> list[ImageRow]:
-    """One row per file on disk, of those still there. Paths that reach one file (a symlink, a
-    hard link, a folder indexed again through a link to it) are not copies of each other:
-    deleting one "duplicate" would delete the other, or leave it dangling. The path without a
-    link in it stands for the file."""
+    """One row per file on disk, of those still there as they were indexed (a file rewritten
+    since has another content than its fingerprint and vector say). Paths that reach one file
+    (a symlink, a hard link, a folder indexed again through a link to it) are not copies of each
+    other: deleting one "duplicate" would delete the other, or leave it dangling. The path that
+    is no symlink stands for the file."""
     chosen: dict[tuple[int, int], tuple[bool, bytes, ImageRow]] = {}
     for row in rows:
         try:
             st = os.stat(row.path)
         except OSError:  # deleted since it was indexed
             continue
-        candidate = (os.path.realpath(row.path) != row.path, row.path, row)
+        if (st.st_size, stored_mtime_ns(st)) != (row.size, row.mtime_ns):
+            continue
+        candidate = (os.path.islink(row.path), row.path, row)
         key = (st.st_dev, st.st_ino)
         if key not in chosen or candidate[:2] < chosen[key][:2]:
             chosen[key] = candidate
@@ -279,8 +283,11 @@ def _vectors_of(wanted: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> dic
 
 
 def _keeping_order(row: ImageRow) -> tuple:
-    """Largest pixel count, then most metadata, then the oldest file, then the path."""
-    return (-(row.width or 0) * (row.height or 0), -row.metadata.known, row.mtime_ns, row.path)
+    """A file that is no symlink (deleting the others must not leave a link to a file outside
+    the library as the only copy), then the largest pixel count, then most metadata, then the
+    oldest file, then the path."""
+    size = (row.width or 0) * (row.height or 0)
+    return (os.path.islink(row.path), -size, -row.metadata.known, row.mtime_ns, row.path)
 
 
 def _similarity(vectors: dict | None, a: int, b: int) -> float | None:

@@ -167,6 +167,25 @@ def test_paths_that_reach_one_file_are_not_duplicates_of_it(tmp_path, library, t
     assert [d.hit.path for d in group.duplicates] == [library / "other" / "a copy.jpg"]
 
 
+def test_a_file_rewritten_since_it_was_indexed_is_no_copy_and_a_link_is_never_the_keeper(tmp_path, library):
+    """Both would have let the README's rm pipeline delete the only copy of a picture: the
+    catalog's fingerprint of a rewritten file is of its old content, and a kept symlink to a
+    file outside the library is all that stays of it."""
+    make_image(library / "a.jpg", 7)  # another picture now, not indexed again
+    with Index.open(tmp_path / "home") as index:
+        assert index.duplicates(1.0) == []
+    outside = tmp_path / "outside" / "o.png"
+    outside.parent.mkdir()
+    make_image(outside, 9, size=(64, 64))
+    os.symlink(outside, library / "0 link.png")  # first by path, larger than the copy
+    make_image(library / "z copy.png", 9, size=(64, 64))
+    with Index.open(tmp_path / "home") as index:
+        index.add([library], workers=0)
+        (group,) = index.duplicates(1.0)
+    assert group.keeper.path == library / "z copy.png"
+    assert [d.hit.path for d in group.duplicates] == [library / "0 link.png"]
+
+
 def test_uncompressed_pictures_of_one_fingerprint_are_not_exact_copies(tmp_path, tiny_model):
     """Two scans with the same margins: the same size, first MiB and last KiB, other pictures.
     `duplicates --paths-only | xargs rm` would have deleted one as an exact copy of the other."""
