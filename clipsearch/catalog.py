@@ -238,23 +238,25 @@ class Catalog:
 
     def copies_by_fingerprint(
         self, model: str, fingerprints: Iterable[bytes]
-    ) -> dict[bytes, tuple[np.ndarray, ImageRow]]:
-        """``model``'s vector and an indexed row of each of these fingerprints, so that moved or
+    ) -> dict[bytes, tuple[np.ndarray, list[ImageRow]]]:
+        """``model``'s vector and every row of each of these fingerprints, so that moved or
         copied files skip encoding and take the size and metadata their bytes gave when decoded
-        (a header alone can miss them: a PNG's EXIF after its pixels)."""
+        (a header alone can miss them: a PNG's EXIF after its pixels), and a move finds every
+        path its content left."""
         # One indexed lookup each: SQLite has no array parameter for blobs, and these are the
         # few files about to be decoded anyway.
         columns = ", ".join(f"images.{column}" for column in _ROW_COLUMNS.split(", "))
         query = (
             f"SELECT v.vector, {columns} FROM images JOIN vectors AS v ON v.image_id = images.id "
-            "JOIN models AS m ON m.id = v.model_id WHERE images.fingerprint = ? AND m.name = ? LIMIT 1"
+            "JOIN models AS m ON m.id = v.model_id WHERE images.fingerprint = ? AND m.name = ? ORDER BY images.id"
         )
-        found: dict[bytes, tuple[np.ndarray, ImageRow]] = {}
+        found: dict[bytes, tuple[np.ndarray, list[ImageRow]]] = {}
         with self.read() as db:
             for fingerprint in set(fingerprints):
-                row = db.execute(query, (fingerprint, model)).fetchone()
-                if row is not None:
-                    found[fingerprint] = np.frombuffer(row[0], dtype="<f2").astype(np.float32), _image_row(row[1:])
+                rows = db.execute(query, (fingerprint, model)).fetchall()
+                if rows:
+                    vector = np.frombuffer(rows[0][0], dtype="<f2").astype(np.float32)
+                    found[fingerprint] = vector, [_image_row(row[1:]) for row in rows]
         return found
 
     def stored_vector(

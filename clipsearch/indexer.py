@@ -201,6 +201,22 @@ def _keep_if_unmounted(root: bytes, unseen: dict[bytes, FileState], walk: Walk) 
         walk.unreadable.append(root)
 
 
+def _gone(path: bytes) -> bool:
+    """Whether the file at ``path`` is no longer there, rather than out of reach: a folder that
+    cannot be read, or a drive that is not mounted (the nearest folder left is empty: its mount
+    point, whose rows stay, as `_keep_if_unmounted` keeps them)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        folder = os.path.dirname(path)
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        return not _empty(folder)
+    except OSError:
+        return False
+    return False
+
+
 def _empty(folder: bytes) -> bool:
     try:
         with os.scandir(folder) as entries:
@@ -379,6 +395,7 @@ class _Run:
         self.reusable_sizes = reusable_sizes
         self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
         self.left: set[bytes] = set()  # the paths, gone from disk, whose rows' vectors were reused
+        self.leaving: set[bytes] = set()  # those of them whose rows go with the next commit
         self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
 
     @property
@@ -473,16 +490,18 @@ class _Run:
                 self.failed.append(FailedFile(found.path, found.size, found.mtime_ns, None, failure_reason(err)))
         return probes
 
-    def _reuse(self, found: FoundFile, probe: Probe, copy: tuple[np.ndarray, ImageRow] | None) -> bool:
-        """Take the vector of an indexed copy of these bytes, and the size and metadata that
-        decoding them found."""
-        if copy is None:
+    def _reuse(self, found: FoundFile, probe: Probe, copies: tuple[np.ndarray, list[ImageRow]] | None) -> bool:
+        """Take the vector of indexed copies of these bytes, and the size and metadata that
+        decoding them found. Copies gone from disk (`_gone`) were moved here: their rows go."""
+        if copies is None:
             return False
-        vector, row = copy
+        vector, rows = copies
+        row = rows[0]
         if row.width is None or row.height is None:
             return False
-        if not os.path.exists(row.path):  # its content left that path for this one
-            self.left.add(row.path)
+        gone = {r.path for r in rows if _gone(r.path)}
+        self.left |= gone
+        self.leaving |= gone
         reused = IndexedFile(
             found.path, found.size, found.mtime_ns, probe.fingerprint, row.width, row.height, vector, row.metadata
         )
@@ -516,6 +535,9 @@ class _Run:
         if not indexed and not self.failed:
             return
         self.catalog.commit_batch(self.model, indexed=indexed, failed=self.failed, weights=self.weights)
+        if self.leaving:  # with the batch that took their vectors: a stopped run leaves none behind
+            self.catalog.remove(sorted(self.leaving))
+            self.leaving.clear()
         self.reusable_sizes.update(f.size for f in indexed)
         new = sum(1 for _, is_new, _ in decoded if is_new)
         self.report.new += new

@@ -8,6 +8,7 @@ import pytest
 from helpers import TEST_MODEL, CrashingPreprocess, bump_mtime, make_image, make_library, stored
 from PIL import Image
 
+from clipsearch import indexer
 from clipsearch.catalog import Catalog
 from clipsearch.decode import DecodePool
 from clipsearch.errors import ClipsearchError
@@ -168,6 +169,36 @@ def test_a_folder_renamed_and_indexed_under_its_new_name_leaves_no_old_rows(tmp_
     assert encoded == [] and catalog.counts() == {"indexed": 6, "failed": 0, "missing": 0}
     assert not [p for p in catalog.file_states() if b"/2019/" in p]
     assert len([p for p in catalog.file_states() if b"/2020/" in p]) == 2  # a copy's original stays
+
+
+def test_a_renamed_folder_s_copies_inside_it_and_a_stopped_run_leave_no_old_rows(
+    tmp_path, catalog, add, encoded, monkeypatch
+):
+    monkeypatch.setattr(indexer, "_CHUNK", 4)  # files probed, and their reuse committed, 4 at a time
+    images = make_library(tmp_path / "lib" / "old", 12)
+    shutil.copy(images[0], tmp_path / "lib" / "old" / "same as img0.png")
+    add(tmp_path / "lib" / "old")
+    os.rename(tmp_path / "lib" / "old", tmp_path / "lib" / "new")
+    encoded.clear()
+    done: list[int] = []
+    stop_at_4 = dict(progress=lambda d, t: done.append(d), should_stop=lambda: done[-1:] >= [4])
+    stopped = add(tmp_path / "lib" / "new", batch_size=4, **stop_at_4)
+    assert stopped.interrupted and 4 <= stopped.moved < 13
+    assert len(catalog.file_states()) == 13  # the rows of the files moved so far went with their commit
+    report = add(tmp_path / "lib" / "new")
+    assert (report.moved + stopped.moved, report.copied + stopped.copied, report.new) == (13, 0, 0)
+    assert encoded == [] and not [p for p in catalog.file_states() if b"/old/" in p]
+
+
+def test_the_rows_of_a_drive_that_is_not_mounted_stay_when_its_photos_are_copied_elsewhere(tmp_path, catalog, add):
+    make_library(tmp_path / "usb", 2)
+    add(tmp_path / "usb")
+    shutil.move(tmp_path / "usb", tmp_path / "unplugged")
+    (tmp_path / "usb").mkdir()  # unmounted: the mount point is there, empty
+    shutil.copytree(tmp_path / "unplugged", tmp_path / "photos")
+    report = add(tmp_path / "photos")
+    assert (report.moved, report.copied) == (0, 2)
+    assert len([p for p in catalog.file_states() if b"/usb/" in p]) == 2
 
 
 @pytest.mark.parametrize("workers", [0, None])
