@@ -96,7 +96,7 @@ class Catalog:
         home = Path(home)
         db = home / CATALOG_FILE
         if not db.exists():
-            if not create or readonly or (home.exists() and not home.is_dir()):
+            if not create or readonly or not next((p for p in (home, *home.parents) if p.exists()), home).is_dir():
                 raise _no_index(home)
             try:
                 home.mkdir(parents=True, exist_ok=True)
@@ -812,8 +812,9 @@ def _metadata_columns(metadata: PhotoMeta | None) -> dict[str, object]:
 
 
 def _no_index(home: Path) -> IndexStateError:
-    if home.exists() and not home.is_dir():
-        return IndexStateError(f"{home} is a file, not an index folder; choose another --home.")
+    there = next((p for p in (home, *home.parents) if p.exists()), home)
+    if not there.is_dir():  # the home, or a folder it would be made in, is a file
+        return IndexStateError(f"{there} is a file, not an index folder; choose another --home.")
     return IndexStateError(f"There is no index in {home}; create one with `clipsearch index PATH`.")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,10 +69,13 @@ class Filters:
                 raise ValueError("camera is blank; give a part of a camera's make or model, e.g. pixel")
             object.__setattr__(self, "camera", self.camera.strip())
         if self.near is not None:
+            if isinstance(self.near, str) or not all(isinstance(v, numbers.Real) for v in self.near):
+                raise TypeError(f"near is numbers: (latitude, longitude[, km]); got {self.near!r}")
             if len(self.near) not in (2, 3):
                 raise ValueError(f"near: expected LAT,LON or LAT,LON,KM, got {self.near!r}")
+            object.__setattr__(self, "near", tuple(float(v) for v in self.near))
             lat, lon, km = (*self.near, DEFAULT_NEAR_KM)[:3]
-            if not (-90 <= lat <= 90 and -180 <= lon <= 180 and km > 0):
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180 and 0 < km < math.inf):
                 raise ValueError(f"near: latitude -90..90, longitude -180..180, km > 0; got {lat}, {lon}, {km}")
         extensions = (self.extensions,) if isinstance(self.extensions, str) else self.extensions
         object.__setattr__(self, "extensions", _normalised_extensions(extensions))
@@ -163,11 +167,17 @@ def parse_near(text: str) -> tuple[float, ...]:
 
 
 def parse_extensions(text: str) -> tuple[str, ...]:
-    """ "jpg,.HEIC" → ("jpg", "heic"); ValueError for anything but letters and digits."""
-    return _normalised_extensions(text.split(","))
+    """ "jpg,.HEIC" → ("jpg", "heic"); ValueError for anything but letters and digits, or none."""
+    found = _normalised_extensions(text.split(","))
+    if not found:
+        raise ValueError(f"{text!r} names no extension; give one or more, e.g. jpg,heic")
+    return found
 
 
 def _normalised_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    extensions = tuple(extensions)
+    if any(not isinstance(ext, str) for ext in extensions):
+        raise TypeError(f"extensions are str, e.g. ('jpg', 'heic'); got {extensions!r}")
     found = tuple(ext.strip().lstrip(".").lower() for ext in extensions if ext.strip())
     for ext in found:
         if not _EXTENSION.fullmatch(ext):

@@ -18,7 +18,7 @@ def _xdg(var: str, fallback: str) -> Path:
 
 def default_home() -> Path:
     """The index directory used when `--home` is not given."""
-    env = os.environ.get("CLIPSEARCH_HOME")
+    env = os.environ.get("CLIPSEARCH_HOME", "").strip()
     if env:
         return Path(env).expanduser()
     return _xdg("XDG_DATA_HOME", ".local/share") / "clipsearch"
@@ -26,7 +26,7 @@ def default_home() -> Path:
 
 def model_cache_dir() -> Path:
     """Where downloaded checkpoints and vocabularies live."""
-    env = os.environ.get("CLIPSEARCH_HOME")
+    env = os.environ.get("CLIPSEARCH_HOME", "").strip()
     if env:
         return Path(env).expanduser() / "models"
     return _xdg("XDG_CACHE_HOME", ".cache") / "clipsearch" / "models"

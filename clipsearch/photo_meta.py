@@ -36,7 +36,7 @@ _GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON = 1, 2, 3, 4
 _TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 _MAX_TEXT = 128  # a camera name longer than this is garbage, not a name
 _DATE = re.compile(r"\s*(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
-_OFFSET = re.compile(r"\s*(?:([+-])(\d{1,2}):?(\d{2})|Z)\s*$")
+_OFFSET = re.compile(r"\s*(?:([+-])(\d{1,2}):?(\d{2})|[Zz])\s*$")
 
 
 class Header(NamedTuple):

@@ -61,14 +61,16 @@ def inline_image(path: Path, protocol: str) -> bytes:
     from clipsearch.errors import ClipsearchError
     from clipsearch.serve.thumbnails import shrunk
 
+    columns = min(COLUMNS, shutil.get_terminal_size().columns)
     try:
-        if protocol == "sixel":
-            return sixel(shrunk(path, SIXEL_PIXELS, SIXEL_PIXELS)) + b"\n"
+        if protocol == "sixel":  # pixels, not cells: a cell is some 10 pixels wide
+            side = min(SIXEL_PIXELS, 10 * columns)
+            return sixel(shrunk(path, side, side)) + b"\n"
         image = shrunk(path, 256, 256)
     except (ClipsearchError, OSError) as e:
         log.debug("no preview of %s: %s", path, e)
         return b""
-    columns, rows = cells(image.size, min(COLUMNS, shutil.get_terminal_size().columns))
+    columns, rows = cells(image.size, columns)
     return (kitty if protocol == "kitty" else iterm)(_png(image), columns, rows) + b"\n"
 
 

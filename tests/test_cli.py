@@ -431,6 +431,10 @@ def test_an_empty_or_file_home_is_refused_by_every_command(tmp_path, monkeypatch
         result = runner.invoke(app, ["--home", str(tmp_path / "a file"), *args])
         assert result.exit_code == 1, (args, result.output)
         assert result.stderr == f"Error: {tmp_path / 'a file'} is a file, not an index folder; choose another --home.\n"
+    result = runner.invoke(app, ["--home", str(tmp_path / "a file" / "sub"), "status"])
+    assert result.stderr == f"Error: {tmp_path / 'a file'} is a file, not an index folder; choose another --home.\n"
+    result = runner.invoke(app, ["status"], env={"CLIPSEARCH_HOME": " ", "XDG_DATA_HOME": str(tmp_path / "data")})
+    assert result.stderr.startswith(f"Error: There is no index in {tmp_path / 'data' / 'clipsearch'};")  # unset
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]  # no index in the current folder
 
 

@@ -110,9 +110,24 @@ def test_filters_that_no_photo_could_pass_or_of_the_wrong_type_are_refused():
         with pytest.raises(ValueError, match="camera is blank"):
             Filters(camera=blank)
     assert Filters(camera=" r5 ").sql_values()["camera"] == "%r5%"
-    for wrong in (dict(after=2019), dict(camera=5), dict(min_width=2.5), dict(min_width=True)):
+    for wrong in (
+        dict(after=2019),
+        dict(camera=5),
+        dict(min_width=2.5),
+        dict(min_width=True),
+        dict(near="48,2"),
+        dict(near=("48", "2")),
+        dict(extensions=[1]),
+        dict(extensions=b"jpg"),
+    ):
         with pytest.raises(TypeError):
             Filters(**wrong)
+    with pytest.raises(ValueError, match="km > 0"):
+        Filters(near=(48, 2, float("inf")))
+    assert Filters(near=np.array([48.5, 2.0])).near == (48.5, 2.0)  # numbers of any kind, kept as floats
+    for nothing in ("", ",", " , "):
+        with pytest.raises(ValueError, match="names no extension"):
+            parse_extensions(nothing)
 
 
 def test_distances_on_the_globe():
@@ -382,6 +397,7 @@ def test_cli_more_like_this(cli, tmp_path):
         (["--min-width", "0"], "--min-width"),
         (["--after", "2024", "--before", "2019"], "not earlier than before"),
         (["--camera", " "], "camera is blank"),
+        (["--ext", ","], "names no extension"),
     ],
 )
 def test_cli_bad_filters_are_usage_errors(cli, args, says):

@@ -58,6 +58,7 @@ def test_exif_in_png_and_webp_is_read(tmp_path, fmt):
         ("+5:30", 330),
         ("+0530", 330),
         ("Z", 0),
+        ("z", 0),
         ("+25:00", None),
         ("+02:75", None),
         ("x", None),

@@ -171,6 +171,8 @@ def test_a_narrow_terminal_narrows_the_preview(indexed, monkeypatch):
     _, library = indexed
     monkeypatch.setenv("COLUMNS", "8")
     assert preview.inline_image(library[-1], "kitty").startswith(b"\x1b_Ga=T,f=100,q=2,c=8,m=")
+    (width, _), _ = decode_sixel(preview.inline_image(library[-1], "sixel")[:-1])
+    assert width == 80  # some 10 pixels a cell, not 160
 
 
 def test_an_unreadable_image_gets_no_preview(tmp_path):
