@@ -96,7 +96,7 @@ class Catalog:
         home = Path(home)
         db = home / CATALOG_FILE
         if not db.exists():
-            if not create or readonly or not next((p for p in (home, *home.parents) if p.exists()), home).is_dir():
+            if not create or readonly or _file_in_the_way(home) is not None:
                 raise _no_index(home)
             try:
                 home.mkdir(parents=True, exist_ok=True)
@@ -811,10 +811,15 @@ def _metadata_columns(metadata: PhotoMeta | None) -> dict[str, object]:
     return {name: getattr(metadata, name) for name in METADATA_COLUMNS} | {"metadata_version": METADATA_VERSION}
 
 
+def _file_in_the_way(home: Path) -> Path | None:
+    """The file that is the home, or where a folder above it would be made; None if none is."""
+    there = next((p for p in (home, *home.parents) if p.exists()), None)
+    return there if there is not None and not there.is_dir() else None
+
+
 def _no_index(home: Path) -> IndexStateError:
-    there = next((p for p in (home, *home.parents) if p.exists()), home)
-    if not there.is_dir():  # the home, or a folder it would be made in, is a file
-        return IndexStateError(f"{there} is a file, not an index folder; choose another --home.")
+    if (file := _file_in_the_way(home)) is not None:
+        return IndexStateError(f"{file} is a file, not an index folder; choose another --home.")
     return IndexStateError(f"There is no index in {home}; create one with `clipsearch index PATH`.")
 
 

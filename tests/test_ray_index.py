@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -134,19 +136,25 @@ def test_the_cluster_computes_the_local_encoders_fp32_vectors(cluster, library, 
     assert max(np.abs(got[path] - vector).max() for path, vector in expected.items()) <= 1e-5
 
 
-def test_a_worker_that_cannot_read_the_files_stops_the_run_before_any_work(cluster, library, tiny_model, tmp_path):
-    """/proc/self/fd/N is a file to this process only: the driver reads it, the workers cannot."""
-    image = next(library.rglob("img*.png"))
+@contextmanager
+def only_this_process_reads(image: Path) -> Iterator[str]:
+    """/proc/self/fd/987, a path to ``image`` for this process only: the driver reads it, the
+    workers cannot."""
     fd = os.open(image, os.O_RDONLY)
     os.dup2(fd, 987)
     os.close(fd)
     try:
-        listed = tmp_path / "files.txt"
-        listed.write_text("/proc/self/fd/987\n")
-        with open_index(tmp_path / "home", tiny_model) as index, pytest.raises(ClipsearchError) as raised:
-            index.add(Manifest(listed), ray="auto")
+        yield "/proc/self/fd/987"
     finally:
         os.close(987)
+
+
+def test_a_worker_that_cannot_read_the_files_stops_the_run_before_any_work(cluster, library, tiny_model, tmp_path):
+    listed = tmp_path / "files.txt"
+    with only_this_process_reads(next(library.rglob("img*.png"))) as path:
+        listed.write_text(f"{path}\n")
+        with open_index(tmp_path / "home", tiny_model) as index, pytest.raises(ClipsearchError) as raised:
+            index.add(Manifest(listed), ray="auto")
     message = str(raised.value)
     assert message.startswith("Ray workers on node ") and "\n" not in message
     assert "cannot read /proc/self/fd/987 (No such file or directory); every node must see the files" in message
@@ -159,17 +167,11 @@ def test_a_file_that_only_the_workers_cannot_read_stops_the_run_and_is_not_recor
     """The first file is read everywhere, so the run starts; a later one that the workers cannot
     read, though the driver can, is a node that does not see the files, not a bad file: it had
     been recorded as failed, and a plain re-run never tried it again."""
-    image = next(library.rglob("img*.png"))
-    fd = os.open(image, os.O_RDONLY)
-    os.dup2(fd, 987)
-    os.close(fd)
-    try:
-        listed = tmp_path / "files.txt"
-        listed.write_text(f"{image}\n/proc/self/fd/987\n")
+    image, listed = next(library.rglob("img*.png")), tmp_path / "files.txt"
+    with only_this_process_reads(image) as path:
+        listed.write_text(f"{image}\n{path}\n")
         with open_index(tmp_path / "home", tiny_model) as index, pytest.raises(ClipsearchError) as raised:
             index.add(Manifest(listed), ray=RayExecutor(batch_size=8))
-    finally:
-        os.close(987)
     message = str(raised.value)
     assert message.startswith("The Ray run stopped after 1 of 2 files, which are saved") and "\n" not in message
     assert "Ray workers on node " in message and "cannot read /proc/self/fd/987 (" in message
