@@ -689,6 +689,10 @@ class Catalog:
                 raise
 
 
+def _casefold(text: str | None) -> str | None:
+    return text.casefold() if isinstance(text, str) else None
+
+
 def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
     """A DB-API connection with the pragmas every catalog connection needs.
 
@@ -710,6 +714,9 @@ def _connect(db: Path, *, readonly: bool, create: bool) -> sqlite3.Connection:
             _use_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # SQLite's LIKE ignores the case of ASCII letters only: "ZÉ" must find a "Zé" camera too
+        # (`Filters.sql_values` asks for it only then: a call a row costs 6x LIKE's time).
+        conn.create_function("casefold", 1, _casefold, deterministic=True)
     except BaseException:
         conn.close()
         raise
@@ -760,7 +767,9 @@ _UNDER = "(:folder IS NULL OR path = :folder OR (path >= :below_from AND path < 
 _FILTERS = (
     "+status = :status AND (:taken_from IS NULL OR taken >= :taken_from) "
     "AND (:taken_until IS NULL OR taken < :taken_until) "
-    "AND (:camera IS NULL OR (coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE :camera "
+    "AND (:camera IS NULL OR (CASE WHEN :camera_fold THEN casefold(coalesce(camera_make, '') || ' ' || "
+    "coalesce(camera_model, '')) ELSE coalesce(camera_make, '') || ' ' || coalesce(camera_model, '') END) "
+    "LIKE :camera "
     "ESCAPE '\\') "
     "AND (:min_width IS NULL OR width >= :min_width) "
     "AND (:extensions IS NULL OR extension IN (SELECT value FROM json_each(:extensions))) "

@@ -109,7 +109,8 @@ class Filters:
         return {
             "taken_from": self._after,
             "taken_until": self._before,
-            "camera": "%" + re.sub(r"([\\%_])", r"\\\1", self.camera) + "%" if self.camera else None,
+            "camera": "%" + re.sub(r"([\\%_])", r"\\\1", self.camera.casefold()) + "%" if self.camera else None,
+            "camera_fold": int(not (self.camera or "").isascii()),
             "min_width": self.min_width,
             "extensions": json.dumps(wanted) if wanted else None,
             "south": south,

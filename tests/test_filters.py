@@ -154,6 +154,16 @@ def test_camera_is_a_case_insensitive_part_of_make_and_model(photos):
     assert matching(photos, camera="%") == [] and matching(photos, camera="_") == []  # LIKE's wildcards are text
 
 
+def test_camera_ignores_case_beyond_ascii(tmp_path, tiny_model):
+    make_photo(tmp_path / "lib" / "a.jpg", 0, make="Zé".encode(), model="Câmera Ⅲ".encode())  # as phones write UTF-8
+    make_photo(tmp_path / "lib" / "b.jpg", 1, make="Canon")
+    with Index.open(tmp_path / "home", model=tiny_model) as index:
+        index.add([tmp_path / "lib"], workers=0)
+        assert [h.metadata.camera_make for h in index.search(None, filters=Filters(camera="zé"))] == ["Zé"]
+        for asked in ("zé", "ZÉ", "CÂMERA", "câmera ⅲ"):
+            assert matching(index, camera=asked) == ["a.jpg"], asked
+
+
 def test_near_is_a_radius_around_a_place(photos):
     assert matching(photos, near=PARIS) == ["june.jpg"]  # Versailles is 14 km away
     assert matching(photos, near=(*PARIS, 20)) == ["july.jpeg", "june.jpg"]
