@@ -298,12 +298,11 @@ def run_add(
     else:
         # Gone files are dealt with last: until now their vectors could be reused by the files
         # they moved to. A file whose content reappeared elsewhere was moved (renamed): its old
-        # row goes, wherever it was (a folder renamed and indexed under its new name had left
-        # every old row "indexed"). The others are marked missing. A stopped run leaves them
-        # for the next one.
+        # row goes (those outside the folders walked, `left`, went with the batch that took
+        # their vector). The others are marked missing. A stopped run leaves them for the next one.
         gone = [path for path in plan.missing if states[path].fingerprint not in moved_content]
-        if renamed or left:
-            catalog.remove(sorted({*renamed, *left}))
+        if renamed:
+            catalog.remove(renamed)
         if gone:
             catalog.commit_batch(missing=gone)
         report.removed = len(gone)

@@ -202,13 +202,19 @@ def _connected(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a HOST:PORT or ray://HOST:PORT address; None for anything else."""
+    scheme, _, place = address.rpartition("://")
+    host, colon, port = place.rpartition(":")
+    if scheme in ("", "ray") and colon and host.strip() and port.isdigit() and 0 < int(port) < 65536:
+        return host, int(port)
+    return None
+
+
 def check_address(address: str) -> str:
     """``address`` if it can name a cluster (auto, local, HOST:PORT, ray://HOST:PORT); ValueError
     otherwise, before anything is walked or loaded."""
-    scheme, _, place = address.rpartition("://")
-    host, colon, port = place.rpartition(":")
-    named = scheme in ("", "ray") and colon and host.strip() and port.isdigit() and 0 < int(port) < 65536
-    if address in ("auto", "local") or named:
+    if address in ("auto", "local") or _host_port(address) is not None:
         return address
     raise ValueError(
         f"{address!r} is not a Ray cluster's address: give auto, local, HOST:PORT (e.g. head:6379) or ray://HOST:PORT"
@@ -219,11 +225,12 @@ def _check_reachable(address: str | None) -> None:
     """Fail in seconds where nothing answers at a cluster's HOST:PORT: Ray would retry for some
     14 minutes, deaf to Ctrl-C meanwhile. Other addresses ("local", "ray://...") go to Ray."""
     address = address or ""
-    host, colon, port = address.rpartition(":")
-    if not colon or not host or not port.isdigit() or "://" in address:
+    found = None if "://" in address else _host_port(address)
+    if found is None:
         return
+    host, port = found
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
         raise ClipsearchError(
