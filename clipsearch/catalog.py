@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from clipsearch.errors import IndexStateError
+from clipsearch.fingerprint import identifies
 from clipsearch.migrate import ensure_schema
 from clipsearch.records import (
     METADATA_COLUMNS,
@@ -383,8 +384,6 @@ class Catalog:
         """(ids int64, fingerprints object: bytes or None) of the indexed rows under a folder,
         by id: which files are byte-identical copies of each other (None where a fingerprint
         cannot tell: `fingerprint.identifies`)."""
-        from clipsearch.fingerprint import identifies
-
         with self.read() as db:
             rows = db.execute(_FINGERPRINTS, _folder_values(under) | {"status": STATUS_INDEXED}).fetchall()
         fingerprints = np.empty(len(rows), dtype=object)
