@@ -25,7 +25,7 @@ import numpy as np
 
 from clipsearch.clip.heap import release_free_memory
 from clipsearch.decode import Decoded, DecodePool, Job, Probe, best_workers, failure_reason, probe_file, usable_cores
-from clipsearch.errors import ClipsearchError
+from clipsearch.errors import ClipsearchError, ImageError
 from clipsearch.fingerprint import fingerprint, identifies
 from clipsearch.manifest import Manifest
 from clipsearch.photo_meta import read_file as read_header
@@ -358,6 +358,8 @@ def _header_metadata(path: bytes) -> PhotoMeta | None:
         if err.errno is not None:
             return None
         return PhotoMeta()  # Pillow's UnidentifiedImageError and the like carry no errno
+    except ImageError:
+        return None  # a HEIF photo while the heif extra is missing: what was read before stays
     except Exception:
         return PhotoMeta()
 

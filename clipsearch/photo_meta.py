@@ -35,6 +35,8 @@ _GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON = 1, 2, 3, 4
 
 _TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 _MAX_TEXT = 128  # a camera name longer than this is garbage, not a name
+_MAX_EXIF = 1 << 20  # EXIF fits 64 KiB in a JPEG; a PNG's larger than this is not one
+_MAX_PNG_CHUNKS = 100_000  # 8 KiB IDAT chunks of a 100-MP photo number ~40k: more is garbage
 _DATE = re.compile(r"\s*(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _OFFSET = re.compile(r"\s*(?:([+-])(\d{1,2}):?(\d{2})|[Zz])\s*$")
 
@@ -71,11 +73,34 @@ def read_file(path: str | os.PathLike[str] | bytes) -> Header:
     from clipsearch.fingerprint import open_regular
 
     with open_regular(path) as f, open_pillow(f, os.fsdecode(path)) as image:
+        if image.format == "PNG" and "exif" not in image.info:
+            exif = _png_exif_after_pixels(f.fileno())
+            if exif is not None:
+                image.info["exif"] = b"Exif\x00\x00" + exif  # as Pillow keeps a PNG's eXIf once loaded
         metadata = read(image)
         width, height = image.size
     if metadata.orientation in _TRANSPOSED:
         width, height = height, width
     return Header(width, height, metadata)
+
+
+def _png_exif_after_pixels(fd: int) -> bytes | None:
+    """The eXIf chunk of a PNG that writes it after its image data, found by stepping over the
+    chunks' headers (8 bytes each, read without a buffer) rather than by decoding the pixels as
+    Pillow would; None where there is none, or where the chunks are not what they say."""
+    at = 8  # past the signature
+    for _ in range(_MAX_PNG_CHUNKS):
+        head = os.pread(fd, 8, at)
+        if len(head) < 8 or head[4:] == b"IEND":
+            return None
+        length = int.from_bytes(head[:4], "big")
+        if head[4:] == b"eXIf":
+            if length > _MAX_EXIF:
+                return None
+            data = os.pread(fd, length, at + 8)
+            return data if len(data) == length else None
+        at += 12 + length  # length, type, data, CRC
+    return None
 
 
 def _name(image: Image.Image) -> str:

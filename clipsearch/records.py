@@ -62,8 +62,10 @@ class FileState(NamedTuple):
 
 
 # Which reader filled a row's metadata columns: rows read by an older one (or none, before schema
-# 0005) are read again, from the file's header alone, by the next `index` run.
-METADATA_VERSION = 1
+# 0005) are read again, from the file's header alone, by the next `index` run. 2: EXIF text read
+# as UTF-8, offsets like +5:30 and Z, GPS minutes or seconds of 60 or more refused, and a PNG's
+# EXIF found after its pixels without decoding them.
+METADATA_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -104,3 +104,26 @@ def test_a_heic_dropped_on_the_web_page(tmp_path, without_heif_opener, monkeypat
     forget_heif(monkeypatch)
     with pytest.raises(RequestError, match=r"^The upload is a HEIF/HEIC photo, which needs the heif extra"):
         open_upload(data)
+
+
+def test_metadata_read_again_keeps_a_heic_camera_while_the_extra_is_missing(tmp_path, tiny_model, monkeypatch):
+    """A reader newer than the one that read a HEIC photo's camera reads it again; without the
+    extra it cannot, and what was read stays until it can."""
+    import sqlite3
+
+    heic(tmp_path / "lib" / "IMG_0005.heic")
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu", precision="fp32") as index:
+        index.add([tmp_path / "lib"], workers=0)
+    with sqlite3.connect(tmp_path / "home" / "catalog.db") as db:
+        db.execute("UPDATE images SET metadata_version = 1")
+    forget_heif(monkeypatch)
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # uninstalled since
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu", precision="fp32") as index:
+        assert index.add([tmp_path / "lib"], workers=0).metadata == 0
+        assert index.catalog.rows([1])[1].metadata.camera_model == "iPhone 15"
+    monkeypatch.undo()
+    preprocess._heif_registered.cache_clear()
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu", precision="fp32") as index:
+        assert index.add([tmp_path / "lib"], workers=0).metadata == 1
+        assert index.catalog.without_metadata() == []
+        assert index.catalog.rows([1])[1].metadata.camera_model == "iPhone 15"

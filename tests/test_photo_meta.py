@@ -195,7 +195,29 @@ def png_with_exif_after_its_pixels(path):
     exif = next(c for c in chunks if c[4:8] == b"eXIf")
     rest = [c for c in chunks if c is not exif]
     path.write_bytes(data[:8] + b"".join(rest[:-1]) + exif + rest[-1])  # before IEND
-    assert photo_meta.read_file(path).metadata.taken is None  # the header alone does not show it
+    with Image.open(path) as image:
+        assert "exif" not in image.info  # Pillow finds it only once the pixels are decoded
+
+
+def test_the_header_read_finds_a_png_exif_after_its_pixels_without_decoding_them(tmp_path, monkeypatch):
+    png_with_exif_after_its_pixels(tmp_path / "a.png")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded the pixels"))
+    header = photo_meta.read_file(tmp_path / "a.png")
+    assert (header.width, header.height) == (40, 48)  # orientation 6: shown turned
+    assert (header.metadata.taken, header.metadata.camera_make, header.metadata.orientation) == (
+        "2014-04-04T04:04:04",
+        "Fujifilm",
+        6,
+    )
+
+
+def test_a_png_whose_chunks_lie_about_their_length_has_no_metadata(tmp_path):
+    png_with_exif_after_its_pixels(tmp_path / "a.png")
+    data = bytearray((tmp_path / "a.png").read_bytes())
+    at = data.index(b"eXIf") - 4
+    data[at : at + 4] = (1 << 31).to_bytes(4, "big")  # far past the file's end, and EXIF's size
+    (tmp_path / "a.png").write_bytes(bytes(data))
+    assert photo_meta.read_file(tmp_path / "a.png").metadata == PhotoMeta(format="PNG")
 
 
 def test_a_copy_takes_what_decoding_its_bytes_found_not_what_its_header_says(tmp_path, tiny_model, encoded):
@@ -252,3 +274,24 @@ def test_filling_in_metadata_does_not_touch_the_vectors_generation(tmp_path, tin
         assert index.add([tmp_path / "lib"], workers=0).metadata == 1
         assert index.catalog.generation == generation
         assert index.catalog.rows([1])[1].metadata.taken == "2019-07-04T10:30:00"
+
+
+def test_rows_read_by_an_older_reader_are_read_again_once(tmp_path, tiny_model, encoded):
+    """What the reader of version 1 got wrong (camera names in UTF-8 read as Latin-1, here) is
+    put right by the next run, from the headers alone."""
+    make_photo(tmp_path / "lib" / "a.jpg", 0, make="Zeiß".encode())  # type: ignore[arg-type]
+    png_with_exif_after_its_pixels(tmp_path / "lib" / "b.png")
+    home = tmp_path / "home"
+    with Index.open(home, model=tiny_model) as index:
+        index.add([tmp_path / "lib"], workers=0)
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute("UPDATE images SET metadata_version = 1, camera_make = 'ZeiÃ\x9f' WHERE id = 1")
+        db.execute("UPDATE images SET metadata_version = 1")
+    encoded.clear()
+    with Index.open(home, model=tiny_model) as index:
+        assert index.add([tmp_path / "lib"], workers=0).metadata == 2
+        assert index.add([tmp_path / "lib"], workers=0).metadata == 0
+        rows = index.catalog.rows([1, 2])
+    assert encoded == []
+    assert rows[1].metadata.camera_make == "Zeiß"
+    assert (rows[2].metadata.taken, rows[2].metadata.camera_make) == ("2014-04-04T04:04:04", "Fujifilm")
