@@ -1,13 +1,18 @@
 """The `clipsearch serve` command: the URL it prints, the token it requires away from loopback,
-and its one-line errors. uvicorn's run loop is replaced, so nothing listens beyond 127.0.0.1."""
+and its one-line errors. uvicorn's run loop is replaced, so nothing listens beyond 127.0.0.1,
+but for the last tests: real servers on 127.0.0.1, stopped by signals."""
 
 from __future__ import annotations
 
 import re
+import select
+import signal
 import socket
+import time
 
 import pytest
 from helpers import make_library
+from reliability_helpers import assert_no_traceback, kill_group, start_cli
 from typer.testing import CliRunner
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
@@ -131,3 +136,28 @@ def test_connections_do_not_wait_for_delayed_acks():
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stalled_upload_does_not_hold_the_server_open(home, sig):
+    """A phone that stops sending halfway through an upload: Ctrl-C or SIGTERM still ends the
+    server within its grace period, with its exit status and no traceback (it had waited for the
+    upload for ever, and a second Ctrl-C printed the cancelled request's traceback)."""
+    process = start_cli("--home", home, "--device", "cpu", "serve", "--port", "0")
+    try:
+        assert select.select([process.stdout], [], [], 120)[0], "the server printed no URL within 120 s"
+        port = int(process.stdout.readline().decode().strip().rsplit(":", 1)[1].rstrip("/"))
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            head = b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 30000000\r\n\r\n"
+            client.sendall(head + bytes(1_000_000))
+            time.sleep(0.5)  # the request is being read
+            started = time.monotonic()
+            kill_group(process, sig)
+            code = process.wait(60)
+            took = time.monotonic() - started
+    finally:
+        kill_group(process)
+    stderr = process.stderr.read()
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGTERM), stderr  # the shell's 130 and 143
+    assert took < command.GRACE_S + 15, took
+    assert_no_traceback(stderr)

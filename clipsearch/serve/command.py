@@ -6,6 +6,7 @@ when the command runs, and a missing extra is one line naming it.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import sys
@@ -15,6 +16,7 @@ import typer
 from clipsearch.cli_settings import settings
 
 DEFAULT_PORT = 8765
+GRACE_S = 5
 
 
 def serve(
@@ -83,11 +85,23 @@ def serve(
             access_log=settings.verbose,
             lifespan="off",
             server_header=False,
+            # Requests still running this long after Ctrl-C or SIGTERM are cancelled: an upload
+            # stalled on a phone's network had held the process open for ever.
+            timeout_graceful_shutdown=GRACE_S,
         )
+        logging.getLogger("uvicorn.error").addFilter(_quiet_cancellations)
         uvicorn.Server(config).run(sockets=[listener])
     finally:
         listener.close()
         service.close()
+
+
+def _quiet_cancellations(record: logging.LogRecord) -> bool:
+    """Keeps uvicorn from printing the traceback of each request it cancels on shutdown (after
+    its own one line saying how many it cancelled): a stop asked for, not a failure."""
+    import asyncio
+
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def _listen(host: str, port: int) -> socket.socket:
