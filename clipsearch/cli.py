@@ -856,7 +856,8 @@ def _describe(status: Status, indexing: bool = False) -> str:
     if status.weights_changed:
         from clipsearch.index import stale_weights_message
 
-        vectors += f"; {stale_weights_message(_shown(status.model or ''))}"
+        default = any(m.default for m in status.models if m.name == status.model)
+        vectors += f"; {stale_weights_message(_shown(status.model or ''), default)}"
     return "\n".join(
         [
             f"Index:    {_shown(status.home)}",

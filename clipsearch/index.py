@@ -246,7 +246,7 @@ class Index:
     def _require_current_weights(self) -> None:
         """A search must not compare a query from these weights with vectors from others."""
         if self.weights_changed():
-            raise IndexStateError(stale_weights_message(self.model))
+            raise IndexStateError(stale_weights_message(self.model, self.catalog.default_model == self.model))
 
     def _ray_executor(self, ray: str | RayExecutor, batch_size: int | None, workers: int | None) -> RayExecutor:
         from dataclasses import replace
@@ -342,6 +342,10 @@ class Index:
         stored = self.catalog.model(self.model)
         if stored is None:
             self._searched_vectors()  # an error where vectors are wanted; none in an empty index
+        else:
+            # Vectors by other weights than the threshold was measured for had paired different
+            # pictures, which `duplicates --paths-only | xargs rm` then deletes.
+            self._require_current_weights()
         return find_duplicates(self.catalog, stored, threshold, folder)
 
     def remove(self, paths: Iterable[str | os.PathLike] | str | os.PathLike) -> int:
@@ -519,10 +523,12 @@ class Index:
         return found
 
 
-def stale_weights_message(model: str) -> str:
+def stale_weights_message(model: str, default: bool = True) -> str:
+    """The advice names the model unless it is the default, which a plain `index` run encodes with."""
+    command = "clipsearch index PATH" if default else f"clipsearch index PATH --model {model}"
     return (
         f"The vectors of {model} were made by other weights (the model was updated or retrained); "
-        "run `clipsearch index` to re-encode them."
+        f"run `{command}` on its folders to re-encode them."
     )
 
 

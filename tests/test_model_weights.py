@@ -26,7 +26,10 @@ from clipsearch.records import IndexedFile
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
 LEGACY_DEMO = "sha256:0fcb52190b1412d309266fc574223c318985bc56c5baca040c482f7272d87657"
-STALE = "were made by other weights (the model was updated or retrained); run `clipsearch index` to re-encode them."
+STALE = (
+    "were made by other weights (the model was updated or retrained); "
+    "run `clipsearch index PATH` on its folders to re-encode them."
+)
 
 
 @pytest.fixture
@@ -100,10 +103,13 @@ def test_the_cli_refuses_to_search_stale_vectors_in_one_line_then_reindexes(tmp_
     assert runner.invoke(app, [*home, "index", str(tmp_path / "lib"), "--model", model]).exit_code == 0
     retrain(model)
 
-    refused = runner.invoke(app, [*home, "query", "a cat"])
-    assert refused.exit_code != 0
-    lines = refused.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].endswith(STALE) and "Traceback" not in refused.output
+    for command in (["query", "a cat"], ["duplicates"], ["duplicates", "--paths-only", "-0"]):
+        # duplicates too: the threshold is the current weights', and old vectors had paired
+        # different pictures for `duplicates --paths-only -0 | xargs -0 rm` to delete
+        refused = runner.invoke(app, [*home, *command])
+        assert refused.exit_code == 1 and refused.stdout == ""
+        lines = refused.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].endswith(STALE) and "Traceback" not in refused.output
     status = runner.invoke(app, [*home, "status"])
     assert status.exit_code == 0 and STALE in status.output
 
@@ -189,3 +195,20 @@ def test_a_catalog_of_the_previous_demo_is_encoded_again_and_searchable(tmp_path
     found = runner.invoke(app, [*cli, "query", "a red circle", "--top", "1", "--paths-only"])
     assert found.exit_code == 0, found.output
     assert Path(found.stdout.strip()).name in red_circles
+
+
+def test_the_advice_for_stale_vectors_of_another_model_names_it(tmp_path, model, other_tiny_model):
+    """A plain `index PATH` encodes with the default model only: the advice for another model's
+    stale vectors names it (it had looped: the run advised re-encoded nothing)."""
+    make_library(tmp_path / "lib", 3)
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "home"), "--device", "cpu"]
+    for name in (model, other_tiny_model):  # the last one indexed is the default
+        assert runner.invoke(app, [*home, "index", str(tmp_path / "lib"), "--model", name]).exit_code == 0
+    retrain(model)
+    refused = runner.invoke(app, [*home, "query", "a cat", "--model", model])
+    advice = f"run `clipsearch index PATH --model {model}` on its folders to re-encode them."
+    assert refused.exit_code == 1 and refused.output.strip().endswith(advice)
+    followed = runner.invoke(app, [*home, "index", str(tmp_path / "lib"), "--model", model])
+    assert followed.exit_code == 0 and "re-encoded 3 images" in followed.output
+    assert runner.invoke(app, [*home, "query", "a cat", "--model", model]).exit_code == 0
