@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -161,6 +162,9 @@ class _LowercaseLevel(logging.Formatter):
         return _shown(super().formatMessage(record).replace(record.levelname, record.levelname.lower(), 1))
 
 
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _handle_errors(command: Callable) -> Callable:
     """User errors become one line on stderr and exit 1; Ctrl-C exits 130; anything else is a
     bug, summarised on one line unless --verbose asks for the traceback."""
@@ -178,14 +182,13 @@ def _handle_errors(command: Callable) -> Callable:
         except KeyboardInterrupt as err:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(128 + err.signum if isinstance(err, _Stopped) else EXIT_INTERRUPTED) from None
-        except BrokenPipeError:
-            # The reader went away (`| head`): stop quietly, and keep Python's own flush of
-            # stdout at exit from failing again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except BrokenPipeError as err:  # the reader went away (`| head`): stop quietly
+            raise typer.Exit(_output_failed(err)) from None
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors (exit 2) and deliberate exits
         except Exception as err:
+            if isinstance(err, OSError) and err.errno in _NO_ROOM:  # the disk's, not a bug to report
+                _error(f"{err.strerror}" + (f" ({_shown(err.filename)})" if err.filename else ""))
             if settings.verbose:
                 raise
             _error(f"{type(err).__name__}: {err} (this is a bug; run again with --verbose for the traceback)")
@@ -214,12 +217,20 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def _print(line: str) -> None:
-    sys.stdout.buffer.write(_shown(line).encode() + b"\n")
+    _write(_shown(line).encode() + b"\n")
 
 
 def _print_json(value: object) -> None:
     """``--json`` output: indented, ASCII (a path that is not UTF-8 keeps its bytes as escapes)."""
-    sys.stdout.buffer.write((json.dumps(value, indent=2) + "\n").encode())
+    _write((json.dumps(value, indent=2) + "\n").encode())
+
+
+def _write(data: bytes) -> None:
+    """All of ``data`` to stdout. A write larger than the buffer can go out in part (the pipe's
+    reader gone midway): the rest is written again, so that the error comes, not a silent cut."""
+    view = memoryview(data)
+    while view:
+        view = view[sys.stdout.buffer.write(view) :]
 
 
 def _open(model: str | None = None, precision: str = "auto", *, create: bool = False, reading: bool = False) -> Index:
@@ -1096,18 +1107,46 @@ def main() -> None:
     # typer vendors click: its exceptions are these, not the click package's.
     from typer._click import exceptions as click
 
+    if sys.stdout is None:  # started with `>&-`: every line it printed would be lost unsaid
+        typer.echo("Error: standard output is closed; redirect it to /dev/null to discard it.", err=True)
+        exit_now(1)
     try:
         code = app(standalone_mode=False)
     except click.UsageError as err:
         hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
-        typer.echo(f"Error: {err.format_message()}{hint}", err=True)
+        if err.format_message():  # bare `clipsearch` has printed the help, which says it all
+            typer.echo(f"Error: {err.format_message()}{hint}", err=True)
         code = err.exit_code
     except click.ClickException as err:
         typer.echo(f"Error: {err.format_message()}", err=True)
         code = err.exit_code
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command (while parsing options)
         code = EXIT_INTERRUPTED
-    exit_now(code if isinstance(code, int) else 0)
+    except OSError as err:  # writing --help or --version
+        code = _output_failed(err)
+    exit_now(_flushed(code if isinstance(code, int) else 0))
+
+
+def _flushed(code: int) -> int:
+    """The exit status once what is left of the output is written. A large --json goes out in
+    part and the rest waits in the buffer: a reader gone by then (`| head`) had been an exit 0
+    for output cut short."""
+    try:
+        sys.stdout.flush()
+    except OSError as err:
+        return code or _output_failed(err)
+    return code
+
+
+def _output_failed(err: OSError) -> int:
+    """The exit status for output that could not be written: 141 when the reader went away, as
+    for any Unix tool, else an error said in one line (a full disk, a closed descriptor)."""
+    # What stdout still holds would fail again at exit: it goes nowhere instead.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(err, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
+    typer.echo(f"Error: cannot write the output: {err.strerror or err}", err=True)
+    return 1
 
 
 def exit_now(code: int) -> NoReturn:

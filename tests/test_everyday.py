@@ -7,6 +7,7 @@ process (exit codes, pipes, one-line errors), and the library where it is about 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,38 @@ def test_a_closed_pipe_ends_quietly_with_141(home, tmp_path):
             ["bash", "-c", shell], env=dict(os.environ, CLIPSEARCH_HOME=str(home)), capture_output=True, text=True
         )
         assert (result.stdout, result.stderr) == ("141\n", ""), (command, result.stderr)
+
+
+def test_output_cut_short_by_its_reader_is_never_a_success(home, tmp_path):
+    """A --json larger than a pipe holds goes out in part when its reader stops early: the rest
+    had been dropped with exit 0, so `set -o pipefail` could not tell a cut answer."""
+    for n in range(400):
+        (tmp_path / "lib" / f"broken-{n:03d}-{'x' * 120}.jpg").write_text("not an image")
+    run("index", str(tmp_path / "lib"), home=home)
+    whole = run("status", "--failed", "--json", home=home)
+    assert whole.returncode == 0 and len(whole.stdout) > 2 * 65536
+    shell = f"{SCRIPT} status --failed --json | head -c 1000 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    result = subprocess.run(
+        ["bash", "-c", shell], env=dict(os.environ, CLIPSEARCH_HOME=str(home)), capture_output=True, text=True
+    )
+    assert (result.stdout, result.stderr) == ("141\n", "")
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["--version"], ["--help"]])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(home, args):
+    env = dict(os.environ, CLIPSEARCH_HOME=str(home))
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([SCRIPT, *args], env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1
+    assert re.fullmatch(r"Error: (cannot write the output: )?No space left on device\n", result.stderr)
+    closed = subprocess.run(["bash", "-c", f"{SCRIPT} {' '.join(args)} >&-"], env=env, capture_output=True, text=True)
+    assert closed.returncode == 1
+    assert closed.stderr == "Error: standard output is closed; redirect it to /dev/null to discard it.\n"
+
+
+def test_clipsearch_alone_prints_its_help_and_no_empty_error(tmp_path):
+    result = run(home=tmp_path / "home")
+    assert result.returncode == 2 and "Usage: clipsearch" in result.stdout and result.stderr == ""
 
 
 @pytest.mark.parametrize(
