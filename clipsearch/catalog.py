@@ -373,6 +373,17 @@ class Catalog:
             found = np.array(rows.fetchall(), dtype=np.float64).reshape(-1, 3)
         return np.sort(found[filters.within_radius(found[:, 1], found[:, 2]), 0].astype(np.int64))
 
+    def ids_under(self, folder: bytes, most: int) -> np.ndarray | None:
+        """Ids (int64, ascending) of the rows at or under ``folder``, whatever their status, to
+        narrow a vector search (which holds indexed rows only); None where there are more than
+        ``most``: listing them all would cost more than searching everything and keeping what
+        lies under the folder, which finds a large folder's best as well."""
+        with self.read() as db:
+            ids = np.fromiter(
+                (row[0] for row in db.execute(_IN_FOLDER, _folder_values(folder) | {"most": most + 1})), dtype=np.int64
+            )
+        return np.sort(ids) if len(ids) <= most else None
+
     def listed(self, ids: Sequence[int], order: str, limit: int, offset: int = 0) -> list[ImageRow]:
         """The indexed rows among ``ids`` in ``order`` ("date", "-date" or "path"; rows without
         a date last), a page at a time."""
@@ -777,6 +788,13 @@ _FILTERS = (
     f"AND {_UNDER}"
 )
 _AMONG = " AND id IN (SELECT value FROM json_each(:among))"
+# `_UNDER` as one range of the path index, read alone: [folder, folder + "0") holds the folder,
+# the paths below it ("folder/...") and its siblings between ("folder-2"), which the last
+# condition leaves out.
+_IN_FOLDER = (
+    "SELECT id FROM images WHERE path >= :folder AND path < :below_until "
+    "AND (path = :folder OR path >= :below_from) LIMIT :most"
+)
 # By (with the position, to finish the distance test; among candidates an index found):
 _FILTERED = {
     (False, False): f"SELECT id FROM images WHERE {_FILTERS}",

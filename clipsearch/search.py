@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 Term = str | Path | np.ndarray
 Query = Term | Sequence[tuple[float, Term]]
 
+# The most images a folder (`under`) may hold for the search to be narrowed to their ids: listing
+# 100,000 ids took ~60 ms against ~1 ms for a search of everything, kept if under the folder
+# (1,024 of them: ~1-2 ms).
+FOLDER_NARROWS = 1024
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -153,7 +158,13 @@ def find_hits(
             )
     needs = needed_towers(terms)
     vector = query_vector(encoder(needs) if needs else None, terms)
-    among = catalog.matching_ids(filters, _folder(under)) if filters else None
+    among: np.ndarray | None = None
+    if filters:
+        among = catalog.matching_ids(filters, _folder(under))
+    elif under is not None:
+        # A folder narrows the search itself too: found first and kept if under it, a small
+        # folder's images could all lie in lists an inverted file's nprobe never reaches.
+        among = catalog.ids_under(normalise_roots([under])[0], FOLDER_NARROWS)
     return sort_hits(top_k(index, catalog, vector, k, under, min_score, among, exclude), sort)
 
 

@@ -8,7 +8,7 @@ from datetime import date, datetime, timezone
 import faiss
 import numpy as np
 import pytest
-from helpers import bump_mtime, make_photo
+from helpers import bump_mtime, make_library, make_photo
 from typer.testing import CliRunner
 
 from clipsearch import decode
@@ -240,6 +240,19 @@ def test_an_inverted_file_still_returns_k_hits_when_a_filter_passes_few(rng=np.r
     assert index.search(queries, 10, np.array([], dtype=np.int64))[1].max() == -1
     flat = VectorIndex.build(ids, vectors, "Flat")
     assert set(flat.search(queries[:1], 50, among)[1][0]) == set(among) | {-1}
+
+
+def test_under_alone_searches_inside_the_folder_of_an_inverted_file(tmp_path, tiny_model):
+    """A folder's images lie in lists a query's nprobe may not reach: found first and kept if
+    under the folder, they had been missing (`--under DIR` printed "No matches.")."""
+    for folder in range(8):
+        make_library(tmp_path / "lib" / f"f{folder}", 12, start_seed=100 * folder)
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu", precision="fp32") as index:
+        index.add([tmp_path / "lib"], workers=0)
+        index.rebuild("IVF16,Flat")
+        faiss.extract_index_ivf(index._vectors_now().index).nprobe = 1
+        found = {f: len(index.search("a red circle", k=20, under=tmp_path / "lib" / f"f{f}")) for f in range(8)}
+    assert found == dict.fromkeys(range(8), 12)
 
 
 def test_a_filter_that_passes_a_tenth_keeps_the_inverted_files_recall(rng=np.random.default_rng(1)):
