@@ -830,14 +830,14 @@ def status_command(
                 f"An index run is writing {index.home}; check it once the run has ended (its vector files "
                 "catch up with the catalog as it ends)."
             )
-        status = index.status()
-        if not as_json:
-            typer.echo(_describe(status, bool(running)))  # before --check, which reads every vector file whole
         checks = []
-        if check:
+        if check:  # before `status`, whose load of the vector file would repair what it finds damaged
             from clipsearch.consistency import check as check_vectors
 
             checks = check_vectors(index.home, index.catalog)
+        status = index.status()
+        if not as_json:
+            typer.echo(_describe(status, bool(running)))
         if as_json:
             from dataclasses import asdict
 

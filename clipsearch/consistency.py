@@ -53,7 +53,7 @@ def check_model(home: Path, catalog: Catalog, model: StoredModel) -> ModelCheck:
     try:
         index, built_from = VectorIndex.read_checked(home, catalog, model)
     except StaleIndex as reason:
-        result.problems.append(f"its vector file cannot be used: {reason}; run `clipsearch rebuild`")
+        result.problems.append(f"its vector file cannot be used: {reason}; {_rebuild(catalog, model)}")
         return result
     if built_from != generation:
         result.problems.append(
@@ -71,8 +71,14 @@ def check_model(home: Path, catalog: Catalog, model: StoredModel) -> ModelCheck:
             f"{len(differ)} vectors in its vector file differ from the catalog's, of {_files(catalog, differ)}"
         )
     if result.problems and not len(damaged):
-        result.problems[-1] += "; run `clipsearch rebuild`"
+        result.problems[-1] += f"; {_rebuild(catalog, model)}"
     return result
+
+
+def _rebuild(catalog: Catalog, model: StoredModel) -> str:
+    """The advice, naming the model unless it is the default, which a plain `rebuild` rebuilds."""
+    named = "" if model.name == catalog.default_model else f" --model {model.name}"
+    return f"run `clipsearch rebuild{named}`"
 
 
 def _differing(index: VectorIndex, ids: np.ndarray, expected: np.ndarray) -> np.ndarray:

@@ -151,6 +151,32 @@ def test_status_check_compares_the_faiss_file_with_the_catalog_row_by_row(cli, i
     assert as_json.exit_code == 1 and "does not match its checksum" in found["problems"][0]
 
 
+def test_status_check_fails_on_damage_that_its_own_load_repairs(cli, indexed):
+    """The default model's damaged file had been rebuilt by status's own load before the check
+    read it: a warning, then "matches", exit 0, and `status --check || alert` stayed silent."""
+    path = faiss_file(cli.home)
+    path.write_bytes(path.read_bytes()[:100])
+    result = cli("status", "--check")
+    assert result.exit_code == 1, result.stdout
+    assert "its vector file cannot be used" in result.stdout and "run `clipsearch rebuild`" in result.stdout
+    assert cli("status", "--check").exit_code == 0  # repaired by then, as the warning said
+
+
+def test_status_check_names_the_model_to_rebuild_unless_it_is_the_default(
+    cli, indexed, tiny_model, other_tiny_model, tmp_path
+):
+    """A plain `rebuild` rebuilds the default model's file only: the advice had looped."""
+    assert cli("index", tmp_path / "lib", "--model", other_tiny_model).exit_code == 0  # the default now
+    (cli.home / "vectors-1.faiss").unlink()  # the first model's
+    result = cli("status", "--check")
+    assert result.exit_code == 1
+    (said,) = [line for line in result.stdout.splitlines() if "cannot be used" in line]
+    assert said.startswith(f"Check:    {tiny_model}: ")
+    assert said.endswith(f"run `clipsearch rebuild --model {tiny_model}`"), said
+    assert cli("rebuild", "--model", tiny_model).exit_code == 0
+    assert cli("status", "--check").exit_code == 0
+
+
 def test_status_check_reads_an_inverted_file_index_row_by_row(cli, tmp_path, monkeypatch):
     """An IVF index keeps catalog ids in its own lists (no id map): --check finds them there."""
     import clipsearch.vectors
