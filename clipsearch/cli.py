@@ -1121,6 +1121,7 @@ def main() -> None:
         typer.echo(f"Error: {err.format_message()}", err=True)
         code = err.exit_code
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command (while parsing options)
+        typer.echo("Interrupted.", err=True)
         code = EXIT_INTERRUPTED
     except OSError as err:  # writing --help or --version
         code = _output_failed(err)

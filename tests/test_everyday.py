@@ -75,6 +75,24 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_1(home, args):
     assert closed.stderr == "Error: standard output is closed; redirect it to /dev/null to discard it.\n"
 
 
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_130(tmp_path):
+    """The CLI's imports take a few hundred ms, and a Ctrl-C in them had printed the traceback
+    of whichever import it hit. Here the interrupt comes in typer's import, every time."""
+    interrupted_import = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def stopped(name, *args, **kwargs):\n"
+        "    if name == 'typer':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = stopped\n"
+        "from clipsearch.__main__ import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", interrupted_import, "status"], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (130, "Interrupted.\n")
+
+
 def test_clipsearch_alone_prints_its_help_and_no_empty_error(tmp_path):
     result = run(home=tmp_path / "home")
     assert result.returncode == 2 and "Usage: clipsearch" in result.stdout and result.stderr == ""
