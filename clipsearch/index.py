@@ -25,7 +25,7 @@ import numpy as np
 
 from clipsearch.catalog import CATALOG_FILE, Catalog
 from clipsearch.encoder import begin_image_tower, model_id, open_encoder
-from clipsearch.errors import ImageError, IndexStateError
+from clipsearch.errors import ClipsearchError, ImageError, IndexStateError
 from clipsearch.filters import Filters
 from clipsearch.indexer import AddReport, Progress, run_add
 from clipsearch.paths import default_home
@@ -123,12 +123,21 @@ class Index:
         default they use the NumPy one, which spares a short-lived process importing torch.
         """
         home = Path(home).expanduser() if home is not None else default_home()
-        wanted = model_id(model) if model is not None else None
+        gone: ClipsearchError | None = None
+        try:
+            wanted = model_id(model) if model is not None else None
+        except ClipsearchError as err:  # no such model, or a checkpoint moved or deleted since
+            wanted, gone = os.path.abspath(os.path.expanduser(cast(str, model))), err
         creating = create and not readonly
         # A new index is filled next: its image tower opens while the catalog is created.
-        new = creating and not (home / CATALOG_FILE).exists()
-        begun = begin_image_tower(wanted or DEFAULT_MODEL, device, precision) if new else None
+        new = not (home / CATALOG_FILE).exists()
+        if gone is not None and new:
+            raise gone
+        begun = begin_image_tower(wanted or DEFAULT_MODEL, device, precision) if creating and new else None
         catalog = Catalog.open(home, create=creating, readonly=readonly)
+        if gone is not None and catalog.model(cast(str, wanted)) is None:
+            catalog.close()
+            raise gone  # vectors by a checkpoint gone from its path stay usable by that name: `models drop`
         index = cls(catalog, wanted or catalog.default_model or DEFAULT_MODEL, device, precision, warm)
         index._begun = begun
         return index
@@ -435,6 +444,11 @@ class Index:
         chose for a few images (the NumPy image tower, bf16) is replaced when a larger run
         would finish sooner with another (`_outgrown`)."""
         if self._encoder is None or self._encoder.towers not in ("both", towers) or self._outgrown(images):
+            if os.path.isabs(self.model) and not os.path.exists(self.model):  # `open` let its vectors be named
+                raise IndexStateError(
+                    f"The checkpoint {self.model}, whose vectors this index holds, is gone (moved or deleted): "
+                    f"put it back, or forget its vectors with `clipsearch models drop {self.model}`."
+                )
             if self._encoder is not None and self._encoder.towers != towers:
                 towers = "both"  # text and images are both wanted by now
             weights = self._current_weights()

@@ -212,3 +212,27 @@ def test_the_advice_for_stale_vectors_of_another_model_names_it(tmp_path, model,
     followed = runner.invoke(app, [*home, "index", str(tmp_path / "lib"), "--model", model])
     assert followed.exit_code == 0 and "re-encoded 3 images" in followed.output
     assert runner.invoke(app, [*home, "query", "a cat", "--model", model]).exit_code == 0
+
+
+def test_vectors_of_a_checkpoint_gone_from_its_path_can_still_be_dropped(tmp_path, model, other_tiny_model):
+    """Dropping needs no weights: by the recorded path it works after the checkpoint moved (it
+    had said the path was no model, so the vectors could not be forgotten)."""
+    make_library(tmp_path / "lib", 3)
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "home"), "--device", "cpu"]
+    for name in (other_tiny_model, model):  # the moved one is the default
+        assert runner.invoke(app, [*home, "index", str(tmp_path / "lib"), "--model", name]).exit_code == 0
+    shutil.move(model, tmp_path / "moved")
+    refused = runner.invoke(app, [*home, "query", "a cat"])
+    assert refused.exit_code == 1
+    assert refused.output.strip() == (
+        f"Error: The checkpoint {model}, whose vectors this index holds, is gone (moved or deleted): put it "
+        f"back, or forget its vectors with `clipsearch models drop {model}`."
+    )
+    dropped = runner.invoke(app, [*home, "models", "drop", model, "--yes"])
+    assert dropped.exit_code == 0, dropped.output
+    with Catalog.open(tmp_path / "home") as catalog:
+        assert [m.name for m in catalog.models()] == [other_tiny_model]
+    assert runner.invoke(app, [*home, "query", "a cat", "--model", other_tiny_model]).exit_code == 0
+    unknown = runner.invoke(app, [*home, "models", "drop", str(tmp_path / "never.pt"), "--yes"])
+    assert unknown.exit_code == 1 and "is neither a known model nor a checkpoint" in unknown.output
