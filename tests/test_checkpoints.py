@@ -331,3 +331,25 @@ def test_a_plain_tensor_is_not_a_state_dict(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(CheckpointError, match="does not contain a state dict"):
         read_checkpoint(tmp_path / "tensor.pt")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("visual.proj", float("nan")), ("logit_scale", float("inf")), ("visual.proj", float("-inf"))],
+)
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, openclip_state_dict, key, value):
+    """One NaN made every vector NaN: the model indexed every photo and matched none."""
+    broken = {name: tensor.clone() for name, tensor in openclip_state_dict.items()}
+    broken[key].view(-1)[0] = value
+    path = tmp_path / "model.safetensors"
+    save_file(broken, path)
+    with pytest.raises(CheckpointError) as err:
+        clip.load(path, device="cpu")
+    assert str(err.value) == f"{path} holds NaN or infinite values in {key}; it cannot be used."
+
+
+def test_finite_weights_whose_sum_overflows_load(tmp_path, openclip_state_dict):
+    large = dict(openclip_state_dict, **{"visual.proj": torch.full_like(openclip_state_dict["visual.proj"], 3e38)})
+    save_file(large, tmp_path / "model.safetensors")
+    model, _ = clip.load(tmp_path / "model.safetensors", device="cpu", towers="image")
+    assert torch.equal(model.visual.proj, large["visual.proj"])

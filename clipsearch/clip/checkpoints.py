@@ -88,7 +88,7 @@ def read_checkpoint(path: str | Path) -> tuple[Mapping[str, torch.Tensor], Check
         state_dict, info = _read_file(path)
     else:
         raise CheckpointError(f"There is no checkpoint file or directory at {path}.")
-    return _clean(state_dict), _checked_normalisation(info, path)
+    return _finite(_clean(state_dict), path), _checked_normalisation(info, path)
 
 
 def write_model_dir(
@@ -555,6 +555,22 @@ def _clean(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]
 
     kept = (key for key in state_dict if key not in _NON_PARAMETERS and not key.endswith(("attn_mask", "position_ids")))
     return _Lazy(kept, float32)
+
+
+def _finite(state_dict: Mapping[str, torch.Tensor], path: Path) -> Mapping[str, torch.Tensor]:
+    """The state dict, each float tensor checked as it is looked up: one NaN or infinity (a
+    diverged training run, a damaged conversion) made every vector NaN, and such a model indexed
+    every photo "successfully" and then matched none. A NaN or infinity makes the tensor's sum
+    (one pass) non-finite; only then, as the sum of large finite values may overflow too, are
+    the values checked one by one."""
+
+    def checked(key: str) -> torch.Tensor:
+        value = state_dict[key]
+        if value.is_floating_point() and not value.sum().isfinite() and not value.isfinite().all():
+            raise CheckpointError(f"{path} holds NaN or infinite values in {key}; it cannot be used.")
+        return value
+
+    return _Lazy(state_dict, checked)
 
 
 def _first_file(directory: Path, names: Sequence[str]) -> Path:
