@@ -203,6 +203,21 @@ def test_unsupported_activation_is_refused(tmp_path):
         read_checkpoint(directory)
 
 
+def test_weights_without_the_text_tower_are_refused_naming_what_is_missing(tmp_path):
+    """As a bare image-only state dict is (it had raised a KeyError, 'a bug' in the CLI)."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "image-only"
+    CLIPModel(hf_config("quick_gelu")).save_pretrained(directory)
+    weights = load_file(directory / "model.safetensors")
+    text = ("text_model.", "text_projection.")
+    save_file(
+        {key: value for key, value in weights.items() if not key.startswith(text)}, directory / "model.safetensors"
+    )
+    with pytest.raises(CheckpointError, match=r"^The weights lack 'ln_final\.weight', so they are not a CLIP"):
+        read_checkpoint(directory)
+
+
 def write_clip_tokenizer_files(directory: Path) -> None:
     """vocab.json and merges.txt as Hugging Face publishes them for CLIP, built from OpenAI's
     vocabulary file with open_clip's reference tokenizer (whose special tokens it renames)."""

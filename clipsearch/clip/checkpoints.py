@@ -417,14 +417,15 @@ def _read_huggingface_dir(path: Path, config: dict) -> tuple[Mapping[str, torch.
     weights = _first_file(path, ("model.safetensors", "pytorch_model.bin"))
     hf_state_dict, _ = _read_file(weights)
     state_dict = _from_huggingface(hf_state_dict, path)
-    _check_eos_pooling(text, state_dict["token_embedding.weight"].shape[0], path)
-    # The head counts are not in the weights; the configuration has them.
+    # The head counts are not in the weights; the configuration has them. Read first, as it
+    # names a missing weight (a folder without its text tower) in a CheckpointError.
     architecture = config_from_state_dict(
         _clean(state_dict),
         quick_gelu=acts == {"quick_gelu"},
         vision_head_width=_head_width(vision, 768, 12),
         text_head_width=_head_width(text, 512, 8),
     )
+    _check_eos_pooling(text, architecture.vocab_size, path)
     preprocessor = path / "preprocessor_config.json"
     preprocess_cfg = _read_json(preprocessor) if preprocessor.is_file() else {}
     info = CheckpointInfo(
