@@ -320,6 +320,25 @@ def test_garbage_is_refused_naming_the_file(tmp_path, name, content):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_photo_is_not_a_checkpoint(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(tmp_path / "photo.jpg")
+    assert str(err.value) == (
+        f"{tmp_path / 'photo.jpg'} is not a model checkpoint: it is not a zip archive, pickle or safetensors file, "
+        "the formats weights are saved in."
+    )
+
+
+def test_formats_are_told_apart_by_content_not_name(tmp_path, openclip_state_dict):
+    save_file(openclip_state_dict, tmp_path / "safetensors.bin")
+    torch.save(openclip_state_dict, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("safetensors.bin", "legacy.pt"):
+        assert_same_weights(read_checkpoint(tmp_path / name)[0], openclip_state_dict)
+
+
 def test_missing_path_and_non_model_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint file or directory"):
         read_checkpoint(tmp_path / "nope.pt")

@@ -8,9 +8,10 @@ Formats, told apart by content rather than by file name:
   archives for that reason (the path it used to take was CVE-2025-32434). We read only the
   tensors: ``data.pkl`` goes through an unpickler that knows four names (module stand-ins,
   tensor rebuild, storage types, OrderedDict) and refuses everything else.
-- OpenCLIP files: ``.safetensors``, or ``.bin``/``.pt``/``.pth`` read with
-  ``torch.load(weights_only=True)``; a bare state dict or one wrapped in ``state_dict``, with or
-  without DistributedDataParallel's ``module.`` prefix. OpenCLIP hub directories
+- OpenCLIP files: safetensors, or torch.save's zip archives and legacy pickles read with
+  ``torch.load(weights_only=True)``, whatever their names (the first bytes tell them apart);
+  a bare state dict or one wrapped in ``state_dict``, with or without DistributedDataParallel's
+  ``module.`` prefix. OpenCLIP hub directories
   (``open_clip_config.json`` beside the weights) also give the activation, head widths,
   mean/std and resize mode, and for SigLIP and XLM-R the ``tokenizer.json`` beside them; a hub
   directory without its configuration (as the registry fetches SigLIP) is read the same way.
@@ -110,14 +111,38 @@ def write_model_dir(
 
 
 def _read_file(path: Path) -> tuple[Mapping[str, torch.Tensor], CheckpointInfo]:
-    if path.suffix == ".safetensors":
+    kind = _kind_of_file(path)
+    if kind == "safetensors":
         return _load_safetensors(path), CheckpointInfo("openclip")
-    if zipfile.is_zipfile(path):
+    if kind is None:
+        raise CheckpointError(
+            f"{path} is not a model checkpoint: it is not a zip archive, pickle or safetensors file, "
+            "the formats weights are saved in."
+        )
+    if kind == "zip":
         with zipfile.ZipFile(path) as archive:
             _check_unpacked_size(path, archive)
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
                 return _read_torchscript(path, archive), CheckpointInfo("openai", quick_gelu=True)
     return _unwrap(_torch_load(path), path), CheckpointInfo("openclip")
+
+
+def _kind_of_file(path: Path) -> str | None:
+    """The file's format as its first bytes tell: "safetensors", "zip" (what torch.save writes),
+    "pickle" (its legacy format) or None. A photo given as the model was otherwise read as a
+    pickle, and the reader's error said it "holds Python objects other than tensors"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    if len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"  # the length of its JSON header, then the header
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"  # the PROTO opcode, then the protocol
+    return None
 
 
 def _load_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
