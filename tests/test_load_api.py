@@ -113,6 +113,24 @@ def test_default_device_is_cpu_here(openclip_file, monkeypatch):
     assert next(model.parameters()).device.type == "cpu"
 
 
+@pytest.mark.parametrize("device", ["cuda:1", 1, "mps", "gpu", "CPU", "", "xla"])
+def test_a_device_this_machine_lacks_is_refused_before_the_checkpoint_is_read(openclip_file, monkeypatch, device):
+    """Torch refused these only once the whole checkpoint had been read, in its own words."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.mps, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(clip, "open_checkpoint", pytest.fail)
+    with pytest.raises(ValueError) as err:
+        clip.load(openclip_file, device=device)
+    assert str(err.value) == f"device {device!r} is not one this machine has; it has cpu, cuda:0"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu"), "meta"])
+def test_devices_every_machine_has_load(openclip_file, device):
+    model, _ = clip.load(openclip_file, device=device, towers="image")
+    assert next(model.parameters()).device.type == torch.device(device).type
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_model_is_float16(openclip_file):
     model, _ = clip.load(openclip_file, device="cuda")

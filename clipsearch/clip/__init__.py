@@ -90,8 +90,6 @@ def load(
     is read, so the float32 model never stands whole beside the converted one, and then applies
     on every device; "int8" (the image tower's projections, for the CPU) needs ``device="cpu"``.
     """
-    import torch
-
     from clipsearch.clip.build import build_model
 
     if jit:
@@ -99,10 +97,10 @@ def load(
             "jit=True is not supported: clipsearch never runs the TorchScript code inside a checkpoint; "
             "call load() without it."
         )
-    opened = open_checkpoint(name_or_path, download_root, quick_gelu=quick_gelu)
-    device = torch.device(device if device is not None else _default_device())
+    device = _checked_device(device)
     if precision == "int8" and device.type != "cpu":
         raise ValueError(f"int8 runs on the CPU only, not on {device}")
+    opened = open_checkpoint(name_or_path, download_root, quick_gelu=quick_gelu)
     info, entry, path = opened.info, opened.entry, opened.path
     model = build_model(opened.state_dict, towers=towers, config=opened.config, conversion=_conversion(precision))
     preprocess = opened.preprocess()
@@ -220,6 +218,35 @@ def _image_settings(config: Any, info: Any) -> tuple[Mean, Mean, bool]:
     std = info.image_std or (SIGLIP_STD if siglip else CLIP_STD)
     crop = info.crop if info.crop is not None else not siglip
     return mean, std, crop
+
+
+def _checked_device(device: str | torch.device | int | None) -> torch.device:
+    """The device `load` puts the model on, checked before the checkpoint is read: a device this
+    machine lacks ("cuda" without a GPU) or a name torch does not know ("gpu") failed in torch
+    only once the whole checkpoint had been read, with torch's message."""
+    import torch
+
+    if device is None:
+        return torch.device(_default_device())
+    try:
+        chosen: torch.device | None = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        chosen = None
+    if chosen is None or not _present(chosen):
+        here = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+        here += ["mps"] if torch.backends.mps.is_available() else []
+        raise ValueError(f"device {device!r} is not one this machine has; it has {', '.join(here)}")
+    return chosen
+
+
+def _present(device: torch.device) -> bool:
+    """Whether this machine has ``device`` (the meta device, shapes without data, is everywhere)."""
+    import torch
+
+    if device.type in ("cpu", "meta"):
+        return True
+    count = getattr(getattr(torch, device.type, None), "device_count", None)  # torch.cuda, torch.mps, ...
+    return count is not None and (device.index or 0) < count()
 
 
 def _default_device() -> str:
