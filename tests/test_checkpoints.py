@@ -253,6 +253,33 @@ def test_openclip_hub_directory(tmp_path, openclip_state_dict):
     assert read_checkpoint(tmp_path)[1].quick_gelu is False
 
 
+@pytest.mark.parametrize(
+    "settings", [{"interpolation": "bilinear"}, {"resize_mode": "longest"}, {"resize_mode": "squash"}, {}]
+)
+def test_openclip_hub_directory_preprocessing_is_open_clips(tmp_path, openclip_state_dict, settings):
+    """Bilinear interpolation and the "longest" resize mode were ignored (bicubic, cropped)."""
+    from PIL import Image
+
+    save_file(openclip_state_dict, tmp_path / "open_clip_model.safetensors")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": settings}))
+    _, preprocess = clip.load(tmp_path, device="cpu", towers="image")
+    reference = open_clip.image_transform(32, is_train=False, **settings)
+    image = Image.effect_mandelbrot((97, 61), (-2, -1, 1, 1), 100).convert("RGB")
+    assert (preprocess(image) - reference(image)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "name, value, known",
+    [("interpolation", "lanczos", "bicubic, bilinear, random"), ("resize_mode", "pad", "shortest, squash, longest")],
+)
+def test_preprocessing_clipsearch_does_not_know_is_refused(tmp_path, openclip_state_dict, name, value, known):
+    save_file(openclip_state_dict, tmp_path / "open_clip_model.safetensors")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"preprocess_cfg": {name: value}}))
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(tmp_path)
+    assert str(err.value) == f"{tmp_path} asks for {name} {value!r}; clipsearch knows {known}."
+
+
 # --- our own directories ---------------------------------------------------------------------
 
 

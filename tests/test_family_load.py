@@ -86,7 +86,7 @@ def test_openclip_folder_matches_open_clip_end_to_end(siglip_folder):
     assert isinstance(ours, SigLIP) and ours.config.vision_layers == 2
     assert isinstance(ours.tokenizer, HFTokenizer)
     assert (ours.tokenizer.clean, ours.tokenizer.pad_id, ours.tokenizer.context_length) == ("canonicalize", 1, 64)
-    assert not preprocess.crop and preprocess.mean == SIGLIP_MEAN
+    assert preprocess.resize_mode == "squash" and preprocess.mean == SIGLIP_MEAN
 
     reference_tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     assert torch.equal(ours.tokenizer(TEXTS), reference_tokenizer(TEXTS))
@@ -112,7 +112,7 @@ def test_registry_name_downloads_the_hub_folder(siglip_folder, stand_in):  # noq
     ours, preprocess = clip.load("ViT-B-16-SigLIP", device="cpu")
     from_folder, _ = clip.load(folder, device="cpu")
     assert ours.config == from_folder.config
-    assert not preprocess.crop and preprocess.mean == SIGLIP_MEAN and preprocess.resolution == 224
+    assert preprocess.resize_mode == "squash" and preprocess.mean == SIGLIP_MEAN and preprocess.resolution == 224
     ids = ours.tokenizer(TEXTS)
     assert torch.equal(ids, from_folder.tokenizer(TEXTS))
     pixels = preprocess(photo()).unsqueeze(0)
@@ -136,7 +136,7 @@ def test_folder_without_configuration_uses_shapes_and_siglip_defaults(siglip_fol
     ours, preprocess = clip.load(bare, device="cpu")
     from_folder, _ = clip.load(folder, device="cpu")
     assert ours.config == from_folder.config
-    assert not preprocess.crop and preprocess.mean == SIGLIP_MEAN and preprocess.resolution == 224
+    assert preprocess.resize_mode == "squash" and preprocess.mean == SIGLIP_MEAN and preprocess.resolution == 224
     assert ours.tokenizer.clean == "canonicalize"
     ids = ours.tokenizer(TEXTS)
     pixels = preprocess(photo()).unsqueeze(0)
@@ -201,7 +201,7 @@ def hf_folder(tmp_path_factory):
 def test_huggingface_siglip_parity(hf_folder):
     model, folder = hf_folder
     state_dict, info = read_checkpoint(folder)
-    assert info.format == "huggingface" and info.crop is False and info.image_mean == SIGLIP_MEAN
+    assert info.format == "huggingface" and info.resize_mode == "squash" and info.image_mean == SIGLIP_MEAN
     ours = build_model(state_dict, config=info.config)
     assert (ours.config.text_gelu, ours.config.vision_heads, ours.config.embed_dim) == ("tanh", 4, 96)
     generator = torch.Generator().manual_seed(3)
@@ -224,7 +224,7 @@ def test_huggingface_siglip_through_load(hf_folder):
     model, folder = hf_folder
     ours, preprocess = clip.load(folder, device="cpu")
     assert isinstance(ours.tokenizer, HFTokenizer) and ours.tokenizer.pad_id == 0  # Gemma pads with 0
-    assert not preprocess.crop and preprocess.resolution == 64
+    assert preprocess.resize_mode == "squash" and preprocess.resolution == 64
     ids = ours.tokenizer(TEXTS)
     assert ids.shape == (len(TEXTS), 64) and (ids[:, -1] == 0).all()
     with torch.no_grad():
@@ -297,7 +297,7 @@ def test_xlm_roberta_registry_name_matches_open_clip(xlmr_pair, stand_in):  # no
     stand_in.push("FacebookAI/xlm-roberta-base", {"tokenizer.json": (tokenizer_dir / "tokenizer.json").read_bytes()})
 
     ours, preprocess = clip.load("xlm-roberta-base-ViT-B-32", device="cpu")
-    assert isinstance(ours, XlmrCLIP) and preprocess.crop and preprocess.resolution == 224
+    assert isinstance(ours, XlmrCLIP) and preprocess.resize_mode == "shortest" and preprocess.resolution == 224
     assert (ours.tokenizer.pad_id, ours.tokenizer.clean, ours.tokenizer.context_length) == (1, "whitespace", 77)
     reference_tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=77)
     assert torch.equal(ours.tokenizer(TEXTS), reference_tokenizer(TEXTS))

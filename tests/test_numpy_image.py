@@ -177,7 +177,7 @@ def test_a_transient_tower_holds_one_block_of_its_file_at_a_time(model_dir: str)
     path.parent.mkdir(parents=True, exist_ok=True)
     numpy_image.tower_file.save(path, numpy_image._MAGIC, {"format": numpy_image._FORMAT, "source": {}, **{
         "quick_gelu": True, "heads": 12, "patch_size": 32, "logit_scale": 100.0, "resolution": 224,
-        "mean": [0.5] * 3, "std": [0.5] * 3, "crop": True,
+        "mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "shortest", "interpolation": "bicubic",
     }}, tower.weights)  # fmt: skip
     mapped, _ = ImageTower.load(path)
     blocks = sum(value.nbytes for key, value in mapped.weights.items() if key.startswith("transformer."))

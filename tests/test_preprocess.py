@@ -73,6 +73,23 @@ def test_rgb_equals_reference(ours, reference, size):
     assert max_abs(ours(image), reference(image)) <= 1e-6
 
 
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_open_clips_resize_modes_and_interpolations_equal_reference(resize_mode, interpolation):
+    ours = Preprocess(R, CLIP_MEAN, CLIP_STD, resize_mode, interpolation)
+    reference = open_clip.image_transform(
+        R, is_train=False, mean=CLIP_MEAN, std=CLIP_STD, resize_mode=resize_mode, interpolation=interpolation
+    )
+    for size in SIZES:
+        image = Image.fromarray(photo_like(*size))
+        assert max_abs(ours(image), reference(image)) <= 1e-6, size
+
+
+def test_unknown_resize_mode_is_refused():
+    with pytest.raises(ValueError, match="resize_mode must be one of"):
+        Preprocess(R, resize_mode="crop")
+
+
 @pytest.mark.parametrize("size", [(640, 480), (33, 47), (1, 9)])
 def test_grey_equals_reference(ours, reference, size):
     image = Image.fromarray(photo_like(*size)[..., 0], "L")

@@ -128,8 +128,8 @@ class Checkpoint(NamedTuple):
         """The preprocessing the model's images need."""
         from clipsearch.clip.preprocess import Preprocess
 
-        mean, std, crop = _image_settings(self.config, self.info)
-        return Preprocess(self.config.image_resolution, mean, std, crop=crop)
+        mean, std, resize_mode = _image_settings(self.config, self.info)
+        return Preprocess(self.config.image_resolution, mean, std, resize_mode, self.info.interpolation or "bicubic")
 
 
 def open_checkpoint(
@@ -209,15 +209,14 @@ def _tokenizer(model: Any, info: Any, entry: registry.ModelEntry | None, path: P
     return tokenizer
 
 
-def _image_settings(config: Any, info: Any) -> tuple[Mean, Mean, bool]:
-    """Mean, std and whether to centre-crop: the checkpoint's, else its family's."""
+def _image_settings(config: Any, info: Any) -> tuple[Mean, Mean, str]:
+    """Mean, std and resize mode (`preprocess.RESIZE_MODES`): the checkpoint's, else its family's."""
     from clipsearch.clip.preprocess import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 
     siglip = getattr(config, "family", "clip") == "siglip"
     mean = info.image_mean or (SIGLIP_MEAN if siglip else CLIP_MEAN)
     std = info.image_std or (SIGLIP_STD if siglip else CLIP_STD)
-    crop = info.crop if info.crop is not None else not siglip
-    return mean, std, crop
+    return mean, std, info.resize_mode or ("squash" if siglip else "shortest")
 
 
 def _checked_device(device: str | torch.device | int | None) -> torch.device:

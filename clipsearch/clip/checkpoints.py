@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 from clipsearch.clip import hf_siglip, siglip
 from clipsearch.clip.hf_names import check_placed, fuse
 from clipsearch.clip.model import CLIP, config_from_state_dict, family_of
+from clipsearch.clip.preprocess import RESAMPLING, RESIZE_MODES
 from clipsearch.clip.tokenizer import Tokenizer
 from clipsearch.errors import CheckpointError
 from clipsearch.paths import model_cache_dir, new_file_mode
@@ -76,7 +77,9 @@ class CheckpointInfo:
     # A directory with the tokenizer.json of a SigLIP or XLM-R model, and open_clip's cleaning for it.
     tokenizer_dir: Path | None = None
     text_clean: str | None = None
-    crop: bool | None = None  # False: the whole image is resized to a square (SigLIP), no centre crop
+    # open_clip's preprocess_cfg names (`preprocess.RESIZE_MODES`, `preprocess.RESAMPLING`).
+    resize_mode: str | None = None
+    interpolation: str | None = None
 
 
 def read_checkpoint(path: str | Path) -> tuple[Mapping[str, torch.Tensor], CheckpointInfo]:
@@ -408,7 +411,6 @@ def _read_openclip_dir(path: Path, config: Mapping[str, Any]) -> tuple[Mapping[s
             vision_head_width=vision_cfg.get("head_width"),
             text_head_width=int(text_cfg.get("width", 512)) // int(text_cfg.get("heads", 8)),
         )
-    resize_mode = preprocess_cfg.get("resize_mode")
     info = CheckpointInfo(
         "openclip",
         quick_gelu=quick_gelu,
@@ -417,7 +419,8 @@ def _read_openclip_dir(path: Path, config: Mapping[str, Any]) -> tuple[Mapping[s
         config=architecture,
         tokenizer_dir=path if family != "clip" and (path / "tokenizer.json").is_file() else None,
         text_clean=(text_cfg.get("tokenizer_kwargs") or {}).get("clean"),
-        crop=None if resize_mode is None else resize_mode != "squash",
+        resize_mode=_known(preprocess_cfg, "resize_mode", RESIZE_MODES, path),
+        interpolation=_known(preprocess_cfg, "interpolation", RESAMPLING, path),
     )
     return state_dict, info
 
@@ -475,7 +478,7 @@ def _read_huggingface_siglip(path: Path, config: dict) -> tuple[Mapping[str, tor
         image_std=_triple(preprocess_cfg.get("image_std")),
         config=architecture,
         tokenizer_dir=path if (path / "tokenizer.json").is_file() else None,
-        crop=False,  # Hugging Face's SigLIP processor resizes to the square, as open_clip's "squash"
+        resize_mode="squash",  # Hugging Face's SigLIP processor resizes to the square
     )
     return hf_siglip.state_dict_from_huggingface(hf_state_dict, path), info
 
@@ -614,6 +617,15 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object.")
     return data
+
+
+def _known(settings: Mapping[str, Any], name: str, known: Iterable[str], path: Path) -> str | None:
+    """The setting ``name`` if it is one clipsearch knows, None if unset, else CheckpointError:
+    an unknown one would have been ignored, and every image prepared otherwise than in training."""
+    value = settings.get(name)
+    if value is not None and value not in known:
+        raise CheckpointError(f"{path} asks for {name} {value!r}; clipsearch knows {', '.join(known)}.")
+    return value
 
 
 def _triple(values: Any) -> Any:

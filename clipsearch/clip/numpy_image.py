@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAGIC = b"CLIPIMAG"
-_FORMAT = 1
+_FORMAT = 2  # 2: the resize mode and interpolation, not whether to crop
 _PREFIX = "visual."
 _SETTINGS = ("quick_gelu", "heads", "patch_size", "logit_scale")  # ImageTower's, besides its preprocessing
 # Images one thread encodes at a time. ViT-B/32 at 256 px, 2 threads, taking turns in one
@@ -199,7 +199,8 @@ class ImageTower:
     def load(cls, path: Path) -> tuple[ImageTower, dict]:
         """The tower in `path`, memory-mapped, and its ``source``; ValueError if the file is not one."""
         header, weights = tower_file.load(path, _MAGIC, _FORMAT)
-        preprocess = Preprocess(header["resolution"], tuple(header["mean"]), tuple(header["std"]), header["crop"])
+        mean, std = tuple(header["mean"]), tuple(header["std"])
+        preprocess = Preprocess(header["resolution"], mean, std, header["resize_mode"], header["interpolation"])
         settings = {name: header[name] for name in _SETTINGS}
         return cls(weights, preprocess=preprocess, **settings), header["source"]
 
@@ -309,7 +310,8 @@ def _header(source: dict, settings: dict, preprocess: Preprocess) -> dict:
         "resolution": preprocess.resolution,
         "mean": list(preprocess.mean),
         "std": list(preprocess.std),
-        "crop": preprocess.crop,
+        "resize_mode": preprocess.resize_mode,
+        "interpolation": preprocess.interpolation,
     }
 
 

@@ -1,7 +1,8 @@
 """Images as CLIP sees them: upright RGB, short side resized with bicubic, centre-cropped,
 normalised with the statistics of CLIP's training images. SigLIP sees the whole image instead,
 resized to the square without keeping its aspect ratio (open_clip's "squash"), normalised with
-mean = std = 0.5.
+mean = std = 0.5. An OpenCLIP model may ask for bilinear resizing, or for the whole image fitted
+in the square and padded ("longest"), in its ``open_clip_config.json``; those are reproduced too.
 
 The resize and crop reproduce torchvision's `Resize(R)` + `CenterCrop(R)` on PIL images
 (the preprocessing of OpenAI's and OpenCLIP's releases) pixel for pixel, with Pillow and
@@ -208,9 +209,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """torchvision's `CenterCrop(R)(Resize(R, BICUBIC)(image))`, with its exact rounding:
-    the long side becomes int(R * long / short), the crop offset round((size - R) / 2)."""
+# open_clip's ``interpolation`` settings; "random" (training's) is bicubic at inference, as there.
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "random": Image.Resampling.BICUBIC,
+}
+
+
+def resize_and_crop(image: Image.Image, resolution: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """torchvision's `CenterCrop(R)(Resize(R, BICUBIC)(image))` (or another ``resample``), with its
+    exact rounding: the long side becomes int(R * long / short), the crop offset round((size - R) / 2)."""
     width, height = image.size
     short, long = min(width, height), max(width, height)
     new_long = int(resolution * long / short)
@@ -222,22 +231,39 @@ def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
         # bit-identical to resizing everything first, but bounded in memory.
         sx, sy = width / new_width, height / new_height
         box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
-        return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
-    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        return image.resize((resolution, resolution), resample, box=box)
+    resized = image.resize((new_width, new_height), resample)
     return resized.crop((left, top, left + resolution, top + resolution))
 
 
-def squash(image: Image.Image, resolution: int) -> Image.Image:
+def squash(image: Image.Image, resolution: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """torchvision's `Resize((R, R), BICUBIC)`: the whole image, its aspect ratio not kept."""
-    return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return image.resize((resolution, resolution), resample)
+
+
+def fit_and_pad(image: Image.Image, resolution: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """open_clip's "longest" resize mode, `CenterCropOrPad(R)(ResizeKeepRatio(R, longest=1)(image))`:
+    the whole image, its long side resized to R, centred on black. A side that would round to no
+    pixel at all (a strip over 2R times longer than wide) keeps one, where torchvision fails."""
+    width, height = image.size
+    ratio = max(width, height) / resolution
+    size = (max(1, round(width / ratio)), max(1, round(height / ratio)))
+    square = Image.new("RGB", (resolution, resolution))
+    square.paste(image.resize(size, resample), ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
+    return square
+
+
+# open_clip's ``resize_mode`` settings, what each does to an image.
+RESIZE_MODES = {"shortest": resize_and_crop, "squash": squash, "longest": fit_and_pad}
 
 
 class Preprocess:
     """PIL image (or image file) → normalised float32 `Tensor[3, R, R]` for the model.
 
-    ``crop=False`` resizes the whole image to the square (`squash`), as SigLIP's
-    preprocessing does, instead of CLIP's resize and centre crop.
-    Holds only numbers, so it pickles into decode worker processes.
+    ``resize_mode`` and ``interpolation`` are open_clip's settings (`RESIZE_MODES`, `RESAMPLING`):
+    CLIP's resize of the short side and centre crop ("shortest"), SigLIP's resize of the whole
+    image to the square ("squash"), or the whole image fitted in the square and padded ("longest").
+    Holds only numbers and names, so it pickles into decode worker processes.
     """
 
     def __init__(
@@ -245,12 +271,19 @@ class Preprocess:
         resolution: int,
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
-        crop: bool = True,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
     ):
+        if resize_mode not in RESIZE_MODES or interpolation not in RESAMPLING:
+            raise ValueError(
+                f"resize_mode must be one of {tuple(RESIZE_MODES)} and interpolation one of {tuple(RESAMPLING)}, "
+                f"not {resize_mode!r} and {interpolation!r}"
+            )
         self.resolution = resolution
         self.mean = tuple(mean)
         self.std = tuple(std)
-        self.crop = crop
+        self.resize_mode = resize_mode
+        self.interpolation = interpolation
 
     def __call__(self, image: Image.Image | str | os.PathLike[str]) -> torch.Tensor:
         import torch
@@ -262,12 +295,14 @@ class Preprocess:
         and never import torch (which cost each worker 1.3 s of start-up)."""
         if not isinstance(image, Image.Image):
             image = open_image(image, target=self.resolution)
-        resize = resize_and_crop if self.crop else squash
-        pixels = np.array(resize(to_rgb(image), self.resolution), dtype=np.float32)
+        resize = RESIZE_MODES[self.resize_mode]
+        pixels = np.array(resize(to_rgb(image), self.resolution, RESAMPLING[self.interpolation]), dtype=np.float32)
         mean = np.array(self.mean, dtype=np.float32).reshape(3, 1, 1)
         std = np.array(self.std, dtype=np.float32).reshape(3, 1, 1)
         return (np.ascontiguousarray(pixels.transpose(2, 0, 1)) / np.float32(255) - mean) / std
 
     def __repr__(self) -> str:
-        crop = "" if self.crop else ", crop=False"
-        return f"Preprocess(resolution={self.resolution}, mean={self.mean}, std={self.std}{crop})"
+        return (
+            f"Preprocess(resolution={self.resolution}, mean={self.mean}, std={self.std}, "
+            f"resize_mode={self.resize_mode!r}, interpolation={self.interpolation!r})"
+        )
