@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import shutil
 import socket
 import subprocess
@@ -129,6 +130,23 @@ def test_a_device_this_machine_lacks_is_refused_before_the_checkpoint_is_read(op
 def test_devices_every_machine_has_load(openclip_file, device):
     model, _ = clip.load(openclip_file, device=device, towers="image")
     assert next(model.parameters()).device.type == torch.device(device).type
+
+
+def test_a_file_without_its_activation_warns_once_that_it_runs_with_quickgelu(openclip_file, monkeypatch, caplog):
+    """An exact-GELU OpenCLIP file given alone ran as QuickGELU, said only at -v (an info line)."""
+    monkeypatch.setattr(clip, "_WARNED_ACTIVATION", set())
+    for _ in range(2):
+        model, _ = clip.load(openclip_file, device="cpu", towers="image")
+        assert model.config.quick_gelu is True  # the default stays OpenAI's
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith(
+        f"{openclip_file} does not record its activation, so it runs with QuickGELU"
+    )
+    assert "give the folder holding its open_clip_config.json" in warnings[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(clip, "_WARNED_ACTIVATION", set())
+    clip.load(openclip_file, device="cpu", towers="image", quick_gelu=False)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

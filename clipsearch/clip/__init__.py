@@ -174,12 +174,29 @@ def _configuration(
     if getattr(config, "family", "clip") == "clip":
         hints = [hint for hint in (quick_gelu, entry and entry.quick_gelu, info.quick_gelu) if hint is not None]
         if not hints:
-            log.info("%s does not record its activation; using QuickGELU (pass quick_gelu=False for GELU)", path)
+            _warn_activation_unknown(path)
         config = dataclasses.replace(config, quick_gelu=hints[0] if hints else True)
     elif entry is not None and entry.image_size and info.config is None:
         # The weights fix the patch grid, not always the image size (14 px patches: 378 or 384).
         config = dataclasses.replace(config, image_resolution=entry.image_size)
     return config
+
+
+_WARNED_ACTIVATION: set[Path] = set()
+
+
+def _warn_activation_unknown(path: Path) -> None:
+    """Warn, once per file and process (a CLI run opens a checkpoint for each tower it reads),
+    that the file is run with QuickGELU on a guess: an OpenCLIP file trained with exact GELU,
+    given alone, gave quietly wrong vectors, the one hint an info line shown only with -v."""
+    if path not in _WARNED_ACTIVATION:
+        _WARNED_ACTIVATION.add(path)
+        log.warning(
+            "%s does not record its activation, so it runs with QuickGELU, as OpenAI's models do; if it is an "
+            "OpenCLIP model trained with exact GELU, give the folder holding its open_clip_config.json instead "
+            "(in the library: quick_gelu=False)",
+            path,
+        )
 
 
 def _tokenizer(model: Any, info: Any, entry: registry.ModelEntry | None, path: Path) -> Any:
