@@ -382,6 +382,22 @@ def test_hf_hub_offline_without_the_files_names_the_command_to_run(stand_in, mon
     assert "clipsearch models download hf-hub:someone/tiny-clip" in message and str(_hub_cache()) in message
 
 
+def test_hf_hub_transformers_repository_in_the_cache_offline_names_its_snapshot_folder(stand_in, monkeypatch):
+    """It was said not to be in the Hugging Face cache, where it was."""
+    snapshot = _hub_cache() / "models--someone--transformers-clip" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "clip"}')
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    _settings(monkeypatch, HF_HUB_OFFLINE="1")
+    with pytest.raises(DownloadError) as err:
+        download.model_path("hf-hub:someone/transformers-clip")
+    assert str(err.value) == (
+        "hf-hub:someone/transformers-clip is in the Hugging Face cache but is not an OpenCLIP repository (it has no "
+        f"open_clip_config.json); to load it as a Hugging Face model, pass its snapshot folder {snapshot}."
+    )
+
+
 def test_hf_hub_repository_that_is_not_an_openclip_model(stand_in):
     stand_in.push("someone/not-a-model", {"open_clip_config.json": b"{}"})
     names = "has none of open_clip_model.safetensors, open_clip_pytorch_model.bin"

@@ -65,16 +65,23 @@ def cached(repo: str, filename: str, revision: str = "main") -> Path | None:
     `snapshots/<commit>/<filename>`, `.no_exist/<commit>/<filename>` records that the hub has no
     such file. Importing huggingface_hub's download code would cost every text query ~0.25 s (2-core EPYC).
     """
+    snapshot = _snapshot(repo, revision)
+    if snapshot is None or (snapshot.parent.parent / ".no_exist" / snapshot.name / filename).is_file():
+        return None
+    path = snapshot / filename
+    return path if path.is_file() else None
+
+
+def _snapshot(repo: str, revision: str) -> Path | None:
+    """Where the cache keeps `repo` at `revision` (``snapshots/<commit>``, which may not exist);
+    None when its ref cannot be read."""
     folder = cache_dir() / f"models--{repo.replace('/', '--')}"
     ref = folder / "refs" / revision
     try:
         commit = ref.read_text().strip() if ref.is_file() else revision
     except OSError:
         return None
-    if (folder / ".no_exist" / commit / filename).is_file():
-        return None
-    path = folder / "snapshots" / commit / filename
-    return path if path.is_file() else None
+    return folder / "snapshots" / commit
 
 
 def cached_dir(model: HubDir) -> Path | None:
@@ -109,7 +116,11 @@ def fetch_dir(model: HubDir, *, progress: bool = True) -> Path:
         return files[0].parent
     name = f"{HF_HUB_PREFIX}{model.repo}"
     advice = f"run `clipsearch models download {name}` where the hub can be reached, or pass a local folder"
-    _require_online(name, advice)
+    try:
+        _require_online(name, advice)
+    except DownloadError:
+        _refuse_cached_transformers_repo(model, name)
+        raise
     first = _download_one_of(model, (model.files[0],), model.revision, progress, advice)
     commit = first.parent.name  # snapshots/<commit>/<file>: every other file comes from the same commit
     fetched = [first] + [_download_one_of(model, (name,), commit, progress, advice) for name in model.files[1:]]
@@ -128,6 +139,18 @@ def _cached_dir_files(model: HubDir) -> list[Path] | None:
     weights = next((path for name in model.weights if (path := cached(model.repo, name, commit))), None)
     found.append(weights)
     return [path for path in found if path is not None] if all(found) else None
+
+
+def _refuse_cached_transformers_repo(model: HubDir, name: str) -> None:
+    """A repository cached by transformers (its ``config.json``) and fetched no further is not
+    missing from the cache, as the error of one that cannot be fetched said: it is not an OpenCLIP
+    repository, and its snapshot folder is what loads it."""
+    snapshot = _snapshot(model.repo, model.revision)
+    if snapshot is not None and (snapshot / "config.json").is_file():
+        raise DownloadError(
+            f"{name} is in the Hugging Face cache but is not an OpenCLIP repository (it has no "
+            f"{model.files[0]}); to load it as a Hugging Face model, pass its snapshot folder {snapshot}."
+        )
 
 
 def _download_one_of(model: HubDir, names: tuple[str, ...], revision: str, progress: bool, advice: str) -> Path:
