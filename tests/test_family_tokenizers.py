@@ -169,6 +169,16 @@ def test_truncate_false_refuses_long_text(tokenizer_dir):
     assert ours.ids(long_text, context_length=8).shape == (1, 8)
 
 
+def test_truncate_warn_cuts_as_true_and_warns_for_each_text_cut(tokenizer_dir, caplog):
+    directory, clean, context = tokenizer_dir
+    ours = HFTokenizer(directory, context_length=context, clean=clean)
+    texts = [" ".join(random_texts(40, seed=2)), "a red circle"]
+    assert np.array_equal(ours.ids(texts, truncate="warn"), ours.ids(texts))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"the text {texts[0][:57] + '...'!r} is longer than the model's {context} tokens; the end was ignored"
+    ]
+
+
 def test_canonicalize_is_siglip_s():
     assert canonicalize("A photo_of  the CAT!!! (really).") == "a photo of the cat really"
     assert clean_text("  &amp;lt;b&amp;gt; Caf\u00e9\u00a0&#39;x&#39; ", "canonicalize") == "b café x"

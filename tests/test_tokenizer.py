@@ -222,6 +222,16 @@ def test_truncated_rows_equal_reference(ours, ref):
     assert (rows[:, -1] == ours.eot_id).all()
 
 
+def test_truncate_warn_cuts_as_true_and_warns_once_per_text_cut(ours, caplog):
+    """A long query had been searched for without its end and without a word."""
+    long = "a photo of " + "a very " * 40 + "red circle"
+    rows = ours([long, "a red circle", long + "!"], truncate="warn")
+    assert torch.equal(rows, ours([long, "a red circle", long + "!"], truncate=True))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"the text {long[:57] + '...'!r} is longer than the model's 77 tokens; the end was ignored")
+    ] * 2
+
+
 def test_every_assigned_code_point_splits_like_regex(ref):
     """Our stdlib-re pattern against OpenCLIP's `regex` pattern, over every code point
     Python's Unicode database assigns (surrogates cannot be text). Code points

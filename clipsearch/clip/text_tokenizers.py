@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipsearch.clip.tokenizer import TextTooLongError
+from clipsearch.clip.tokenizer import TextTooLongError, Truncate, warn_cut
 from clipsearch.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -108,8 +108,11 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._whole.get_vocab_size(with_added_tokens=True)
 
-    def ids(self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = True) -> np.ndarray:
-        """Token ids as an ``int64`` NumPy array ``[N, context_length]``."""
+    def ids(
+        self, texts: str | Sequence[str], context_length: int | None = None, truncate: Truncate = True
+    ) -> np.ndarray:
+        """Token ids as an ``int64`` NumPy array ``[N, context_length]``; ``truncate`` as
+        `clip.tokenizer.Truncate` says ("warn" counts every text's tokens, a second encoding)."""
         if isinstance(texts, str):
             texts = [texts]
         length = context_length or self.context_length
@@ -119,7 +122,12 @@ class HFTokenizer:
             backend = self._cut
         else:
             backend = self._backend(length)
-        encodings = backend.encode_batch([clean_text(text, self.clean) for text in texts])
+        cleaned = [clean_text(text, self.clean) for text in texts]
+        encodings = backend.encode_batch(cleaned)
+        if truncate == "warn":
+            for text, whole in zip(texts, self._whole.encode_batch(cleaned)):
+                if len(whole.ids) > length:
+                    warn_cut(text, length)
         rows = np.full((len(encodings), length), self.pad_id, dtype=np.int64)
         for row, (text, encoding) in enumerate(zip(texts, encodings)):
             ids = encoding.ids
@@ -132,7 +140,7 @@ class HFTokenizer:
         return rows
 
     def __call__(
-        self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = True
+        self, texts: str | Sequence[str], context_length: int | None = None, truncate: Truncate = True
     ) -> torch.Tensor:
         import torch
 

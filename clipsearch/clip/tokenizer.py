@@ -17,12 +17,13 @@ from __future__ import annotations
 import gzip
 import html
 import itertools
+import logging
 import re
 import sys
 from collections.abc import Iterable, Sequence
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -43,8 +44,26 @@ DEFAULT_CONTEXT_LENGTH = 77
 _CACHE_LIMIT = 100_000
 
 
+log = logging.getLogger(__name__)
+
+# False: a text too long raises; True: it is cut (training's captions); "warn": it is cut and a
+# warning says so (a query, whose ignored end its author should know of).
+Truncate = bool | Literal["warn"]
+
+
 class TextTooLongError(ClipsearchError, ValueError):
     """A text has more tokens than the model's context length."""
+
+
+def shown(text: str) -> str:
+    """The text, or its start, as a message quotes it."""
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def warn_cut(text: str, context_length: int) -> None:
+    """Say that the end of ``text`` was cut off (``truncate="warn"``): a long query had been
+    searched for without its end and without a word."""
+    log.warning("the text %s is longer than the model's %d tokens; the end was ignored", shown(text), context_length)
 
 
 @cache
@@ -227,13 +246,14 @@ class Tokenizer:
         self,
         texts: str | Sequence[str],
         context_length: int | None = None,
-        truncate: bool = False,
+        truncate: Truncate = False,
     ) -> torch.LongTensor:
         """Rows of `[SOT, ids..., EOT, 0...]`, one per text, as CLIP's text tower expects.
 
         A text that does not fit raises `TextTooLongError`, because silently dropping the
         end of a query changes what is searched for; with `truncate=True` it is cut and
-        its last kept token replaced by EOT, as OpenAI's `tokenize` does.
+        its last kept token replaced by EOT, as OpenAI's `tokenize` does, and with
+        ``truncate="warn"`` a warning says so (`Truncate`).
         """
         import torch
 
@@ -243,7 +263,7 @@ class Tokenizer:
         self,
         texts: str | Sequence[str],
         context_length: int | None = None,
-        truncate: bool = False,
+        truncate: Truncate = False,
     ) -> np.ndarray:
         """What `__call__` returns, as an int64 NumPy array: the query path runs without torch."""
         if isinstance(texts, str):
@@ -254,11 +274,12 @@ class Tokenizer:
             ids = [self.sot_id, *self.encode(text), self.eot_id]
             if len(ids) > context_length:
                 if not truncate:
-                    shown = text if len(text) <= 60 else text[:57] + "..."
                     raise TextTooLongError(
-                        f"The text {shown!r} has {len(ids) - 2} tokens but at most {context_length - 2} fit "
+                        f"The text {shown(text)} has {len(ids) - 2} tokens but at most {context_length - 2} fit "
                         f"in the context length of {context_length}; shorten it or pass truncate=True."
                     )
+                if truncate == "warn":
+                    warn_cut(text, context_length)
                 ids = ids[:context_length]
                 ids[-1] = self.eot_id
             rows[row, : len(ids)] = ids
