@@ -16,7 +16,7 @@ from clipsearch.records import FailedFile
 from clipsearch.reranked import Reranked, split_type
 from clipsearch.vectors import VectorIndex
 
-REFINED = "IVF64,PQ8x4fs,Refine(SQfp16)"  # DIM 32: 8 sub-quantisers of 4 dimensions, 4 bytes a vector
+REFINED = "IVF64,PQ16x4fs,Refine(SQfp16)"  # DIM 32: 16 sub-quantisers of 2 dimensions, 8 bytes a vector
 
 
 @pytest.fixture

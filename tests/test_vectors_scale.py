@@ -71,6 +71,22 @@ def test_tuning_stops_at_the_first_setting_that_reaches_the_target():
     assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, truth)]) / 10 < vectors_module.TUNING_RECALL
 
 
+def test_tuning_reaches_the_target_for_queries_across_a_modality_gap_and_says_what_they_get():
+    # Photos near topic centres on one side of the space; text queries on another side, each
+    # tied loosely to one topic, as CLIP's text is to the images it describes. Tuned with image
+    # vectors as queries, nprobe 2 gave these 0.64 while the index said 0.97.
+    rng = np.random.default_rng(0)
+    image_side, text_side = unit_rows(rng.standard_normal((2, DIM)))
+    topics = unit_rows(rng.standard_normal((100, DIM)))
+    vectors = unit_rows(image_side + topics[rng.integers(0, 100, 4000)] + 0.15 * rng.standard_normal((4000, DIM)))
+    texts = unit_rows(text_side + topics[rng.integers(0, 100, 100)] + 0.2 * rng.standard_normal((100, DIM)))
+    ids = np.arange(4000, dtype=np.int64)
+    index = VectorIndex.build(ids, vectors, "IVF64,Flat")
+    found = recall_at_10(index, ids, vectors, texts)
+    assert found >= vectors_module.TARGET_RECALL
+    assert abs(index.recall_at_10 - found) < 0.02
+
+
 @pytest.mark.parametrize("index_type", ["IVF64_HNSW32,Flat", "IVF64_HNSW32,SQ8"])
 def test_hnsw_coarse_index_reaches_its_recall_on_unseen_queries(index_type):
     vectors = clustered_unit(8000, clusters=80)
