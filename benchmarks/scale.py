@@ -6,10 +6,11 @@ centre per ~100 vectors, per-vector noise) go straight into FAISS with the index
 as the engine trains it (`vectors.train`, on the first `vectors.train_points` vectors of the
 stream, which is i.i.d.), then added in chunks, so that the float32 vectors never exist all at
 once (10M x 512 x 4 bytes would be 20 GB). The exact top 10 of two sets of held-out queries
-(same distribution, none of them indexed) is accumulated chunk by chunk on the way, by brute
-force. The search is tuned as the engine tunes it (`vectors.tune`) on the first set; recall@10
-and latency are then measured on the second, which the tuning never saw. The index is saved in
-the engine's file format to measure its size on disk.
+(vectors of the same distribution, none of them indexed, made as far from them as text is by
+`vectors.text_like_queries`) is accumulated chunk by chunk on the way, by brute force. The
+search is tuned as the engine tunes it (`vectors.tune`) on the first set; recall@10 and latency
+are then measured on the second, which the tuning never saw. The index is saved in the engine's
+file format to measure its size on disk.
 
     python benchmarks/scale.py --count 1000000     # a few minutes
     python benchmarks/scale.py                     # 10M: most of an hour on 2 busy cores
@@ -146,6 +147,7 @@ def main() -> None:
         VectorIndex,
         choose_index_type,
         new_index,
+        text_like_queries,
         train,
         train_points,
         tune,
@@ -158,8 +160,12 @@ def main() -> None:
     index_type = choose_index_type(n, dim, budget) if args.index_type == "auto" else args.index_type
     index = new_index(index_type, dim)  # catalog ids in its lists, as the engine keeps them
     clusters = clusters_for(n)
+    # Held-out vectors made into text-like queries, as the engine tunes (`text_like_queries`).
     queries = np.concatenate(
-        [clustered_vectors(args.queries, clusters, dim, chunk=c) for c in (TUNE_CHUNK, MEASURE_CHUNK)]
+        [
+            text_like_queries(clustered_vectors(args.queries, clusters, dim, chunk=c), np.random.default_rng(c))
+            for c in (TUNE_CHUNK, MEASURE_CHUNK)
+        ]
     )
     best = (np.full((len(queries), K), -np.inf, np.float32), np.full((len(queries), K), -1, np.int64))
     rss_before = status_bytes("VmRSS")
