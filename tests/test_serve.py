@@ -311,7 +311,7 @@ def test_thumbnails_are_upright_small_cached_and_answer_304(served, monkeypatch)
     left, right = image.getpixel((20, 128)), image.getpixel((490, 128))
     assert left[0] > 150 > left[2] and right[2] > 150 > right[0]  # red left of blue, as shown upright
     etag = first.headers["etag"]
-    assert "max-age" in first.headers["cache-control"]
+    assert first.headers["cache-control"] == "private, no-cache"  # unversioned: revalidated each time
 
     made = []
     monkeypatch.setattr(Thumbnails, "make", lambda self, path: made.append(path) or b"")
@@ -366,6 +366,77 @@ def test_originals_are_served_by_id_only_while_the_file_is_the_one_indexed(fresh
     library[2].symlink_to(secret)  # a photo swapped for a link to something else
     assert "changed since it was indexed" in error(client.get(f"/api/original/{ids[library[2]]}"), 404)
     assert "do not serve me" not in client.get(f"/api/thumbnail/{ids[library[2]]}").text
+
+
+def test_a_link_given_the_indexed_size_and_mtime_is_not_served(fresh, tmp_path):
+    client, service, library, _ = fresh
+    victim = library[2]
+    victim_id = ids_by_path(service)[victim]
+    st = victim.stat()
+    secret = tmp_path / "outside" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(b"S" * st.st_size)
+    os.utime(secret, ns=(st.st_atime_ns, st.st_mtime_ns))
+    victim.unlink()
+    victim.symlink_to(secret)  # os.stat through the link gives the indexed size and mtime
+    for endpoint in ("original", "thumbnail", "image"):
+        assert "changed since it was indexed" in error(client.get(f"/api/{endpoint}/{victim_id}"), 404)
+
+
+def test_a_file_indexed_through_a_link_is_served(tmp_path, tiny_model):
+    outside = tmp_path / "outside"
+    make_library(outside, 1)
+    library = tmp_path / "lib"
+    library.mkdir()
+    (library / "linked").symlink_to(outside / "part0")
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu") as index:
+        index.add([library], follow_symlinks=True, workers=0)
+    service = Service.open(tmp_path / "home", "cpu")
+    try:
+        client = client_for(service)
+        (image_id,) = ids_by_path(service).values()
+        assert client.get(f"/api/original/{image_id}").content == (outside / "part0" / "img0000.png").read_bytes()
+        assert ok(client.get(f"/api/image/{image_id}"))["id"] == image_id
+        assert client.get(f"/api/thumbnail/{image_id}").status_code == 200
+    finally:
+        service.close()
+
+
+def test_a_versioned_thumbnail_is_kept_for_good_and_an_edit_changes_its_version(fresh):
+    client, _, library, home = fresh
+    (hit,) = [
+        h for h in ok(client.get("/api/search", params={"q": "a", "k": 50}))["hits"] if h["path"] == str(library[0])
+    ]
+    versioned = client.get(f"/api/thumbnail/{hit['id']}", params={"v": f"{hit['size']}-{hit['mtime']}"})
+    assert versioned.headers["cache-control"] == "private, max-age=31536000, immutable"
+    for other in ("", "nonsense", f"{hit['size']}-{hit['mtime'] + 1}"):
+        response = client.get(f"/api/thumbnail/{hit['id']}", params={"v": other})
+        assert response.headers["cache-control"] == "private, no-cache"
+        assert response.headers["etag"] == versioned.headers["etag"]
+    library[0].write_bytes(encoded_bytes(blocks(99), "PNG"))
+    with Index.open(home, device="cpu") as index:
+        index.add([library[0].parent], workers=0)
+    (edited,) = [h for h in ok(client.get("/api/search", params={"q": "a", "k": 50}))["hits"] if h["id"] == hit["id"]]
+    assert (edited["size"], edited["mtime"]) != (hit["size"], hit["mtime"])  # a new URL for the page
+    stale = client.get(f"/api/thumbnail/{hit['id']}", params={"v": f"{hit['size']}-{hit['mtime']}"})
+    assert stale.headers["cache-control"] == "private, no-cache"
+    assert stale.headers["etag"] != versioned.headers["etag"] and stale.content != versioned.content
+
+
+def test_an_original_answers_304_to_its_validators(fresh):
+    client, service, library, _ = fresh
+    url = f"/api/original/{ids_by_path(service)[library[0]]}"
+    first = client.get(url)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.headers["content-length"] == str(library[0].stat().st_size)
+    etag, modified = first.headers["etag"], first.headers["last-modified"]
+    for headers in ({"If-None-Match": etag}, {"If-None-Match": f'"x", W/{etag}'}, {"If-Modified-Since": modified}):
+        again = client.get(url, headers=headers)
+        assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag)
+    for headers in ({"If-None-Match": '"x"', "If-Modified-Since": modified}, {"If-Modified-Since": "yesterday"}):
+        assert client.get(url, headers=headers).content == library[0].read_bytes()
+    library[0].write_bytes(library[0].read_bytes() + b"edited")  # no longer the file indexed
+    assert "changed since it was indexed" in error(client.get(url, headers={"If-None-Match": etag}), 404)
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import mimetypes
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from clipsearch.errors import ClipsearchError, ImageError, IndexStateError
 from clipsearch.search import Hit
 from clipsearch.serve.errors import RequestError, TooLarge
-from clipsearch.serve.service import Page, Service
+from clipsearch.serve.service import Original, Page, Service
 from clipsearch.serve.upload import MAX_BYTES, from_form
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,11 @@ STATIC = Path(__file__).parent / "static"
 MAX_K = 200
 MAX_OFFSET = 10_000
 MAX_ID = 2**63 - 1  # SQLite's integers; a larger id would overflow the query
-THUMBNAIL_CACHE = "private, max-age=3600"  # then revalidated by ETag: a re-indexed file changes it
+# The page asks for /api/thumbnail/ID?v=SIZE-MTIME, the hit's own: a re-indexed (edited) file
+# gets a new URL, so that one may be kept for good. Any other request revalidates by ETag.
+THUMBNAIL_VERSIONED = "private, max-age=31536000, immutable"
+REVALIDATE = "private, no-cache"
+CHUNK = 256 * 1024
 TOKEN_COOKIE = "clipsearch_token"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -70,17 +76,28 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
         return _hits(found, page)
 
     async def thumbnail(request: Request) -> Response:
-        path, key = await run_in_threadpool(service.thumbnail_source, _id(request))
-        etag = service.thumbnails.etag(key)
-        headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
-        if etag in _etags(request.headers.get("if-none-match", "")):
+        image_id, version = _id(request), request.query_params.get("v")
+        key, current = await run_in_threadpool(service.thumbnail_key, image_id, version)
+        cache = THUMBNAIL_VERSIONED if current else REVALIDATE
+        headers = {"ETag": service.thumbnails.etag(key), "Cache-Control": cache}
+        if headers["ETag"] in _etags(request.headers.get("if-none-match", "")):
             return Response(status_code=304, headers=headers)
-        made = await run_in_threadpool(service.thumbnails.get, path, key)
-        return Response(made.data, media_type=made.media_type, headers=headers)
+        made = await run_in_threadpool(service.thumbnail, image_id)
+        return Response(made.data, media_type=made.media_type, headers=headers | {"ETag": made.etag})
 
     async def original(request: Request) -> Response:
-        path = await run_in_threadpool(service.original, _id(request))
-        return FileResponse(path, headers={"Cache-Control": "private, no-cache"})
+        found = await run_in_threadpool(service.original, _id(request))
+        headers = {
+            "ETag": f'"{found.fingerprint.hex()}"',
+            "Last-Modified": formatdate(found.mtime_ns / 1e9, usegmt=True),
+            "Cache-Control": REVALIDATE,
+        }
+        if _not_modified(request.headers, headers["ETag"], found.mtime_ns):
+            found.close()
+            return Response(status_code=304, headers=headers)
+        media_type = mimetypes.guess_type(found.path.name)[0] or "application/octet-stream"
+        headers["Content-Length"] = str(found.size)
+        return StreamingResponse(_chunks(found), media_type=media_type, headers=headers)
 
     async def details(request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(service.details, _id(request)))
@@ -166,6 +183,28 @@ async def _body(request: Request, limit: int) -> bytes:
 
 def _etags(header: str) -> set[str]:
     return {tag.strip().removeprefix("W/") for tag in header.split(",")} if header else set()
+
+
+def _not_modified(headers: Headers, etag: str, mtime_ns: int) -> bool:
+    """RFC 9110's conditional GET: If-None-Match when sent, else If-Modified-Since (to the second)."""
+    if "if-none-match" in headers:
+        tags = _etags(headers["if-none-match"])
+        return etag in tags or "*" in tags
+    try:
+        since = parsedate_to_datetime(headers.get("if-modified-since", ""))
+    except (TypeError, ValueError):
+        return False
+    return since.tzinfo is not None and mtime_ns // 1_000_000_000 <= since.timestamp()
+
+
+def _chunks(original: Original) -> Iterator[bytes]:
+    """The checked file's bytes, read from the descriptor that was checked, then closed: as many
+    as Content-Length said, even if the file grows meanwhile."""
+    with original:
+        left = original.size
+        while left > 0 and (chunk := original.file.read(min(CHUNK, left))):
+            left -= len(chunk)
+            yield chunk
 
 
 def _hits(hits: list[Hit], page: Page) -> Response:

@@ -8,27 +8,31 @@ third, read-only catalog connection with its own lock, so a page of thumbnails i
 behind a search; making a thumbnail holds no lock at all.
 
 Files are found only by catalog id, only when the row is indexed and the file is still the one
-indexed: no request can name a path, so there is nothing for "../" or a symlink to act on.
+indexed: no request can name a path, so there is nothing for "../" or a symlink to act on. "The
+one indexed" is checked on the file as opened (its size, modification time and content
+fingerprint, not the name's `os.stat`, which a link swapped in after indexing could satisfy), and
+what is served, shrunk or read for EXIF is read from that same open file, never opened again by
+name: there is no moment when the name can be swapped between the check and the read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from clipsearch.catalog import Catalog
+from clipsearch.fingerprint import fingerprint, open_regular
 from clipsearch.index import Index
 from clipsearch.locks import indexing
-from clipsearch.records import STATUS_INDEXED, decode_path
+from clipsearch.records import STATUS_INDEXED, ImageRow, decode_path
 from clipsearch.search import Hit, Term
 from clipsearch.serve.errors import NotFound
 from clipsearch.serve.refine import parse_query
-from clipsearch.serve.thumbnails import Thumbnails
+from clipsearch.serve.thumbnails import Thumbnail, Thumbnails
 from clipsearch.serve.upload import MAX_PIXELS, open_upload
 from clipsearch.walk import stored_mtime_ns
 
@@ -46,6 +50,26 @@ class Page:
     offset: int = 0
     under: str | None = None
     min_score: float | None = None
+
+
+@dataclasses.dataclass
+class Original:
+    """An indexed file, open and checked to be the one indexed; read it from ``file`` only."""
+
+    path: Path
+    file: BinaryIO
+    size: int
+    mtime_ns: int
+    fingerprint: bytes
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> Original:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Service:
@@ -129,34 +153,54 @@ class Service:
 
     # --- files ------------------------------------------------------------------------------
 
-    def original(self, image_id: int) -> Path:
-        """The indexed file with this id, if it is still there as it was indexed (same size and
-        modification time): a file swapped for a link to something else is not served."""
-        with self._files_lock:
-            row = self._files.rows([image_id]).get(image_id)
-        if row is None:
-            raise NotFound(f"No indexed image has id {image_id}.")
+    def original(self, image_id: int) -> Original:
+        """The indexed file with this id, open, if it is still the one indexed (same size,
+        modification time and content fingerprint, checked on the open file): a file swapped
+        for a link to something else is not served, whatever size and time it was given. The
+        caller closes it."""
+        row, key = self._indexed(image_id)
         path = decode_path(row.path)
         try:
-            st = os.stat(path)
+            file = open_regular(path)
         except OSError:
             raise NotFound(f"{path} is no longer there.") from None
-        if not stat.S_ISREG(st.st_mode) or (st.st_size, stored_mtime_ns(st)) != (row.size, row.mtime_ns):
-            raise NotFound(f"{path} changed since it was indexed; run `clipsearch index` again to see it.")
-        return path
+        try:
+            st = os.fstat(file.fileno())
+            if (st.st_size, stored_mtime_ns(st)) != (row.size, row.mtime_ns) or fingerprint(file) != key:
+                raise NotFound(f"{path} changed since it was indexed; run `clipsearch index` again to see it.")
+            file.seek(0)
+        except BaseException:
+            file.close()
+            raise
+        return Original(path, file, row.size, row.mtime_ns, key)
 
-    def thumbnail_source(self, image_id: int) -> tuple[Path, bytes]:
-        """The file behind a thumbnail and its fingerprint, which keys the thumbnail cache."""
+    def _indexed(self, image_id: int) -> tuple[ImageRow, bytes]:
+        """The indexed row with this id and its content fingerprint."""
         with self._files_lock:
+            row = self._files.rows([image_id]).get(image_id)
             key = self._files.fingerprint(image_id)
-        if key is None:
+        if row is None or key is None:
             raise NotFound(f"No indexed image has id {image_id}.")
-        return self.original(image_id), key
+        return row, key
+
+    def thumbnail_key(self, image_id: int, version: str | None = None) -> tuple[bytes, bool]:
+        """The fingerprint the thumbnail of this id is cached and tagged by, and whether
+        ``version`` ("SIZE-MTIME", a hit's ``size`` and ``mtime``) is the row's as indexed now."""
+        row, key = self._indexed(image_id)
+        return key, version is not None and _version(version) == (row.size, row.mtime_ns / 1e9)
+
+    def thumbnail(self, image_id: int) -> Thumbnail:
+        """The cached thumbnail (no file read), else one made from the checked original."""
+        cached = self.thumbnails.cached(self.thumbnail_key(image_id)[0])
+        if cached is not None:
+            return cached
+        with self.original(image_id) as original:
+            return self.thumbnails.add(original.fingerprint, original.file)
 
     def details(self, image_id: int) -> dict[str, Any]:
         """What the preview shows beyond the hit: the date the photo was taken, when its EXIF says."""
-        path = self.original(image_id)
-        return {"id": image_id, "path": str(path), "taken": _date_taken(path)}
+        with self.original(image_id) as original:
+            return {"id": image_id, "path": str(original.path), "taken": _date_taken(original.file, original.path)}
 
     # --- status -----------------------------------------------------------------------------
 
@@ -172,14 +216,24 @@ class Service:
         }
 
 
-def _date_taken(path: Path) -> str | None:
-    """EXIF DateTimeOriginal (else DateTime) as ISO 8601, from the header alone."""
+def _version(text: str) -> tuple[int, float] | None:
+    """ "SIZE-MTIME" as (size, mtime), None when it is not that (an mtime is compared as a float,
+    which JavaScript and Python print alike only up to their formatting of whole numbers)."""
+    size, _, mtime = text.partition("-")
+    try:
+        return int(size), float(mtime)
+    except ValueError:
+        return None
+
+
+def _date_taken(file: BinaryIO, path: Path) -> str | None:
+    """EXIF DateTimeOriginal (else DateTime) as ISO 8601, from the header of the open ``file``."""
     from PIL import ExifTags
 
     from clipsearch.clip.preprocess import open_pillow
 
     try:
-        with open_pillow(path, str(path)) as image:
+        with open_pillow(file, str(path)) as image:
             exif = image.getexif()
             value = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal) or exif.get(
                 ExifTags.Base.DateTime

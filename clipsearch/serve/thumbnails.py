@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,23 +52,24 @@ class Thumbnails:
     def etag(self, key: bytes) -> str:
         return f'"{key.hex()}-{VERSION}"'
 
-    def get(self, path: Path, key: bytes) -> Thumbnail:
-        """The thumbnail of the file at ``path``, whose indexed fingerprint is ``key`` (the
-        caller has checked that the file is still the one indexed); made and stored on the
-        first call. Raises `ImageError` when the file cannot be read."""
-        stored = self._file(key)
+    def cached(self, key: bytes) -> Thumbnail | None:
+        """The stored thumbnail of the file whose indexed fingerprint is ``key``, if made before."""
         try:
-            return Thumbnail(stored.read_bytes(), self.media_type, self.etag(key))
+            return Thumbnail(self._file(key).read_bytes(), self.media_type, self.etag(key))
         except FileNotFoundError:
-            pass
-        data = self.make(path)
-        self._store(stored, data)
+            return None
+
+    def add(self, key: bytes, file: BinaryIO) -> Thumbnail:
+        """Make the thumbnail of the open ``file`` (the caller has checked it is still the one
+        indexed with fingerprint ``key``) and store it. Raises `ImageError` when it cannot be read."""
+        data = self.make(file)
+        self._store(self._file(key), data)
         return Thumbnail(data, self.media_type, self.etag(key))
 
-    def make(self, path: Path) -> bytes:
+    def make(self, source: BinaryIO) -> bytes:
         """Upright, RGB, about `SHORT_SIDE` pixels on the short side, encoded."""
         out = io.BytesIO()
-        shrunk(path, SHORT_SIDE, LONG_SIDE).save(out, self.format, quality=QUALITY)
+        shrunk(source, SHORT_SIDE, LONG_SIDE).save(out, self.format, quality=QUALITY)
         return out.getvalue()
 
     def prune(self, keep: set[bytes]) -> int:
@@ -110,15 +111,15 @@ class Thumbnails:
             log.warning("thumbnails are not cached: cannot write %s (%s)", target.parent, e.strerror)
 
 
-def shrunk(path: Path, short_side: int, long_side: int) -> Image.Image:
-    """The image at ``path`` upright (EXIF orientation applied), in RGB, scaled down to at most
-    ``short_side`` on its short side and ``long_side`` on its long one; small images keep their
-    size. Raises `ImageError` when it cannot be read."""
+def shrunk(source: str | os.PathLike[str] | BinaryIO, short_side: int, long_side: int) -> Image.Image:
+    """The image at ``source`` (a path or an open file) upright (EXIF orientation applied), in
+    RGB, scaled down to at most ``short_side`` on its short side and ``long_side`` on its long
+    one; small images keep their size. Raises `ImageError` when it cannot be read."""
     from PIL import Image
 
     from clipsearch.clip.preprocess import open_image
 
-    image = open_image(path, target=short_side)  # JPEGs decode at a reduced scale
+    image = open_image(source, target=short_side)  # JPEGs decode at a reduced scale
     width, height = image.size
     scale = min(short_side / min(width, height), long_side / max(width, height), 1.0)
     if scale < 1.0:

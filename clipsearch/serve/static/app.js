@@ -147,7 +147,9 @@ function tile(hit, index) {
   const name = baseName(hit.path);
   button.setAttribute("aria-label", `${name}, score ${hit.score.toFixed(3)}`);
   const image = document.createElement("img");
-  image.src = `/api/thumbnail/${hit.id}`;
+  // Versioned by the hit's size and mtime: an edited file, indexed again, gets a new URL, so
+  // the server lets the browser keep each one for good without showing an old picture.
+  image.src = `/api/thumbnail/${hit.id}?v=${hit.size}-${hit.mtime}`;
   image.alt = name;
   image.loading = "lazy";
   image.decoding = "async";
