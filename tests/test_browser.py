@@ -149,6 +149,25 @@ def test_a_description_shows_the_matching_thumbnails_first(page, tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
+def test_hits_a_page_repeats_after_an_index_run_are_shown_once(page):
+    """Pages go by offset: an index run between two shifts the ranking, and page 2 can start with
+    hits page 1 showed (stood in for here by answering page 2 with five of them first)."""
+
+    def shifted(route):
+        first = route.fetch(url=route.request.url.replace("offset=40", "offset=0")).json()["hits"]
+        second = route.fetch().json()
+        route.fulfill(json=second | {"hits": first[:5] + second["hits"]})
+
+    page.route(re.compile(r".*/api/search\?.*offset=40.*"), shifted)
+    search(page, "a red circle")
+    page.wait_for_selector("#more", state="hidden")
+    ids = page.eval_on_selector_all("#results li", "items => items.map(i => i.dataset.id)")
+    assert len(ids) == len(set(ids)) == 41
+    # Each thumbnail's URL carries the hit's size and mtime: an edited photo gets a new one.
+    src = page.get_attribute("#results li img", "src")
+    assert re.fullmatch(r"/api/thumbnail/\d+\?v=\d+-[\d.]+", src), src
+
+
 def test_the_preview_moves_with_the_arrows_and_closes_with_escape(page):
     found = search(page, "a red circle")
     page.click("#results li:nth-child(1) button")

@@ -22,6 +22,12 @@ let state = { q: "", under: "", min_score: "", similar: "", view: "" };
 let upload = null; // a Blob
 let uploadUrl = null;
 let hits = [];
+// Pages are asked for by offset into the ranking as it is at each request: an index run between
+// two pages shifts it, and the next page can repeat hits already shown. Those are skipped by id
+// (`shown`), and the next offset counts what the server sent (`received`), not what was shown,
+// so a page of repeats alone is not asked for again and again.
+let shown = new Set();
+let received = 0;
 let done = true;
 let pending = null; // the page being fetched: [generation, promise]
 let generation = 0; // a newer search makes the answers to older requests stale
@@ -81,6 +87,8 @@ function requestFor(offset) {
 function startSearch() {
   generation += 1;
   hits = [];
+  shown = new Set();
+  received = 0;
   current = -1;
   ui.results.replaceChildren();
   done = !searching();
@@ -104,7 +112,7 @@ function loadMore() {
 }
 
 async function fetchPage(mine) {
-  const [url, init] = requestFor(hits.length);
+  const [url, init] = requestFor(received);
   say(hits.length ? "Loading more…" : "Searching…");
   try {
     const response = await fetch(url, init);
@@ -116,8 +124,11 @@ async function fetchPage(mine) {
       return;
     }
     const first = hits.length;
-    hits.push(...body.hits);
-    body.hits.forEach((hit, i) => ui.results.append(tile(hit, first + i)));
+    const added = body.hits.filter((hit) => !shown.has(hit.id));
+    added.forEach((hit) => shown.add(hit.id));
+    hits.push(...added);
+    added.forEach((hit, i) => ui.results.append(tile(hit, first + i)));
+    received += body.hits.length;
     done = body.hits.length < PAGE;
     ui.more.hidden = done;
     if (ui.preview.open) showPosition(); // "39 of 40+" had stayed after the last page came
