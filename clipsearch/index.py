@@ -97,7 +97,8 @@ class Index:
         self.warm = warm
         self._encoder: Encoder | TextEncoder | NumpyImageEncoder | None = None
         self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
-        self._vectors: tuple[int, VectorIndex] | None = None  # (catalog generation, index)
+        # (catalog generation, the vector file's `_file_identity` when it was read, index)
+        self._vectors: tuple[int, tuple[int, ...] | None, VectorIndex] | None = None
         self._begun: OnnxImageTower | None = None  # `open` began it, for the first image encoder
 
     @classmethod
@@ -489,7 +490,7 @@ class Index:
         """After a write, under the writer lock: the model's FAISS file follows the catalog,
         updated by the rows that changed, or built anew in ``index_type``. Other models' files
         catch up when next used."""
-        from clipsearch.vectors import VectorIndex
+        from clipsearch.vectors import VectorIndex, vectors_file
 
         stored = self.catalog.model(self.model)
         if stored is None:
@@ -499,22 +500,25 @@ class Index:
             index = VectorIndex.refresh(self.home, self.catalog, stored)
         else:
             index = VectorIndex.rebuild(self.home, self.catalog, stored, index_type=index_type)
-        self._vectors = (self.catalog.generation, index)
+        self._vectors = (self.catalog.generation, _file_identity(self.home / vectors_file(stored)), index)
 
     def _vectors_now(self) -> VectorIndex | None:
         """The model's FAISS index matching the catalog as it is now (another process may have
-        written); None while the model has no vectors here."""
-        from clipsearch.vectors import VectorIndex
+        written); None while the model has no vectors here. A file rebuilt by another process
+        (`clipsearch rebuild`, perhaps in another index type) leaves the catalog's generation as
+        it was: the file's own identity tells it."""
+        from clipsearch.vectors import VectorIndex, vectors_file
 
         generation = self.catalog.generation
-        if self._vectors is None or self._vectors[0] != generation:
-            stored = self.catalog.model(self.model)
-            if stored is None:
-                self._require_model_if_others()
-                return None
+        stored = self.catalog.model(self.model)
+        if stored is None:
+            self._require_model_if_others()
+            return None
+        identity = _file_identity(self.home / vectors_file(stored))  # before loading: at worst one load too many
+        if self._vectors is None or self._vectors[:2] != (generation, identity):
             index = VectorIndex.load(self.home, self.catalog, stored)
-            self._vectors = (generation, index)
-        return self._vectors[1]
+            self._vectors = (generation, identity, index)
+        return self._vectors[2]
 
     def _require_model_if_others(self) -> None:
         """Searching a model the index has no vectors by is a mistake when others have some."""
@@ -544,6 +548,15 @@ def stale_weights_message(model: str, default: bool = True) -> str:
         f"The vectors of {model} were made by other weights (the model was updated or retrained); "
         f"run `{command}` on its folders to re-encode them."
     )
+
+
+def _file_identity(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (None while it is missing)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _size(home: Path, name: str) -> int:

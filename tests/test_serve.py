@@ -673,6 +673,16 @@ def test_requests_at_once_while_an_index_run_commits(tmp_path, tiny_model):
     service.close()
 
 
+def test_a_rebuild_by_another_process_is_searched_at_once(fresh):
+    client, _, _, home = fresh
+    assert ok(client.get("/api/status"))["index_type"] == "Flat"
+    with Index.open(home, device="cpu") as index:
+        index.rebuild("HNSW32")  # rewrites the vector file alone: the catalog's generation stays
+    assert ok(client.get("/api/status"))["index_type"] == "HNSW32"
+    hits = ok(client.get("/api/search", params={"q": "a red circle", "k": 3}))["hits"]
+    assert len(hits) == 3
+
+
 def test_the_writer_lock_shows_as_indexing_without_being_taken(tmp_path, monkeypatch):
     import fcntl
 
