@@ -412,10 +412,12 @@ class Index:
         return True
 
     def status(self) -> Status:
+        """A report, also of a model with no vectors here (none in the index then); searching
+        with it is the error (`require_model_if_others`)."""
         from clipsearch.vectors import vectors_file
 
-        vectors = self._vectors_now()
         stored = self.catalog.model(self.model)
+        vectors = self._vectors_now() if stored is not None else None
         default = self.catalog.default_model
         return Status(
             home=self.home,
@@ -512,7 +514,7 @@ class Index:
         generation = self.catalog.generation
         stored = self.catalog.model(self.model)
         if stored is None:
-            self._require_model_if_others()
+            self.require_model_if_others()
             return None
         identity = _file_identity(self.home / vectors_file(stored))  # before loading: at worst one load too many
         if self._vectors is None or self._vectors[:2] != (generation, identity):
@@ -520,10 +522,10 @@ class Index:
             self._vectors = (generation, identity, index)
         return self._vectors[2]
 
-    def _require_model_if_others(self) -> None:
+    def require_model_if_others(self) -> None:
         """Searching a model the index has no vectors by is a mistake when others have some."""
         others = [m.name for m in self.catalog.models()]
-        if others:
+        if others and self.model not in others:
             raise IndexStateError(
                 f"The index in {self.home} has no vectors by {self.model}; index with it first "
                 f"(`clipsearch index PATH --model {self.model}`), or use one of: {', '.join(others)}."

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_library
+from helpers import make_image, make_library
 from PIL import Image
 from reliability_helpers import blocks, decompression_bomb, encoded_bytes, exif_rotated_jpeg
 
@@ -681,6 +681,50 @@ def test_a_rebuild_by_another_process_is_searched_at_once(fresh):
     assert ok(client.get("/api/status"))["index_type"] == "HNSW32"
     hits = ok(client.get("/api/search", params={"q": "a red circle", "k": 3}))["hits"]
     assert len(hits) == 3
+
+
+def index_with(home: Path, model: str, folder: Path, default: bool = False) -> None:
+    with Index.open(home, model=model, device="cpu") as index:
+        index.add([folder], workers=0)
+        if default:
+            index.set_default_model()
+
+
+def test_a_server_started_without_a_model_follows_the_default_one(fresh, other_tiny_model, tiny_model):
+    client, service, library, home = fresh
+    index_with(home, other_tiny_model, library[0].parent.parent, default=True)  # as `index --model`
+    new = make_image(library[0].parent / "new.png", 77)
+    index_with(home, other_tiny_model, library[0].parent)  # as `clipsearch index` with the new default
+    status = ok(client.get("/api/status"))
+    assert status["model"] == other_tiny_model and status["vectors_in_index"] == len(library) + 1
+    assert str(new) in [h["path"] for h in ok(client.get("/api/search", params={"q": "a", "k": 50}))["hits"]]
+    assert ok(client.get(f"/api/similar/{ids_by_path(service)[new]}"))["hits"]
+    assert ok(client.post("/api/search/image", content=new.read_bytes()))["hits"][0]["path"] == str(new)
+    with Index.open(home, model=tiny_model, device="cpu") as index:
+        index.set_default_model()
+    assert ok(client.get("/api/status"))["model"] == tiny_model
+
+
+def test_a_model_named_stays_and_its_status_is_served_when_dropped(tmp_path, tiny_model, other_tiny_model):
+    home, library = build(tmp_path, tiny_model, count=4)
+    service = Service.open(home, "cpu", model=tiny_model)
+    try:
+        client = client_for(service)
+        index_with(home, other_tiny_model, library[0].parent.parent, default=True)
+        new = make_image(library[0].parent / "new.png", 77)
+        index_with(home, other_tiny_model, library[0].parent)  # by the other model only
+        assert ok(client.get("/api/status"))["model"] == tiny_model
+        new_id = ids_by_path(service)[new]
+        message = error(client.get(f"/api/similar/{new_id}"), 404)
+        assert message == f"Image {new_id} has no vector by {tiny_model}, the model served; index it with that model."
+        with Index.open(home, model=tiny_model, device="cpu") as index:
+            assert index.drop_model()
+        status = ok(client.get("/api/status"))
+        assert (status["model"], status["index_type"], status["vectors_in_index"]) == (tiny_model, "none", 0)
+        message = error(client.get("/api/search", params={"q": "a"}), 503)
+        assert f"no vectors by {tiny_model} any more" in message and "restart" in message
+    finally:
+        service.close()
 
 
 def test_the_writer_lock_shows_as_indexing_without_being_taken(tmp_path, monkeypatch):

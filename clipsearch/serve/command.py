@@ -38,7 +38,7 @@ def serve(
         None,
         "--model",
         "-m",
-        help="Model to search with (default: the index's default model, the first it was built with).",
+        help="Model to search with, kept while serving (default: the index's default model, followed as it changes).",
     ),
 ) -> None:
     """Search the index from a web page with thumbnails (needs `pip install 'clipsearch[serve]'`).

@@ -1,11 +1,14 @@
 """What each request asks of the library, safe to call from many threads at once.
 
 One `Index` answers searches under a lock: a `Catalog` connection is for one thread at a time.
-It loads the model's text tower at the start; the image tower loads with the first upload, once,
-through a second `Index` of its own (its own connection and lock), so that searches by text go
-on while it loads and keep the text tower they had. Thumbnails and originals are looked up on a
-third, read-only catalog connection with its own lock, so a page of thumbnails is not queued
-behind a search; making a thumbnail holds no lock at all.
+It loads the model's text tower at the start. Started without a model named, the server follows
+the index's default model (`clipsearch models default`, or `index --model` of a new one): the
+first request to notice a new default loads its text tower, while the others go on with the old
+one, and then the new `Index` takes the old one's place. The image tower loads with the first
+upload (of each model served), through a second `Index` of its own (its own connection and
+lock), so that searches by text go on while it loads and keep the text tower they had.
+Thumbnails and originals are looked up on a third, read-only catalog connection with its own
+lock, so a page of thumbnails is not queued behind a search; making a thumbnail holds no lock.
 
 Files are found only by catalog id, only when the row is indexed and the file is still the one
 indexed: no request can name a path, so there is nothing for "../" or a symlink to act on. "The
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from clipsearch.catalog import Catalog
+from clipsearch.errors import IndexStateError
 from clipsearch.fingerprint import fingerprint, open_regular
 from clipsearch.index import Index
 from clipsearch.locks import indexing
@@ -73,8 +77,11 @@ class Original:
 
 
 class Service:
-    def __init__(self, index: Index, files: Catalog, thumbnails: Thumbnails, max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self, index: Index, files: Catalog, thumbnails: Thumbnails, max_pixels: int = MAX_PIXELS, follow: bool = False
+    ):
         self.index = index
+        self.follow = follow  # the index's default model, whichever it is at each request
         self.thumbnails = thumbnails
         self.max_pixels = max_pixels
         self._files = files
@@ -82,24 +89,21 @@ class Service:
         self._files_lock = threading.Lock()
         self._images: Index | None = None  # opened by the first upload, for its image tower
         self._images_lock = threading.Lock()
+        self._switching = threading.Lock()  # held by the request that loads a new default model
 
     @classmethod
     def open(cls, home: Path, device: str = "auto", model: str | None = None, max_pixels: int = MAX_PIXELS) -> Service:
         """Open the index in ``home`` read-only and load the text tower of the model it searches
-        with (``model``, else the index's default; its image tower loads with the first upload);
-        drop the cached thumbnails of files it no longer holds."""
-        index = Index.open(home, model, device=device, create=False, readonly=True, warm=True)
+        with (``model``, pinned, else the index's default as it changes; its image tower loads
+        with the first upload); drop the cached thumbnails of files it no longer holds."""
+        index = _loaded(home, model, device)
         try:
             files = Catalog.open(home, readonly=True)
         except BaseException:
             index.close()
             raise
-        service = cls(index, files, Thumbnails(index.home), max_pixels)
+        service = cls(index, files, Thumbnails(index.home), max_pixels, follow=model is None)
         try:
-            index.status()  # loads the FAISS file; refuses a model the index has no vectors by
-            # The text tower only: once measured, without torch (0.3 s and ~300 MB against ~3 s
-            # and ~1 GB with the image tower). The first upload loads the image tower, once.
-            index.encoder("text")
             states = files.file_states().values()
             service.thumbnails.prune({s.fingerprint for s in states if s.status == STATUS_INDEXED and s.fingerprint})
         except BaseException:
@@ -115,14 +119,13 @@ class Service:
 
     # --- searches ---------------------------------------------------------------------------
 
-    def search(self, text: str, page: Page) -> list[Hit]:
-        return self._search(parse_query(text), page)
-
     def search_image(self, data: bytes, text: str, page: Page) -> list[Hit]:
         """By an uploaded image (kept in memory only), refined by ``text`` when given."""
+        index = self._current()
         with self._images_lock:  # the first upload loads the tower; the next ones wait for it
-            if self._images is None:
-                index = self.index
+            if self._images is None or self._images.model != index.model:
+                if self._images is not None:
+                    self._images.close()
                 self._images = Index.open(
                     index.home, index.model, device=index.device, create=False, readonly=True, warm=True
                 )
@@ -131,25 +134,59 @@ class Service:
             encoder = cast("Encoder | NumpyImageEncoder", self._images.encoder("image"))
         image = open_upload(data, self.max_pixels, target=encoder.resolution)
         vector = encoder.encode_images(encoder.preprocess.array(image)[None])[0]
-        return self._search([(1.0, vector), *parse_query(text, required=False)], page)
+        return self._search([(1.0, vector), *parse_query(text, required=False)], page, index.model)
 
     def similar(self, image_id: int, text: str, page: Page) -> list[Hit]:
         """Nearest to an indexed image's stored vector (nothing re-encoded), itself left out."""
+        model = self._current().model
         with self._files_lock:
-            stored = self._files.stored_vector(self.index.model, image_id=image_id)
-        if stored is None:
+            stored = self._files.stored_vector(model, image_id=image_id)
+            indexed = stored is not None or image_id in self._files.rows([image_id])
+        if not indexed:
             raise NotFound(f"No indexed image has id {image_id}.")
+        if stored is None:
+            raise NotFound(f"Image {image_id} has no vector by {model}, the model served; index it with that model.")
         vector = stored[1]
         # One more than asked for: the image itself is among its own nearest.
         wider = dataclasses.replace(page, k=page.offset + page.k + 1, offset=0)
-        hits = self._search([(1.0, vector), *parse_query(text, required=False)], wider)
+        hits = self._search([(1.0, vector), *parse_query(text, required=False)], wider, model)
         others = [hit for hit in hits if hit.id != image_id]
         return others[page.offset : page.offset + page.k]
 
-    def _search(self, terms: Sequence[tuple[float, Term]], page: Page) -> list[Hit]:
+    def search(self, text: str, page: Page) -> list[Hit]:
+        return self._search(parse_query(text), page, self._current().model)
+
+    def _search(self, terms: Sequence[tuple[float, Term]], page: Page, model: str) -> list[Hit]:
+        """The page of hits by ``model``, the one whose vectors any vector among ``terms`` is."""
         with self._search_lock:
-            hits = self.index.search(terms, k=page.offset + page.k, under=page.under, min_score=page.min_score)
+            if self.index.model != model:  # a new default came while its vector was made
+                raise IndexStateError(f"The server now searches with {self.index.model}; send the request again.")
+            try:
+                hits = self.index.search(terms, k=page.offset + page.k, under=page.under, min_score=page.min_score)
+            except IndexStateError:
+                if self.index.catalog.model(model) is not None:
+                    raise
+                raise IndexStateError(
+                    f"The index has no vectors by {model} any more, the model this server was started with "
+                    "(--model); restart it with another (`clipsearch models` lists them)."
+                ) from None
         return hits[page.offset :]
+
+    def _current(self) -> Index:
+        """The index to search with now: a new default model's (`follow`) once its text tower is
+        loaded, by the first request that notices it; the others meanwhile keep the old one."""
+        with self._files_lock:
+            default = self._files.default_model if self.follow else None
+        if default is None or default == self.index.model or not self._switching.acquire(blocking=False):
+            return self.index
+        try:
+            index = _loaded(self.index.home, None, self.index.device)
+            with self._search_lock:
+                old, self.index = self.index, index
+            old.close()
+        finally:
+            self._switching.release()
+        return index
 
     # --- files ------------------------------------------------------------------------------
 
@@ -205,6 +242,7 @@ class Service:
     # --- status -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        self._current()
         with self._search_lock:
             status = self.index.status()
             failures = self.index.failures()
@@ -214,6 +252,22 @@ class Service:
             "failures": [{"path": str(path), "reason": reason} for path, reason in failures[:MAX_FAILURES_SHOWN]],
             "failures_total": len(failures),
         }
+
+
+def _loaded(home: Path, model: str | None, device: str) -> Index:
+    """The index read-only with ``model`` (None: its default), its FAISS file and text tower
+    loaded; `IndexStateError` for a model the index has no vectors by."""
+    index = Index.open(home, model, device=device, create=False, readonly=True, warm=True)
+    try:
+        index.status()  # loads the FAISS file
+        index.require_model_if_others()
+        # The text tower only: once measured, without torch (0.3 s and ~300 MB against ~3 s
+        # and ~1 GB with the image tower). The first upload loads the image tower, once.
+        index.encoder("text")
+    except BaseException:
+        index.close()
+        raise
+    return index
 
 
 def _version(text: str) -> tuple[int, float] | None:
