@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import threading
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,13 @@ from starlette.testclient import TestClient
 
 from clipsearch.catalog import Catalog
 from clipsearch.index import Index
+from clipsearch.serve import service as service_module
 from clipsearch.serve.app import create_app
 from clipsearch.serve.errors import RequestError
 from clipsearch.serve.refine import parse_query
-from clipsearch.serve.service import Service
+from clipsearch.serve.service import Page, Service
 from clipsearch.serve.thumbnails import SHORT_SIDE, Thumbnails
+from clipsearch.serve.upload import from_form
 
 LOCAL = "http://127.0.0.1"
 
@@ -535,6 +539,65 @@ def test_bad_uploads(served):
     assert "10000 x 10000 pixels" in error(client.post("/api/search/image", content=megapixels), 413)
     assert "megapixels" in error(client.post("/api/search/image", content=decompression_bomb()), 413)
     assert error(client.get("/api/search/image"), 405)
+
+
+def form(parts: list[tuple[str, str | None, bytes]], boundary: str = "xYz'()+_,-./:=?") -> bytes:
+    """A multipart/form-data body of (name, filename, content) parts, as a browser writes it."""
+    out = b"preamble, to be ignored\r\n"
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_a_large_form_is_parsed_in_about_its_own_size(monkeypatch):
+    image = bytes(range(256)) * 80_000 + b"\r\n--xYz"  # 20 MB, and a near-delimiter inside
+    body = form([("q", None, "sunset à".encode()), ("image", "big.png", image)])
+    tracemalloc.start()
+    try:
+        data, text = from_form('multipart/form-data; boundary="xYz\'()+_,-./:=?"', body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (data, text) == (image, "sunset à")
+    assert peak < 1.2 * len(image)  # the file part, sliced once (the email parser: ~10 times)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", form([("image", "a.png", b"x")])),  # no boundary
+        ("multipart/form-data; boundary=other", form([("image", "a.png", b"x")])),
+        ('multipart/form-data; boundary="xYz\'()+_,-./:=?"', form([("image", "a.png", b"x")])[:-10]),  # cut short
+        ("multipart/form-data; boundary=B", b"--B\r\nContent-Disposition: form-data; name=image; filename=a\r\n"),
+        ("multipart/form-data; boundary=B", form([("f", f"{i}.png", b"x") for i in range(20)], "B")),
+    ],
+)
+def test_malformed_forms_are_refused(content_type, body):
+    with pytest.raises(RequestError, match="form"):
+        from_form(content_type, body)
+
+
+def test_uploads_are_decoded_at_most_one_per_cpu_at_once(served, monkeypatch):
+    _, service, library = served
+    data, at_once, most = library[4].read_bytes(), [0], [0]
+    real = service_module.open_upload
+
+    def counted(*args, **kwargs):
+        at_once[0] += 1
+        most[0] = max(most[0], at_once[0])
+        time.sleep(0.2)
+        at_once[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "open_upload", counted)
+    monkeypatch.setattr(service, "_decoding", threading.BoundedSemaphore(2), raising=False)  # 2 CPUs
+    threads = [threading.Thread(target=service.search_image, args=(data, "", Page(k=2))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 2
 
 
 def test_uploads_are_capped_in_bytes(served):

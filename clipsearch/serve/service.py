@@ -90,6 +90,9 @@ class Service:
         self._images: Index | None = None  # opened by the first upload, for its image tower
         self._images_lock = threading.Lock()
         self._switching = threading.Lock()  # held by the request that loads a new default model
+        # One upload decoded and encoded per CPU at a time, the others wait: decoding a
+        # 64-megapixel upload takes ~200 MB, and twenty at once had taken 5 GB.
+        self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     @classmethod
     def open(cls, home: Path, device: str = "auto", model: str | None = None, max_pixels: int = MAX_PIXELS) -> Service:
@@ -132,8 +135,10 @@ class Service:
             # The tower this machine measured to encode `encoder.WARM_IMAGES` images soonest:
             # ONNX Runtime's graph (no torch then) or the model in torch; never a TextEncoder.
             encoder = cast("Encoder | NumpyImageEncoder", self._images.encoder("image"))
-        image = open_upload(data, self.max_pixels, target=encoder.resolution)
-        vector = encoder.encode_images(encoder.preprocess.array(image)[None])[0]
+        with self._decoding:
+            image = open_upload(data, self.max_pixels, target=encoder.resolution)
+            vector = encoder.encode_images(encoder.preprocess.array(image)[None])[0]
+            del image  # its pixels, before the next upload is let in
         return self._search([(1.0, vector), *parse_query(text, required=False)], page, index.model)
 
     def similar(self, image_id: int, text: str, page: Page) -> list[Hit]:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from email import policy
+from email.message import Message
+from email.parser import BytesHeaderParser
 from typing import TYPE_CHECKING
 
 from clipsearch.errors import ImageError
@@ -20,30 +23,58 @@ MAX_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 64_000_000  # a 64-megapixel photo is fine; Pillow's own bomb limit is ~179 M
 
 
+MAX_PARTS = 16  # a form has an image and perhaps a text
+
+
 def from_form(content_type: str, body: bytes) -> tuple[bytes, str | None]:
     """The image a request carries, and a ``q`` field sent beside it: the body itself, or for
     ``multipart/form-data`` (an HTML form, ``curl -F image=@photo.jpg -F q=sunset``) its file
-    part and its "q" part. The standard library's MIME parser reads the form byte for byte."""
+    part and its "q" part."""
     if not content_type.lower().startswith("multipart/form-data"):
         return body, None
-    from email import policy
-    from email.message import EmailMessage
-    from email.parser import BytesParser
-
-    header = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
-    form = BytesParser(policy=policy.HTTP).parsebytes(header + body)
-    parts = list(form.iter_parts()) if isinstance(form, EmailMessage) and form.is_multipart() else []
-    files = [part for part in parts if part.get_filename() is not None]
+    parts = _form_parts(_parameter(content_type, "boundary"), body)
+    files = [data for headers, data in parts if headers.get_filename() is not None]
     if len(files) != 1:
         raise RequestError("Send one image file in the form (e.g. curl -F image=@photo.jpg), or the image as the body.")
-    data = files[0].get_payload(decode=True)
-    texts = [
-        part.get_payload(decode=True)
-        for part in parts
-        if part.get_filename() is None and part.get_param("name", header="content-disposition") == "q"
-    ]
-    text = texts[0].decode("utf-8", "replace") if texts and isinstance(texts[0], bytes) else None  # as browsers send it
-    return data if isinstance(data, bytes) else b"", text
+    texts = [data for headers, data in parts if headers.get_filename() is None and _name(headers) == "q"]
+    return files[0], texts[0].decode("utf-8", "replace") if texts else None  # UTF-8, as browsers send it
+
+
+def _form_parts(boundary: str | None, body: bytes) -> list[tuple[Message, bytes]]:
+    """RFC 7578's parts: (headers, content) between the boundary's delimiters, found with
+    ``bytes.find`` and sliced once. The standard library's MIME parser had read a form of 27 MB
+    line by line, in 6.5 s and ~300 MB; only each part's few header lines go through it here."""
+    if not boundary or len(boundary) > 70:  # RFC 2046's limit
+        raise RequestError("The form has no valid boundary in its Content-Type.")
+    delimiter = b"\r\n--" + boundary.encode("latin-1", "replace")
+    # The first delimiter may start the body, without the CRLF before it.
+    start = -2 if body.startswith(delimiter[2:]) else body.find(delimiter)
+    parts: list[tuple[Message, bytes]] = []
+    while start != -1:
+        after = start + len(delimiter)
+        if body.startswith(b"--", after):  # the close delimiter
+            return parts
+        line_end = body.find(b"\r\n", after)
+        end = body.find(delimiter, line_end)
+        headers_end = body.find(b"\r\n\r\n", line_end, end)
+        if line_end < 0 or end < 0 or headers_end < 0 or body[after:line_end].strip(b" \t") or len(parts) == MAX_PARTS:
+            break
+        headers = BytesHeaderParser(policy=policy.HTTP).parsebytes(body[line_end + 2 : headers_end + 4])
+        parts.append((headers, body[headers_end + 4 : end]))
+        start = end
+    raise RequestError("The form is malformed (multipart/form-data parts without their closing boundary).")
+
+
+def _parameter(content_type: str, name: str) -> str | None:
+    message = Message()
+    message["content-type"] = content_type
+    value = message.get_param(name)
+    return value if isinstance(value, str) else None
+
+
+def _name(headers: Message) -> str | None:
+    value = headers.get_param("name", header="content-disposition")
+    return value if isinstance(value, str) else None
 
 
 def open_upload(data: bytes, max_pixels: int = MAX_PIXELS, target: int | None = None) -> Image.Image:
