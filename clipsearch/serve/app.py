@@ -64,9 +64,10 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
 
     async def search_image(request: Request) -> Response:
         page = _page(request.query_params)
-        body = await _body(request, max_bytes)
-        # Parsing a form of 30 MB takes a second: in a thread, so that other requests go on.
-        data, text = await run_in_threadpool(from_form, request.headers.get("content-type", ""), body)
+        # In a thread, so that other requests go on; the body is let go once its image part is
+        # taken out (no name holds it), not kept while the upload waits its turn to be decoded.
+        content_type = request.headers.get("content-type", "")
+        data, text = await run_in_threadpool(from_form, content_type, await _body(request, max_bytes))
         text = request.query_params.get("q") or text or ""
         return _hits(await run_in_threadpool(service.search_image, data, text, page), page)
 
