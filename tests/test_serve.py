@@ -790,6 +790,20 @@ def test_a_model_named_stays_and_its_status_is_served_when_dropped(tmp_path, tin
         service.close()
 
 
+def test_a_deleted_or_replaced_index_is_a_503_asking_for_a_restart(fresh, tiny_model):
+    client, service, library, home = fresh
+    image_id = ids_by_path(service)[library[0]]
+    urls = ["/api/status", "/api/search?q=a", f"/api/similar/{image_id}", f"/api/original/{image_id}"]
+    urls += [f"/api/thumbnail/{image_id}", f"/api/image/{image_id}"]
+    assert all(client.get(url).status_code == 200 for url in urls)
+    shutil.rmtree(home)
+    for url in urls:
+        assert "was deleted or replaced since the server started" in error(client.get(url), 503)
+    index_with(home, tiny_model, library[0].parent)  # a new index in its place
+    for url in urls:
+        assert "restart `clipsearch serve`" in error(client.get(url), 503)
+
+
 def test_the_writer_lock_shows_as_indexing_without_being_taken(tmp_path, monkeypatch):
     import fcntl
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from clipsearch.catalog import Catalog
+from clipsearch.catalog import CATALOG_FILE, Catalog
 from clipsearch.errors import IndexStateError
 from clipsearch.fingerprint import fingerprint, open_regular
 from clipsearch.index import Index
@@ -93,6 +93,7 @@ class Service:
         # One upload decoded and encoded per CPU at a time, the others wait: decoding a
         # 64-megapixel upload takes ~200 MB, and twenty at once had taken 5 GB.
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self._catalog_file = _identity(index.home / CATALOG_FILE)  # the one the connections read
 
     @classmethod
     def open(cls, home: Path, device: str = "auto", model: str | None = None, max_pixels: int = MAX_PIXELS) -> Service:
@@ -180,6 +181,7 @@ class Service:
     def _current(self) -> Index:
         """The index to search with now: a new default model's (`follow`) once its text tower is
         loaded, by the first request that notices it; the others meanwhile keep the old one."""
+        self._same_home()
         with self._files_lock:
             default = self._files.default_model if self.follow else None
         if default is None or default == self.index.model or not self._switching.acquire(blocking=False):
@@ -192,6 +194,15 @@ class Service:
         finally:
             self._switching.release()
         return index
+
+    def _same_home(self) -> None:
+        """`IndexStateError` once the index's catalog was deleted or replaced (a new index made
+        in its place): the open connections go on reading the old file, which nothing updates."""
+        if _identity(self.index.home / CATALOG_FILE) != self._catalog_file:
+            raise IndexStateError(
+                f"The index in {self.index.home} was deleted or replaced since the server started; "
+                "restart `clipsearch serve`."
+            )
 
     # --- files ------------------------------------------------------------------------------
 
@@ -218,6 +229,7 @@ class Service:
 
     def _indexed(self, image_id: int) -> tuple[ImageRow, bytes]:
         """The indexed row with this id and its content fingerprint."""
+        self._same_home()
         with self._files_lock:
             row = self._files.rows([image_id]).get(image_id)
             key = self._files.fingerprint(image_id)
@@ -257,6 +269,14 @@ class Service:
             "failures": [{"path": str(path), "reason": reason} for path, reason in failures[:MAX_FAILURES_SHOWN]],
             "failures_total": len(failures),
         }
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _loaded(home: Path, model: str | None, device: str) -> Index:
