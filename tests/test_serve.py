@@ -356,6 +356,24 @@ def test_a_moved_file_reuses_its_thumbnail_and_removed_ones_are_pruned(fresh, ti
         reopened.close()
 
 
+def test_thumbnails_of_removed_files_are_pruned_after_an_index_run(fresh, monkeypatch):
+    client, service, library, home = fresh
+    ids = ids_by_path(service)
+    for path in library[:2]:
+        client.get(f"/api/thumbnail/{ids[path]}")
+    library[1].unlink()
+    with Index.open(home, device="cpu") as index:
+        index.add([library[0].parent.parent], workers=0)
+    ok(client.get("/api/status"))
+    assert service.pruner is None  # not within a minute of the last pruning
+    monkeypatch.setattr(service_module, "PRUNE_EVERY_S", 0.0)
+    ok(client.get("/api/status"))
+    service.pruner.join(30)
+    assert [file.name for file in service.thumbnails._files()] == [
+        service.thumbnails._file(service.thumbnail_key(ids[library[0]])[0]).name
+    ]
+
+
 def test_originals_are_served_by_id_only_while_the_file_is_the_one_indexed(fresh, tmp_path):
     client, service, library, _ = fresh
     ids = ids_by_path(service)

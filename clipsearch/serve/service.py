@@ -21,8 +21,10 @@ name: there is no moment when the name can be swapped between the check and the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -43,7 +45,10 @@ from clipsearch.walk import stored_mtime_ns
 if TYPE_CHECKING:
     from clipsearch.encoder import Encoder, NumpyImageEncoder
 
+log = logging.getLogger(__name__)
+
 MAX_FAILURES_SHOWN = 200
+PRUNE_EVERY_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,8 @@ class Service:
         # 64-megapixel upload takes ~200 MB, and twenty at once had taken 5 GB.
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
         self._catalog_file = _identity(index.home / CATALOG_FILE)  # the one the connections read
+        self._pruned = (files.generation, time.monotonic())  # `open` prunes
+        self.pruner: threading.Thread | None = None
 
     @classmethod
     def open(cls, home: Path, device: str = "auto", model: str | None = None, max_pixels: int = MAX_PIXELS) -> Service:
@@ -108,8 +115,7 @@ class Service:
             raise
         service = cls(index, files, Thumbnails(index.home), max_pixels, follow=model is None)
         try:
-            states = files.file_states().values()
-            service.thumbnails.prune({s.fingerprint for s in states if s.status == STATUS_INDEXED and s.fingerprint})
+            service.thumbnails.prune(_kept(files))
         except BaseException:
             service.close()
             raise
@@ -182,6 +188,7 @@ class Service:
         """The index to search with now: a new default model's (`follow`) once its text tower is
         loaded, by the first request that notices it; the others meanwhile keep the old one."""
         self._same_home()
+        self._prune_after_changes()
         with self._files_lock:
             default = self._files.default_model if self.follow else None
         if default is None or default == self.index.model or not self._switching.acquire(blocking=False):
@@ -194,6 +201,28 @@ class Service:
         finally:
             self._switching.release()
         return index
+
+    def _prune_after_changes(self) -> None:
+        """Once the catalog changed (an index run), delete the thumbnails of files it no longer
+        holds: in a thread with a connection of its own, since reading every row's fingerprint
+        takes seconds in a large catalog, and at most every `PRUNE_EVERY_S` during a long run."""
+        with self._files_lock:
+            generation = self._files.generation
+        if generation == self._pruned[0] or time.monotonic() - self._pruned[1] < PRUNE_EVERY_S:
+            return
+        with self._files_lock:  # one request starts it
+            if self._pruned[0] == generation:
+                return
+            self._pruned = (generation, time.monotonic())
+        self.pruner = threading.Thread(target=self._prune, name="prune thumbnails", daemon=True)
+        self.pruner.start()
+
+    def _prune(self) -> None:
+        try:
+            with Catalog.open(self.index.home, readonly=True) as catalog:
+                self.thumbnails.prune(_kept(catalog))
+        except Exception as e:  # the cache only grows meanwhile: no request should fail for it
+            log.warning("thumbnails of files no longer indexed are not deleted: %s", e)
 
     def _same_home(self) -> None:
         """`IndexStateError` once the index's catalog was deleted or replaced (a new index made
@@ -269,6 +298,12 @@ class Service:
             "failures": [{"path": str(path), "reason": reason} for path, reason in failures[:MAX_FAILURES_SHOWN]],
             "failures_total": len(failures),
         }
+
+
+def _kept(catalog: Catalog) -> set[bytes]:
+    """The fingerprints whose thumbnails stay: those of the indexed files."""
+    states = catalog.file_states().values()
+    return {state.fingerprint for state in states if state.status == STATUS_INDEXED and state.fingerprint}
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
