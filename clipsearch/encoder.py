@@ -311,7 +311,7 @@ class Encoder:
         import torch
 
         model = self.model if self._fast_text is None else self._fast_text
-        tokens = self.model.tokenizer(texts, context_length=self.model.context_length, truncate=True)
+        tokens = self.model.tokenizer(texts, context_length=self.model.context_length, truncate="warn")
         with torch.inference_mode():
             return _normalised(model.encode_text(tokens.to(self.device)))
 
@@ -345,7 +345,7 @@ class TextEncoder:
         return self._texts.encode(texts, self._encode_texts)
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tower.tokenizer.ids(texts, context_length=self.tower.context_length, truncate=True)
+        tokens = self.tower.tokenizer.ids(texts, context_length=self.tower.context_length, truncate="warn")
         return _unit(self._encoder.encode_text(tokens))
 
 

@@ -181,3 +181,12 @@ def test_token_ids_outside_a_models_vocabulary_are_refused_with_advice(tiny_mode
     with pytest.raises(ValueError, match=r"outside this model's vocabulary of 514.*model\.tokenizer"):
         model.encode_text(clip.tokenize(["a dog"]))
     assert model.encode_text(model.tokenizer(["a dog"])).shape == (1, 32)
+
+
+def test_a_query_longer_than_the_model_reads_says_its_end_was_ignored(home):
+    long = " ".join(["a red circle beside a blue square"] * 12)
+    result = run("query", long, "-k", "1", home=home)
+    assert result.returncode == 0 and result.stdout.count("\n") == 1
+    assert "is longer than the model's" in result.stderr and "the end was ignored" in result.stderr
+    short = run("query", "a red circle", "-k", "1", home=home)
+    assert short.returncode == 0 and short.stderr == ""
