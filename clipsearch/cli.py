@@ -588,6 +588,7 @@ def query_command(
     from clipsearch.filters import Filters
     from clipsearch.search import as_term, parse_term
 
+    _check_output(as_json, paths_only, null)
     try:  # the callbacks checked and converted each option (near and ext are tuples by now)...
         filters = Filters(after, before, camera, near, ext or (), min_width)  # type: ignore[arg-type]
     except ValueError as e:  # ...and this checks them together
@@ -671,6 +672,7 @@ def duplicates_command(
     oldest file). Nothing is deleted: `clipsearch duplicates --paths-only -0 | xargs -0 rm`
     removes all but the keepers (review the groups first).
     """
+    _check_output(as_json, paths_only, null)
     with _open(model, reading=True) as index:
         groups = index.duplicates(threshold, under)
     out = sys.stdout.buffer
@@ -690,6 +692,15 @@ def duplicates_command(
     if not settings.quiet:
         extra = sum(len(g.duplicates) for g in groups)
         typer.echo(f"{len(groups)} group(s), {extra} image(s) besides the keepers.", err=True)
+
+
+def _check_output(as_json: bool, paths_only: bool, null: bool) -> None:
+    """One output at a time: -0 without --paths-only had printed the human lines, which
+    `xargs -0` takes for one garbage argument, and --json had silently won over --paths-only."""
+    if null and not paths_only:
+        raise typer.BadParameter("it ends each path of --paths-only with NUL; add --paths-only", param_hint="-0")
+    if as_json and paths_only:
+        raise typer.BadParameter("print JSON or paths, not both", param_hint="--json, --paths-only")
 
 
 def _described(label: str, hit: Any) -> bytes:
@@ -1076,8 +1087,14 @@ def drop_model_command(
                 raise typer.BadParameter(message, param_hint="--yes")
             model = _shown(index.model)
             question = f"Drop the {stored.vectors} vectors by {model}? Only encoding again brings them back"
-            if not typer.confirm(question, err=True):
-                raise typer.Exit(1)
+            try:
+                agreed = typer.confirm(question, err=True)
+            except typer.Abort as stop:  # Ctrl-C stays an interrupt; end of input (Ctrl-D) is a no
+                if not isinstance(stop.__context__, EOFError):
+                    raise
+                agreed = False
+            if not agreed:
+                _error("Nothing dropped.")
         index.drop_model()
     if not settings.quiet:
         typer.echo(f"Dropped the vectors by {index.model} from {index.home}.")

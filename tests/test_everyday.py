@@ -6,6 +6,7 @@ process (exit codes, pipes, one-line errors), and the library where it is about 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -105,6 +106,8 @@ def test_clipsearch_alone_prints_its_help_and_no_empty_error(tmp_path):
         (["--device", "cuda", "status"], "this machine has no CUDA GPU"),
         (["index", "x", "--precision", "fp8"], "'fp8' is not one of auto, fp32, bf16, fp16, int8"),
         (["bogus"], "No such command 'bogus'"),
+        (["query", "x", "-0"], "it ends each path of --paths-only with NUL; add --paths-only"),
+        (["duplicates", "--json", "--paths-only"], "print JSON or paths, not both"),
     ],
 )
 def test_usage_mistakes_are_one_line_and_exit_2(tmp_path, args, says):
@@ -190,3 +193,38 @@ def test_a_query_longer_than_the_model_reads_says_its_end_was_ignored(home):
     assert "is longer than the model's" in result.stderr and "the end was ignored" in result.stderr
     short = run("query", "a red circle", "-k", "1", home=home)
     assert short.returncode == 0 and short.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("keys", "code", "says"),
+    [
+        (b"n\n", 1, "Error: Nothing dropped."),  # had been exit 1 and not a word
+        (b"\x04", 1, "Error: Nothing dropped."),  # Ctrl-D, the end of input: had been 130, Ctrl-C's
+        (b"\x03", 130, "Interrupted."),
+        (b"y\n", 0, "Dropped the vectors by"),
+    ],
+)
+def test_models_drop_answers_its_question_in_a_terminal(home, tiny_model, keys, code, says):
+    import pty
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: clipsearch with the pty as its terminal
+        os.environ["CLIPSEARCH_HOME"] = str(home)
+        os.execv(SCRIPT, [SCRIPT, "models", "drop", tiny_model])
+    said = b""
+    while b"[y/N]" not in said:
+        said += os.read(terminal, 4096)
+    os.write(terminal, keys)
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        said += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == code, said
+    assert says in said.decode()
+    held = json.loads(run("status", "--json", home=home).stdout)["models"]
+    assert len(held) == (0 if code == 0 else 1)
