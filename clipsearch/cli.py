@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -111,6 +112,7 @@ def _global_options(
 ) -> None:
     settings.home = None if home is None else Path(home)
     settings.device, settings.verbose, settings.quiet = device, verbose, quiet
+    _check_megapixels(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS", ""))
     handler = _StderrHandler()
     handler.setFormatter(_LowercaseLevel("%(levelname)s: %(message)s"))
     if not verbose:
@@ -121,6 +123,18 @@ def _global_options(
     root.propagate = False
     if quiet:  # no bars either, a model's download included (tqdm's own switch, which the library reads)
         os.environ["TQDM_DISABLE"] = "1"
+
+
+def _check_megapixels(setting: str) -> None:
+    """The decode budget the error for a huge image tells users to raise: a value that is no
+    budget had been ignored ("abc"), had lifted the limit ("nan") or failed every file ("0")."""
+    try:
+        value = float(setting) if setting.strip() else 1.0
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        message = f"{setting!r} is not a number of megapixels above 0"
+        raise typer.BadParameter(message, param_hint="CLIPSEARCH_MAX_MEGAPIXELS")
 
 
 def _warnings_and_notices(record: logging.LogRecord) -> bool:
@@ -582,8 +596,9 @@ def query_command(
     """Search the index with text, an example image, or a weighted mix of both; narrow it by
     when, where and with what the photos were taken; or list what the filters pass, by date.
 
-    `clipsearch query "a beach" --after 2019-06 --before 2019-09 --camera pixel --sort date`,
-    `clipsearch query --like holiday.jpg`, `clipsearch query --after 2024 --sort date`.
+    - `clipsearch query "a beach" --after 2019-06 --before 2019-09 --camera pixel --sort date`
+    - `clipsearch query --like holiday.jpg`
+    - `clipsearch query --after 2024 --sort date`
     """
     from clipsearch.filters import Filters
     from clipsearch.search import as_term, parse_term

@@ -24,8 +24,8 @@ from clipsearch.index import Index
 SCRIPT = str(Path(sys.executable).parent / "clipsearch")
 
 
-def run(*args: str, home: Path, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CLIPSEARCH_HOME=str(home))
+def run(*args: str, home: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "CLIPSEARCH_HOME": str(home)}
     return subprocess.run([SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
@@ -228,3 +228,23 @@ def test_models_drop_answers_its_question_in_a_terminal(home, tiny_model, keys, 
     assert says in said.decode()
     held = json.loads(run("status", "--json", home=home).stdout)["models"]
     assert len(held) == (0 if code == 0 else 1)
+
+
+@pytest.mark.parametrize("setting", ["abc", "nan", "0", "-1"])
+def test_a_decode_budget_that_is_none_is_refused(tmp_path, setting, monkeypatch):
+    """ "abc" had been ignored, "nan" had lifted the limit, "0" had failed every file."""
+    from clipsearch.clip.preprocess import DEFAULT_MAX_MEGAPIXELS, max_megapixels
+
+    result = run("status", home=tmp_path / "home", env={"CLIPSEARCH_MAX_MEGAPIXELS": setting})
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: Invalid value for CLIPSEARCH_MAX_MEGAPIXELS: ")
+    assert f"'{setting}' is not a number of megapixels above 0" in result.stderr
+    monkeypatch.setenv("CLIPSEARCH_MAX_MEGAPIXELS", setting)
+    assert max_megapixels() == DEFAULT_MAX_MEGAPIXELS  # the library's: the default, as when unset
+
+
+def test_query_help_shows_each_example_on_a_line_of_its_own(tmp_path):
+    """They had run together, joined by commas that a pasted example then carried."""
+    shown = [line.strip(" •│") for line in run("query", "--help", home=tmp_path).stdout.splitlines()]
+    assert "clipsearch query --like holiday.jpg" in shown
+    assert "clipsearch query --after 2024 --sort date" in shown

@@ -169,9 +169,10 @@ def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:
 def max_megapixels() -> float:
     """The pixel budget of one decode: CLIPSEARCH_MAX_MEGAPIXELS, else `DEFAULT_MAX_MEGAPIXELS`."""
     try:
-        return float(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS") or DEFAULT_MAX_MEGAPIXELS)
+        value = float(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS") or DEFAULT_MAX_MEGAPIXELS)
     except ValueError:
         return DEFAULT_MAX_MEGAPIXELS
+    return value if value > 0 else DEFAULT_MAX_MEGAPIXELS  # NaN is no budget either: it passed every image
 
 
 def _upright(image: Image.Image) -> Image.Image:
