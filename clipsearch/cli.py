@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from clipsearch.index import Index, Status
     from clipsearch.indexer import AddReport
     from clipsearch.manifest import Manifest
+    from clipsearch.records import StoredModel
 
 app = typer.Typer(
     name="clipsearch",
@@ -963,17 +964,18 @@ def rebuild_command(
 # --- models ----------------------------------------------------------------------------------
 
 
-def _index_default_model() -> str:
+def _index_models() -> tuple[str, list[StoredModel]]:
     """The model that query and status use without --model: the default of the index in --home
-    (`models default` changes it), else the one a new index starts with."""
+    (`models default` changes it), else the one a new index starts with; and the models the
+    index holds vectors by."""
     from clipsearch.errors import ClipsearchError
     from clipsearch.index import DEFAULT_MODEL
 
     try:
         with _open(reading=True) as index:
-            return index.model
+            return index.model, index.catalog.models()
     except ClipsearchError:  # no index there yet, or one that status has to explain
-        return DEFAULT_MODEL
+        return DEFAULT_MODEL, []
 
 
 @models_app.callback(invoke_without_command=True)
@@ -997,7 +999,9 @@ def models_command(
     from clipsearch.clip import registry
     from clipsearch.clip.sources import locate
 
-    default = _index_default_model()
+    default, held = _index_models()
+    # Checkpoints the index holds vectors by (`index --model PATH`): listed after the known models.
+    checkpoints = [m for m in held if registry.find(m.name) is None]
     if as_json:
         listed, unknown_figures = [], [f.name for f in fields(registry.Figures)]
         for entry in registry.MODELS:
@@ -1013,6 +1017,14 @@ def models_command(
                     "cache": where.cache,
                     "source": where.origin,
                 }
+            )
+        for stored in checkpoints:
+            there = os.path.exists(stored.name)
+            figures = dict.fromkeys(unknown_figures) | {"embed_dim": stored.dim}
+            listed.append(
+                {"name": stored.name, "default": stored.name == default, "family": None, "multilingual": None}
+                | figures
+                | {"path": stored.name if there else None, "cache": None, "source": "checkpoint"}
             )
         _print_json(listed)
         return
@@ -1037,6 +1049,10 @@ def models_command(
         )
         name = entry.name + (" (default)" if entry.name == default else "")
         rows.append((name, *stats, where.describe(), _origin(where.origin)))
+    for stored in checkpoints:
+        name = _shown(stored.name) + (" (default)" if stored.name == default else "")
+        found = "on disk" if os.path.exists(stored.name) else "gone"
+        rows.append((name, str(stored.dim), *("-",) * 4, found, "checkpoint"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:
         typer.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)).rstrip())

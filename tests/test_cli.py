@@ -421,6 +421,17 @@ def test_models_marks_the_index_s_own_default(tmp_path):
     assert [m["name"] for m in listed if m["default"]] == ["ViT-B/32"]
 
 
+def test_models_lists_the_checkpoints_the_index_holds_vectors_by(cli, library, tiny_model):
+    """A checkpoint given by path had never been listed, nor marked the default."""
+    table = cli("models").stdout.splitlines()
+    assert table[-1].split() == [tiny_model, "(default)", "32", "-", "-", "-", "-", "on", "disk", "checkpoint"]
+    listed = json.loads(cli("models", "--json").stdout)
+    mine = listed[-1]
+    assert (mine["name"], mine["default"], mine["embed_dim"], mine["path"]) == (tiny_model, True, 32, tiny_model)
+    assert mine["source"] == "checkpoint" and len(mine) == len(listed[0])
+    assert [m["name"] for m in listed if m["default"]] == [tiny_model]
+
+
 def test_an_empty_or_file_home_is_refused_by_every_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
