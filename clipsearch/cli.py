@@ -619,6 +619,7 @@ def query_command(
             term, own = index.example(like)
             terms.append((1.0, term))
             exclude = () if include_self or own is None else (own,)
+        _check_under(index, under)
         hits = index.search(terms, top, under, min_score, filters, sort, exclude)
     out = sys.stdout.buffer
     if as_json:
@@ -690,6 +691,7 @@ def duplicates_command(
     """
     _check_output(as_json, paths_only, null)
     with _open(model, reading=True) as index:
+        _check_under(index, under)
         groups = index.duplicates(threshold, under)
     out = sys.stdout.buffer
     if as_json:
@@ -708,6 +710,15 @@ def duplicates_command(
     if not settings.quiet:
         extra = sum(len(g.duplicates) for g in groups)
         typer.echo(f"{len(groups)} group(s), {extra} image(s) besides the keepers.", err=True)
+
+
+def _check_under(index: Index, under: Path | None) -> None:
+    """A folder that is not there and holds nothing indexed is a mistyped one: it had printed
+    "No matches." and exit 0. (An unmounted drive's folder is not there but holds its files.)"""
+    from clipsearch.walk import normalise_roots
+
+    if under is not None and not under.exists() and index.catalog.ids_under(normalise_roots([under])[0], 0) is not None:
+        raise typer.BadParameter(f"{under} does not exist, and nothing indexed lies under it", param_hint="--under")
 
 
 def _check_output(as_json: bool, paths_only: bool, null: bool) -> None:

@@ -432,6 +432,16 @@ def test_models_lists_the_checkpoints_the_index_holds_vectors_by(cli, library, t
     assert [m["name"] for m in listed if m["default"]] == [tiny_model]
 
 
+def test_a_mistyped_under_is_a_usage_error_but_a_gone_indexed_folder_is_not(cli, library, tmp_path):
+    for command in (["query", "x"], ["duplicates"]):
+        result = cli(*command, "--under", tmp_path / "lbi", code=2)  # had been "No matches.", exit 0
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())
+        assert f"--under: {tmp_path / 'lbi'} does not exist, and nothing indexed lies under it" in said
+    shutil.move(tmp_path / "lib", tmp_path / "elsewhere")  # as an unmounted drive: its files stay indexed
+    found = cli("query", "x", "--under", tmp_path / "lib")
+    assert (found.stdout, found.stderr) == ("", "No matches.\n")
+
+
 def test_an_empty_or_file_home_is_refused_by_every_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
