@@ -403,11 +403,11 @@ class Index:
 
     def _forget_vectors(self, stored: StoredModel, keep_default: bool = False) -> bool:
         """Under the writer lock: drop ``stored``'s vectors and FAISS file."""
-        from clipsearch.vectors import vectors_file
+        from clipsearch.vectors import remove_vectors_file
 
         if not self.catalog.drop_model(stored.name, keep_default=keep_default):
             return False
-        (self.home / vectors_file(stored)).unlink(missing_ok=True)
+        remove_vectors_file(self.home, stored)
         self._vectors = None
         return True
 

@@ -613,6 +613,14 @@ def _identity(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def remove_vectors_file(home: Path, model: StoredModel) -> None:
+    """Delete a model's vector file and the record of its last check (its vectors were dropped;
+    the record had stayed behind until the next run's clean-up)."""
+    path = Path(home) / vectors_file(model)
+    path.unlink(missing_ok=True)
+    _checked_record(path).unlink(missing_ok=True)
+
+
 def _checked_record(path: Path) -> Path:
     return path.with_suffix(".checked")  # vectors-1.faiss: vectors-1.checked
 

@@ -618,3 +618,10 @@ def test_exit_after_torch_runs_the_exit_handlers_and_keeps_the_code_and_output(s
     assert done.stdout.startswith("unflushed output") and "handler ran" in done.stdout
     assert ("torn down" in done.stdout) == (not quick)
     assert ("thread done" in done.stdout) == ("threading" in setup)
+
+
+def test_dropping_a_model_leaves_none_of_its_files(cli, library, tiny_model, tmp_path):
+    cli("status", "--check")  # records the vector file as checked
+    assert sorted(p.suffix for p in (tmp_path / "home").glob("vectors-*")) == [".checked", ".faiss"]
+    cli("models", "drop", tiny_model, "--yes")
+    assert list((tmp_path / "home").glob("vectors-*")) == []  # the .checked record had stayed

@@ -1,3 +1,4 @@
+import logging
 import re
 import sqlite3
 import subprocess
@@ -121,9 +122,12 @@ def make_base_catalog(home: Path) -> Path:
     return db
 
 
-def test_opening_a_base_schema_catalog_upgrades_it_and_keeps_its_data(tmp_path):
+def test_opening_a_base_schema_catalog_upgrades_it_and_keeps_its_data(tmp_path, caplog, clipsearch_logging):
     db = make_base_catalog(tmp_path / "home")
-    with Catalog.open(tmp_path / "home") as c:
+    with caplog.at_level(logging.INFO, logger="clipsearch"), Catalog.open(tmp_path / "home") as c:
+        # said before the seconds it takes on a large catalog, which had passed in silence
+        (said,) = [r for r in caplog.records if "Upgrading" in r.getMessage()]
+        assert getattr(said, "notice", False) and str(tmp_path / "home") in said.getMessage()
         assert stored_revision(db) == HEAD_REVISION
         assert c.generation == 7 and c.default_model == "ViT-B/32"
         assert c.counts() == {"indexed": 2, "failed": 1, "missing": 0}
