@@ -97,8 +97,8 @@ class Index:
         self.warm = warm
         self._encoder: Encoder | TextEncoder | NumpyImageEncoder | None = None
         self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
-        # (catalog generation, the vector file's `_file_identity` when it was read, index)
-        self._vectors: tuple[int, tuple[int, ...] | None, VectorIndex] | None = None
+        # (catalog generation, the vector file, its `_file_identity` when it was read, index)
+        self._vectors: tuple[int, Path, tuple[int, ...] | None, VectorIndex] | None = None
         self._begun: OnnxImageTower | None = None  # `open` began it, for the first image encoder
 
     @classmethod
@@ -502,25 +502,31 @@ class Index:
             index = VectorIndex.refresh(self.home, self.catalog, stored)
         else:
             index = VectorIndex.rebuild(self.home, self.catalog, stored, index_type=index_type)
-        self._vectors = (self.catalog.generation, _file_identity(self.home / vectors_file(stored)), index)
+        path = self.home / vectors_file(stored)
+        self._vectors = (self.catalog.generation, path, _file_identity(path), index)
 
     def _vectors_now(self) -> VectorIndex | None:
         """The model's FAISS index matching the catalog as it is now (another process may have
         written); None while the model has no vectors here. A file rebuilt by another process
         (`clipsearch rebuild`, perhaps in another index type) leaves the catalog's generation as
-        it was: the file's own identity tells it."""
+        it was: the file's own identity tells it. Each search asks, so the answer for an index
+        unchanged costs a stat, not a read of the models (13 ms at 100k vectors)."""
         from clipsearch.vectors import VectorIndex, vectors_file
 
         generation = self.catalog.generation
+        if self._vectors is not None:
+            built_from, path, identity, index = self._vectors
+            if built_from == generation and _file_identity(path) == identity:
+                return index
         stored = self.catalog.model(self.model)
         if stored is None:
             self.require_model_if_others()
             return None
-        identity = _file_identity(self.home / vectors_file(stored))  # before loading: at worst one load too many
-        if self._vectors is None or self._vectors[:2] != (generation, identity):
-            index = VectorIndex.load(self.home, self.catalog, stored)
-            self._vectors = (generation, identity, index)
-        return self._vectors[2]
+        path = self.home / vectors_file(stored)
+        identity = _file_identity(path)  # before loading: at worst one load too many
+        index = VectorIndex.load(self.home, self.catalog, stored)
+        self._vectors = (generation, path, identity, index)
+        return index
 
     def require_model_if_others(self) -> None:
         """Searching a model the index has no vectors by is a mistake when others have some."""
