@@ -811,8 +811,22 @@ def test_a_model_named_stays_and_its_status_is_served_when_dropped(tmp_path, tin
         assert (status["model"], status["index_type"], status["vectors_in_index"]) == (tiny_model, "none", 0)
         message = error(client.get("/api/search", params={"q": "a"}), 503)
         assert f"no vectors by {tiny_model} any more" in message and "restart" in message
+        assert error(client.get(f"/api/similar/{new_id}"), 503) == message  # had been a 404 saying to index
     finally:
         service.close()
+
+
+def test_a_default_model_that_cannot_load_leaves_the_server_on_the_one_it_has(fresh, other_tiny_model, tmp_path):
+    """Every request, status too, had failed on it, and tried to load it again."""
+    client, service, library, home = fresh
+    served = service.index.model
+    broken = str(shutil.copytree(other_tiny_model, tmp_path / "broken"))
+    index_with(home, broken, library[0].parent.parent, default=True)
+    shutil.rmtree(broken)  # the new default's checkpoint is gone
+    for _ in range(2):
+        assert ok(client.get("/api/status"))["model"] == served
+        assert len(ok(client.get("/api/search", params={"q": "a", "k": 3}))["hits"]) == 3
+    assert service._unloadable == broken
 
 
 def test_a_deleted_or_replaced_index_is_a_503_asking_for_a_restart(fresh, tiny_model):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from clipsearch.catalog import CATALOG_FILE, Catalog
-from clipsearch.errors import IndexStateError
+from clipsearch.errors import ClipsearchError, IndexStateError
 from clipsearch.fingerprint import fingerprint, open_regular
 from clipsearch.index import Index
 from clipsearch.locks import indexing
@@ -95,6 +95,7 @@ class Service:
         self._images: Index | None = None  # opened by the first upload, for its image tower
         self._images_lock = threading.Lock()
         self._switching = threading.Lock()  # held by the request that loads a new default model
+        self._unloadable: str | None = None  # a default model that failed to load: not tried again
         # One upload decoded and encoded per CPU at a time, the others wait: decoding a
         # 64-megapixel upload takes ~200 MB, and twenty at once had taken 5 GB.
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
@@ -157,6 +158,9 @@ class Service:
         if not indexed:
             raise NotFound(f"No indexed image has id {image_id}.")
         if stored is None:
+            with self._files_lock:
+                if self._files.model(model) is None:  # a pinned model dropped: as for a search
+                    raise _dropped(model)
             raise NotFound(f"Image {image_id} has no vector by {model}, the model served; index it with that model.")
         vector = stored[1]
         # One more than asked for: the image itself is among its own nearest.
@@ -178,10 +182,7 @@ class Service:
             except IndexStateError:
                 if self.index.catalog.model(model) is not None:
                     raise
-                raise IndexStateError(
-                    f"The index has no vectors by {model} any more, the model this server was started with "
-                    "(--model); restart it with another (`clipsearch models` lists them)."
-                ) from None
+                raise _dropped(model) from None
         return hits[page.offset :]
 
     def _current(self) -> Index:
@@ -191,15 +192,24 @@ class Service:
         self._prune_after_changes()
         with self._files_lock:
             default = self._files.default_model if self.follow else None
-        if default is None or default == self.index.model or not self._switching.acquire(blocking=False):
+        if default in (None, self.index.model, self._unloadable) or not self._switching.acquire(blocking=False):
             return self.index
         try:
             index = _loaded(self.index.home, None, self.index.device)
-            with self._search_lock:
-                old, self.index = self.index, index
-            old.close()
+        except ClipsearchError as e:  # tried once: every request had failed on it, status too
+            log.warning(
+                "The index's default model is now %s, which cannot be loaded (%s); still searching with %s",
+                default,
+                e,
+                self.index.model,
+            )
+            self._unloadable = default
+            return self.index
         finally:
             self._switching.release()
+        with self._search_lock:
+            old, self.index = self.index, index
+        old.close()
         return index
 
     def _prune_after_changes(self) -> None:
@@ -298,6 +308,13 @@ class Service:
             "failures": [{"path": str(path), "reason": reason} for path, reason in failures[:MAX_FAILURES_SHOWN]],
             "failures_total": len(failures),
         }
+
+
+def _dropped(model: str) -> IndexStateError:
+    return IndexStateError(
+        f"The index has no vectors by {model} any more, the model this server was started with "
+        "(--model); restart it with another (`clipsearch models` lists them)."
+    )
 
 
 def _kept(catalog: Catalog) -> set[bytes]:
