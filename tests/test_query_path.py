@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import checkpoint_lookups, make_library, python_output
 
-from clipsearch import Index
+from clipsearch import Index, clip
 from clipsearch.clip.model import CLIP, ModelConfig
 
 SMALL = ModelConfig(
@@ -334,3 +335,16 @@ def test_a_text_tower_whose_weights_do_not_fit_is_refused_with_the_loaders_error
     with pytest.raises(CheckpointError, match="do not fit a clip model"):
         numpy_text.export(model_dir)
     assert numpy_text.load_cached(model_dir) is None
+
+
+def test_a_bare_weights_file_of_a_model_with_its_own_vocabulary_is_refused_in_one_line(tmp_path, monkeypatch):
+    """The demo's weights copied without their vocabulary are read with CLIP's, whose ids the
+    demo has no embedding for: the NumPy tower had failed with an IndexError ("a bug")."""
+    from clipsearch.clip import CheckpointError
+    from clipsearch.encoder import TextEncoder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bare = tmp_path / "model.safetensors"
+    shutil.copy(Path(clip.__file__).parent / "weights" / "demo" / "model.safetensors", bare)
+    with pytest.raises(CheckpointError, match="has 49408 tokens but the model embeds only 669"):
+        TextEncoder(str(bare)).encode_texts(["a red circle"])

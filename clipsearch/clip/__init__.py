@@ -218,12 +218,18 @@ def _tokenizer(model: Any, info: Any, entry: registry.ModelEntry | None, path: P
             )
         clean = info.text_clean or ("canonicalize" if family == "siglip" else "whitespace")
         tokenizer = HFTokenizer(directory, model.context_length, clean)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointError(
-            f"The vocabulary of {path} has {tokenizer.vocab_size} tokens but the model embeds only "
-            f"{model.config.vocab_size}; the checkpoint and its vocabulary do not belong together."
-        )
+    check_vocabulary(path, tokenizer.vocab_size, model.config.vocab_size)
     return tokenizer
+
+
+def check_vocabulary(path: Any, tokens: int, embedded: int) -> None:
+    """`CheckpointError` for a vocabulary with ids the model has no embedding for (a bare weights
+    file of a model trained with its own vocabulary, read with CLIP's): they fail in its text tower."""
+    if tokens > embedded:
+        raise CheckpointError(
+            f"The vocabulary of {path} has {tokens} tokens but the model embeds only "
+            f"{embedded}; the checkpoint and its vocabulary do not belong together."
+        )
 
 
 def _image_settings(config: Any, info: Any) -> tuple[Mean, Mean, str]:

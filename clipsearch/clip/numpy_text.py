@@ -64,9 +64,14 @@ class TextTower:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The model's own tokenizer, read on first use."""
+        """The model's own tokenizer, read on first use; `CheckpointError` for a vocabulary with
+        ids this tower has no embedding for (as `clip.load` refuses it)."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.vocab_path)
+            from clipsearch.clip import check_vocabulary
+
+            tokenizer = Tokenizer(self.vocab_path)
+            check_vocabulary(self.vocab_path, tokenizer.vocab_size, self.weights["token_embedding.weight"].shape[0])
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     @classmethod
