@@ -41,6 +41,7 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
     clip_like = write_model_dir(root / "clip-like", model, registry.VOCAB.bundled, mean=(0.5,) * 3, std=(0.25,) * 3)
     photos = root / "photos"
     make_library(photos, 6)
+    make_library(photos / "2024", 2, start_seed=6)  # `--under ~/photos/2024` needs it there
     for name in ("cat.jpg", "query.jpg", "holiday.jpg", "photo.jpg"):
         make_image(root / name, seed=len(name))
     return {
