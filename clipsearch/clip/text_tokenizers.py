@@ -112,7 +112,7 @@ class HFTokenizer:
         self, texts: str | Sequence[str], context_length: int | None = None, truncate: Truncate = True
     ) -> np.ndarray:
         """Token ids as an ``int64`` NumPy array ``[N, context_length]``; ``truncate`` as
-        `clip.tokenizer.Truncate` says ("warn" counts every text's tokens, a second encoding)."""
+        `clip.tokenizer.Truncate` says."""
         if isinstance(texts, str):
             texts = [texts]
         length = context_length or self.context_length
@@ -125,8 +125,8 @@ class HFTokenizer:
         cleaned = [clean_text(text, self.clean) for text in texts]
         encodings = backend.encode_batch(cleaned)
         if truncate == "warn":
-            for text, whole in zip(texts, self._whole.encode_batch(cleaned)):
-                if len(whole.ids) > length:
+            for text, encoding in zip(texts, encodings):
+                if encoding.overflowing:  # what truncation cut off
                     warn_cut(text, length)
         rows = np.full((len(encodings), length), self.pad_id, dtype=np.int64)
         for row, (text, encoding) in enumerate(zip(texts, encodings)):
