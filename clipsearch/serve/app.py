@@ -83,7 +83,7 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
         headers = {"ETag": service.thumbnails.etag(key), "Cache-Control": cache}
         if headers["ETag"] in _etags(request.headers.get("if-none-match", "")):
             return Response(status_code=304, headers=headers)
-        made = await run_in_threadpool(service.thumbnail, image_id)
+        made = await run_in_threadpool(service.thumbnail, image_id, key)
         return Response(made.data, media_type=made.media_type, headers=headers | {"ETag": made.etag})
 
     async def original(request: Request) -> Response:

@@ -282,9 +282,10 @@ class Service:
         row, key = self._indexed(image_id)
         return key, version is not None and _version(version) == (row.size, row.mtime_ns / 1e9)
 
-    def thumbnail(self, image_id: int) -> Thumbnail:
-        """The cached thumbnail (no file read), else one made from the checked original."""
-        cached = self.thumbnails.cached(self.thumbnail_key(image_id)[0])
+    def thumbnail(self, image_id: int, key: bytes) -> Thumbnail:
+        """The cached thumbnail of fingerprint ``key`` (`thumbnail_key`'s, which tagged the
+        answer; no file read), else one made from the checked original."""
+        cached = self.thumbnails.cached(key)
         if cached is not None:
             return cached
         with self.original(image_id) as original:
