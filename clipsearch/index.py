@@ -97,8 +97,8 @@ class Index:
         self.warm = warm
         self._encoder: Encoder | TextEncoder | NumpyImageEncoder | None = None
         self._encoder_weights: str | None = None  # the fingerprint of the weights it was loaded from
-        # (catalog generation, the vector file, its `_file_identity` when it was read, index)
-        self._vectors: tuple[int, Path, tuple[int, ...] | None, VectorIndex] | None = None
+        # (catalog generation, the vector file, its `vectors.file_identity` when it was read, index)
+        self._vectors: tuple[int, Path, list[int] | None, VectorIndex] | None = None
         self._begun: OnnxImageTower | None = None  # `open` began it, for the first image encoder
 
     @classmethod
@@ -492,7 +492,7 @@ class Index:
         """After a write, under the writer lock: the model's FAISS file follows the catalog,
         updated by the rows that changed, or built anew in ``index_type``. Other models' files
         catch up when next used."""
-        from clipsearch.vectors import VectorIndex, vectors_file
+        from clipsearch.vectors import VectorIndex, file_identity, vectors_file
 
         stored = self.catalog.model(self.model)
         if stored is None:
@@ -503,7 +503,7 @@ class Index:
         else:
             index = VectorIndex.rebuild(self.home, self.catalog, stored, index_type=index_type)
         path = self.home / vectors_file(stored)
-        self._vectors = (self.catalog.generation, path, _file_identity(path), index)
+        self._vectors = (self.catalog.generation, path, file_identity(path), index)
 
     def _vectors_now(self) -> VectorIndex | None:
         """The model's FAISS index matching the catalog as it is now (another process may have
@@ -511,19 +511,19 @@ class Index:
         (`clipsearch rebuild`, perhaps in another index type) leaves the catalog's generation as
         it was: the file's own identity tells it. Each search asks, so the answer for an index
         unchanged costs a stat, not a read of the models (13 ms at 100k vectors)."""
-        from clipsearch.vectors import VectorIndex, vectors_file
+        from clipsearch.vectors import VectorIndex, file_identity, vectors_file
 
         generation = self.catalog.generation
         if self._vectors is not None:
             built_from, path, identity, index = self._vectors
-            if built_from == generation and _file_identity(path) == identity:
+            if built_from == generation and file_identity(path) == identity:
                 return index
         stored = self.catalog.model(self.model)
         if stored is None:
             self.require_model_if_others()
             return None
         path = self.home / vectors_file(stored)
-        identity = _file_identity(path)  # before loading: at worst one load too many
+        identity = file_identity(path)  # before loading: at worst one load too many
         index = VectorIndex.load(self.home, self.catalog, stored)
         self._vectors = (generation, path, identity, index)
         return index
@@ -556,15 +556,6 @@ def stale_weights_message(model: str, default: bool = True) -> str:
         f"The vectors of {model} were made by other weights (the model was updated or retrained); "
         f"run `{command}` on its folders to re-encode them."
     )
-
-
-def _file_identity(path: Path) -> tuple[int, ...] | None:
-    """What changes when a file is replaced or rewritten (None while it is missing)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _size(home: Path, name: str) -> int:

@@ -613,6 +613,15 @@ def _identity(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def file_identity(path: Path) -> list[int] | None:
+    """`_identity` of the file at ``path`` (None while it is missing): an open index compares it
+    to tell that another process rewrote the file."""
+    try:
+        return _identity(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
 def remove_vectors_file(home: Path, model: StoredModel) -> None:
     """Delete a model's vector file and the record of its last check (its vectors were dropped;
     the record had stayed behind until the next run's clean-up)."""
