@@ -13,7 +13,6 @@ import errno
 import functools
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -129,11 +128,11 @@ def _global_options(
 def _check_megapixels(setting: str) -> None:
     """The decode budget the error for a huge image tells users to raise: a value that is no
     budget had been ignored ("abc"), had lifted the limit ("nan") or failed every file ("0")."""
-    try:
-        value = float(setting) if setting.strip() else 1.0
-    except ValueError:
-        value = math.nan
-    if not value > 0:
+    if not setting.strip():
+        return
+    from clipsearch.clip.preprocess import megapixel_budget  # with Pillow: only when it is set
+
+    if megapixel_budget(setting) is None:
         message = f"{setting!r} is not a number of megapixels above 0"
         raise typer.BadParameter(message, param_hint="CLIPSEARCH_MAX_MEGAPIXELS")
 

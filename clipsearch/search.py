@@ -159,12 +159,13 @@ def find_hits(
     needs = needed_towers(terms)
     vector = query_vector(encoder(needs) if needs else None, terms)
     among: np.ndarray | None = None
+    folder = _folder(under)
     if filters:
-        among = catalog.matching_ids(filters, _folder(under))
-    elif under is not None:
+        among = catalog.matching_ids(filters, folder)
+    elif folder is not None:
         # A folder narrows the search itself too: found first and kept if under it, a small
         # folder's images could all lie in lists an inverted file's nprobe never reaches.
-        among = catalog.ids_under(normalise_roots([under])[0], FOLDER_NARROWS)
+        among = catalog.ids_under(folder, FOLDER_NARROWS)
     return sort_hits(top_k(index, catalog, vector, k, under, min_score, among, exclude), sort)
 
 

@@ -168,11 +168,17 @@ def load_upright(image: Image.Image, target: int | None = None) -> Image.Image:
 
 def max_megapixels() -> float:
     """The pixel budget of one decode: CLIPSEARCH_MAX_MEGAPIXELS, else `DEFAULT_MAX_MEGAPIXELS`."""
+    return megapixel_budget(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS", "")) or DEFAULT_MAX_MEGAPIXELS
+
+
+def megapixel_budget(setting: str) -> float | None:
+    """CLIPSEARCH_MAX_MEGAPIXELS's value as a budget; None when unset or none ("abc" and "0";
+    "nan" too, which had passed every image), which the CLI refuses and the library ignores."""
     try:
-        value = float(os.environ.get("CLIPSEARCH_MAX_MEGAPIXELS") or DEFAULT_MAX_MEGAPIXELS)
+        value = float(setting)
     except ValueError:
-        return DEFAULT_MAX_MEGAPIXELS
-    return value if value > 0 else DEFAULT_MAX_MEGAPIXELS  # NaN is no budget either: it passed every image
+        return None
+    return value if value > 0 else None
 
 
 def _upright(image: Image.Image) -> Image.Image:
