@@ -873,12 +873,15 @@ def status_command(
 
             checks = check_vectors(index.home, index.catalog)
         status = index.status()
+        # The file `status` read can pass its cheap comparison (counts, the catalog's generation)
+        # and still be damaged row by row: the check's finding is the one to say.
+        damaged = any(c.problems for c in checks if c.model == status.model)
         if not as_json:
-            typer.echo(_describe(status, bool(running)))
+            typer.echo(_describe(status, bool(running), damaged))
         if as_json:
             from dataclasses import asdict
 
-            found = status.to_json() | {"indexing": running}
+            found = status.to_json() | {"indexing": running} | ({"consistent": False} if damaged else {})
             _print_json(found | ({"checks": [asdict(c) for c in checks]} if check else {}))
         else:
             for c in checks:
@@ -888,7 +891,7 @@ def status_command(
             raise typer.Exit(1)
 
 
-def _describe(status: Status, indexing: bool = False) -> str:
+def _describe(status: Status, indexing: bool = False, damaged: bool = False) -> str:
     from clipsearch.records import STATUS_FAILED, STATUS_INDEXED, STATUSES
 
     counts = status.counts
@@ -900,7 +903,7 @@ def _describe(status: Status, indexing: bool = False) -> str:
         + (", default" if m.default else "")
         for m in status.models
     ]
-    vectors = _vector_index(status, indexing)
+    vectors = _vector_index(status, indexing, damaged)
     if status.weights_changed:
         from clipsearch.index import stale_weights_message
 
@@ -917,11 +920,13 @@ def _describe(status: Status, indexing: bool = False) -> str:
     )
 
 
-def _vector_index(status: Status, indexing: bool = False) -> str:
+def _vector_index(status: Status, indexing: bool = False, damaged: bool = False) -> str:
     if status.dim is None:  # the model has no vectors here: none yet, or dropped
         return "none yet"
     recall = "" if status.recall_at_10 is None else f", recall@10 {status.recall_at_10:.3f}"
     held = f"{status.vectors_in_index} in the index ({status.index_type}{recall})"
+    if damaged:
+        return f"{held}, NOT consistent with the catalog (see the check below)"
     if status.consistent:
         return f"{held}, consistent with the catalog"
     if indexing:

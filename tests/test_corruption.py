@@ -144,11 +144,16 @@ def test_status_check_compares_the_faiss_file_with_the_catalog_row_by_row(cli, i
     st = faiss_file(cli.home).stat()
     record.write_text(json.dumps([st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]))
     result = cli("status", "--check")
-    assert "consistent with the catalog" in result.stdout  # the cheap check is fooled
     assert result.exit_code == 1 and "does not match its checksum); run `clipsearch rebuild`" in result.stdout
+    # The cheap comparison passes; the Vectors line had said "consistent" above the check's finding.
+    (vectors,) = [line for line in result.stdout.splitlines() if line.startswith("Vectors:")]
+    assert vectors.endswith("NOT consistent with the catalog (see the check below)"), vectors
     as_json = cli("status", "--check", "--json")
-    (found,) = json.loads(as_json.stdout)["checks"]
+    said = json.loads(as_json.stdout)
+    (found,) = said["checks"]
     assert as_json.exit_code == 1 and "does not match its checksum" in found["problems"][0]
+    assert said["consistent"] is False
+    assert json.loads(cli("status", "--json").stdout)["consistent"] is True  # without --check: fooled
 
 
 def test_status_check_fails_on_damage_that_its_own_load_repairs(cli, indexed):
