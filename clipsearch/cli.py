@@ -714,9 +714,9 @@ def duplicates_command(
 def _check_under(index: Index, under: Path | None) -> None:
     """A folder that is not there and holds nothing indexed is a mistyped one: it had printed
     "No matches." and exit 0. (An unmounted drive's folder is not there but holds its files.)"""
-    from clipsearch.walk import normalise_roots
+    from clipsearch.search import unknown_folder
 
-    if under is not None and not under.exists() and index.catalog.ids_under(normalise_roots([under])[0], 0) is not None:
+    if under is not None and unknown_folder(index.catalog, under):
         raise typer.BadParameter(f"{under} does not exist, and nothing indexed lies under it", param_hint="--under")
 
 

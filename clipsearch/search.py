@@ -339,6 +339,13 @@ def _folder(under: str | os.PathLike | None) -> bytes | None:
     return normalise_roots([under])[0] if under is not None else None
 
 
+def unknown_folder(catalog: Catalog, under: str | os.PathLike) -> bool:
+    """Whether ``under`` is a mistyped folder: not there, and nothing indexed lies under it. A
+    search of it finds nothing, which says no more than that (an unmounted drive's folder is
+    not there either, but holds its files)."""
+    return not Path(under).exists() and catalog.ids_under(normalise_roots([under])[0], 0) is not None
+
+
 @contextmanager
 def _one_faiss_thread() -> Iterator[None]:
     """FAISS on one OpenMP thread for a moment: one query is too little work to share. With a

@@ -140,6 +140,24 @@ def test_under_and_min_score_filter(served):
     assert [h["path"] for h in best] == [str(library[2])]
 
 
+def test_a_mistyped_folder_is_a_400_as_on_the_command_line(served, tmp_path):
+    """It had answered 200 with no hits, which reads as "nothing matches" (the CLI's --under
+    says the folder is not there). A folder not there that still holds indexed files (an
+    unmounted drive's) is searched."""
+    client, _, library = served
+    typo = library[1].parent.with_name(library[1].parent.name + "x")
+    said = error(client.get("/api/search", params={"q": "x", "under": str(typo)}), 400)
+    assert said == f"under: {typo} does not exist, and nothing indexed lies under it."
+    assert ok(client.get("/api/search", params={"q": "x"}))["hits"]  # and it keeps serving
+    unmounted = tmp_path / "unmounted"
+    library[1].parent.rename(unmounted)
+    try:
+        hits = ok(client.get("/api/search", params={"q": "x", "k": 50, "under": str(library[1].parent)}))["hits"]
+    finally:
+        unmounted.rename(library[1].parent)
+    assert hits == []  # its files are gone from disk, so none is shown, but the folder is no typo
+
+
 def test_an_uploaded_image_finds_itself_and_is_never_stored(served, tmp_path):
     client, service, library = served
     before = sorted(p for p in service.index.home.rglob("*") if "thumbnails" not in p.parts)

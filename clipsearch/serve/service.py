@@ -35,8 +35,8 @@ from clipsearch.fingerprint import fingerprint, open_regular
 from clipsearch.index import Index
 from clipsearch.locks import indexing
 from clipsearch.records import STATUS_INDEXED, ImageRow, decode_path
-from clipsearch.search import Hit, Term
-from clipsearch.serve.errors import NotFound
+from clipsearch.search import Hit, Term, unknown_folder
+from clipsearch.serve.errors import NotFound, RequestError
 from clipsearch.serve.refine import parse_query
 from clipsearch.serve.thumbnails import Thumbnail, Thumbnails
 from clipsearch.serve.upload import MAX_PIXELS, open_upload
@@ -177,6 +177,8 @@ class Service:
         with self._search_lock:
             if self.index.model != model:  # a new default came while its vector was made
                 raise IndexStateError(f"The server now searches with {self.index.model}; send the request again.")
+            if page.under is not None and unknown_folder(self.index.catalog, page.under):
+                raise RequestError(f"under: {page.under} does not exist, and nothing indexed lies under it.")
             try:
                 hits = self.index.search(terms, k=page.offset + page.k, under=page.under, min_score=page.min_score)
             except IndexStateError:
