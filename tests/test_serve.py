@@ -621,6 +621,14 @@ def test_malformed_forms_are_refused(content_type, body):
         from_form(content_type, body)
 
 
+def test_a_form_with_bare_lf_line_ends_is_told_so():
+    """A form written by hand (a script's string, a file saved on Unix) had been told its parts
+    lacked their closing boundary, which they had."""
+    body = form([("image", "a.png", b"x"), ("q", None, b"sunset")], "B").replace(b"\r\n", b"\n")
+    with pytest.raises(RequestError, match="its lines end in LF, where multipart/form-data needs CRLF"):
+        from_form("multipart/form-data; boundary=B", body)
+
+
 def test_uploads_are_decoded_at_most_one_per_cpu_at_once(served, monkeypatch):
     _, service, library = served
     data, at_once, most = library[4].read_bytes(), [0], [0]

@@ -65,6 +65,8 @@ def _form_parts(boundary: str | None, body: bytes) -> list[tuple[Message, bytes]
         headers = BytesHeaderParser(policy=policy.HTTP).parsebytes(body[line_end + 2 : headers_end + 4])
         parts.append((headers, body[headers_end + 4 : end]))
         start = end
+    if delimiter[2:] + b"\n" in body and delimiter[2:] + b"\r\n" not in body:  # a hand-written form
+        raise RequestError("The form is malformed: its lines end in LF, where multipart/form-data needs CRLF.")
     raise RequestError("The form is malformed (multipart/form-data parts without their closing boundary).")
 
 
