@@ -1188,6 +1188,11 @@ def main() -> None:
         code = EXIT_INTERRUPTED
     except OSError as err:  # writing --help or --version
         code = _output_failed(err)
+    except SystemExit as err:
+        # rich, which writes --help, ends the process with 1 when its reader went away (`| head`)
+        if not isinstance(err.__context__, BrokenPipeError):
+            raise
+        code = _output_failed(err.__context__)
     exit_now(_flushed(code if isinstance(code, int) else 0))
 
 
