@@ -121,8 +121,11 @@ def _global_options(
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.INFO)
     root.propagate = False
-    if quiet:  # no bars either, a model's download included (tqdm's own switch, which the library reads)
+    if quiet:  # no bars either, a model's download included (tqdm's own switch, which the library reads),
         os.environ["TQDM_DISABLE"] = "1"
+        # nor huggingface_hub's lines as it retries a download (its switch, read as it is imported)
+        os.environ["HF_HUB_VERBOSITY"] = "error"
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # where it was imported before
 
 
 def _check_megapixels(setting: str) -> None:

@@ -63,6 +63,7 @@ class HubStandIn:
         self.token = "hf_test_token"  # what a gated repository accepts
         self.tampered: dict[str, bytes] = {}  # SHA-256 -> what the CDN serves instead (same size)
         self.blank_after: int | None = None  # the CDN's next response hangs up after this many bytes
+        self.busy = 0  # the hub answers this many requests more with 503 (it is overloaded)
         self._blobs: dict[str, bytes] = {}
         self._hub = self._start(self._hub_handler())
         self._cdn = self._start(self._cdn_handler())
@@ -119,6 +120,9 @@ class HubStandIn:
         if handler.path.startswith("/api/"):  # huggingface_hub's other calls (agent detection): not logged
             return _error(handler, 404, None)
         self.requests.append(Request("hub", handler.command, handler.path, handler.headers.get("authorization")))
+        if self.busy:
+            self.busy -= 1
+            return _error(handler, 503, None)
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", unquote(handler.path.split("?")[0]))
         repo = self.repos.get(match[1]) if match else None
         if match is None or repo is None:

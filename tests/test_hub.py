@@ -492,3 +492,16 @@ def test_models_download_in_a_process_honours_the_hub_settings(stand_in, tmp_pat
 
     offline = cli("models", "download", LAION, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty"))
     assert offline.returncode == 1 and offline.stderr.count("\n") == 1 and "HF_HUB_OFFLINE" in offline.stderr
+
+
+def test_quiet_silences_huggingface_hubs_retry_lines(stand_in, tmp_path):
+    """`-q` prints nothing but results and errors: a hub busy for a moment had put
+    huggingface_hub's "HTTP Error 503 ... Retrying in 1s" lines on stderr all the same."""
+    stand_in.push(LAION_REPO, {WEIGHTS: PAYLOAD})
+    env = {**os.environ, "HF_ENDPOINT": stand_in.url, "HF_HOME": str(tmp_path / "hf")}
+    command = [str(Path(sys.executable).parent / "clipsearch"), "-q", "models", "download", LAION]
+    stand_in.busy = 2  # huggingface_hub retries the second 503 (after 1 s), and says so
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    (fetched,) = (tmp_path / "hf" / "hub").glob(f"models--laion--*/snapshots/*/{WEIGHTS}")
+    assert stand_in.busy == 0 and fetched.read_bytes() == PAYLOAD  # it did retry, and got the file
