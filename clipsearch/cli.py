@@ -772,8 +772,8 @@ def classify_command(
     from clipsearch.search import zero_shot
 
     names = [label.strip() for label in labels.split(",") if label.strip()]
-    if len(names) < 2:
-        raise typer.BadParameter("give at least two labels, separated by commas", param_hint="--labels")
+    if not names:
+        raise typer.BadParameter("give the labels, separated by commas", param_hint="--labels")
     if len(set(names)) < len(names):  # one label twice splits its probability, and --json kept one half
         twice = next(name for name in names if names.count(name) > 1)
         raise typer.BadParameter(f"{twice!r} is given twice; give each label once", param_hint="--labels")
@@ -783,6 +783,11 @@ def classify_command(
             param_hint="--template",
         )
     encoder = Encoder(model or _index_model(), settings.device, towers="both")
+    if len(names) < 2 and encoder.logit_bias is None:  # a softmax over one label is 1 whatever the image
+        raise typer.BadParameter(
+            "give at least two labels, separated by commas (only a SigLIP model scores one label alone)",
+            param_hint="--labels",
+        )
     width = max(len(name) for name in names)
     failed, classified = 0, []
     for image in images:

@@ -308,3 +308,47 @@ def test_xlm_roberta_registry_name_matches_open_clip(xlmr_pair, stand_in):  # no
     ids = ours.tokenizer(TEXTS)
     diff = assert_same_logits(model, ours, pixels, pixels, ids, ids)
     print(f"xlm-roberta-base-ViT-B-32 by name: logits max abs diff {diff:.2e}")
+
+
+def test_every_familys_tokenizer_refuses_a_text_too_long_unless_told_to_cut(siglip_folder):
+    """`model.tokenizer(texts)` raised for a CLIP model and silently cut for a SigLIP one, so
+    code written for any family broke on CLIP alone."""
+    from clipsearch.clip.tokenizer import TextTooLongError
+
+    ours, _ = clip.load(str(siglip_folder[1]), device="cpu")
+    long = "a photo of " + "a very long caption " * 40
+    with pytest.raises(TextTooLongError, match="more than the context length of 64"):
+        ours.tokenizer([long])
+    assert ours.tokenizer([long], truncate=True).shape == (1, 64)
+
+
+def test_an_empty_batch_of_texts_encodes_to_no_rows(xlmr_pair):
+    """open_clip answers [0, embed_dim]; ours raised from `max()` of nothing (CLIP and XLM-R)."""
+    from clipsearch.clip.model import CLIP, ModelConfig
+
+    tiny = CLIP(ModelConfig(16, 32, 1, 64, 16, 1, 8, 50, 64, 1, 1))
+    xlmr = build_model(xlmr_pair[0].state_dict())
+    for model, dim in ((tiny, 16), (xlmr, xlmr_pair[0].text.proj[-1].out_features)):
+        with torch.no_grad():
+            assert model.encode_text(torch.zeros(0, model.context_length, dtype=torch.long)).shape == (0, dim)
+
+
+def test_classify_scores_one_label_alone_with_a_siglip_model(siglip_folder, tmp_path):
+    """A SigLIP model gives each label its own probability ("is this a dog?"); classify had
+    asked for two labels, which only CLIP's softmax needs."""
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    _, folder = siglip_folder
+    image = tmp_path / "a.png"
+    photo(3).save(image)
+    args = ["--home", str(tmp_path / "home"), "classify", str(image), "--labels", "cat", "--model", str(folder)]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    (found,) = json.loads(result.stdout)
+    ours, preprocess = clip.load(str(folder), device="cpu")
+    with torch.no_grad():
+        logits, _ = ours(preprocess(Image.open(image)).unsqueeze(0), ours.tokenizer(["a photo of a cat"]))
+    # The CLI's encoder runs the precision this machine measured fastest (cosine >= 0.999 to fp32)
+    assert found["labels"]["cat"] == pytest.approx(torch.sigmoid(logits).item(), abs=0.01)

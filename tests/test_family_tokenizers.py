@@ -137,14 +137,14 @@ def test_ids_and_padding_match_open_clip(tokenizer_dir):
     reference = ReferenceTokenizer(str(directory), context_length=context, clean=clean)
     ours = HFTokenizer(directory, context_length=context, clean=clean)
     expected = reference(texts).numpy()
-    got = ours.ids(texts)
+    got = ours.ids(texts, truncate=True)  # as open_clip's, which cuts without being asked
     mismatched = [text for text, a, b in zip(texts, expected, got) if not np.array_equal(a, b)]
     truncated = sum(too_long(ours, text) for text in texts)
     print(f"{directory.name}: {len(texts)} strings, {len(mismatched)} differ, {truncated} truncated")
     assert not mismatched, mismatched[:3]
     assert truncated > 10  # the long strings exercised the truncation
     assert (expected == ours.pad_id).any()
-    assert torch.equal(ours(texts[:5]), reference(texts[:5]))
+    assert torch.equal(ours(texts[:5], truncate=True), reference(texts[:5]))
 
 
 def test_pad_ids_are_the_families_own(tokenizer_dir):
@@ -159,21 +159,25 @@ def test_pad_ids_are_the_families_own(tokenizer_dir):
     assert ids[-1] == ours.pad_id and len(ids) == context
 
 
-def test_truncate_false_refuses_long_text(tokenizer_dir):
+def test_a_long_text_is_refused_unless_truncate_is_given(tokenizer_dir):
+    """As the CLIP tokenizer does: refused by default (it had been cut silently here alone)."""
     directory, clean, context = tokenizer_dir
     ours = HFTokenizer(directory, context_length=context, clean=clean)
     long_text = " ".join(random_texts(40, seed=2))
-    with pytest.raises(TextTooLongError):
-        ours.ids(long_text, truncate=False)
-    assert ours.ids(long_text).shape == (1, context)
-    assert ours.ids(long_text, context_length=8).shape == (1, 8)
+    for refused in ({}, {"truncate": False}):
+        with pytest.raises(TextTooLongError):
+            ours.ids(long_text, **refused)
+        with pytest.raises(TextTooLongError):
+            ours(long_text, **refused)
+    assert ours.ids(long_text, truncate=True).shape == (1, context)
+    assert ours.ids(long_text, context_length=8, truncate=True).shape == (1, 8)
 
 
 def test_truncate_warn_cuts_as_true_and_warns_for_each_text_cut(tokenizer_dir, caplog):
     directory, clean, context = tokenizer_dir
     ours = HFTokenizer(directory, context_length=context, clean=clean)
     texts = [" ".join(random_texts(40, seed=2)), "a red circle"]
-    assert np.array_equal(ours.ids(texts, truncate="warn"), ours.ids(texts))
+    assert np.array_equal(ours.ids(texts, truncate="warn"), ours.ids(texts, truncate=True))
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"the text {texts[0][:57] + '...'!r} is longer than the model's {context} tokens; the end was ignored"
     ]

@@ -567,7 +567,7 @@ class CLIP(SharedSpace):
         ends = text.argmax(dim=-1)
         # Attention is causal: the padding after the last end-of-text token cannot change the
         # result, so it is cut off. A short query then costs a few tokens instead of 77.
-        text = text[:, : int(ends.max()) + 1]
+        text = text[:, : int(ends.max()) + 1] if len(text) else text
         x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[: text.shape[1]].to(self.dtype)
         x = self.ln_final(self.transformer(x))
         return x[torch.arange(x.shape[0], device=x.device), ends] @ self.text_projection

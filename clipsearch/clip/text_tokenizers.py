@@ -66,7 +66,9 @@ class HFTokenizer:
     """Texts → token ids ``[N, context_length]``, padded with the pad token, for a model whose
     tokenizer is a directory holding ``tokenizer.json`` (and usually ``tokenizer_config.json``).
 
-    Called like `clip.tokenizer.Tokenizer`: ``tokenizer(texts, context_length, truncate)``.
+    Called like `clip.tokenizer.Tokenizer`: ``tokenizer(texts, context_length, truncate)``, and
+    like it refuses a text too long unless ``truncate`` is given (it had cut it silently, so
+    ``model.tokenizer(texts)`` raised for a CLIP model and not for a SigLIP one).
     Every row is padded to the full context length: SigLIP reads every position.
     """
 
@@ -109,7 +111,7 @@ class HFTokenizer:
         return self._whole.get_vocab_size(with_added_tokens=True)
 
     def ids(
-        self, texts: str | Sequence[str], context_length: int | None = None, truncate: Truncate = True
+        self, texts: str | Sequence[str], context_length: int | None = None, truncate: Truncate = False
     ) -> np.ndarray:
         """Token ids as an ``int64`` NumPy array ``[N, context_length]``; ``truncate`` as
         `clip.tokenizer.Truncate` says."""
@@ -140,7 +142,7 @@ class HFTokenizer:
         return rows
 
     def __call__(
-        self, texts: str | Sequence[str], context_length: int | None = None, truncate: Truncate = True
+        self, texts: str | Sequence[str], context_length: int | None = None, truncate: Truncate = False
     ) -> torch.Tensor:
         import torch
 

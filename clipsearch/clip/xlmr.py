@@ -232,7 +232,7 @@ class XlmrText(nn.Module):
         mask = (ids != self.pad_id).long()
         # Padding is masked out of attention and pooling: columns that are padding in every row
         # change nothing and are cut, so a short query costs its own length, not 77 tokens.
-        length = int(mask.sum(dim=1).max())
+        length = int(mask.sum(dim=1).max()) if len(ids) else ids.shape[1]
         ids, mask = ids[:, :length], mask[:, :length]
         x = self.transformer(ids, mask)
         weights = mask.unsqueeze(-1).to(x.dtype)
