@@ -460,7 +460,9 @@ class Catalog:
 
         ``indexed`` files carry ``model``'s vectors; the first batch that does records the model
         with the fingerprint of its ``weights`` (and makes it the default if there is none). A file
-        whose content changed keeps no other model's vector: those models re-encode it when next used.
+        whose content changed keeps no other model's vector: those models re-encode it when next used,
+        unless another row holds the same content (`fingerprint.identifies`) with a vector by them,
+        which the file then takes: a moved or copied file keeps every model's vector.
         """
         if not (indexed or failed or missing):
             return
@@ -523,6 +525,12 @@ class Catalog:
                     ),
                     [{"image_path": f.path, "blob": _vector_blob(f.vector)} for f in indexed],
                 )
+                # The same content at another path (a file moved, copied, or indexed there by other
+                # models only) lends its other models' vectors: a move indexed by one model must not
+                # cost the others theirs, and none of them encodes these bytes again.
+                same = [(f.path,) for f in indexed if f.fingerprint is not None and identifies(f.path, f.size)]
+                if same:
+                    conn.exec_driver_sql(_CARRY_VECTORS, same)
             if failed or missing:
                 conn.execute(
                     delete(Vector).where(Vector.image_id == id_of),
@@ -770,6 +778,14 @@ def _use_wal(conn: sqlite3.Connection) -> None:
 
 
 _ROW_COLUMNS = "id, path, size, mtime_ns, width, height, " + ", ".join(METADATA_COLUMNS)
+# The vectors that rows of the same content (fingerprint) hold and the row at a path lacks,
+# given to it (`Catalog.commit_batch`); the fingerprint holds the size, so the copies are of it.
+_CARRY_VECTORS = (
+    "INSERT OR IGNORE INTO vectors (image_id, model_id, vector) "
+    "SELECT dst.id, v.model_id, v.vector FROM images AS dst "
+    "JOIN images AS src ON src.fingerprint = dst.fingerprint AND src.id != dst.id "
+    "JOIN vectors AS v ON v.image_id = src.id WHERE dst.path = ?"
+)
 
 # Reads by filters (`Catalog.matching_ids`). Each condition holds when its value is NULL (that
 # filter is unset). "+status": almost every row is indexed, and SQLite must not walk that index.

@@ -84,7 +84,8 @@ _FIRST_BATCH = 8
 class AddReport:
     """What one run did. ``moved`` and ``copied`` count files that took the vector of an identical
     file already indexed, without encoding: moved (or renamed) where that content left its old
-    path, else copied. ``removed`` counts files gone from disk."""
+    path, else copied. Any file indexed also takes the other models' vectors of its content
+    (`Catalog.commit_batch`), so a move keeps them all. ``removed`` counts files gone from disk."""
 
     new: int = 0
     changed: int = 0
