@@ -201,13 +201,13 @@ class Index:
                 executor=None if ray is None else self._ray_executor(ray, batch_size, workers),
                 weights=weights,
                 verify_progress=verify_progress,
+                stale=stale,
             )
-            report.stale = stale
             # For vectors a Ray executor recorded, or from weights the run downloaded (checked).
             self.catalog.adopt_model_weights(self.model, weights or self._current_weights())
             if self.catalog.generation != generation:
                 self._update_vectors()
-        if report.new + report.changed:
+        if report.encoded:
             self._prepare_text_queries()
         return report
 
@@ -221,19 +221,19 @@ class Index:
             self._encoder = None
         return weights
 
-    def _drop_stale_vectors(self) -> tuple[str | None, int]:
+    def _drop_stale_vectors(self) -> tuple[str | None, frozenset[bytes]]:
         """Before a run, under the writer lock: the fingerprint of the model's weights now, and
-        how many of its vectors were dropped for having been made by other weights (the model
-        was updated or retrained in place), for the run to encode every image again. Mixing the
-        two would make searches compare vectors of two embedding spaces. Vectors of unknown
-        weights (recorded before schema 0006) are taken to be by these."""
+        the paths whose vectors were dropped for having been made by other weights (the model
+        was updated or retrained in place), for the run to encode every image again and count
+        them as re-encoded. Mixing the two would make searches compare vectors of two embedding
+        spaces. Vectors of unknown weights (recorded before schema 0006) are taken to be by these."""
         weights = self._current_weights()
         stored = self.catalog.model(self.model)
         if stored is None or weights is None or stored.weights == weights:
-            return weights, 0
+            return weights, frozenset()
         if stored.weights is None:
             self.catalog.adopt_model_weights(self.model, weights)
-            return weights, 0
+            return weights, frozenset()
         log.warning(
             "The weights of %s changed since its vectors were made (%s, now %s): encoding its %d images again",
             self.model,
@@ -241,8 +241,9 @@ class Index:
             weights,
             stored.vectors,
         )
+        stale = frozenset(path for path, state in self.catalog.file_states(self.model).items() if state.encoded)
         self._forget_vectors(stored, keep_default=True)
-        return weights, stored.vectors
+        return weights, stale
 
     def weights_changed(self) -> bool:
         """Whether the model's vectors here were made by other weights than those on disk now

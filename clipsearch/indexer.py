@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,19 +97,23 @@ class AddReport:
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
     verified: int = 0  # unchanged files fingerprinted again (`verify`)
     metadata: int = 0  # files indexed before, whose metadata was read from their header now
-    # Vectors dropped before the run because the model's weights changed since they were made
-    # (the images are encoded again in this run, counted as new).
+    # Images encoded again in this run because the model's weights changed since their vectors
+    # were made (`run_add`'s ``stale``): counted here, neither as new nor as changed files.
     stale: int = 0
     elapsed: float = 0.0
     model_load_s: float = 0.0  # part of elapsed: loading the model, once, if anything needed it
     interrupted: bool = False
 
     @property
+    def encoded(self) -> int:
+        """Images encoded in this run: new, changed, and re-encoded for new weights."""
+        return self.new + self.changed + self.stale
+
+    @property
     def images_per_s(self) -> float:
         """The encode rate: images encoded per second of the run once the model was loaded."""
-        encoded = self.new + self.changed
         working = self.elapsed - self.model_load_s
-        return encoded / working if working > 0 else 0.0
+        return self.encoded / working if working > 0 else 0.0
 
 
 @dataclass
@@ -243,6 +247,7 @@ def run_add(
     executor: Executor | None = None,
     weights: str | None = None,
     verify_progress: Progress | None = None,
+    stale: Collection[bytes] = frozenset(),
 ) -> AddReport:
     """Bring the catalog, and ``model``'s vectors in it, up to date with the files under ``roots``
     (or the files a `Manifest` lists).
@@ -256,7 +261,9 @@ def run_add(
     ``executor`` does the encoding. ``should_stop`` is polled between files; once it
     returns True the batch not yet encoded is dropped, everything finished is committed, and the
     report comes back with ``interrupted`` set. ``weights`` (`sources.weights_fingerprint`) is
-    recorded with the model's first vector.
+    recorded with the model's first vector. ``stale``: the paths whose vectors by ``model`` were
+    dropped before the run for having been made by other weights; encoding them again is counted
+    in ``report.stale``, not as new files.
     """
     started = time.perf_counter()
     walk = roots if isinstance(roots, Manifest) else _walk(roots, exclude, follow_symlinks)
@@ -280,9 +287,11 @@ def run_add(
     if plan.todo and not should_stop() and executor is not None:
         gone_content = {fp for fp in (states[path].fingerprint for path in plan.missing) if fp is not None}
         moved_content = executor(catalog, model, plan.todo, gone_content, report, progress, should_stop)
+        if stale:
+            _count_stale_after(catalog, model, plan.todo, stale, moved_content, report)
     elif plan.todo and not should_stop():
         sizes = {state.size for state in states.values() if state.encoded}
-        run = _Run(catalog, model, get_encoder, plan.todo, sizes, report, progress, should_stop, weights)
+        run = _Run(catalog, model, get_encoder, plan.todo, sizes, report, progress, should_stop, weights, stale)
         run.run(batch_size or DEFAULT_BATCH_SIZE, workers)
         # What decoding and encoding freed goes back to the system before the vector index is
         # updated, rather than staying with glibc beneath FAISS's allocations (500 photos: peak
@@ -379,9 +388,11 @@ class _Run:
         progress: Progress | None,
         should_stop: Callable[[], bool],
         weights: str | None = None,
+        stale: Collection[bytes] = frozenset(),
     ):
         self.catalog = catalog
         self.weights = weights
+        self.stale = stale  # paths whose vectors by the model were dropped for new weights
         self.model = model
         self.get_encoder = get_encoder
         self.loaded: Encoder | None = None
@@ -398,7 +409,7 @@ class _Run:
         self.reused_fingerprints: set[bytes] = set()  # contents found again under another path
         self.left: set[bytes] = set()  # the paths, gone from disk, whose rows' vectors were reused
         self.leaving: set[bytes] = set()  # those of them whose rows go with the next commit
-        self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.new + changed)
+        self.decode_s = self.encode_s = 0.0  # summed over the images encoded (report.encoded)
 
     @property
     def encoder(self) -> Encoder:
@@ -416,7 +427,7 @@ class _Run:
             first = min(batch_size, _FIRST_BATCH)
             if not self._index_batches(itertools.islice(items, first), first, 0) or self.loaded is None:
                 return  # stopped, or nothing needed decoding: every file was reused or unreadable
-            encoded = max(self.report.new + self.report.changed, 1)
+            encoded = max(self.report.encoded, 1)
             decode_s, encode_s = self.decode_s / encoded, self.encode_s / encoded
             on_cpu = self.encoder.device.type == "cpu"
             workers = best_workers(
@@ -541,15 +552,38 @@ class _Run:
             self.catalog.remove(sorted(self.leaving))
             self.leaving.clear()
         self.reusable_sizes.update(f.size for f in indexed)
-        new = sum(1 for _, is_new, _ in decoded if is_new)
+        new = sum(1 for found, is_new, _ in decoded if is_new and found.path not in self.stale)
+        stale = sum(1 for found, is_new, _ in decoded if is_new and found.path in self.stale)
         self.report.new += new
-        self.report.changed += len(decoded) - new
+        self.report.stale += stale
+        self.report.changed += len(decoded) - new - stale
         self.report.moved += len(self.reused)
         self.report.failed += len(self.failed)
         self.done += len(decoded) + len(self.reused) + len(self.failed)
         self.reused, self.failed = [], []
         if self.progress:
             self.progress(self.done, len(self.todo))
+
+
+def _count_stale_after(
+    catalog: Catalog,
+    model: str,
+    todo: list[tuple[FoundFile, bool]],
+    stale: Collection[bytes],
+    moved_content: set[bytes],
+    report: AddReport,
+) -> None:
+    """After an `Executor`, which counts every file new to the model as new: move to
+    ``report.stale`` those that were only re-encoded for new weights (their vectors now there)."""
+    states = catalog.file_states(model)
+    again = 0
+    for found, is_new in todo:
+        state = states.get(found.path)
+        if is_new and found.path in stale and state is not None and state.encoded:
+            again += state.fingerprint not in moved_content  # those it counted as moved stay so
+    again = min(again, report.new)
+    report.new -= again
+    report.stale += again
 
 
 @contextmanager

@@ -12,7 +12,9 @@ from clipsearch import indexer
 from clipsearch.catalog import Catalog
 from clipsearch.decode import DecodePool
 from clipsearch.errors import ClipsearchError
+from clipsearch.fingerprint import fingerprint
 from clipsearch.indexer import run_add
+from clipsearch.records import IndexedFile
 
 
 @pytest.fixture
@@ -468,3 +470,24 @@ def test_a_file_rewritten_while_it_is_read_is_retried_next_run(tmp_path, catalog
     monkeypatch.undo()
     report = add(tmp_path / "lib")
     assert (report.changed, report.failed) == (1, 0)
+
+
+def test_re_encoding_for_new_weights_is_counted_apart_from_new_files_by_an_executor_too(tmp_path, catalog, add):
+    """An `Executor` (Ray) counts each file new to the model as new; those whose vectors were
+    dropped for new weights (``stale``) are re-encoded, not new: the report says so."""
+    make_library(tmp_path / "lib", 4)
+    add(tmp_path / "lib")
+    stale = frozenset(catalog.file_states(TEST_MODEL))
+    catalog.drop_model(TEST_MODEL, keep_default=True)  # as `Index` does when the weights changed
+    make_image(tmp_path / "lib" / "added.png", 40)
+
+    def executor(catalog, model, todo, gone, report, progress, should_stop):
+        files = [
+            IndexedFile(f.path, f.size, f.mtime_ns, fingerprint(f.path), 8, 8, np.ones(16, np.float32)) for f, _ in todo
+        ]
+        catalog.commit_batch(model, indexed=files)
+        report.new += sum(1 for _, is_new in todo if is_new)
+        return set()
+
+    report = run_add(catalog, TEST_MODEL, None, [tmp_path / "lib"], executor=executor, stale=stale)
+    assert (report.stale, report.new, report.changed, report.unchanged) == (4, 1, 0, 0)

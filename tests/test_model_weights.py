@@ -74,7 +74,9 @@ def test_changed_weights_are_encoded_again_and_other_models_kept(
             index.search("a cat")
         assert index.status().weights_changed
         report = index.add([tmp_path / "lib"], workers=0)
-        assert (report.stale, report.new, report.unchanged, sum(encoded)) == (6, 6, 0, 6)
+        # Re-encoded for the new weights: none of them is a new file, nor a changed one.
+        assert (report.stale, report.new, report.changed, report.unchanged, sum(encoded)) == (6, 0, 0, 0, 6)
+        assert report.images_per_s > 0
         assert index.search("a cat", k=3)  # the vectors and the weights agree again
         assert not index.status().weights_changed
         assert index.catalog.model_weights(model) == weights_fingerprint(model)
@@ -116,6 +118,7 @@ def test_the_cli_refuses_to_search_stale_vectors_in_one_line_then_reindexes(tmp_
     again = runner.invoke(app, [*home, "index", str(tmp_path / "lib")])
     assert again.exit_code == 0, again.output
     assert "re-encoded 4 images: the weights of" in again.output
+    assert "new 0, changed 0, moved 0, copied 0, removed 0, failed 0, unchanged 0 in" in again.output
     assert runner.invoke(app, [*home, "query", "a cat"]).exit_code == 0
     assert STALE not in runner.invoke(app, [*home, "status"]).output
 
@@ -211,6 +214,7 @@ def test_the_advice_for_stale_vectors_of_another_model_names_it(tmp_path, model,
     assert refused.exit_code == 1 and refused.output.strip().endswith(advice)
     followed = runner.invoke(app, [*home, "index", str(tmp_path / "lib"), "--model", model])
     assert followed.exit_code == 0 and "re-encoded 3 images" in followed.output
+    assert "new 0, changed 0," in followed.output
     assert runner.invoke(app, [*home, "query", "a cat", "--model", model]).exit_code == 0
 
 
@@ -236,3 +240,22 @@ def test_vectors_of_a_checkpoint_gone_from_its_path_can_still_be_dropped(tmp_pat
     assert runner.invoke(app, [*home, "query", "a cat", "--model", other_tiny_model]).exit_code == 0
     unknown = runner.invoke(app, [*home, "models", "drop", str(tmp_path / "never.pt"), "--yes"])
     assert unknown.exit_code == 1 and "is neither a known model nor a checkpoint" in unknown.output
+
+
+def test_after_new_weights_new_and_changed_files_are_still_told_apart_from_re_encoded_ones(tmp_path, model, encoded):
+    """Only the files that had a vector by the earlier weights are counted as re-encoded: a file
+    added since is new, one edited since is changed (a re-encode had been reported as 'new')."""
+    images = make_library(tmp_path / "lib", 5)
+    with open_index(tmp_path / "home", model) as index:
+        index.add([tmp_path / "lib"], workers=0)
+    retrain(model)
+    make_library(tmp_path / "lib", 1, start_seed=50, ext=".jpg")
+    make_library(tmp_path / "other", 1, start_seed=60)
+    images[0].write_bytes((tmp_path / "other" / "part0" / "img0000.png").read_bytes())  # another size
+    encoded.clear()
+    with open_index(tmp_path / "home", model) as index:
+        report = index.add([tmp_path / "lib"], workers=0)
+    assert (report.stale, report.new, report.changed, report.unchanged, sum(encoded)) == (4, 1, 1, 0, 6)
+    with open_index(tmp_path / "home", model) as index:
+        again = index.add([tmp_path / "lib"], workers=0)
+    assert (again.stale, again.new, again.unchanged) == (0, 0, 6)
