@@ -88,7 +88,8 @@ class Model(Base):
 
 class Vector(Base):
     """An image's embedding by one model. Only rows with status "indexed" have any; an image
-    whose content changed keeps only the vector of the model that re-encoded it."""
+    whose content changed keeps only the vector of the model that re-encoded it, and those of
+    other rows holding the same content (`Catalog.commit_batch`)."""
 
     __tablename__ = "vectors"
 
