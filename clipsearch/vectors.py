@@ -46,6 +46,7 @@ Its k-means runs in two levels (`train`): one over all its lists would take hour
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -643,14 +644,16 @@ def _checked_identity(path: Path) -> list[int] | None:
 
 def _remember_checked(path: Path, identity: list[int] | None = None) -> None:
     """Record beside the file that this version of it matched its checksum. Best effort: in a
-    read-only home every load checks the file again."""
+    read-only home (EROFS, EACCES, EPERM) every load checks the file again, and uses it."""
     record = _checked_record(path)
     tmp = record.with_name(f"{record.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         tmp.write_text(json.dumps(identity or _identity(os.stat(path))))
         os.replace(tmp, record)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        log.debug("Could not record that %s matched its checksum (%s)", path, e)
+        with contextlib.suppress(OSError):  # on a read-only disk, unlinking even no file fails (EROFS)
+            tmp.unlink(missing_ok=True)
 
 
 # The FAISS factory strings clipsearch builds and searches by cosine: exact, scalar or product

@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -380,6 +381,24 @@ def test_read_only_home_with_a_stale_faiss_file_still_answers(cli, indexed):
         assert result.exit_code == 0
         assert result.stdout_bytes == os.fsencode(indexed[1]) + b"\n"
         assert "Rebuilding the vector index" in result.stderr
+
+
+def test_a_read_only_copy_of_a_home_is_used_as_it_is(cli, indexed, tmp_path):
+    """A copy of a home (`cp -a`: every file gets a new ctime, so the record that its vector file
+    matched its checksum no longer names it) on a read-only disk. The checksum matches; that the
+    record cannot be rewritten is no damage. Before: every command warned "vectors-1.faiss is
+    damaged ([Errno 30] Read-only file system ...)" and rebuilt the index in memory."""
+    copy = tmp_path / "copy"
+    shutil.copytree(cli.home, copy)
+    with read_only(copy):
+        listing = sorted(os.listdir(copy))
+        for args in (["status"], ["query", indexed[3], "-k", "1", "--paths-only"], ["status", "--check"]):
+            result = cli(*args, home=copy)
+            assert result.exit_code == 0, (args, result.output)
+            assert "Rebuilding" not in result.stderr and "damaged" not in result.stderr, (args, result.stderr)
+            if args[0] == "query":
+                assert result.stdout_bytes == os.fsencode(indexed[3]) + b"\n"
+        assert sorted(os.listdir(copy)) == listing
 
 
 def _commit_then_die(home, indexed_file, model) -> None:
