@@ -122,6 +122,43 @@ def test_untrainable_or_unknown_types_are_clear_errors():
         VectorIndex.build(np.arange(10), random_unit(10), "Bogus")
 
 
+@pytest.mark.parametrize(
+    "index_type",
+    ["Flat", "HNSW32", "HNSW16,SQ8", "IVF8,Flat", "IVF8,SQ8", "IVF8_HNSW32,Flat", "IVF8,PQ8x4fs,Refine(SQfp16)"],
+)
+def test_every_index_type_returns_as_many_hits_as_asked_for_when_that_many_pass(index_type):
+    """HNSW had answered at most about what its efSearch reaches (195 of 310 for k=300), an
+    inverted file what its tuned probes hold (245), filtered or not: a search for n gets
+    min(n, how many pass), as Flat does; and the tuned breadth the common path uses is kept."""
+    vectors = clustered_unit(700, clusters=12)
+    ids = np.arange(700, dtype=np.int64) * 3 + 1
+    index = VectorIndex.build(ids, vectors, index_type)
+    breadth = _search_breadth(index)
+    queries = random_unit(8, seed=5)
+    for k in (300, 700, 1000):
+        scores, found = index.search(queries, k)
+        assert [len(set(row[row >= 0].tolist())) for row in found] == [min(k, 700)] * 8, k
+        assert np.all(np.isfinite(scores[found >= 0]))
+    for step in (3, 20, 100):  # 234, 35 and 7 pass
+        among = ids[::step]
+        for k in (10, len(among), 2 * len(among)):
+            found = index.search(queries, k, among)[1]
+            assert [len(set(row[row >= 0].tolist())) for row in found] == [min(k, len(among))] * 8, (step, k)
+            assert set(found[found >= 0].tolist()) <= set(among.tolist())
+    assert _search_breadth(index) == breadth
+
+
+def _search_breadth(index: VectorIndex) -> tuple:
+    """What the build tuned: efSearch, nprobe, a refined index's shortlist."""
+    hnsw = getattr(vectors_module._inner(index.index), "hnsw", None)
+    ivf = vectors_module._ivf(index.index)
+    return (
+        None if hnsw is None else hnsw.efSearch,
+        None if ivf is None else ivf.nprobe,
+        getattr(index.index, "k_factor", None),
+    )
+
+
 # --- on disk, derived from a catalog -------------------------------------------------------------
 
 
