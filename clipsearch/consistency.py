@@ -3,7 +3,8 @@ and the catalog's own vectors checked for damage SQLite cannot see.
 
 A load trusts a vector file whose stamp matches the catalog and whose checksum matched once
 (`vectors._read`); this reads every file whole again, compares its checksum, then every vector
-it holds with the catalog's. A vector in the catalog altered in place passes SQLite's
+it holds with the catalog's (a file that only lags the catalog is first brought up to date, as
+a load does: not damage). A vector in the catalog altered in place passes SQLite's
 integrity check; every vector clipsearch stores is of unit length, and random damage to its
 bytes almost never keeps it so.
 """
@@ -40,7 +41,21 @@ def check(home: Path, catalog: Catalog) -> list[ModelCheck]:
 
 
 def check_model(home: Path, catalog: Catalog, model: StoredModel) -> ModelCheck:
-    generation = catalog.generation
+    # The file first: one that lags the catalog is brought up to date before the catalog's
+    # vectors are read, so that both are of one generation.
+    index: VectorIndex | None = None
+    unusable = ""
+    try:
+        index, built_from = VectorIndex.read_checked(home, catalog, model)
+    except StaleIndex as reason:
+        unusable = f"its vector file cannot be used: {reason}; {_rebuild(catalog, model)}"
+    else:
+        if built_from != catalog.generation:
+            # Not damage: the file of a model that the last runs did not use lags the catalog,
+            # and every load brings it up to date by the rows changed since (`refresh`), as this
+            # does (saved as a query saves it). The checksum of all it held matched above; the
+            # rows it kept are compared below with the rest.
+            index = VectorIndex.refresh(home, catalog, model)
     ids, vectors = catalog.all_vectors(model)
     result = ModelCheck(model.name, len(ids))
     norms = np.linalg.norm(vectors, axis=1)
@@ -50,15 +65,8 @@ def check_model(home: Path, catalog: Catalog, model: StoredModel) -> ModelCheck:
             f"{len(damaged)} of its vectors in the catalog are damaged (not of unit length), of "
             f"{_files(catalog, damaged)}: `clipsearch remove` those files, then index them again"
         )
-    try:
-        index, built_from = VectorIndex.read_checked(home, catalog, model)
-    except StaleIndex as reason:
-        result.problems.append(f"its vector file cannot be used: {reason}; {_rebuild(catalog, model)}")
-        return result
-    if built_from != generation:
-        result.problems.append(
-            f"its vector file was built from catalog generation {built_from}, not {generation} (any query updates it)"
-        )
+    if index is None:
+        result.problems.append(unusable)
         return result
     held = index.held_ids()
     for ids_wrong, what in ((np.setdiff1d(ids, held), "lacks"), (np.setdiff1d(held, ids), "holds other")):

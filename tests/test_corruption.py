@@ -183,6 +183,39 @@ def test_status_check_names_the_model_to_rebuild_unless_it_is_the_default(
     assert cli("status", "--check").exit_code == 0
 
 
+def test_status_check_passes_a_vector_file_that_only_lags_the_catalog(cli, indexed, other_tiny_model, tmp_path):
+    """A run with another model moves the catalog's generation on: the first model's file lags
+    it, as every load expects (a load updates it by the rows changed since). --check had exited
+    1 ("built from catalog generation 2, not 4 (any query updates it)") on a healthy index until
+    someone queried that model; now it brings the file up to date as a query would and compares
+    it row by row. Damage to a lagging file still fails it."""
+    first = cli.home / "vectors-1.faiss"
+    assert cli("index", tmp_path / "lib", "--model", other_tiny_model).exit_code == 0
+    make_library(tmp_path / "more", 2, start_seed=30)
+    assert cli("index", tmp_path / "more", "--model", other_tiny_model).exit_code == 0  # rows the first lacks
+    result = cli("status", "--check")
+    assert result.exit_code == 0, result.stdout
+    assert result.stdout.count("matches the catalog's") == 2, result.stdout
+    # The lagging file damaged (bit rot, its record of a good checksum left as it was).
+    assert cli("index", tmp_path / "more", "--model", other_tiny_model).exit_code == 0
+    import sqlite3
+
+    with sqlite3.connect(f"file:{cli.home / 'catalog.db'}?mode=ro", uri=True) as db:
+        first_vectors = {
+            bytes([n]): np.frombuffer(blob, "<f2").astype(np.float32)
+            for n, (blob,) in enumerate(db.execute("SELECT vector FROM vectors WHERE model_id = 1"))
+        }
+    make_library(tmp_path / "later", 1, start_seed=50)
+    assert cli("index", tmp_path / "later", "--model", other_tiny_model).exit_code == 0  # it lags again
+    _flip_vector_bits(first, first_vectors, flips=1, seed=2)
+    st = first.stat()
+    first.with_suffix(".checked").write_text(
+        json.dumps([st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    )
+    result = cli("status", "--check")
+    assert result.exit_code == 1 and "does not match its checksum" in result.stdout, result.stdout
+
+
 def test_status_check_reads_an_inverted_file_index_row_by_row(cli, tmp_path, monkeypatch):
     """An IVF index keeps catalog ids in its own lists (no id map): --check finds them there."""
     import clipsearch.vectors
