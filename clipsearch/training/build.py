@@ -94,6 +94,7 @@ def _config_dict(name_or_path: str) -> dict[str, Any]:
     elif Path(name_or_path).is_file():
         fields = set(ModelConfig.__dataclass_fields__) - {"vocab_size", "vision_heads", "text_heads"}
         config = {k: v for k, v in json.loads(Path(name_or_path).read_text(encoding="utf-8")).items() if k in fields}
+        _check_sizes(config, name_or_path)
     else:
         raise TrainingError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file.")
     for tower in ("vision", "text"):
@@ -106,6 +107,33 @@ def _config_dict(name_or_path: str) -> dict[str, Any]:
             )
         config[f"{tower}_heads"] = width // _HEAD_WIDTH
     return config
+
+
+def _check_sizes(config: dict[str, Any], source: str) -> None:
+    """Refuse sizes no model can have: a zero ``embed_dim`` had built, trained and scored a
+    perfect recall, every feature being the same empty vector."""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    for name in ("embed_dim", "image_resolution", "vision_width", "context_length", "text_width", "text_layers"):
+        if name in config and not whole(config[name]):
+            raise TrainingError(f"{source}: {name} must be a whole number above 0, not {config[name]!r}.")
+    layers = config.get("vision_layers", 1)
+    resnet = isinstance(layers, list | tuple)
+    if not (whole(layers) or (resnet and len(layers) == 4 and all(whole(n) for n in layers))):
+        raise TrainingError(
+            f"{source}: vision_layers must be a whole number above 0 or four of them (a ResNet's stages), "
+            f"not {layers!r}."
+        )
+    if resnet:
+        return
+    patch: Any = config.get("vision_patch_size")
+    if not whole(patch):
+        raise TrainingError(f"{source}: vision_patch_size must be a whole number above 0, not {patch!r}.")
+    resolution: Any = config.get("image_resolution")
+    if whole(resolution) and resolution % patch:
+        raise TrainingError(f"{source}: image_resolution is {resolution}, not a multiple of vision_patch_size {patch}.")
 
 
 def lock_towers(model: CLIP, options: TrainOptions) -> None:

@@ -205,16 +205,23 @@ def evaluate(
 def recall_at_k(
     image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = RECALL_KS
 ) -> dict[str, float]:
-    """The fraction of images whose own text ranks in the top k (and of texts, their image)."""
+    """The fraction of images whose own text ranks in the top k (and of texts, their image).
+
+    A candidate scoring the same as the true match is ranked above or below it at random: the
+    hit counts as the chance it lands in the top k. Counting ties as hits had scored a model
+    whose features are all equal (``embed_dim`` 0, or NaN) a perfect 1.0; counting them as
+    misses would score it 0, below chance. Without ties this is plain recall."""
     image_features = torch.nn.functional.normalize(image_features, dim=-1)
     text_features = torch.nn.functional.normalize(text_features, dim=-1)
     similarity = image_features @ text_features.t()
     recall = {}
     for direction, sims in (("image_to_text", similarity), ("text_to_image", similarity.t())):
-        # Rank of the true match: how many candidates score strictly higher.
-        ranks = (sims > sims.diagonal()[:, None]).sum(dim=1)
+        true = sims.diagonal()[:, None]
+        above = (sims > true).sum(dim=1).float()
+        below = (sims < true).sum(dim=1).float()
+        tied = sims.shape[1] - 1 - above - below  # others neither above nor below, NaN included
         for k in ks:
-            recall[f"{direction}@{k}"] = (ranks < k).float().mean().item()
+            recall[f"{direction}@{k}"] = ((k - above) / (tied + 1)).clamp(0, 1).mean().item()
     return recall
 
 
