@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from clipsearch.training.data import read_pairs
 from clipsearch.training.loop import recall_at_k, train
 from clipsearch.training.options import TrainingError, TrainOptions
 
@@ -75,3 +76,14 @@ def test_a_config_with_sizes_that_cannot_build_a_model_is_refused(tmp_path, fiel
     with pytest.raises(TrainingError, match=f"^{config}: {message}"):
         train(TrainOptions(output=output, config=str(config), epochs=1, batch_size=8, samples_per_epoch=8))
     assert not output.exists()
+
+
+def test_a_csv_or_jsonl_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM, which had become part of the first column's name:
+    no 'path' column, so no pairs."""
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text("path,caption\na.png,a café\nb.png,a dog\n", encoding="utf-8-sig")
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text('{"path": "a.png", "caption": "a café"}\n', encoding="utf-8-sig")
+    assert read_pairs(csv_file) == [(tmp_path / "a.png", "a café"), (tmp_path / "b.png", "a dog")]
+    assert read_pairs(jsonl) == [(tmp_path / "a.png", "a café")]

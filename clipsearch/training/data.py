@@ -37,16 +37,16 @@ def read_pairs(path: str | Path) -> list[tuple[Path, str]]:
     path = Path(path)
     if path.is_dir():
         pairs = [
-            (image, image.with_suffix(".txt").read_text(encoding="utf-8").strip())
+            (image, image.with_suffix(".txt").read_text(encoding="utf-8-sig").strip())
             for image in sorted(path.rglob("*"))
             if image.suffix.lower() in _IMAGE_SUFFIXES and image.with_suffix(".txt").is_file()
         ]
     elif path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             rows = list(csv.DictReader(f))
         pairs = [(path.parent / row["path"], row["caption"]) for row in rows if "path" in row and "caption" in row]
     elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         pairs = [(path.parent / row["path"], row["caption"]) for row in rows if "path" in row and "caption" in row]
     else:
         raise TrainingError(f"{path} is not a CSV, JSONL or folder; give image–caption pairs in one of those.")
