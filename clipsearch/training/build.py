@@ -4,6 +4,7 @@ its frozen towers, and the optimiser with its schedule."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from clipsearch.clip.bpe_train import train_bpe, write_vocab
 from clipsearch.clip.model import CLIP, ModelConfig
 from clipsearch.clip.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from clipsearch.clip.tokenizer import Tokenizer
-from clipsearch.training.data import vocabulary_captions
+from clipsearch.training.data import read_text, vocabulary_captions
 from clipsearch.training.options import TrainingError, TrainOptions
 
 # Architectures for training from scratch. The vocabulary size comes from the learned BPE, and
@@ -92,8 +93,7 @@ def _config_dict(name_or_path: str) -> dict[str, Any]:
     if name_or_path in PRESETS:
         config: dict[str, Any] = dict(PRESETS[name_or_path])
     elif Path(name_or_path).is_file():
-        fields = set(ModelConfig.__dataclass_fields__) - {"vocab_size", "vision_heads", "text_heads"}
-        config = {k: v for k, v in json.loads(Path(name_or_path).read_text(encoding="utf-8")).items() if k in fields}
+        config = _read_config(Path(name_or_path))
         _check_sizes(config, name_or_path)
     else:
         raise TrainingError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file.")
@@ -107,6 +107,24 @@ def _config_dict(name_or_path: str) -> dict[str, Any]:
             )
         config[f"{tower}_heads"] = width // _HEAD_WIDTH
     return config
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The sizes a config.json gives; one that is not JSON or misses a size is refused naming
+    it (it had surfaced as a JSONDecodeError or a TypeError, reported as a bug)."""
+    try:
+        raw = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise TrainingError(f"{path} is not JSON ({err.msg}, line {err.lineno} column {err.colno}).") from None
+    if not isinstance(raw, dict):
+        raise TrainingError(f"{path} is not a JSON object of a model's sizes.")
+    given = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    wanted = [name for name in given if name not in ("vocab_size", "vision_heads", "text_heads")]
+    required = [n for n in wanted if given[n].default is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise TrainingError(f"{path} misses {', '.join(missing)}; a config.json gives every size of the model.")
+    return {k: v for k, v in raw.items() if k in wanted}
 
 
 def _check_sizes(config: dict[str, Any], source: str) -> None:

@@ -9,6 +9,7 @@ the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from abc import abstractmethod
@@ -33,21 +34,19 @@ _VOCABULARY_SCENES = 1_000  # synthetic scenes whose captions the vocabulary is 
 def read_pairs(path: str | Path) -> list[tuple[Path, str]]:
     """Image paths and captions from a CSV (columns ``path`` and ``caption``), a JSONL file
     (objects with those keys) or a folder of images with same-named ``.txt`` captions.
-    Relative paths are relative to the file that lists them."""
+    Relative paths are relative to the file that lists them. A file that cannot be read as
+    such is a `TrainingError` naming it (and the line): it is the user's to fix, not a bug."""
     path = Path(path)
     if path.is_dir():
         pairs = [
-            (image, image.with_suffix(".txt").read_text(encoding="utf-8-sig").strip())
+            (image, read_text(image.with_suffix(".txt")).strip())
             for image in sorted(path.rglob("*"))
             if image.suffix.lower() in _IMAGE_SUFFIXES and image.with_suffix(".txt").is_file()
         ]
     elif path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
-            rows = list(csv.DictReader(f))
-        pairs = [(path.parent / row["path"], row["caption"]) for row in rows if "path" in row and "caption" in row]
+        pairs = [(path.parent / row["path"], row["caption"]) for row in _csv_rows(path)]
     elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        pairs = [(path.parent / row["path"], row["caption"]) for row in rows if "path" in row and "caption" in row]
+        pairs = [(path.parent / row["path"], row["caption"]) for row in _jsonl_rows(path)]
     else:
         raise TrainingError(f"{path} is not a CSV, JSONL or folder; give image–caption pairs in one of those.")
     if not pairs:
@@ -56,6 +55,42 @@ def read_pairs(path: str | Path) -> list[tuple[Path, str]]:
             "fields, a folder needs images with same-named .txt files."
         )
     return pairs
+
+
+def read_text(path: Path) -> str:
+    """A text file as UTF-8, past the byte-order mark Excel's "CSV UTF-8" starts with."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TrainingError(f"{path} is not UTF-8 text (byte {err.start} is not); save it as UTF-8.") from None
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows that have both a path and a caption."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise TrainingError(f"{path}, line {reader.line_num}: not CSV ({err}).") from None
+    return [row for row in rows if row.get("path") is not None and row.get("caption") is not None]
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, str]]:
+    """The objects that have both a path and a caption. Lines are counted at newlines only, as
+    an editor does (``splitlines`` also splits at characters JSON strings may hold)."""
+    rows = []
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TrainingError(f"{path}, line {number}: not JSON ({err.msg}, column {err.colno}).") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k, ""), str) for k in ("path", "caption")):
+            raise TrainingError(f"{path}, line {number}: not a JSON object with 'path' and 'caption' strings.")
+        if "path" in row and "caption" in row:
+            rows.append(row)
+    return rows
 
 
 def vocabulary_captions(options: TrainOptions) -> list[str]:

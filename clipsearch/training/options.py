@@ -65,6 +65,11 @@ def check(options: TrainOptions) -> None:
         raise TrainingError(f"There is no training data at {options.data}; give a CSV, JSONL or image folder.")
     if options.data is None and not 0 <= options.hard_negatives <= HARD_NEGATIVES:
         raise TrainingError(f"--hard-negatives must be between 0 and {HARD_NEGATIVES}.")
+    if options.data is None and options.samples_per_epoch < options.hard_negatives + 1:
+        raise TrainingError(
+            f"--samples-per-epoch must be at least {options.hard_negatives + 1} (hard negatives + 1): "
+            "an epoch holds whole groups of a scene and its negatives."
+        )
     if options.data is None and options.batch_size % (options.hard_negatives + 1):
         raise TrainingError(
             f"The batch size must be a multiple of {options.hard_negatives + 1} (hard negatives + 1), "
