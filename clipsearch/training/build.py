@@ -60,16 +60,17 @@ _HEAD_WIDTH = 64
 _TOKEN_EMBEDDING_STD = 0.5
 
 
-def model_to_train(options: TrainOptions) -> tuple[CLIP, Preprocess, Tokenizer]:
-    """The model to train (in fp32, on the CPU), its preprocessing and its tokenizer."""
+def model_to_train(options: TrainOptions, scratch: Path) -> tuple[CLIP, Preprocess, Tokenizer]:
+    """The model to train (in fp32, on the CPU), its preprocessing and its tokenizer. A new
+    model's vocabulary is written to ``scratch``, a folder that must outlive the run (its
+    checkpoints copy it), not to the output, which holds nothing until an epoch is saved."""
     init = str(options.output) if options.resume else options.init
     if init is not None:
         return _loaded(init)
 
     config = _config_dict(options.config or "demo")
     captions = vocabulary_captions(options)
-    options.output.mkdir(parents=True, exist_ok=True)
-    vocab_path = options.output / "vocab.txt.gz"
+    vocab_path = scratch / "vocab.txt.gz"
     write_vocab(train_bpe(captions, options.bpe_merges), vocab_path)
     tokenizer = Tokenizer(vocab_path)
     model = CLIP(ModelConfig.from_dict({**config, "vocab_size": tokenizer.vocab_size}))

@@ -25,8 +25,8 @@ OPTIONS_FILE = "train_options.json"
 
 def check_output(options: TrainOptions) -> None:
     """Refuse to start a run over another one or over anything else already in its folder (a
-    run writes its vocabulary there first: a model's folder named by mistake had lost its own),
-    or to resume one that is not there."""
+    run's checkpoint replaces config.json, model.safetensors and vocab.txt.gz: a model's folder
+    named by mistake had lost its vocabulary), or to resume one that is not there."""
     output = options.output
     has_run = (output / STATE_FILE).is_file()
     if options.resume and not has_run:

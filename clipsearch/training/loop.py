@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -61,12 +63,27 @@ def train(
     on_epoch: Callable[[EpochResult], None] | None = None,
 ) -> list[EpochResult]:
     """Run (or continue) a training run; after every epoch ``options.output`` is a loadable
-    model directory. Returns the results of the epochs run by this call."""
+    model directory. Returns the results of the epochs run by this call.
+
+    Nothing is written to ``options.output`` before an epoch is saved: a new model's vocabulary
+    waits in a scratch folder, removed however the run ends. Written there first, it had left a
+    run that failed, diverged or was interrupted in its first epoch with a folder refused both
+    as not empty and as holding no run to resume."""
     check(options)
     checkpoint.check_output(options)
+    with tempfile.TemporaryDirectory(prefix="clipsearch-train-") as scratch:
+        return _run(options, Path(scratch), on_step, on_epoch)
+
+
+def _run(
+    options: TrainOptions,
+    scratch: Path,
+    on_step: Callable[[StepInfo], None] | None,
+    on_epoch: Callable[[EpochResult], None] | None,
+) -> list[EpochResult]:
     torch.manual_seed(options.seed)
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, preprocess, tokenizer = build.model_to_train(options)
+    model, preprocess, tokenizer = build.model_to_train(options, scratch)
     model.to(device)
     build.lock_towers(model, options)
     train_set, val_set = data.datasets(options, preprocess, tokenizer, model.context_length)
