@@ -5,8 +5,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
 
-from clipsearch.training.checkpoint import METRICS_FILE
+from clipsearch.cli import app
+from clipsearch.training.checkpoint import METRICS_FILE, OPTIONS_FILE
 from clipsearch.training.loop import train
 from clipsearch.training.options import TrainingError, TrainOptions
 from clipsearch.training.scenes import write_scenes
@@ -71,3 +74,85 @@ def test_a_run_diverging_in_its_first_epoch_leaves_nothing(tmp_path):
     with pytest.raises(TrainingError, match="The run diverged"):
         train(options)
     assert not output.exists()
+
+
+def scenes(output, **overrides):
+    """A run on synthetic scenes with nothing left at its default: a resume that fell back to
+    the defaults (batch 128, 20,000 scenes an epoch, 10 epochs) shows at once."""
+    settings = dict(
+        output=output,
+        config="tiny",
+        epochs=2,
+        batch_size=8,
+        samples_per_epoch=16,
+        val_size=8,
+        warmup_steps=0,
+        scene_style="classic",
+        lr=1e-3,
+    )
+    return TrainOptions(**{**settings, **overrides})
+
+
+def cli(*args):
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+class Stop(Exception):
+    pass
+
+
+def stop(result):
+    raise Stop
+
+
+def test_resume_on_the_command_line_continues_the_saved_run_with_its_options(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(scenes(straight))
+    with pytest.raises(Stop):
+        train(scenes(interrupted), on_epoch=stop)
+    result = cli(interrupted, "--resume", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (interrupted / METRICS_FILE).read_text().splitlines()]
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 2), (2, 4)]
+    saved = json.loads((interrupted / OPTIONS_FILE).read_text())
+    assert (saved["batch_size"], saved["samples_per_epoch"], saved["epochs"]) == (8, 16, 2)
+    ws, wi = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert all(torch.equal(ws[key], wi[key]) for key in ws)
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path):
+    output = tmp_path / "run"
+    train(scenes(output, epochs=1))
+    result = cli(output, "--resume", "--epochs", 3, "--threads", 1, "--workers", 0)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 2), (2, 4), (3, 6)]
+    assert json.loads((output / OPTIONS_FILE).read_text())["epochs"] == 3
+
+
+def test_resume_refuses_options_that_would_change_the_run(tmp_path):
+    output = tmp_path / "run"
+    train(scenes(output, epochs=1))
+    before = (output / METRICS_FILE).read_text()
+    result = cli(output, "--resume", "-b", 16, "--lr", 0.1, "--config", "tiny")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: --resume continues the run saved in {output} with its own options; --batch-size, --lr and "
+        "--config would change it (drop them, or start a new run in another folder)."
+    ]
+    assert (output / METRICS_FILE).read_text() == before
+
+
+def test_resume_with_no_epochs_left_says_there_is_nothing_to_do(tmp_path):
+    output = tmp_path / "run"
+    train(scenes(output, epochs=2))
+    before = (output / "model.safetensors").read_bytes()
+    for args in (["--epochs", 1], [], ["--epochs", 2]):
+        result = cli(output, "--resume", *args)
+        assert result.exit_code == 1, result.output
+        assert "Saved to" not in result.output
+        assert result.output.strip().splitlines() == [
+            f"Error: {output} has trained 2 epochs already and --epochs asks for {args[1] if args else 2}; "
+            "nothing to do (give --epochs above 2 to train on)."
+        ]
+    assert (output / "model.safetensors").read_bytes() == before

@@ -3,6 +3,7 @@ the state that resumes the run, the per-epoch metrics and the options it was sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -72,8 +73,41 @@ def save(
         os.replace(Path(staging) / STATE_FILE, out / STATE_FILE)
     with (out / METRICS_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps(metrics) + "\n")
-    (out / OPTIONS_FILE).write_text(json.dumps(_jsonable(asdict(options)), indent=2) + "\n")
+    saved = asdict(options)
+    if options.data is not None:  # a resume may run from another folder
+        saved["data"] = options.data.resolve()
+    (out / OPTIONS_FILE).write_text(json.dumps(_jsonable(saved), indent=2) + "\n")
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
+
+
+# What a resumed run may be given anew: how long it goes on and where it runs. Anything else
+# (data, model, batch, rates, seed...) would make it another run than the one saved.
+RESUMABLE = ("epochs", "workers", "device")
+
+
+def resumed_options(output: Path, given: dict[str, Any]) -> TrainOptions:
+    """The options the run in ``output`` was saved with, to continue it (``--resume``), with
+    those of ``given`` that `RESUMABLE` allows; any other given is refused. A resume had
+    ignored the saved options and run on the defaults: another batch size, epoch length and
+    schedule, and a wrong step count."""
+    path = Path(output) / OPTIONS_FILE
+    if not (Path(output) / STATE_FILE).is_file() or not path.is_file():
+        raise TrainingError(f"{output} holds no training run to resume; drop --resume to start one.")
+    changes = [name for name in given if name not in RESUMABLE]
+    if changes:
+        flags = [f"--{name.replace('_', '-')}" for name in changes]
+        listed = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+        raise TrainingError(
+            f"--resume continues the run saved in {output} with its own options; {listed} would change it "
+            "(drop them, or start a new run in another folder)."
+        )
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrainingError(f"{path} is not the JSON a run saves ({err}); the run cannot be resumed.") from None
+    fields = {field.name for field in dataclasses.fields(TrainOptions)} - {"output", "resume", "device"}
+    kept = {key: value for key, value in saved.items() if key in fields}
+    return TrainOptions(**{**kept, **given, "output": Path(output), "resume": True})

@@ -12,6 +12,7 @@ import typer
 
 
 def train(
+    ctx: typer.Context,
     output: Path = typer.Argument(
         ..., help="Directory for the checkpoint (loads with --model DIR).", show_default=False
     ),
@@ -68,13 +69,18 @@ def train(
     precision: str = typer.Option("auto", "--precision", help="auto (mixed on CUDA, fp32 on CPU), fp32, fp16, bf16."),
     lock_image: bool = typer.Option(False, "--lock-image", help="Freeze the image tower (LiT)."),
     lock_text: bool = typer.Option(False, "--lock-text", help="Freeze the text tower."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUTPUT."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run saved in OUTPUT with its saved options (--epochs N extends it to N epochs).",
+    ),
 ) -> None:
     """Train a CLIP contrastively on image–caption pairs, from scratch or from a checkpoint."""
     import torch
     from tqdm import tqdm
 
     from clipsearch.cli_settings import settings
+    from clipsearch.training.checkpoint import resumed_options
     from clipsearch.training.loop import EpochResult, StepInfo
     from clipsearch.training.loop import train as run
     from clipsearch.training.options import TrainOptions
@@ -84,31 +90,42 @@ def train(
         raise typer.BadParameter("use auto, fp32, fp16 or bf16", param_hint="--precision")
     if scene_style not in STYLES:
         raise typer.BadParameter(f"use {', '.join(STYLES)}", param_hint="--scene-style")
-    options = TrainOptions(
-        output=output,
-        data=data,
-        config=config,
-        init=init,
-        epochs=epochs,
-        batch_size=batch_size,
-        samples_per_epoch=samples_per_epoch,
-        hard_negatives=hard_negatives,
-        single_object_epochs=single_object_epochs,
-        scene_style=scene_style,
-        val_size=val_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-        bpe_merges=bpe_merges,
-        seed=seed,
-        workers=workers,
-        device=None if settings.device == "auto" else settings.device,
-        precision=precision,  # type: ignore[arg-type]
-        lock_image=lock_image,
-        lock_text=lock_text,
-        resume=resume,
-    )
+    device = None if settings.device == "auto" else settings.device
+    if resume:
+        # Continue the saved run as it was started: only what the command line gives explicitly
+        # reaches it, and what would change the run is refused there.
+        given = {
+            name: value
+            for name, value in ctx.params.items()
+            if name not in ("output", "resume", "threads") and _given(ctx, name)
+        }
+        options = resumed_options(output, {**given, "device": device})
+    else:
+        options = TrainOptions(
+            output=output,
+            data=data,
+            config=config,
+            init=init,
+            epochs=epochs,
+            batch_size=batch_size,
+            samples_per_epoch=samples_per_epoch,
+            hard_negatives=hard_negatives,
+            single_object_epochs=single_object_epochs,
+            scene_style=scene_style,
+            val_size=val_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            grad_clip=grad_clip,
+            bpe_merges=bpe_merges,
+            seed=seed,
+            workers=workers,
+            device=device,
+            precision=precision,  # type: ignore[arg-type]
+            lock_image=lock_image,
+            lock_text=lock_text,
+            resume=resume,
+        )
     if threads is not None:
         torch.set_num_threads(threads)
     bar: tqdm | None = None
@@ -148,6 +165,13 @@ def train(
             bar.close()
     if not settings.quiet:
         typer.echo(f"Saved to {output} (use it with --model {output}).")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the command line (or the environment) gave this option, rather than its default.
+    By name: typer may bring its own copy of click, whose enum is not click's."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _short(column: str) -> str:

@@ -102,10 +102,15 @@ def _run(
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
+        if start_epoch >= options.epochs:
+            raise TrainingError(
+                f"{options.output} has trained {start_epoch} epochs already and --epochs asks for "
+                f"{options.epochs}; nothing to do (give --epochs above {start_epoch} to train on)."
+            )
         logger.info("resuming %s after epoch %d", options.output, start_epoch)
 
     results = []
-    step = start_epoch * steps_per_epoch
+    step = state["step"] if options.resume else 0
     for epoch in range(start_epoch, options.epochs):
         started = time.perf_counter()
         model.train()
