@@ -140,6 +140,10 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path):
         f"Error: --resume continues the run saved in {output} with its own options; --batch-size, --lr and "
         "--config would change it (drop them, or start a new run in another folder)."
     ]
+    one = cli(output, "--resume", "--seed", 3)
+    assert one.exit_code == 1 and one.output.strip().endswith(
+        "--seed would change it (drop it, or start a new run in another folder)."
+    )
     assert (output / METRICS_FILE).read_text() == before
 
 

@@ -102,7 +102,7 @@ def resumed_options(output: Path, given: dict[str, Any]) -> TrainOptions:
         listed = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
         raise TrainingError(
             f"--resume continues the run saved in {output} with its own options; {listed} would change it "
-            "(drop them, or start a new run in another folder)."
+            f"(drop {'it' if len(flags) == 1 else 'them'}, or start a new run in another folder)."
         )
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
