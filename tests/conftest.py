@@ -143,3 +143,15 @@ def measured(model_dir: str) -> Path:
     numpy_text.export(model_dir)
     (path,) = precision_verdicts.verdict_file({}).parent.glob("*.json")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread while a test runs: tiny batches on a loaded two-core machine spend a
+    second thread waiting at barriers, and results are bit-identical only for a fixed count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import bump_mtime
 from test_cpu import fake_timings, precision_of
 
@@ -14,13 +13,7 @@ from clipsearch.clip import cpu, precision_verdicts
 pytestmark = pytest.mark.skipif(not cpu.has_int8_kernels(), reason="no int8 kernels: auto has no choice to make")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches on one thread: on a loaded two-core machine a second one mostly waits at barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

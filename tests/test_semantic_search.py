@@ -20,12 +20,7 @@ SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
 UNSEEN_SEED = 4242  # the demo model trained on seed 0 only
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def indexed(tmp_path_factory):
     manifest = write_scenes(root / "scenes", count=240, seed=UNSEEN_SEED)
     records = {Path(r["path"]).name: r for r in read_manifest(manifest)}
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the autouse fixture is per test; this one runs before it
+    torch.set_num_threads(1)  # `one_torch_thread` is per test; this one runs before it
     with Index.open(root / "home", model="demo", device="cpu") as index:
         report = index.add([root / "scenes"], workers=0)
         assert report.new == 240 and report.failed == 0

@@ -18,15 +18,7 @@ from clipsearch.training.loop import _train_step, recall_at_k, train
 from clipsearch.training.options import TrainingError, TrainOptions
 from clipsearch.training.scenes import SceneGenerator, write_scenes
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a busy shared machine two threads wait on each other many times over,
-    and results are only bit-identical for a fixed thread count anyway."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(output, **overrides):

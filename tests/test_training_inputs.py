@@ -25,12 +25,7 @@ TINY_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_recall_counts_ties_as_a_coin_toss_so_equal_features_score_chance():

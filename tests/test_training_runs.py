@@ -14,13 +14,7 @@ from clipsearch.training.loop import train
 from clipsearch.training.options import TrainingError, TrainOptions
 from clipsearch.training.scenes import write_scenes
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def on_files(output, data, **overrides):
