@@ -316,6 +316,11 @@ def test_cli_trains_and_prints_the_recall_table(tmp_path):
     assert (output / "model.safetensors").is_file()
     again = CliRunner().invoke(app, ["train", str(output), "--config", "tiny"])
     assert again.exit_code == 1 and "--resume" in again.output
+    tiny = ["--config", "tiny", "--epochs", "1", "-b", "16", "--samples-per-epoch", "32", "--val-size", "16"]
+    quiet = CliRunner().invoke(app, ["-q", "train", str(tmp_path / "quiet"), *tiny, "--threads", "1"])
+    # -q prints nothing but results and errors, as for `index`: the table had been printed all the same
+    assert (quiet.exit_code, quiet.stdout) == (0, "")
+    assert (tmp_path / "quiet" / "model.safetensors").is_file()
 
 
 def test_an_unknown_scene_style_is_a_usage_error(tmp_path):

@@ -149,6 +149,8 @@ def train(
 
     def on_epoch(result: EpochResult) -> None:
         nonlocal header_shown
+        if settings.quiet:  # as for `index`: the figures are in metrics.jsonl
+            return
         columns = list(result.recall)
         if not header_shown:
             tqdm.write("epoch  step    loss  " + "  ".join(_short(c) for c in columns) + "   time")
