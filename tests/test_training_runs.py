@@ -128,17 +128,31 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path):
     output = tmp_path / "run"
     train(scenes(output, epochs=1))
     before = (output / METRICS_FILE).read_text()
-    result = cli(output, "--resume", "-b", 16, "--lr", 0.1, "--config", "tiny")
+    result = cli(output, "--resume", "-b", 16, "--lr", 0.1, "--scene-style", "varied")
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         f"Error: --resume continues the run saved in {output} with its own options; --batch-size, --lr and "
-        "--config would change it (drop them, or start a new run in another folder)."
+        "--scene-style would change it (drop them, or start a new run in another folder)."
     ]
     one = cli(output, "--resume", "--seed", 3)
     assert one.exit_code == 1 and one.output.strip().endswith(
         "--seed would change it (drop it, or start a new run in another folder)."
     )
     assert (output / METRICS_FILE).read_text() == before
+
+
+def test_resume_takes_the_first_command_again_with_resume_added(tmp_path):
+    """Options given again with the values the run was saved with change nothing: the first
+    command with --resume added had been refused ("--lr would change it")."""
+    output = tmp_path / "run"
+    train(scenes(output, epochs=1))
+    saved = json.loads((output / OPTIONS_FILE).read_text())
+    again = ["--config", saved["config"], "-b", saved["batch_size"], "--lr", saved["lr"], "--epochs", 2]
+    result = cli(output, "--resume", *again, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["epoch"] for line in (output / METRICS_FILE).read_text().splitlines()] == [1, 2]
+    changed = cli(output, "--resume", "--lr", saved["lr"] * 2, "--epochs", 3)
+    assert changed.exit_code == 1 and "--lr would change it" in changed.output
 
 
 def test_resume_with_no_epochs_left_says_there_is_nothing_to_do(tmp_path):

@@ -96,7 +96,12 @@ def resumed_options(output: Path, given: dict[str, Any]) -> TrainOptions:
     path = Path(output) / OPTIONS_FILE
     if not (Path(output) / STATE_FILE).is_file() or not path.is_file():
         raise TrainingError(f"{output} holds no training run to resume; drop --resume to start one.")
-    changes = [name for name in given if name not in RESUMABLE]
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrainingError(f"{path} is not the JSON a run saves ({err}); the run cannot be resumed.") from None
+    # The first command again with --resume added gives what was saved: that changes nothing.
+    changes = [name for name in given if name not in RESUMABLE and not _same(given[name], saved.get(name))]
     if changes:
         flags = [f"--{name.replace('_', '-')}" for name in changes]
         listed = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
@@ -104,10 +109,13 @@ def resumed_options(output: Path, given: dict[str, Any]) -> TrainOptions:
             f"--resume continues the run saved in {output} with its own options; {listed} would change it "
             f"(drop {'it' if len(flags) == 1 else 'them'}, or start a new run in another folder)."
         )
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TrainingError(f"{path} is not the JSON a run saves ({err}); the run cannot be resumed.") from None
     fields = {field.name for field in dataclasses.fields(TrainOptions)} - {"output", "resume", "device"}
     kept = {key: value for key, value in saved.items() if key in fields}
     return TrainOptions(**{**kept, **given, "output": Path(output), "resume": True})
+
+
+def _same(given: Any, saved: Any) -> bool:
+    """Whether an option given again is the value the run was saved with (paths as the files they name)."""
+    if isinstance(given, Path):
+        return isinstance(saved, str) and Path(saved).resolve() == given.resolve()
+    return given == saved
