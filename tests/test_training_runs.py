@@ -54,19 +54,8 @@ def test_a_run_interrupted_in_its_first_epoch_leaves_nothing(tmp_path):
 
 def test_a_run_diverging_in_its_first_epoch_leaves_nothing(tmp_path):
     output = tmp_path / "out"
-    options = TrainOptions(
-        output=output,
-        config="tiny",
-        epochs=1,
-        batch_size=8,
-        samples_per_epoch=16,
-        val_size=8,
-        lr=1e30,
-        warmup_steps=0,
-        grad_clip=1e30,
-    )
     with pytest.raises(TrainingError, match="The run diverged"):
-        train(options)
+        train(scenes(output, epochs=1, lr=1e30, grad_clip=1e30))
     assert not output.exists()
 
 
