@@ -1181,6 +1181,7 @@ def main() -> None:
     if sys.stdout is None:  # started with `>&-`: every line it printed would be lost unsaid
         typer.echo("Error: standard output is closed; redirect it to /dev/null to discard it.", err=True)
         exit_now(1)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(standalone_mode=False)
     except click.UsageError as err:
@@ -1191,9 +1192,9 @@ def main() -> None:
     except click.ClickException as err:
         typer.echo(f"Error: {err.format_message()}", err=True)
         code = err.exit_code
-    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command (while parsing options)
+    except (KeyboardInterrupt, typer.Abort) as err:  # Ctrl-C outside a command (while parsing options)
         typer.echo("Interrupted.", err=True)
-        code = EXIT_INTERRUPTED
+        code = 128 + err.signum if isinstance(err, _Stopped) else EXIT_INTERRUPTED
     except OSError as err:  # writing --help or --version
         code = _output_failed(err)
     except SystemExit as err:
@@ -1202,6 +1203,12 @@ def main() -> None:
             raise
         code = _output_failed(err.__context__)
     exit_now(_flushed(code if isinstance(code, int) else 0))
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """`kill PID` ends a command as Ctrl-C does, through its clean-up (a training run's scratch
+    folder, an open transaction), exiting 143: Python's default ended the process on the spot."""
+    raise _Stopped(signum)
 
 
 def _flushed(code: int) -> int:

@@ -76,7 +76,7 @@ def check_model(home: Path, catalog: Catalog, model: StoredModel) -> ModelCheck:
     differ = _differing(index, common, vectors[np.searchsorted(ids, common)])
     if len(differ):
         result.problems.append(
-            f"{len(differ)} vectors in its vector file differ from the catalog's, of {_files(catalog, differ)}"
+            f"{len(differ)} vector(s) in its vector file differ from the catalog's, of {_files(catalog, differ)}"
         )
     if result.problems and not len(damaged):
         result.problems[-1] += f"; {_rebuild(catalog, model)}"

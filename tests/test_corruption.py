@@ -247,7 +247,7 @@ def test_status_check_finds_a_vector_altered_inside_the_catalog(cli, indexed):
     result = cli("status", "--check")
     assert result.exit_code == 1
     assert f"1 of its vectors in the catalog are damaged (not of unit length), of {indexed[3]}" in result.stdout
-    assert f"1 vectors in its vector file differ from the catalog's, of {indexed[3]}" in result.stdout
+    assert f"1 vector(s) in its vector file differ from the catalog's, of {indexed[3]}" in result.stdout
 
 
 # --- the catalog ------------------------------------------------------------------------------

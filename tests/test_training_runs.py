@@ -2,9 +2,11 @@
 leaves nothing behind, and --resume continues the run that was saved."""
 
 import json
+import signal
 
 import pytest
 import torch
+from reliability_helpers import start_cli, wait_until
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -153,7 +155,22 @@ def test_resume_with_no_epochs_left_says_there_is_nothing_to_do(tmp_path):
         assert result.exit_code == 1, result.output
         assert "Saved to" not in result.output
         assert result.output.strip().splitlines() == [
-            f"Error: {output} has trained 2 epochs already and --epochs asks for {args[1] if args else 2}; "
+            f"Error: {output} has trained 2 epoch(s) already and --epochs asks for {args[1] if args else 2}; "
             "nothing to do (give --epochs above 2 to train on)."
         ]
     assert (output / "model.safetensors").read_bytes() == before
+
+
+def test_a_run_killed_with_sigterm_removes_its_scratch_folder(tmp_path):
+    """`kill PID` (a service manager, a job scheduler) had ended the process on the spot: each
+    killed run left a clipsearch-train-* folder in the tmp dir for good."""
+    data = write_scenes(tmp_path / "data", count=40, seed=1)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    options = ["--config", "tiny", "--epochs", "50", "--batch-size", "8", "--val-size", "8", "--threads", "1"]
+    process = start_cli("train", tmp_path / "out", "--data", data, *options, env={"TMPDIR": str(tmp)})
+    assert wait_until(lambda: any(tmp.glob("clipsearch-train-*/vocab.txt.gz")), timeout=60, process=process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr.decode().splitlines()[-1]) == (128 + signal.SIGTERM, "Interrupted.")
+    assert list(tmp.iterdir()) == []

@@ -104,7 +104,7 @@ def _run(
         start_epoch = state["epoch"]
         if start_epoch >= options.epochs:
             raise TrainingError(
-                f"{options.output} has trained {start_epoch} epochs already and --epochs asks for "
+                f"{options.output} has trained {start_epoch} epoch(s) already and --epochs asks for "
                 f"{options.epochs}; nothing to do (give --epochs above {start_epoch} to train on)."
             )
         logger.info("resuming %s after epoch %d", options.output, start_epoch)
