@@ -93,7 +93,6 @@ class Walk:
 
     def __iter__(self) -> Iterator[FoundFile]:
         patterns = self.patterns
-        visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder listed: no loops
         for root in self.roots:
             try:
                 st = os.stat(root)
@@ -102,7 +101,10 @@ class Walk:
                 self.unreadable.append(root)
                 continue
             if stat.S_ISDIR(st.st_mode):
-                yield from self._walk_tree(root, st, patterns, visited)
+                # Folders listed are remembered per root (no loops): a root that is a link to
+                # another had been skipped whole, and its indexed files taken for deleted.
+                # Roots inside others yield their files twice; `plan_changes` takes them once.
+                yield from self._walk_tree(root, st, patterns, set())
             elif not _is_candidate(os.path.basename(root)):
                 log.warning("%s is not an image file (by its name); skipped", os.fsdecode(root))
             elif not _excluded(root, patterns):

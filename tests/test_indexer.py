@@ -491,3 +491,18 @@ def test_re_encoding_for_new_weights_is_counted_apart_from_new_files_by_an_execu
 
     report = run_add(catalog, TEST_MODEL, None, [tmp_path / "lib"], executor=executor, stale=stale)
     assert (report.stale, report.new, report.changed, report.unchanged) == (4, 1, 0, 0)
+
+
+def test_a_second_root_linked_to_the_first_keeps_its_files(tmp_path, catalog, add):
+    """``index lib`` and ``index lib-link`` each index the photos under their own paths; a run
+    naming both had marked every file under the link removed (and the next, both again in the
+    other order, 'moved' them back)."""
+    make_library(tmp_path / "lib", 3)
+    (tmp_path / "link").symlink_to(tmp_path / "lib", target_is_directory=True)
+    add(tmp_path / "lib")
+    add(tmp_path / "link")
+    report = add(tmp_path / "lib", tmp_path / "link")
+    assert counts(report) == dict(new=0, changed=0, moved=0, copied=0, removed=0, failed=0, unchanged=6)
+    assert catalog.counts() == {"indexed": 6, "failed": 0, "missing": 0}
+    report = add(tmp_path / "link", tmp_path / "lib")
+    assert counts(report) == dict(new=0, changed=0, moved=0, copied=0, removed=0, failed=0, unchanged=6)

@@ -110,6 +110,16 @@ def test_symlink_loops_end(tmp_path):
     assert found_paths(tmp_path) == [b(tmp_path / "a" / "x.jpg")]
 
 
+def test_a_root_that_is_a_link_to_another_root_is_walked_under_its_own_path(tmp_path):
+    """``index photos photos-link``: the second root had been taken for a folder already walked
+    and yielded nothing, so every file indexed under it was marked removed."""
+    image = touch(tmp_path / "photos" / "a.jpg")
+    (tmp_path / "link").symlink_to(image.parent, target_is_directory=True)
+    walk = Walk(normalise_roots([tmp_path / "photos", tmp_path / "link"]))
+    assert sorted(f.path for f in walk) == [b(tmp_path / "link" / "a.jpg"), b(image)]
+    assert walk.unreadable == []
+
+
 def test_a_link_to_itself_costs_only_itself(tmp_path):
     """Followed, a link to itself cannot be stat'ed (ELOOP): that had dropped the rest of its
     folder's listing, and with it every file the listing had not reached yet."""
