@@ -46,10 +46,16 @@ IMAGE_EXTENSIONS = frozenset(
 
 # Folders that hold caches, thumbnails or other programs' data, never a person's photos.
 # Hidden folders (a leading dot) are skipped too; these are the common ones without a dot.
+# A NAS share's recycle bin and snapshots (Synology's #recycle and #snapshot, QNAP's @Recycle
+# and @Recently-Snapshot) hold deleted photos and whole copies of the share.
 JUNK_DIRS = frozenset(
     {
         b"node_modules",
         b"@eaDir",
+        b"#recycle",
+        b"#snapshot",
+        b"@Recycle",
+        b"@Recently-Snapshot",
         b"__MACOSX",
         b"$RECYCLE.BIN",
         b"System Volume Information",

@@ -46,6 +46,17 @@ def test_skips_hidden_and_junk_folders(tmp_path):
     assert found_paths(tmp_path) == [b(keep)]
 
 
+def test_skips_nas_recycle_bins_and_snapshots(tmp_path):
+    """A Synology or QNAP share holds its recycle bin and its snapshots (a whole copy of the
+    share each) beside the photos: indexed, deleted photos came back in results and every photo
+    several times over (Immich skips the same folders by default)."""
+    keep = touch(tmp_path / "photos" / "a.jpg")
+    for junk in ["#recycle/a.jpg", "#snapshot/GMT+00_2024.01.01-00.00.00/photos/a.jpg", "@Recycle/a.jpg"]:
+        touch(tmp_path / junk)
+    touch(tmp_path / "photos" / "@Recently-Snapshot" / "a.jpg")
+    assert found_paths(tmp_path) == [b(keep)]
+
+
 def test_a_hidden_root_named_explicitly_is_walked(tmp_path):
     image = touch(tmp_path / ".photos" / "a.jpg")
     assert found_paths(tmp_path / ".photos") == [b(image)]
