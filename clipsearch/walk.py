@@ -165,14 +165,19 @@ class Walk:
                         dot = name.rfind(b".")
                         if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
                             continue
-                        if entry.is_symlink():
-                            found = _found_link(entry)
-                            if found is not None:
-                                yield found
-                            continue
                         try:
+                            if entry.is_symlink():
+                                found = _found_link(entry)
+                                if found is not None:
+                                    yield found
+                                continue
                             st = entry.stat()
-                        except OSError:  # deleted since the listing
+                        except FileNotFoundError:  # deleted since the listing
+                            continue
+                        except OSError as err:  # a folder that lists but cannot be entered (no x)
+                            if folder not in self.unreadable:  # said once, its rows kept
+                                log.warning("cannot read the files in %s: %s", os.fsdecode(folder), err.strerror)
+                                self.unreadable.append(folder)
                             continue
                         yield FoundFile.of(entry.path, st)
             except OSError as err:
@@ -192,13 +197,14 @@ class Walk:
 def _found_link(entry: os.DirEntry) -> FoundFile | None:
     """A symlink to a file is indexed under the link's own path, whatever ``follow_symlinks``
     says (that flag is about descending into folders). A broken link is still reported, with
-    the link's own stat, so the decoder records it as failed instead of it vanishing silently."""
+    the link's own stat, so the decoder records it as failed instead of it vanishing silently.
+    OSError if the link itself cannot be stat'ed (a folder that cannot be entered)."""
     try:
         st = entry.stat()
     except OSError:
         try:
             st = entry.stat(follow_symlinks=False)
-        except OSError:  # deleted between the listing and the stat
+        except FileNotFoundError:  # deleted between the listing and the stat
             return None
     if stat.S_ISDIR(st.st_mode):  # a link to a folder while not following links
         return None

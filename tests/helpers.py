@@ -92,6 +92,43 @@ class CrashingPreprocess:
         return self.inner.array(image)
 
 
+class _EntryWithoutStat:
+    """A listing's entry that cannot be stat'ed, as in a folder that can be listed but not
+    entered (read without execute permission: ``chmod -R 644 photos``)."""
+
+    def __init__(self, entry: os.DirEntry) -> None:
+        self._entry, self.name, self.path = entry, entry.name, entry.path
+
+    def is_dir(self, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_dir(follow_symlinks=follow_symlinks)  # from the listing's file type
+
+    def is_symlink(self) -> bool:
+        return self._entry.is_symlink()
+
+    def stat(self, follow_symlinks: bool = True) -> os.stat_result:
+        raise PermissionError(13, "Permission denied", self.path)
+
+
+def listable_not_enterable(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` (simulated, so it also holds for root) listable but not enterable."""
+    locked, real = os.fsencode(folder), os.scandir
+
+    class Listing(list):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def scandir(path):
+        if path != locked:
+            return real(path)
+        with real(path) as entries:
+            return Listing(_EntryWithoutStat(entry) for entry in entries)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
 TEST_MODEL = "test-model"  # the model name catalog-level tests commit vectors under
 
 

@@ -5,7 +5,15 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import TEST_MODEL, CrashingPreprocess, bump_mtime, make_image, make_library, stored
+from helpers import (
+    TEST_MODEL,
+    CrashingPreprocess,
+    bump_mtime,
+    listable_not_enterable,
+    make_image,
+    make_library,
+    stored,
+)
 from PIL import Image
 
 from clipsearch import indexer
@@ -292,6 +300,17 @@ def test_an_unreadable_folder_is_not_taken_for_deleted(tmp_path, catalog, add, m
     report = add(tmp_path / "lib")
     assert (report.removed, report.unreadable, report.unchanged) == (0, 1, 2)
     assert catalog.counts()["missing"] == 0
+
+
+def test_a_folder_listed_but_not_entered_keeps_its_files(tmp_path, catalog, add, monkeypatch):
+    """``chmod -R 644 photos`` leaves folders that list but whose files cannot be stat'ed: every
+    file in them had been counted removed, with exit status 0 and no warning."""
+    make_library(tmp_path / "lib", 4)
+    add(tmp_path / "lib")
+    listable_not_enterable(monkeypatch, tmp_path / "lib" / "part0")
+    report = add(tmp_path / "lib")
+    assert (report.removed, report.unreadable, report.unchanged) == (0, 1, 2)
+    assert catalog.counts() == {"indexed": 4, "failed": 0, "missing": 0}
 
 
 def test_non_utf8_and_odd_names_are_stored_byte_for_byte(tmp_path, catalog, add):

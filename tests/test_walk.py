@@ -1,5 +1,7 @@
 import os
 
+from helpers import listable_not_enterable
+
 from clipsearch.walk import Walk, normalise_roots, under
 
 
@@ -166,6 +168,18 @@ def test_an_unreadable_folder_is_recorded_not_fatal(tmp_path, monkeypatch):
     walk = Walk(normalise_roots([tmp_path]))
     assert sorted(f.path for f in walk) == [b(keep)]
     assert walk.unreadable == [b(locked)]
+
+
+def test_a_folder_listed_but_not_entered_is_recorded_not_emptied(tmp_path, monkeypatch):
+    """Its files cannot be stat'ed: they had been skipped without a word, as if deleted."""
+    keep = touch(tmp_path / "ok" / "a.jpg")
+    touch(tmp_path / "locked" / "b.jpg")
+    touch(tmp_path / "locked" / "c.jpg")
+    (tmp_path / "locked" / "d.jpg").symlink_to(keep)
+    listable_not_enterable(monkeypatch, tmp_path / "locked")
+    walk = Walk(normalise_roots([tmp_path]))
+    assert sorted(f.path for f in walk) == [b(keep)]
+    assert walk.unreadable == [b(tmp_path / "locked")]
 
 
 def test_under_tells_inside_from_lookalike_siblings():
