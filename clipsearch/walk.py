@@ -231,7 +231,26 @@ def normalise_roots(paths: Iterable[str | os.PathLike] | str | bytes | os.PathLi
     alone is one path: a str had been taken for its characters, and ``Index.remove("a.jpg")``
     had forgotten everything under "/"."""
     listed: Iterable[str | bytes | os.PathLike] = [paths] if isinstance(paths, str | bytes | os.PathLike) else paths
-    return [os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(p)))) for p in listed]
+    expanded = [os.fsencode(os.path.expanduser(os.fspath(p))) for p in listed]
+    cwd = None if all(os.path.isabs(p) for p in expanded) else _shell_cwd()
+    return [
+        os.path.abspath(p) if cwd is None or b".." in p.split(b"/") else os.path.normpath(os.path.join(cwd, p))
+        for p in expanded
+    ]
+
+
+def _shell_cwd() -> bytes | None:
+    """The working directory as the shell names it (``$PWD``, through the links ``cd`` went
+    through), where that is the working directory; else None. ``os.getcwd`` names it by its real
+    path: ``cd ~/photos && index .`` (a link) had indexed every photo again beside the paths that
+    ``index ~/photos`` gave them. Paths with ``..`` keep the real one, as the kernel resolves it."""
+    pwd = os.fsencode(os.environ.get("PWD", ""))
+    if not os.path.isabs(pwd) or pwd != os.path.normpath(pwd):
+        return None
+    try:
+        return pwd if os.path.samestat(os.stat(pwd), os.stat(b".")) else None
+    except OSError:
+        return None
 
 
 def under(roots: Iterable[bytes]) -> Callable[[bytes], bool]:

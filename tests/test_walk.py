@@ -182,6 +182,22 @@ def test_a_folder_listed_but_not_entered_is_recorded_not_emptied(tmp_path, monke
     assert walk.unreadable == [b(tmp_path / "locked")]
 
 
+def test_relative_paths_keep_the_links_the_shell_went_through(tmp_path, monkeypatch):
+    """``index ~/photos`` (a link) then ``cd ~/photos && index .``: the second had named the
+    folder by its real path, and every photo was indexed twice, each result listed twice."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    link = tmp_path / "home" / "photos"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.chdir(link)
+    monkeypatch.setenv("PWD", str(link))  # as a shell sets it after `cd`
+    assert normalise_roots([".", "sub/", "gone.jpg"]) == [b(link), b(link / "sub"), b(link / "gone.jpg")]
+    # ".." is resolved as the kernel does, from the real folder, as before
+    assert normalise_roots(["../x"]) == [b(tmp_path / "x")]
+    monkeypatch.setenv("PWD", str(tmp_path))  # not the working directory: not trusted
+    assert normalise_roots(["."]) == [b(tmp_path / "real")]
+
+
 def test_under_tells_inside_from_lookalike_siblings():
     inside = under([b"/photos/2020", b"/single.jpg"])
     assert inside(b"/photos/2020") and inside(b"/photos/2020/a.jpg") and inside(b"/single.jpg")
