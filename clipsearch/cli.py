@@ -233,6 +233,12 @@ def _escape(match: re.Match[str]) -> str:
     return {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}.get(char, f"\\x{char & 0xFF:02x}")
 
 
+def _without_name(path: Path, reason: str) -> str:
+    """A failure's reason without the file's name it often starts with (as the decoder stores
+    it: bytes that are not UTF-8 escaped), so that a listing says it once, as the path."""
+    return reason.removeprefix(f"{str(path).encode('utf-8', 'backslashreplace').decode()} ")
+
+
 def _print(line: str) -> None:
     _write(_shown(line).encode() + b"\n")
 
@@ -849,8 +855,7 @@ def status_command(
         )
     with _open(model, reading=True) as index:
         if failed or missing:
-            # Reasons often start with the file's name: it is said once, as the path.
-            failures = [(p, r.removeprefix(f"{p} ")) for p, r in index.failures()] if failed else []
+            failures = [(p, _without_name(p, r)) for p, r in index.failures()] if failed else []
             gone = index.missing() if missing else []
             if as_json:
                 lists: dict[str, Any] = (

@@ -107,3 +107,18 @@ def test_log_messages_escape_names(cli, tmp_path, monkeypatch):
     assert result.exit_code == 3, result.stderr  # finished, a folder not read
     assert_escaped(result.stderr_bytes)
     assert rb"warning: cannot list " in result.stderr_bytes and rb"sub\x1b]0;pwned" in result.stderr_bytes
+
+
+def test_status_failed_says_a_non_utf8_name_once(cli, tmp_path):
+    """The reason of a file whose name is not UTF-8 had kept its name (escaped otherwise than the
+    path before it), so the line said it twice."""
+    lib = os.fsencode(tmp_path / "lib")
+    os.makedirs(lib)
+    with open(os.path.join(lib, b"bad\xff.jpg"), "wb") as f:
+        f.write(b"not an image\n")
+    cli("index", tmp_path / "lib")
+    (failure,) = json.loads(cli("status", "--failed", "--json").stdout)["failed"]
+    assert os.fsencode(failure["path"]) == os.path.join(lib, b"bad\xff.jpg")
+    assert failure["reason"].startswith("cannot be decoded as an image"), failure
+    (line,) = cli("status", "--failed").stdout_bytes.splitlines()
+    assert line.startswith(os.path.join(lib, rb"bad\xff.jpg: cannot be decoded as an image")), line
