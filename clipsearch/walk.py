@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from clipsearch.errors import ClipsearchError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
@@ -232,11 +234,19 @@ def normalise_roots(paths: Iterable[str | os.PathLike] | str | bytes | os.PathLi
     had forgotten everything under "/"."""
     listed: Iterable[str | bytes | os.PathLike] = [paths] if isinstance(paths, str | bytes | os.PathLike) else paths
     expanded = [os.fsencode(os.path.expanduser(os.fspath(p))) for p in listed]
-    cwd = None if all(os.path.isabs(p) for p in expanded) else _shell_cwd()
-    return [
-        os.path.abspath(p) if cwd is None or b".." in p.split(b"/") else os.path.normpath(os.path.join(cwd, p))
-        for p in expanded
-    ]
+    if all(os.path.isabs(p) for p in expanded):
+        return [os.path.normpath(p) for p in expanded]
+    cwd = _shell_cwd()
+    try:
+        return [
+            os.path.abspath(p) if cwd is None or b".." in p.split(b"/") else os.path.normpath(os.path.join(cwd, p))
+            for p in expanded
+        ]
+    except FileNotFoundError:  # os.getcwd, of a folder deleted since the shell went into it
+        raise ClipsearchError(
+            "The current folder no longer exists (deleted, or its drive unplugged); "
+            "cd to it again, or give an absolute path."
+        ) from None
 
 
 def _shell_cwd() -> bytes | None:

@@ -1,7 +1,9 @@
 import os
 
+import pytest
 from helpers import listable_not_enterable
 
+from clipsearch.errors import ClipsearchError
 from clipsearch.walk import Walk, normalise_roots, under
 
 
@@ -196,6 +198,18 @@ def test_relative_paths_keep_the_links_the_shell_went_through(tmp_path, monkeypa
     assert normalise_roots(["../x"]) == [b(tmp_path / "x")]
     monkeypatch.setenv("PWD", str(tmp_path))  # not the working directory: not trusted
     assert normalise_roots(["."]) == [b(tmp_path / "real")]
+
+
+def test_a_relative_path_from_a_deleted_folder_says_so(tmp_path, monkeypatch):
+    """``index .`` from a folder deleted meanwhile (a drive unplugged and plugged in again) had
+    ended in "FileNotFoundError ... (this is a bug)"."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(ClipsearchError, match="The current folder no longer exists"):
+        normalise_roots(["."])
+    assert normalise_roots([tmp_path]) == [b(tmp_path)]  # an absolute path needs no current folder
 
 
 def test_under_tells_inside_from_lookalike_siblings():
