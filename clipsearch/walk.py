@@ -235,11 +235,13 @@ def normalise_roots(paths: Iterable[str | os.PathLike] | str | bytes | os.PathLi
     listed: Iterable[str | bytes | os.PathLike] = [paths] if isinstance(paths, str | bytes | os.PathLike) else paths
     expanded = [os.fsencode(os.path.expanduser(os.fspath(p))) for p in listed]
     if all(os.path.isabs(p) for p in expanded):
-        return [os.path.normpath(p) for p in expanded]
+        return [_one_leading_slash(os.path.normpath(p)) for p in expanded]
     cwd = _shell_cwd()
     try:
         return [
-            os.path.abspath(p) if cwd is None or b".." in p.split(b"/") else os.path.normpath(os.path.join(cwd, p))
+            _one_leading_slash(
+                os.path.abspath(p) if cwd is None or b".." in p.split(b"/") else os.path.normpath(os.path.join(cwd, p))
+            )
             for p in expanded
         ]
     except FileNotFoundError:  # os.getcwd, of a folder deleted since the shell went into it
@@ -247,6 +249,13 @@ def normalise_roots(paths: Iterable[str | os.PathLike] | str | bytes | os.PathLi
             "The current folder no longer exists (deleted, or its drive unplugged); "
             "cd to it again, or give an absolute path."
         ) from None
+
+
+def _one_leading_slash(path: bytes) -> bytes:
+    """``//photos`` as ``/photos``, the same folder: normpath keeps two leading slashes (POSIX
+    lets them mean something else; on Linux and macOS they do not), and the catalog had then
+    held every photo under both."""
+    return b"/" + path.lstrip(b"/") if path.startswith(b"//") else path
 
 
 def _shell_cwd() -> bytes | None:

@@ -212,6 +212,15 @@ def test_a_relative_path_from_a_deleted_folder_says_so(tmp_path, monkeypatch):
     assert normalise_roots([tmp_path]) == [b(tmp_path)]  # an absolute path needs no current folder
 
 
+def test_a_path_starting_with_two_slashes_is_the_same_path(tmp_path, monkeypatch):
+    """``index //photos`` ("$BASE/$folder" with BASE=/, or ``cd //photos``) had stored every
+    photo again under "//..." (normpath keeps two leading slashes), each result then listed twice."""
+    assert normalise_roots(["//" + str(tmp_path).lstrip("/") + "/"]) == [b(tmp_path)]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", "//" + str(tmp_path).lstrip("/"))  # as bash sets it after `cd //...`
+    assert normalise_roots(["a.jpg"]) == [b(tmp_path / "a.jpg")]
+
+
 def test_under_tells_inside_from_lookalike_siblings():
     inside = under([b"/photos/2020", b"/single.jpg"])
     assert inside(b"/photos/2020") and inside(b"/photos/2020/a.jpg") and inside(b"/single.jpg")
