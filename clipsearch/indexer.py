@@ -266,7 +266,7 @@ def run_add(
     in ``report.stale``, not as new files.
     """
     started = time.perf_counter()
-    walk = roots if isinstance(roots, Manifest) else _walk(roots, exclude, follow_symlinks)
+    walk = roots if isinstance(roots, Manifest) else _walk(roots, exclude, follow_symlinks, catalog.home)
     if catalog.default_model is None:
         # Recorded even if nothing gets encoded (an empty folder): the next command without
         # --model must use this model, not the built-in default.
@@ -323,7 +323,10 @@ def run_add(
 
 
 def _walk(
-    roots: Iterable[str | os.PathLike] | str | os.PathLike, exclude: Sequence[str], follow_symlinks: bool
+    roots: Iterable[str | os.PathLike] | str | os.PathLike,
+    exclude: Sequence[str],
+    follow_symlinks: bool,
+    home: str | os.PathLike,
 ) -> Walk:
     root_paths = list(dict.fromkeys(normalise_roots(roots)))
     for root in root_paths:
@@ -333,7 +336,9 @@ def _walk(
                 "(to forget files indexed there, use `clipsearch remove`)."
             )
     # One pattern alone is one pattern: "*.png" had been taken for its characters, "*" among them.
-    return Walk(root_paths, (exclude,) if isinstance(exclude, str) else tuple(exclude), follow_symlinks)
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    # The index's own folder is no photos (the web page's thumbnails are images), wherever it is.
+    return Walk(root_paths, patterns, follow_symlinks, skip=(os.fsencode(home),))
 
 
 def fill_metadata(

@@ -14,6 +14,7 @@ named ``.jpg`` indexes and a text file named ``.jpg`` is recorded as failed.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import logging
@@ -92,6 +93,9 @@ class Walk:
     roots: list[bytes]
     exclude: tuple[str, ...] = ()
     follow_symlinks: bool = False
+    # Folders not descended into, by whatever path the walk meets them: the index's own, whose
+    # thumbnails are images. One named as a root is walked.
+    skip: tuple[bytes, ...] = ()
     unreadable: list[bytes] = field(default_factory=list)
 
     @functools.cached_property
@@ -101,6 +105,11 @@ class Walk:
 
     def __iter__(self) -> Iterator[FoundFile]:
         patterns = self.patterns
+        skipped = set()
+        for folder in self.skip:
+            with contextlib.suppress(OSError):  # not there (yet): nothing to skip
+                st = os.stat(folder)
+                skipped.add((st.st_dev, st.st_ino))
         for root in self.roots:
             try:
                 st = os.stat(root)
@@ -112,7 +121,7 @@ class Walk:
                 # Folders listed are remembered per root (no loops): a root that is a link to
                 # another had been skipped whole, and its indexed files taken for deleted.
                 # Roots inside others yield their files twice; `plan_changes` takes them once.
-                yield from self._walk_tree(root, st, patterns, set())
+                yield from self._walk_tree(root, st, patterns, skipped - {(st.st_dev, st.st_ino)})
             elif not _is_candidate(os.path.basename(root)):
                 log.warning("%s is not an image file (by its name); skipped", os.fsdecode(root))
             elif not _excluded(root, patterns):

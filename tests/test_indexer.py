@@ -525,3 +525,13 @@ def test_a_second_root_linked_to_the_first_keeps_its_files(tmp_path, catalog, ad
     assert catalog.counts() == {"indexed": 6, "failed": 0, "missing": 0}
     report = add(tmp_path / "link", tmp_path / "lib")
     assert counts(report) == dict(new=0, changed=0, moved=0, copied=0, removed=0, failed=0, unchanged=6)
+
+
+def test_the_index_inside_the_folder_indexed_is_not_indexed(tmp_path, catalog, add):
+    """``--home ~/photos/index`` then ``index ~/photos``: the web page's thumbnails (WebP files
+    in the index's folder) had been indexed as photos, each photo found again as its thumbnail."""
+    images = make_library(tmp_path / "lib", 2)
+    make_image(tmp_path / "home" / "thumbnails" / "ab" / "ab12.webp", 0)
+    report = add(tmp_path)
+    assert (report.new, report.failed) == (2, 0)
+    assert sorted(catalog.file_states()) == sorted(os.fsencode(p) for p in images)

@@ -221,6 +221,16 @@ def test_a_path_starting_with_two_slashes_is_the_same_path(tmp_path, monkeypatch
     assert normalise_roots(["a.jpg"]) == [b(tmp_path / "a.jpg")]
 
 
+def test_folders_to_skip_are_skipped_by_any_path_to_them(tmp_path):
+    keep = touch(tmp_path / "photos" / "a.jpg")
+    touch(tmp_path / "index" / "thumbnails" / "ab" / "ab12.webp")
+    (tmp_path / "photos" / "link").symlink_to(tmp_path / "index", target_is_directory=True)
+    skip = (b(tmp_path / "index"),)
+    assert sorted(f.path for f in Walk(normalise_roots([tmp_path]), skip=skip, follow_symlinks=True)) == [b(keep)]
+    # named as a root, it is walked
+    assert len(list(Walk(normalise_roots([tmp_path / "index"]), skip=skip))) == 1
+
+
 def test_under_tells_inside_from_lookalike_siblings():
     inside = under([b"/photos/2020", b"/single.jpg"])
     assert inside(b"/photos/2020") and inside(b"/photos/2020/a.jpg") and inside(b"/single.jpg")
