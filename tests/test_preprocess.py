@@ -223,6 +223,22 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
+def test_a_jpeg_over_pillows_bomb_limit_decodes_within_the_budget(tmp_path, monkeypatch):
+    """A 16000 x 12000 JPEG panorama (192 megapixels, over Pillow's limit of 2 x 89.5) decodes at
+    1/8 scale in 3: it had been refused as a decompression bomb, whatever CLIPSEARCH_MAX_MEGAPIXELS
+    said. Here Pillow's limit is lowered to stand for it: 400 x 300 is over 2 x 20,000 pixels."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    path = save_jpeg(tmp_path, photo_like(400, 300))
+    assert open_image(path, target=50).size == (200, 150)  # decoded at 1/2 scale
+    assert Image.MAX_IMAGE_PIXELS == 20_000  # left as it was
+    png = tmp_path / "big.png"
+    Image.fromarray(photo_like(400, 300)).save(png)
+    assert open_image(png, target=50).size == (400, 300)  # within the budget too
+    monkeypatch.setenv("CLIPSEARCH_MAX_MEGAPIXELS", "0.1")  # 100,000 pixels: not any more
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_image(png, target=50)
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, BinaryIO
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from PIL.Jpeg2KImagePlugin import Jpeg2KImageFile
+from PIL.JpegImagePlugin import JpegImageFile
 
 from ..errors import ImageError
 
@@ -112,7 +114,7 @@ def open_pillow(source: str | os.PathLike[str] | BinaryIO, name: str) -> Image.I
     ``heif`` extra, registered the first time a HEIF file is met rather than at import (it costs
     ~40 ms, which every run would pay). `ImageError` for a HEIF file without the extra."""
     try:
-        return Image.open(source)
+        return _open_within_budget(source)
     except Image.UnidentifiedImageError:
         if not _is_heif(source):
             raise
@@ -123,7 +125,34 @@ def open_pillow(source: str | os.PathLike[str] | BinaryIO, name: str) -> Image.I
         )
     if not isinstance(source, (str, os.PathLike)):
         source.seek(0)
-    return Image.open(source)
+    return _open_within_budget(source)
+
+
+_PILLOW_LIMIT = threading.Lock()  # held while Pillow's own limit is lifted, for one open
+
+
+def _open_within_budget(source: str | os.PathLike[str] | BinaryIO) -> Image.Image:
+    """``Image.open``, where Pillow's limit on the size a header declares gives way to the budget
+    (`max_megapixels`), which `load_upright` applies to the pixels as decoded: a 16000 x 12000
+    JPEG panorama, decoded at 1/8 scale in 3 megapixels, had been refused as a decompression
+    bomb, whatever CLIPSEARCH_MAX_MEGAPIXELS said. Any other image over Pillow's limit and the
+    budget is still refused as one."""
+    try:
+        return Image.open(source)
+    except Image.DecompressionBombError:
+        if not isinstance(source, (str, os.PathLike)):
+            source.seek(0)
+        with _PILLOW_LIMIT:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(source)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+        reduced = isinstance(image, (JpegImageFile, Jpeg2KImageFile))  # decoded at a smaller scale
+        if reduced or image.width * image.height <= max_megapixels() * 1e6:
+            return image
+        image.close()
+        raise
 
 
 # The major brands of ISO media files that are HEIF images (not AVIF, which Pillow reads itself).
