@@ -128,18 +128,21 @@ class Walk:
                 yield FoundFile.of(root, st)
 
     def excludes(self, path: bytes) -> bool:
-        """Whether ``path`` (inside one of the roots) is skipped by an exclude pattern, itself or
-        through a folder of it below its root: what a walk did not see for that reason was not
-        deleted, and is left as it was indexed (as rsync leaves excluded files)."""
+        """Whether ``path`` (inside one of the roots) is skipped by an exclude pattern, or for
+        being hidden (a name with a leading dot, indexed only where named: ``index .private``),
+        itself or through a folder of it below its root: what a walk did not see for that
+        reason was not deleted, and is left as it was indexed (as rsync leaves excluded files)."""
         patterns = self.patterns
         inside = [root for root in self.roots if path == root or path.startswith(root.rstrip(b"/") + b"/")]
-        if not patterns or not inside:
+        if not inside:
             return False
         root = max(inside, key=len)
         if path == root:  # a file named as a root
             return _excluded(path, patterns)
+        if not patterns and b"/." not in path[len(root.rstrip(b"/")) :]:
+            return False
         while path != root:  # the file, then each folder up to the root, as the walk met them
-            if _excluded(path, patterns):
+            if os.path.basename(path)[:1] == b"." or _excluded(path, patterns):
                 return True
             path = os.path.dirname(path)
         return False

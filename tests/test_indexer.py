@@ -535,3 +535,19 @@ def test_the_index_inside_the_folder_indexed_is_not_indexed(tmp_path, catalog, a
     report = add(tmp_path)
     assert (report.new, report.failed) == (2, 0)
     assert sorted(catalog.file_states()) == sorted(os.fsencode(p) for p in images)
+
+
+def test_a_hidden_folder_indexed_by_name_stays_when_its_parent_is_indexed(tmp_path, catalog, add):
+    """``index ~/photos/.private`` then ``index ~/photos``: the walk skips hidden folders, and had
+    taken their photos for deleted (removed, then encoded again by the next ``index .private``)."""
+    hidden = make_library(tmp_path / "lib" / ".private", 3)
+    make_image(tmp_path / "lib" / "seen.png", 9)
+    make_image(tmp_path / "lib" / ".one.png", 10)
+    add(tmp_path / "lib" / ".private")
+    add(tmp_path / "lib" / ".one.png")
+    report = add(tmp_path / "lib")
+    assert (report.new, report.removed) == (1, 0)
+    assert catalog.counts() == {"indexed": 5, "failed": 0, "missing": 0}
+    hidden[0].unlink()  # gone, in a folder the walk skips: left as indexed, as with --exclude
+    assert add(tmp_path / "lib").removed == 0
+    assert add(tmp_path / "lib" / ".private").removed == 1
