@@ -353,6 +353,33 @@ def test_a_phone_sized_window(browser, server, tmp_path):
     context.close()
 
 
+@pytest.mark.parametrize(
+    ("width", "height", "refine"),
+    [(640, 430, True), (320, 256, False)],
+    ids=["200%-zoom-refine-open", "400%-zoom"],
+)
+def test_zoomed_in_a_tile_reached_with_tab_is_not_under_the_header(browser, server, width, height, refine):
+    """A 1280 x 860 window at 200% zoom is 640 x 430 CSS pixels, where the sticky header took
+    344 px with Refine open; at 400% (WCAG's 320 px reflow) it took 202 of 256. A tile reached
+    with Tab then sat partly under the header or below the window's edge."""
+    context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=2)
+    page = context.new_page()
+    page.goto(server)
+    search(page, "a red circle")
+    if refine:
+        page.click("summary")
+    page.focus("#results li:nth-child(1) button")
+    for _ in range(12):
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.index") == "12"
+    page.wait_for_timeout(100)  # the scroll into view
+    tile = page.evaluate("document.activeElement.getBoundingClientRect().toJSON()")
+    header_bottom = page.evaluate("document.querySelector('header').getBoundingClientRect().bottom")
+    assert tile["height"] > 50
+    assert tile["top"] >= header_bottom and tile["bottom"] <= height + 1, (tile, header_bottom)  # subpixels
+    context.close()
+
+
 def test_no_request_leaves_the_machine(page):
     """Every resource the page loads comes from the server itself (no CDN, fonts or scripts)."""
     origins = set()

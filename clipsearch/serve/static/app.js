@@ -141,11 +141,17 @@ async function fetchPage(mine) {
   }
 }
 
-// A tile reached with Tab scrolls into view below the sticky header, not under it.
+// A tile reached with Tab scrolls into view below the sticky header, not under it. Where the
+// header would take more than a third of the window (zoomed in, a phone with Refine open), it
+// scrolls away with the page instead: kept, it had left a strip too thin for a row of tiles.
 const header = document.querySelector("header");
-new ResizeObserver(() => {
-  document.documentElement.style.scrollPaddingTop = `${header.offsetHeight + 8}px`;
-}).observe(header);
+function fitHeader() {
+  const tall = header.offsetHeight > window.innerHeight / 3;
+  header.classList.toggle("scrolls", tall);
+  document.documentElement.style.scrollPaddingTop = tall ? "" : `${header.offsetHeight + 8}px`;
+}
+new ResizeObserver(fitHeader).observe(header);
+window.addEventListener("resize", fitHeader);
 
 function tile(hit, index) {
   const item = document.createElement("li");
