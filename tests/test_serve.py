@@ -565,6 +565,25 @@ def test_bad_parameters_get_a_one_line_400(served, params, message):
     assert message in error(client.get("/api/search", params=params), 400)
 
 
+def test_a_parameter_that_is_not_utf8_is_a_400(served):
+    """Starlette reads such bytes as U+FFFD: Latin-1's ``q=caf%E9`` had been searched for "caf"
+    and a replacement character, answered 200 with hits that had nothing to do with café."""
+    client, service, _ = served
+    any_id = next(iter(ids_by_path(service).values()))
+    for url, name in [
+        ("/api/search?q=caf%E9", "q"),
+        ("/api/search?q=x&under=/photos/caf%E9", "under"),
+        ("/api/search?q=%FF%FE&k=5", "q"),
+        ("/api/search?q=x&%E9=1", "\ufffd"),
+        (f"/api/similar/{any_id}?q=caf%E9", "q"),
+        ("/api/search/image?q=caf%E9", "q"),
+    ]:
+        response = client.post(url, content=b"") if "image" in url else client.get(url)
+        assert error(response, 400) == f"{name} is not UTF-8 text: percent-encode its UTF-8 bytes (é is %C3%A9)."
+    # The same words in UTF-8 are searched, with or without + for spaces.
+    assert ok(client.get("/api/search?q=caf%C3%A9+%E6%97%A5%E6%9C%AC%20%F0%9F%98%80&k=3"))["hits"]
+
+
 def test_bad_uploads(served):
     client, _, library = served
     assert "empty" in error(client.post("/api/search/image", content=b""), 400)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -58,12 +59,12 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
     one, every request must carry it (query parameter, cookie or ``Authorization: Bearer``)."""
 
     async def search(request: Request) -> Response:
+        page = _page(request)
         text = request.query_params.get("q", "")
-        page = _page(request.query_params)
         return _hits(await run_in_threadpool(service.search, text, page), page)
 
     async def search_image(request: Request) -> Response:
-        page = _page(request.query_params)
+        page = _page(request)
         # In a thread, so that other requests go on; the body is let go once its image part is
         # taken out (no name holds it), not kept while the upload waits its turn to be decoded.
         content_type = request.headers.get("content-type", "")
@@ -72,7 +73,7 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
         return _hits(await run_in_threadpool(service.search_image, data, text, page), page)
 
     async def similar(request: Request) -> Response:
-        page = _page(request.query_params)
+        page = _page(request)
         found = await run_in_threadpool(service.similar, _id(request), request.query_params.get("q", ""), page)
         return _hits(found, page)
 
@@ -133,7 +134,16 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
 # --- parameters ------------------------------------------------------------------------------
 
 
-def _page(params: QueryParams) -> Page:
+def _page(request: Request) -> Page:
+    """The page a search asks for; a 400 for a parameter that is not UTF-8 text, where Starlette
+    puts U+FFFD (Latin-1's ``q=caf%E9`` had been searched as "caf" and U+FFFD, with hits)."""
+    for pair in request.scope["query_string"].split(b"&"):
+        try:
+            unquote_to_bytes(pair.replace(b"+", b" ")).decode()
+        except UnicodeDecodeError:
+            name = unquote_to_bytes(pair.partition(b"=")[0]).decode(errors="replace")[:40]
+            raise RequestError(f"{name} is not UTF-8 text: percent-encode its UTF-8 bytes (é is %C3%A9).") from None
+    params = request.query_params
     under = params.get("under") or None
     if under is not None and not under.startswith("/"):
         raise RequestError("under must be an absolute folder path, such as /home/me/photos.")
