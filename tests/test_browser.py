@@ -380,6 +380,23 @@ def test_zoomed_in_a_tile_reached_with_tab_is_not_under_the_header(browser, serv
     context.close()
 
 
+def test_a_tile_neither_zooms_nor_fades_when_the_system_asks_for_less_motion(browser, server):
+    """A hovered thumbnail had grown by 3% in 0.15 s, and its name faded in, under
+    prefers-reduced-motion: reduce as without it."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, reduced_motion="reduce")
+    page = context.new_page()
+    page.goto(server)
+    search(page, "a red circle")
+    page.hover("#results li:nth-child(1) button")
+    styles = page.eval_on_selector(
+        "#results li:nth-child(1) button",
+        """b => [b.querySelector('img'), b.querySelector('.name')].map(e => getComputedStyle(e))
+            .map(s => [s.transform, s.transitionDuration])""",
+    )
+    assert styles == [["none", "0s"], ["none", "0s"]]
+    context.close()
+
+
 def test_no_request_leaves_the_machine(page):
     """Every resource the page loads comes from the server itself (no CDN, fonts or scripts)."""
     origins = set()
