@@ -397,6 +397,31 @@ def test_a_tile_neither_zooms_nor_fades_when_the_system_asks_for_less_motion(bro
     context.close()
 
 
+def contrast(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """WCAG's contrast ratio of two sRGB colours (0-255)."""
+
+    def luminance(rgb: tuple[float, ...]) -> float:
+        linear = [c / 255 / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    high, low = sorted([luminance(a), luminance(b)], reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_a_tiles_labels_are_legible_on_a_white_photo(page):
+    """The file name shown on a hovered or focused tile was white on black at 45% over the
+    photo: 3.4:1 on a white one, under WCAG's 4.5:1 for text."""
+    search(page, "a red circle")
+    for label in ["score", "name"]:
+        style = page.eval_on_selector(
+            f"#results li:nth-child(1) .{label}",
+            "e => [getComputedStyle(e).color, getComputedStyle(e).backgroundColor]",
+        )
+        (r, g, b), (br, bg, bb, alpha) = ([float(x) for x in re.findall(r"[\d.]+", colour)] for colour in style)
+        on_white = tuple(c * alpha + 255 * (1 - alpha) for c in (br, bg, bb))
+        assert contrast((r, g, b), on_white) >= 4.5, (label, style)
+
+
 def test_no_request_leaves_the_machine(page):
     """Every resource the page loads comes from the server itself (no CDN, fonts or scripts)."""
     origins = set()
