@@ -422,6 +422,39 @@ def test_a_tiles_labels_are_legible_on_a_white_photo(page):
         assert contrast((r, g, b), on_white) >= 4.5, (label, style)
 
 
+def test_a_path_through_right_to_left_folders_shows_them_in_order(page):
+    """In "/me/عطلة/صيف/sea.jpg" (holiday/summer) the slash between the two Arabic names took
+    their direction: the preview showed the folders swapped, as /me/صيف/عطلة/sea.jpg."""
+    path = "/me/عطلة/صيف/sea.jpg"
+
+    def renamed(route):
+        body = route.fetch().json()
+        route.fulfill(json=body | {"hits": [body["hits"][0] | {"path": path}, *body["hits"][1:]]})
+
+    page.route(re.compile(r".*/api/search\?.*"), renamed)
+    search(page, "a red circle")
+    page.click("#results li:nth-child(1) button")
+    page.wait_for_selector("#preview[open]")
+    assert page.text_content("#preview-path") == path  # what is selected and copied
+    lefts = page.evaluate(
+        """words => words.map(word => {
+            const walker = document.createTreeWalker(document.getElementById('preview-path'), NodeFilter.SHOW_TEXT);
+            while (walker.nextNode()) {
+                const at = walker.currentNode.textContent.indexOf(word);
+                if (at < 0) continue;
+                const range = document.createRange();
+                range.setStart(walker.currentNode, at);
+                range.setEnd(walker.currentNode, at + word.length);
+                const box = range.getBoundingClientRect();
+                return [Math.round(box.top), box.left];
+            }
+        })""",
+        ["me", "عطلة", "صيف", "sea"],
+    )
+    assert lefts == sorted(lefts), lefts  # line by line, left to right
+    page.keyboard.press("Escape")
+
+
 def test_no_request_leaves_the_machine(page):
     """Every resource the page loads comes from the server itself (no CDN, fonts or scripts)."""
     origins = set()

@@ -267,7 +267,7 @@ function openPreview(index) {
   preview.image.src = `/api/original/${hit.id}`;
   preview.image.alt = baseName(hit.path);
   preview.name.textContent = baseName(hit.path);
-  preview.path.textContent = hit.path;
+  preview.path.replaceChildren(...pathParts(hit.path));
   preview.score.textContent = hit.score.toFixed(4);
   preview.size.textContent = formatBytes(hit.size);
   preview.dimensions.textContent = hit.width && hit.height ? `${hit.width} × ${hit.height}` : "unknown";
@@ -415,7 +415,7 @@ function renderStatus(s) {
   ui.failures.replaceChildren(...s.failures.map((failure) => {
     const item = document.createElement("li");
     const path = document.createElement("code");
-    path.textContent = failure.path;
+    path.replaceChildren(...pathParts(failure.path));
     item.append(path, `: ${failure.reason}`);
     return item;
   }));
@@ -517,6 +517,16 @@ async function restore() {
     index = hits.findIndex((hit) => String(hit.id) === view);
   }
   if (index >= 0) openPreview(index);
+}
+
+// A path's names each isolated, the slashes between them left to right: a slash between two
+// right-to-left names had taken their direction, and /me/عطلة/صيف/ showed as /me/صيف/عطلة/.
+function pathParts(path) {
+  return path.split("/").flatMap((name, i) => {
+    const part = document.createElement("bdi");
+    part.textContent = name;
+    return i ? ["/", part] : [part];
+  });
 }
 
 function baseName(path) {
