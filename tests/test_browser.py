@@ -455,6 +455,14 @@ def test_a_path_through_right_to_left_folders_shows_them_in_order(page):
     page.keyboard.press("Escape")
 
 
+def test_a_right_to_left_search_is_written_right_to_left(page):
+    """An Arabic search had run left to right in the box: aligned left, its question mark
+    shown at its start."""
+    for text, rtl in [("دائرة حمراء؟", True), ("a red circle", False)]:
+        page.fill("#q", text)
+        assert page.evaluate("document.getElementById('q').matches(':dir(rtl)')") is rtl, text
+
+
 def test_no_request_leaves_the_machine(page):
     """Every resource the page loads comes from the server itself (no CDN, fonts or scripts)."""
     origins = set()
