@@ -463,6 +463,25 @@ def test_a_right_to_left_search_is_written_right_to_left(page):
         assert page.evaluate("document.getElementById('q').matches(':dir(rtl)')") is rtl, text
 
 
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_text_fields_edges_can_be_seen(browser, server, scheme):
+    """The search box and the Refine fields were edged in 1.3:1 against the page (1.5:1 dark),
+    all but invisible; WCAG asks 3:1 of what shows where a field is."""
+    context = browser.new_context(color_scheme=scheme)
+    page = context.new_page()
+    page.goto(server)
+    page.click("summary")
+    page_colour = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    for field in ["#q", "#under", "#min-score"]:
+        edge, inside = page.eval_on_selector(
+            field, "e => [getComputedStyle(e).borderTopColor, getComputedStyle(e).backgroundColor]"
+        )
+        for behind in (page_colour, inside):
+            ratio = contrast(*(tuple(float(x) for x in re.findall(r"[\d.]+", c)[:3]) for c in (edge, behind)))
+            assert ratio >= 3, (field, edge, behind, ratio)
+    context.close()
+
+
 def test_no_request_leaves_the_machine(page):
     """Every resource the page loads comes from the server itself (no CDN, fonts or scripts)."""
     origins = set()
