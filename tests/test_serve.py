@@ -442,6 +442,31 @@ def test_a_file_indexed_through_a_link_is_served(tmp_path, tiny_model):
         service.close()
 
 
+def test_a_file_whose_name_is_not_utf8_is_found_shown_and_served(tmp_path, tiny_model):
+    """A Latin-1 name, as an old archive unpacks one, is a path with a lone surrogate, which
+    UTF-8 cannot encode: every search that found the file had been a 500, and so were its
+    details and the 404 naming it. The JSON escapes it as `clipsearch query --json` does."""
+    photo = Path(os.fsdecode(make_image(os.fsencode(tmp_path) + b"/caf\xe9/caf\xe9 \xe0 la mer.png", 0)))
+    make_image(photo.parent / "日本.png", 1)
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu") as index:
+        assert index.add([photo.parent], workers=0).new == 2
+    service = Service.open(tmp_path / "home", "cpu")
+    try:
+        client = client_for(service)
+        response = client.get("/api/search", params={"q": "x"})
+        assert response.content.isascii()
+        paths = {hit["path"]: hit["id"] for hit in ok(response)["hits"]}
+        assert set(paths) == {str(photo), str(photo.parent / "日本.png")}
+        image_id = paths[str(photo)]
+        assert ok(client.get(f"/api/image/{image_id}"))["path"] == str(photo)
+        assert client.get(f"/api/original/{image_id}").content == photo.read_bytes()
+        assert client.get(f"/api/thumbnail/{image_id}").headers["content-type"].startswith("image/")
+        photo.unlink()
+        assert error(client.get(f"/api/original/{image_id}"), 404) == f"{photo} is no longer there."
+    finally:
+        service.close()
+
+
 def test_a_versioned_thumbnail_is_kept_for_good_and_an_edit_changes_its_version(fresh):
     client, _, library, home = fresh
     (hit,) = [

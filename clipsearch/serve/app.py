@@ -9,6 +9,7 @@ event loop keeps accepting requests.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import mimetypes
@@ -102,10 +103,10 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
         return StreamingResponse(_chunks(found), media_type=media_type, headers=headers)
 
     async def details(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(service.details, _id(request)))
+        return AsciiJSON(await run_in_threadpool(service.details, _id(request)))
 
     async def status(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(service.status))
+        return AsciiJSON(await run_in_threadpool(service.status))
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -129,6 +130,15 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
     )
     app.add_middleware(Gate, token=token)
     return app
+
+
+class AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped, as `clipsearch query --json` writes it: the
+    path of a file whose name is not UTF-8 (a Latin-1 name an old archive unpacked) holds lone
+    surrogates, which UTF-8 cannot encode, and every search that found one had been a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -219,7 +229,7 @@ def _chunks(original: Original) -> Iterator[bytes]:
 
 
 def _hits(hits: list[Hit], page: Page) -> Response:
-    return JSONResponse({"hits": [hit.to_json() for hit in hits], "offset": page.offset, "k": page.k})
+    return AsciiJSON({"hits": [hit.to_json() for hit in hits], "offset": page.offset, "k": page.k})
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -241,7 +251,7 @@ async def _error(request: Request, exc: Exception) -> Response:
 
 
 def _json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
+    return AsciiJSON({"error": " ".join(message.split())}, status_code=status, headers=headers)
 
 
 # --- access ----------------------------------------------------------------------------------
