@@ -11,6 +11,7 @@ per photo shown, never for the photos nobody looks at.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -83,12 +84,24 @@ class Thumbnails:
         return removed
 
     def disk_bytes(self) -> int:
-        return sum(file.stat().st_size for file in self._files())
+        total = 0
+        for file in self._files():
+            with contextlib.suppress(FileNotFoundError):  # pruned since it was listed
+                total += file.stat().st_size
+        return total
 
     def _files(self) -> list[Path]:
+        """The thumbnails stored, not the temporary files of those being written (`_store`'s,
+        renamed into place any moment)."""
         if not self.folder.is_dir():
             return []
-        return [file for sub in self.folder.iterdir() if sub.is_dir() for file in sub.iterdir() if file.is_file()]
+        return [
+            file
+            for sub in self.folder.iterdir()
+            if sub.is_dir()
+            for file in sub.iterdir()
+            if not file.name.startswith(".") and file.is_file()
+        ]
 
     def _file(self, key: bytes) -> Path:
         name = key.hex()
