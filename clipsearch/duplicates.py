@@ -90,7 +90,7 @@ def find_duplicates(
     links = [_same_content(fingerprints)]
     vectors = None
     if model is not None:
-        vector_ids, vectors = catalog.all_vectors(model)
+        vector_ids, vectors = catalog.all_vectors(model, among=None if under is None else ids)
         inside = np.isin(vector_ids, ids)
         vector_ids, vectors = vector_ids[inside], vectors[inside]
         first, second, _ = similar_pairs(vectors, threshold)

@@ -204,6 +204,19 @@ def test_all_vectors_in_id_order_and_empty_shape(catalog):
         np.testing.assert_array_equal(vector, unit(seed).astype(np.float16).astype(np.float32))
 
 
+def test_all_vectors_among_reads_those_ids_only(catalog):
+    """`duplicates --under` reads a folder's vectors, not the whole catalog's (a 1,000-image
+    folder of 150k had read all 150k: 2.6 s); any number of ids, in any order."""
+    catalog.commit_batch(TEST_MODEL, [indexed(f"/p/{i:03}.jpg".encode(), seed=i) for i in range(25)])
+    all_ids, all_vectors = catalog.all_vectors(stored(catalog))
+    wanted = [int(all_ids[20]), int(all_ids[3]), int(all_ids[7]), 10**9, *range(10**6, 10**6 + 40_000)]
+    ids, vectors = catalog.all_vectors(stored(catalog), among=wanted)
+    assert ids.tolist() == sorted(int(all_ids[i]) for i in (3, 7, 20))
+    np.testing.assert_array_equal(vectors, all_vectors[[3, 7, 20]])
+    ids, vectors = catalog.all_vectors(stored(catalog), among=[])
+    assert ids.shape == (0,) and vectors.shape == (0, DIM)
+
+
 def _hold_lock(home: Path, held, release) -> None:
     with Catalog.open(home) as c, c.writer_lock():
         held.set()
