@@ -1,5 +1,5 @@
 """What `clipsearch index --verify` adds to a re-run: fingerprinting every unchanged file again
-(`indexer._verify`), over N files of SIZE random bytes written into DIR (delete it afterwards).
+(`indexer._as_indexed`), over N files of SIZE random bytes written into DIR (delete it afterwards).
 Two passes with the page cache warm; per 100k files by proportion.
 
     python benchmarks/verify_cost.py 2000 1500000 /tmp/verify-bench
@@ -31,9 +31,9 @@ def main(count: int, size: int, root: Path) -> None:
     for _ in range(2):
         plan = indexer.Plan(to_verify=list(recorded))
         cpu, wall = time.process_time(), time.perf_counter()
-        indexer._verify(plan, lambda: False)
+        same = indexer._as_indexed(plan, plan.to_verify, lambda: False, None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        assert plan.unchanged == count and not plan.todo
+        assert len(same) == count and not plan.todo
         print(
             f"{count} files of {size / 1e6:.2f} MB: {wall:.2f} s wall, {cpu:.2f} s CPU; per 100k files "
             f"{wall * 100_000 / count:.0f} s wall, {cpu * 100_000 / count:.0f} s CPU"
