@@ -134,30 +134,21 @@ def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np
     """(first, second, similarity): each pair of rows of ``vectors`` (L2-normalised) at or above
     ``threshold``, once, first < second. Exact below `EXACT_LIMIT` rows, else by clusters.
 
-    The products run in bfloat16 where the CPU has it (2.5x float32's speed here), one thread
-    each with the clusters spread over the cores (two threads on one small product stall each
-    other on a busy machine); pairs within `MARGIN` of the threshold are then measured in float32.
+    Up to `EXACT_LIMIT` rows the products run in NumPy: importing torch (1-2 s and ~450 MiB) had
+    cost a folder of 1,000 images more than comparing them. Above it they run in torch, in bfloat16
+    where the CPU has it (2.5x float32's speed here), one thread each with the clusters spread over
+    the cores (two threads on one small product stall each other on a busy machine). Pairs within
+    `MARGIN` of the threshold are then measured in float32.
     """
-    import torch
-
-    from clipsearch.clip.cpu import has_native_bf16
-    from clipsearch.decode import usable_cores
-
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    fast = torch.from_numpy(vectors).to(torch.bfloat16 if has_native_bf16() else torch.float32)
-
-    def compare(job: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
-        queries, candidates = job
-        held = fast[torch.from_numpy(candidates)]
-        found = []
-        for start in range(0, len(queries), _BLOCK):
-            rows = queries[start : start + _BLOCK]
-            q, c = torch.nonzero(fast[torch.from_numpy(rows)] @ held.T >= threshold - MARGIN, as_tuple=True)
-            found.append(np.stack([rows[q.numpy()], candidates[c.numpy()]]))
-        return found
-
-    with _one_torch_thread(), ThreadPoolExecutor(usable_cores()) as pool:
-        blocks = [block for found in pool.map(compare, _comparisons(fast)) for block in found]
+    if len(vectors) <= EXACT_LIMIT:
+        blocks = [
+            np.stack([rows + start, columns])
+            for start in range(0, len(vectors), _BLOCK)
+            for rows, columns in [np.nonzero(vectors[start : start + _BLOCK] @ vectors.T >= threshold - MARGIN)]
+        ]
+    else:
+        blocks = _pairs_by_clusters(vectors, threshold)
     first, second = np.concatenate([np.empty((2, 0), np.int64), *blocks], axis=1)
     keep = first < second  # each pair once (it can be met from both ends, and never with itself)
     first, second = np.unique(np.stack([first[keep], second[keep]]), axis=1)
@@ -172,13 +163,33 @@ def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np
     return first[keep], second[keep], sims[keep]
 
 
+def _pairs_by_clusters(vectors: np.ndarray, threshold: float) -> list[np.ndarray]:
+    """Candidate pairs [2, m] (within `MARGIN` of ``threshold``, either order), cluster by cluster."""
+    import torch
+
+    from clipsearch.clip.cpu import has_native_bf16
+    from clipsearch.decode import usable_cores
+
+    fast = torch.from_numpy(vectors).to(torch.bfloat16 if has_native_bf16() else torch.float32)
+
+    def compare(job: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+        queries, candidates = job
+        held = fast[torch.from_numpy(candidates)]
+        found = []
+        for start in range(0, len(queries), _BLOCK):
+            rows = queries[start : start + _BLOCK]
+            q, c = torch.nonzero(fast[torch.from_numpy(rows)] @ held.T >= threshold - MARGIN, as_tuple=True)
+            found.append(np.stack([rows[q.numpy()], candidates[c.numpy()]]))
+        return found
+
+    with _one_torch_thread(), ThreadPoolExecutor(usable_cores()) as pool:
+        return [block for found in pool.map(compare, _comparisons(fast)) for block in found]
+
+
 def _comparisons(vectors: torch.Tensor) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(query rows, candidate rows) to compare: everything with everything when small, else
-    per cluster, the rows that have it among their `PROBES` nearest with the rows it holds."""
+    """(query rows, candidate rows) to compare: per cluster, the rows that have it among their
+    `PROBES` nearest with the rows it holds."""
     n = len(vectors)
-    if n <= EXACT_LIMIT:
-        yield np.arange(n), np.arange(n)
-        return
     clusters = 2 ** round(math.log2(math.sqrt(PROBES * n)))
     nearest = _nearest_clusters(vectors, clusters)
     home = nearest[:, 0]
