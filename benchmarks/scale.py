@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="only time queries on the index the last run saved")
     args = parser.parse_args()
     if args.reuse:
+        if not (bench_dir(f"scale-{args.count}") / "vectors-1.faiss").exists():  # had been FAISS's traceback
+            parser.error(f"no index of {args.count:,} vectors saved yet: run without --reuse first")
         time_saved(args.count, args.dim, args.queries)
         return
 
