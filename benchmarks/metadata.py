@@ -213,6 +213,7 @@ def main() -> None:
             f"100,000 files: {elapsed / done * 1e5:.0f} s"
         )
     for count in (int(c) for c in filter(None, args.sizes.split(","))):
+        filled_home(count)  # its line printed before the table, not inside it
         print(f"\n## filtered queries, {count:,} rows (k=10, median of {args.repeats}, ms)\n")
         print("| filter | rows passing | matching ids | FAISS, selector | FAISS, over-fetch | Index.search |")
         print("|---|---|---|---|---|---|")
