@@ -7,6 +7,7 @@ recorded as checked (what a query pays after the first). Warm page cache, median
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -30,27 +31,30 @@ def median_ms(load, runs: int = 5) -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
+def main(count: int = COUNT) -> None:
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((COUNT, DIM)).astype(np.float32)
+    x = rng.standard_normal((count, DIM)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    ids = np.arange(1, COUNT + 1, dtype=np.int64)
+    ids = np.arange(1, count + 1, dtype=np.int64)
     catalog = SimpleNamespace(catalog_id="bench", readonly=False)
-    model = StoredModel(1, "bench", DIM, COUNT)
+    model = StoredModel(1, "bench", DIM, count)
     for kind in ("Flat", "auto"):
-        home = Path(tempfile.mkdtemp())
-        index = vectors.VectorIndex.build(ids, x, kind)
-        started = time.perf_counter()
-        index.save(home, "bench", model, 1)
-        save_s = time.perf_counter() - started
-        path = home / vectors.vectors_file(model)
-        full = median_ms(lambda path=path: vectors._read(path, catalog, model, check=True))
-        recorded = median_ms(lambda path=path: vectors._read(path, catalog, model))
-        print(
-            f"{index.index_type}: file {path.stat().st_size / 1e6:.0f} MB, save {save_s:.2f} s; "
-            f"load with the checksum {full:.0f} ms, load with the record {recorded:.1f} ms"
-        )
+        with tempfile.TemporaryDirectory() as folder:  # each run had left two ~200 MB files in /tmp
+            home = Path(folder)
+            index = vectors.VectorIndex.build(ids, x, kind)
+            started = time.perf_counter()
+            index.save(home, "bench", model, 1)
+            save_s = time.perf_counter() - started
+            path = home / vectors.vectors_file(model)
+            full = median_ms(lambda path=path: vectors._read(path, catalog, model, check=True))
+            recorded = median_ms(lambda path=path: vectors._read(path, catalog, model))
+            print(
+                f"{index.index_type}: file {path.stat().st_size / 1e6:.0f} MB, save {save_s:.2f} s; "
+                f"load with the checksum {full:.0f} ms, load with the record {recorded:.1f} ms"
+            )
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=COUNT, help="vectors of 512 (default: 100,000)")
+    main(parser.parse_args().count)

@@ -7,8 +7,8 @@ Two passes with the page cache warm; per 100k files by proportion.
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -41,4 +41,9 @@ def main(count: int, size: int, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("count", type=int, help="files")
+    parser.add_argument("size", type=int, help="bytes a file")
+    parser.add_argument("root", type=Path, help="folder to write them into (delete it afterwards)")
+    args = parser.parse_args()
+    main(args.count, args.size, args.root)

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -42,3 +43,19 @@ def test_scale_reuse_without_a_saved_index_says_to_run_it_first(tmp_path):
     assert result.stderr.splitlines()[-1] == (
         "scale.py: error: no index of 50,000 vectors saved yet: run without --reuse first"
     )
+
+
+def test_vector_checksum_leaves_no_files_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    load("vector_checksum").main(2000)  # each run had left two ~200 MB FAISS files in /tmp
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Flat", "Flat"]  # "auto" is Flat at 2,000
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scripts_without_options_answer_help_instead_of_running():
+    for name in ("vector_checksum", "verify_cost"):  # one ran its whole benchmark, one crashed
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / f"{name}.py"), "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0 and result.stdout.startswith("usage: "), result.stderr
