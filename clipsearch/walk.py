@@ -97,6 +97,9 @@ class Walk:
     # thumbnails are images. One named as a root is walked.
     skip: tuple[bytes, ...] = ()
     unreadable: list[bytes] = field(default_factory=list)
+    # Links met and not followed (not ``follow_symlinks``) that may be folders: what is indexed
+    # under one (``index ~/Pictures/Phone``, a link to a card) the walk did not see, not deleted.
+    unfollowed: list[bytes] = field(default_factory=list)
 
     @functools.cached_property
     def patterns(self) -> list[bytes]:
@@ -131,7 +134,8 @@ class Walk:
         """Whether ``path`` (inside one of the roots) is skipped by an exclude pattern, or for
         being hidden (a name with a leading dot, indexed only where named: ``index .private``),
         itself or through a folder of it below its root: what a walk did not see for that
-        reason was not deleted, and is left as it was indexed (as rsync leaves excluded files)."""
+        reason was not deleted, and is left as it was indexed (as rsync leaves excluded files).
+        So is what lies under a link the walk did not follow (`unfollowed`)."""
         patterns = self.patterns
         inside = [root for root in self.roots if path == root or path.startswith(root.rstrip(b"/") + b"/")]
         if not inside:
@@ -139,6 +143,8 @@ class Walk:
         root = max(inside, key=len)
         if path == root:  # a file named as a root
             return _excluded(path, patterns)
+        if self._in_unfollowed(path):
+            return True
         if not patterns and b"/." not in path[len(root.rstrip(b"/")) :]:
             return False
         while path != root:  # the file, then each folder up to the root, as the walk met them
@@ -146,6 +152,11 @@ class Walk:
                 return True
             path = os.path.dirname(path)
         return False
+
+    @functools.cached_property
+    def _in_unfollowed(self) -> Callable[[bytes], bool]:
+        """Whether a path lies under one of `unfollowed` (asked once the walk is over)."""
+        return under(self.unfollowed)
 
     def _walk_tree(
         self, root: bytes, root_stat: os.stat_result, patterns: list[bytes], visited: set[tuple[int, int]]
@@ -178,6 +189,8 @@ class Walk:
                             continue
                         dot = name.rfind(b".")
                         if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
+                            if not follow and entry.is_symlink():
+                                self.unfollowed.append(entry.path)
                             continue
                         try:
                             if entry.is_symlink():

@@ -551,3 +551,17 @@ def test_a_hidden_folder_indexed_by_name_stays_when_its_parent_is_indexed(tmp_pa
     hidden[0].unlink()  # gone, in a folder the walk skips: left as indexed, as with --exclude
     assert add(tmp_path / "lib").removed == 0
     assert add(tmp_path / "lib" / ".private").removed == 1
+
+
+def test_a_linked_folder_indexed_by_name_stays_when_its_parent_is_indexed(tmp_path, catalog, add):
+    """``index ~/Pictures/Phone`` (a link to the card) then ``index ~/Pictures``, which does not
+    follow links: the card's photos had been counted removed."""
+    make_library(tmp_path / "card", 3)
+    make_image(tmp_path / "lib" / "seen.png", 9)
+    (tmp_path / "lib" / "Phone").symlink_to(tmp_path / "card", target_is_directory=True)
+    add(tmp_path / "lib" / "Phone")
+    report = add(tmp_path / "lib")
+    assert (report.new, report.removed) == (1, 0)
+    assert catalog.counts() == {"indexed": 4, "failed": 0, "missing": 0}
+    (tmp_path / "lib" / "Phone").unlink()  # the link gone: so are its files, from there
+    assert add(tmp_path / "lib").removed == 3
