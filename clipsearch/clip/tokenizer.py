@@ -121,7 +121,7 @@ def _ranges(codepoints: list[int]) -> str:
 
 
 @cache
-def _split_pattern() -> re.Pattern[str]:
+def _split_pattern(ascii_only: bool = False) -> re.Pattern[str]:
     """CLIP's word pattern: special tokens, English contractions, a run of letters, one
     number character, or a run of anything else; spaces separate and are dropped.
 
@@ -131,9 +131,14 @@ def _split_pattern() -> re.Pattern[str]:
     case-insensitively, so U+0345 (a combining mark, the only code point that is no letter
     but whose case fold, ι, is) is a letter to its "anything else" class and no letter to
     its letter class: it matches nothing and is dropped like a space.
+
+    ``ascii_only``: the pattern for text that is all ASCII (most queries), where there are no
+    such numbers to list. Listing them scans every code point and lengthens the classes:
+    0.3 s of a cold query's start, spent on a pattern that splits ASCII text no differently.
     """
+    every = range(0 if ascii_only else sys.maxunicode + 1)
     other_numbers = _ranges(
-        [cp for cp in range(sys.maxunicode + 1) if (c := chr(cp)).isnumeric() and not c.isdecimal() and not c.isalpha()]
+        [cp for cp in every if (c := chr(cp)).isnumeric() and not c.isdecimal() and not c.isalpha()]
     )
     iota_mark = "\u0345"
     letters = rf"[^\W\d_{other_numbers}]+"
@@ -145,7 +150,7 @@ def _split_pattern() -> re.Pattern[str]:
 
 def split_words(cleaned: str) -> list[str]:
     """Split text already passed through `clean_text` into CLIP's pre-tokens."""
-    return _split_pattern().findall(cleaned)
+    return _split_pattern(cleaned.isascii()).findall(cleaned)
 
 
 def word_symbols(word: str) -> list[str]:
