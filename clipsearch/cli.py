@@ -423,6 +423,8 @@ def _summary(report: AddReport, home: Path, model: str) -> str:
     )
     if report.failed:
         line += "; see the failures with `clipsearch status --failed`"
+    if report.failed_before:
+        line += f"; {report.failed_before} unchanged file(s) failed before (`--retry-failed` to try them again)"
     if report.unreadable:
         line += f"; {report.unreadable} folder(s) could not be read"
     if report.verified:

@@ -94,6 +94,9 @@ class AddReport:
     removed: int = 0
     failed: int = 0
     unchanged: int = 0
+    # Of the unchanged: files that failed in an earlier run, not tried again (`retry_failed`).
+    # Fixed since (a chmod changes no mtime), they had stayed failed with no word of it.
+    failed_before: int = 0
     unreadable: int = 0  # folders that could not be listed (their files were left as they were)
     verified: int = 0  # unchanged files fingerprinted again (`verify`)
     metadata: int = 0  # files indexed before, whose metadata was read from their header now
@@ -123,6 +126,7 @@ class Plan:
     todo: list[tuple[FoundFile, bool]] = field(default_factory=list)  # (file, is new)
     missing: list[bytes] = field(default_factory=list)
     unchanged: int = 0
+    failed_before: int = 0  # of the unchanged
     unreadable: int = 0
     # With `verify`: indexed files whose size and mtime are as recorded, with their fingerprints.
     to_verify: list[tuple[FoundFile, bytes]] = field(default_factory=list)
@@ -174,6 +178,7 @@ def plan_changes(
                 plan.todo.append((found, False))
         else:
             plan.unchanged += 1
+            plan.failed_before += state.status == STATUS_FAILED
     if isinstance(walk, Walk):
         for root in walk.roots:
             _keep_if_unmounted(root, unseen, walk)
@@ -275,7 +280,12 @@ def run_add(
     plan = plan_changes(states, walk, retry_failed, verify)
     if isinstance(walk, Manifest):
         plan.missing = walk.missing(states)
-    report = AddReport(unchanged=plan.unchanged, unreadable=plan.unreadable, verified=len(plan.to_verify))
+    report = AddReport(
+        unchanged=plan.unchanged,
+        failed_before=plan.failed_before,
+        unreadable=plan.unreadable,
+        verified=len(plan.to_verify),
+    )
     plan.unchanged += len(_as_indexed(plan, plan.to_verify, should_stop, verify_progress))
     retimed = _as_indexed(plan, plan.retimed, should_stop, None)
     catalog.set_mtimes([(found.path, found.mtime_ns) for found in retimed])

@@ -116,8 +116,9 @@ def test_corpus_through_the_cli(cli, tmp_path):
     assert f"{len(cases) - len(bad)} indexed, {len(bad)} failed, 0 missing" in status.stdout
     assert "consistent with the catalog" in status.stdout and "NOT" not in status.stdout
 
-    again = cli("index", tmp_path / "lib")  # failures are not retried while unchanged
+    again = cli("index", tmp_path / "lib")  # failures are not retried while unchanged, and it says so
     assert summary_counts(again.stdout)["unchanged"] == len(cases), again.stdout
+    assert f"; {len(bad)} unchanged file(s) failed before (`--retry-failed` to try them again)" in again.stdout
 
 
 @pytest.mark.slow

@@ -280,7 +280,8 @@ def test_failed_files_are_retried_only_when_changed_or_asked(tmp_path, catalog, 
     bad.parent.mkdir()
     bad.write_bytes(b"\x89PNG broken")
     add(tmp_path / "lib")
-    assert add(tmp_path / "lib").unchanged == 1
+    skipped = add(tmp_path / "lib")
+    assert (skipped.unchanged, skipped.failed_before, skipped.failed) == (1, 1, 0)
     assert add(tmp_path / "lib", retry_failed=True).failed == 1
     make_image(bad, seed=3)
     bump_mtime(bad)
