@@ -487,6 +487,28 @@ def test_a_file_whose_name_is_not_utf8_is_found_shown_and_served(tmp_path, tiny_
         service.close()
 
 
+def test_an_original_carries_its_own_name_to_be_saved_under(tmp_path, tiny_model):
+    """The browser saved an opened original under its id ("42.png"): the name, percent-encoded
+    as RFC 8187 asks (non-ASCII, spaces, quotes and ;), now comes in Content-Disposition."""
+    names = ['café é #1?&%;"x".png', "日本.png"]
+    paths = [make_image(tmp_path / "lib" / name, i) for i, name in enumerate(names)]
+    latin1 = make_image(os.fsencode(tmp_path) + b"/lib/caf\xe9.png", 2)
+    with Index.open(tmp_path / "home", model=tiny_model, device="cpu") as index:
+        assert index.add([tmp_path / "lib"], workers=0).new == 3
+    service = Service.open(tmp_path / "home", "cpu")
+    try:
+        client = client_for(service)
+        ids = ids_by_path(service)
+        headers = [client.get(f"/api/original/{ids[Path(os.fsdecode(path))]}").headers for path in [*paths, latin1]]
+        assert [h["content-disposition"] for h in headers] == [
+            "inline; filename*=UTF-8''caf%C3%A9%20%C3%A9%20%231%3F%26%25%3B%22x%22.png",
+            "inline; filename*=UTF-8''%E6%97%A5%E6%9C%AC.png",
+            "inline; filename*=UTF-8''caf%E9.png",  # the bytes as they are
+        ]
+    finally:
+        service.close()
+
+
 def test_a_versioned_thumbnail_is_kept_for_good_and_an_edit_changes_its_version(fresh):
     client, _, library, home = fresh
     (hit,) = [

@@ -13,12 +13,13 @@ import json
 import logging
 import math
 import mimetypes
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -90,10 +91,13 @@ def create_app(service: Service, token: str | None = None, max_bytes: int = MAX_
 
     async def original(request: Request) -> Response:
         found = await run_in_threadpool(service.original, _id(request))
+        name = quote_from_bytes(os.fsencode(found.path.name), safe="")
         headers = {
             "ETag": f'"{found.fingerprint.hex()}"',
             "Last-Modified": formatdate(found.mtime_ns / 1e9, usegmt=True),
             "Cache-Control": REVALIDATE,
+            # Saved from the browser under its own name ("café é.png"), not its id ("42.png").
+            "Content-Disposition": f"inline; filename*=UTF-8''{name}",
         }
         if _not_modified(request.headers, headers["ETag"], found.mtime_ns):
             found.close()
