@@ -365,6 +365,28 @@ def test_the_status_is_answered_while_thumbnails_are_being_written(fresh, monkey
     assert service.thumbnails.prune(keep) == 0 and writing.exists()
 
 
+def test_the_caches_size_is_walked_for_once_and_kept(fresh, monkeypatch):
+    """Each status (the page asks every 15 s) had walked the whole thumbnail cache: 2.3 s for
+    100,000 thumbnails. It is walked once; thumbnails made, made again and pruned keep it exact."""
+    client, service, library, _ = fresh
+    ids = ids_by_path(service)
+    walks = []
+    listed = Thumbnails._files
+    monkeypatch.setattr(Thumbnails, "_files", lambda self: walks.append(1) or listed(self))
+    made = {}
+    for path in library[:3]:
+        made[path] = len(client.get(f"/api/thumbnail/{ids[path]}").content)
+        assert ok(client.get("/api/status"))["thumbnail_bytes"] == sum(made.values())
+    key = service._files.fingerprint(ids[library[0]])
+    with library[0].open("rb") as file:
+        service.thumbnails.add(key, file)  # made again: replaces, adds nothing
+    assert ok(client.get("/api/status"))["thumbnail_bytes"] == sum(made.values())
+    assert service.thumbnails.prune({key}) == 2
+    assert ok(client.get("/api/status"))["thumbnail_bytes"] == made[library[0]]
+    assert len(walks) == 2  # the first status's and the prune's
+    assert sum(file.stat().st_size for file in listed(service.thumbnails)) == made[library[0]]
+
+
 def test_a_small_image_keeps_its_size(served):
     client, service, library = served
     data = client.get(f"/api/thumbnail/{ids_by_path(service)[library[0]]}").content

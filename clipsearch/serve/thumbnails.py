@@ -11,11 +11,11 @@ per photo shown, never for the photos nobody looks at.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -46,6 +46,10 @@ class Thumbnails:
         from PIL import features
 
         self.folder = home / FOLDER
+        # The cache's bytes, walked for once, then kept as this process adds and prunes: the
+        # page asks for the status every 15 s, and the walk takes 2.3 s for 100,000 thumbnails.
+        self._bytes: int | None = None
+        self._bytes_lock = threading.Lock()
         self.format, self.media_type, self.ext = (
             ("WEBP", "image/webp", ".webp") if features.check("webp") else ("JPEG", "image/jpeg", ".jpg")
         )
@@ -79,16 +83,22 @@ class Thumbnails:
         removed = 0
         for file in self._files():
             if file.name not in wanted:
-                file.unlink(missing_ok=True)
+                with self._bytes_lock:
+                    size = _size(file)
+                    file.unlink(missing_ok=True)
+                    self._count(-size)
                 removed += 1
         return removed
 
     def disk_bytes(self) -> int:
-        total = 0
-        for file in self._files():
-            with contextlib.suppress(FileNotFoundError):  # pruned since it was listed
-                total += file.stat().st_size
-        return total
+        with self._bytes_lock:
+            if self._bytes is None:
+                self._bytes = sum(_size(file) for file in self._files())
+            return self._bytes
+
+    def _count(self, change: int) -> None:
+        if self._bytes is not None:
+            self._bytes += change
 
     def _files(self) -> list[Path]:
         """The thumbnails stored, not the temporary files of those being written (`_store`'s,
@@ -116,12 +126,23 @@ class Thumbnails:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                os.replace(temporary, target)
+                with self._bytes_lock:
+                    change = len(data) - _size(target)
+                    os.replace(temporary, target)
+                    self._count(change)
             except BaseException:
                 os.unlink(temporary)
                 raise
         except OSError as e:
             log.warning("thumbnails are not cached: cannot write %s (%s)", target.parent, e.strerror)
+
+
+def _size(file: Path) -> int:
+    """The file's size, 0 when there is none (pruned, or not made yet)."""
+    try:
+        return file.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def shrunk(source: str | os.PathLike[str] | BinaryIO, short_side: int, long_side: int) -> Image.Image:
