@@ -387,6 +387,33 @@ def test_the_caches_size_is_walked_for_once_and_kept(fresh, monkeypatch):
     assert sum(file.stat().st_size for file in listed(service.thumbnails)) == made[library[0]]
 
 
+def test_a_thumbnail_asked_for_at_once_is_made_once(fresh, monkeypatch):
+    """Every request for a thumbnail not cached yet had made it: 8 at once for a 24-megapixel
+    PNG took 3.8 s of CPU against 0.55 s for one (the page asks for a tile's and, searching
+    by it, the source's at once; two tabs do too). The first makes it, the others read it."""
+    client, service, library, _ = fresh
+    image_id = ids_by_path(service)[library[0]]
+    key, _ = service.thumbnail_key(image_id)
+    made = []
+    make = Thumbnails.make
+
+    def slow(self, source):
+        made.append(1)
+        time.sleep(0.3)
+        return make(self, source)
+
+    monkeypatch.setattr(Thumbnails, "make", slow)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(service.thumbnail(image_id, key))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1
+    assert len(answers) == 8 and len({answer.data for answer in answers}) == 1
+    assert client.get(f"/api/thumbnail/{image_id}").content == answers[0].data and len(made) == 1
+
+
 def test_a_small_image_keeps_its_size(served):
     client, service, library = served
     data = client.get(f"/api/thumbnail/{ids_by_path(service)[library[0]]}").content

@@ -99,6 +99,8 @@ class Service:
         # One upload decoded and encoded per CPU at a time, the others wait: decoding a
         # 64-megapixel upload takes ~200 MB, and twenty at once had taken 5 GB.
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self._making: dict[bytes, threading.Lock] = {}  # thumbnails being made, by key
+        self._making_lock = threading.Lock()
         self._catalog_file = _identity(index.home / CATALOG_FILE)  # the one the connections read
         self._pruned = (files.generation, time.monotonic())  # `open` prunes
         self.pruner: threading.Thread | None = None
@@ -290,8 +292,21 @@ class Service:
         cached = self.thumbnails.cached(key)
         if cached is not None:
             return cached
-        with self.original(image_id) as original:
-            return self.thumbnails.add(original.fingerprint, original.file)
+        # One request makes it, those asking at the same time wait and read it (each had made
+        # it: 8 at once for a 24-megapixel PNG took 3.8 s of CPU against 0.55 s for one).
+        with self._making_lock:
+            making = self._making.setdefault(key, threading.Lock())
+        with making:
+            try:
+                cached = self.thumbnails.cached(key)
+                if cached is not None:
+                    return cached
+                with self.original(image_id) as original:
+                    return self.thumbnails.add(original.fingerprint, original.file)
+            finally:
+                with self._making_lock:
+                    if self._making.get(key) is making:
+                        del self._making[key]
 
     def details(self, image_id: int) -> dict[str, Any]:
         """What the preview shows beyond the hit: the date the photo was taken, when its EXIF says."""
