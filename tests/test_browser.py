@@ -313,6 +313,16 @@ def test_the_url_round_trips(page, server, browser):
     page.wait_for_function(count)
 
 
+def test_a_shared_link_to_an_image_no_longer_found_says_so(page, server):
+    """A link with view= an image that is no longer among the results (deleted, or ranked
+    past the pages looked through since an index run) had shown the results alone, no word why."""
+    page.goto(f"{server}?q=a+red+circle&view=999999")
+    page.wait_for_function("document.getElementById('message').textContent.includes('link')")
+    assert page.text_content("#message") == "The image this link showed is not among the results now."
+    assert page.is_hidden("#preview") and "view" not in params(page)
+    assert len(names(page)) == 41  # the search itself is shown
+
+
 def test_the_status_panel(page):
     page.wait_for_function("document.getElementById('status-summary').textContent.includes('41 images')")
     page.click("#status-button")

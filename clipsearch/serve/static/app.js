@@ -517,6 +517,13 @@ async function restore() {
     index = hits.findIndex((hit) => String(hit.id) === view);
   }
   if (index >= 0) openPreview(index);
+  else {
+    // A shared link whose image left the search's results (an index run since): say so, where
+    // the page had shown the results alone, with no word of the image the link was for.
+    state.view = "";
+    writeUrl(false);
+    say(`The image this link showed is not among ${done ? "the" : `the first ${hits.length}`} results now.`);
+  }
 }
 
 // A path's names each isolated, the slashes between them left to right: a slash between two
