@@ -32,6 +32,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
+TINY_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -321,6 +324,36 @@ def test_a_shared_link_to_an_image_no_longer_found_says_so(page, server):
     assert page.text_content("#message") == "The image this link showed is not among the results now."
     assert page.is_hidden("#preview") and "view" not in params(page)
     assert len(names(page)) == 41  # the search itself is shown
+
+
+def test_scrolling_past_the_deepest_page_the_server_gives_ends_the_results_with_a_word(page, logged):
+    """The server answers offsets up to 10,000: scrolled past 10,040 results (a catalog of
+    many thousands, a broad search), the page had asked for the next one and shown the API's
+    "offset must be between 0 and 10000." as an error."""
+    asked = []
+
+    def many(route):
+        offset = int(parse_qs(urlsplit(route.request.url).query)["offset"][0])
+        asked.append(offset)
+        if offset > 10_000:
+            route.fulfill(status=400, json={"error": "offset must be between 0 and 10000."})
+            return
+        hits = [
+            {"id": 10**6 + n, "path": f"/photos/{n}.png", "score": 0.5, "size": 1, "mtime": 1.0}
+            for n in range(offset, offset + 40)
+        ]
+        route.fulfill(json={"hits": hits, "offset": offset, "k": 40})
+
+    page.route(re.compile(r".*/api/search\?.*"), many)
+    page.route(re.compile(r".*/api/thumbnail/.*"), lambda route: route.fulfill(body=TINY_PNG, content_type="image/png"))
+    search(page, "anything")
+    page.wait_for_function("pending === null")
+    # As if scrolled through 250 pages (which takes a minute here): the next asks at 9,960.
+    page.evaluate("async () => { received = 9960; while (!done) await loadMore(); }")
+    assert max(asked) == 10_000
+    assert page.text_content("#message") == "The first 10,040 results: narrow the search to see others."
+    assert page.query_selector("#message.error") is None
+    assert page.is_hidden("#more")
 
 
 def test_the_status_panel(page):

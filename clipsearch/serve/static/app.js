@@ -6,6 +6,7 @@
 "use strict";
 
 const PAGE = 40;
+const MAX_OFFSET = 10000; // the deepest page the server gives (app.py's MAX_OFFSET)
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -129,10 +130,12 @@ async function fetchPage(mine) {
     hits.push(...added);
     added.forEach((hit, i) => ui.results.append(tile(hit, first + i)));
     received += body.hits.length;
-    done = body.hits.length < PAGE;
+    const deepest = body.hits.length === PAGE && received > MAX_OFFSET; // more there, not served
+    done = body.hits.length < PAGE || deepest;
     ui.more.hidden = done;
     if (ui.preview.open) showPosition(); // "39 of 40+" had stayed after the last page came
-    say(hits.length ? `${hits.length}${done ? "" : "+"} results` : "No matches.");
+    if (deepest) say(`The first ${received.toLocaleString("en")} results: narrow the search to see others.`);
+    else say(hits.length ? `${hits.length}${done ? "" : "+"} results` : "No matches.");
   } catch (error) {
     if (mine === generation) {
       done = true;
