@@ -288,17 +288,17 @@ class Catalog:
         ``into(n)``: the array [n, model.dim] to read them into, instead of a new one (a refined
         index's own float16 storage, `Reranked.float16_rows`). ``among``: only these ids' (a
         folder's), not the whole catalog's read and then thrown away."""
-        where, values = "model_id = ?", list[int | str]([model.id])
-        if among is not None:  # one JSON array parameter: no limit on the number of ids
-            where += " AND image_id IN (SELECT value FROM json_each(?))"
+        count_sql, rows_sql = _READ_VECTORS[among is not None]
+        values = list[int | str]([model.id])
+        if among is not None:
             values.append(json.dumps([int(i) for i in among]))
         with self.read() as db:
-            n = db.execute(f"SELECT count(*) FROM vectors WHERE {where}", values).fetchone()[0]
+            n = db.execute(count_sql, values).fetchone()[0]
             ids = np.empty(n, dtype=np.int64)
             vectors = into(n) if into is not None else np.empty((n, model.dim), dtype=dtype)
             start = 0
             # Chunks go straight into the result: peak memory stays near its own size.
-            cursor = db.execute(f"SELECT image_id, vector FROM vectors WHERE {where} ORDER BY image_id", values)
+            cursor = db.execute(rows_sql, values)
             while rows := cursor.fetchmany(_CHUNK):
                 row_ids, blobs = zip(*rows)
                 ids[start : start + len(rows)] = row_ids
@@ -793,6 +793,13 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             time.sleep(_LOCK_POLL_S)
 
 
+# `Catalog.all_vectors`'s statements (count, rows): a model's vectors, or only those of the ids
+# in one JSON array parameter (any number of them, where a list of ?s stops at SQLite's limit).
+_OF_MODEL = "FROM vectors WHERE model_id = ?"
+_READ_VECTORS = {
+    among: (f"SELECT count(*) {where}", f"SELECT image_id, vector {where} ORDER BY image_id")
+    for among, where in ((False, _OF_MODEL), (True, f"{_OF_MODEL} AND image_id IN (SELECT value FROM json_each(?))"))
+}
 _ROW_COLUMNS = "id, path, size, mtime_ns, width, height, " + ", ".join(METADATA_COLUMNS)
 # The vectors that rows of the same content (fingerprint) hold, given to the row at a path for the
 # models it lacks (`Catalog.commit_batch`); the fingerprint holds the size, so the copies are of it.
