@@ -269,9 +269,10 @@ def top_k(
 ) -> list[Hit]:
     """The ``k`` best hits that pass the filters, best first: only ids ``among`` (all when
     None), never ids in ``exclude``."""
-    inside = is_under(normalise_roots([under])) if under is not None else None
+    folder = _folder(under)
+    inside = is_under([folder]) if folder is not None else None
     # A folder too large to list first (`FOLDER_NARROWS`), listed if the best of everything lack it.
-    later = normalise_roots([under])[0] if under is not None and among is None else None
+    later = folder if among is None else None
     exists: dict[bytes, bool] = {}
     skipped = set(exclude)
     hits: list[Hit] = []
